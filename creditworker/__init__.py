@@ -1,0 +1,29 @@
+"""creditworker: credit and subscription management as idempotent Celery tasks over SQL.
+
+Names are imported lazily, so ``import creditworker.contract`` (what producers need)
+does not pull in SQLAlchemy, and ``celery -A creditworker`` finds the Celery app.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "CreditService": "creditworker.credits",
+    "Settings": "creditworker.settings",
+    "SubscriptionService": "creditworker.subscriptions",
+    "get_settings": "creditworker.settings",
+    "app": "creditworker.worker.app",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'creditworker' has no attribute {name!r}")
+    return getattr(import_module(module), name)

@@ -1,0 +1,312 @@
+"""The `creditworker` command: admin commands over the engine, schema tools and the runner.
+
+Each command reads its input, calls the engine (or the worker launcher) and prints: rich
+tables for people, `--json` for scripts. A refused operation prints
+`error: <code>: <message>` and exits 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from functools import wraps
+from typing import Annotated, Any, Callable, Optional, TypeVar
+
+import typer
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from creditworker.errors import CreditError
+
+app = typer.Typer(help="Credit and subscription management.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
+events_app = typer.Typer(help="Notification events.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(events_app, name="events")
+
+console = Console()
+F = TypeVar("F", bound=Callable[..., Any])
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+class _Options:
+    database_url: str | None = None
+
+
+@app.callback()
+def _global(
+    database_url: Annotated[
+        Optional[str],
+        typer.Option("--database-url", envvar="CREDITWORKER_DATABASE_URL", help="SQLAlchemy database URL."),
+    ] = None,
+) -> None:
+    _Options.database_url = database_url
+
+
+def _database_url() -> str:
+    from creditworker.settings import get_settings
+
+    return _Options.database_url or get_settings().database_url
+
+
+def _service() -> Any:
+    from creditworker.credits import CreditService
+    from creditworker.settings import get_settings
+
+    settings = get_settings()
+    return CreditService(
+        _database_url(),
+        ledger_path=settings.ledger_path,
+        overage_policy=settings.overage_policy,
+        expiring_soon_days=settings.expiring_soon_days,
+        low_credit_threshold=settings.low_credit_threshold,
+        expiry_reminder_days=settings.expiry_reminder_days,
+    )
+
+
+def _reports_errors(command: F) -> F:
+    """Turn a CreditError into `error: code: message` (or JSON) and exit status 2."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except CreditError as exc:
+            if kwargs.get("as_json"):
+                print(json.dumps({"error": exc.to_dict()}, default=str), file=sys.stderr)
+            else:
+                print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _print_json(value: Any) -> None:
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    elif isinstance(value, list):
+        value = [item.model_dump(mode="json") if isinstance(item, BaseModel) else item for item in value]
+    print(json.dumps(value, default=str))
+
+
+def _entry_table(entries: list[Any], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("id", "kind", "amount", "held", "balance", "available", "key", "time"):
+        table.add_column(column, justify="right" if column in ("id", "amount", "held", "balance", "available") else "left")
+    for entry in entries:
+        table.add_row(
+            str(entry.id), entry.kind.value, str(entry.amount), str(entry.held),
+            str(entry.balance_after), str(entry.available_after), entry.idempotency_key,
+            entry.created_at.isoformat(timespec="seconds"),
+        )
+    return table
+
+
+# ---------------------------------------------------------------------------- db
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply every migration to the configured database."""
+    from creditworker.storage.database import make_engine
+    from creditworker.storage.migrate import current_revision, upgrade
+
+    engine = make_engine(_database_url())
+    upgrade(engine)
+    console.print(f"database at revision {current_revision(engine)}: {engine.url.render_as_string()}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the database's migration revision."""
+    from creditworker.storage.database import make_engine
+    from creditworker.storage.migrate import current_revision
+
+    print(current_revision(make_engine(_database_url())) or "none")
+
+
+# ---------------------------------------------------------------------------- schema and audit
+
+
+@app.command()
+def schema(
+    dialect: Annotated[str, typer.Option(help="postgresql, sqlite or mysql")] = "postgresql",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON schemas of the public models instead.")] = False,
+) -> None:
+    """Print the SQL DDL for a dialect, or the JSON schemas of the models."""
+    from creditworker.schema import ddl, json_schemas
+
+    if as_json:
+        print(json.dumps(json_schemas(), indent=2))
+        return
+    try:
+        print(ddl(dialect), end="")
+    except ValueError as exc:
+        print(f"error: invalid_input: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
+
+
+@app.command("audit")
+def audit_command(as_json: JsonOption = False) -> None:
+    """Check the ledger invariants on the live database; exit 1 naming the accounts if any fail."""
+    from creditworker.audit import audit
+    from creditworker.contract import OveragePolicy
+    from creditworker.settings import get_settings
+    from creditworker.storage.database import make_engine
+
+    allow_negative = get_settings().overage_policy is OveragePolicy.ALLOW_NEGATIVE
+    report = audit(make_engine(_database_url()), allow_negative=allow_negative)
+    if as_json:
+        _print_json(
+            {
+                "passed": report.passed,
+                "accounts_checked": report.accounts_checked,
+                "problems": [problem.__dict__ for problem in report.problems],
+            }
+        )
+    elif report.passed:
+        console.print(f"audit passed: {report.accounts_checked} accounts checked")
+    else:
+        table = Table(title=f"audit failed: {len(report.problems)} problems")
+        for column in ("check", "user", "detail"):
+            table.add_column(column)
+        for problem in report.problems:
+            table.add_row(problem.check, problem.user_id or "-", problem.detail)
+        console.print(table)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------- credits
+
+
+@app.command()
+@_reports_errors
+def balance(user_id: str, as_json: JsonOption = False) -> None:
+    """Show a user's total, reserved, available and soon-expiring credits."""
+    info = _service().get_user_credits_info(user_id)
+    if as_json:
+        _print_json(info)
+        return
+    table = Table(title=f"credits of {user_id}")
+    for column in ("total", "reserved", "available", f"expiring in {info.expiring_within_days} days"):
+        table.add_column(column, justify="right")
+    table.add_row(str(info.total), str(info.reserved), str(info.available), str(info.expiring_soon))
+    console.print(table)
+
+
+@app.command()
+@_reports_errors
+def history(
+    user_id: str,
+    limit: Annotated[int, typer.Option(help="Entries per page.")] = 50,
+    before: Annotated[Optional[int], typer.Option(help="Show entries older than this entry id.")] = None,
+    kind: Annotated[Optional[list[str]], typer.Option(help="Only these kinds (repeatable).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a user's ledger entries, newest first."""
+    entries = _service().get_history(user_id, limit=limit, before=before, kinds=kind)
+    if as_json:
+        _print_json(entries)
+    else:
+        console.print(_entry_table(entries, f"history of {user_id}"))
+
+
+def _parse_amount(amount: str) -> int:
+    """Amounts are parsed here, not by click, so `-5` and `1.5` get the engine's clear error."""
+    try:
+        return int(amount, 10)
+    except ValueError:
+        from creditworker.errors import ValidationFailed
+
+        raise ValidationFailed(f"amount must be a whole number of credits, got {amount!r}") from None
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
+@_reports_errors
+def add(
+    user_id: str,
+    amount: str,
+    expires_at: Annotated[Optional[datetime], typer.Option(help="ISO time the lot expires (UTC if no zone).")] = None,
+    priority: Annotated[Optional[int], typer.Option(help="Draw-down priority, lower first.")] = None,
+    source: Annotated[str, typer.Option(help="purchase, bonus, subscription or adjustment.")] = "purchase",
+    description: Annotated[Optional[str], typer.Option()] = None,
+    idempotency_key: Annotated[Optional[str], typer.Option()] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Grant credits to a user."""
+    entry = _service().add_credits(
+        user_id, _parse_amount(amount), expires_at=expires_at, priority=priority, source=source,
+        description=description, idempotency_key=idempotency_key,
+    )
+    if as_json:
+        _print_json(entry)
+    else:
+        console.print(_entry_table([entry], f"added {entry.amount} to {user_id}"))
+
+
+@app.command(context_settings={"ignore_unknown_options": True})
+@_reports_errors
+def deduct(
+    user_id: str,
+    amount: str,
+    description: Annotated[Optional[str], typer.Option()] = None,
+    idempotency_key: Annotated[Optional[str], typer.Option()] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Consume credits now."""
+    entry = _service().deduct_credits(
+        user_id, _parse_amount(amount), description=description, idempotency_key=idempotency_key
+    )
+    if as_json:
+        _print_json(entry)
+    else:
+        console.print(_entry_table([entry], f"deducted {-entry.amount} from {user_id}"))
+
+
+# ---------------------------------------------------------------------------- running
+
+
+@app.command()
+def up(
+    flower: Annotated[bool, typer.Option("--flower", help="Also run Flower.")] = False,
+    flower_port: Annotated[int, typer.Option(help="Flower's port.")] = 5555,
+    flower_basic_auth: Annotated[
+        Optional[str], typer.Option(envvar="FLOWER_BASIC_AUTH", help="user:password for Flower.")
+    ] = None,
+) -> None:
+    """Migrate the database, then run worker and beat (and Flower) until Ctrl-C."""
+    from creditworker.worker.launcher import run_up
+
+    raise typer.Exit(run_up(flower=flower, flower_port=flower_port, flower_basic_auth=flower_basic_auth))
+
+
+@events_app.command("tail")
+def events_tail(
+    key: Annotated[str, typer.Option("--key", help="Routing-key pattern, e.g. 'credits.*'.")] = "#",
+    timeout: Annotated[
+        Optional[float], typer.Option(help="Stop after this many seconds without an event.")
+    ] = None,
+) -> None:
+    """Print events as JSON lines as they are published (from a private, temporary queue)."""
+    from creditworker.event_bus import tail
+    from creditworker.settings import get_settings
+    from creditworker.worker.app import make_celery
+
+    celery = make_celery(get_settings())
+    with celery.connection_for_read() as connection:
+        url = connection.as_uri(include_password=True)
+        transport_options = connection.transport_options
+    for payload in tail(url, key, timeout=timeout, transport_options=transport_options):
+        print(json.dumps(payload), flush=True)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

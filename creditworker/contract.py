@@ -1,0 +1,287 @@
+"""The wire contract shared by the engine, the worker tasks and every producer.
+
+Requests and results of every credit operation as Pydantic models, the limits they enforce
+and the task names. It imports neither SQLAlchemy nor Celery: a producer installs this
+module's dependencies (pydantic) and nothing of the storage stack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import Annotated, Any, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+)
+
+from creditworker.errors import ValidationFailed
+
+MAX_AMOUNT = 10**12
+"""Largest amount one operation may carry (one trillion of the smallest unit)."""
+MAX_BALANCE = 2**62
+"""Largest balance an account may reach; a grant beyond it is refused."""
+MAX_USER_ID_LENGTH = 128
+MAX_KEY_LENGTH = 200
+MAX_DESCRIPTION_LENGTH = 500
+MAX_METADATA_BYTES = 8192
+DEFAULT_RESERVATION_TTL_SECONDS = 300
+MAX_RESERVATION_TTL_SECONDS = 7 * 24 * 3600
+MAX_PRIORITY = 1_000_000
+MAX_HISTORY_PAGE = 1000
+MAX_WITHIN_DAYS = 3660
+
+
+class CreditSource(StrEnum):
+    PURCHASE = "purchase"
+    BONUS = "bonus"
+    SUBSCRIPTION = "subscription"
+    ADJUSTMENT = "adjustment"
+
+
+class EntryKind(StrEnum):
+    ADD = "add"
+    DEDUCT = "deduct"
+    RESERVE = "reserve"
+    COMMIT = "commit"
+    RELEASE = "release"
+    EXPIRE = "expire"
+    RESERVATION_EXPIRED = "reservation_expired"
+
+
+class ReservationStatus(StrEnum):
+    ACTIVE = "active"
+    COMMITTED = "committed"
+    RELEASED = "released"
+    EXPIRED = "expired"
+
+
+class OveragePolicy(StrEnum):
+    """What a commit above the held amount does when `available` cannot cover the extra."""
+
+    REJECT = "reject"
+    ALLOW_NEGATIVE = "allow_negative"
+
+
+def _check_text(value: str) -> str:
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise ValueError("must not contain control characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("must be valid UTF-8 text") from exc
+    return value
+
+
+def _check_identifier(value: str) -> str:
+    """Ids and keys compare byte for byte on every database, so no edge whitespace."""
+    if value != value.strip():
+        raise ValueError("must not be blank or start or end with whitespace")
+    return _check_text(value)
+
+
+def _as_utc(value: datetime) -> datetime:
+    """Naive datetimes are taken as UTC; aware ones are converted to UTC."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    try:
+        encoded = json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"must be plain JSON: {exc}") from exc
+    if len(encoded.encode("utf-8")) > MAX_METADATA_BYTES:
+        raise ValueError(f"must encode to at most {MAX_METADATA_BYTES} bytes of JSON")
+    return value
+
+
+UserId = Annotated[
+    str,
+    Strict(),
+    Field(min_length=1, max_length=MAX_USER_ID_LENGTH),
+    AfterValidator(_check_identifier),
+]
+Amount = Annotated[int, Strict(), Field(gt=0, le=MAX_AMOUNT)]
+NonNegativeAmount = Annotated[int, Strict(), Field(ge=0, le=MAX_AMOUNT)]
+IdempotencyKey = Annotated[
+    str,
+    Strict(),
+    Field(min_length=1, max_length=MAX_KEY_LENGTH),
+    AfterValidator(_check_identifier),
+]
+Description = Annotated[
+    str, Strict(), Field(max_length=MAX_DESCRIPTION_LENGTH), AfterValidator(_check_text)
+]
+Metadata = Annotated[dict[str, Any], AfterValidator(_check_metadata)]
+UtcDateTime = Annotated[datetime, AfterValidator(_as_utc)]
+Priority = Annotated[int, Strict(), Field(ge=-MAX_PRIORITY, le=MAX_PRIORITY)]
+ReservationId = Annotated[str, Strict(), Field(min_length=1, max_length=64)]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Request(_Message):
+    """A write request; its fingerprint (everything but the key) guards idempotency."""
+
+    idempotency_key: IdempotencyKey | None = None
+
+    def fingerprint(self) -> str:
+        body = self.model_dump(mode="json", exclude={"idempotency_key"})
+        canonical = json.dumps(
+            {"op": type(self).__name__, **body}, sort_keys=True, separators=(",", ":")
+        )
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+class AddCredits(Request):
+    user_id: UserId
+    amount: Amount
+    expires_at: UtcDateTime | None = None
+    priority: Priority | None = None
+    source: CreditSource = CreditSource.PURCHASE
+    description: Description | None = None
+    metadata: Metadata | None = None
+
+
+class DeductCredits(Request):
+    user_id: UserId
+    amount: Amount
+    description: Description | None = None
+    metadata: Metadata | None = None
+
+
+class ReserveCredits(Request):
+    user_id: UserId
+    amount: Amount
+    ttl_seconds: Annotated[int, Strict(), Field(gt=0, le=MAX_RESERVATION_TTL_SECONDS)] = (
+        DEFAULT_RESERVATION_TTL_SECONDS
+    )
+    description: Description | None = None
+    metadata: Metadata | None = None
+
+
+class CommitReservation(Request):
+    reservation_id: ReservationId
+    amount: NonNegativeAmount | None = None
+    description: Description | None = None
+    metadata: Metadata | None = None
+
+
+class ReleaseReservation(Request):
+    reservation_id: ReservationId
+
+
+class GetCredits(_Message):
+    user_id: UserId
+
+
+class GetHistory(_Message):
+    user_id: UserId
+    limit: Annotated[int, Strict(), Field(gt=0, le=MAX_HISTORY_PAGE)] = 50
+    before: Annotated[int, Strict(), Field(gt=0)] | None = None
+    kinds: list[EntryKind] | None = None
+
+
+class GetExpiring(_Message):
+    user_id: UserId
+    within_days: Annotated[int, Strict(), Field(ge=0, le=MAX_WITHIN_DAYS)] = 7
+
+
+class LedgerEntry(BaseModel):
+    """One immutable change to an account, as stored and as written to the ledger file.
+
+    `amount` is the signed change to the balance, `held` the signed change to the credits
+    on hold; `draws` lists the lots a deduction or commit drew from.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    user_id: str
+    kind: EntryKind
+    amount: int
+    held: int
+    balance_after: int
+    reserved_after: int
+    available_after: int
+    lot_id: int | None = None
+    reservation_id: str | None = None
+    draws: list[dict[str, int]] = Field(default_factory=list)
+    description: str | None = None
+    metadata: dict[str, Any] | None = None
+    idempotency_key: str
+    created_at: datetime
+
+
+class Reservation(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    user_id: str
+    amount: int
+    status: ReservationStatus
+    expires_at: datetime
+    created_at: datetime
+    committed_amount: int | None = None
+    idempotency_key: str
+
+
+class CreditLot(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    user_id: str
+    amount: int
+    remaining: int
+    source: CreditSource
+    priority: int
+    expires_at: datetime | None
+    created_at: datetime
+
+
+class CreditsInfo(BaseModel):
+    """A balance summary, read in O(1) from the account row (plus its live lots)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    user_id: str
+    total: int
+    reserved: int
+    available: int
+    expiring_soon: int
+    expiring_within_days: int
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse(model: type[M], payload: Any) -> M:
+    """Validate a payload into `model`, raising `ValidationFailed` with every problem named."""
+    if not isinstance(payload, dict):
+        raise ValidationFailed(
+            f"{model.__name__} expects a JSON object, got {type(payload).__name__}"
+        )
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        problems = [
+            {
+                "field": ".".join(str(part) for part in err["loc"]) or "(root)",
+                "problem": err["msg"],
+            }
+            for err in exc.errors(include_url=False, include_input=False)
+        ]
+        summary = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
+        raise ValidationFailed(f"invalid {model.__name__}: {summary}", problems=problems) from None
+

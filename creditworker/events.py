@@ -1,0 +1,127 @@
+"""Notification events: the versioned payloads published to the `creditworker.events` exchange.
+
+Shared by the worker (which writes them to the outbox) and by consumers (which read them
+from queues), so it imports pydantic only. Every event carries an `event_id`; a relay that
+crashes after publishing resends, so consumers drop ids they have already seen.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+EXCHANGE = "creditworker.events"
+"""The durable topic exchange every event is published to."""
+
+SCHEMA_VERSION = 1
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    event_id: str
+    version: int = SCHEMA_VERSION
+    occurred_at: datetime
+    user_id: str
+
+
+class CreditsLow(_Event):
+    """The available balance crossed below the account's threshold (once per crossing)."""
+
+    type: Literal["credits.low"] = "credits.low"
+    available: int
+    threshold: int
+
+
+class CreditsExpiring(_Event):
+    """A reminder that a lot expires within `days_before` days (once per lot and day)."""
+
+    type: Literal["credits.expiring"] = "credits.expiring"
+    lot_id: int
+    remaining: int
+    expires_at: datetime
+    days_before: int
+
+
+class CreditsExpired(_Event):
+    type: Literal["credits.expired"] = "credits.expired"
+    lot_id: int
+    amount: int
+
+
+class ReservationExpired(_Event):
+    type: Literal["reservation.expired"] = "reservation.expired"
+    reservation_id: str
+    amount: int
+
+
+class SubscriptionAllocated(_Event):
+    """A period's credits were granted (once per subscription and period)."""
+
+    type: Literal["subscription.allocated"] = "subscription.allocated"
+    subscription_id: int
+    plan_id: int
+    period_index: int
+    period_start: datetime
+    period_end: datetime
+    credits: int
+    lot_id: int
+
+
+class SubscriptionChanged(_Event):
+    """A plan change: an upgrade now (with its prorated grant) or a downgrade scheduled."""
+
+    type: Literal["subscription.changed"] = "subscription.changed"
+    subscription_id: int
+    old_plan_id: int
+    new_plan_id: int
+    effective_at: datetime
+    credits_granted: int
+
+
+class SubscriptionEnded(_Event):
+    type: Literal["subscription.ended"] = "subscription.ended"
+    subscription_id: int
+    plan_id: int
+
+
+Event = Annotated[
+    Union[
+        CreditsLow,
+        CreditsExpiring,
+        CreditsExpired,
+        ReservationExpired,
+        SubscriptionAllocated,
+        SubscriptionChanged,
+        SubscriptionEnded,
+    ],
+    Field(discriminator="type"),
+]
+
+EVENT_TYPES: tuple[type[_Event], ...] = (
+    CreditsLow,
+    CreditsExpiring,
+    CreditsExpired,
+    ReservationExpired,
+    SubscriptionAllocated,
+    SubscriptionChanged,
+    SubscriptionEnded,
+)
+ROUTING_KEYS: tuple[str, ...] = tuple(
+    str(cls.model_fields["type"].default) for cls in EVENT_TYPES
+)
+
+_EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(Event)
+
+
+def parse_event(payload: dict[str, Any]) -> _Event:
+    """Validate a received event payload into its model (raises pydantic's ValidationError)."""
+    event: _Event = _EVENT_ADAPTER.validate_python(payload)
+    return event
+
+
+def queue_name(routing_key: str) -> str:
+    """The durable queue the worker declares for each routing key, e.g. `creditworker.events.credits.low`."""
+    return f"{EXCHANGE}.{routing_key}"

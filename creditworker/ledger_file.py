@@ -1,0 +1,54 @@
+"""The JSON-lines ledger file: the same entries as the database, for people debugging.
+
+Each record is one line written with a single ``write()`` on a file opened for append, so
+lines from several worker processes never interleave.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from creditworker.contract import LedgerEntry
+from creditworker.errors import CreditError
+
+
+class LedgerFile:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+
+    def write_entries(self, entries: Iterable[LedgerEntry]) -> None:
+        self._append({"record": "entry", **entry.model_dump(mode="json")} for entry in entries)
+
+    def write_error(
+        self, operation: str, request: dict[str, Any], error: CreditError
+    ) -> None:
+        self._append(
+            [
+                {
+                    "record": "error",
+                    "operation": operation,
+                    "request": request,
+                    "error": error.to_dict(),
+                    "at": datetime.now(timezone.utc).isoformat(),
+                }
+            ]
+        )
+
+    def _append(self, records: Iterable[dict[str, Any]]) -> None:
+        text = "".join(json.dumps(record, default=str) + "\n" for record in records)
+        if not text:
+            return
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, text.encode("utf-8"))
+            finally:
+                os.close(fd)

@@ -1,0 +1,46 @@
+"""Configuration from environment variables prefixed ``CREDITWORKER_``.
+
+Every default is the embedded one: a SQLite file and a ledger file in the working
+directory, so a laptop runs the whole system with no server configured.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from creditworker.contract import OveragePolicy
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CREDITWORKER_", extra="ignore")
+
+    database_url: str = "sqlite:///creditworker.db"
+    ledger_path: str | None = "creditworker-ledger.jsonl"
+    overage_policy: OveragePolicy = OveragePolicy.REJECT
+    expiring_soon_days: int = Field(default=7, ge=0, le=3660)
+    low_credit_threshold: int | None = Field(default=None, ge=0)
+    expiry_reminder_days: list[int] = Field(default_factory=lambda: [7, 1])
+
+    broker_url: str = "filesystem://"
+    """`filesystem://` (embedded: folders under `data_dir`), `redis://...` or `amqp://...`."""
+    result_backend: str | None = None
+    """Default: the same Redis for a Redis broker, `rpc://` for RabbitMQ, files otherwise."""
+    data_dir: str = ".creditworker"
+    result_expires_seconds: int = Field(default=3600, ge=60)
+    task_max_retries: int = Field(default=8, ge=0, le=100)
+    visibility_timeout_seconds: int = Field(default=3600, ge=1)
+    """Redis: an unacknowledged message is redelivered after this long (see the README)."""
+
+    expire_interval_seconds: float = Field(default=60, gt=0)
+    release_stale_interval_seconds: float = Field(default=30, gt=0)
+    reminder_interval_seconds: float = Field(default=3600, gt=0)
+    relay_interval_seconds: float = Field(default=5, gt=0)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

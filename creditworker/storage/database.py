@@ -1,0 +1,174 @@
+"""Engines and transactions that behave the same on PostgreSQL, SQLite and MariaDB/MySQL.
+
+The dialect differences live here and nowhere else: how a write transaction takes its
+lock, how a missing account row is created without a race, and which database errors are
+worth retrying.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+import weakref
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import create_engine, event, select
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.orm import Session
+
+from creditworker.storage.tables import Account, Base
+
+T = TypeVar("T")
+
+# PostgreSQL SQLSTATEs and MySQL error numbers that mean "run the transaction again".
+_RETRYABLE_SQLSTATES = {"40001", "40P01"}
+_RETRYABLE_MYSQL_ERRNOS = {1205, 1213}
+MAX_TRANSACTION_ATTEMPTS = 8
+
+
+def make_engine(url: str, **engine_options: Any) -> Engine:
+    """Create an engine tuned for short write transactions on one account at a time."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    options: dict[str, Any] = {"future": True}
+    if backend == "sqlite":
+        options["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    else:
+        options["pool_pre_ping"] = True
+        options["isolation_level"] = "READ COMMITTED"
+    if backend in ("mysql", "mariadb") and "charset" not in parsed.query:
+        parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+    options.update(engine_options)
+    engine = create_engine(parsed, **options)
+    if backend == "sqlite":
+        _make_sqlite_serialise_writers(engine)
+    _dispose_pool_in_forked_children(engine)
+    return engine
+
+
+def _make_sqlite_serialise_writers(engine: Engine) -> None:
+    """SQLite has no row locks: every transaction takes the write lock up front.
+
+    pysqlite's own transaction handling is switched off so that BEGIN IMMEDIATE is ours
+    (the recipe from SQLAlchemy's SQLite dialect documentation).
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _dispose_pool_in_forked_children(engine: Engine) -> None:
+    """Pooled connections must never cross a fork (Celery's prefork pool forks after import).
+
+    ``dispose(close=False)`` drops the parent's connections in the child without closing
+    the parent's sockets, as SQLAlchemy's pooling documentation recommends.
+    """
+    engine_ref = weakref.ref(engine)
+
+    def _after_fork() -> None:
+        forked = engine_ref()
+        if forked is not None:
+            forked.dispose(close=False)
+
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+def is_retryable_conflict(exc: BaseException) -> bool:
+    """A deadlock, serialization failure or lock timeout: the transaction may simply rerun."""
+    if not isinstance(exc, DBAPIError) or isinstance(exc, IntegrityError):
+        return False
+    orig = exc.orig
+    if getattr(orig, "pgcode", None) in _RETRYABLE_SQLSTATES:
+        return True
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int) and args[0] in _RETRYABLE_MYSQL_ERRNOS:
+        return True
+    return "database is locked" in str(orig)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying later: a conflict, or the database connection was lost or refused."""
+    if is_retryable_conflict(exc):
+        return True
+    if isinstance(exc, DBAPIError) and not isinstance(exc, IntegrityError):
+        if exc.connection_invalidated:
+            return True
+        name = type(exc.orig).__name__
+        return name in ("OperationalError", "InterfaceError")
+    return False
+
+
+def run_transaction(engine: Engine, work: Callable[[Session], T]) -> T:
+    """Run `work` in one transaction, rerunning it on deadlocks and unique-key races.
+
+    `work` must be safe to rerun from scratch: everything it did is rolled back first.
+    An IntegrityError is retried once because two requests racing for the same new
+    idempotency key end that way; the rerun finds the winner's row and replays it.
+    """
+    integrity_retries = 0
+    for attempt in range(1, MAX_TRANSACTION_ATTEMPTS + 1):
+        try:
+            with Session(engine, expire_on_commit=False, autoflush=False) as session:
+                with session.begin():
+                    return work(session)
+        except IntegrityError:
+            integrity_retries += 1
+            if integrity_retries > 1:
+                raise
+        except DBAPIError as exc:
+            if not is_retryable_conflict(exc) or attempt == MAX_TRANSACTION_ATTEMPTS:
+                raise
+            time.sleep(random.uniform(0, 0.005 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+def insert_if_absent(session: Session, table: type[Base], values: dict[str, Any]) -> bool:
+    """Insert a row unless its primary key exists; True if this call inserted it.
+
+    Safe under concurrency: two transactions racing for the same key never both insert,
+    and the loser does not fail.
+    """
+    backend = session.get_bind().dialect.name
+    statement: Any
+    if backend == "postgresql":
+        statement = postgresql.insert(table).values(values).on_conflict_do_nothing()
+    elif backend == "sqlite":
+        statement = sqlite.insert(table).values(values).on_conflict_do_nothing()
+    elif backend in ("mysql", "mariadb"):
+        statement = mysql.insert(table).values(values).prefix_with("IGNORE")
+    else:
+        raise NotImplementedError(f"no insert-if-absent for the {backend} dialect")
+    result = session.execute(statement)
+    return bool(getattr(result, "rowcount", 0) == 1)
+
+
+def ensure_account(session: Session, user_id: str, now: datetime) -> None:
+    """Create the account row if it is missing, without racing a concurrent creator."""
+    insert_if_absent(
+        session,
+        Account,
+        {"user_id": user_id, "balance": 0, "reserved": 0, "low_credit_alerted": False,
+         "created_at": now, "updated_at": now},
+    )
+
+
+def lock_account(session: Session, user_id: str) -> Account | None:
+    """Load the account row locked for the rest of the transaction (None if absent)."""
+    return session.scalars(
+        select(Account).where(Account.user_id == user_id).with_for_update()
+    ).one_or_none()

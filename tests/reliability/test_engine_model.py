@@ -1,0 +1,318 @@
+"""Model-based test: random sequences of every engine operation against a simple reference.
+
+Hypothesis drives adds (with expiries and priorities), deducts, reservations, commits
+(below, at and above the hold), releases, clock moves, both sweeps, replays of a used key
+and conflicting reuse of a key. After every step each balance, hold and history length
+must match the reference model, and the ledger invariants must hold in SQL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    initialize,
+    invariant,
+    rule,
+)
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from creditworker import CreditService
+from creditworker.errors import (
+    IdempotencyConflict,
+    InsufficientCredits,
+    ReservationNotActive,
+    UnknownUser,
+)
+from creditworker.storage.tables import Account, Entry, Hold, Lot
+from tests.conftest import engine_for, wipe
+
+USERS = ["ann", "bob"]
+START = datetime(2031, 3, 1, tzinfo=timezone.utc)
+
+
+@dataclass
+class ModelLot:
+    id: int
+    remaining: int
+    priority: int
+    expires_at: datetime | None
+
+
+@dataclass
+class ModelAccount:
+    balance: int = 0
+    reserved: int = 0
+    entries: int = 0
+    lots: list[ModelLot] = field(default_factory=list)
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.reserved
+
+    def draw(self, amount: int) -> None:
+        order = sorted(
+            (lot for lot in self.lots if lot.remaining > 0),
+            key=lambda lot: (
+                lot.priority,
+                lot.expires_at is None,
+                lot.expires_at or START,
+                lot.id,
+            ),
+        )
+        for lot in order:
+            taken = min(lot.remaining, amount)
+            lot.remaining -= taken
+            amount -= taken
+
+
+@dataclass
+class ModelHold:
+    id: str
+    user: str
+    amount: int
+    expires_at: datetime
+    active: bool = True
+
+
+class EngineMachine(RuleBasedStateMachine):
+    engine: Engine
+
+    holds = Bundle("holds")
+    used_keys = Bundle("used_keys")
+
+    def __init__(self) -> None:
+        super().__init__()
+        wipe(self.engine)
+        self.service = CreditService(self.engine)
+        self.now = START
+        self.accounts: dict[str, ModelAccount] = {}
+        self.key_counter = 0
+        self.holds_by_id: dict[str, ModelHold] = {}
+
+    def _key(self) -> str:
+        self.key_counter += 1
+        return f"k{self.key_counter}"
+
+    def _account(self, user: str) -> ModelAccount:
+        return self.accounts.setdefault(user, ModelAccount())
+
+    @initialize()
+    def start(self) -> None:
+        pass
+
+    @rule(
+        target=used_keys,
+        user=st.sampled_from(USERS),
+        amount=st.integers(1, 60),
+        expires_in_hours=st.none() | st.integers(1, 72),
+        priority=st.none() | st.integers(0, 2),
+    )
+    def add(
+        self, user: str, amount: int, expires_in_hours: int | None, priority: int | None
+    ) -> tuple[str, dict[str, Any]]:
+        key = self._key()
+        expires_at = None if expires_in_hours is None else self.now + timedelta(hours=expires_in_hours)
+        request = {"amount": amount, "expires_at": expires_at, "priority": priority}
+        entry = self.service.add_credits(
+            user, amount, expires_at=expires_at, priority=priority, idempotency_key=key, now=self.now
+        )
+        account = self._account(user)
+        debt = max(0, -account.balance)
+        account.balance += amount
+        account.entries += 1
+        assert entry.lot_id is not None
+        account.lots.append(
+            ModelLot(entry.lot_id, amount - min(debt, amount), priority or 0, expires_at)
+        )
+        assert entry.balance_after == account.balance
+        return key, {"op": "add", "user": user, **request}
+
+    @rule(user=st.sampled_from(USERS), amount=st.integers(1, 80))
+    def deduct(self, user: str, amount: int) -> None:
+        account = self.accounts.get(user)
+        try:
+            entry = self.service.deduct_credits(user, amount, idempotency_key=self._key(), now=self.now)
+        except UnknownUser:
+            assert account is None
+            return
+        except InsufficientCredits:
+            assert account is not None and amount > account.available
+            return
+        assert account is not None and amount <= account.available
+        account.balance -= amount
+        account.entries += 1
+        account.draw(amount)
+        assert entry.balance_after == account.balance
+
+    @rule(
+        target=holds,
+        user=st.sampled_from(USERS),
+        amount=st.integers(1, 40),
+        ttl_hours=st.integers(1, 24),
+    )
+    def reserve(self, user: str, amount: int, ttl_hours: int) -> ModelHold | None:
+        account = self.accounts.get(user)
+        try:
+            hold = self.service.reserve_credits(
+                user, amount, ttl_seconds=ttl_hours * 3600, idempotency_key=self._key(), now=self.now
+            )
+        except UnknownUser:
+            assert account is None
+            return None
+        except InsufficientCredits:
+            assert account is not None and amount > account.available
+            return None
+        assert account is not None and amount <= account.available
+        account.reserved += amount
+        account.entries += 1
+        model_hold = ModelHold(hold.id, user, amount, self.now + timedelta(hours=ttl_hours))
+        self.holds_by_id[hold.id] = model_hold
+        return model_hold
+
+    @rule(hold=consumes(holds), delta=st.integers(-40, 20), use_held=st.booleans())
+    def commit(self, hold: ModelHold | None, delta: int, use_held: bool) -> None:
+        if hold is None:
+            return
+        charged = hold.amount if use_held else max(0, hold.amount + delta)
+        account = self.accounts[hold.user]
+        try:
+            self.service.commit_reservation(
+                hold.id, None if use_held else charged, idempotency_key=self._key(), now=self.now
+            )
+        except ReservationNotActive:
+            assert not hold.active or hold.expires_at <= self.now
+            return
+        except InsufficientCredits:
+            assert charged > account.available + hold.amount
+            return
+        assert hold.active and hold.expires_at > self.now
+        hold.active = False
+        account.reserved -= hold.amount
+        account.balance -= charged
+        account.entries += 1
+        account.draw(charged)
+
+    @rule(hold=consumes(holds))
+    def release(self, hold: ModelHold | None) -> None:
+        if hold is None:
+            return
+        try:
+            self.service.release_reservation(hold.id, idempotency_key=self._key(), now=self.now)
+        except ReservationNotActive:
+            assert not hold.active or hold.expires_at <= self.now
+            return
+        hold.active = False
+        account = self.accounts[hold.user]
+        account.reserved -= hold.amount
+        account.entries += 1
+
+    @rule(hours=st.integers(1, 30))
+    def advance_clock(self, hours: int) -> None:
+        self.now += timedelta(hours=hours)
+
+    @rule()
+    def release_stale(self) -> None:
+        self.service.release_stale_reservations(now=self.now)
+        for hold in self.holds_by_id.values():
+            if hold.active and hold.expires_at <= self.now:
+                hold.active = False
+                account = self.accounts[hold.user]
+                account.reserved -= hold.amount
+                account.entries += 1
+
+    @rule()
+    def expire(self) -> None:
+        self.service.expire_credits(now=self.now)
+        for account in self.accounts.values():
+            unheld = account.available
+            for lot in sorted(account.lots, key=lambda lot: lot.id):
+                if lot.expires_at is None or lot.expires_at > self.now or lot.remaining <= 0:
+                    continue
+                taken = min(lot.remaining, unheld)
+                if taken <= 0:
+                    continue
+                lot.remaining -= taken
+                unheld -= taken
+                account.balance -= taken
+                account.entries += 1
+
+    @rule(used=used_keys)
+    def replay_is_a_no_op(self, used: tuple[str, dict[str, Any]]) -> None:
+        key, request = used
+        entry = self.service.add_credits(
+            request["user"], request["amount"], expires_at=request["expires_at"],
+            priority=request["priority"], idempotency_key=key, now=self.now,
+        )
+        assert entry.idempotency_key == key
+
+    @rule(used=used_keys)
+    def conflicting_reuse_is_refused(self, used: tuple[str, dict[str, Any]]) -> None:
+        key, request = used
+        with pytest.raises(IdempotencyConflict):
+            self.service.deduct_credits(request["user"], 1, idempotency_key=key, now=self.now)
+
+    @invariant()
+    def balances_match_the_model(self) -> None:
+        with Session(self.engine) as session:
+            stored = {
+                row.user_id: (row.balance, row.reserved)
+                for row in session.scalars(select(Account))
+            }
+            entry_counts = dict(
+                session.execute(select(Entry.user_id, func.count()).group_by(Entry.user_id)).all()
+            )
+            sums = dict(
+                session.execute(
+                    select(Entry.user_id, func.sum(Entry.amount)).group_by(Entry.user_id)
+                ).all()
+            )
+            lot_sums = dict(
+                session.execute(
+                    select(Lot.user_id, func.sum(Lot.remaining)).group_by(Lot.user_id)
+                ).all()
+            )
+        assert set(stored) == set(self.accounts)
+        for user, account in self.accounts.items():
+            assert stored[user] == (account.balance, account.reserved), user
+            assert entry_counts.get(user, 0) == account.entries, user
+            assert int(sums.get(user) or 0) == account.balance
+            assert int(lot_sums.get(user) or 0) == max(account.balance, 0)
+            assert account.balance >= account.reserved >= 0
+            assert [lot.remaining for lot in account.lots] == self._stored_lots(user)
+
+    def _stored_lots(self, user: str) -> list[int]:
+        with Session(self.engine) as session:
+            return list(
+                session.scalars(select(Lot.remaining).where(Lot.user_id == user).order_by(Lot.id))
+            )
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
+def test_engine_matches_reference_model(
+    dialect: str, request: pytest.FixtureRequest, migrated_engines: dict[str, Engine]
+) -> None:
+    url: str = request.getfixturevalue(f"{dialect}_url")
+    engine = engine_for(url, migrated_engines)
+
+    class Machine(EngineMachine):
+        pass
+
+    Machine.engine = engine
+    Machine.TestCase.settings = settings(
+        max_examples=50,
+        stateful_step_count=25,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
+    Machine.TestCase().runTest()

@@ -1,0 +1,88 @@
+"""Several processes on one account, and fuzzed task payloads against a real database."""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy.engine import Engine
+
+from creditworker import CreditService
+from creditworker.audit import audit
+from creditworker.errors import ERRORS_BY_CODE, InsufficientCredits
+from creditworker.worker import tasks
+from tests.engine.test_credits import snapshot
+
+
+def hammer(url: str, seed: int, rounds: int) -> int:
+    """Deduct and reserve-then-commit on one hot account; returns what was charged."""
+    service = CreditService(url)
+    rng = random.Random(seed)
+    charged = 0
+    for _ in range(rounds):
+        try:
+            if rng.random() < 0.5:
+                amount = rng.randint(1, 9)
+                service.deduct_credits("hot", amount)
+                charged += amount
+            else:
+                hold = service.reserve_credits("hot", rng.randint(1, 9))
+                actual = rng.randint(0, hold.amount)
+                service.commit_reservation(hold.id, actual)
+                charged += actual
+        except InsufficientCredits:
+            pass
+    service.engine.dispose()
+    return charged
+
+
+def test_processes_hammering_one_account_never_overdraw_it(pg_engine: Engine) -> None:
+    service = CreditService(pg_engine)
+    service.add_credits("hot", 2000)
+    url = pg_engine.url.render_as_string(hide_password=False)
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        charged = pool.starmap(hammer, [(url, seed, 150) for seed in range(4)])
+    info = service.get_user_credits_info("hot")
+    assert info.total == 2000 - sum(charged) >= 0
+    assert info.reserved == 0
+    assert audit(pg_engine).passed
+
+
+FIELDS = ["user_id", "amount", "description", "metadata", "idempotency_key", "expires_at",
+          "priority", "source", "ttl_seconds", "reservation_id", "limit", "before", "kinds",
+          "within_days", "junk"]
+VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=300),
+    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
+    st.sampled_from(["ann", "2031-01-01T00:00:00Z", "bonus", "not-a-date", "\ud800", " ann"]),
+)
+TASKS = [tasks.add_credits, tasks.deduct_credits, tasks.reserve_credits, tasks.commit_reservation,
+         tasks.release_reservation, tasks.get_balance, tasks.get_history, tasks.get_expiring]
+
+
+@pytest.fixture
+def task_engine(engine: Engine) -> Any:
+    previous = tasks._service
+    tasks._service = CreditService(engine)
+    tasks._service.add_credits("ann", 10)
+    yield engine
+    tasks._service = previous
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(task=st.sampled_from(TASKS), payload=st.dictionaries(st.sampled_from(FIELDS), VALUES, max_size=6))
+def test_fuzzed_payloads_get_an_envelope_and_refusals_change_nothing(
+    task_engine: Engine, task: Any, payload: dict[str, Any]
+) -> None:
+    """Eager mode here: the point is the validation path with a real database behind it."""
+    before = snapshot(task_engine)
+    envelope = task.apply(kwargs=payload).get()
+    assert isinstance(envelope, dict) and isinstance(envelope["ok"], bool)
+    if not envelope["ok"]:
+        assert envelope["error"]["code"] in ERRORS_BY_CODE
+        assert snapshot(task_engine) == before
