@@ -1,0 +1,1 @@
+"""The Celery side: the app, the tasks, the canonical commands and the one-command launcher."""

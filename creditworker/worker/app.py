@@ -1,0 +1,130 @@
+"""The Celery app: delivery settings for exactly-once effects, shared by worker and producers.
+
+It imports Celery and the settings only. The worker imports the tasks through `include`
+when it starts; a producer that builds this app sends tasks by name and never imports the
+storage stack.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from creditworker.settings import Settings, get_settings
+
+TASK_MODULES = ["creditworker.worker.tasks"]
+
+
+def broker_kind(broker_url: str) -> str:
+    scheme = broker_url.split("://", 1)[0].lower()
+    if scheme in ("redis", "rediss", "redis+socket"):
+        return "redis"
+    if scheme in ("amqp", "amqps", "pyamqp"):
+        return "rabbitmq"
+    if scheme == "filesystem":
+        return "filesystem"
+    return scheme
+
+
+def _embedded_folders(settings: Settings) -> dict[str, Path]:
+    root = Path(settings.data_dir).resolve()
+    folders = {
+        "queue": root / "broker" / "queue",
+        "processed": root / "broker" / "processed",
+        "control": root / "broker" / "control",
+        "results": root / "results",
+    }
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    return folders
+
+
+def result_backend_url(settings: Settings) -> str:
+    if settings.result_backend:
+        return settings.result_backend
+    kind = broker_kind(settings.broker_url)
+    if kind == "redis":
+        return settings.broker_url
+    if kind == "rabbitmq":
+        return "rpc://"
+    return f"file://{_embedded_folders(settings)['results']}"
+
+
+def broker_transport_options(settings: Settings) -> dict[str, Any]:
+    kind = broker_kind(settings.broker_url)
+    if kind == "redis":
+        # An unacknowledged message is redelivered after this long; it must exceed the
+        # longest task plus any countdown (CELERY_NOTES §1). The restore sweep looks for
+        # such messages every min(10 s, timeout) instead of kombu's default of ~100 s.
+        return {
+            "visibility_timeout": settings.visibility_timeout_seconds,
+            "unacked_restore_interval": min(10, settings.visibility_timeout_seconds),
+            "unacked_restore_throttle": 1,
+        }
+    if kind == "rabbitmq":
+        # Publisher confirms: a publish that returns was accepted by the broker.
+        return {"confirm_publish": True}
+    if kind == "filesystem":
+        folders = _embedded_folders(settings)
+        return {
+            "data_folder_in": str(folders["queue"]),
+            "data_folder_out": str(folders["queue"]),
+            "processed_folder": str(folders["processed"]),
+            "control_folder": str(folders["control"]),
+            "store_processed": False,
+            "polling_interval": 0.1,
+        }
+    return {}
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    from beat_schedule import build_schedule
+
+    backend = result_backend_url(settings)
+    config: dict[str, Any] = {
+        "broker_url": settings.broker_url,
+        "result_backend": backend,
+        "broker_transport_options": broker_transport_options(settings),
+        # JSON only: a pickle message is refused, so nobody who can write to the broker
+        # can run code in the workers.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # Ack after the task ran; a worker lost mid-task leaves its message to redeliver.
+        # The idempotency key makes the redelivery a no-op if the first run committed.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        # A task still running when the broker connection drops cannot ack; cancel it so
+        # it is redelivered rather than finishing unacknowledged (CELERY_NOTES §1).
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "broker_connection_retry_on_startup": True,
+        # Flower: task events and the "sent" event, so every task is listed with its state.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "result_expires": settings.result_expires_seconds,
+        "result_extended": True,
+        "timezone": "UTC",
+        "enable_utc": True,
+        "task_default_delivery_mode": "persistent",
+        "beat_schedule": build_schedule(settings),
+    }
+    if broker_kind(settings.broker_url) == "redis" and backend.startswith("redis"):
+        config["result_backend_transport_options"] = {
+            "visibility_timeout": settings.visibility_timeout_seconds
+        }
+    return config
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    celery = Celery("creditworker", include=TASK_MODULES)
+    celery.conf.update(celery_config(settings))
+    return celery
+
+
+app = make_celery()

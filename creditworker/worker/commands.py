@@ -1,0 +1,24 @@
+"""The command lines that run creditworker: the e2e tests, `creditworker up` and
+docker-compose all start exactly these, so what is tested is what is deployed."""
+
+from __future__ import annotations
+
+WORKER: list[str] = [
+    "celery", "-A", "creditworker", "worker",
+    "--loglevel=INFO", "--pool=prefork", "--concurrency=2", "--task-events",
+]
+BEAT: list[str] = ["celery", "-A", "creditworker", "beat", "--loglevel=INFO"]
+MIGRATE: list[str] = ["creditworker", "db", "upgrade"]
+
+
+def flower_command(port: int = 5555, basic_auth: str | None = None) -> list[str]:
+    """Flower on `port`; with `basic_auth` ("user:password") every page and API call needs it."""
+    command = ["celery", "-A", "creditworker", "flower", f"--port={port}"]
+    if basic_auth:
+        command.append(f"--basic-auth={basic_auth}")
+    return command
+
+
+def beat_command(schedule_file: str) -> list[str]:
+    """Beat keeps its last-run times in `schedule_file`."""
+    return [*BEAT, f"--schedule={schedule_file}"]

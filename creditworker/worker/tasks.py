@@ -1,0 +1,174 @@
+"""Celery tasks: thin adapters that validate a message, call the engine and return JSON.
+
+Every result is `{"ok": true, "result": ...}` or `{"ok": false, "error": {"code", "message",
+"details"}}`. Business refusals are results, never retried and never a crash loop; only
+transient database errors are retried, with exponential backoff and jitter.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+from celery import Task
+from pydantic import BaseModel
+
+from creditworker.contract import (
+    AddCredits,
+    CommitReservation,
+    DeductCredits,
+    GetCredits,
+    GetExpiring,
+    GetHistory,
+    ReleaseReservation,
+    ReserveCredits,
+    parse,
+)
+from creditworker.credits import CreditService
+from creditworker.errors import CreditError, ValidationFailed
+from creditworker.settings import get_settings
+from creditworker.storage.database import is_transient
+from creditworker.worker.app import app
+
+_service: CreditService | None = None
+
+
+def service() -> CreditService:
+    """The worker process's engine, created on first use (after the prefork pool forked)."""
+    global _service
+    if _service is None:
+        settings = get_settings()
+        _service = CreditService(
+            settings.database_url,
+            ledger_path=settings.ledger_path,
+            overage_policy=settings.overage_policy,
+            expiring_soon_days=settings.expiring_soon_days,
+            low_credit_threshold=settings.low_credit_threshold,
+            expiry_reminder_days=settings.expiry_reminder_days,
+            on_events=lambda _count: relay_events.apply_async(),
+        )
+    return _service
+
+
+def _dump(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_dump(item) for item in value]
+    return value
+
+
+def _backoff(retries: int) -> float:
+    return float(min(60.0, 0.5 * 2**retries) * random.uniform(0.5, 1.5))
+
+
+def _handle(
+    task: Task,
+    model: type[BaseModel],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    call: Callable[[Any, str], Any],
+) -> dict[str, Any]:
+    """Validate, run, and turn the outcome into the wire envelope."""
+    try:
+        if args:
+            raise ValidationFailed(
+                f"{task.name} takes keyword arguments only, got {len(args)} positional"
+            )
+        request = parse(model, kwargs)
+        key = getattr(request, "idempotency_key", None) or f"task:{task.request.id}"
+        return {"ok": True, "result": _dump(call(request, key))}
+    except CreditError as exc:
+        return {"ok": False, "error": exc.to_dict()}
+    except Exception as exc:
+        if is_transient(exc):
+            retries = task.request.retries
+            raise task.retry(
+                exc=exc, countdown=_backoff(retries), max_retries=get_settings().task_max_retries
+            ) from exc
+        raise
+
+
+def _fields(request: BaseModel, *exclude: str) -> dict[str, Any]:
+    return {name: getattr(request, name) for name in type(request).model_fields if name not in exclude}
+
+
+@app.task(name="creditworker.credits.add", bind=True)
+def add_credits(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return _handle(self, AddCredits, args, kwargs, lambda r, key: service().add_credits(
+        **_fields(r, "idempotency_key"), idempotency_key=key))
+
+
+@app.task(name="creditworker.credits.deduct", bind=True)
+def deduct_credits(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return _handle(self, DeductCredits, args, kwargs, lambda r, key: service().deduct_credits(
+        **_fields(r, "idempotency_key"), idempotency_key=key))
+
+
+@app.task(name="creditworker.credits.reserve", bind=True)
+def reserve_credits(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return _handle(self, ReserveCredits, args, kwargs, lambda r, key: service().reserve_credits(
+        **_fields(r, "idempotency_key"), idempotency_key=key))
+
+
+@app.task(name="creditworker.credits.commit", bind=True)
+def commit_reservation(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return _handle(self, CommitReservation, args, kwargs, lambda r, key: service().commit_reservation(
+        **_fields(r, "idempotency_key"), idempotency_key=key))
+
+
+@app.task(name="creditworker.credits.release", bind=True)
+def release_reservation(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return _handle(self, ReleaseReservation, args, kwargs, lambda r, key: service().release_reservation(
+        r.reservation_id, idempotency_key=key))
+
+
+@app.task(name="creditworker.credits.balance", bind=True)
+def get_balance(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return _handle(self, GetCredits, args, kwargs, lambda r, _key: service().get_user_credits_info(r.user_id))
+
+
+@app.task(name="creditworker.credits.history", bind=True)
+def get_history(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return _handle(self, GetHistory, args, kwargs, lambda r, _key: service().get_history(
+        r.user_id, limit=r.limit, before=r.before, kinds=r.kinds))
+
+
+@app.task(name="creditworker.credits.expiring", bind=True)
+def get_expiring(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return _handle(self, GetExpiring, args, kwargs, lambda r, _key: service().get_expiring_credits(
+        r.user_id, r.within_days))
+
+
+class _NoArguments(BaseModel):
+    model_config = {"extra": "forbid"}
+
+
+@app.task(name="creditworker.credits.expire", bind=True)
+def expire_credits(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return _handle(self, _NoArguments, args, kwargs, lambda _r, _key: {"expired": service().expire_credits()})
+
+
+@app.task(name="creditworker.reservations.release_stale", bind=True)
+def release_stale_reservations(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return _handle(self, _NoArguments, args, kwargs,
+                   lambda _r, _key: {"released": service().release_stale_reservations()})
+
+
+@app.task(name="creditworker.credits.remind", bind=True)
+def send_expiry_reminders(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return _handle(self, _NoArguments, args, kwargs, lambda _r, _key: {"reminded": service().send_expiry_reminders()})
+
+
+@app.task(name="creditworker.events.relay", bind=True)
+def relay_events(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Publish pending outbox rows to the events exchange (woken after changes, and by beat)."""
+    from creditworker.event_bus import EventPublisher
+    from creditworker.outbox import publish_pending
+
+    def publish(_request: Any, _key: str) -> dict[str, int]:
+        with app.connection_for_write() as connection:
+            return {"published": publish_pending(service().engine, EventPublisher(connection))}
+
+    return _handle(self, _NoArguments, args, kwargs, publish)

@@ -1,0 +1,100 @@
+"""The asyncio producer: the same API as `CreditClient`, never blocking the event loop.
+
+Celery's publish and result calls are blocking socket calls and there is no awaitable
+result (celery/celery#6603), so each one runs in a worker thread via `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from celery import Celery
+
+from creditworker.contract import CreditLot, CreditsInfo, LedgerEntry, Reservation
+from creditworker.settings import Settings
+from producers.client import DEFAULT_TIMEOUT, CreditClient, TaskHandle
+
+T = TypeVar("T")
+
+
+class AsyncTaskHandle(Generic[T]):
+    def __init__(self, handle: TaskHandle[T]) -> None:
+        self.handle = handle
+
+    @property
+    def task_id(self) -> str:
+        return self.handle.task_id
+
+    async def get(self, timeout: float = DEFAULT_TIMEOUT) -> T:
+        return await asyncio.to_thread(self.handle.get, timeout)
+
+
+class AsyncCreditClient:
+    def __init__(self, settings: Settings | None = None, *, app: Celery | None = None) -> None:
+        self.sync = CreditClient(settings, app=app)
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        handle = await asyncio.to_thread(getattr(self.sync, method), *args, **kwargs)
+        return AsyncTaskHandle(handle)
+
+    async def add_credits(
+        self, user_id: str, amount: int, *, expires_at: datetime | None = None,
+        priority: int | None = None, source: str = "purchase", description: str | None = None,
+        metadata: dict[str, Any] | None = None, idempotency_key: str | None = None,
+    ) -> AsyncTaskHandle[LedgerEntry]:
+        return await self._call(
+            "add_credits", user_id, amount, expires_at=expires_at, priority=priority,
+            source=source, description=description, metadata=metadata,
+            idempotency_key=idempotency_key,
+        )
+
+    async def deduct_credits(
+        self, user_id: str, amount: int, *, description: str | None = None,
+        metadata: dict[str, Any] | None = None, idempotency_key: str | None = None,
+    ) -> AsyncTaskHandle[LedgerEntry]:
+        return await self._call(
+            "deduct_credits", user_id, amount, description=description, metadata=metadata,
+            idempotency_key=idempotency_key,
+        )
+
+    async def reserve_credits(
+        self, user_id: str, amount: int, *, ttl_seconds: int | None = None,
+        description: str | None = None, metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+    ) -> Reservation:
+        handle: AsyncTaskHandle[Reservation] = await self._call(
+            "submit_reserve", user_id, amount, ttl_seconds=ttl_seconds, description=description,
+            metadata=metadata, idempotency_key=idempotency_key,
+        )
+        return await handle.get(timeout)
+
+    async def commit_reservation(
+        self, reservation_id: str, amount: int | None = None, *, description: str | None = None,
+        metadata: dict[str, Any] | None = None, idempotency_key: str | None = None,
+    ) -> AsyncTaskHandle[LedgerEntry]:
+        return await self._call(
+            "commit_reservation", reservation_id, amount, description=description,
+            metadata=metadata, idempotency_key=idempotency_key,
+        )
+
+    async def release_reservation(
+        self, reservation_id: str, *, idempotency_key: str | None = None
+    ) -> AsyncTaskHandle[LedgerEntry]:
+        return await self._call("release_reservation", reservation_id, idempotency_key=idempotency_key)
+
+    async def get_user_credits_info(self, user_id: str) -> AsyncTaskHandle[CreditsInfo]:
+        return await self._call("get_user_credits_info", user_id)
+
+    async def get_history(
+        self, user_id: str, *, limit: int = 50, before: int | None = None,
+        kinds: Sequence[str] | None = None,
+    ) -> AsyncTaskHandle[list[LedgerEntry]]:
+        return await self._call("get_history", user_id, limit=limit, before=before, kinds=kinds)
+
+    async def get_expiring_credits(
+        self, user_id: str, within_days: int = 7
+    ) -> AsyncTaskHandle[list[CreditLot]]:
+        return await self._call("get_expiring_credits", user_id, within_days)

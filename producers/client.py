@@ -1,0 +1,226 @@
+"""The Python producer: enqueue credit operations from any service, synchronously.
+
+Method names and arguments are those of `CreditService`. Input is validated here with
+the shared contract models, so bad input raises `ValidationFailed` before anything is
+enqueued. Each call returns a `TaskHandle`: keep it to `get()` the result (or the typed
+error) later, or drop it for fire-and-forget. `reserve_credits` waits for its answer,
+because the caller needs the reservation id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
+from pydantic import BaseModel, TypeAdapter
+
+from creditworker.contract import (
+    AddCredits,
+    CommitReservation,
+    CreditLot,
+    CreditsInfo,
+    DeductCredits,
+    GetCredits,
+    GetExpiring,
+    GetHistory,
+    LedgerEntry,
+    ReleaseReservation,
+    Reservation,
+    ReserveCredits,
+    parse,
+)
+from creditworker.errors import CreditError, ServiceUnavailable, error_from_dict
+from creditworker.settings import Settings, get_settings
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT = 10.0
+
+TASKS = {
+    AddCredits: "creditworker.credits.add",
+    DeductCredits: "creditworker.credits.deduct",
+    ReserveCredits: "creditworker.credits.reserve",
+    CommitReservation: "creditworker.credits.commit",
+    ReleaseReservation: "creditworker.credits.release",
+    GetCredits: "creditworker.credits.balance",
+    GetHistory: "creditworker.credits.history",
+    GetExpiring: "creditworker.credits.expiring",
+}
+"""The task that serves each request model: the wire contract, in one place."""
+
+_ENTRIES: TypeAdapter[list[LedgerEntry]] = TypeAdapter(list[LedgerEntry])
+_LOTS: TypeAdapter[list[CreditLot]] = TypeAdapter(list[CreditLot])
+
+
+def unwrap(envelope: Any, parse_result: Callable[[Any], T]) -> T:
+    """Turn a task's `{"ok": ...}` envelope into the result, or raise its typed error."""
+    if not isinstance(envelope, dict) or "ok" not in envelope:
+        raise CreditError(f"unexpected task result: {envelope!r}")
+    if envelope["ok"]:
+        return parse_result(envelope["result"])
+    raise error_from_dict(envelope.get("error") or {})
+
+
+class TaskHandle(Generic[T]):
+    """An enqueued operation; `get()` waits for its result."""
+
+    def __init__(self, result: AsyncResult, parse_result: Callable[[Any], T]) -> None:
+        self.result = result
+        self._parse = parse_result
+
+    @property
+    def task_id(self) -> str:
+        return str(self.result.id)
+
+    def get(self, timeout: float = DEFAULT_TIMEOUT) -> T:
+        try:
+            envelope = self.result.get(timeout=timeout, propagate=True)
+        except CeleryTimeout:
+            raise ServiceUnavailable(
+                f"no answer for task {self.task_id} within {timeout} s", task_id=self.task_id
+            ) from None
+        except CreditError:
+            raise
+        except Exception as exc:  # the task failed after its retries
+            raise ServiceUnavailable(
+                f"task {self.task_id} failed: {exc!r}", task_id=self.task_id
+            ) from exc
+        return unwrap(envelope, self._parse)
+
+
+class CreditClient:
+    """Sends credit operations to the workers through the configured broker."""
+
+    def __init__(self, settings: Settings | None = None, *, app: Celery | None = None) -> None:
+        if app is None:
+            from creditworker.worker.app import make_celery
+
+            app = make_celery(settings or get_settings())
+        self.app = app
+
+    def _send(self, request: BaseModel, parse_result: Callable[[Any], T]) -> TaskHandle[T]:
+        kwargs = request.model_dump(mode="json", exclude_none=True)
+        try:
+            result = self.app.send_task(TASKS[type(request)], kwargs=kwargs)
+        except OperationalError as exc:
+            raise ServiceUnavailable(f"the broker did not accept the task: {exc}") from exc
+        return TaskHandle(result, parse_result)
+
+    def add_credits(
+        self,
+        user_id: str,
+        amount: int,
+        *,
+        expires_at: datetime | None = None,
+        priority: int | None = None,
+        source: str = "purchase",
+        description: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> TaskHandle[LedgerEntry]:
+        request = parse(AddCredits, dict(
+            user_id=user_id, amount=amount, expires_at=expires_at, priority=priority,
+            source=source, description=description, metadata=metadata,
+            idempotency_key=idempotency_key,
+        ))
+        return self._send(request, LedgerEntry.model_validate)
+
+    def deduct_credits(
+        self,
+        user_id: str,
+        amount: int,
+        *,
+        description: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> TaskHandle[LedgerEntry]:
+        request = parse(DeductCredits, dict(
+            user_id=user_id, amount=amount, description=description, metadata=metadata,
+            idempotency_key=idempotency_key,
+        ))
+        return self._send(request, LedgerEntry.model_validate)
+
+    def submit_reserve(
+        self,
+        user_id: str,
+        amount: int,
+        *,
+        ttl_seconds: int | None = None,
+        description: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> TaskHandle[Reservation]:
+        """Enqueue a reservation without waiting (the async client builds on this)."""
+        fields: dict[str, Any] = dict(
+            user_id=user_id, amount=amount, description=description, metadata=metadata,
+            idempotency_key=idempotency_key,
+        )
+        if ttl_seconds is not None:
+            fields["ttl_seconds"] = ttl_seconds
+        return self._send(parse(ReserveCredits, fields), Reservation.model_validate)
+
+    def reserve_credits(
+        self,
+        user_id: str,
+        amount: int,
+        *,
+        ttl_seconds: int | None = None,
+        description: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> Reservation:
+        """Reserve and wait for the reservation (raises the typed error if refused)."""
+        return self.submit_reserve(
+            user_id, amount, ttl_seconds=ttl_seconds, description=description,
+            metadata=metadata, idempotency_key=idempotency_key,
+        ).get(timeout)
+
+    def commit_reservation(
+        self,
+        reservation_id: str,
+        amount: int | None = None,
+        *,
+        description: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> TaskHandle[LedgerEntry]:
+        request = parse(CommitReservation, dict(
+            reservation_id=reservation_id, amount=amount, description=description,
+            metadata=metadata, idempotency_key=idempotency_key,
+        ))
+        return self._send(request, LedgerEntry.model_validate)
+
+    def release_reservation(
+        self, reservation_id: str, *, idempotency_key: str | None = None
+    ) -> TaskHandle[LedgerEntry]:
+        request = parse(ReleaseReservation, dict(
+            reservation_id=reservation_id, idempotency_key=idempotency_key
+        ))
+        return self._send(request, LedgerEntry.model_validate)
+
+    def get_user_credits_info(self, user_id: str) -> TaskHandle[CreditsInfo]:
+        return self._send(parse(GetCredits, {"user_id": user_id}), CreditsInfo.model_validate)
+
+    def get_history(
+        self,
+        user_id: str,
+        *,
+        limit: int = 50,
+        before: int | None = None,
+        kinds: Sequence[str] | None = None,
+    ) -> TaskHandle[list[LedgerEntry]]:
+        request = parse(GetHistory, dict(
+            user_id=user_id, limit=limit, before=before,
+            kinds=list(kinds) if kinds is not None else None,
+        ))
+        return self._send(request, _ENTRIES.validate_python)
+
+    def get_expiring_credits(self, user_id: str, within_days: int = 7) -> TaskHandle[list[CreditLot]]:
+        request = parse(GetExpiring, {"user_id": user_id, "within_days": within_days})
+        return self._send(request, _LOTS.validate_python)

@@ -1,0 +1,77 @@
+"""A worker SIGKILLed mid-run loses nothing and applies nothing twice."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+import redis
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from creditworker.audit import audit
+from creditworker.storage.tables import Entry
+from tests.conftest import wipe
+from tests.e2e.conftest import RunningWorker, _running, redis_db
+
+pytestmark = pytest.mark.e2e
+
+VISIBILITY_TIMEOUT = "5"
+
+
+@pytest.fixture
+def short_visibility_worker(
+    tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_url: str,
+    migrated_engines: dict[str, Engine],
+) -> Iterator[RunningWorker]:
+    """Redis redelivers unacknowledged messages after the visibility timeout: 5 s here."""
+    broker = redis_db(redis_url, 12)
+    redis.Redis.from_url(broker).flushdb()
+    for worker in _running(
+        tmp_path_factory, postgres_url, broker, migrated_engines,
+        CREDITWORKER_VISIBILITY_TIMEOUT_SECONDS=VISIBILITY_TIMEOUT,
+    ):
+        wipe(worker.engine)
+        yield worker
+
+
+def test_sigkill_mid_run_applies_every_operation_exactly_once(
+    short_visibility_worker: RunningWorker,
+) -> None:
+    worker = short_visibility_worker
+    accounts = ["hot", "warm", "cold"]
+    for account in accounts:
+        worker.service.add_credits(account, 100_000)
+    rng = random.Random(7)
+    operations = [(f"op-{n}", rng.choice(accounts + ["hot", "hot"]), rng.randint(1, 9)) for n in range(200)]
+    handles = [
+        worker.client.deduct_credits(user, amount, idempotency_key=key)
+        for key, user, amount in operations
+    ]
+
+    def applied() -> int:
+        with Session(worker.engine) as session:
+            return int(session.scalar(select(func.count()).select_from(Entry).where(Entry.kind == "deduct")) or 0)
+
+    deadline = time.monotonic() + 30
+    while applied() < 40 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    worker.kill()
+    before_restart = applied()
+    assert 0 < before_restart < len(operations), "the kill did not land mid-run"
+    worker.start()
+    results = [handle.get(timeout=90) for handle in handles]
+    assert all(result.kind == "deduct" for result in results)
+    with Session(worker.engine) as session:
+        keys = Counter(session.scalars(select(Entry.idempotency_key).where(Entry.kind == "deduct")))
+    assert set(keys) == {key for key, _, _ in operations}
+    assert set(keys.values()) == {1}
+    for account in accounts:
+        spent = sum(amount for _, user, amount in operations if user == account)
+        assert worker.service.get_user_credits_info(account).total == 100_000 - spent
+    assert audit(worker.engine).passed
+    print(f"applied before SIGKILL: {before_restart}, after restart: {len(operations) - before_restart}")
