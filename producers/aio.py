@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
 from celery import Celery
 
 from creditworker.contract import CreditLot, CreditsInfo, LedgerEntry, Reservation
+from creditworker.plans_contract import Plan, Subscription
 from creditworker.settings import Settings
 from producers.client import DEFAULT_TIMEOUT, CreditClient, TaskHandle
 
@@ -28,8 +30,11 @@ class AsyncTaskHandle(Generic[T]):
     def task_id(self) -> str:
         return self.handle.task_id
 
-    async def get(self, timeout: float = DEFAULT_TIMEOUT) -> T:
-        return await asyncio.to_thread(self.handle.get, timeout)
+    async def get(self, timeout: float = DEFAULT_TIMEOUT, *, resend_every: float | None = None) -> T:
+        return await asyncio.to_thread(self.handle.get, timeout, resend_every=resend_every)
+
+    async def resend(self) -> None:
+        await asyncio.to_thread(self.handle.resend)
 
 
 class AsyncCreditClient:
@@ -98,3 +103,51 @@ class AsyncCreditClient:
         self, user_id: str, within_days: int = 7
     ) -> AsyncTaskHandle[list[CreditLot]]:
         return await self._call("get_expiring_credits", user_id, within_days)
+
+    # ------------------------------------------------------------ plans and subscriptions
+
+    async def create_plan(
+        self, name: str, credit_limit: int, *, price: Decimal | str | int = Decimal("0"),
+        currency: str = "USD", billing_period: str = "monthly", validity_days: int | None = None,
+        active: bool = True, idempotency_key: str | None = None,
+    ) -> AsyncTaskHandle[Plan]:
+        return await self._call(
+            "create_plan", name, credit_limit, price=price, currency=currency,
+            billing_period=billing_period, validity_days=validity_days, active=active,
+            idempotency_key=idempotency_key,
+        )
+
+    async def update_plan(self, plan: int | str, **changes: Any) -> AsyncTaskHandle[Plan]:
+        return await self._call("update_plan", plan, **changes)
+
+    async def delete_plan(self, plan: int | str) -> AsyncTaskHandle[dict[str, Any]]:
+        return await self._call("delete_plan", plan)
+
+    async def get_plan(self, plan: int | str) -> AsyncTaskHandle[Plan]:
+        return await self._call("get_plan", plan)
+
+    async def list_plans(self, *, include_inactive: bool = False) -> AsyncTaskHandle[list[Plan]]:
+        return await self._call("list_plans", include_inactive=include_inactive)
+
+    async def assign_plan(
+        self, user_id: str, plan: int | str, *, start_at: datetime | None = None,
+        idempotency_key: str | None = None,
+    ) -> AsyncTaskHandle[Subscription]:
+        return await self._call(
+            "assign_plan", user_id, plan, start_at=start_at, idempotency_key=idempotency_key
+        )
+
+    async def change_plan(
+        self, user_id: str, plan: int | str, *, idempotency_key: str | None = None
+    ) -> AsyncTaskHandle[Subscription]:
+        return await self._call("change_plan", user_id, plan, idempotency_key=idempotency_key)
+
+    async def remove_plan(
+        self, user_id: str, *, at_period_end: bool = True, idempotency_key: str | None = None
+    ) -> AsyncTaskHandle[Subscription]:
+        return await self._call(
+            "remove_plan", user_id, at_period_end=at_period_end, idempotency_key=idempotency_key
+        )
+
+    async def get_user_subscription(self, user_id: str) -> AsyncTaskHandle[Subscription]:
+        return await self._call("get_user_subscription", user_id)

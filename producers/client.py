@@ -9,8 +9,11 @@ because the caller needs the reservation id.
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
 from celery import Celery
@@ -34,6 +37,19 @@ from creditworker.contract import (
     ReserveCredits,
     parse,
 )
+from creditworker.plans_contract import (
+    AssignPlan,
+    ChangePlan,
+    CreatePlan,
+    DeletePlan,
+    GetPlan,
+    GetSubscription,
+    ListPlans,
+    Plan,
+    RemovePlan,
+    Subscription,
+    UpdatePlan,
+)
 from creditworker.errors import CreditError, ServiceUnavailable, error_from_dict
 from creditworker.settings import Settings, get_settings
 
@@ -50,11 +66,21 @@ TASKS = {
     GetCredits: "creditworker.credits.balance",
     GetHistory: "creditworker.credits.history",
     GetExpiring: "creditworker.credits.expiring",
+    CreatePlan: "creditworker.plans.create",
+    UpdatePlan: "creditworker.plans.update",
+    DeletePlan: "creditworker.plans.delete",
+    GetPlan: "creditworker.plans.get",
+    ListPlans: "creditworker.plans.list",
+    AssignPlan: "creditworker.subscriptions.assign",
+    ChangePlan: "creditworker.subscriptions.change",
+    RemovePlan: "creditworker.subscriptions.remove",
+    GetSubscription: "creditworker.subscriptions.get",
 }
 """The task that serves each request model: the wire contract, in one place."""
 
 _ENTRIES: TypeAdapter[list[LedgerEntry]] = TypeAdapter(list[LedgerEntry])
 _LOTS: TypeAdapter[list[CreditLot]] = TypeAdapter(list[CreditLot])
+_PLANS: TypeAdapter[list[Plan]] = TypeAdapter(list[Plan])
 
 
 def unwrap(envelope: Any, parse_result: Callable[[Any], T]) -> T:
@@ -67,29 +93,51 @@ def unwrap(envelope: Any, parse_result: Callable[[Any], T]) -> T:
 
 
 class TaskHandle(Generic[T]):
-    """An enqueued operation; `get()` waits for its result."""
+    """An enqueued operation; `get()` waits for its result, `resend()` publishes it again.
 
-    def __init__(self, result: AsyncResult, parse_result: Callable[[Any], T]) -> None:
+    A resend is the same message (same task id, so the same derived idempotency key when
+    none was given): it is applied at most once however many copies reach the workers.
+    """
+
+    def __init__(
+        self, result: AsyncResult, parse_result: Callable[[Any], T],
+        resend: Callable[[], None] | None = None,
+    ) -> None:
         self.result = result
         self._parse = parse_result
+        self._resend = resend
 
     @property
     def task_id(self) -> str:
         return str(self.result.id)
 
-    def get(self, timeout: float = DEFAULT_TIMEOUT) -> T:
-        try:
-            envelope = self.result.get(timeout=timeout, propagate=True)
-        except CeleryTimeout:
-            raise ServiceUnavailable(
-                f"no answer for task {self.task_id} within {timeout} s", task_id=self.task_id
-            ) from None
-        except CreditError:
-            raise
-        except Exception as exc:  # the task failed after its retries
-            raise ServiceUnavailable(
-                f"task {self.task_id} failed: {exc!r}", task_id=self.task_id
-            ) from exc
+    def resend(self) -> None:
+        """Publish the identical message again (after a broker crash may have lost it)."""
+        if self._resend is None:
+            raise CreditError("this handle cannot resend its message")
+        self._resend()
+
+    def get(self, timeout: float = DEFAULT_TIMEOUT, *, resend_every: float | None = None) -> T:
+        """Wait for the result; with `resend_every`, resend while no answer has come."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            wait = left if resend_every is None else min(left, resend_every)
+            try:
+                envelope = self.result.get(timeout=max(wait, 0.001), propagate=True)
+                break
+            except CeleryTimeout:
+                if time.monotonic() >= deadline:
+                    raise ServiceUnavailable(
+                        f"no answer for task {self.task_id} within {timeout} s", task_id=self.task_id
+                    ) from None
+                self.resend()
+            except CreditError:
+                raise
+            except Exception as exc:  # the task failed after its retries
+                raise ServiceUnavailable(
+                    f"task {self.task_id} failed: {exc!r}", task_id=self.task_id
+                ) from exc
         return unwrap(envelope, self._parse)
 
 
@@ -105,11 +153,18 @@ class CreditClient:
 
     def _send(self, request: BaseModel, parse_result: Callable[[Any], T]) -> TaskHandle[T]:
         kwargs = request.model_dump(mode="json", exclude_none=True)
-        try:
-            result = self.app.send_task(TASKS[type(request)], kwargs=kwargs)
-        except OperationalError as exc:
-            raise ServiceUnavailable(f"the broker did not accept the task: {exc}") from exc
-        return TaskHandle(result, parse_result)
+        name, task_id = TASKS[type(request)], str(uuid.uuid4())
+
+        def publish() -> AsyncResult:
+            try:
+                return self.app.send_task(name, kwargs=kwargs, task_id=task_id)
+            except OperationalError as exc:
+                raise ServiceUnavailable(f"the broker did not accept the task: {exc}") from exc
+
+        def resend() -> None:
+            publish()
+
+        return TaskHandle(publish(), parse_result, resend)
 
     def add_credits(
         self,
@@ -224,3 +279,65 @@ class CreditClient:
     def get_expiring_credits(self, user_id: str, within_days: int = 7) -> TaskHandle[list[CreditLot]]:
         request = parse(GetExpiring, {"user_id": user_id, "within_days": within_days})
         return self._send(request, _LOTS.validate_python)
+
+    # ------------------------------------------------------------ plans and subscriptions
+
+    def create_plan(
+        self,
+        name: str,
+        credit_limit: int,
+        *,
+        price: Decimal | str | int = Decimal("0"),
+        currency: str = "USD",
+        billing_period: str = "monthly",
+        validity_days: int | None = None,
+        active: bool = True,
+        idempotency_key: str | None = None,
+    ) -> TaskHandle[Plan]:
+        request = parse(CreatePlan, dict(
+            name=name, credit_limit=credit_limit, price=price, currency=currency,
+            billing_period=billing_period, validity_days=validity_days, active=active,
+            idempotency_key=idempotency_key,
+        ))
+        return self._send(request, Plan.model_validate)
+
+    def update_plan(self, plan: int | str, **changes: Any) -> TaskHandle[Plan]:
+        """Change name, credit_limit, price, currency, validity_days or active."""
+        return self._send(parse(UpdatePlan, {"plan": plan, **changes}), Plan.model_validate)
+
+    def delete_plan(self, plan: int | str) -> TaskHandle[dict[str, Any]]:
+        """Delete an unused plan; `get()` raises `PlanInUse` if it was deactivated instead."""
+        return self._send(parse(DeletePlan, {"plan": plan}), dict)
+
+    def get_plan(self, plan: int | str) -> TaskHandle[Plan]:
+        return self._send(parse(GetPlan, {"plan": plan}), Plan.model_validate)
+
+    def list_plans(self, *, include_inactive: bool = False) -> TaskHandle[list[Plan]]:
+        request = parse(ListPlans, {"include_inactive": include_inactive})
+        return self._send(request, _PLANS.validate_python)
+
+    def assign_plan(
+        self, user_id: str, plan: int | str, *, start_at: datetime | None = None,
+        idempotency_key: str | None = None,
+    ) -> TaskHandle[Subscription]:
+        request = parse(AssignPlan, dict(
+            user_id=user_id, plan=plan, start_at=start_at, idempotency_key=idempotency_key
+        ))
+        return self._send(request, Subscription.model_validate)
+
+    def change_plan(
+        self, user_id: str, plan: int | str, *, idempotency_key: str | None = None
+    ) -> TaskHandle[Subscription]:
+        request = parse(ChangePlan, dict(user_id=user_id, plan=plan, idempotency_key=idempotency_key))
+        return self._send(request, Subscription.model_validate)
+
+    def remove_plan(
+        self, user_id: str, *, at_period_end: bool = True, idempotency_key: str | None = None
+    ) -> TaskHandle[Subscription]:
+        request = parse(RemovePlan, dict(
+            user_id=user_id, at_period_end=at_period_end, idempotency_key=idempotency_key
+        ))
+        return self._send(request, Subscription.model_validate)
+
+    def get_user_subscription(self, user_id: str) -> TaskHandle[Subscription]:
+        return self._send(parse(GetSubscription, {"user_id": user_id}), Subscription.model_validate)

@@ -62,6 +62,10 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
             "visibility_timeout": settings.visibility_timeout_seconds,
             "unacked_restore_interval": min(10, settings.visibility_timeout_seconds),
             "unacked_restore_throttle": 1,
+            # The restore sweep holds a Redis lock while it runs; if Redis dies mid-sweep
+            # the lock outlives the restart (with persistence) and blocks every restore
+            # until it expires: kombu's default of 300 s. The sweep takes milliseconds.
+            "unacked_mutex_expire": min(60, settings.visibility_timeout_seconds),
         }
     if kind == "rabbitmq":
         # Publisher confirms: a publish that returns was accepted by the broker.
@@ -98,9 +102,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        # A task still running when the broker connection drops cannot ack; cancel it so
-        # it is redelivered rather than finishing unacknowledged (CELERY_NOTES §1).
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A task still running when the broker connection drops cannot ack, so it is
+        # redelivered later; the idempotency key makes that a no-op. We let it finish
+        # rather than cancel it (Celery's planned 6.0 default): when the result backend
+        # is the same Redis, a cancel that cannot store its RETRY state leaves the task
+        # looking revoked, and Celery acks it once Redis is back: the operation is lost.
+        # Seen in tests/faults (stream-125); a duplicate is harmless, a loss is not.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "broker_connection_retry_on_startup": True,
         # Flower: task events and the "sent" event, so every task is listed with its state.
         "worker_send_task_events": True,

@@ -10,6 +10,7 @@ import time
 import uuid
 
 import pytest
+import redis
 from celery.result import AsyncResult
 from kombu import Connection
 
@@ -114,6 +115,32 @@ def test_the_same_message_published_twice_is_applied_once(worker: RunningWorker)
     deducts = worker.service.get_history("ann", kinds=["deduct"])
     assert [e.idempotency_key for e in deducts] == [f"task:{task_id}"]
     assert worker.service.get_user_credits_info("ann").total == 43
+
+
+def test_a_resent_operation_is_applied_once(worker: RunningWorker) -> None:
+    worker.service.add_credits("bea", 50)
+    handle = worker.client.deduct_credits("bea", 9)  # no key: derived from the task id
+    handle.resend()
+    handle.resend()
+    assert handle.get().balance_after == 41
+    time.sleep(2)  # let the copies drain
+    deducts = worker.service.get_history("bea", kinds=["deduct"])
+    assert [e.idempotency_key for e in deducts] == [f"task:{handle.task_id}"]
+    assert worker.service.get_user_credits_info("bea").total == 41
+
+
+def test_get_resends_while_no_answer_comes(redis_worker: RunningWorker) -> None:
+    """A message lost by the broker (here: deleted from the queue before a worker saw it)
+    is recovered by `get(resend_every=...)`, and applied once."""
+    redis_worker.service.add_credits("cal", 20)
+    redis_worker.stop()
+    try:
+        handle = redis_worker.client.deduct_credits("cal", 4)
+        assert redis.Redis.from_url(redis_worker.broker_url).delete("celery") == 1  # "lost" it
+    finally:
+        redis_worker.start()
+    assert handle.get(timeout=60, resend_every=3).balance_after == 16
+    assert redis_worker.service.get_user_credits_info("cal").total == 16
 
 
 def test_a_pickled_message_is_refused_and_the_worker_keeps_running(redis_worker: RunningWorker) -> None:
