@@ -2,7 +2,8 @@
 
 Intervals come from the settings (environment variables `CREDITWORKER_*_INTERVAL_SECONDS`).
 Every task here is safe to run twice at once: expiry is keyed by lot, stale holds by
-reservation, reminders by (lot, day) and the relay claims rows with SKIP LOCKED. Each
+reservation, reminders by (lot, day), subscription grants by (subscription, period) and
+the relay claims rows with SKIP LOCKED. Each
 entry expires after one interval, so a backlog after an outage does not pile up.
 """
 
@@ -23,6 +24,7 @@ PERIODIC_TASKS: tuple[tuple[str, str, str], ...] = (
     ),
     ("send-expiry-reminders", "creditworker.credits.remind", "reminder_interval_seconds"),
     ("relay-events", "creditworker.events.relay", "relay_interval_seconds"),
+    ("allocate-subscriptions", "creditworker.subscriptions.allocate_due", "allocate_interval_seconds"),
 )
 
 

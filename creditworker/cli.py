@@ -24,7 +24,9 @@ app = typer.Typer(help="Credit and subscription management.", no_args_is_help=Tr
 db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
 events_app = typer.Typer(help="Notification events.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+plans_app = typer.Typer(help="Subscription plans and the users on them.", no_args_is_help=True)
 app.add_typer(events_app, name="events")
+app.add_typer(plans_app, name="plans")
 
 console = Console()
 F = TypeVar("F", bound=Callable[..., Any])
@@ -265,6 +267,164 @@ def deduct(
         _print_json(entry)
     else:
         console.print(_entry_table([entry], f"deducted {-entry.amount} from {user_id}"))
+
+
+# ---------------------------------------------------------------------------- plans
+
+
+def _subscriptions() -> Any:
+    from creditworker.subscriptions import SubscriptionService
+
+    return SubscriptionService(_service())
+
+
+def _plan_ref(plan: str) -> int | str:
+    """A plan by id (digits) or by name."""
+    return int(plan) if plan.isdigit() else plan
+
+
+def _plans_table(plans: list[Any], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("id", "name", "credits", "period", "validity", "price", "active"):
+        table.add_column(column)
+    for plan in plans:
+        table.add_row(
+            str(plan.id), plan.name, str(plan.credit_limit), plan.billing_period.value,
+            f"{plan.validity_days} days" if plan.validity_days else "period",
+            f"{plan.price} {plan.currency}", "yes" if plan.active else "no",
+        )
+    return table
+
+
+def _show_subscription(subscription: Any, as_json: bool) -> None:
+    if as_json:
+        _print_json(subscription)
+        return
+    pending = f", then plan {subscription.pending_plan_id}" if subscription.pending_plan_id else ""
+    ending = ", ends at period end" if subscription.cancel_at_period_end else ""
+    console.print(
+        f"{subscription.user_id}: plan {subscription.plan_id}, {subscription.status}, period "
+        f"{subscription.period_index} {subscription.current_period_start:%Y-%m-%d %H:%M} - "
+        f"{subscription.current_period_end:%Y-%m-%d %H:%M} UTC{pending}{ending}"
+    )
+
+
+@plans_app.command("create", context_settings={"ignore_unknown_options": True})
+@_reports_errors
+def plans_create(
+    name: str,
+    credit_limit: str,
+    price: Annotated[str, typer.Option(help="Price per period, a decimal.")] = "0",
+    currency: Annotated[str, typer.Option(help="ISO 4217 code.")] = "USD",
+    period: Annotated[str, typer.Option(help="daily, monthly or yearly.")] = "monthly",
+    validity_days: Annotated[Optional[int], typer.Option(help="Days each grant stays valid (default: the period).")] = None,
+    idempotency_key: Annotated[Optional[str], typer.Option()] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Create a plan granting CREDIT_LIMIT credits each period."""
+    plan = _subscriptions().create_plan(
+        name, _parse_amount(credit_limit), price=price, currency=currency, billing_period=period,
+        validity_days=validity_days, idempotency_key=idempotency_key,
+    )
+    _print_json(plan) if as_json else console.print(_plans_table([plan], "created"))
+
+
+@plans_app.command("update")
+@_reports_errors
+def plans_update(
+    plan: str,
+    name: Annotated[Optional[str], typer.Option()] = None,
+    credit_limit: Annotated[Optional[str], typer.Option(help="Credits per period, from the next period.")] = None,
+    price: Annotated[Optional[str], typer.Option()] = None,
+    currency: Annotated[Optional[str], typer.Option()] = None,
+    validity_days: Annotated[Optional[int], typer.Option()] = None,
+    active: Annotated[Optional[bool], typer.Option("--active/--inactive")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Change a plan (by id or name)."""
+    changes: dict[str, Any] = {
+        "name": name, "price": price, "currency": currency, "validity_days": validity_days,
+        "active": active, "credit_limit": _parse_amount(credit_limit) if credit_limit else None,
+    }
+    updated = _subscriptions().update_plan(
+        _plan_ref(plan), **{field: value for field, value in changes.items() if value is not None}
+    )
+    _print_json(updated) if as_json else console.print(_plans_table([updated], "updated"))
+
+
+@plans_app.command("delete")
+@_reports_errors
+def plans_delete(plan: str, as_json: JsonOption = False) -> None:
+    """Delete an unused plan; a plan users are on is deactivated instead (exit status 2)."""
+    _subscriptions().delete_plan(_plan_ref(plan))
+    _print_json({"deleted": plan}) if as_json else console.print(f"deleted plan {plan}")
+
+
+@plans_app.command("list")
+@_reports_errors
+def plans_list(
+    include_inactive: Annotated[bool, typer.Option("--all", help="Include inactive plans.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """List plans."""
+    plans = _subscriptions().list_plans(include_inactive=include_inactive)
+    _print_json(plans) if as_json else console.print(_plans_table(plans, "plans"))
+
+
+@plans_app.command("assign")
+@_reports_errors
+def plans_assign(
+    user_id: str,
+    plan: str,
+    start_at: Annotated[Optional[datetime], typer.Option(help="When the first period started (UTC if no zone).")] = None,
+    idempotency_key: Annotated[Optional[str], typer.Option()] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Put a user on a plan and grant the first period's credits now."""
+    _show_subscription(_subscriptions().assign_plan(
+        user_id, _plan_ref(plan), start_at=start_at, idempotency_key=idempotency_key), as_json)
+
+
+@plans_app.command("change")
+@_reports_errors
+def plans_change(
+    user_id: str, plan: str, idempotency_key: Annotated[Optional[str], typer.Option()] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Upgrade now (prorated grant) or downgrade at the next period."""
+    _show_subscription(_subscriptions().change_plan(
+        user_id, _plan_ref(plan), idempotency_key=idempotency_key), as_json)
+
+
+@plans_app.command("remove")
+@_reports_errors
+def plans_remove(
+    user_id: str,
+    now: Annotated[bool, typer.Option("--now", help="End now instead of at the end of the period.")] = False,
+    idempotency_key: Annotated[Optional[str], typer.Option()] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Take a user off their plan (at the end of the period unless --now)."""
+    _show_subscription(_subscriptions().remove_plan(
+        user_id, at_period_end=not now, idempotency_key=idempotency_key), as_json)
+
+
+@plans_app.command("subscription")
+@_reports_errors
+def plans_subscription(user_id: str, as_json: JsonOption = False) -> None:
+    """Show a user's active subscription."""
+    _show_subscription(_subscriptions().get_user_subscription(user_id), as_json)
+
+
+@plans_app.command("allocate")
+@_reports_errors
+def plans_allocate(
+    backfill: Annotated[bool, typer.Option(help="Also grant missed periods still valid.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Grant every due subscription its period now (what beat runs)."""
+    granted = _subscriptions().allocate_due(backfill=backfill)
+    _print_json({"granted": granted}) if as_json else console.print(f"granted {granted} periods")
 
 
 # ---------------------------------------------------------------------------- running

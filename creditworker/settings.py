@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     release_stale_interval_seconds: float = Field(default=30, gt=0)
     reminder_interval_seconds: float = Field(default=3600, gt=0)
     relay_interval_seconds: float = Field(default=5, gt=0)
+    allocate_interval_seconds: float = Field(default=60, gt=0)
+    allocation_chunk_size: int = Field(default=200, ge=1, le=1000)
+    """Due subscriptions per allocation task: beat fans the work out in chunks this size."""
+    allocation_backfill: bool = False
+    """After downtime, also grant missed periods whose credits would still be valid."""
 
 
 @lru_cache(maxsize=1)

@@ -26,12 +26,26 @@ from creditworker.contract import (
     parse,
 )
 from creditworker.credits import CreditService
+from creditworker.plans_contract import (
+    AllocateSubscriptions,
+    AssignPlan,
+    ChangePlan,
+    CreatePlan,
+    DeletePlan,
+    GetPlan,
+    GetSubscription,
+    ListPlans,
+    RemovePlan,
+    UpdatePlan,
+)
 from creditworker.errors import CreditError, ValidationFailed
 from creditworker.settings import get_settings
 from creditworker.storage.database import is_transient
+from creditworker.subscriptions import SubscriptionService
 from creditworker.worker.app import app
 
 _service: CreditService | None = None
+_subscriptions: SubscriptionService | None = None
 
 
 def service() -> CreditService:
@@ -49,6 +63,13 @@ def service() -> CreditService:
             on_events=lambda _count: relay_events.apply_async(),
         )
     return _service
+
+
+def subscriptions() -> SubscriptionService:
+    global _subscriptions
+    if _subscriptions is None:
+        _subscriptions = SubscriptionService(service(), chunk_size=get_settings().allocation_chunk_size)
+    return _subscriptions
 
 
 def _dump(value: Any) -> Any:
@@ -172,3 +193,90 @@ def relay_events(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             return {"published": publish_pending(service().engine, EventPublisher(connection))}
 
     return _handle(self, _NoArguments, args, kwargs, publish)
+
+
+# ---------------------------------------------------------------- plans and subscriptions
+
+
+@app.task(name="creditworker.plans.create", bind=True)
+def create_plan(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return _handle(self, CreatePlan, args, kwargs, lambda r, key: subscriptions().create_plan(
+        **_fields(r, "idempotency_key"), idempotency_key=key))
+
+
+@app.task(name="creditworker.plans.update", bind=True)
+def update_plan(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return _handle(self, UpdatePlan, args, kwargs, lambda r, _key: subscriptions().update_plan(
+        r.plan, **r.model_dump(exclude={"plan"}, exclude_unset=True)))
+
+
+@app.task(name="creditworker.plans.delete", bind=True)
+def delete_plan(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def delete(request: DeletePlan, _key: str) -> dict[str, Any]:
+        subscriptions().delete_plan(request.plan)
+        return {"deleted": request.plan}
+
+    return _handle(self, DeletePlan, args, kwargs, delete)
+
+
+@app.task(name="creditworker.plans.get", bind=True)
+def get_plan(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return _handle(self, GetPlan, args, kwargs, lambda r, _key: subscriptions().get_plan(r.plan))
+
+
+@app.task(name="creditworker.plans.list", bind=True)
+def list_plans(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return _handle(self, ListPlans, args, kwargs, lambda r, _key: subscriptions().list_plans(
+        include_inactive=r.include_inactive))
+
+
+@app.task(name="creditworker.subscriptions.assign", bind=True)
+def assign_plan(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return _handle(self, AssignPlan, args, kwargs, lambda r, key: subscriptions().assign_plan(
+        **_fields(r, "idempotency_key"), idempotency_key=key))
+
+
+@app.task(name="creditworker.subscriptions.change", bind=True)
+def change_plan(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return _handle(self, ChangePlan, args, kwargs, lambda r, key: subscriptions().change_plan(
+        **_fields(r, "idempotency_key"), idempotency_key=key))
+
+
+@app.task(name="creditworker.subscriptions.remove", bind=True)
+def remove_plan(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return _handle(self, RemovePlan, args, kwargs, lambda r, key: subscriptions().remove_plan(
+        **_fields(r, "idempotency_key"), idempotency_key=key))
+
+
+@app.task(name="creditworker.subscriptions.get", bind=True)
+def get_user_subscription(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return _handle(self, GetSubscription, args, kwargs,
+                   lambda r, _key: subscriptions().get_user_subscription(r.user_id))
+
+
+@app.task(name="creditworker.subscriptions.allocate", bind=True)
+def allocate_subscriptions(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Grant one chunk of due subscriptions their current period (once per period)."""
+    return _handle(self, AllocateSubscriptions, args, kwargs, lambda r, _key: {
+        "granted": subscriptions().allocate(
+            r.subscription_ids, backfill=get_settings().allocation_backfill)
+    })
+
+
+@app.task(name="creditworker.subscriptions.allocate_due", bind=True)
+def allocate_due(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Beat's entry point: fan the due subscriptions out as chunk tasks over the workers.
+
+    Listing ids is cheap; the grants run in `creditworker.subscriptions.allocate`, one
+    transaction per chunk. A chunk sent twice (the next beat tick came first) grants
+    nothing twice.
+    """
+
+    def fan_out(_request: Any, _key: str) -> dict[str, int]:
+        chunks = total = after_id = 0
+        while ids := subscriptions().due_subscription_ids(after_id=after_id):
+            allocate_subscriptions.apply_async(kwargs={"subscription_ids": ids})
+            chunks, total, after_id = chunks + 1, total + len(ids), ids[-1]
+        return {"chunks": chunks, "subscriptions": total}
+
+    return _handle(self, _NoArguments, args, kwargs, fan_out)

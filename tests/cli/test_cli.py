@@ -118,3 +118,52 @@ def test_schema_prints_ddl_per_dialect_and_json_schemas() -> None:
 def test_module_entry_point_prints_help() -> None:
     result = subprocess.run([sys.executable, "-m", "creditworker.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "audit" in result.stdout
+
+
+def test_plans_commands_manage_plans_and_subscriptions(engine: Engine, database_url: str) -> None:
+    code, out, _ = cli(database_url, "plans", "create", "basic", "100", "--price", "9.99",
+                       "--period", "daily", "--json")
+    assert code == 0 and json.loads(out)["credit_limit"] == 100
+    code, out, _ = cli(database_url, "plans", "create", "pro", "300", "--period", "daily", "--json")
+    pro_id = json.loads(out)["id"]
+    code, out, _ = cli(database_url, "plans", "assign", "ann", "basic", "--json")
+    assert code == 0 and json.loads(out)["status"] == "active"
+    assert CreditService(engine).get_user_credits_info("ann").total == 100
+    code, out, _ = cli(database_url, "plans", "change", "ann", "pro", "--json")
+    assert code == 0 and json.loads(out)["plan_id"] == pro_id
+    assert CreditService(engine).get_user_credits_info("ann").total > 100  # prorated upgrade
+    code, out, _ = cli(database_url, "plans", "subscription", "ann")
+    assert code == 0 and f"plan {pro_id}, active" in out
+    code, out, _ = cli(database_url, "plans", "list", "--json")
+    assert [p["name"] for p in json.loads(out)] == ["basic", "pro"]
+    code, _out, err = cli(database_url, "plans", "delete", "pro")
+    assert code == 2 and "error: plan_in_use:" in err and "deactivated" in err
+    code, out, _ = cli(database_url, "plans", "list", "--json")
+    assert [p["name"] for p in json.loads(out)] == ["basic"]
+    code, out, _ = cli(database_url, "plans", "remove", "ann", "--now", "--json")
+    assert code == 0 and json.loads(out)["status"] == "ended"
+    code, out, _ = cli(database_url, "plans", "allocate", "--json")
+    assert code == 0 and json.loads(out) == {"granted": 0}
+
+
+@pytest.mark.parametrize(
+    ("args", "code_name"),
+    [
+        (("plans", "create", "x", "-5"), "invalid_input"),
+        (("plans", "create", "x", "5", "--period", "weekly"), "invalid_input"),
+        (("plans", "create", "x", "5", "--price", "abc"), "invalid_input"),
+        (("plans", "assign", "ann", "gold"), "unknown_plan"),
+        (("plans", "change", "ann", "basic"), "unknown_user"),
+        (("plans", "subscription", "ann"), "unknown_subscription"),
+        (("plans", "update", "basic", "--name", "basic"), None),
+    ],
+)
+def test_refused_plan_commands_exit_2_with_the_error_code(
+    engine: Engine, database_url: str, args: tuple[str, ...], code_name: str | None
+) -> None:
+    assert cli(database_url, "plans", "create", "basic", "10")[0] == 0
+    code, _out, err = cli(database_url, *args)
+    if code_name is None:  # renaming a plan to its own name is allowed
+        assert code == 0
+        return
+    assert code == 2 and f"error: {code_name}:" in err

@@ -1,0 +1,116 @@
+"""The wire contract of plans and subscriptions (pydantic only, shared with producers)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
+
+from creditworker.contract import MAX_AMOUNT, Request, UserId, UtcDateTime, _Message
+from creditworker.periods import BillingPeriod
+
+PlanName = Annotated[str, Strict(), Field(min_length=1, max_length=100)]
+Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
+CreditLimit = Annotated[int, Strict(), Field(gt=0, le=MAX_AMOUNT)]
+ValidityDays = Annotated[int, Strict(), Field(gt=0, le=3660)]
+
+
+def _price(value: Decimal) -> Decimal:
+    if not value.is_finite() or value < 0 or value.as_tuple().exponent < -4:  # type: ignore[operator]
+        raise ValueError("must be a non-negative amount with at most 4 decimal places")
+    return value
+
+
+Price = Annotated[Decimal, AfterValidator(_price), Field(max_digits=18, decimal_places=4)]
+PlanRef = Annotated[int | str, Field(union_mode="left_to_right")]
+"""A plan by id or by name."""
+
+
+class CreatePlan(Request):
+    name: PlanName
+    credit_limit: CreditLimit
+    price: Price = Decimal("0")
+    currency: Currency = "USD"
+    billing_period: BillingPeriod = BillingPeriod.MONTHLY
+    validity_days: ValidityDays | None = None
+    active: bool = True
+
+
+class UpdatePlan(_Message):
+    plan: PlanRef
+    name: PlanName | None = None
+    credit_limit: CreditLimit | None = None
+    price: Price | None = None
+    currency: Currency | None = None
+    validity_days: ValidityDays | None = None
+    active: bool | None = None
+
+
+class GetPlan(_Message):
+    plan: PlanRef
+
+
+class DeletePlan(_Message):
+    plan: PlanRef
+
+
+class ListPlans(_Message):
+    include_inactive: bool = False
+
+
+class GetSubscription(_Message):
+    user_id: UserId
+
+
+class AllocateSubscriptions(_Message):
+    """One chunk of due subscriptions, as the beat fan-out sends it."""
+
+    subscription_ids: Annotated[list[Annotated[int, Strict(), Field(gt=0)]], Field(min_length=1, max_length=1000)]
+
+
+class AssignPlan(Request):
+    user_id: UserId
+    plan: PlanRef
+    start_at: UtcDateTime | None = None
+
+
+class ChangePlan(Request):
+    user_id: UserId
+    plan: PlanRef
+
+
+class RemovePlan(Request):
+    user_id: UserId
+    at_period_end: bool = True
+
+
+class Plan(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    name: str
+    credit_limit: int
+    price: Decimal
+    currency: str
+    billing_period: BillingPeriod
+    validity_days: int | None
+    active: bool
+    created_at: datetime
+
+
+class Subscription(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    user_id: str
+    plan_id: int
+    status: str
+    anchor_at: datetime
+    period_index: int
+    current_period_start: datetime
+    current_period_end: datetime
+    pending_plan_id: int | None
+    cancel_at_period_end: bool
+    ended_at: datetime | None
