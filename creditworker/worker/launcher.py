@@ -1,8 +1,10 @@
 """`creditworker up`: migrate, then run worker and beat (and Flower) until Ctrl-C.
 
 The children are started with the canonical command lines of `commands`, so `up` runs the
-same processes as docker-compose and the end-to-end tests. Ctrl-C or SIGTERM stops them
-all with a warm shutdown (running tasks finish, unacknowledged messages go back).
+same processes as docker-compose and the end-to-end tests. A child that exits is restarted,
+as docker's restart policy would (a Celery worker can exit on a broker outage: see the
+README's reliability section); one that keeps crashing stops everything. Ctrl-C or SIGTERM
+stops them all with a warm shutdown (running tasks finish, unacknowledged messages go back).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from creditworker.settings import get_settings
 from creditworker.worker import commands
 
 SHUTDOWN_GRACE_SECONDS = 30
+MAX_RESTARTS = 5
+"""Restarts of one child allowed within RESTART_WINDOW_SECONDS before `up` gives up."""
+RESTART_WINDOW_SECONDS = 60.0
 
 
 def run_up(flower: bool = False, flower_port: int = 5555, flower_basic_auth: str | None = None) -> int:
@@ -48,6 +53,7 @@ def run_up(flower: bool = False, flower_port: int = 5555, flower_basic_auth: str
     children = {
         name: subprocess.Popen(argv, start_new_session=True) for name, argv in programs.items()
     }
+    restarts: dict[str, list[float]] = {name: [] for name in programs}
     stopping = False
 
     def request_stop(_signum: int, _frame: FrameType | None) -> None:
@@ -58,12 +64,21 @@ def run_up(flower: bool = False, flower_port: int = 5555, flower_basic_auth: str
     signal.signal(signal.SIGTERM, request_stop)
     exit_code = 0
     while not stopping:
-        for name, child in children.items():
+        for name, child in list(children.items()):
             code = child.poll()
-            if code is not None:
-                print(f"creditworker up: {name} exited with {code}; stopping", file=sys.stderr)
+            if code is None or stopping:
+                continue
+            now = time.monotonic()
+            recent = [t for t in restarts[name] if now - t < RESTART_WINDOW_SECONDS]
+            if len(recent) >= MAX_RESTARTS:
+                print(f"creditworker up: {name} exited with {code} {len(recent) + 1} times within "
+                      f"{RESTART_WINDOW_SECONDS:.0f} s; stopping", file=sys.stderr, flush=True)
                 exit_code = code or 1
                 stopping = True
+                continue
+            restarts[name] = [*recent, now]
+            print(f"creditworker up: {name} exited with {code}; restarting it", file=sys.stderr, flush=True)
+            children[name] = subprocess.Popen(programs[name], start_new_session=True)
         time.sleep(0.2)
     _stop_all(children)
     return exit_code

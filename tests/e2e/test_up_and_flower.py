@@ -51,6 +51,15 @@ def flower_tasks(port: int, expected: int, timeout: float = 30) -> dict[str, dic
     return tasks
 
 
+def child_running(parent: int, program: str) -> int:
+    """The pid of `parent`'s child whose command line names `program` (e.g. celery's worker)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    for pid in children:
+        if program in Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0"):
+            return int(pid)
+    raise AssertionError(f"no {program} among the children of {parent}")
+
+
 @pytest.fixture
 def embedded_up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITWORKER_")}
@@ -81,6 +90,15 @@ def test_up_runs_worker_beat_and_flower_on_the_embedded_defaults_and_stops_clean
     client.add_credits("alice", 100).get(timeout=20)
     assert client.deduct_credits("alice", 30).get(timeout=20).balance_after == 70
     assert (workdir / "creditworker.db").exists()
+
+    # a worker that dies (as one can on a broker outage) is restarted by `up`
+    os.killpg(child_running(process.pid, "worker"), signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while "worker exited with -9; restarting it" not in (workdir / "up.log").read_text():
+        assert time.monotonic() < deadline, (workdir / "up.log").read_text()
+        time.sleep(0.2)
+    assert client.deduct_credits("alice", 5).get(timeout=60).balance_after == 65
+    assert process.poll() is None
 
     wait_for_http(f"http://127.0.0.1:{port}/healthcheck")
     assert httpx.get(f"http://127.0.0.1:{port}/api/tasks", timeout=5).status_code == 401
