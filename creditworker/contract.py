@@ -285,3 +285,40 @@ def parse(model: type[M], payload: Any) -> M:
         summary = "; ".join(f"{p['field']}: {p['problem']}" for p in problems)
         raise ValidationFailed(f"invalid {model.__name__}: {summary}", problems=problems) from None
 
+
+
+# ---------------------------------------------------------------- batches
+
+MAX_BATCH = 1000
+BATCH_OPERATIONS: dict[str, type[Request]] = {
+    "add": AddCredits,
+    "deduct": DeductCredits,
+    "reserve": ReserveCredits,
+    "commit": CommitReservation,
+    "release": ReleaseReservation,
+}
+"""The `op` of a batch item and the request it carries (its other fields)."""
+
+
+class SubmitBatch(_Message):
+    """Many operations for one transaction: `{"op": "deduct", "user_id": ..., ...}` each."""
+
+    operations: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_BATCH)]
+
+
+class BatchOutcome(BaseModel):
+    """One item's outcome: the result of its operation, or its typed error."""
+
+    ok: bool
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
+def parse_batch_item(item: Any) -> Request:
+    """A batch item as its request model; a bad item raises `ValidationFailed`."""
+    if not isinstance(item, dict) or item.get("op") not in BATCH_OPERATIONS:
+        raise ValidationFailed(
+            f"a batch item needs an 'op' of {', '.join(BATCH_OPERATIONS)}", item_type=type(item).__name__
+        )
+    fields = {name: value for name, value in item.items() if name != "op"}
+    return parse(BATCH_OPERATIONS[item["op"]], fields)

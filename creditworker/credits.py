@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from creditworker.contract import (
     MAX_BALANCE,
     AddCredits,
+    BatchOutcome,
     CommitReservation,
     CreditLot,
     CreditsInfo,
@@ -37,6 +38,7 @@ from creditworker.contract import (
     ReservationStatus,
     ReserveCredits,
     parse,
+    parse_batch_item,
 )
 from creditworker.errors import (
     CreditError,
@@ -246,6 +248,98 @@ class CreditService:
         )
         return self._apply(request, LedgerEntry, lambda s, t, c, k: self._release(s, t, c, k, request), now)
 
+    def apply_batch(
+        self,
+        operations: Sequence[Mapping[str, Any] | Request],
+        *,
+        default_keys: Sequence[str] | None = None,
+        now: datetime | None = None,
+    ) -> list[BatchOutcome]:
+        """Apply many operations in one transaction; each keeps its own key and outcome.
+
+        Items are `{"op": "add"|"deduct"|"reserve"|"commit"|"release", ...fields}` (or
+        request models). Operations on one account apply in the order given. Every
+        account involved is locked first, in sorted order, so two batches never deadlock.
+        A refused item rolls back only itself (a savepoint) and reports its typed error;
+        the others commit. `default_keys[i]` keys an item that has no idempotency key.
+        """
+        at = _aware(now)
+        requests: list[Request | CreditError] = []
+        for item in operations:
+            try:
+                requests.append(item if isinstance(item, Request) else parse_batch_item(item))
+            except CreditError as exc:
+                requests.append(exc)
+        keys = [
+            (r.idempotency_key if isinstance(r, Request) else None)
+            or (default_keys[i] if default_keys else f"auto:{uuid.uuid4()}")
+            for i, r in enumerate(requests)
+        ]
+
+        def work(session: Session) -> tuple[list[BatchOutcome], _Change, list[tuple[Request, CreditError]]]:
+            change = _Change()
+            valid = [r for r in requests if isinstance(r, Request)]
+            self._lock_batch_accounts(session, valid, at)
+            known = {
+                row.idempotency_key: row
+                for row in session.scalars(select(Operation).where(Operation.idempotency_key.in_(set(keys))))
+            }
+            seen: set[str] = set()
+            outcomes: list[BatchOutcome] = []
+            refused: list[tuple[Request, CreditError]] = []
+            for request, key in zip(requests, keys):
+                if isinstance(request, CreditError):
+                    outcomes.append(BatchOutcome(ok=False, error=request.to_dict()))
+                    continue
+                model, step = self._batch_step(request)
+                previous: Operation | None | bool = False if key in seen else known.get(key)
+                seen.add(key)
+                rows, events = len(change.rows), change.events
+                try:
+                    with session.begin_nested():
+                        result = self._apply_in(session, request, key, model, step, at, change, previous)
+                except CreditError as exc:
+                    del change.rows[rows:]
+                    change.events = events
+                    outcomes.append(BatchOutcome(ok=False, error=exc.to_dict()))
+                    refused.append((request, exc))
+                    continue
+                outcomes.append(BatchOutcome(ok=True, result=result.model_dump(mode="json")))
+            return outcomes, change, refused
+
+        outcomes, change, refused = run_transaction(self.engine, work)
+        self._committed(change)
+        for request, exc in refused:
+            self._log_error(type(request).__name__, request.model_dump(mode="json"), exc)
+        return outcomes
+
+    def _batch_step(
+        self, request: Request
+    ) -> tuple[type[BaseModel], Callable[[Session, datetime, _Change, str], BaseModel | Entry]]:
+        """The result model and the engine step of one batch item."""
+        steps: dict[type[Request], tuple[type[BaseModel], Callable[..., BaseModel | Entry]]] = {
+            AddCredits: (LedgerEntry, self._add),
+            DeductCredits: (LedgerEntry, self._deduct),
+            ReserveCredits: (Reservation, self._reserve),
+            CommitReservation: (LedgerEntry, self._commit),
+            ReleaseReservation: (LedgerEntry, self._release),
+        }
+        model, method = steps[type(request)]
+        return model, lambda s, t, c, k: method(s, t, c, k, request)
+
+    @staticmethod
+    def _lock_batch_accounts(session: Session, requests: Sequence[Request], at: datetime) -> None:
+        """Create the accounts adds need and lock every account involved, in sorted order."""
+        hold_ids = [r.reservation_id for r in requests if isinstance(r, (CommitReservation, ReleaseReservation))]
+        users = {r.user_id for r in requests if isinstance(r, (AddCredits, DeductCredits, ReserveCredits))}
+        if hold_ids:
+            users |= set(session.scalars(select(Hold.user_id).where(Hold.id.in_(hold_ids))))
+        adding = {r.user_id for r in requests if isinstance(r, AddCredits)}
+        for user_id in sorted(users):
+            if user_id in adding:
+                ensure_account(session, user_id, at)
+            lock_account(session, user_id)
+
     # ------------------------------------------------------------------ sweeps
 
     def expire_credits(self, now: datetime | None = None) -> int:
@@ -435,45 +529,59 @@ class CreditService:
         different request raises `IdempotencyConflict`. Failures change nothing.
         """
         key = request.idempotency_key or f"auto:{uuid.uuid4()}"
-        fingerprint = request.fingerprint()
-        kind = type(request).__name__
         at = _aware(now)
 
         def work(session: Session) -> tuple[R, _Change]:
             change = _Change()
-            previous = session.get(Operation, key)
-            if previous is not None:
-                if previous.fingerprint != fingerprint:
-                    raise IdempotencyConflict(
-                        f"idempotency key {key!r} was already used for a different request",
-                        idempotency_key=key,
-                        operation=previous.kind,
-                    )
-                return result_model.model_validate(previous.result), change
-            outcome = operation(session, at, change, key)
-            session.flush()
-            result = result_model.model_validate(
-                entry_model(outcome) if isinstance(outcome, Entry) else outcome
-            )
-            session.add(
-                Operation(
-                    idempotency_key=key,
-                    kind=kind,
-                    fingerprint=fingerprint,
-                    user_id=getattr(request, "user_id", None) or getattr(result, "user_id", None),
-                    result=result.model_dump(mode="json"),
-                    created_at=at,
-                )
-            )
-            session.flush()
-            return result, change
+            return self._apply_in(session, request, key, result_model, operation, at, change), change
 
         try:
             result, change = run_transaction(self.engine, work)
         except CreditError as exc:
-            self._log_error(kind, request.model_dump(mode="json"), exc)
+            self._log_error(type(request).__name__, request.model_dump(mode="json"), exc)
             raise
         self._committed(change)
+        return result
+
+    def _apply_in(
+        self,
+        session: Session,
+        request: Request,
+        key: str,
+        result_model: type[R],
+        operation: Callable[[Session, datetime, _Change, str], BaseModel | Entry],
+        at: datetime,
+        change: _Change,
+        previous: Operation | None | bool = False,
+    ) -> R:
+        """One keyed operation inside the caller's transaction (`previous`: a prefetched row)."""
+        fingerprint = request.fingerprint()
+        if previous is False:
+            previous = session.get(Operation, key)
+        if isinstance(previous, Operation):
+            if previous.fingerprint != fingerprint:
+                raise IdempotencyConflict(
+                    f"idempotency key {key!r} was already used for a different request",
+                    idempotency_key=key,
+                    operation=previous.kind,
+                )
+            return result_model.model_validate(previous.result)
+        outcome = operation(session, at, change, key)
+        session.flush()
+        result = result_model.model_validate(
+            entry_model(outcome) if isinstance(outcome, Entry) else outcome
+        )
+        session.add(
+            Operation(
+                idempotency_key=key,
+                kind=type(request).__name__,
+                fingerprint=fingerprint,
+                user_id=getattr(request, "user_id", None) or getattr(result, "user_id", None),
+                result=result.model_dump(mode="json"),
+                created_at=at,
+            )
+        )
+        session.flush()
         return result
 
     def _write(self, sweep: Callable[[Session, _Change], None]) -> _Change:

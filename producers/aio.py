@@ -14,7 +14,7 @@ from typing import Any, Generic, TypeVar
 
 from celery import Celery
 
-from creditworker.contract import CreditLot, CreditsInfo, LedgerEntry, Reservation
+from creditworker.contract import BatchOutcome, CreditLot, CreditsInfo, LedgerEntry, Reservation
 from creditworker.plans_contract import Plan, Subscription
 from creditworker.settings import Settings
 from producers.client import DEFAULT_TIMEOUT, CreditClient, TaskHandle
@@ -103,6 +103,9 @@ class AsyncCreditClient:
         self, user_id: str, within_days: int = 7
     ) -> AsyncTaskHandle[list[CreditLot]]:
         return await self._call("get_expiring_credits", user_id, within_days)
+
+    async def submit_batch(self, operations: Sequence[dict[str, Any]]) -> AsyncTaskHandle[list[BatchOutcome]]:
+        return await self._call("submit_batch", operations)
 
     # ------------------------------------------------------------ plans and subscriptions
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from creditworker.contract import (
     AddCredits,
+    BatchOutcome,
     CommitReservation,
     CreditLot,
     CreditsInfo,
@@ -35,7 +36,9 @@ from creditworker.contract import (
     ReleaseReservation,
     Reservation,
     ReserveCredits,
+    SubmitBatch,
     parse,
+    parse_batch_item,
 )
 from creditworker.plans_contract import (
     AssignPlan,
@@ -50,7 +53,7 @@ from creditworker.plans_contract import (
     Subscription,
     UpdatePlan,
 )
-from creditworker.errors import CreditError, ServiceUnavailable, error_from_dict
+from creditworker.errors import CreditError, ServiceUnavailable, ValidationFailed, error_from_dict
 from creditworker.settings import Settings, get_settings
 
 T = TypeVar("T")
@@ -66,6 +69,7 @@ TASKS = {
     GetCredits: "creditworker.credits.balance",
     GetHistory: "creditworker.credits.history",
     GetExpiring: "creditworker.credits.expiring",
+    SubmitBatch: "creditworker.credits.batch",
     CreatePlan: "creditworker.plans.create",
     UpdatePlan: "creditworker.plans.update",
     DeletePlan: "creditworker.plans.delete",
@@ -81,6 +85,7 @@ TASKS = {
 _ENTRIES: TypeAdapter[list[LedgerEntry]] = TypeAdapter(list[LedgerEntry])
 _LOTS: TypeAdapter[list[CreditLot]] = TypeAdapter(list[CreditLot])
 _PLANS: TypeAdapter[list[Plan]] = TypeAdapter(list[Plan])
+_OUTCOMES: TypeAdapter[list[BatchOutcome]] = TypeAdapter(list[BatchOutcome])
 
 
 def unwrap(envelope: Any, parse_result: Callable[[Any], T]) -> T:
@@ -279,6 +284,20 @@ class CreditClient:
     def get_expiring_credits(self, user_id: str, within_days: int = 7) -> TaskHandle[list[CreditLot]]:
         request = parse(GetExpiring, {"user_id": user_id, "within_days": within_days})
         return self._send(request, _LOTS.validate_python)
+
+    def submit_batch(self, operations: Sequence[dict[str, Any]]) -> TaskHandle[list[BatchOutcome]]:
+        """Enqueue up to 1,000 operations (`{"op": "deduct", "user_id": ..., "amount": ...}`)
+        for one transaction; the result has one outcome per item, in order."""
+        for index, item in enumerate(operations):
+            try:
+                parse_batch_item(item)
+            except ValidationFailed as exc:
+                raise ValidationFailed(f"operation {index}: {exc.message}", index=index, **exc.details) from None
+        items = [dict(item) for item in operations]
+        for item in items:  # times as ISO strings: the wire is JSON
+            if isinstance(item.get("expires_at"), datetime):
+                item["expires_at"] = item["expires_at"].isoformat()
+        return self._send(parse(SubmitBatch, {"operations": items}), _OUTCOMES.validate_python)
 
     # ------------------------------------------------------------ plans and subscriptions
 

@@ -168,7 +168,23 @@ def ensure_account(session: Session, user_id: str, now: datetime) -> None:
 
 
 def lock_account(session: Session, user_id: str) -> Account | None:
-    """Load the account row locked for the rest of the transaction (None if absent)."""
-    return session.scalars(
+    """Load the account row locked for the rest of the transaction (None if absent).
+
+    A row this transaction already locked comes from the session without another
+    `SELECT ... FOR UPDATE` (a batch touches the same accounts many times).
+    """
+    transaction = session.get_transaction()
+    owner, locked = session.info.get("locked_accounts", (None, set()))
+    if owner is not transaction:
+        locked = set()
+        session.info["locked_accounts"] = (transaction, locked)
+    if user_id in locked:
+        account = session.get(Account, user_id)
+        if account is not None:
+            return account
+    account = session.scalars(
         select(Account).where(Account.user_id == user_id).with_for_update()
     ).one_or_none()
+    if account is not None:
+        locked.add(user_id)
+    return account

@@ -23,6 +23,7 @@ from creditworker.contract import (
     GetHistory,
     ReleaseReservation,
     ReserveCredits,
+    SubmitBatch,
     parse,
 )
 from creditworker.credits import CreditService
@@ -145,6 +146,13 @@ def release_reservation(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]
         r.reservation_id, idempotency_key=key))
 
 
+@app.task(name="creditworker.credits.batch", bind=True)
+def apply_batch(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Many operations in one transaction; item i without a key is keyed `task:<id>:<i>`."""
+    return _handle(self, SubmitBatch, args, kwargs, lambda r, key: service().apply_batch(
+        r.operations, default_keys=[f"{key}:{i}" for i in range(len(r.operations))]))
+
+
 @app.task(name="creditworker.credits.balance", bind=True)
 def get_balance(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return _handle(self, GetCredits, args, kwargs, lambda r, _key: service().get_user_credits_info(r.user_id))
@@ -164,6 +172,13 @@ def get_expiring(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 
 class _NoArguments(BaseModel):
     model_config = {"extra": "forbid"}
+
+
+@app.task(name="creditworker.health.ping", bind=True)
+def ping(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """A round trip through broker and worker that touches nothing: a health check, and
+    the floor the benchmarks compare every operation against."""
+    return _handle(self, _NoArguments, args, kwargs, lambda _r, _key: {"pong": True})
 
 
 @app.task(name="creditworker.credits.expire", bind=True)

@@ -117,6 +117,24 @@ def test_the_same_message_published_twice_is_applied_once(worker: RunningWorker)
     assert worker.service.get_user_credits_info("ann").total == 43
 
 
+def test_a_batch_runs_through_the_worker_with_one_outcome_per_item(worker: RunningWorker) -> None:
+    worker.service.add_credits("dan", 30)
+    handle = worker.client.submit_batch([
+        {"op": "deduct", "user_id": "dan", "amount": 10},
+        {"op": "deduct", "user_id": "dan", "amount": 100},
+        {"op": "add", "user_id": "eli", "amount": 5},
+    ])
+    outcomes = handle.get()
+    assert [o.ok for o in outcomes] == [True, False, True]
+    assert outcomes[1].error is not None and outcomes[1].error["code"] == "insufficient_credits"
+    handle.resend()  # the same message again: items keyed task:<id>:<i>, nothing twice
+    time.sleep(2)
+    assert worker.service.get_user_credits_info("dan").total == 20
+    assert worker.service.get_user_credits_info("eli").total == 5
+    with pytest.raises(ValidationFailed, match="operation 1"):
+        worker.client.submit_batch([{"op": "add", "user_id": "x", "amount": 1}, {"op": "add", "amount": 1}])
+
+
 def test_a_resent_operation_is_applied_once(worker: RunningWorker) -> None:
     worker.service.add_credits("bea", 50)
     handle = worker.client.deduct_credits("bea", 9)  # no key: derived from the task id

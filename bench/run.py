@@ -1,0 +1,424 @@
+"""creditworker benchmarks: rates, and ratios against baselines measured in the same run.
+
+    python bench/run.py [--quick] [--json PATH]
+
+Needs PostgreSQL and Redis (CREDITWORKER_BENCH_POSTGRES_URL, CREDITWORKER_BENCH_REDIS_URL;
+defaults: the local servers). Each run creates a database of its own and drops it, and
+starts its own worker (the command line of `creditworker up`). Machines are noisy, so every
+figure that is compared is compared with a baseline taken in the same run, never with a
+number from another day. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import redis
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine, make_url
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from creditworker.audit import audit  # noqa: E402
+from creditworker.credits import CreditService  # noqa: E402
+from creditworker.settings import Settings  # noqa: E402
+from creditworker.storage.database import make_engine  # noqa: E402
+from creditworker.storage.migrate import upgrade  # noqa: E402
+from creditworker.subscriptions import SubscriptionService  # noqa: E402
+from creditworker.worker import commands  # noqa: E402
+from producers import CreditClient  # noqa: E402
+
+POSTGRES = os.environ.get(
+    "CREDITWORKER_BENCH_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+)
+REDIS = os.environ.get("CREDITWORKER_BENCH_REDIS_URL", "redis://127.0.0.1:6379/10")
+
+SIZES = {
+    "quick": dict(single=1000, batch_ops=5000, worker_batch_ops=5000, reserve_seconds=5,
+                  ledger=100_000, lots=5000, subscriptions=2000, memory_ops=10_000),
+    "full": dict(single=5000, batch_ops=200_000, worker_batch_ops=200_000, reserve_seconds=20,
+                 ledger=10_000_000, lots=1_000_000, subscriptions=100_000, memory_ops=1_000_000),
+}
+
+console = Console()
+
+
+# ---------------------------------------------------------------- infrastructure
+
+
+@contextmanager
+def fresh_database() -> Iterator[str]:
+    name = f"cw_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin = create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    url = make_url(POSTGRES).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+class Worker:
+    """A real `celery worker` (prefork, concurrency 2) on Redis and the bench database."""
+
+    def __init__(self, database_url: str, workdir: Path) -> None:
+        redis.Redis.from_url(REDIS).flushdb()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITWORKER_")}
+        self.env.update(
+            CREDITWORKER_DATABASE_URL=database_url, CREDITWORKER_BROKER_URL=REDIS,
+            CREDITWORKER_LEDGER_PATH=str(workdir / "ledger.jsonl"),
+            CREDITWORKER_DATA_DIR=str(workdir / ".creditworker"), C_FORCE_ROOT="1",
+        )
+        self.client = CreditClient(Settings(broker_url=REDIS, data_dir=str(workdir / ".creditworker")))
+        self.process = subprocess.Popen(
+            [*commands.WORKER, "--loglevel=WARNING"], env=self.env, cwd=workdir,
+            stdout=open(workdir / "worker.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while not self.client.app.control.ping(timeout=1.0):
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError((workdir / "worker.log").read_text()[-2000:])
+
+    def rss_mib(self) -> float:
+        """Resident memory of the worker's processes (main and pool), in MiB."""
+        total = 0
+        for status in Path("/proc").glob("[0-9]*/status"):
+            try:
+                pid = int(status.parent.name)
+                if os.getpgid(pid) != self.process.pid:
+                    continue
+                for line in status.read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            except (OSError, ValueError, ProcessLookupError):
+                continue
+        return total / 1024
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(60)
+
+
+def timed(work: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def wait_all(handles: list[Any], timeout: float = 600) -> None:
+    for handle in handles:
+        handle.get(timeout=timeout)
+
+
+# ---------------------------------------------------------------- benchmarks
+
+
+def single_operations(worker: Worker, service: CreditService, n: int) -> dict[str, float]:
+    """Deducts through producer, Redis, worker and PostgreSQL, against a no-op task."""
+    users = [f"single-{i}" for i in range(16)]
+    for user in users:
+        service.add_credits(user, 10**9)
+    app = worker.client.app
+
+    def noops(count: int) -> None:
+        wait_all([app.send_task("creditworker.health.ping") for _ in range(count)])
+
+    def deducts(count: int) -> None:
+        wait_all([worker.client.deduct_credits(users[i % len(users)], 1).result for i in range(count)])
+
+    noops(200)  # warm up pools and connections
+    deducts(200)
+    noop_rate = n / timed(lambda: noops(n))
+    deduct_rate = n / timed(lambda: deducts(n))
+    noop_rate_again = n / timed(lambda: noops(n))  # the floor drifts: take the mean of two
+    floor = (noop_rate + noop_rate_again) / 2
+    return {"noop_tasks_per_s": floor, "deducts_per_s": deduct_rate, "single_op_ratio": deduct_rate / floor}
+
+
+def batches_in_process(database_url: str, total: int, size: int = 100) -> dict[str, float]:
+    """apply_batch on PostgreSQL against raw SQL doing the same balance updates."""
+    engine = make_engine(database_url)
+    accounts = 100
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE bench_raw (id int primary key, balance bigint)"))
+        connection.execute(text(f"INSERT INTO bench_raw SELECT g, 1000000000 FROM generate_series(0, {accounts - 1}) g"))
+    raw = engine.raw_connection()
+
+    def raw_batches() -> None:
+        cursor = raw.cursor()
+        for start in range(0, total, size):
+            cursor.executemany(
+                "UPDATE bench_raw SET balance = balance - 1 WHERE id = %s",
+                [((start + i) % accounts,) for i in range(size)],
+            )
+            raw.commit()
+
+    raw_rate = total / timed(raw_batches)
+    raw.close()
+    service = CreditService(engine)
+    users = [f"batch-{i}" for i in range(accounts)]
+    service.apply_batch([{"op": "add", "user_id": u, "amount": 10**9} for u in users])
+
+    def engine_batches() -> None:
+        for start in range(0, total, size):
+            service.apply_batch([
+                {"op": "deduct", "user_id": users[(start + i) % accounts], "amount": 1,
+                 "idempotency_key": f"b:{start + i}"}
+                for i in range(size)
+            ])
+
+    engine_rate = total / timed(engine_batches)
+    passed = audit(engine).passed
+    with engine.connect() as connection:
+        applied = connection.scalar(text("SELECT count(*) FROM operations WHERE idempotency_key LIKE 'b:%'"))
+    engine.dispose()
+    return {"raw_sql_updates_per_s": raw_rate, "batch_ops_per_s": engine_rate,
+            "batch_vs_raw_ratio": engine_rate / raw_rate,
+            "batch_checks_passed": float(passed and applied == total)}
+
+
+def batches_through_worker(worker: Worker, service: CreditService, total: int, size: int = 1000) -> dict[str, float]:
+    users = [f"wbatch-{i}" for i in range(100)]
+    service.apply_batch([{"op": "add", "user_id": u, "amount": 10**9} for u in users])
+
+    def run() -> None:
+        handles = [
+            worker.client.submit_batch([
+                {"op": "deduct", "user_id": users[(start + i) % len(users)], "amount": 1,
+                 "idempotency_key": f"wb:{start + i}"}
+                for i in range(min(size, total - start))
+            ])
+            for start in range(0, total, size)
+        ]
+        for handle in handles:
+            assert all(outcome.ok for outcome in handle.get(timeout=600))
+
+    return {"worker_batch_ops_per_s": total / timed(run)}
+
+
+def reserve_latency(worker: Worker, service: CreditService, seconds: float, rate: float = 200) -> dict[str, float]:
+    """Reserve round trips (call to answer) sent at a fixed rate, measured from the time each
+    was due, so a slow answer cannot hide the ones queued behind it."""
+    users = [f"reserve-{i}" for i in range(16)]
+    for user in users:
+        service.add_credits(user, 10**9)
+    for i in range(50):  # warm up
+        worker.client.reserve_credits(users[i % len(users)], 1)
+    latencies: list[float] = []
+    lock = threading.Lock()
+    start = time.perf_counter() + 0.1
+    count = int(seconds * rate)
+    sem = threading.Semaphore(64)
+
+    def one(i: int, due: float) -> None:
+        try:
+            worker.client.reserve_credits(users[i % len(users)], 1, ttl_seconds=60)
+            with lock:
+                latencies.append(time.perf_counter() - due)
+        finally:
+            sem.release()
+
+    threads = []
+    for i in range(count):
+        due = start + i / rate
+        time.sleep(max(0.0, due - time.perf_counter()))
+        sem.acquire()
+        thread = threading.Thread(target=one, args=(i, due))
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join()
+    latencies.sort()
+    return {"reserve_rate_per_s": rate, "reserve_p50_ms": 1000 * latencies[len(latencies) // 2],
+            "reserve_p99_ms": 1000 * latencies[int(len(latencies) * 0.99) - 1]}
+
+
+def balance_with_big_ledger(database_url: str, entries: int) -> dict[str, float]:
+    """The balance read with `entries` ledger rows against one with 1,000: it reads the
+    account row and the unexpired lots, never the ledger."""
+    engine = make_engine(database_url)
+    service = CreditService(engine)
+
+    def read_ms(user: str) -> float:
+        for _ in range(20):
+            service.get_user_credits_info(user)
+        samples = [timed(lambda: service.get_user_credits_info(user)) for _ in range(300)]
+        return 1000 * statistics.median(samples)
+
+    figures = {}
+    for label, count in (("small", 1000), ("big", entries)):
+        user = f"ledger-{label}"
+        service.add_credits(user, 10**9)
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO ledger_entries (user_id, kind, amount, held, balance_after, reserved_after,"
+                " idempotency_key, created_at) SELECT :user, 'deduct', -1, 0, 0, 0, 'fill:' || :user || g, now()"
+                " FROM generate_series(1, :n) g"), {"user": user, "n": count})
+        figures[label] = read_ms(user)
+    engine.dispose()
+    return {"ledger_entries": float(entries), "balance_ms_1k_entries": figures["small"],
+            "balance_ms_big_ledger": figures["big"], "balance_big_vs_small_ratio": figures["big"] / figures["small"]}
+
+
+def sweeps(database_url: str, lots: int, subscriptions: int) -> dict[str, float]:
+    """Expiry of `lots` lots and allocation of `subscriptions` due subscriptions, and the
+    same with ten times fewer, to show how they grow."""
+    figures: dict[str, float] = {}
+    engine = make_engine(database_url)
+    now = datetime.now(timezone.utc)
+    for label, count in (("tenth", lots // 10), ("full", lots)):
+        prefix = f"exp-{label}-"
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO accounts (user_id, balance, reserved, low_credit_alerted, created_at, updated_at)"
+                " SELECT :p || g, 10 * (:n / 1000 + 1), 0, false, now(), now() FROM generate_series(0, 999) g"),
+                {"p": prefix, "n": count})
+            connection.execute(text(
+                "INSERT INTO credit_lots (user_id, amount, remaining, source, priority, expires_at, created_at, idempotency_key)"
+                " SELECT :p || (g % 1000), 10, 10, 'purchase', 0, now() - interval '1 minute', now(), 'lot:' || :p || g"
+                " FROM generate_series(0, :n - 1) g"), {"p": prefix, "n": count})
+            connection.execute(text(  # keep lots and balances consistent: top up the rest
+                "INSERT INTO credit_lots (user_id, amount, remaining, source, priority, created_at, idempotency_key)"
+                " SELECT a.user_id, a.balance - coalesce(l.s, 0), a.balance - coalesce(l.s, 0), 'purchase', 0, now(), 'fill:' || a.user_id"
+                " FROM accounts a LEFT JOIN (SELECT user_id, sum(remaining) s FROM credit_lots GROUP BY user_id) l"
+                " ON l.user_id = a.user_id WHERE a.user_id LIKE :p || '%' AND a.balance > coalesce(l.s, 0)"),
+                {"p": prefix})
+        service = CreditService(engine)
+        seconds = timed(lambda: service.expire_credits(now=now))
+        figures[f"expire_{label}_s"] = seconds
+        with engine.begin() as connection:
+            connection.execute(text("DELETE FROM credit_lots WHERE remaining = 0"))
+    figures["expire_lots"] = float(lots)
+    figures["expire_growth_10x"] = figures["expire_full_s"] / figures["expire_tenth_s"]
+
+    subs = SubscriptionService(CreditService(engine))
+    for label, count in (("tenth", subscriptions // 10), ("full", subscriptions)):
+        plan = subs.create_plan(f"bench-{label}", 10, billing_period="daily")
+        anchor = now - timedelta(days=1, minutes=5)
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO accounts (user_id, balance, reserved, low_credit_alerted, created_at, updated_at)"
+                " SELECT 'sub-' || :l || g, 0, 0, false, now(), now() FROM generate_series(0, :n - 1) g"),
+                {"l": label, "n": count})
+            connection.execute(text(
+                "INSERT INTO subscriptions (user_id, plan_id, status, anchor_at, period_index, current_period_start,"
+                " current_period_end, cancel_at_period_end, created_at, updated_at)"
+                " SELECT 'sub-' || :l || g, :plan, 'active', :anchor, 0, :anchor, :end, false, now(), now()"
+                " FROM generate_series(0, :n - 1) g"),
+                {"l": label, "n": count, "plan": plan.id, "anchor": anchor.replace(tzinfo=None),
+                 "end": (anchor + timedelta(days=1)).replace(tzinfo=None)})
+        granted = 0
+
+        def allocate() -> None:
+            nonlocal granted
+            granted = subs.allocate_due(now=now)
+
+        figures[f"allocate_{label}_s"] = timed(allocate)
+        assert granted == count, (granted, count)
+    figures["allocate_subscriptions"] = float(subscriptions)
+    figures["allocate_growth_10x"] = figures["allocate_full_s"] / figures["allocate_tenth_s"]
+    engine.dispose()
+    return figures
+
+
+def memory(worker: Worker, service: CreditService, operations: int, size: int = 1000) -> dict[str, float]:
+    """Worker resident memory before and after `operations` deducts (sent as batches)."""
+    users = [f"mem-{i}" for i in range(100)]
+    service.apply_batch([{"op": "add", "user_id": u, "amount": 10**12} for u in users])
+    warm = min(operations // 10, 20_000)
+
+    def run(count: int) -> None:
+        for start in range(0, count, size * 20):
+            handles = [
+                worker.client.submit_batch([
+                    {"op": "deduct", "user_id": users[i % len(users)], "amount": 1}
+                    for i in range(batch, min(batch + size, count))
+                ])
+                for batch in range(start, min(start + size * 20, count), size)
+            ]
+            wait_all(handles)
+
+    run(warm)
+    before = worker.rss_mib()
+    run(operations)
+    after = worker.rss_mib()
+    return {"memory_ops": float(operations), "worker_rss_mib_before": before,
+            "worker_rss_mib_after": after, "worker_rss_growth_ratio": after / before}
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes: under five minutes")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--only", nargs="*", help="run only these benchmarks (by name)")
+    args = parser.parse_args()
+    sizes = SIZES["quick" if args.quick else "full"]
+    figures: dict[str, Any] = {
+        "mode": "quick" if args.quick else "full",
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
+        "taken_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    wanted = set(args.only or ["single", "batch", "worker_batch", "reserve", "balance", "sweeps", "memory"])
+    with fresh_database() as database_url, tempfile.TemporaryDirectory() as workdir:
+        engine = make_engine(database_url)
+        upgrade(engine)
+        service = CreditService(engine)
+        worker = Worker(database_url, Path(workdir))
+        try:
+            steps: list[tuple[str, Callable[[], dict[str, float]]]] = [
+                ("single", lambda: single_operations(worker, service, sizes["single"])),
+                ("batch", lambda: batches_in_process(database_url, sizes["batch_ops"])),
+                ("worker_batch", lambda: batches_through_worker(worker, service, sizes["worker_batch_ops"])),
+                ("reserve", lambda: reserve_latency(worker, service, sizes["reserve_seconds"])),
+                ("balance", lambda: balance_with_big_ledger(database_url, sizes["ledger"])),
+                ("sweeps", lambda: sweeps(database_url, sizes["lots"], sizes["subscriptions"])),
+                ("memory", lambda: memory(worker, service, sizes["memory_ops"])),
+            ]
+            for name, step in steps:
+                if name not in wanted:
+                    continue
+                console.print(f"[bold]{name}[/bold] ...")
+                started = time.perf_counter()
+                figures.update(step())
+                console.print(f"  done in {time.perf_counter() - started:.1f} s")
+        finally:
+            worker.stop()
+            engine.dispose()
+    table = Table(title=f"creditworker benchmarks ({figures['mode']}) on {figures['machine']}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in figures.items():
+        if isinstance(value, float):
+            table.add_row(key, f"{value:,.3f}" if value < 100 else f"{value:,.0f}")
+    console.print(table)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
