@@ -444,6 +444,20 @@ def up(
     raise typer.Exit(run_up(flower=flower, flower_port=flower_port, flower_basic_auth=flower_basic_auth))
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+) -> None:
+    """Run the HTTP gateway (needs the http extra: pip install 'creditworker\\[http]')."""
+    try:
+        from creditworker.http.serve import serve as run_gateway
+    except ImportError as exc:
+        print(f"error: the HTTP gateway needs the http extra ({exc.name} is missing)", file=sys.stderr)
+        raise typer.Exit(2) from None
+    run_gateway(host, port)
+
+
 @events_app.command("tail")
 def events_tail(
     key: Annotated[str, typer.Option("--key", help="Routing-key pattern, e.g. 'credits.*'.")] = "#",
