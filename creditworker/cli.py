@@ -56,17 +56,8 @@ def _database_url() -> str:
 
 def _service() -> Any:
     from creditworker.credits import CreditService
-    from creditworker.settings import get_settings
 
-    settings = get_settings()
-    return CreditService(
-        _database_url(),
-        ledger_path=settings.ledger_path,
-        overage_policy=settings.overage_policy,
-        expiring_soon_days=settings.expiring_soon_days,
-        low_credit_threshold=settings.low_credit_threshold,
-        expiry_reminder_days=settings.expiry_reminder_days,
-    )
+    return CreditService.from_settings(database=_database_url())
 
 
 def _reports_errors(command: F) -> F:

@@ -127,17 +127,21 @@ class CreditService:
         self.on_events = on_events
 
     @classmethod
-    def from_settings(cls) -> CreditService:
+    def from_settings(
+        cls, *, database: str | Engine | None = None, on_events: Callable[[int], None] | None = None
+    ) -> CreditService:
+        """The engine as the environment configures it (`database` overrides the URL)."""
         from creditworker.settings import get_settings
 
         settings = get_settings()
         return cls(
-            settings.database_url,
+            database or settings.database_url,
             ledger_path=settings.ledger_path,
             overage_policy=settings.overage_policy,
             expiring_soon_days=settings.expiring_soon_days,
             low_credit_threshold=settings.low_credit_threshold,
             expiry_reminder_days=settings.expiry_reminder_days,
+            on_events=on_events,
         )
 
     # ------------------------------------------------------------------ writes

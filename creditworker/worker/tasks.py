@@ -53,16 +53,7 @@ def service() -> CreditService:
     """The worker process's engine, created on first use (after the prefork pool forked)."""
     global _service
     if _service is None:
-        settings = get_settings()
-        _service = CreditService(
-            settings.database_url,
-            ledger_path=settings.ledger_path,
-            overage_policy=settings.overage_policy,
-            expiring_soon_days=settings.expiring_soon_days,
-            low_credit_threshold=settings.low_credit_threshold,
-            expiry_reminder_days=settings.expiry_reminder_days,
-            on_events=lambda _count: relay_events.apply_async(),
-        )
+        _service = CreditService.from_settings(on_events=lambda _count: relay_events.apply_async())
     return _service
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,16 +16,11 @@ from creditworker.settings import Settings
 from creditworker.worker import commands
 from producers import CreditClient
 from tests.e2e.conftest import RunningWorker
+from tests.faults.servers import free_port
 
 pytestmark = pytest.mark.e2e
 
 AUTH = ("operator", "s3cret")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_for_http(url: str, timeout: float = 60) -> None:
