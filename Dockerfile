@@ -3,7 +3,7 @@ WORKDIR /app
 COPY pyproject.toml README.md beat_schedule.py ./
 COPY creditworker ./creditworker
 COPY producers ./producers
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir '.[http]' \
     && useradd --create-home --uid 10001 creditworker \
     && mkdir -p /data && chown creditworker /data
 USER creditworker

@@ -124,7 +124,9 @@ Description = Annotated[
 Metadata = Annotated[dict[str, Any], AfterValidator(_check_metadata)]
 UtcDateTime = Annotated[datetime, AfterValidator(_as_utc)]
 Priority = Annotated[int, Strict(), Field(ge=-MAX_PRIORITY, le=MAX_PRIORITY)]
-ReservationId = Annotated[str, Strict(), Field(min_length=1, max_length=64)]
+ReservationId = Annotated[
+    str, Strict(), Field(min_length=1, max_length=64), AfterValidator(_check_identifier)
+]
 
 
 class _Message(BaseModel):

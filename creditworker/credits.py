@@ -11,7 +11,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 from sqlalchemy import func, select
@@ -67,6 +67,9 @@ from creditworker.storage.tables import (
     Lot,
     Operation,
 )
+
+if TYPE_CHECKING:
+    from creditworker.settings import Settings
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -128,12 +131,14 @@ class CreditService:
 
     @classmethod
     def from_settings(
-        cls, *, database: str | Engine | None = None, on_events: Callable[[int], None] | None = None
+        cls, settings: Settings | None = None, *, database: str | Engine | None = None,
+        on_events: Callable[[int], None] | None = None,
     ) -> CreditService:
-        """The engine as the environment configures it (`database` overrides the URL)."""
+        """The engine as `settings` (default: the environment) configure it; `database`
+        overrides the URL."""
         from creditworker.settings import get_settings
 
-        settings = get_settings()
+        settings = settings or get_settings()
         return cls(
             database or settings.database_url,
             ledger_path=settings.ledger_path,

@@ -6,12 +6,21 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator
 
-from creditworker.contract import MAX_AMOUNT, Request, UserId, UtcDateTime, _Message
+from creditworker.contract import (
+    MAX_AMOUNT,
+    Request,
+    UserId,
+    UtcDateTime,
+    _check_identifier,
+    _Message,
+)
 from creditworker.periods import BillingPeriod
 
-PlanName = Annotated[str, Strict(), Field(min_length=1, max_length=100)]
+PlanName = Annotated[
+    str, Strict(), Field(min_length=1, max_length=100), AfterValidator(_check_identifier)
+]
 Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
 CreditLimit = Annotated[int, Strict(), Field(gt=0, le=MAX_AMOUNT)]
 ValidityDays = Annotated[int, Strict(), Field(gt=0, le=3660)]
@@ -24,7 +33,7 @@ def _price(value: Decimal) -> Decimal:
 
 
 Price = Annotated[Decimal, AfterValidator(_price), Field(max_digits=18, decimal_places=4)]
-PlanRef = Annotated[int | str, Field(union_mode="left_to_right")]
+PlanRef = Annotated[int | PlanName, Field(union_mode="left_to_right")]
 """A plan by id or by name."""
 
 
@@ -98,6 +107,12 @@ class Plan(BaseModel):
     validity_days: int | None
     active: bool
     created_at: datetime
+
+    @field_validator("price")
+    @classmethod
+    def _four_places(cls, price: Decimal) -> Decimal:
+        """The price as stored (4 decimal places), however it was written."""
+        return price.quantize(Decimal("0.0001"))
 
 
 class Subscription(BaseModel):

@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     allocate_interval_seconds: float = Field(default=60, gt=0)
     allocation_chunk_size: int = Field(default=200, ge=1, le=1000)
     """Due subscriptions per allocation task: beat fans the work out in chunks this size."""
+    api_keys: str = ""
+    """Bearer keys the HTTP gateway accepts, comma-separated (see the README's gateway section)."""
     allocation_backfill: bool = False
     """After downtime, also grant missed periods whose credits would still be valid."""
 

@@ -165,6 +165,8 @@ class CreditClient:
                 return self.app.send_task(name, kwargs=kwargs, task_id=task_id)
             except OperationalError as exc:
                 raise ServiceUnavailable(f"the broker did not accept the task: {exc}") from exc
+            except RuntimeError as exc:  # Celery gave up reconnecting to the result backend
+                raise ServiceUnavailable(f"the result backend is unreachable: {exc}") from exc
 
         def resend() -> None:
             publish()

@@ -16,7 +16,7 @@ SERVICES: dict[str, Any] = COMPOSE["services"]
 
 
 def test_every_service_of_the_stack_is_there() -> None:
-    assert set(SERVICES) == {"postgres", "redis", "migrate", "worker", "beat", "flower"}
+    assert set(SERVICES) == {"postgres", "redis", "migrate", "worker", "beat", "flower", "gateway"}
 
 
 def test_app_commands_are_the_canonical_ones_the_e2e_tests_run() -> None:
@@ -26,6 +26,7 @@ def test_app_commands_are_the_canonical_ones_the_e2e_tests_run() -> None:
     assert SERVICES["flower"]["command"] == commands.flower_command(
         5555, "${FLOWER_BASIC_AUTH:?set FLOWER_BASIC_AUTH=user:password}"
     )
+    assert SERVICES["gateway"]["command"] == commands.serve_command("0.0.0.0", 8000)
 
 
 def test_dependencies_wait_for_health_or_completion() -> None:
@@ -39,7 +40,7 @@ def test_dependencies_wait_for_health_or_completion() -> None:
 
 
 def test_app_services_are_configured_by_environment() -> None:
-    for name in ("migrate", "worker", "beat", "flower"):
+    for name in ("migrate", "worker", "beat", "flower", "gateway"):
         env = SERVICES[name]["environment"]
         assert env["CREDITWORKER_DATABASE_URL"].startswith("postgresql+psycopg2://")
         assert env["CREDITWORKER_BROKER_URL"].startswith("redis://redis:")
@@ -51,6 +52,7 @@ def test_no_secret_is_hard_coded_and_flower_requires_auth() -> None:
     assert SERVICES["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
     assert not re.search(r"password\s*[:=]\s*[A-Za-z0-9]{4,}\b(?!\})", text, re.IGNORECASE)
     assert "FLOWER_UNAUTHENTICATED_API" not in text
+    assert SERVICES["gateway"]["environment"]["CREDITWORKER_API_KEYS"].startswith("${CREDITWORKER_API_KEYS:?")
 
 
 def test_redis_keeps_queued_tasks_across_restarts() -> None:

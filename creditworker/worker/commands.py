@@ -19,6 +19,11 @@ def flower_command(port: int = 5555, basic_auth: str | None = None) -> list[str]
     return command
 
 
+def serve_command(host: str = "127.0.0.1", port: int = 8000) -> list[str]:
+    """The HTTP gateway (the `http` extra)."""
+    return ["creditworker", "serve", f"--host={host}", f"--port={port}"]
+
+
 def beat_command(schedule_file: str) -> list[str]:
     """Beat keeps its last-run times in `schedule_file`."""
     return [*BEAT, f"--schedule={schedule_file}"]

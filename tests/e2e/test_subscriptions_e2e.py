@@ -34,7 +34,7 @@ def stack(
     migrated_engines: dict[str, Engine],
 ) -> Iterator[dict[str, Any]]:
     """A worker and a beat that allocates every second."""
-    broker = redis_db(redis_url, 12)
+    broker = redis_db(redis_url, 7)
     redis.Redis.from_url(broker).flushdb()
     purge_event_queues(broker)
     extra = {"CREDITWORKER_ALLOCATE_INTERVAL_SECONDS": "1", "CREDITWORKER_RELAY_INTERVAL_SECONDS": "1"}

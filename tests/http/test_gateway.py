@@ -1,0 +1,575 @@
+"""The HTTP gateway against a real worker on Redis and PostgreSQL: every route, every status."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import schemathesis
+from fastapi import FastAPI, HTTPException
+from fastapi.testclient import TestClient
+from httpx import Response
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+from sqlalchemy.engine import Engine
+
+from creditworker.errors import UnknownUser
+from creditworker.http.auth import API_KEYS_VARIABLE
+from creditworker.http.gateway import build_router, create_app
+from creditworker.settings import Settings
+from creditworker.subscriptions import SubscriptionService
+from producers.aio import AsyncCreditClient
+from tests.e2e.conftest import RunningWorker, _running, redis_db
+
+pytestmark = pytest.mark.e2e
+
+API_KEY = "gateway-test-key"
+SECOND_KEY = "second-test-key"
+CLOSED_BROKER = "redis://127.0.0.1:1/0"
+CLOSED_DATABASE = "postgresql+psycopg2://postgres@127.0.0.1:1/test"
+REDIS_DB = 9
+"""Redis database of this module's broker: 10 to 15 belong to other tests and the benchmarks."""
+
+
+@pytest.fixture(scope="module")
+def worker(
+    tmp_path_factory: pytest.TempPathFactory,
+    postgres_url: str,
+    redis_url: str,
+    migrated_engines: dict[str, Engine],
+) -> Iterator[RunningWorker]:
+    broker = redis_db(redis_url, REDIS_DB)
+    redis.Redis.from_url(broker).flushdb()
+    yield from _running(tmp_path_factory, postgres_url, broker, migrated_engines)
+
+
+def gateway_settings(worker: RunningWorker, **changes: Any) -> Settings:
+    """The worker's broker and result backend, and its database, as the gateway sees them."""
+    return worker.settings.model_copy(
+        update={
+            "database_url": worker.env["CREDITWORKER_DATABASE_URL"],
+            "result_backend": worker.result_backend,
+            **changes,
+        }
+    )
+
+
+def build_app(settings: Settings, api_keys: str | None) -> FastAPI:
+    return create_app(settings.model_copy(update={"api_keys": api_keys or ""}))
+
+
+def client_for(app: FastAPI, key: str | None = API_KEY) -> TestClient:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return TestClient(app, headers=headers)
+
+
+@pytest.fixture(scope="module")
+def app(worker: RunningWorker) -> FastAPI:
+    return build_app(gateway_settings(worker), f"{API_KEY}, {SECOND_KEY}")
+
+
+@pytest.fixture(scope="module")
+def http(app: FastAPI) -> TestClient:
+    return client_for(app)
+
+
+def new_user() -> str:
+    return f"user-{uuid.uuid4().hex[:12]}"
+
+
+def error_code(response: Response) -> str:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}, body
+    return str(body["error"]["code"])
+
+
+def finished(http: TestClient, task_id: str, timeout: float = 20) -> Response:
+    """Poll the task route until the operation is no longer pending."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = http.get(f"/credits/tasks/{task_id}")
+        if response.status_code != 202:
+            return response
+        assert response.json() == {"task_id": task_id}
+        assert time.monotonic() < deadline, f"task {task_id} never finished"
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------------ writes: queue or wait
+
+
+def test_a_write_is_queued_with_202_and_its_result_polled(
+    http: TestClient, worker: RunningWorker
+) -> None:
+    user = new_user()
+    queued = http.post("/credits/add", json={"user_id": user, "amount": 100, "source": "bonus"})
+    assert queued.status_code == 202
+    task_id = queued.json()["task_id"]
+
+    done = finished(http, task_id)
+    assert done.status_code == 200
+    assert (done.json()["kind"], done.json()["amount"], done.json()["user_id"]) == (
+        "add",
+        100,
+        user,
+    )
+    assert worker.service.get_user_credits_info(user).total == 100
+
+
+def test_a_refused_queued_write_polls_as_its_error(http: TestClient) -> None:
+    queued = http.post("/credits/deduct", json={"user_id": new_user(), "amount": 5})
+    assert queued.status_code == 202
+    refused = finished(http, queued.json()["task_id"])
+    assert (refused.status_code, error_code(refused)) == (404, "unknown_user")
+
+
+def test_waiting_returns_the_result(http: TestClient, worker: RunningWorker) -> None:
+    user = new_user()
+    added = http.post(
+        "/credits/add", params={"wait": "true"}, json={"user_id": user, "amount": 100}
+    )
+    assert added.status_code == 200 and added.json()["balance_after"] == 100
+
+    deducted = http.post(
+        "/credits/deduct",
+        headers={"Prefer": "respond-async, wait=5"},
+        json={"user_id": user, "amount": 30, "description": "export"},
+    )
+    assert deducted.status_code == 200
+    assert (deducted.json()["amount"], deducted.json()["balance_after"]) == (-30, 70)
+    assert worker.service.get_user_credits_info(user).total == 70
+
+
+def test_an_unknown_task_stays_pending_and_a_malformed_id_is_invalid(http: TestClient) -> None:
+    task_id = str(uuid.uuid4())
+    assert http.get(f"/credits/tasks/{task_id}").json() == {"task_id": task_id}
+    assert http.get(f"/credits/tasks/{task_id}").status_code == 202
+    response = http.get("/credits/tasks/not-a-task")
+    assert (response.status_code, error_code(response)) == (422, "invalid_input")
+
+
+def test_an_idempotency_key_header_repeat_returns_the_first_result_and_changes_nothing(
+    http: TestClient, worker: RunningWorker
+) -> None:
+    user, key = new_user(), f"order-{uuid.uuid4().hex}"
+    body = {"user_id": user, "amount": 100}
+    first = http.post("/credits/add?wait=true", json=body, headers={"Idempotency-Key": key})
+    again = http.post("/credits/add?wait=true", json=body, headers={"Idempotency-Key": key})
+    same_key_in_body = http.post(
+        "/credits/add?wait=true",
+        json={**body, "idempotency_key": key},
+        headers={"Idempotency-Key": key},
+    )
+    queued_twice = [
+        http.post("/credits/add", json=body, headers={"Idempotency-Key": key}) for _ in range(2)
+    ]
+    polled = [finished(http, response.json()["task_id"]) for response in queued_twice]
+
+    assert first.status_code == 200 and first.json()["idempotency_key"] == key
+    assert again.json() == first.json() == same_key_in_body.json()
+    assert [response.json() for response in polled] == [first.json()] * 2
+    assert worker.service.get_user_credits_info(user).total == 100
+    assert [entry.idempotency_key for entry in worker.service.get_history(user)] == [key]
+
+    differing = http.post(
+        "/credits/add?wait=true",
+        json={**body, "idempotency_key": "other"},
+        headers={"Idempotency-Key": key},
+    )
+    assert (differing.status_code, error_code(differing)) == (422, "invalid_input")
+    conflict = http.post(
+        "/credits/add?wait=true", json={**body, "amount": 50}, headers={"Idempotency-Key": key}
+    )
+    assert (conflict.status_code, error_code(conflict)) == (409, "idempotency_conflict")
+    assert worker.service.get_user_credits_info(user).total == 100
+    assert len(worker.service.get_history(user)) == 1
+
+
+def test_a_deduct_beyond_the_balance_is_402_and_changes_nothing(
+    http: TestClient, worker: RunningWorker
+) -> None:
+    user = new_user()
+    worker.client.add_credits(user, 10).get()
+    response = http.post("/credits/deduct?wait=true", json={"user_id": user, "amount": 11})
+    assert (response.status_code, error_code(response)) == (402, "insufficient_credits")
+    assert response.json()["error"]["details"]["available"] == 10
+    assert worker.service.get_user_credits_info(user).total == 10
+
+
+# ------------------------------------------------------------------ reservations
+
+
+def test_reserve_then_commit_the_actual_amount(http: TestClient, worker: RunningWorker) -> None:
+    user = new_user()
+    worker.client.add_credits(user, 100).get()
+    reserved = http.post("/credits/reserve", json={"user_id": user, "amount": 20})
+    assert reserved.status_code == 201 and reserved.json()["status"] == "active"
+    reservation_id = reserved.json()["id"]
+    assert http.get(f"/credits/balance/{user}").json()["available"] == 80
+    assert http.get(f"/credits/reservations/{reservation_id}").json()["status"] == "active"
+
+    committed = http.post(
+        f"/credits/reservations/{reservation_id}/commit?wait=true", json={"amount": 12}
+    )
+    assert committed.status_code == 200
+    assert (committed.json()["kind"], committed.json()["amount"]) == ("commit", -12)
+    shown = http.get(f"/credits/reservations/{reservation_id}").json()
+    assert (shown["status"], shown["committed_amount"]) == ("committed", 12)
+    info = worker.service.get_user_credits_info(user)
+    assert (info.total, info.reserved, info.available) == (88, 0, 88)
+
+    again = http.post(
+        f"/credits/reservations/{reservation_id}/commit?wait=true", json={"amount": 1}
+    )
+    assert (again.status_code, error_code(again)) == (409, "reservation_not_active")
+    assert worker.service.get_user_credits_info(user).total == 88
+
+
+def test_a_queued_commit_without_a_body_charges_the_amount_held(
+    http: TestClient, worker: RunningWorker
+) -> None:
+    user = new_user()
+    worker.client.add_credits(user, 50).get()
+    reservation_id = http.post("/credits/reserve", json={"user_id": user, "amount": 15}).json()[
+        "id"
+    ]
+    queued = http.post(f"/credits/reservations/{reservation_id}/commit")
+    assert queued.status_code == 202
+    assert finished(http, queued.json()["task_id"]).json()["amount"] == -15
+    assert worker.service.get_user_credits_info(user).total == 35
+
+
+def test_release_frees_the_hold_without_charging(http: TestClient, worker: RunningWorker) -> None:
+    user = new_user()
+    worker.client.add_credits(user, 50).get()
+    reservation_id = http.post("/credits/reserve", json={"user_id": user, "amount": 30}).json()[
+        "id"
+    ]
+    released = http.post(
+        f"/credits/reservations/{reservation_id}/release?wait=true",
+        headers={"Idempotency-Key": f"release-{reservation_id}"},
+    )
+    assert released.status_code == 200 and released.json()["kind"] == "release"
+    assert http.get(f"/credits/reservations/{reservation_id}").json()["status"] == "released"
+    info = worker.service.get_user_credits_info(user)
+    assert (info.total, info.reserved) == (50, 0)
+
+
+def test_a_reservation_beyond_the_available_credits_is_402(
+    http: TestClient, worker: RunningWorker
+) -> None:
+    user = new_user()
+    worker.client.add_credits(user, 10).get()
+    response = http.post("/credits/reserve", json={"user_id": user, "amount": 11})
+    assert (response.status_code, error_code(response)) == (402, "insufficient_credits")
+    assert worker.service.get_user_credits_info(user).reserved == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "code"),
+    [
+        ("get", "/credits/balance/{user}", "unknown_user"),
+        ("get", "/credits/history/{user}", "unknown_user"),
+        ("get", "/credits/expiring/{user}", "unknown_user"),
+        ("post", "/credits/subscriptions/{user}/change?wait=true", "unknown_user"),
+        ("get", "/credits/reservations/{thing}", "unknown_reservation"),
+        ("post", "/credits/reservations/{thing}/commit?wait=true", "unknown_reservation"),
+        ("post", "/credits/reservations/{thing}/release?wait=true", "unknown_reservation"),
+        ("get", "/credits/plans/{thing}", "unknown_plan"),
+        ("patch", "/credits/plans/{thing}?wait=true", "unknown_plan"),
+        ("delete", "/credits/plans/{thing}?wait=true", "unknown_plan"),
+        ("put", "/credits/subscriptions/{customer}?wait=true", "unknown_plan"),
+        ("get", "/credits/subscriptions/{customer}", "unknown_subscription"),
+        ("post", "/credits/subscriptions/{customer}/change?wait=true", "unknown_subscription"),
+        ("delete", "/credits/subscriptions/{customer}?wait=true", "unknown_subscription"),
+    ],
+)
+def test_unknown_things_are_404(
+    http: TestClient, worker: RunningWorker, method: str, path: str, code: str
+) -> None:
+    """`user` never had credits; `customer` has credits but no subscription."""
+    customer = new_user()
+    worker.client.add_credits(customer, 1).get()
+    url = path.format(user=new_user(), thing=uuid.uuid4().hex, customer=customer)
+    body: dict[str, Any] | None = {"plan": f"no-such-plan-{uuid.uuid4().hex}"}
+    if method == "patch":
+        body = {"credit_limit": 5}
+    elif method not in ("put", "post") or "reservations" in url:
+        body = None
+    response = http.request(method.upper(), url, json=body)
+    assert (response.status_code, error_code(response)) == (404, code)
+
+
+def test_reserve_for_an_unknown_user_is_404(http: TestClient) -> None:
+    response = http.post("/credits/reserve", json={"user_id": new_user(), "amount": 1})
+    assert (response.status_code, error_code(response)) == (404, "unknown_user")
+
+
+# ------------------------------------------------------------------ reads
+
+
+def test_history_pages_newest_first_and_filters_by_kind(
+    http: TestClient, worker: RunningWorker
+) -> None:
+    user = new_user()
+    for amount in (10, 20, 30):
+        worker.client.add_credits(user, amount).get()
+    worker.client.deduct_credits(user, 5).get()
+
+    first = http.get(f"/credits/history/{user}", params={"limit": 2}).json()
+    assert [(e["kind"], e["amount"]) for e in first["entries"]] == [("deduct", -5), ("add", 30)]
+    assert first["next_before"] == first["entries"][-1]["id"]
+    second = http.get(
+        f"/credits/history/{user}", params={"limit": 2, "before": first["next_before"]}
+    ).json()
+    assert [e["amount"] for e in second["entries"]] == [20, 10]
+    last = http.get(
+        f"/credits/history/{user}", params={"limit": 2, "before": second["next_before"]}
+    ).json()
+    assert last == {"entries": [], "next_before": None}
+
+    deducts = http.get(f"/credits/history/{user}", params={"kind": "deduct"}).json()
+    assert [e["kind"] for e in deducts["entries"]] == ["deduct"] and deducts["next_before"] is None
+    both = http.get(f"/credits/history/{user}", params=[("kind", "add"), ("kind", "deduct")]).json()
+    assert len(both["entries"]) == 4
+
+
+def test_expiring_lists_lots_within_the_horizon(http: TestClient, worker: RunningWorker) -> None:
+    user = new_user()
+    soon = datetime.now(UTC) + timedelta(days=2)
+    worker.client.add_credits(user, 40, expires_at=soon).get()
+    worker.client.add_credits(user, 60).get()
+    within_week = http.get(f"/credits/expiring/{user}", params={"within_days": 7})
+    assert within_week.status_code == 200
+    assert [(lot["amount"], lot["remaining"]) for lot in within_week.json()] == [(40, 40)]
+    assert http.get(f"/credits/expiring/{user}", params={"within_days": 1}).json() == []
+    balance = http.get(f"/credits/balance/{user}").json()
+    assert (balance["total"], balance["expiring_soon"]) == (100, 40)
+
+
+# ------------------------------------------------------------------ plans and subscriptions
+
+
+def test_plans_are_created_listed_changed_and_deleted(http: TestClient) -> None:
+    name = f"pro-{uuid.uuid4().hex[:8]}"
+    created = http.post(
+        "/credits/plans?wait=true", json={"name": name, "credit_limit": 100, "price": "9.90"}
+    )
+    assert created.status_code == 201
+    plan = created.json()
+    assert (plan["name"], plan["credit_limit"], plan["active"]) == (name, 100, True)
+
+    duplicate = http.post("/credits/plans?wait=true", json={"name": name, "credit_limit": 5})
+    assert (duplicate.status_code, error_code(duplicate)) == (409, "duplicate_plan")
+    assert name in [p["name"] for p in http.get("/credits/plans").json()]
+    by_name, by_id = (
+        http.get(f"/credits/plans/{name}").json(),
+        http.get(f"/credits/plans/{plan['id']}").json(),
+    )
+    assert by_name == by_id and by_id["id"] == plan["id"]
+    assert Decimal(by_id["price"]) == Decimal(plan["price"]) == Decimal("9.9")
+
+    changed = http.patch(f"/credits/plans/{name}?wait=true", json={"credit_limit": 120})
+    assert changed.status_code == 200 and changed.json()["credit_limit"] == 120
+    assert http.get(f"/credits/plans/{plan['id']}").json()["credit_limit"] == 120
+
+    queued = http.delete(f"/credits/plans/{plan['id']}")
+    assert queued.status_code == 202
+    assert finished(http, queued.json()["task_id"]).json() == {"deleted": plan["id"]}
+    gone = http.get(f"/credits/plans/{name}")
+    assert (gone.status_code, error_code(gone)) == (404, "unknown_plan")
+
+
+def test_subscriptions_are_assigned_changed_and_removed(
+    http: TestClient, worker: RunningWorker
+) -> None:
+    user, suffix = new_user(), uuid.uuid4().hex[:8]
+    pro = http.post(
+        "/credits/plans?wait=true", json={"name": f"pro-{suffix}", "credit_limit": 100}
+    ).json()
+    basic = http.post(
+        "/credits/plans?wait=true", json={"name": f"basic-{suffix}", "credit_limit": 10}
+    ).json()
+
+    assigned = http.put(f"/credits/subscriptions/{user}?wait=true", json={"plan": pro["name"]})
+    assert assigned.status_code == 200
+    assert (assigned.json()["plan_id"], assigned.json()["status"]) == (pro["id"], "active")
+    assert http.get(f"/credits/subscriptions/{user}").json() == assigned.json()
+    assert worker.service.get_user_credits_info(user).total == 100
+
+    in_use = http.delete(f"/credits/plans/{pro['id']}?wait=true")
+    assert (in_use.status_code, error_code(in_use)) == (409, "plan_in_use")
+    assert pro["id"] not in [p["id"] for p in http.get("/credits/plans").json()]
+    listed = http.get("/credits/plans", params={"include_inactive": "true"}).json()
+    assert [p["active"] for p in listed if p["id"] == pro["id"]] == [False]
+
+    downgraded = http.post(
+        f"/credits/subscriptions/{user}/change?wait=true", json={"plan": basic["id"]}
+    )
+    assert downgraded.status_code == 200 and downgraded.json()["pending_plan_id"] == basic["id"]
+
+    ending = http.delete(f"/credits/subscriptions/{user}?wait=true")
+    assert ending.status_code == 200 and ending.json()["cancel_at_period_end"] is True
+    ended = http.delete(
+        f"/credits/subscriptions/{user}", params={"at_period_end": "false", "wait": "true"}
+    )
+    assert ended.status_code == 200 and ended.json()["status"] != "active"
+    missing = http.get(f"/credits/subscriptions/{user}")
+    assert (missing.status_code, error_code(missing)) == (404, "unknown_subscription")
+
+
+# ------------------------------------------------------------------ invalid input
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("post", "/credits/add", {"user_id": "alice", "amount": -5}),
+        ("post", "/credits/add", {"user_id": "alice", "amount": "10"}),
+        ("post", "/credits/add", {"user_id": "alice", "amount": 10, "colour": "red"}),
+        ("post", "/credits/add", {"user_id": " alice", "amount": 10}),
+        ("post", "/credits/deduct", {"user_id": "alice"}),
+        ("post", "/credits/reserve", {"user_id": "alice", "amount": 1, "ttl_seconds": 0}),
+        ("post", "/credits/reservations/r1/commit", {"amount": -1}),
+        ("post", "/credits/plans", {"name": "x", "credit_limit": 1, "currency": "usd"}),
+        ("patch", "/credits/plans/x", {"price": "-1"}),
+        ("put", "/credits/subscriptions/alice", {"plan": "x", "start_at": "yesterday"}),
+        ("get", "/credits/history/alice?limit=0", None),
+        ("get", "/credits/history/alice?limit=many", None),
+        ("get", "/credits/history/alice?kind=gift", None),
+        ("get", "/credits/expiring/alice?within_days=99999", None),
+        ("get", "/credits/balance/%20alice", None),
+        ("get", "/credits/subscriptions/a%00b", None),
+        ("get", "/credits/reservations/a%00b", None),
+        ("post", "/credits/reservations/a%00b/release", None),
+        ("get", "/credits/plans/a%00b", None),
+        ("delete", "/credits/plans/a%07b", None),
+    ],
+)
+def test_invalid_input_is_422_naming_each_problem(
+    http: TestClient, method: str, path: str, body: dict[str, Any] | None
+) -> None:
+    response = http.request(method.upper(), path, json=body)
+    assert (response.status_code, error_code(response)) == (422, "invalid_input")
+    assert response.json()["error"]["details"]["problems"]
+
+
+def test_malformed_json_is_422(http: TestClient) -> None:
+    response = http.post(
+        "/credits/add", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert (response.status_code, error_code(response)) == (422, "invalid_input")
+
+
+def test_unknown_routes_and_methods_answer_in_the_error_envelope(http: TestClient) -> None:
+    missing = http.get("/credits/nothing-here")
+    assert (missing.status_code, error_code(missing)) == (404, "not_found")
+    wrong = http.put("/credits/add")
+    assert (wrong.status_code, error_code(wrong)) == (405, "method_not_allowed")
+
+
+# ------------------------------------------------------------------ auth
+
+
+def test_every_route_needs_a_configured_api_key(app: FastAPI, worker: RunningWorker) -> None:
+    user = new_user()
+    for key in (None, "wrong-key"):
+        refused = client_for(app, key).post(
+            "/credits/add?wait=true", json={"user_id": user, "amount": 5}
+        )
+        assert (refused.status_code, error_code(refused)) == (401, "unauthorized")
+        assert refused.headers["WWW-Authenticate"] == "Bearer"
+        assert client_for(app, key).get("/credits/plans").status_code == 401
+    assert client_for(app, SECOND_KEY).get("/credits/plans").status_code == 200
+    with pytest.raises(UnknownUser):  # nothing reached the workers
+        worker.service.get_user_credits_info(user)
+
+
+def test_without_keys_a_shared_broker_refuses_everything(worker: RunningWorker) -> None:
+    closed = client_for(build_app(gateway_settings(worker), api_keys=None), key=API_KEY)
+    response = closed.get("/credits/plans")
+    assert (response.status_code, error_code(response)) == (401, "unauthorized")
+    assert API_KEYS_VARIABLE in response.json()["error"]["message"]
+
+
+def test_without_keys_the_embedded_broker_is_open(worker: RunningWorker, tmp_path: Path) -> None:
+    embedded = gateway_settings(
+        worker, broker_url="filesystem://", result_backend=None, data_dir=str(tmp_path / "data")
+    )
+    response = client_for(build_app(embedded, api_keys=None), key=None).get("/credits/plans")
+    assert response.status_code == 200 and isinstance(response.json(), list)
+
+
+def test_a_host_app_mounts_the_router_with_its_own_auth(worker: RunningWorker) -> None:
+    from creditworker.credits import CreditService
+
+    async def staff_only() -> None:
+        raise HTTPException(403, "staff only")
+
+    reads = CreditService(worker.env["CREDITWORKER_DATABASE_URL"])
+    host = FastAPI()
+    host.include_router(
+        build_router(
+            AsyncCreditClient(gateway_settings(worker)),
+            reads,
+            SubscriptionService(reads),
+            staff_only,
+        )
+    )
+    response = TestClient(host).get("/credits/plans")
+    assert (response.status_code, error_code(response)) == (403, "forbidden")
+
+
+# ------------------------------------------------------------------ 503
+
+
+def test_a_broker_that_does_not_answer_is_503(worker: RunningWorker) -> None:
+    # The result backend stays up: with both down, the producer's Celery result consumer
+    # retries for ~20 s and raises RuntimeError rather than ServiceUnavailable.
+    down = client_for(build_app(gateway_settings(worker, broker_url=CLOSED_BROKER), API_KEY))
+    user = new_user()
+    for response in (
+        down.post("/credits/add", json={"user_id": user, "amount": 5}),
+        down.post("/credits/reserve", json={"user_id": user, "amount": 5}),
+    ):
+        assert (response.status_code, error_code(response)) == (503, "service_unavailable")
+        assert response.headers["Retry-After"] == "1"
+
+
+def test_a_database_that_does_not_answer_is_503(worker: RunningWorker) -> None:
+    down = client_for(build_app(gateway_settings(worker, database_url=CLOSED_DATABASE), API_KEY))
+    for path in ("/credits/balance/alice", "/credits/plans", "/credits/reservations/r1"):
+        response = down.get(path)
+        assert (response.status_code, error_code(response)) == (503, "service_unavailable")
+
+
+# ------------------------------------------------------------------ the whole schema
+
+
+@pytest.fixture(scope="module")
+def api_schema(app: FastAPI) -> Any:
+    config = schemathesis.config.SchemathesisConfig.from_dict(
+        {
+            "generation": {"max-examples": 30},
+            "phases": {"stateful": {"enabled": False}},
+        }
+    )
+    return schemathesis.openapi.from_asgi("/openapi.json", app, config=config)
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+def test_no_route_answers_a_server_error(case: Any) -> None:
+    case.call_and_validate(
+        headers={"Authorization": f"Bearer {API_KEY}"}, checks=[not_a_server_error]
+    )
