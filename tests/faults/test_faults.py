@@ -38,7 +38,7 @@ from tests.faults.servers import PrivatePostgres, PrivateRabbitMQ, PrivateRedis
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
 ACCOUNTS = ["hot", "a", "b", "c"]
-STREAM = 400
+STREAM = 2000
 
 
 @dataclass
