@@ -318,8 +318,8 @@ class CreditService:
 
         outcomes, change, refused = run_transaction(self.engine, work)
         self._committed(change)
-        for request, exc in refused:
-            self._log_error(type(request).__name__, request.model_dump(mode="json"), exc)
+        for request, error in refused:
+            self._log_error(type(request).__name__, request.model_dump(mode="json"), error)
         return outcomes
 
     def _batch_step(

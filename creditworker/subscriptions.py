@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -154,9 +154,7 @@ class SubscriptionService:
             if users:
                 row.active = False
             else:
-                session.execute(
-                    SubscriptionRow.__table__.delete().where(SubscriptionRow.plan_id == row.id)
-                )
+                session.execute(delete(SubscriptionRow).where(SubscriptionRow.plan_id == row.id))
                 session.delete(row)
             return users
 
