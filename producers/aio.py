@@ -1,13 +1,17 @@
 """The asyncio producer: the same API as `CreditClient`, never blocking the event loop.
 
 Celery's publish and result calls are blocking socket calls and there is no awaitable
-result (celery/celery#6603), so each one runs in a worker thread via `asyncio.to_thread`.
+result (celery/celery#6603), so each one runs in a thread. The client has a pool of its
+own (`max_threads`, default 64): waiting for results must not use up asyncio's default
+executor, which the rest of the application shares.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
@@ -23,27 +27,36 @@ T = TypeVar("T")
 
 
 class AsyncTaskHandle(Generic[T]):
-    def __init__(self, handle: TaskHandle[T]) -> None:
+    def __init__(self, handle: TaskHandle[T], executor: ThreadPoolExecutor) -> None:
         self.handle = handle
+        self._executor = executor
 
     @property
     def task_id(self) -> str:
         return self.handle.task_id
 
     async def get(self, timeout: float = DEFAULT_TIMEOUT, *, resend_every: float | None = None) -> T:
-        return await asyncio.to_thread(self.handle.get, timeout, resend_every=resend_every)
+        return await _in_thread(self._executor, self.handle.get, timeout, resend_every=resend_every)
 
     async def resend(self) -> None:
-        await asyncio.to_thread(self.handle.resend)
+        await _in_thread(self._executor, self.handle.resend)
+
+
+async def _in_thread(executor: ThreadPoolExecutor, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(executor, functools.partial(call, *args, **kwargs))
 
 
 class AsyncCreditClient:
-    def __init__(self, settings: Settings | None = None, *, app: Celery | None = None) -> None:
+    def __init__(
+        self, settings: Settings | None = None, *, app: Celery | None = None, max_threads: int = 64
+    ) -> None:
         self.sync = CreditClient(settings, app=app)
+        self._executor = ThreadPoolExecutor(max_threads, thread_name_prefix="creditworker-client")
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        handle = await asyncio.to_thread(getattr(self.sync, method), *args, **kwargs)
-        return AsyncTaskHandle(handle)
+        handle = await _in_thread(self._executor, getattr(self.sync, method), *args, **kwargs)
+        return AsyncTaskHandle(handle, self._executor)
 
     async def add_credits(
         self, user_id: str, amount: int, *, expires_at: datetime | None = None,
