@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     reminder_interval_seconds: float = Field(default=3600, gt=0)
     relay_interval_seconds: float = Field(default=5, gt=0)
     allocate_interval_seconds: float = Field(default=60, gt=0)
+    schedule_crontabs: dict[str, str] = Field(default_factory=dict)
+    """Beat entries to run at crontab times instead of intervals, e.g.
+    `{"send-expiry-reminders": "0 9 * * *"}` (minute hour day-of-month month day-of-week, UTC)."""
     allocation_chunk_size: int = Field(default=200, ge=1, le=1000)
     """Due subscriptions per allocation task: beat fans the work out in chunks this size."""
     api_keys: str = ""
