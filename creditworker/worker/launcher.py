@@ -87,7 +87,9 @@ def run_up(flower: bool = False, flower_port: int = 5555, flower_basic_auth: str
 def _stop_all(children: dict[str, subprocess.Popen[bytes]]) -> None:
     for child in children.values():
         if child.poll() is None:
-            os.killpg(child.pid, signal.SIGTERM)
+            # The main process only: Celery's warm shutdown stops its own pool after the
+            # running tasks finish; a signal to the whole group would kill them mid-task.
+            os.kill(child.pid, signal.SIGTERM)
     deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
     for child in children.values():
         try:
