@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -56,6 +56,7 @@ from creditworker.storage.database import (
     ensure_account,
     insert_if_absent,
     lock_account,
+    lock_accounts,
     make_engine,
     run_transaction,
 )
@@ -288,33 +289,72 @@ class CreditService:
         def work(session: Session) -> tuple[list[BatchOutcome], _Change, list[tuple[Request, CreditError]]]:
             change = _Change()
             valid = [r for r in requests if isinstance(r, Request)]
-            self._lock_batch_accounts(session, valid, at)
+            unborn = self._lock_batch_accounts(session, valid, at)
+            _cache_lots(session, {r.user_id for r in valid if isinstance(r, DeductCredits)})
             known = {
                 row.idempotency_key: row
                 for row in session.scalars(select(Operation).where(Operation.idempotency_key.in_(set(keys))))
             }
-            seen: set[str] = set()
-            outcomes: list[BatchOutcome] = []
+            outcomes: list[BatchOutcome | None] = [None] * len(requests)
             refused: list[tuple[Request, CreditError]] = []
-            for request, key in zip(requests, keys):
+            applied: dict[str, tuple[str, int]] = {}  # key -> (fingerprint, item that applied it)
+            repeats: list[tuple[int, int]] = []
+            deferred: list[tuple[int, DeductCredits, str, Entry]] = []
+            for index, (request, key) in enumerate(zip(requests, keys)):
                 if isinstance(request, CreditError):
-                    outcomes.append(BatchOutcome(ok=False, error=request.to_dict()))
+                    outcomes[index] = BatchOutcome(ok=False, error=request.to_dict())
                     continue
-                model, step = self._batch_step(request)
-                previous: Operation | None | bool = False if key in seen else known.get(key)
-                seen.add(key)
-                rows, events = len(change.rows), change.events
+                if key in applied:
+                    fingerprint, first = applied[key]
+                    if fingerprint == request.fingerprint():
+                        repeats.append((index, first))
+                    else:
+                        conflict = IdempotencyConflict(
+                            f"idempotency key {key!r} was already used for a different request",
+                            idempotency_key=key,
+                        )
+                        outcomes[index] = BatchOutcome(ok=False, error=conflict.to_dict())
+                        refused.append((request, conflict))
+                    continue
+                previous = known.get(key)
                 try:
-                    with session.begin_nested():
-                        result = self._apply_in(session, request, key, model, step, at, change, previous)
+                    user_id = getattr(request, "user_id", None)
+                    if user_id in unborn and not isinstance(request, AddCredits):
+                        # created up front only to keep the lock order; it exists once an add succeeds
+                        raise UnknownUser(f"no account for user {user_id!r}", user_id=user_id)
+                    if previous is None and isinstance(request, DeductCredits):
+                        # A deduct refuses before it changes anything, so it needs no
+                        # savepoint, and its rows are written with everyone else's below.
+                        deferred.append((index, request, key, self._deduct(session, at, change, key, request)))
+                    else:
+                        rows, events = len(change.rows), change.events
+                        try:
+                            model, step = self._batch_step(request)
+                            with session.begin_nested():
+                                result = self._apply_in(session, request, key, model, step, at, change, previous)
+                        except CreditError:
+                            del change.rows[rows:]
+                            change.events = events
+                            raise
+                        outcomes[index] = BatchOutcome(ok=True, result=result.model_dump(mode="json"))
                 except CreditError as exc:
-                    del change.rows[rows:]
-                    change.events = events
-                    outcomes.append(BatchOutcome(ok=False, error=exc.to_dict()))
+                    outcomes[index] = BatchOutcome(ok=False, error=exc.to_dict())
                     refused.append((request, exc))
                     continue
-                outcomes.append(BatchOutcome(ok=True, result=result.model_dump(mode="json")))
-            return outcomes, change, refused
+                applied[key] = (request.fingerprint(), index)
+                if isinstance(request, AddCredits):
+                    unborn.discard(request.user_id)
+            for user_id in unborn:  # no add succeeded for them: the batch leaves no trace
+                session.delete(session.get(Account, user_id))
+            session.flush()
+            for index, request, key, entry in deferred:
+                result = LedgerEntry.model_validate(entry_model(entry))
+                self._record_operation(session, request, key, result, at)
+                outcomes[index] = BatchOutcome(ok=True, result=result.model_dump(mode="json"))
+            for index, first in repeats:
+                outcomes[index] = outcomes[first]
+            session.flush()
+            return [outcome for outcome in outcomes if outcome is not None], change, refused
 
         outcomes, change, refused = run_transaction(self.engine, work)
         self._committed(change)
@@ -337,17 +377,19 @@ class CreditService:
         return model, lambda s, t, c, k: method(s, t, c, k, request)
 
     @staticmethod
-    def _lock_batch_accounts(session: Session, requests: Sequence[Request], at: datetime) -> None:
-        """Create the accounts adds need and lock every account involved, in sorted order."""
+    def _lock_batch_accounts(session: Session, requests: Sequence[Request], at: datetime) -> set[str]:
+        """Create the accounts adds need and lock every account involved, in sorted order.
+
+        Returns the accounts created here, which do not exist for the batch's other
+        operations until one of its adds succeeds."""
         hold_ids = [r.reservation_id for r in requests if isinstance(r, (CommitReservation, ReleaseReservation))]
         users = {r.user_id for r in requests if isinstance(r, (AddCredits, DeductCredits, ReserveCredits))}
         if hold_ids:
             users |= set(session.scalars(select(Hold.user_id).where(Hold.id.in_(hold_ids))))
         adding = {r.user_id for r in requests if isinstance(r, AddCredits)}
-        for user_id in sorted(users):
-            if user_id in adding:
-                ensure_account(session, user_id, at)
-            lock_account(session, user_id)
+        created = {user_id for user_id in sorted(adding) if ensure_account(session, user_id, at)}
+        lock_accounts(session, users)
+        return created
 
     # ------------------------------------------------------------------ sweeps
 
@@ -580,18 +622,25 @@ class CreditService:
         result = result_model.model_validate(
             entry_model(outcome) if isinstance(outcome, Entry) else outcome
         )
+        self._record_operation(session, request, key, result, at)
+        session.flush()
+        return result
+
+    @staticmethod
+    def _record_operation(
+        session: Session, request: Request, key: str, result: BaseModel, at: datetime
+    ) -> None:
+        """The row that makes `key` replay `result` instead of applying `request` again."""
         session.add(
             Operation(
                 idempotency_key=key,
                 kind=type(request).__name__,
-                fingerprint=fingerprint,
+                fingerprint=request.fingerprint(),
                 user_id=getattr(request, "user_id", None) or getattr(result, "user_id", None),
                 result=result.model_dump(mode="json"),
                 created_at=at,
             )
         )
-        session.flush()
-        return result
 
     def _write(self, sweep: Callable[[Session, _Change], None]) -> _Change:
         """Run a sweep step in one transaction; returns what it wrote."""
@@ -732,6 +781,7 @@ class CreditService:
         )
         session.add(lot)
         session.flush()
+        session.info.get("lots", {}).pop(account.user_id, None)  # a batch reloads them
         return self._record(
             session,
             change,
@@ -994,19 +1044,45 @@ def _reminder_day(days: Sequence[int], left: timedelta) -> int | None:
     return None
 
 
+LOT_ORDER = (Lot.priority, Lot.expires_at.is_(None), Lot.expires_at, Lot.id)
+"""The draw-down order: lowest priority value, soonest expiry (none last), oldest."""
+
+
+def _cache_lots(session: Session, user_ids: set[str]) -> None:
+    """Load and lock the live lots of `user_ids` in one query, for a batch to draw from.
+
+    `_draw_lots` then takes them from the session instead of querying per deduct; a new
+    lot (from an add) drops its user's list, which is reloaded on the next draw.
+    """
+    cache: dict[str, list[Lot]] = {user_id: [] for user_id in user_ids}
+    if user_ids:
+        for lot in session.scalars(
+            select(Lot).where(Lot.user_id.in_(user_ids), Lot.remaining > 0)
+            .order_by(Lot.user_id, *LOT_ORDER).with_for_update()
+        ):
+            cache[lot.user_id].append(lot)
+    session.info["lots"] = cache
+
+
 def _draw_lots(session: Session, user_id: str, amount: int) -> list[dict[str, int]]:
-    """Take `amount` from the user's lots: lowest priority value, soonest expiry, oldest."""
+    """Take `amount` from the user's lots in the draw-down order."""
     draws: list[dict[str, int]] = []
     if amount <= 0:
         return draws
-    lots = session.scalars(
-        select(Lot)
-        .where(Lot.user_id == user_id, Lot.remaining > 0)
-        .order_by(Lot.priority, Lot.expires_at.is_(None), Lot.expires_at, Lot.id)
-        .with_for_update()
-    )
+    cache: dict[str, list[Lot]] | None = session.info.get("lots")
+    if cache is not None and user_id in cache:
+        lots: Iterable[Lot] = cache[user_id]
+    else:
+        session.flush()  # a batch's unwritten draws must count in the query below
+        lots = list(session.scalars(
+            select(Lot).where(Lot.user_id == user_id, Lot.remaining > 0).order_by(*LOT_ORDER).with_for_update()
+        ))
+        if cache is not None:
+            cache[user_id] = lots
     left = amount
     for lot in lots:
+        if lot.remaining <= 0:
+            continue
         taken = min(lot.remaining, left)
         lot.remaining -= taken
         left -= taken

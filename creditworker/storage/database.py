@@ -11,11 +11,11 @@ import os
 import random
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, event, inspect, select
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -41,6 +41,9 @@ def make_engine(url: str, **engine_options: Any) -> Engine:
     else:
         options["pool_pre_ping"] = True
         options["isolation_level"] = "READ COMMITTED"
+    if parsed.get_driver_name() == "psycopg2":
+        # A batch's row updates go out in pages, not one round trip per row.
+        options["executemany_mode"] = "values_plus_batch"
     if backend in ("mysql", "mariadb") and "charset" not in parsed.query:
         parsed = parsed.update_query_dict({"charset": "utf8mb4"})
     options.update(engine_options)
@@ -157,9 +160,10 @@ def insert_if_absent(session: Session, table: type[Base], values: dict[str, Any]
     return bool(getattr(result, "rowcount", 0) == 1)
 
 
-def ensure_account(session: Session, user_id: str, now: datetime) -> None:
-    """Create the account row if it is missing, without racing a concurrent creator."""
-    insert_if_absent(
+def ensure_account(session: Session, user_id: str, now: datetime) -> bool:
+    """Create the account row if it is missing, without racing a concurrent creator;
+    True if this call created it."""
+    return insert_if_absent(
         session,
         Account,
         {"user_id": user_id, "balance": 0, "reserved": 0, "low_credit_alerted": False,
@@ -171,20 +175,39 @@ def lock_account(session: Session, user_id: str) -> Account | None:
     """Load the account row locked for the rest of the transaction (None if absent).
 
     A row this transaction already locked comes from the session without another
-    `SELECT ... FOR UPDATE` (a batch touches the same accounts many times).
+    `SELECT ... FOR UPDATE` (a batch touches the same accounts many times). The session
+    keeps the locked rows referenced: its identity map alone would let them be collected.
     """
-    transaction = session.get_transaction()
-    owner, locked = session.info.get("locked_accounts", (None, set()))
-    if owner is not transaction:
-        locked = set()
-        session.info["locked_accounts"] = (transaction, locked)
-    if user_id in locked:
-        account = session.get(Account, user_id)
-        if account is not None:
-            return account
+    locked = _locked_accounts(session)
+    account: Account | None = locked.get(user_id)
+    if account is not None and inspect(account).persistent:
+        return account
     account = session.scalars(
         select(Account).where(Account.user_id == user_id).with_for_update()
     ).one_or_none()
     if account is not None:
-        locked.add(user_id)
+        locked[user_id] = account
     return account
+
+
+def lock_accounts(session: Session, user_ids: Iterable[str]) -> None:
+    """Lock many account rows with one query, in user id order (the order every multi-
+    account transaction uses, so two of them never wait on each other in a cycle)."""
+    wanted = sorted(set(user_ids))
+    if not wanted:
+        return
+    locked = _locked_accounts(session)
+    for account in session.scalars(
+        select(Account).where(Account.user_id.in_(wanted)).order_by(Account.user_id).with_for_update()
+    ):
+        locked[account.user_id] = account
+
+
+def _locked_accounts(session: Session) -> dict[str, Account]:
+    """The account rows this transaction has locked, kept referenced by the session."""
+    transaction = session.get_transaction()
+    owner, locked = session.info.get("locked_accounts", (None, {}))
+    if owner is not transaction:
+        locked = {}
+        session.info["locked_accounts"] = (transaction, locked)
+    return locked

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import random
 import threading
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
 from creditworker import CreditService
 from creditworker.audit import audit
-from tests.engine.test_credits import snapshot
+from creditworker.errors import CreditError
+from creditworker.storage.tables import Account, Entry, Lot
+from tests.conftest import wipe
+from tests.engine.test_credits import NOW, snapshot
 
 
 def test_a_mixed_batch_reports_each_outcome_and_commits_the_rest(service: CreditService) -> None:
@@ -121,3 +129,66 @@ def test_an_empty_or_oversized_batch_is_refused() -> None:
         parse(SubmitBatch, {"operations": []})
     with pytest.raises(ValidationFailed):
         parse(SubmitBatch, {"operations": [{"op": "add"}] * 1001})
+
+
+def _random_operations(seed: int, count: int) -> list[dict[str, object]]:
+    rng = random.Random(seed)
+    users = ["p", "q", "r"]
+    items: list[dict[str, object]] = []
+    for n in range(count):
+        user = rng.choice(users)
+        roll = rng.random()
+        if roll < 0.25:
+            item: dict[str, object] = {"op": "add", "user_id": user, "amount": rng.randint(1, 40),
+                                       "priority": rng.choice([None, 0, 1, -1])}
+            if rng.random() < 0.5:
+                item["expires_at"] = (NOW + timedelta(days=rng.randint(1, 30))).isoformat()
+        elif roll < 0.85:
+            item = {"op": "deduct", "user_id": user, "amount": rng.randint(1, 30)}
+        else:
+            item = {"op": "reserve", "user_id": user, "amount": rng.randint(1, 10)}
+        item["idempotency_key"] = f"eq-{seed}-{n % (count - 3)}"  # a few keys repeat
+        items.append(item)
+    return items
+
+
+def _state(service: CreditService, engine: Engine) -> tuple[object, ...]:
+    with Session(engine) as session:
+        lots = sorted((lot.user_id, lot.amount, lot.remaining, lot.priority) for lot in session.scalars(select(Lot)))
+        first_lot = min(session.scalars(select(Lot.id)), default=0)  # ids go on after a wipe
+        entries = sorted(
+            (e.idempotency_key, e.kind, e.amount, e.balance_after, e.reserved_after,
+             json.dumps([(d["lot_id"] - first_lot, d["amount"]) for d in e.draws or []]))
+            for e in session.scalars(select(Entry))
+        )
+    balances = [service.get_user_credits_info(u, now=NOW) for u in ("p", "q", "r") if _has_account(engine, u)]
+    return lots, entries, [(b.total, b.reserved) for b in balances]
+
+
+def _has_account(engine: Engine, user: str) -> bool:
+    with Session(engine) as session:
+        return session.get(Account, user) is not None
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_batch_has_the_same_effect_as_its_items_one_by_one(service: CreditService, engine: Engine, seed: int) -> None:
+    items = _random_operations(seed, 60)
+    singles: list[tuple[bool, object]] = []
+    methods = {"add": service.add_credits, "deduct": service.deduct_credits, "reserve": service.reserve_credits}
+    for item in items:
+        fields = {k: v for k, v in item.items() if k != "op"}
+        if "expires_at" in fields:
+            fields["expires_at"] = datetime.fromisoformat(str(fields["expires_at"]))
+        try:
+            result = methods[str(item["op"])](now=NOW, **fields)  # type: ignore[operator]
+            singles.append((True, result.model_dump(mode="json")["amount"]))
+        except CreditError as exc:
+            singles.append((False, exc.code))
+    one_by_one = _state(service, engine)
+    assert audit(engine).passed
+    wipe(engine)
+
+    outcomes = service.apply_batch(items, now=NOW)
+    assert [(o.ok, o.result["amount"] if o.ok and o.result else (o.error or {}).get("code")) for o in outcomes] == singles
+    assert _state(service, engine) == one_by_one
+    assert audit(engine).passed
