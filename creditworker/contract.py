@@ -195,6 +195,10 @@ class GetHistory(_Message):
     kinds: list[EntryKind] | None = None
 
 
+class GetReservation(_Message):
+    reservation_id: ReservationId
+
+
 class GetExpiring(_Message):
     user_id: UserId
     within_days: Annotated[int, Strict(), Field(ge=0, le=MAX_WITHIN_DAYS)] = 7

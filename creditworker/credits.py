@@ -30,6 +30,7 @@ from creditworker.contract import (
     GetCredits,
     GetExpiring,
     GetHistory,
+    GetReservation,
     LedgerEntry,
     OveragePolicy,
     ReleaseReservation,
@@ -309,10 +310,7 @@ class CreditService:
                     if fingerprint == request.fingerprint():
                         repeats.append((index, first))
                     else:
-                        conflict = IdempotencyConflict(
-                            f"idempotency key {key!r} was already used for a different request",
-                            idempotency_key=key,
-                        )
+                        conflict = _key_conflict(key, type(requests[first]).__name__)
                         outcomes[index] = BatchOutcome(ok=False, error=conflict.to_dict())
                         refused.append((request, conflict))
                     continue
@@ -550,8 +548,9 @@ class CreditService:
             return [lot_model(lot) for lot in lots]
 
     def get_reservation(self, reservation_id: str) -> Reservation:
+        request = self._parse(GetReservation, reservation_id=reservation_id)
         with Session(self.engine) as session:
-            hold = session.get(Hold, reservation_id)
+            hold = session.get(Hold, request.reservation_id)
             if hold is None:
                 raise UnknownReservation(
                     f"no reservation {reservation_id!r}", reservation_id=reservation_id
@@ -611,11 +610,7 @@ class CreditService:
             previous = session.get(Operation, key)
         if isinstance(previous, Operation):
             if previous.fingerprint != fingerprint:
-                raise IdempotencyConflict(
-                    f"idempotency key {key!r} was already used for a different request",
-                    idempotency_key=key,
-                    operation=previous.kind,
-                )
+                raise _key_conflict(key, previous.kind)
             return result_model.model_validate(previous.result)
         outcome = operation(session, at, change, key)
         session.flush()
@@ -948,6 +943,7 @@ class CreditService:
         lots_by_user: dict[str, list[Lot]] = defaultdict(list)
         for lot in session.scalars(select(Lot).where(Lot.id.in_(lot_ids))):
             lots_by_user[lot.user_id].append(lot)
+        lock_accounts(session, lots_by_user)
         for user_id in sorted(lots_by_user):
             account = self._locked_account(session, user_id)
             unheld = account.balance - account.reserved
@@ -1006,9 +1002,8 @@ class CreditService:
     def _expire_holds(
         self, session: Session, at: datetime, change: _Change, hold_ids: list[str]
     ) -> None:
-        user_ids = sorted(
-            set(session.scalars(select(Hold.user_id).where(Hold.id.in_(hold_ids))))
-        )
+        user_ids = set(session.scalars(select(Hold.user_id).where(Hold.id.in_(hold_ids))))
+        lock_accounts(session, user_ids)
         accounts = {user_id: self._locked_account(session, user_id) for user_id in user_ids}
         holds = session.scalars(select(Hold).where(Hold.id.in_(hold_ids)).order_by(Hold.id))
         for hold in holds:
@@ -1044,6 +1039,14 @@ def _reminder_day(days: Sequence[int], left: timedelta) -> int | None:
     return None
 
 
+def _key_conflict(key: str, operation: str) -> IdempotencyConflict:
+    return IdempotencyConflict(
+        f"idempotency key {key!r} was already used for a different request",
+        idempotency_key=key,
+        operation=operation,
+    )
+
+
 LOT_ORDER = (Lot.priority, Lot.expires_at.is_(None), Lot.expires_at, Lot.id)
 """The draw-down order: lowest priority value, soonest expiry (none last), oldest."""
 
@@ -1073,7 +1076,8 @@ def _draw_lots(session: Session, user_id: str, amount: int) -> list[dict[str, in
     if cache is not None and user_id in cache:
         lots: Iterable[Lot] = cache[user_id]
     else:
-        session.flush()  # a batch's unwritten draws must count in the query below
+        if cache is not None:
+            session.flush()  # a batch's unwritten draws must count in the query below
         lots = list(session.scalars(
             select(Lot).where(Lot.user_id == user_id, Lot.remaining > 0).order_by(*LOT_ORDER).with_for_update()
         ))

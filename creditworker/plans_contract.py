@@ -47,14 +47,19 @@ class CreatePlan(Request):
     active: bool = True
 
 
-class UpdatePlan(_Message):
-    plan: PlanRef
+class PlanChanges(_Message):
+    """What `update_plan` may change (the HTTP gateway takes it as the PATCH body)."""
+
     name: PlanName | None = None
     credit_limit: CreditLimit | None = None
     price: Price | None = None
     currency: Currency | None = None
     validity_days: ValidityDays | None = None
     active: bool | None = None
+
+
+class UpdatePlan(PlanChanges):
+    plan: PlanRef
 
 
 class GetPlan(_Message):

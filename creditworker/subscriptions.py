@@ -18,6 +18,7 @@ Policies:
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -37,17 +38,20 @@ from creditworker.errors import (
     ValidationFailed,
 )
 from creditworker.events import SubscriptionAllocated, SubscriptionChanged, SubscriptionEnded
-from creditworker.periods import BillingPeriod, period_index_at, period_start, prorate
+from creditworker.periods import period_index_at, period_start, prorate
 from creditworker.plans_contract import (
     AssignPlan,
     ChangePlan,
     CreatePlan,
+    DeletePlan,
+    GetPlan,
+    GetSubscription,
     Plan,
     RemovePlan,
     Subscription,
     UpdatePlan,
 )
-from creditworker.storage.database import ensure_account, run_transaction
+from creditworker.storage.database import ensure_account, lock_accounts, run_transaction
 from creditworker.storage.tables import Operation, PlanRow, SubscriptionRow
 
 ACTIVE = "active"
@@ -65,8 +69,6 @@ def subscription_model(row: SubscriptionRow) -> Subscription:
 
 
 def _event_id() -> str:
-    import uuid
-
     return str(uuid.uuid4())
 
 
@@ -142,9 +144,10 @@ class SubscriptionService:
     def delete_plan(self, plan: int | str) -> None:
         """Delete an unused plan. A plan that users are on is deactivated instead (new users
         can no longer be assigned to it) and `PlanInUse` says so."""
+        ref = parse(DeletePlan, {"plan": plan}).plan
 
         def work(session: Session) -> int:
-            row = self._plan(session, plan)
+            row = self._plan(session, ref)
             users = int(session.scalar(
                 select(func.count()).select_from(SubscriptionRow).where(
                     SubscriptionRow.status == ACTIVE,
@@ -166,8 +169,9 @@ class SubscriptionService:
             )
 
     def get_plan(self, plan: int | str) -> Plan:
+        ref = parse(GetPlan, {"plan": plan}).plan
         with Session(self.engine) as session:
-            return plan_model(self._plan(session, plan))
+            return plan_model(self._plan(session, ref))
 
     def list_plans(self, *, include_inactive: bool = False) -> list[Plan]:
         query = select(PlanRow).order_by(PlanRow.id)
@@ -303,8 +307,9 @@ class SubscriptionService:
         return self.credits._apply(request, Subscription, operation, now)
 
     def get_user_subscription(self, user_id: str) -> Subscription:
+        request = parse(GetSubscription, {"user_id": user_id})
         with Session(self.engine) as session:
-            return subscription_model(self._require_active(session, user_id))
+            return subscription_model(self._require_active(session, request.user_id))
 
     # ------------------------------------------------------------------ allocation
 
@@ -335,20 +340,21 @@ class SubscriptionService:
                  backfill: bool = False) -> int:
         """Advance the given subscriptions to the period containing `now`, in one transaction."""
         at = _aware(now)
-        grants = {"count": 0}
+        granted = 0
 
         def sweep(session: Session, change: _Change) -> None:
+            nonlocal granted
+            granted = 0  # the transaction may be rerun from scratch
             rows = list(session.scalars(
                 select(SubscriptionRow).where(SubscriptionRow.id.in_(subscription_ids))
             ))
-            for user_id in sorted({row.user_id for row in rows}):
-                self.credits._locked_account(session, user_id)
+            lock_accounts(session, {row.user_id for row in rows})
             for row in sorted(rows, key=lambda row: row.id):
                 session.refresh(row)
-                grants["count"] += self._advance(session, change, row, at, backfill)
+                granted += self._advance(session, change, row, at, backfill)
 
         self.credits._write(sweep)
-        return grants["count"]
+        return granted
 
     # ------------------------------------------------------------------ machinery
 

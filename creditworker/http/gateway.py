@@ -38,7 +38,6 @@ from creditworker.contract import (
     Reservation,
     ReserveCredits,
     UtcDateTime,
-    parse,
 )
 from creditworker.credits import CreditService
 from creditworker.errors import CreditError, ServiceUnavailable, ValidationFailed
@@ -52,16 +51,10 @@ from creditworker.http.responses import (
 )
 from creditworker.plans_contract import (
     CreatePlan,
-    CreditLimit,
-    Currency,
-    GetPlan,
-    GetSubscription,
     Plan,
-    PlanName,
+    PlanChanges,
     PlanRef,
-    Price,
     Subscription,
-    ValidityDays,
 )
 from creditworker.settings import Settings, get_settings
 from creditworker.storage.database import is_transient
@@ -102,15 +95,6 @@ class CommitBody(_Body):
 
 class ReleaseBody(_Body):
     idempotency_key: IdempotencyKey | None = None
-
-
-class PlanChanges(_Body):
-    name: PlanName | None = None
-    credit_limit: CreditLimit | None = None
-    price: Price | None = None
-    currency: Currency | None = None
-    validity_days: ValidityDays | None = None
-    active: bool | None = None
 
 
 class AssignBody(_Body):
@@ -162,11 +146,9 @@ KeyHeader = Annotated[
                                                 "returns the first result and changes nothing."),
 ]
 
-# The contract does not yet refuse control characters in reservation ids and plan names, and
-# PostgreSQL cannot even compare a string holding NUL: such a URL is refused here instead.
-_PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
-ReservationIdPath = Annotated[str, Path(pattern=_PRINTABLE)]
-PlanPath = Annotated[str, Path(pattern=_PRINTABLE, description="A plan id or name.")]
+# Validated by the contract, like every other field (control characters are refused there).
+ReservationIdPath = Annotated[str, Path()]
+PlanPath = Annotated[str, Path(description="A plan id or name.")]
 
 
 def _fields(body: BaseModel, key_header: str | None) -> dict[str, Any]:
@@ -487,8 +469,7 @@ def build_router(
         responses=_responses(Plan, _PLAN, errors=[404]),
     )
     async def get_plan(plan: PlanPath) -> JSONResponse:
-        ref = parse(GetPlan, {"plan": plan}).plan
-        return _json(await run_in_threadpool(subscriptions.get_plan, ref))
+        return _json(await run_in_threadpool(subscriptions.get_plan, plan))
 
     @router.patch(
         "/plans/{plan}", status_code=202, tags=["plans"], summary="Change a plan (id or name)",
@@ -565,8 +546,7 @@ def build_router(
         responses=_responses(Subscription, _SUBSCRIPTION, errors=[404]),
     )
     async def get_subscription(user_id: str) -> JSONResponse:
-        checked = parse(GetSubscription, {"user_id": user_id}).user_id
-        return _json(await run_in_threadpool(subscriptions.get_user_subscription, checked))
+        return _json(await run_in_threadpool(subscriptions.get_user_subscription, user_id))
 
     return router
 
