@@ -144,16 +144,24 @@ def _running(
         worker.stop()
 
 
+def running_on_redis(
+    tmp_path_factory: pytest.TempPathFactory, database_url: str, redis_url: str, db: int,
+    migrated_engines: dict[str, Engine], **extra: str,
+) -> Iterator[RunningWorker]:
+    """A worker whose broker is Redis database `db`, emptied first (each module has its own)."""
+    import redis
+
+    broker = redis_db(redis_url, db)
+    redis.Redis.from_url(broker).flushdb()
+    yield from _running(tmp_path_factory, database_url, broker, migrated_engines, **extra)
+
+
 @pytest.fixture(scope="module")
 def redis_worker_process(
     tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_url: str,
     migrated_engines: dict[str, Engine],
 ) -> Iterator[RunningWorker]:
-    import redis
-
-    broker = redis_db(redis_url, 11)
-    redis.Redis.from_url(broker).flushdb()
-    yield from _running(tmp_path_factory, postgres_url, broker, migrated_engines)
+    yield from running_on_redis(tmp_path_factory, postgres_url, redis_url, 11, migrated_engines)
 
 
 @pytest.fixture(scope="module")

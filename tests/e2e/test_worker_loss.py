@@ -8,7 +8,6 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-import redis
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
@@ -17,7 +16,7 @@ from creditworker.audit import audit
 from creditworker.errors import ServiceUnavailable
 from creditworker.storage.tables import Entry
 from tests.conftest import wipe
-from tests.e2e.conftest import RunningWorker, _running, redis_db
+from tests.e2e.conftest import RunningWorker, running_on_redis
 
 pytestmark = pytest.mark.e2e
 
@@ -30,10 +29,8 @@ def short_visibility_worker(
     migrated_engines: dict[str, Engine],
 ) -> Iterator[RunningWorker]:
     """Redis redelivers unacknowledged messages after the visibility timeout: 5 s here."""
-    broker = redis_db(redis_url, 12)
-    redis.Redis.from_url(broker).flushdb()
-    for worker in _running(
-        tmp_path_factory, postgres_url, broker, migrated_engines,
+    for worker in running_on_redis(
+        tmp_path_factory, postgres_url, redis_url, 12, migrated_engines,
         CREDITWORKER_VISIBILITY_TIMEOUT_SECONDS=VISIBILITY_TIMEOUT,
     ):
         wipe(worker.engine)

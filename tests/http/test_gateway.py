@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import schemathesis
 from fastapi import FastAPI, HTTPException
 from fastapi.testclient import TestClient
@@ -26,7 +25,7 @@ from creditworker.http.gateway import build_router, create_app
 from creditworker.settings import Settings
 from creditworker.subscriptions import SubscriptionService
 from producers.aio import AsyncCreditClient
-from tests.e2e.conftest import RunningWorker, _running, redis_db
+from tests.e2e.conftest import RunningWorker, running_on_redis
 
 pytestmark = pytest.mark.e2e
 
@@ -45,9 +44,7 @@ def worker(
     redis_url: str,
     migrated_engines: dict[str, Engine],
 ) -> Iterator[RunningWorker]:
-    broker = redis_db(redis_url, REDIS_DB)
-    redis.Redis.from_url(broker).flushdb()
-    yield from _running(tmp_path_factory, postgres_url, broker, migrated_engines)
+    yield from running_on_redis(tmp_path_factory, postgres_url, redis_url, REDIS_DB, migrated_engines)
 
 
 def gateway_settings(worker: RunningWorker, **changes: Any) -> Settings:

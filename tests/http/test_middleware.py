@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.testclient import TestClient
@@ -17,7 +16,7 @@ from sqlalchemy.engine import Engine
 from creditworker.contract import EntryKind, LedgerEntry
 from creditworker.http.middleware import CreditDeductionMiddleware
 from producers.aio import AsyncCreditClient
-from tests.e2e.conftest import RunningWorker, _running, redis_db
+from tests.e2e.conftest import RunningWorker, running_on_redis
 
 pytestmark = pytest.mark.e2e
 
@@ -32,9 +31,7 @@ def worker(
     redis_url: str,
     migrated_engines: dict[str, Engine],
 ) -> Iterator[RunningWorker]:
-    broker = redis_db(redis_url, REDIS_DB)
-    redis.Redis.from_url(broker).flushdb()
-    yield from _running(tmp_path_factory, postgres_url, broker, migrated_engines)
+    yield from running_on_redis(tmp_path_factory, postgres_url, redis_url, REDIS_DB, migrated_engines)
 
 
 def metered_app(client: AsyncCreditClient, calls: Counter[str], **options: Any) -> FastAPI:
