@@ -117,6 +117,13 @@ def test_the_same_message_published_twice_is_applied_once(worker: RunningWorker)
     assert worker.service.get_user_credits_info("ann").total == 43
 
 
+def test_the_health_ping_answers_through_broker_and_worker(worker: RunningWorker) -> None:
+    answer = worker.client.app.send_task("creditworker.health.ping").get(timeout=10)
+    assert answer == {"ok": True, "result": {"pong": True}}
+    refused = worker.client.app.send_task("creditworker.health.ping", kwargs={"x": 1}).get(timeout=10)
+    assert refused["ok"] is False and refused["error"]["code"] == "invalid_input"
+
+
 def test_a_batch_runs_through_the_worker_with_one_outcome_per_item(worker: RunningWorker) -> None:
     worker.service.add_credits("dan", 30)
     handle = worker.client.submit_batch([

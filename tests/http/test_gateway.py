@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -576,3 +577,18 @@ def test_no_route_answers_a_server_error(api_schema: Any) -> None:
             )
 
         no_server_error()
+
+
+def test_every_route_has_a_tag_a_summary_and_an_example(app: FastAPI) -> None:
+    document = app.openapi()
+    operations = [
+        (method, path, operation)
+        for path, methods in document["paths"].items()
+        for method, operation in methods.items()
+    ]
+    assert len(operations) >= 19
+    for method, path, operation in operations:
+        assert operation.get("tags"), (method, path)
+        assert operation.get("summary"), (method, path)
+        text = json.dumps({"responses": operation.get("responses"), "body": operation.get("requestBody")})
+        assert '"example' in text, (method, path, "no example")
