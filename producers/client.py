@@ -290,15 +290,13 @@ class CreditClient:
     def submit_batch(self, operations: Sequence[dict[str, Any]]) -> TaskHandle[list[BatchOutcome]]:
         """Enqueue up to 1,000 operations (`{"op": "deduct", "user_id": ..., "amount": ...}`)
         for one transaction; the result has one outcome per item, in order."""
+        items = []
         for index, item in enumerate(operations):
             try:
-                parse_batch_item(item)
+                request = parse_batch_item(item)
             except ValidationFailed as exc:
                 raise ValidationFailed(f"operation {index}: {exc.message}", index=index, **exc.details) from None
-        items = [dict(item) for item in operations]
-        for item in items:  # times as ISO strings: the wire is JSON
-            if isinstance(item.get("expires_at"), datetime):
-                item["expires_at"] = item["expires_at"].isoformat()
+            items.append({"op": item["op"], **request.model_dump(mode="json", exclude_none=True)})
         return self._send(parse(SubmitBatch, {"operations": items}), _OUTCOMES.validate_python)
 
     # ------------------------------------------------------------ plans and subscriptions
