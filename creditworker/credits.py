@@ -300,7 +300,7 @@ class CreditService:
             refused: list[tuple[Request, CreditError]] = []
             applied: dict[str, tuple[str, int]] = {}  # key -> (fingerprint, item that applied it)
             repeats: list[tuple[int, int]] = []
-            deferred: list[tuple[int, DeductCredits, str, Entry]] = []
+            deferred: list[tuple[int, Request, str, Entry]] = []
             for index, (request, key) in enumerate(zip(requests, keys)):
                 if isinstance(request, CreditError):
                     outcomes[index] = BatchOutcome(ok=False, error=request.to_dict())
@@ -314,31 +314,20 @@ class CreditService:
                         outcomes[index] = BatchOutcome(ok=False, error=conflict.to_dict())
                         refused.append((request, conflict))
                     continue
-                previous = known.get(key)
+                user_id = getattr(request, "user_id", None)
                 try:
-                    user_id = getattr(request, "user_id", None)
                     if user_id in unborn and not isinstance(request, AddCredits):
                         # created up front only to keep the lock order; it exists once an add succeeds
                         raise UnknownUser(f"no account for user {user_id!r}", user_id=user_id)
-                    if previous is None and isinstance(request, DeductCredits):
-                        # A deduct refuses before it changes anything, so it needs no
-                        # savepoint, and its rows are written with everyone else's below.
-                        deferred.append((index, request, key, self._deduct(session, at, change, key, request)))
-                    else:
-                        rows, events = len(change.rows), change.events
-                        try:
-                            model, step = self._batch_step(request)
-                            with session.begin_nested():
-                                result = self._apply_in(session, request, key, model, step, at, change, previous)
-                        except CreditError:
-                            del change.rows[rows:]
-                            change.events = events
-                            raise
-                        outcomes[index] = BatchOutcome(ok=True, result=result.model_dump(mode="json"))
+                    outcome = self._batch_item(session, request, key, known.get(key), at, change)
                 except CreditError as exc:
                     outcomes[index] = BatchOutcome(ok=False, error=exc.to_dict())
                     refused.append((request, exc))
                     continue
+                if isinstance(outcome, Entry):
+                    deferred.append((index, request, key, outcome))
+                else:
+                    outcomes[index] = BatchOutcome(ok=True, result=outcome.model_dump(mode="json"))
                 applied[key] = (request.fingerprint(), index)
                 if isinstance(request, AddCredits):
                     unborn.discard(request.user_id)
@@ -360,19 +349,30 @@ class CreditService:
             self._log_error(type(request).__name__, request.model_dump(mode="json"), error)
         return outcomes
 
-    def _batch_step(
-        self, request: Request
-    ) -> tuple[type[BaseModel], Callable[[Session, datetime, _Change, str], BaseModel | Entry]]:
-        """The result model and the engine step of one batch item."""
-        steps: dict[type[Request], tuple[type[BaseModel], Callable[..., BaseModel | Entry]]] = {
-            AddCredits: (LedgerEntry, self._add),
-            DeductCredits: (LedgerEntry, self._deduct),
-            ReserveCredits: (Reservation, self._reserve),
-            CommitReservation: (LedgerEntry, self._commit),
-            ReleaseReservation: (LedgerEntry, self._release),
-        }
-        model, method = steps[type(request)]
-        return model, lambda s, t, c, k: method(s, t, c, k, request)
+    def _batch_item(
+        self, session: Session, request: Request, key: str, previous: Operation | None,
+        at: datetime, change: _Change,
+    ) -> BaseModel | Entry:
+        """Apply one batch item, or raise its typed error having changed nothing.
+
+        A new deduct refuses before it changes anything, so it runs without a savepoint and
+        returns its unwritten entry (the batch writes all rows together). Anything else
+        runs in a savepoint and returns its result.
+        """
+        if previous is None and isinstance(request, DeductCredits):
+            return self._deduct(session, at, change, key, request)
+        model, method = BATCH_STEPS[type(request)]
+        rows, events = len(change.rows), change.events
+        try:
+            with session.begin_nested():
+                return self._apply_in(
+                    session, request, key, model,
+                    lambda s, t, c, k: getattr(self, method)(s, t, c, k, request), at, change, previous,
+                )
+        except CreditError:
+            del change.rows[rows:]
+            change.events = events
+            raise
 
     @staticmethod
     def _lock_batch_accounts(session: Session, requests: Sequence[Request], at: datetime) -> set[str]:
@@ -1037,6 +1037,16 @@ def _reminder_day(days: Sequence[int], left: timedelta) -> int | None:
         if left <= timedelta(days=day):
             return day
     return None
+
+
+BATCH_STEPS: dict[type[Request], tuple[type[BaseModel], str]] = {
+    AddCredits: (LedgerEntry, "_add"),
+    DeductCredits: (LedgerEntry, "_deduct"),
+    ReserveCredits: (Reservation, "_reserve"),
+    CommitReservation: (LedgerEntry, "_commit"),
+    ReleaseReservation: (LedgerEntry, "_release"),
+}
+"""The result model and the engine step of each kind of batch item."""
 
 
 def _key_conflict(key: str, operation: str) -> IdempotencyConflict:
