@@ -95,20 +95,19 @@ def redis_broker_state(url: str, missing: set[str]) -> str:
     """Where the missing operations are on a Redis broker: queued, unacked, or nowhere."""
     client = redis.Redis.from_url(url)
     found: dict[str, str] = {}
-    lists = {}
+    lists: dict[str, int] = {}
     for name in client.scan_iter():
         kind = client.type(name)
         if kind == b"list":
             lists[name.decode()] = client.llen(name)
-            payloads = [(name.decode(), raw) for raw in client.lrange(name, 0, -1)]
+            raws = client.lrange(name, 0, -1)
         elif kind == b"hash" and name.endswith(b"unacked"):
-            payloads = [(name.decode(), raw) for raw in client.hvals(name)]
+            raws = client.hvals(name)
         else:
             continue
-        for where, raw in payloads:
-            for key in missing:
-                if key.encode() in raw or base64.b64encode(key.encode())[:8] in raw or key in _decoded(raw):
-                    found[key] = where
+        for raw in raws:
+            body = _decoded(raw)
+            found.update({key: name.decode() for key in missing if f"'{key}'" in body or f'"{key}"' in body})
     mutex_ttl = {k.decode(): client.ttl(k) for k in client.scan_iter("*mutex*")}
     return f"found {found}, lists {lists}, mutexes {mutex_ttl}"
 
