@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     """Due subscriptions per allocation task: beat fans the work out in chunks this size."""
     api_keys: str = ""
     """Bearer keys the HTTP gateway accepts, comma-separated (see the README's gateway section)."""
+    gather_max: int = Field(default=100, ge=1, le=1000)
+    """Single operations a worker gathers into one transaction at most; 1 turns gathering off."""
     allocation_backfill: bool = False
     """After downtime, also grant missed periods whose credits would still be valid."""
 

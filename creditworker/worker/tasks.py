@@ -8,6 +8,7 @@ transient database errors are retried, with exponential backoff and jitter.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,8 @@ from creditworker.contract import (
     GetHistory,
     ReleaseReservation,
     ReserveCredits,
+    BatchOutcome,
+    Request,
     SubmitBatch,
     parse,
 )
@@ -44,6 +47,7 @@ from creditworker.settings import get_settings
 from creditworker.storage.database import is_transient
 from creditworker.subscriptions import SubscriptionService
 from creditworker.worker.app import app
+from creditworker.worker.gather import GatheredTask
 
 _service: CreditService | None = None
 _subscriptions: SubscriptionService | None = None
@@ -103,35 +107,97 @@ def _handle(
         raise
 
 
+GATHERED: dict[str, type[Request]] = {
+    "creditworker.credits.add": AddCredits,
+    "creditworker.credits.deduct": DeductCredits,
+    "creditworker.credits.reserve": ReserveCredits,
+    "creditworker.credits.commit": CommitReservation,
+    "creditworker.credits.release": ReleaseReservation,
+}
+"""The single-operation tasks whose messages the worker gathers (see `gather`)."""
+
+
+def apply_gathered(entries: list[dict[str, Any]]) -> list[dict[str, Any] | BaseException]:
+    """Gathered messages applied as one batch: per message, the envelope its task returns
+    when it runs alone, or the exception it raises."""
+    outcomes: list[dict[str, Any] | BaseException] = [{}] * len(entries)
+    requests: list[Request] = []
+    keys: list[str] = []
+    places: list[int] = []
+    for place, entry in enumerate(entries):
+        try:
+            if entry["args"]:
+                raise ValidationFailed(
+                    f"{entry['task']} takes keyword arguments only, got {len(entry['args'])} positional"
+                )
+            request = parse(GATHERED[entry["task"]], entry["kwargs"] or {})
+        except CreditError as exc:
+            outcomes[place] = {"ok": False, "error": exc.to_dict()}
+            continue
+        requests.append(request)
+        keys.append(request.idempotency_key or f"task:{entry['id']}")
+        places.append(place)
+    for place, outcome in zip(places, _batch_envelopes(requests, keys)):
+        outcomes[place] = outcome
+    return outcomes
+
+
+def _batch_envelopes(requests: list[Request], keys: list[str]) -> list[dict[str, Any] | BaseException]:
+    """Transient failures are retried with backoff, as a task retries; any other failure
+    splits the batch so that one bad operation fails alone."""
+    if not requests:
+        return []
+    attempt = 0
+    while True:
+        try:
+            return [_envelope(outcome) for outcome in service().apply_batch(requests, default_keys=keys)]
+        except Exception as exc:
+            if is_transient(exc):
+                if attempt < get_settings().task_max_retries:
+                    time.sleep(_backoff(attempt))
+                    attempt += 1
+                    continue
+                return [exc] * len(requests)
+            if len(requests) == 1:
+                return [exc]
+            return [outcome for request, key in zip(requests, keys) for outcome in _batch_envelopes([request], [key])]
+
+
+def _envelope(outcome: BatchOutcome) -> dict[str, Any]:
+    if outcome.ok:
+        return {"ok": True, "result": outcome.result}
+    return {"ok": False, "error": outcome.error}
+
+
 def _fields(request: BaseModel, *exclude: str) -> dict[str, Any]:
     return {name: getattr(request, name) for name in type(request).model_fields if name not in exclude}
 
 
-@app.task(name="creditworker.credits.add", bind=True)
+@app.task(name="creditworker.credits.add", bind=True, base=GatheredTask)
 def add_credits(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return _handle(self, AddCredits, args, kwargs, lambda r, key: service().add_credits(
         **_fields(r, "idempotency_key"), idempotency_key=key))
 
 
-@app.task(name="creditworker.credits.deduct", bind=True)
+@app.task(name="creditworker.credits.deduct", bind=True, base=GatheredTask)
 def deduct_credits(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return _handle(self, DeductCredits, args, kwargs, lambda r, key: service().deduct_credits(
         **_fields(r, "idempotency_key"), idempotency_key=key))
 
 
-@app.task(name="creditworker.credits.reserve", bind=True)
+@app.task(name="creditworker.credits.reserve", bind=True, base=GatheredTask)
 def reserve_credits(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return _handle(self, ReserveCredits, args, kwargs, lambda r, key: service().reserve_credits(
         **_fields(r, "idempotency_key"), idempotency_key=key))
 
 
-@app.task(name="creditworker.credits.commit", bind=True)
+@app.task(name="creditworker.credits.commit", bind=True, base=GatheredTask)
 def commit_reservation(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return _handle(self, CommitReservation, args, kwargs, lambda r, key: service().commit_reservation(
         **_fields(r, "idempotency_key"), idempotency_key=key))
 
 
-@app.task(name="creditworker.credits.release", bind=True)
+@app.task(name="creditworker.credits.release", bind=True, base=GatheredTask)
 def release_reservation(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return _handle(self, ReleaseReservation, args, kwargs, lambda r, key: service().release_reservation(
         r.reservation_id, idempotency_key=key))

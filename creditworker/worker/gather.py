@@ -1,0 +1,206 @@
+"""Gathering: the worker applies single-operation messages together, in one transaction.
+
+One deduct per message costs a transaction per message; most of a single operation's
+time is the database round trips and the commit, not the work. So the worker's main
+process does not hand each add, deduct, reserve, commit or release message to the pool
+on its own. It buffers them and hands the pool a list (`run_gathered`), which a pool
+process applies with `CreditService.apply_batch`: one transaction, each message keeping
+its own key, result or typed error, exactly as if it had run alone.
+
+When a batch is sent: at once while fewer batches are running than the pool has
+processes (an idle worker adds no wait), otherwise as soon as a running batch returns.
+So the wait is bounded by one batch's run, and the size by `CREDITWORKER_GATHER_MAX`
+(1 turns gathering off). Under load batches grow, when idle they are one message long.
+
+Exactly-once: each message is acknowledged only after its batch committed and its
+result was stored; a lost pool process or a failed store requeues its messages, and
+their keys (given, or `task:<task id>`) make the replay a no-op. A message with an ETA
+(a retry, or a countdown) takes Celery's usual path.
+
+This relies on Celery's documented `Task.Strategy` hook (a strategy turns a message into
+work for the pool); the buffer is counted into the consumer's prefetch the way Celery
+counts ETA tasks, up to a cap, so gathering needs no change to the prefetch setting.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery, Task, states
+from celery.app.task import Context
+from celery.utils.imports import symbol_by_name
+from celery.worker import state as worker_state
+from celery.worker.request import create_request_cls
+from celery.worker.strategy import default as default_strategy
+from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
+
+from creditworker.settings import get_settings
+
+logger = logging.getLogger(__name__)
+
+REQUEST_FIELDS = ("id", "task", "args", "kwargs", "hostname", "retries", "delivery_info",
+                  "reply_to", "correlation_id", "root_id", "parent_id", "group")
+"""What a pool process needs of a message to apply it and store its result."""
+
+
+class GatheredTask(Task):  # type: ignore[misc]
+    """A single credit operation whose messages the worker gathers into batches."""
+
+    Strategy = "creditworker.worker.gather:gathering_strategy"
+
+
+@dataclass
+class _Pending:
+    request: Any  # celery.worker.request.Request
+    qos: Any  # the consumer QoS this message was counted into, or None
+
+
+class Gatherer:
+    """The main process's buffer of gathered messages, shared by all gathered tasks."""
+
+    def __init__(self, consumer: Any, max_size: int) -> None:
+        self.consumer = consumer
+        self.max_size = max_size
+        self.slots = max(1, int(getattr(consumer.pool, "num_processes", None) or consumer.app.conf.worker_concurrency or 1))
+        self.cap = self.max_size * (self.slots + 1)  # messages counted into the prefetch
+        self.buffer: list[_Pending] = []
+        self.running = 0
+        self.counted = 0
+
+    def add(self, request: Any) -> None:
+        qos = None
+        if self.counted < self.cap:  # let the consumer fetch another message, as for an ETA task
+            qos = self.consumer.qos
+            qos.increment_eventually()
+            self.counted += 1
+        worker_state.task_reserved(request)
+        self.buffer.append(_Pending(request, qos))
+        self.flush()
+
+    def flush(self) -> None:
+        while self.buffer and self.running < self.slots:
+            batch, self.buffer = self.buffer[: self.max_size], self.buffer[self.max_size:]
+            self._dispatch(batch)
+
+    def _dispatch(self, batch: list[_Pending]) -> None:
+        self.running += 1
+        sent = time.monotonic()
+        entries = [_entry(pending.request) for pending in batch]
+
+        def accepted(pid: int, _time_accepted: float) -> None:
+            for pending in batch:
+                pending.request.worker_pid = pid
+                worker_state.task_accepted(pending.request)
+                pending.request.send_event("task-started")
+
+        def returned(results: list[dict[str, Any]]) -> None:
+            runtime = time.monotonic() - sent
+            for pending, result in zip(batch, results):
+                if "failed" in result:
+                    pending.request.send_event("task-failed", exception=result["failed"], traceback="")
+                else:
+                    pending.request.send_event("task-succeeded", result=repr(result), runtime=runtime)
+                self._finish(pending, lambda request: request.acknowledge(), successful="failed" not in result)
+            self._returned()
+
+        def lost(error: Any) -> None:
+            logger.error("a gathered batch of %d was not applied (%r); its messages are requeued",
+                         len(batch), getattr(error, "exception", error))
+            for pending in batch:
+                self._finish(pending, lambda request: request.reject(requeue=True), successful=False)
+            self._returned()
+
+        self.consumer.pool.apply_async(
+            run_gathered, args=(entries,), callback=returned, error_callback=lost, accept_callback=accepted,
+        )
+
+    def _finish(self, pending: _Pending, settle: Callable[[Any], None], successful: bool) -> None:
+        settle(pending.request)
+        worker_state.task_ready(pending.request, successful=successful)
+        if pending.qos is not None:
+            pending.qos.decrement_eventually()
+            self.counted -= 1
+
+    def _returned(self) -> None:
+        self.running -= 1
+        self.flush()
+
+
+def _entry(request: Any) -> dict[str, Any]:
+    context = request._context
+    entry = {name: getattr(context, name, None) for name in REQUEST_FIELDS}
+    entry.update(id=request.id, task=request.name, args=list(request.args), kwargs=dict(request.kwargs))
+    return entry
+
+
+def gathering_strategy(task: Task, app: Celery, consumer: Any, **options: Any) -> Callable[..., Any]:
+    """Celery's default strategy, except that gathered messages go to the consumer's Gatherer."""
+    usual = default_strategy(task, app, consumer, **options)
+    max_size = get_settings().gather_max
+    if max_size <= 1:
+        return usual  # type: ignore[no-any-return]
+    gatherer: Gatherer | None = getattr(consumer, "_creditworker_gatherer", None)
+    if gatherer is None or gatherer.max_size != max_size:
+        gatherer = Gatherer(consumer, max_size)
+        consumer._creditworker_gatherer = gatherer
+    Request = create_request_cls(
+        symbol_by_name(task.Request), task, consumer.pool, consumer.hostname, consumer.event_dispatcher, app=app
+    )
+    revoked = consumer.controller.state.revoked
+    eventer = consumer.event_dispatcher
+    send_events = bool(eventer and eventer.enabled and task.send_events)
+
+    def handle(message: Any, payload: Any, ack: Any, reject: Any, callbacks: Any, **kwargs: Any) -> Any:
+        body = payload
+        if body is None and "args" not in message.payload:
+            body, headers, decoded, utc = message.body, message.headers, False, app.uses_utc_timezone()
+        elif "args" in message.payload:
+            body, headers, decoded, utc = hybrid_to_proto2(message, message.payload)
+        else:
+            body, headers, decoded, utc = proto1_to_proto2(message, body)
+        request = Request(
+            message, on_ack=ack, on_reject=reject, app=app, hostname=consumer.hostname, eventer=eventer,
+            task=task, connection_errors=consumer.connection_errors, body=body, headers=headers,
+            decoded=decoded, utc=utc,
+        )
+        if request.eta:
+            return usual(message, payload, ack, reject, callbacks, **kwargs)
+        if (request.expires or request.id in revoked) and request.revoked():
+            return None
+        if send_events:
+            request.send_event(
+                "task-received", name=request.name, args=request.argsrepr, kwargs=request.kwargsrepr,
+                root_id=request.root_id, parent_id=request.parent_id,
+                retries=request.request_dict.get("retries", 0),
+            )
+        for callback in callbacks or ():
+            callback(request)
+        gatherer.add(request)
+        return None
+
+    return handle
+
+
+def run_gathered(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """In a pool process: apply the messages as one batch and store each result.
+
+    Returns, per message, its result envelope, or `{"failed": ...}` for one that raised.
+    Raises (so the main process requeues them all) only when a result cannot be stored.
+    """
+    from creditworker.worker.tasks import apply_gathered, app
+
+    outcomes = apply_gathered(entries)
+    results: list[dict[str, Any]] = []
+    for entry, outcome in zip(entries, outcomes):
+        context = Context(**entry)
+        if isinstance(outcome, BaseException):
+            app.backend.mark_as_failure(entry["id"], outcome, request=context)
+            results.append({"failed": repr(outcome)})
+        else:
+            app.backend.store_result(entry["id"], outcome, states.SUCCESS, request=context)
+            results.append(outcome)
+    return results
