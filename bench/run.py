@@ -217,30 +217,25 @@ def batches_through_worker(worker: Worker, service: CreditService, total: int, s
     return {"worker_batch_ops_per_s": total / timed(run)}
 
 
-def reserve_latency(worker: Worker, service: CreditService, seconds: float, rate: float = 200) -> dict[str, float]:
-    """Reserve round trips (call to answer) sent at a fixed rate, measured from the time each
-    was due, so a slow answer cannot hide the ones queued behind it."""
-    users = [f"reserve-{i}" for i in range(16)]
-    for user in users:
-        service.add_credits(user, 10**9)
-    for i in range(50):  # warm up
-        worker.client.reserve_credits(users[i % len(users)], 1)
+def at_fixed_rate(call: Callable[[int], Any], seconds: float, rate: float) -> list[float]:
+    """Round trips of `call(i)` started at a fixed rate, each in its own thread; latencies
+    are measured from the time each was due, so a slow answer cannot hide the ones queued
+    behind it."""
     latencies: list[float] = []
     lock = threading.Lock()
     start = time.perf_counter() + 0.1
-    count = int(seconds * rate)
     sem = threading.Semaphore(64)
 
     def one(i: int, due: float) -> None:
         try:
-            worker.client.reserve_credits(users[i % len(users)], 1, ttl_seconds=60)
+            call(i)
             with lock:
                 latencies.append(time.perf_counter() - due)
         finally:
             sem.release()
 
     threads = []
-    for i in range(count):
+    for i in range(int(seconds * rate)):
         due = start + i / rate
         time.sleep(max(0.0, due - time.perf_counter()))
         sem.acquire()
@@ -249,9 +244,31 @@ def reserve_latency(worker: Worker, service: CreditService, seconds: float, rate
         threads.append(thread)
     for thread in threads:
         thread.join()
-    latencies.sort()
-    return {"reserve_rate_per_s": rate, "reserve_p50_ms": 1000 * latencies[len(latencies) // 2],
-            "reserve_p99_ms": 1000 * latencies[int(len(latencies) * 0.99) - 1]}
+    return sorted(latencies)
+
+
+def p99_ms(latencies: list[float]) -> float:
+    return 1000 * latencies[int(len(latencies) * 0.99) - 1]
+
+
+def reserve_latency(worker: Worker, service: CreditService, seconds: float, rate: float = 200) -> dict[str, float]:
+    """Reserve round trips (producer call to answer) at a fixed rate, against no-op tasks
+    sent and awaited the same way at the same rate."""
+    users = [f"reserve-{i}" for i in range(16)]
+    for user in users:
+        service.add_credits(user, 10**9)
+    app = worker.client.app
+    for i in range(50):  # warm up
+        worker.client.reserve_credits(users[i % len(users)], 1)
+        app.send_task("creditworker.health.ping").get(timeout=60)
+    noop = at_fixed_rate(lambda i: app.send_task("creditworker.health.ping").get(timeout=600), seconds, rate)
+    time.sleep(2)
+    reserve = at_fixed_rate(
+        lambda i: worker.client.reserve_credits(users[i % len(users)], 1, ttl_seconds=60, timeout=600), seconds, rate
+    )
+    return {"reserve_rate_per_s": rate, "reserve_p50_ms": 1000 * reserve[len(reserve) // 2],
+            "reserve_p99_ms": p99_ms(reserve), "noop_p99_ms_same_rate": p99_ms(noop),
+            "reserve_vs_noop_p99_ratio": p99_ms(reserve) / p99_ms(noop)}
 
 
 def balance_with_big_ledger(database_url: str, entries: int) -> dict[str, float]:

@@ -155,6 +155,9 @@ class CreditClient:
 
             app = make_celery(settings or get_settings())
         self.app = app
+        # Create the result backend now: a shared (Redis) one would otherwise be created
+        # by every thread whose first call races the others. It connects only when used.
+        app.backend
 
     def _send(self, request: BaseModel, parse_result: Callable[[Any], T]) -> TaskHandle[T]:
         kwargs = request.model_dump(mode="json", exclude_none=True)

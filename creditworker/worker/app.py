@@ -121,6 +121,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_delivery_mode": "persistent",
         "beat_schedule": build_schedule(settings),
     }
+    if backend.startswith("redis"):
+        # One Redis result backend (and pub/sub connection) per process, not one per
+        # thread: a producer called from many threads otherwise subscribes in each, and
+        # at 200 calls a second spent most of its CPU there (bench/run.py, reserve).
+        # Not for rpc://, whose replies go to a queue named per thread.
+        config["result_backend_thread_safe"] = True
     if broker_kind(settings.broker_url) == "redis" and backend.startswith("redis"):
         config["result_backend_transport_options"] = {
             "visibility_timeout": settings.visibility_timeout_seconds

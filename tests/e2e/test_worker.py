@@ -233,3 +233,28 @@ def test_oversized_metadata_is_refused_by_the_worker(redis_worker: RunningWorker
     ).get(timeout=10)
     assert envelope["error"]["code"] == "invalid_input"
     assert redis_worker.service.get_user_credits_info("ann").total == 10
+
+
+def test_one_client_serves_many_threads_each_its_own_answer(redis_worker: RunningWorker) -> None:
+    """On Redis the producer shares one result backend across threads: no answer may
+    reach the wrong caller."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = redis_worker.client
+    for u in range(8):
+        redis_worker.service.add_credits(f"thr-{u}", 1000)
+    backends: set[int] = set()
+
+    def reserve(i: int) -> tuple[str, int]:
+        backends.add(id(client.app.backend))
+        hold = client.reserve_credits(f"thr-{i % 8}", i + 1, ttl_seconds=60)
+        return hold.user_id, hold.amount
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        answers = list(pool.map(reserve, range(96)))
+    assert answers == [(f"thr-{i % 8}", i + 1) for i in range(96)]
+    assert len(backends) == 1
+    for u in range(8):
+        assert redis_worker.service.get_user_credits_info(f"thr-{u}").reserved == sum(
+            i + 1 for i in range(96) if i % 8 == u
+        )
