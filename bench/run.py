@@ -420,8 +420,12 @@ def main() -> int:
                     continue
                 console.print(f"[bold]{name}[/bold] ...")
                 started = time.perf_counter()
-                figures.update(step())
-                console.print(f"  done in {time.perf_counter() - started:.1f} s")
+                measured = step()
+                figures.update(measured)
+                console.print(f"  done in {time.perf_counter() - started:.1f} s: "
+                              + ", ".join(f"{key}={value:,.3f}" for key, value in measured.items()))
+                if args.json:  # a long run keeps what it measured so far
+                    args.json.write_text(json.dumps(figures, indent=2))
         finally:
             worker.stop()
             engine.dispose()

@@ -9,6 +9,8 @@ because the caller needs the reservation id.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -58,6 +60,8 @@ from creditworker.settings import Settings, get_settings
 
 T = TypeVar("T")
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_TIMEOUT = 10.0
 
 TASKS = {
@@ -97,6 +101,50 @@ def unwrap(envelope: Any, parse_result: Callable[[Any], T]) -> T:
     raise error_from_dict(envelope.get("error") or {})
 
 
+class Answers:
+    """One thread reads every answer from a shared Redis result backend; each caller
+    sleeps on its own event until its answer is there.
+
+    With Celery's `AsyncResult.get`, every waiting thread takes its turn reading the
+    pub/sub connection, and each answer wakes them all, so a producer's CPU per call grows
+    with the number of threads waiting. The answer is registered before the message is
+    sent, so it cannot arrive unexpected. Other backends (files, rpc:// whose replies
+    go to a queue per thread) keep Celery's `get`.
+    """
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self._start = threading.Lock()
+        self._reader: threading.Thread | None = None
+
+    def expect(self, task_id: str) -> tuple[AsyncResult, threading.Event] | None:
+        """Register for the answer of `task_id` before it is sent; None: use `get`."""
+        backend = self.app.backend
+        if not (getattr(backend, "is_async", False) and getattr(backend, "thread_safe", False)):
+            return None
+        result = AsyncResult(task_id, app=self.app, backend=backend)
+        arrived = threading.Event()
+        result.then(lambda _answer: arrived.set(), weak=True)  # the handle keeps it alive
+        self._ensure_reader()
+        return result, arrived
+
+    def _ensure_reader(self) -> None:
+        with self._start:
+            if self._reader is None or not self._reader.is_alive():
+                self._reader = threading.Thread(target=self._read, name="creditworker-answers", daemon=True)
+                self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                self.app.backend.result_consumer.drain_events(timeout=1.0)
+            except TimeoutError:
+                continue
+            except Exception:  # the backend reconnects inside drain_events; do not spin
+                logger.warning("reading task results failed; retrying", exc_info=True)
+                time.sleep(0.5)
+
+
 class TaskHandle(Generic[T]):
     """An enqueued operation; `get()` waits for its result, `resend()` publishes it again.
 
@@ -106,11 +154,12 @@ class TaskHandle(Generic[T]):
 
     def __init__(
         self, result: AsyncResult, parse_result: Callable[[Any], T],
-        resend: Callable[[], None] | None = None,
+        resend: Callable[[], None] | None = None, arrived: threading.Event | None = None,
     ) -> None:
         self.result = result
         self._parse = parse_result
         self._resend = resend
+        self._arrived = arrived
 
     @property
     def task_id(self) -> str:
@@ -129,6 +178,8 @@ class TaskHandle(Generic[T]):
             left = deadline - time.monotonic()
             wait = left if resend_every is None else min(left, resend_every)
             try:
+                if self._arrived is not None and not self._arrived.wait(max(wait, 0.001)):
+                    raise CeleryTimeout()
                 envelope = self.result.get(timeout=max(wait, 0.001), propagate=True)
                 break
             except CeleryTimeout:
@@ -158,6 +209,7 @@ class CreditClient:
         # Create the result backend now: a shared (Redis) one would otherwise be created
         # by every thread whose first call races the others. It connects only when used.
         app.backend
+        self._answers = Answers(app)
 
     def _send(self, request: BaseModel, parse_result: Callable[[Any], T]) -> TaskHandle[T]:
         kwargs = request.model_dump(mode="json", exclude_none=True)
@@ -174,7 +226,11 @@ class CreditClient:
         def resend() -> None:
             publish()
 
-        return TaskHandle(publish(), parse_result, resend)
+        expected = self._answers.expect(task_id)
+        sent = publish()
+        if expected is None:
+            return TaskHandle(sent, parse_result, resend)
+        return TaskHandle(expected[0], parse_result, resend, expected[1])
 
     def add_credits(
         self,
