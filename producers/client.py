@@ -226,7 +226,10 @@ class CreditClient:
         def resend() -> None:
             publish()
 
-        expected = self._answers.expect(task_id)
+        try:
+            expected = self._answers.expect(task_id)
+        except RuntimeError as exc:  # Celery gave up reconnecting to the result backend
+            raise ServiceUnavailable(f"the result backend is unreachable: {exc}") from exc
         sent = publish()
         if expected is None:
             return TaskHandle(sent, parse_result, resend)

@@ -17,12 +17,13 @@ from kombu import Connection
 from creditworker.errors import (
     IdempotencyConflict,
     InsufficientCredits,
+    ServiceUnavailable,
     ReservationNotActive,
     UnknownReservation,
     UnknownUser,
     ValidationFailed,
 )
-from producers import AsyncCreditClient
+from producers import AsyncCreditClient, CreditClient
 from producers.client import unwrap
 from tests.e2e.conftest import RunningWorker
 
@@ -258,3 +259,13 @@ def test_one_client_serves_many_threads_each_its_own_answer(redis_worker: Runnin
         assert redis_worker.service.get_user_credits_info(f"thr-{u}").reserved == sum(
             i + 1 for i in range(96) if i % 8 == u
         )
+
+
+def test_an_unreachable_result_backend_is_service_unavailable(redis_worker: RunningWorker) -> None:
+    """Slow by nature: Celery retries the result backend for about 20 s before it gives up."""
+    redis_worker.service.add_credits("ann", 10)
+    settings = redis_worker.settings.model_copy(update={"result_backend": "redis://127.0.0.1:1/0"})
+    client = CreditClient(settings)
+    with pytest.raises(ServiceUnavailable, match="result backend"):
+        client.deduct_credits("ann", 1)  # refused before it is sent: nobody could read the answer
+    assert redis_worker.service.get_user_credits_info("ann").total == 10
