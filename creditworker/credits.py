@@ -300,7 +300,7 @@ class CreditService:
             refused: list[tuple[Request, CreditError]] = []
             applied: dict[str, tuple[str, int]] = {}  # key -> (fingerprint, item that applied it)
             repeats: list[tuple[int, int]] = []
-            deferred: list[tuple[int, Request, str, Entry]] = []
+            deferred: list[tuple[int, Request, str, BaseModel | Entry]] = []
             for index, (request, key) in enumerate(zip(requests, keys)):
                 if isinstance(request, CreditError):
                     outcomes[index] = BatchOutcome(ok=False, error=request.to_dict())
@@ -315,18 +315,20 @@ class CreditService:
                         refused.append((request, conflict))
                     continue
                 user_id = getattr(request, "user_id", None)
+                previous = known.get(key)
                 try:
                     if user_id in unborn and not isinstance(request, AddCredits):
                         # created up front only to keep the lock order; it exists once an add succeeds
                         raise UnknownUser(f"no account for user {user_id!r}", user_id=user_id)
-                    outcome = self._batch_item(session, request, key, known.get(key), at, change)
+                    outcome = self._batch_item(session, request, key, previous, at, change)
                 except CreditError as exc:
                     outcomes[index] = BatchOutcome(ok=False, error=exc.to_dict())
                     refused.append((request, exc))
                     continue
-                if isinstance(outcome, Entry):
+                if previous is None and isinstance(request, WITHOUT_SAVEPOINT):
                     deferred.append((index, request, key, outcome))
-                else:
+                else:  # a savepoint step returns its result, its operation row written
+                    assert isinstance(outcome, BaseModel)
                     outcomes[index] = BatchOutcome(ok=True, result=outcome.model_dump(mode="json"))
                 applied[key] = (request.fingerprint(), index)
                 if isinstance(request, AddCredits):
@@ -334,8 +336,8 @@ class CreditService:
             for user_id in unborn:  # no add succeeded for them: the batch leaves no trace
                 session.delete(session.get(Account, user_id))
             session.flush()
-            for index, request, key, entry in deferred:
-                result = LedgerEntry.model_validate(entry_model(entry))
+            for index, request, key, written in deferred:
+                result = entry_model(written) if isinstance(written, Entry) else written
                 self._record_operation(session, request, key, result, at)
                 outcomes[index] = BatchOutcome(ok=True, result=result.model_dump(mode="json"))
             for index, first in repeats:
@@ -355,13 +357,15 @@ class CreditService:
     ) -> BaseModel | Entry:
         """Apply one batch item, or raise its typed error having changed nothing.
 
-        A new deduct refuses before it changes anything, so it runs without a savepoint and
-        returns its unwritten entry (the batch writes all rows together). Anything else
-        runs in a savepoint and returns its result.
+        A new deduct or reserve refuses before it changes anything, so it runs without a
+        savepoint and returns its unwritten entry or its reservation (the batch writes all
+        rows, and the operation rows, together). Anything else runs in a savepoint and
+        returns its result.
         """
-        if previous is None and isinstance(request, DeductCredits):
-            return self._deduct(session, at, change, key, request)
         model, method = BATCH_STEPS[type(request)]
+        if previous is None and isinstance(request, WITHOUT_SAVEPOINT):
+            step: Callable[..., BaseModel | Entry] = getattr(self, method)
+            return step(session, at, change, key, request)
         rows, events = len(change.rows), change.events
         try:
             with session.begin_nested():
@@ -1047,6 +1051,9 @@ BATCH_STEPS: dict[type[Request], tuple[type[BaseModel], str]] = {
     ReleaseReservation: (LedgerEntry, "_release"),
 }
 """The result model and the engine step of each kind of batch item."""
+
+WITHOUT_SAVEPOINT = (DeductCredits, ReserveCredits)
+"""Batch items that refuse before changing anything, so they need no savepoint."""
 
 
 def _key_conflict(key: str, operation: str) -> IdempotencyConflict:

@@ -97,3 +97,74 @@ def test_fuzzed_payloads_get_an_envelope_and_refusals_change_nothing(
         assert envelope["error"]["code"] in ERRORS_BY_CODE
         if envelope["error"]["code"] != "plan_in_use":  # the one refusal that reports a change
             assert snapshot(task_engine) == before
+
+
+GATHERED_TASKS = sorted(tasks.GATHERED)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(messages=st.lists(
+    st.tuples(st.sampled_from(GATHERED_TASKS), st.dictionaries(st.sampled_from(FIELDS), VALUES, max_size=6),
+              st.lists(st.integers(), max_size=1)),
+    min_size=1, max_size=5,
+))
+def test_fuzzed_gathered_messages_each_get_their_own_envelope(
+    task_engine: Engine, messages: list[tuple[str, dict[str, Any], list[int]]]
+) -> None:
+    """What the worker's pool process does with a gathered list: one envelope per message,
+    never an exception for bad input, and a list that is all refusals changes nothing."""
+    before = snapshot(task_engine)
+    entries = [{"id": f"fuzz-{i}", "task": name, "args": args, "kwargs": kwargs}
+               for i, (name, kwargs, args) in enumerate(messages)]
+    outcomes = tasks.apply_gathered(entries)
+    assert len(outcomes) == len(entries)
+    for outcome in outcomes:
+        assert isinstance(outcome, dict) and isinstance(outcome["ok"], bool), outcome
+        if not outcome["ok"]:
+            assert outcome["error"]["code"] in ERRORS_BY_CODE
+    if not any(outcome["ok"] for outcome in outcomes):  # type: ignore[index]
+        assert snapshot(task_engine) == before
+
+
+def test_gathered_messages_answer_as_their_tasks_answer_alone(engine: Engine) -> None:
+    """The same messages, gathered into one list or run one by one as tasks, on two fresh
+    accounts: the same envelopes (but for ids and times) and the same balances."""
+    def run(gathered: bool, user: str) -> tuple[list[Any], Any]:
+        tasks._service = CreditService(engine)
+        tasks._service.add_credits(user, 10)
+        messages = [
+            ("creditworker.credits.deduct", {"user_id": user, "amount": 4}),
+            ("creditworker.credits.deduct", {"user_id": user, "amount": 40}),
+            ("creditworker.credits.reserve", {"user_id": user, "amount": 3, "idempotency_key": f"{user}-r"}),
+            ("creditworker.credits.add", {"user_id": user, "amount": 5, "source": "bonus"}),
+            ("creditworker.credits.deduct", {"user_id": user, "amount": -1}),
+            ("creditworker.credits.deduct", {"user_id": f"{user}-nobody", "amount": 1}),
+            ("creditworker.credits.reserve", {"user_id": user, "amount": 3, "idempotency_key": f"{user}-r"}),
+            ("creditworker.credits.deduct", {"user_id": user, "amount": 8}),
+        ]
+        if gathered:
+            outcomes = tasks.apply_gathered([
+                {"id": f"{user}-{i}", "task": name, "args": [], "kwargs": kwargs}
+                for i, (name, kwargs) in enumerate(messages)
+            ])
+        else:
+            by_name = {task.name: task for task in TASKS}
+            outcomes = [by_name[name].apply(kwargs=kwargs, task_id=f"{user}-{i}").get()
+                        for i, (name, kwargs) in enumerate(messages)]
+        return outcomes, tasks._service.get_user_credits_info(user)
+
+    previous = tasks._service
+    try:
+        gathered, gathered_info = run(True, "gat")
+        alone, alone_info = run(False, "one")
+    finally:
+        tasks._service = previous
+
+    def comparable(outcome: Any) -> Any:
+        return [outcome["ok"], (outcome.get("error") or {}).get("code"),
+                {k: v for k, v in (outcome.get("result") or {}).items()
+                 if k in ("kind", "amount", "held", "balance_after", "reserved_after", "status")}]
+
+    assert [comparable(o) for o in gathered] == [comparable(o) for o in alone]
+    assert [o["ok"] for o in gathered] == [True, False, True, True, False, False, True, True]
+    assert (gathered_info.total, gathered_info.reserved) == (alone_info.total, alone_info.reserved) == (3, 3)
