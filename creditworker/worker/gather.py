@@ -108,7 +108,8 @@ class Gatherer:
             self._returned()
 
         def lost(error: Any) -> None:
-            logger.error("a gathered batch of %d was not applied (%r); its messages are requeued",
+            logger.error("a gathered batch of %d did not report back (%r); its messages are requeued,"
+                         " and their keys make a repeat of what did commit a no-op",
                          len(batch), getattr(error, "exception", error))
             for pending in batch:
                 self._finish(pending, lambda request: request.reject(requeue=True), successful=False)
