@@ -944,15 +944,14 @@ class CreditService:
     def _expire_lots(
         self, session: Session, at: datetime, change: _Change, lot_ids: list[int]
     ) -> None:
+        lock_accounts(session, set(session.scalars(select(Lot.user_id).where(Lot.id.in_(lot_ids)))))
         lots_by_user: dict[str, list[Lot]] = defaultdict(list)
-        for lot in session.scalars(select(Lot).where(Lot.id.in_(lot_ids))):
+        for lot in _reread(session, select(Lot).where(Lot.id.in_(lot_ids)).order_by(Lot.id)):
             lots_by_user[lot.user_id].append(lot)
-        lock_accounts(session, lots_by_user)
         for user_id in sorted(lots_by_user):
             account = self._locked_account(session, user_id)
             unheld = account.balance - account.reserved
-            for lot in sorted(lots_by_user[user_id], key=lambda lot: lot.id):
-                session.refresh(lot)
+            for lot in lots_by_user[user_id]:
                 taken = min(lot.remaining, unheld)
                 if taken <= 0:
                     continue
@@ -1009,9 +1008,7 @@ class CreditService:
         user_ids = set(session.scalars(select(Hold.user_id).where(Hold.id.in_(hold_ids))))
         lock_accounts(session, user_ids)
         accounts = {user_id: self._locked_account(session, user_id) for user_id in user_ids}
-        holds = session.scalars(select(Hold).where(Hold.id.in_(hold_ids)).order_by(Hold.id))
-        for hold in holds:
-            session.refresh(hold)
+        for hold in _reread(session, select(Hold).where(Hold.id.in_(hold_ids)).order_by(Hold.id)):
             if hold.status != ReservationStatus.ACTIVE.value or hold.expires_at > at:
                 continue
             hold.status = ReservationStatus.EXPIRED.value
@@ -1033,6 +1030,12 @@ class CreditService:
                     amount=hold.amount,
                 ),
             )
+
+
+def _reread(session: Session, query: Any) -> list[Any]:
+    """Rows as they are now, read after their accounts were locked (one query, where a
+    refresh per row would be a round trip each): what the sweep saw before may be stale."""
+    return list(session.scalars(query.execution_options(populate_existing=True)))
 
 
 def _reminder_day(days: Sequence[int], left: timedelta) -> int | None:
