@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from creditworker.contract import AddCredits, CreditSource, parse
-from creditworker.credits import CreditService, _aware, _Change, _record_system_operation
+from creditworker.credits import CreditService, _aware, _Change, _record_system_operation, _reread
 from creditworker.errors import (
     DuplicatePlan,
     PlanInUse,
@@ -345,12 +345,11 @@ class SubscriptionService:
         def sweep(session: Session, change: _Change) -> None:
             nonlocal granted
             granted = 0  # the transaction may be rerun from scratch
-            rows = list(session.scalars(
-                select(SubscriptionRow).where(SubscriptionRow.id.in_(subscription_ids))
-            ))
-            lock_accounts(session, {row.user_id for row in rows})
-            for row in sorted(rows, key=lambda row: row.id):
-                session.refresh(row)
+            lock_accounts(session, set(session.scalars(
+                select(SubscriptionRow.user_id).where(SubscriptionRow.id.in_(subscription_ids))
+            )))
+            for row in _reread(session, select(SubscriptionRow)
+                               .where(SubscriptionRow.id.in_(subscription_ids)).order_by(SubscriptionRow.id)):
                 granted += self._advance(session, change, row, at, backfill)
 
         self.credits._write(sweep)
