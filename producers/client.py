@@ -42,6 +42,7 @@ from creditworker.contract import (
     parse,
     parse_batch_item,
 )
+from creditworker.errors import CreditError, ServiceUnavailable, ValidationFailed, error_from_dict
 from creditworker.plans_contract import (
     AssignPlan,
     ChangePlan,
@@ -55,7 +56,6 @@ from creditworker.plans_contract import (
     Subscription,
     UpdatePlan,
 )
-from creditworker.errors import CreditError, ServiceUnavailable, ValidationFailed, error_from_dict
 from creditworker.settings import Settings, get_settings
 
 T = TypeVar("T")
@@ -208,7 +208,7 @@ class CreditClient:
         self.app = app
         # Create the result backend now: a shared (Redis) one would otherwise be created
         # by every thread whose first call races the others. It connects only when used.
-        app.backend
+        app.backend  # noqa: B018 (the property creates it)
         self._answers = Answers(app)
 
     def _send(self, request: BaseModel, parse_result: Callable[[Any], T]) -> TaskHandle[T]:

@@ -192,7 +192,7 @@ def run_gathered(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     Returns, per message, its result envelope, or `{"failed": ...}` for one that raised.
     Raises (so the main process requeues them all) only when a result cannot be stored.
     """
-    from creditworker.worker.tasks import apply_gathered, app
+    from creditworker.worker.tasks import app, apply_gathered
 
     outcomes = apply_gathered(entries)
     results: list[dict[str, Any]] = []

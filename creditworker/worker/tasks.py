@@ -17,19 +17,20 @@ from pydantic import BaseModel
 
 from creditworker.contract import (
     AddCredits,
+    BatchOutcome,
     CommitReservation,
     DeductCredits,
     GetCredits,
     GetExpiring,
     GetHistory,
     ReleaseReservation,
-    ReserveCredits,
-    BatchOutcome,
     Request,
+    ReserveCredits,
     SubmitBatch,
     parse,
 )
 from creditworker.credits import CreditService
+from creditworker.errors import CreditError, ValidationFailed
 from creditworker.plans_contract import (
     AllocateSubscriptions,
     AssignPlan,
@@ -42,7 +43,6 @@ from creditworker.plans_contract import (
     RemovePlan,
     UpdatePlan,
 )
-from creditworker.errors import CreditError, ValidationFailed
 from creditworker.settings import get_settings
 from creditworker.storage.database import is_transient
 from creditworker.subscriptions import SubscriptionService
@@ -151,7 +151,7 @@ def _batch_envelopes(requests: list[Request], keys: list[str]) -> list[dict[str,
     while True:
         try:
             return [_envelope(outcome) for outcome in service().apply_batch(requests, default_keys=keys)]
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (the failure is each message's outcome)
             if is_transient(exc):
                 if attempt < get_settings().task_max_retries:
                     time.sleep(_backoff(attempt))
