@@ -311,14 +311,13 @@ def balance_with_big_ledger(database_url: str, entries: int) -> dict[str, float]
             "balance_ms_big_ledger": figures["big"], "balance_big_vs_small_ratio": figures["big"] / figures["small"]}
 
 
-def sweeps(database_url: str, lots: int, subscriptions: int) -> dict[str, float]:
-    """Expiry of `lots` lots and allocation of `subscriptions` due subscriptions, and the
-    same with ten times fewer, to show how they grow."""
+def expiry(database_url: str, lots: int) -> dict[str, float]:
+    """Expiry of `lots` lots, and of ten times fewer, to show how it grows."""
     figures: dict[str, float] = {}
     engine = make_engine(database_url)
-    now = datetime.now(timezone.utc)
     for label, count in (("tenth", lots // 10), ("full", lots)):
         prefix = f"exp-{label}-"
+        at = datetime.now(timezone.utc)  # each phase's own clock: the lots expired a minute before it
         with engine.begin() as connection:
             connection.execute(text(
                 "INSERT INTO accounts (user_id, balance, reserved, low_credit_alerted, created_at, updated_at)"
@@ -326,8 +325,9 @@ def sweeps(database_url: str, lots: int, subscriptions: int) -> dict[str, float]
                 {"p": prefix, "n": count})
             connection.execute(text(
                 "INSERT INTO credit_lots (user_id, amount, remaining, source, priority, expires_at, created_at, idempotency_key)"
-                " SELECT :p || (g % 1000), 10, 10, 'purchase', 0, now() - interval '1 minute', now(), 'lot:' || :p || g"
-                " FROM generate_series(0, :n - 1) g"), {"p": prefix, "n": count})
+                " SELECT :p || (g % 1000), 10, 10, 'purchase', 0, :expired, now(), 'lot:' || :p || g"
+                " FROM generate_series(0, :n - 1) g"),
+                {"p": prefix, "n": count, "expired": (at - timedelta(minutes=1)).replace(tzinfo=None)})
             connection.execute(text(  # keep lots and balances consistent: top up the rest
                 "INSERT INTO credit_lots (user_id, amount, remaining, source, priority, created_at, idempotency_key)"
                 " SELECT a.user_id, a.balance - coalesce(l.s, 0), a.balance - coalesce(l.s, 0), 'purchase', 0, now(), 'fill:' || a.user_id"
@@ -335,17 +335,31 @@ def sweeps(database_url: str, lots: int, subscriptions: int) -> dict[str, float]
                 " ON l.user_id = a.user_id WHERE a.user_id LIKE :p || '%' AND a.balance > coalesce(l.s, 0)"),
                 {"p": prefix})
         service = CreditService(engine)
-        seconds = timed(lambda: service.expire_credits(now=now))
-        figures[f"expire_{label}_s"] = seconds
+        expired = 0
+
+        def expire() -> None:
+            nonlocal expired
+            expired = service.expire_credits(now=at)
+
+        figures[f"expire_{label}_s"] = timed(expire)
+        assert expired == count, (expired, count)
         with engine.begin() as connection:
             connection.execute(text("DELETE FROM credit_lots WHERE remaining = 0"))
     figures["expire_lots"] = float(lots)
     figures["expire_growth_10x"] = figures["expire_full_s"] / figures["expire_tenth_s"]
+    engine.dispose()
+    return figures
 
+
+def allocation(database_url: str, subscriptions: int) -> dict[str, float]:
+    """Allocation of `subscriptions` due subscriptions, and of ten times fewer."""
+    figures: dict[str, float] = {}
+    engine = make_engine(database_url)
     subs = SubscriptionService(CreditService(engine))
     for label, count in (("tenth", subscriptions // 10), ("full", subscriptions)):
+        at = datetime.now(timezone.utc)
         plan = subs.create_plan(f"bench-{label}", 10, billing_period="daily")
-        anchor = now - timedelta(days=1, minutes=5)
+        anchor = at - timedelta(days=1, minutes=5)
         with engine.begin() as connection:
             connection.execute(text(
                 "INSERT INTO accounts (user_id, balance, reserved, low_credit_alerted, created_at, updated_at)"
@@ -362,7 +376,7 @@ def sweeps(database_url: str, lots: int, subscriptions: int) -> dict[str, float]
 
         def allocate() -> None:
             nonlocal granted
-            granted = subs.allocate_due(now=now)
+            granted = subs.allocate_due(now=at)
 
         figures[f"allocate_{label}_s"] = timed(allocate)
         assert granted == count, (granted, count)
@@ -404,7 +418,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes: under five minutes")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    parser.add_argument("--only", nargs="*", help="run only these benchmarks (by name)")
+    parser.add_argument("--only", nargs="*", help="run only these: single, batch, worker_batch, reserve, balance, expiry, allocation, memory")
     args = parser.parse_args()
     sizes = SIZES["quick" if args.quick else "full"]
     figures: dict[str, Any] = {
@@ -412,7 +426,7 @@ def main() -> int:
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
         "taken_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    wanted = set(args.only or ["single", "batch", "worker_batch", "reserve", "balance", "sweeps", "memory"])
+    wanted = set(args.only or ["single", "batch", "worker_batch", "reserve", "balance", "expiry", "allocation", "memory"])
     with fresh_database() as database_url, tempfile.TemporaryDirectory() as workdir:
         engine = make_engine(database_url)
         upgrade(engine)
@@ -425,7 +439,8 @@ def main() -> int:
                 ("worker_batch", lambda: batches_through_worker(worker, service, sizes["worker_batch_ops"])),
                 ("reserve", lambda: reserve_latency(worker, service, sizes["reserve_seconds"])),
                 ("balance", lambda: balance_with_big_ledger(database_url, sizes["ledger"])),
-                ("sweeps", lambda: sweeps(database_url, sizes["lots"], sizes["subscriptions"])),
+                ("expiry", lambda: expiry(database_url, sizes["lots"])),
+                ("allocation", lambda: allocation(database_url, sizes["subscriptions"])),
                 ("memory", lambda: memory(worker, service, sizes["memory_ops"])),
             ]
             for name, step in steps:
