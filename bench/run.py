@@ -421,6 +421,8 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", help="run only these: single, batch, worker_batch, reserve, balance, expiry, allocation, memory")
     args = parser.parse_args()
     sizes = SIZES["quick" if args.quick else "full"]
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Any] = {
         "mode": "quick" if args.quick else "full",
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
