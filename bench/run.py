@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from rich.console import Console
@@ -59,6 +59,7 @@ SIZES = {
 }
 
 console = Console()
+R = TypeVar("R")
 
 
 # ---------------------------------------------------------------- infrastructure
@@ -124,6 +125,13 @@ def timed(work: Callable[[], Any]) -> float:
     start = time.perf_counter()
     work()
     return time.perf_counter() - start
+
+
+def timed_result(work: Callable[[], R]) -> tuple[float, R]:
+    """Seconds `work` took, and what it returned."""
+    start = time.perf_counter()
+    value = work()
+    return time.perf_counter() - start, value
 
 
 def wait_all(handles: list[Any], timeout: float = 600) -> None:
@@ -335,13 +343,7 @@ def expiry(database_url: str, lots: int) -> dict[str, float]:
                 " ON l.user_id = a.user_id WHERE a.user_id LIKE :p || '%' AND a.balance > coalesce(l.s, 0)"),
                 {"p": prefix})
         service = CreditService(engine)
-        expired = 0
-
-        def expire() -> None:
-            nonlocal expired
-            expired = service.expire_credits(now=at)
-
-        figures[f"expire_{label}_s"] = timed(expire)
+        figures[f"expire_{label}_s"], expired = timed_result(lambda: service.expire_credits(now=at))
         assert expired == count, (expired, count)
         with engine.begin() as connection:
             connection.execute(text("DELETE FROM credit_lots WHERE remaining = 0"))
@@ -372,13 +374,7 @@ def allocation(database_url: str, subscriptions: int) -> dict[str, float]:
                 " FROM generate_series(0, :n - 1) g"),
                 {"l": label, "n": count, "plan": plan.id, "anchor": anchor.replace(tzinfo=None),
                  "end": (anchor + timedelta(days=1)).replace(tzinfo=None)})
-        granted = 0
-
-        def allocate() -> None:
-            nonlocal granted
-            granted = subs.allocate_due(now=at)
-
-        figures[f"allocate_{label}_s"] = timed(allocate)
+        figures[f"allocate_{label}_s"], granted = timed_result(lambda: subs.allocate_due(now=at))
         assert granted == count, (granted, count)
     figures["allocate_subscriptions"] = float(subscriptions)
     figures["allocate_growth_10x"] = figures["allocate_full_s"] / figures["allocate_tenth_s"]
