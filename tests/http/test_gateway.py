@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -18,7 +17,6 @@ from fastapi.testclient import TestClient
 from httpx import Response
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
-from sqlalchemy.engine import Engine
 
 from creditworker.errors import UnknownUser
 from creditworker.http.auth import API_KEYS_VARIABLE
@@ -26,7 +24,7 @@ from creditworker.http.gateway import build_router, create_app
 from creditworker.settings import Settings
 from creditworker.subscriptions import SubscriptionService
 from producers.aio import AsyncCreditClient
-from tests.e2e.conftest import RunningWorker, running_on_redis
+from tests.e2e.conftest import RunningWorker
 
 pytestmark = pytest.mark.e2e
 
@@ -35,17 +33,9 @@ SECOND_KEY = "second-test-key"
 CLOSED_BROKER = "redis://127.0.0.1:1/0"
 CLOSED_DATABASE = "postgresql+psycopg2://postgres@127.0.0.1:1/test"
 REDIS_DB = 9
-"""Redis database of this module's broker: 10 to 15 belong to other tests and the benchmarks."""
+"""Redis database of this module's broker (the `worker` fixture in conftest reads it): 10 to 15
+belong to other tests and the benchmarks."""
 
-
-@pytest.fixture(scope="module")
-def worker(
-    tmp_path_factory: pytest.TempPathFactory,
-    postgres_url: str,
-    redis_url: str,
-    migrated_engines: dict[str, Engine],
-) -> Iterator[RunningWorker]:
-    yield from running_on_redis(tmp_path_factory, postgres_url, redis_url, REDIS_DB, migrated_engines)
 
 
 def gateway_settings(worker: RunningWorker, **changes: Any) -> Settings:

@@ -4,34 +4,24 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.testclient import TestClient
-from sqlalchemy.engine import Engine
 
 from creditworker.contract import EntryKind, LedgerEntry
 from creditworker.http.middleware import CreditDeductionMiddleware
 from producers.aio import AsyncCreditClient
-from tests.e2e.conftest import RunningWorker, running_on_redis
+from tests.e2e.conftest import RunningWorker
 
 pytestmark = pytest.mark.e2e
 
 REDIS_DB = 8
-"""Redis database of this module's broker: 10 to 15 belong to other tests and the benchmarks."""
+"""Redis database of this module's broker (the `worker` fixture in conftest reads it): 10 to 15
+belong to other tests and the benchmarks."""
 
-
-@pytest.fixture(scope="module")
-def worker(
-    tmp_path_factory: pytest.TempPathFactory,
-    postgres_url: str,
-    redis_url: str,
-    migrated_engines: dict[str, Engine],
-) -> Iterator[RunningWorker]:
-    yield from running_on_redis(tmp_path_factory, postgres_url, redis_url, REDIS_DB, migrated_engines)
 
 
 def metered_app(client: AsyncCreditClient, calls: Counter[str], **options: Any) -> FastAPI:
