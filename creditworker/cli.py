@@ -469,6 +469,72 @@ def events_tail(
         print(json.dumps(payload), flush=True)
 
 
+# ---------------------------------------------------------------------------- dead letters
+
+dead_letters_app = typer.Typer(
+    help="Messages a worker could not read, kept instead of stopping it.", no_args_is_help=True
+)
+app.add_typer(dead_letters_app, name="dead-letters")
+
+
+def _dead_letters() -> Any:
+    from creditworker.dead_letters import DeadLetterStore
+    from creditworker.storage.database import make_engine
+
+    return DeadLetterStore(make_engine(_database_url()))
+
+
+@dead_letters_app.command("list")
+def dead_letters_list(
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="How many, newest first.")] = 50,
+    before_id: Annotated[Optional[int], typer.Option(help="Only letters older than this id.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List dead letters, newest first: id, time, task, task id and why."""
+    letters = _dead_letters().newest(limit=limit, before_id=before_id)
+    if as_json:
+        print(json.dumps([letter.as_dict() for letter in letters]))
+        return
+    table = Table(title=f"dead letters ({len(letters)} shown)")
+    for column in ("id", "received", "task", "task id", "queue", "bytes", "reason"):
+        table.add_column(column, justify="right" if column in ("id", "bytes") else "left")
+    for letter in letters:
+        table.add_row(
+            str(letter.id), letter.received_at.isoformat(timespec="seconds"), letter.task_name or "",
+            letter.task_id or "", letter.queue or "", str(letter.body_size), letter.reason,
+        )
+    console.print(table)
+
+
+@dead_letters_app.command("show")
+def dead_letters_show(letter_id: Annotated[int, typer.Argument(help="The letter's id.")]) -> None:
+    """Print one dead letter whole, as JSON: headers, properties and body as they arrived."""
+    letter = _dead_letters().get(letter_id)
+    if letter is None:
+        print(f"error: not_found: no dead letter {letter_id}", file=sys.stderr)
+        raise typer.Exit(2)
+    print(json.dumps(letter.as_dict(), indent=2))
+
+
+@dead_letters_app.command("purge")
+def dead_letters_purge(
+    letter_ids: Annotated[Optional[list[int]], typer.Argument(help="Ids to delete (default: all).")] = None,
+    before: Annotated[
+        Optional[datetime], typer.Option(help="Only letters received before this time (UTC).")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask.")] = False,
+) -> None:
+    """Delete dead letters: the ids given, those received before a time, or all."""
+    from datetime import timezone
+
+    if not (letter_ids or before or yes):
+        typer.confirm("Delete every dead letter?", abort=True)
+    if before is not None and before.tzinfo is None:
+        before = before.replace(tzinfo=timezone.utc)
+    deleted = _dead_letters().purge(ids=letter_ids or None, before=before)
+    print(f"deleted {deleted} dead letter{'s' if deleted != 1 else ''}")
+
+
 def main() -> None:
     app()
 

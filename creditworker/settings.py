@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     """Bearer keys the HTTP gateway accepts, comma-separated (see the README's gateway section)."""
     gather_max: int = Field(default=100, ge=1, le=1000)
     """Single operations a worker gathers into one transaction at most; 1 turns gathering off."""
+    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    """A task message with a larger body is dead-lettered unread (a batch of 1,000 items
+    with the largest metadata allowed is about 8 MiB)."""
     allocation_backfill: bool = False
     """After downtime, also grant missed periods whose credits would still be valid."""
 

@@ -243,3 +243,27 @@ class SubscriptionRow(Base):
     ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class DeadLetterRow(Base):
+    """A message the worker could not even read, kept whole for an operator to inspect.
+
+    The body is kept as text when it is UTF-8 and as base64 otherwise (`body_encoding`),
+    cut to `dead_letters.MAX_STORED_BODY` bytes; `body_size` is the size that arrived.
+    """
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    task_id: Mapped[str | None] = mapped_column(String(255), nullable=True, index=True)
+    task_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    queue: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    reason: Mapped[str] = mapped_column(Text)
+    content_type: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    content_encoding: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    headers: Mapped[dict[str, Any]] = mapped_column(JSON)
+    properties: Mapped[dict[str, Any]] = mapped_column(JSON)
+    body: Mapped[str] = mapped_column(Text)
+    body_encoding: Mapped[str] = mapped_column(String(16))
+    body_size: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)

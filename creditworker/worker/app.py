@@ -13,6 +13,7 @@ from typing import Any
 from celery import Celery
 
 from creditworker.settings import Settings, get_settings
+from creditworker.worker.transport import TRANSPORTS
 
 TASK_MODULES = ["creditworker.worker.tasks"]
 
@@ -89,6 +90,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     backend = result_backend_url(settings)
     config: dict[str, Any] = {
         "broker_url": settings.broker_url,
+        # An entry on a Redis or embedded queue that is not a message envelope reaches the
+        # worker as a dead letter instead of stopping it (creditworker/worker/transport.py).
+        "broker_transport": TRANSPORTS.get(broker_kind(settings.broker_url)),
         "result_backend": backend,
         "broker_transport_options": broker_transport_options(settings),
         # JSON only: a pickle message is refused, so nobody who can write to the broker
@@ -110,6 +114,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Seen in tests/faults (stream-125); a duplicate is harmless, a loss is not.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "broker_connection_retry_on_startup": True,
+        # Every message is checked before Celery reads it; one it cannot read becomes a
+        # dead letter instead of stopping the worker (creditworker/worker/intake.py).
+        "worker_consumer": "creditworker.worker.intake:GuardedConsumer",
         # Flower: task events and the "sent" event, so every task is listed with its state.
         "worker_send_task_events": True,
         "task_send_sent_event": True,

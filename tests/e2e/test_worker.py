@@ -181,7 +181,7 @@ def test_a_pickled_message_is_refused_and_the_worker_keeps_running(redis_worker:
     # The worker is still serving and nothing was deducted.
     assert redis_worker.client.deduct_credits("ann", 1).get().balance_after == 9
     log = redis_worker.log_path.read_text()
-    assert "Refusing to deserialize untrusted content of type pickle" in log
+    assert "content type 'application/x-python-serialize': only application/json is accepted" in log
     assert redis_worker.service.get_user_credits_info("ann").total == 9
 
 

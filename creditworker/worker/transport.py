@@ -1,0 +1,120 @@
+"""Broker transports that hand the worker every message, even one they cannot read.
+
+kombu's Redis and filesystem transports keep each message in a JSON envelope. An entry on
+the queue that is not one (bytes pushed by hand, a producer bug, an envelope without its
+`properties`) makes kombu raise inside the worker's event loop, and Celery exits with
+"Unrecoverable error". These transports wrap such an entry in an envelope of their own,
+marked with `UNREADABLE_HEADER`, so that it reaches the worker's intake like any message
+and becomes a dead letter (`creditworker.worker.intake`). The rest is kombu's code.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from typing import Any
+
+from kombu.transport import filesystem, redis
+
+UNREADABLE_HEADER = "x-creditworker-unreadable"
+"""Set on a wrapped entry: why the transport could not read it."""
+
+_UNREADABLE_ERRORS = (ValueError, TypeError, KeyError)
+"""What kombu's JSON decoding and `Message` raise on an entry that is not an envelope."""
+
+
+def unreadable_envelope(raw: Any, reason: str, queue: str | None) -> dict[str, Any]:
+    """A kombu envelope that carries `raw` (as it arrived, where known) and `reason`."""
+    if isinstance(raw, str):
+        body = raw.encode("utf-8", "surrogateescape")
+    elif isinstance(raw, bytes):
+        body = raw
+    else:
+        body = json.dumps(raw, default=repr).encode("utf-8")
+    tag = str(uuid.uuid4())
+    return {
+        "body": base64.b64encode(body).decode("ascii"),
+        "content-type": "application/octet-stream",
+        "content-encoding": "binary",
+        "headers": {UNREADABLE_HEADER: reason[:500]},
+        "properties": {
+            "body_encoding": "base64",
+            "delivery_tag": tag,
+            "delivery_info": {"exchange": "", "routing_key": queue or ""},
+            "priority": 0,
+        },
+    }
+
+
+def _unreadable(exc: BaseException, queue: str | None) -> dict[str, Any]:
+    """The envelope for an entry whose JSON could not be loaded."""
+    if isinstance(exc, json.JSONDecodeError):  # it keeps the text it could not parse
+        return unreadable_envelope(exc.doc, f"not JSON: {exc}", queue)
+    return unreadable_envelope(b"", f"not a readable kombu envelope: {exc!r}", queue)
+
+
+def _guarded(message_class: type) -> type:
+    """`message_class`, except that an entry it cannot read becomes a wrapped one."""
+
+    class GuardedMessage(message_class):  # type: ignore[misc, valid-type]
+        def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
+            try:
+                super().__init__(payload, channel=channel, **kwargs)
+                _check_envelope(self)
+            except _UNREADABLE_ERRORS as exc:
+                reason = f"not a kombu message envelope: {exc!r}"
+                super().__init__(unreadable_envelope(payload, reason, None), channel=channel, **kwargs)
+
+    return GuardedMessage
+
+
+def _check_envelope(message: Any) -> None:
+    """Raise on what kombu reads later without a check (and would then crash on)."""
+    info = message.delivery_info
+    if not isinstance(info, dict) or not {"exchange", "routing_key"} <= info.keys():
+        raise ValueError("no delivery_info with exchange and routing_key")
+    if not isinstance(message.delivery_tag, str) or not isinstance(message.headers, dict):
+        raise TypeError("no delivery_tag, or headers that are not a mapping")
+
+
+class _GuardedChannel:
+    """What both transports share: `_get` never raises on an entry that is not JSON."""
+
+    def _get(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super()._get(queue, *args, **kwargs)  # type: ignore[misc]
+        except _UNREADABLE_ERRORS as exc:
+            return _unreadable(exc, queue)
+
+
+class GuardedRedisChannel(_GuardedChannel, redis.Channel):  # type: ignore[misc]
+    Message = _guarded(redis.Channel.Message)  # type: ignore[assignment]
+
+    def _brpop_read(self, **options: Any) -> Any:
+        try:
+            return super()._brpop_read(**options)
+        except _UNREADABLE_ERRORS as exc:
+            # kombu popped the entry and rotated its queue to the end of the cycle first.
+            queue = self._queue_cycle.items[-1] if self._queue_cycle.items else None
+            self.connection._deliver(_unreadable(exc, queue), queue)
+            return True
+
+
+class GuardedRedisTransport(redis.Transport):  # type: ignore[misc]
+    Channel = GuardedRedisChannel
+
+
+class GuardedFilesystemChannel(_GuardedChannel, filesystem.Channel):  # type: ignore[misc]
+    Message = _guarded(filesystem.Channel.Message)  # type: ignore[assignment]
+
+
+class GuardedFilesystemTransport(filesystem.Transport):  # type: ignore[misc]
+    Channel = GuardedFilesystemChannel
+
+
+TRANSPORTS = {
+    "redis": "creditworker.worker.transport:GuardedRedisTransport",
+    "filesystem": "creditworker.worker.transport:GuardedFilesystemTransport",
+}
+"""The transport class for each broker kind that keeps messages in JSON envelopes."""
