@@ -458,14 +458,8 @@ def events_tail(
 ) -> None:
     """Print events as JSON lines as they are published (from a private, temporary queue)."""
     from creditworker.event_bus import tail
-    from creditworker.settings import get_settings
-    from creditworker.worker.app import make_celery
 
-    celery = make_celery(get_settings())
-    with celery.connection_for_read() as connection:
-        url = connection.as_uri(include_password=True)
-        transport_options = connection.transport_options
-    for payload in tail(url, key, timeout=timeout, transport_options=transport_options):
+    for payload in tail(key, timeout=timeout):
         print(json.dumps(payload), flush=True)
 
 
