@@ -24,7 +24,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from creditworker.http.responses import error_response
+from creditworker.http.responses import refusal_before_body
 from creditworker.settings import Settings
 from creditworker.worker.app import broker_kind
 
@@ -97,7 +97,9 @@ class ApiKeyGuard:
         if scope["type"] == "http" and self._guarded(scope["path"]):
             refusal = self.check.refusal(Headers(scope=scope).get("authorization"))
             if refusal is not None:
-                response = error_response(401, "unauthorized", refusal, headers=_CHALLENGE)
+                response = refusal_before_body(
+                    scope, 401, "unauthorized", refusal, headers=_CHALLENGE
+                )
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from creditworker.http.responses import error_response
+from creditworker.http.responses import refusal_before_body
 
 MAX_BODY_BYTES_VARIABLE = "CREDITWORKER_HTTP_MAX_BODY_BYTES"
 
@@ -52,8 +52,8 @@ class BodyLimit:
         await self.app(scope, _replay(b"".join(chunks), receive), send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(
-            413, "content_too_large",
+        response = refusal_before_body(
+            scope, 413, "content_too_large",
             f"the request body is larger than {self.max_body_bytes} bytes, the most the "
             f"gateway reads ({MAX_BODY_BYTES_VARIABLE})",
             {"max_body_bytes": self.max_body_bytes},

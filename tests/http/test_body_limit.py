@@ -89,7 +89,8 @@ def answer_to_a_partial_body(
     base_url: str, *, key: str | None, chunked: bool, chunks: int
 ) -> tuple[int, dict[str, object]]:
     """Declare a 100 MiB body (or a chunked one), send only `chunks` chunks of it and wait for
-    the answer: the status and JSON body, with no more bytes of the body ever sent."""
+    the answer: the status and JSON body, with no more bytes of the body ever sent. The server
+    must then close the connection rather than read the rest of the body."""
     port = int(base_url.rsplit(":", 1)[1])
     framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {HUGE}"
     with socket.create_connection(("127.0.0.1", port), timeout=ANSWER_WITHIN) as connection:
@@ -102,9 +103,17 @@ def answer_to_a_partial_body(
             data = connection.recv(65536)  # socket.timeout fails the test: no answer
             assert data, f"the server closed without answering: {received!r}"
             received += data
+        assert _closed_after_the_answer(connection), "the server went on reading the body"
     status_line, _, rest = received.partition(b"\r\n")
     body = rest.partition(b"\r\n\r\n")[2]
     return int(status_line.split()[1]), json.loads(body)
+
+
+def _closed_after_the_answer(connection: socket.socket) -> bool:
+    try:
+        return connection.recv(1) == b""
+    except ConnectionResetError:
+        return True
 
 
 def _complete(response: bytes) -> bool:
