@@ -94,7 +94,7 @@ class ApiKeyGuard:
         self.path_prefix = path_prefix.rstrip("/")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self._guarded(scope["path"]):
+        if scope["type"] == "http" and self._guarded(_route_path(scope)):
             refusal = self.check.refusal(Headers(scope=scope).get("authorization"))
             if refusal is not None:
                 response = refusal_before_body(
@@ -106,3 +106,9 @@ class ApiKeyGuard:
 
     def _guarded(self, path: str) -> bool:
         return path == self.path_prefix or path.startswith(self.path_prefix + "/")
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the app routes on: behind a proxy's prefix (`root_path`), without it."""
+    path, root_path = scope["path"], scope.get("root_path", "")
+    return path[len(root_path):] if root_path and path.startswith(root_path) else path

@@ -228,3 +228,17 @@ def test_the_middleware_hands_a_body_within_the_limit_on_whole() -> None:
     recorder = Recorder()
     run(recorder, [], 64 * CHUNK)
     assert recorder.status == 200 and recorder.app_body == b"x" * CHUNK * 64
+
+
+def test_the_key_is_checked_first_also_behind_a_proxy_prefix() -> None:
+    from creditworker.http.auth import ApiKeyCheck, ApiKeyGuard
+
+    recorder = Recorder()
+    guard = ApiKeyGuard(
+        BodyLimit(recorder.app, max_body_bytes=LIMIT),
+        check=ApiKeyCheck([API_KEY], broker_url="redis://127.0.0.1:1/0"), path_prefix="/credits",
+    )
+    scope = {**scope_with([(b"content-length", b"10")]), "root_path": "/api",
+             "path": "/api/credits/add"}
+    asyncio.run(guard(scope, recorder.receive, recorder.send))
+    assert (recorder.status, recorder.chunks_sent, recorder.app_body) == (401, 0, None)
