@@ -5,6 +5,8 @@ contract's models (or thin ones built from its field types), so the gateway refu
 what the workers refuse. Writes answer 202 with a task id unless the caller asks to wait
 (`?wait=true`, or `Prefer: wait=N` for up to N seconds); a reservation always waits, since
 the caller needs its id. Reads run in the thread pool, so the event loop never blocks.
+In the standalone app the API key is checked, then the body's size, before FastAPI reads a
+body (see auth.py and body_limit.py).
 """
 
 import math
