@@ -56,8 +56,9 @@ def _database_url() -> str:
 
 def _service() -> Any:
     from creditworker.credits import CreditService
+    from creditworker.storage.readiness import ready_engine
 
-    return CreditService.from_settings(database=_database_url())
+    return CreditService.from_settings(database=ready_engine(_database_url()))
 
 
 def _reports_errors(command: F) -> F:
@@ -101,24 +102,44 @@ def _entry_table(entries: list[Any], title: str) -> Table:
 # ---------------------------------------------------------------------------- db
 
 
+def _unreachable(exc: Exception) -> typer.Exit:
+    """A database error as one line on stderr, and exit status 2."""
+    from sqlalchemy.engine import make_url
+
+    from creditworker.storage.readiness import connection_problem
+
+    print(f"error: database_not_ready: {connection_problem(make_url(_database_url()), exc)}", file=sys.stderr)  # type: ignore[arg-type]
+    return typer.Exit(2)
+
+
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply every migration to the configured database."""
+    from sqlalchemy.exc import DBAPIError
+
     from creditworker.storage.database import make_engine
     from creditworker.storage.migrate import current_revision, upgrade
 
     engine = make_engine(_database_url())
-    upgrade(engine)
+    try:
+        upgrade(engine)
+    except DBAPIError as exc:
+        raise _unreachable(exc) from None
     console.print(f"database at revision {current_revision(engine)}: {engine.url.render_as_string()}")
 
 
 @db_app.command("current")
 def db_current() -> None:
     """Print the database's migration revision."""
+    from sqlalchemy.exc import DBAPIError
+
     from creditworker.storage.database import make_engine
     from creditworker.storage.migrate import current_revision
 
-    print(current_revision(make_engine(_database_url())) or "none")
+    try:
+        print(current_revision(make_engine(_database_url())) or "none")
+    except DBAPIError as exc:
+        raise _unreachable(exc) from None
 
 
 # ---------------------------------------------------------------------------- schema and audit
@@ -143,15 +164,16 @@ def schema(
 
 
 @app.command("audit")
+@_reports_errors
 def audit_command(as_json: JsonOption = False) -> None:
     """Check the ledger invariants on the live database; exit 1 naming the accounts if any fail."""
     from creditworker.audit import audit
     from creditworker.contract import OveragePolicy
     from creditworker.settings import get_settings
-    from creditworker.storage.database import make_engine
+    from creditworker.storage.readiness import ready_engine
 
     allow_negative = get_settings().overage_policy is OveragePolicy.ALLOW_NEGATIVE
-    report = audit(make_engine(_database_url()), allow_negative=allow_negative)
+    report = audit(ready_engine(_database_url()), allow_negative=allow_negative)
     if as_json:
         _print_json(
             {
@@ -473,12 +495,13 @@ app.add_typer(dead_letters_app, name="dead-letters")
 
 def _dead_letters() -> Any:
     from creditworker.dead_letters import DeadLetterStore
-    from creditworker.storage.database import make_engine
+    from creditworker.storage.readiness import ready_engine
 
-    return DeadLetterStore(make_engine(_database_url()))
+    return DeadLetterStore(ready_engine(_database_url()))
 
 
 @dead_letters_app.command("list")
+@_reports_errors
 def dead_letters_list(
     limit: Annotated[int, typer.Option(min=1, max=1000, help="How many, newest first.")] = 50,
     before_id: Annotated[Optional[int], typer.Option(help="Only letters older than this id.")] = None,
@@ -501,6 +524,7 @@ def dead_letters_list(
 
 
 @dead_letters_app.command("show")
+@_reports_errors
 def dead_letters_show(letter_id: Annotated[int, typer.Argument(help="The letter's id.")]) -> None:
     """Print one dead letter whole, as JSON: headers, properties and body as they arrived."""
     letter = _dead_letters().get(letter_id)
@@ -511,6 +535,7 @@ def dead_letters_show(letter_id: Annotated[int, typer.Argument(help="The letter'
 
 
 @dead_letters_app.command("purge")
+@_reports_errors
 def dead_letters_purge(
     letter_ids: Annotated[Optional[list[int]], typer.Argument(help="Ids to delete (default: all).")] = None,
     before: Annotated[
