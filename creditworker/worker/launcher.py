@@ -51,12 +51,13 @@ FLOWER_USER = "admin"
 """The user of the password `up --flower` generates when no FLOWER_BASIC_AUTH is given."""
 
 _PR_SET_PDEATHSIG = 1
-_ERROR_LINE = re.compile(
-    # the last line of a Python traceback ("ModuleNotFoundError: No module named 'x'",
-    # "redis.exceptions.ConnectionError: ...") or click's "Error: ..."
-    r"^(?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt|Failure|Configured)(?::\s.*)?$"
+_LOGGED_ERROR = re.compile(
     # a Celery log record at ERROR or CRITICAL: "[2026-01-01 00:00:00,000: ERROR/MainProcess] ..."
-    r"|^\[[^\]]*\b(?:ERROR|CRITICAL)/[^\]]*\]\s*(?P<message>.*)$"
+    r"^\[[^\]]*\b(?:ERROR|CRITICAL)/[^\]]*\]\s*(?P<celery>.*)$"
+    # a Flower (tornado) log record at ERROR or CRITICAL: "[E 261125 16:36:19 app:42] ..."
+    r"|^\[[EC] \d{6} [^\]]*\]\s*(?P<tornado>.*)$"
+    # click's usage error: "Error: Invalid value for '-A' ..."
+    r"|^(?P<click>Error: .*)$"
 )
 
 
@@ -78,12 +79,28 @@ class FlowerOptions:
     """"user:password[,user2:password2]"; None: `up` generates a password and prints it once."""
 
 
-def error_line(line: str) -> str | None:
-    """The error a line of a child's output reports, if it reports one."""
-    match = _ERROR_LINE.match(line.strip())
-    if match is None:
-        return None
-    return (match.group("message") or match.group(0)).strip() or None
+class LastError:
+    """The last error a child printed, read line by line from its output.
+
+    That is the last line of a Python traceback (the exception, as in
+    "ModuleNotFoundError: No module named 'x'": the first line at the margin after
+    "Traceback (most recent call last):"), or else a log record at ERROR or CRITICAL.
+    """
+
+    def __init__(self) -> None:
+        self.message: str | None = None
+        self._in_traceback = False
+
+    def feed(self, line: str) -> None:
+        line = line.rstrip()
+        if line.startswith("Traceback (most recent call last):"):
+            self._in_traceback = True
+        elif self._in_traceback:
+            if line and not line[0].isspace():
+                self.message = line
+                self._in_traceback = False
+        elif match := _LOGGED_ERROR.match(line):
+            self.message = (match.group("celery") or match.group("tornado") or match.group("click")).strip()
 
 
 def describe_exit(code: int) -> str:
@@ -129,7 +146,7 @@ class Child:
         self.output = self.process.stdout
         os.set_blocking(self.output.fileno(), False)
         self.started_at = time.monotonic()
-        self.last_error: str | None = None
+        self.last_error = LastError()
         self._partial = b""
 
     def forward(self, out: Callable[[bytes], None]) -> bool:
@@ -147,9 +164,7 @@ class Child:
         prefix = f"{self.program.name:<6} | ".encode()
         for line in lines:
             out(prefix + line + b"\n")
-            error = error_line(line.decode(errors="replace"))
-            if error:
-                self.last_error = error
+            self.last_error.feed(line.decode(errors="replace"))
         return bool(chunk)
 
     def drain(self, out: Callable[[bytes], None]) -> None:
@@ -166,9 +181,9 @@ class Child:
 
     def exit_cause(self, code: int) -> str:
         """Why the child exited: the signal that killed it, else the last error it printed."""
-        if code < 0 or not self.last_error:
+        if code < 0 or not self.last_error.message:
             return describe_exit(code)
-        return self.last_error
+        return self.last_error.message
 
 
 class Supervisor:
