@@ -45,12 +45,13 @@ SHUTDOWN_GRACE_SECONDS = 30
 MAX_RESTARTS = 5
 """Restarts of one child allowed within RESTART_WINDOW_SECONDS before `up` gives up."""
 RESTART_WINDOW_SECONDS = 60.0
-STARTUP_SECONDS = 15.0
+STARTUP_SECONDS = 30.0
 """An optional child that exits this soon after its first start could not start at all."""
 FLOWER_USER = "admin"
 """The user of the password `up --flower` generates when no FLOWER_BASIC_AUTH is given."""
 
 _PR_SET_PDEATHSIG = 1
+_LONGEST_LINE = 65536
 _LOGGED_ERROR = re.compile(
     # a Celery log record at ERROR or CRITICAL: "[2026-01-01 00:00:00,000: ERROR/MainProcess] ..."
     r"^\[[^\]]*\b(?:ERROR|CRITICAL)/[^\]]*\]\s*(?P<celery>.*)$"
@@ -158,6 +159,9 @@ class Child:
         if chunk:
             lines = (self._partial + chunk).split(b"\n")
             self._partial = lines.pop()
+            if len(self._partial) > _LONGEST_LINE:  # output with no newline: pass it on anyway
+                lines.append(self._partial)
+                self._partial = b""
         else:
             lines = [self._partial] if self._partial else []
             self._partial = b""

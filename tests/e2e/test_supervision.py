@@ -32,7 +32,6 @@ def test_worker_with_its_pool_beat_and_flower_exit_when_up_is_killed(tmp_path: P
         wait_for_http(f"http://127.0.0.1:{port}/healthcheck")
         # the login given in FLOWER_BASIC_AUTH opens Flower's API
         assert httpx.get(f"http://127.0.0.1:{port}/api/workers", auth=AUTH, timeout=10).status_code == 200
-        assert "flower    http://127.0.0.1:" f"{port}/, log in as operator (password from FLOWER_BASIC_AUTH" in up.log
         processes = up.descendants()
         programs = [argv_of(pid) for pid in processes]
         assert sum("worker" in argv for argv in programs) >= 3  # the main process and its pool of 2
@@ -44,6 +43,7 @@ def test_worker_with_its_pool_beat_and_flower_exit_when_up_is_killed(tmp_path: P
         while (survivors := [pid for pid in processes if alive(pid)]) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not survivors, [" ".join(argv_of(pid)) for pid in survivors]
+        assert f"flower    http://127.0.0.1:{port}/, log in as operator (password from FLOWER_BASIC_AUTH" in up.log
 
 
 def test_flower_that_cannot_start_is_reported_and_worker_and_beat_keep_running(tmp_path: Path) -> None:
