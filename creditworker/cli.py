@@ -445,16 +445,26 @@ def plans_allocate(
 
 @app.command()
 def up(
-    flower: Annotated[bool, typer.Option("--flower", help="Also run Flower.")] = False,
+    flower: Annotated[bool, typer.Option("--flower", help="Also run Flower (optional: if it cannot start, the rest runs on).")] = False,
     flower_port: Annotated[int, typer.Option(help="Flower's port.")] = 5555,
+    flower_address: Annotated[
+        str, typer.Option(help="Address Flower listens on; 0.0.0.0 for every interface.")
+    ] = "127.0.0.1",
     flower_basic_auth: Annotated[
-        Optional[str], typer.Option(envvar="FLOWER_BASIC_AUTH", help="user:password for Flower.")
+        str | None,
+        typer.Option(
+            envvar="FLOWER_BASIC_AUTH",
+            help="user:password for Flower's pages and API; default: a password made up and printed at start.",
+        ),
     ] = None,
 ) -> None:
     """Migrate the database, then run worker and beat (and Flower) until Ctrl-C."""
-    from creditworker.worker.launcher import run_up
+    from creditworker.worker.launcher import FlowerOptions, run_up
 
-    raise typer.Exit(run_up(flower=flower, flower_port=flower_port, flower_basic_auth=flower_basic_auth))
+    if flower_basic_auth and not all(":" in pair for pair in flower_basic_auth.split(",")):
+        raise typer.BadParameter("expected user:password", param_hint="--flower-basic-auth")
+    options = FlowerOptions(flower_port, flower_address, flower_basic_auth) if flower else None
+    raise typer.Exit(run_up(options))
 
 
 @app.command()
