@@ -11,7 +11,7 @@ The test suite cannot see a missing runtime dependency (its dev extras pull in a
 .ci/run runs this after it. Only the standard library is used here; everything creditworker
 needs comes from the new venv. Services: PostgreSQL at CREDITWORKER_SMOKE_POSTGRES_URL
 (default the local server; a database of its own is created and dropped), Redis at
-CREDITWORKER_SMOKE_REDIS_URL, else a private `redis-server` from PATH, else database 5 of
+CREDITWORKER_SMOKE_REDIS_URL, else a private `redis-server` from PATH, else database 1 of
 the local Redis (one no test uses). Everything it started is killed and removed at the end.
 """
 
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 POSTGRES = os.environ.get(
     "CREDITWORKER_SMOKE_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 )
-SHARED_REDIS = "redis://127.0.0.1:6379/5"
+SHARED_REDIS = "redis://127.0.0.1:6379/1"
 MARKER = "CREDITWORKER_SMOKE_RUN"
 """Set in every process the smoke starts, so it finds all their descendants at the end."""
 API_KEY = "smoke-key"
