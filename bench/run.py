@@ -2,9 +2,10 @@
 
     python bench/run.py [--quick] [--json PATH]
 
-Needs PostgreSQL and Redis (CREDITWORKER_BENCH_POSTGRES_URL, CREDITWORKER_BENCH_REDIS_URL;
-defaults: the local servers). Each run creates a database of its own and drops it, and
-starts its own worker (the command line of `creditworker up`). Machines are noisy, so every
+Needs PostgreSQL (CREDITWORKER_BENCH_POSTGRES_URL, default the local server) and a
+`redis-server` on PATH. Each run creates a database of its own and drops it, starts a
+private Redis (or uses the one CREDITWORKER_BENCH_REDIS_URL names, and empties that
+database), and starts its own worker (the command line of `creditworker up`). Machines are noisy, so every
 figure that is compared is compared with a baseline taken in the same run, never with a
 number from another day. Not part of the test suite.
 """
@@ -15,7 +16,9 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -49,7 +52,7 @@ from producers import CreditClient  # noqa: E402
 POSTGRES = os.environ.get(
     "CREDITWORKER_BENCH_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 )
-REDIS = os.environ.get("CREDITWORKER_BENCH_REDIS_URL", "redis://127.0.0.1:6379/10")
+REDIS_GIVEN = os.environ.get("CREDITWORKER_BENCH_REDIS_URL") or None
 
 SIZES = {
     "quick": dict(single=1000, batch_ops=5000, worker_batch_ops=5000, reserve_seconds=5,
@@ -80,18 +83,56 @@ def fresh_database() -> Iterator[str]:
         admin.dispose()
 
 
+@contextmanager
+def bench_redis(workdir: Path) -> Iterator[str]:
+    """The Redis the benchmarks may empty: the one CREDITWORKER_BENCH_REDIS_URL names, or a
+    private redis-server (no persistence, like the server the published figures used), so a
+    developer's own Redis is never touched."""
+    if REDIS_GIVEN is not None:
+        redis.Redis.from_url(REDIS_GIVEN).flushdb()
+        yield REDIS_GIVEN
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("bench: no redis-server on PATH (or set CREDITWORKER_BENCH_REDIS_URL)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    server = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+         "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 class Worker:
     """A real `celery worker` (prefork, concurrency 2) on Redis and the bench database."""
 
-    def __init__(self, database_url: str, workdir: Path) -> None:
-        redis.Redis.from_url(REDIS).flushdb()
+    def __init__(self, database_url: str, redis_url: str, workdir: Path) -> None:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITWORKER_")}
         self.env.update(
-            CREDITWORKER_DATABASE_URL=database_url, CREDITWORKER_BROKER_URL=REDIS,
+            CREDITWORKER_DATABASE_URL=database_url, CREDITWORKER_BROKER_URL=redis_url,
             CREDITWORKER_LEDGER_PATH=str(workdir / "ledger.jsonl"),
             CREDITWORKER_DATA_DIR=str(workdir / ".creditworker"), C_FORCE_ROOT="1",
         )
-        self.client = CreditClient(Settings(broker_url=REDIS, data_dir=str(workdir / ".creditworker")))
+        self.client = CreditClient(
+            Settings(broker_url=redis_url, data_dir=str(workdir / ".creditworker"))
+        )
         self.process = subprocess.Popen(
             [*commands.WORKER, "--loglevel=WARNING"], env=self.env, cwd=workdir,
             stdout=open(workdir / "worker.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
@@ -425,11 +466,15 @@ def main() -> int:
         "taken_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     wanted = set(args.only or ["single", "batch", "worker_batch", "reserve", "balance", "expiry", "allocation", "memory"])
-    with fresh_database() as database_url, tempfile.TemporaryDirectory() as workdir:
+    with (
+        fresh_database() as database_url,
+        tempfile.TemporaryDirectory() as workdir,
+        bench_redis(Path(workdir)) as redis_url,
+    ):
         engine = make_engine(database_url)
         upgrade(engine)
         service = CreditService(engine)
-        worker = Worker(database_url, Path(workdir))
+        worker = Worker(database_url, redis_url, Path(workdir))
         try:
             steps: list[tuple[str, Callable[[], dict[str, float]]]] = [
                 ("single", lambda: single_operations(worker, service, sizes["single"])),

@@ -1,21 +1,28 @@
 """Configuration from environment variables prefixed ``CREDITWORKER_``.
 
 Every default is the embedded one: a SQLite file and a ledger file in the working
-directory, so a laptop runs the whole system with no server configured.
+directory, so a laptop runs the whole system with no server configured. An empty variable
+means unset (its default), so a deployment can pass an optional one through as
+`${VAR:-}`, as docker-compose.yml does.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from creditworker.contract import OveragePolicy
 
+LEDGER_OFF = "off"
+"""The `CREDITWORKER_LEDGER_PATH` that turns the ledger file off (empty means the default)."""
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CREDITWORKER_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="CREDITWORKER_", extra="ignore", env_ignore_empty=True
+    )
 
     database_url: str = "sqlite:///creditworker.db"
     ledger_path: str | None = "creditworker-ledger.jsonl"
@@ -55,6 +62,11 @@ class Settings(BaseSettings):
     with the largest metadata allowed is about 8 MiB)."""
     allocation_backfill: bool = False
     """After downtime, also grant missed periods whose credits would still be valid."""
+
+    @field_validator("ledger_path")
+    @classmethod
+    def _ledger_off(cls, path: str | None) -> str | None:
+        return None if path is not None and path.lower() == LEDGER_OFF else path
 
 
 @lru_cache(maxsize=1)
