@@ -131,13 +131,22 @@ def _die_with_parent() -> Callable[[], None] | None:
     return set_parent_death_signal
 
 
+def this_python(argv: list[str]) -> list[str]:
+    """`celery ...` run by the interpreter that runs `up`, not whichever `celery` is first on
+    PATH: `venv/bin/creditworker up` without an activated venv would otherwise start another
+    installation's worker (or none)."""
+    if argv and argv[0] == "celery":
+        return [sys.executable, "-m", "celery", *argv[1:]]
+    return argv
+
+
 class Child:
     """One run of a program: the process, its unread output, the last error it printed."""
 
     def __init__(self, program: Program, preexec: Callable[[], None] | None) -> None:
         self.program = program
         self.process = subprocess.Popen(
-            program.argv, env={**os.environ, **program.env} if program.env else None,
+            this_python(program.argv), env={**os.environ, **program.env} if program.env else None,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             # its own session: Ctrl-C reaches `up` alone, which stops the children in order.
             # preexec_fn is unsafe only with threads, and `up` runs none.
