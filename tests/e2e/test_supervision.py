@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
