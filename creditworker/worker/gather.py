@@ -186,6 +186,15 @@ def gathering_strategy(task: Task, app: Celery, consumer: Any, **options: Any) -
     return handle
 
 
+def mark_began(app: Celery, entry: dict[str, Any]) -> None:
+    """Record STARTED for a message whose caller waits until a deadline, before the engine
+    checks that deadline: a caller who finds no STARTED once its deadline has passed knows
+    that no worker began the operation in time, and that none will apply it later.
+    (Ordinary tasks get the same from Celery's `task_track_started`.)"""
+    app.backend.store_result(entry["id"], {"hostname": entry["hostname"]}, states.STARTED,
+                             request=Context(**entry))
+
+
 def run_gathered(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """In a pool process: apply the messages as one batch and store each result.
 
@@ -194,6 +203,9 @@ def run_gathered(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     from creditworker.worker.tasks import app, apply_gathered
 
+    for entry in entries:
+        if (entry["kwargs"] or {}).get("deadline"):
+            mark_began(app, entry)
     outcomes = apply_gathered(entries)
     results: list[dict[str, Any]] = []
     for entry, outcome in zip(entries, outcomes):
