@@ -91,7 +91,10 @@ def _as_utc(value: datetime) -> datetime:
     """Naive datetimes are taken as UTC; aware ones are converted to UTC."""
     if value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError as exc:  # e.g. 0001-01-01T00:00:00+05:00
+        raise ValueError("is out of range once converted to UTC") from exc
 
 
 def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:

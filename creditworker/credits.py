@@ -46,7 +46,6 @@ from creditworker.errors import (
     IdempotencyConflict,
     InsufficientCredits,
     ReservationNotActive,
-    ServiceUnavailable,
     UnknownReservation,
     UnknownUser,
     ValidationFailed,
@@ -1045,22 +1044,24 @@ def _hold_expiry(request: ReserveCredits, at: datetime) -> datetime:
     """When a new hold expires; raises, changing nothing, if it comes too late to apply.
 
     Runs under the account lock, right before the hold is written, so the deadline is
-    checked against the clock (or `at`, if later), not the time the batch began."""
+    checked against the clock (or `at`, if later), not the time the batch began. Too late
+    is `invalid_input`, as an `expires_at` in the past is for a grant: the request, as
+    sent, can no longer be applied; the caller may send it again (same key) with new times.
+    """
     checked_at = max(at, utcnow())
     if request.deadline is not None and checked_at > request.deadline:
-        raise ServiceUnavailable(
+        raise ValidationFailed(
             f"reservation not applied: it reached the engine at {checked_at.isoformat()}, after "
-            f"its caller stopped waiting at {request.deadline.isoformat()}; a retry with the same "
-            "idempotency key is safe",
-            applied=False, user_id=request.user_id, deadline=request.deadline.isoformat(),
+            f"its caller stopped waiting at {request.deadline.isoformat()}",
+            applied=False, reason="deadline_passed", deadline=request.deadline.isoformat(),
         )
     asked = at if request.requested_at is None else min(request.requested_at, at)
     expires_at = asked + timedelta(seconds=request.ttl_seconds)
     if expires_at <= at:
-        raise ServiceUnavailable(
-            f"reservation not applied: its TTL of {request.ttl_seconds} s, counted from "
-            f"{asked.isoformat()}, ran out before a worker got to it",
-            applied=False, user_id=request.user_id, requested_at=asked.isoformat(),
+        raise ValidationFailed(
+            f"reservation not applied: its TTL of {request.ttl_seconds} s, counted from when it "
+            f"was requested ({asked.isoformat()}), ran out before it reached the engine",
+            applied=False, reason="ttl_elapsed", requested_at=asked.isoformat(),
         )
     return expires_at
 

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from creditworker import CreditService
 from creditworker.audit import audit
-from creditworker.errors import ServiceUnavailable
+from creditworker.errors import ValidationFailed
 from creditworker.storage.tables import Hold
 
 
@@ -45,7 +45,7 @@ def test_a_producer_clock_running_ahead_cannot_lengthen_a_hold(service: CreditSe
 def test_a_reserve_that_arrives_after_its_ttl_holds_nothing(service: CreditService, engine: Engine) -> None:
     service.add_credits("cat", 100)
     now = datetime.now(UTC)
-    with pytest.raises(ServiceUnavailable) as refused:
+    with pytest.raises(ValidationFailed) as refused:
         service.reserve_credits("cat", 10, ttl_seconds=60, requested_at=now - timedelta(seconds=61), now=now)
     assert refused.value.details["applied"] is False
     assert holds(engine) == 0
@@ -57,7 +57,7 @@ def test_a_reserve_past_its_callers_deadline_is_not_applied_and_its_key_stays_us
 ) -> None:
     service.add_credits("dan", 100)
     now = datetime.now(UTC)
-    with pytest.raises(ServiceUnavailable) as refused:
+    with pytest.raises(ValidationFailed) as refused:
         service.reserve_credits("dan", 10, deadline=now - timedelta(seconds=1), idempotency_key="dan-1")
     assert refused.value.details["applied"] is False
     assert holds(engine) == 0
@@ -77,7 +77,7 @@ def test_in_a_batch_a_late_reserve_fails_alone(service: CreditService, engine: E
         {"op": "reserve", "user_id": "eve", "amount": 5, "deadline": late},
         {"op": "reserve", "user_id": "eve", "amount": 7},
     ])
-    assert outcomes[0].error is not None and outcomes[0].error["code"] == "service_unavailable"
+    assert outcomes[0].error is not None and outcomes[0].error["code"] == "invalid_input"
     assert outcomes[0].error["details"]["applied"] is False
     assert outcomes[1].ok
     assert holds(engine) == 1
