@@ -185,7 +185,7 @@ class ReserveCredits(Request):
     engine applies it (so a producer clock running ahead cannot lengthen a hold)."""
     deadline: UtcDateTime | None = None
     """When the caller stops waiting: the engine refuses the reservation after it, and a
-    reservation that reaches it later is not applied (`service_unavailable`)."""
+    reservation that reaches it later is not applied (`invalid_input`, `applied: false`)."""
 
 
 class CommitReservation(Request):
