@@ -119,6 +119,9 @@ def test_a_gathered_reserve_waiting_for_a_pool_process_past_its_deadline_is_not_
         blocker.rollback()
     assert timed_out.value.details["applied"] is False, timed_out.value.message
     assert [handle.get(timeout=60).amount for handle in deducts] == [-1] * 10
+    log = worker.log_path.read_text()  # gathered operations are logged like any task (issue 15)
+    assert f"Task creditworker.credits.deduct[{deducts[0].task_id}] received" in log
+    assert f"Task creditworker.credits.deduct[{deducts[0].task_id}] succeeded in" in log
     refused = answer(worker, timed_out.value.details["task_id"])
     assert refused["error"]["details"]["applied"] is False
     assert active_holds(worker.engine, "lee") == 0
