@@ -210,15 +210,22 @@ class CreditService:
         description: str | None = None,
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        requested_at: datetime | None = None,
+        deadline: datetime | None = None,
         now: datetime | None = None,
     ) -> Reservation:
-        """Hold credits out of `available` until committed, released or past their TTL."""
+        """Hold credits out of `available` until committed, released or past their TTL.
+
+        The TTL runs from `requested_at` when the caller asked earlier than now; a caller
+        that stops waiting at `deadline` gets no hold applied after it."""
         fields: dict[str, Any] = {
             "user_id": user_id,
             "amount": amount,
             "description": description,
             "metadata": metadata,
             "idempotency_key": idempotency_key,
+            "requested_at": requested_at,
+            "deadline": deadline,
         }
         if ttl_seconds is not None:
             fields["ttl_seconds"] = ttl_seconds
@@ -825,6 +832,7 @@ class CreditService:
         self, session: Session, at: datetime, change: _Change, key: str, request: ReserveCredits
     ) -> Reservation:
         account = self._locked_account(session, request.user_id)
+        expires_at = _hold_expiry(request, at)
         available = account.balance - account.reserved
         if request.amount > available:
             raise InsufficientCredits(
@@ -839,7 +847,7 @@ class CreditService:
             user_id=account.user_id,
             amount=request.amount,
             status=ReservationStatus.ACTIVE.value,
-            expires_at=at + timedelta(seconds=request.ttl_seconds),
+            expires_at=expires_at,
             created_at=at,
             idempotency_key=key,
         )
@@ -1030,6 +1038,32 @@ class CreditService:
                     amount=hold.amount,
                 ),
             )
+
+
+def _hold_expiry(request: ReserveCredits, at: datetime) -> datetime:
+    """When a new hold expires; raises, changing nothing, if it comes too late to apply.
+
+    Runs under the account lock, right before the hold is written, so the deadline is
+    checked against the clock (or `at`, if later), not the time the batch began. Too late
+    is `invalid_input`, as an `expires_at` in the past is for a grant: the request, as
+    sent, can no longer be applied; the caller may send it again (same key) with new times.
+    """
+    checked_at = max(at, utcnow())
+    if request.deadline is not None and checked_at > request.deadline:
+        raise ValidationFailed(
+            f"reservation not applied: it reached the engine at {checked_at.isoformat()}, after "
+            f"its caller stopped waiting at {request.deadline.isoformat()}",
+            applied=False, reason="deadline_passed", deadline=request.deadline.isoformat(),
+        )
+    asked = at if request.requested_at is None else min(request.requested_at, at)
+    expires_at = asked + timedelta(seconds=request.ttl_seconds)
+    if expires_at <= at:
+        raise ValidationFailed(
+            f"reservation not applied: its TTL of {request.ttl_seconds} s, counted from when it "
+            f"was requested ({asked.isoformat()}), ran out before it reached the engine",
+            applied=False, reason="ttl_elapsed", requested_at=asked.isoformat(),
+        )
+    return expires_at
 
 
 def _reread(session: Session, query: Any) -> list[Any]:

@@ -38,8 +38,9 @@ class Settings(BaseSettings):
     data_dir: str = ".creditworker"
     result_expires_seconds: int = Field(default=3600, ge=60)
     task_max_retries: int = Field(default=8, ge=0, le=100)
-    visibility_timeout_seconds: int = Field(default=3600, ge=1)
-    """Redis: an unacknowledged message is redelivered after this long (see the README)."""
+    visibility_timeout_seconds: int = Field(default=30, ge=1)
+    """Redis: a message a dead worker held is redelivered after this long (see the README).
+    A live worker keeps what it holds from being redelivered, however long it takes."""
 
     expire_interval_seconds: float = Field(default=60, gt=0)
     release_stale_interval_seconds: float = Field(default=30, gt=0)

@@ -13,6 +13,7 @@ from typing import Any
 from celery import Celery
 
 from creditworker.settings import Settings, get_settings
+from creditworker.worker.redelivery import HEARTBEATS_PER_TIMEOUT, UnackedHeartbeat
 from creditworker.worker.transport import TRANSPORTS
 
 TASK_MODULES = ["creditworker.worker.tasks"]
@@ -56,17 +57,21 @@ def result_backend_url(settings: Settings) -> str:
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
     kind = broker_kind(settings.broker_url)
     if kind == "redis":
-        # An unacknowledged message is redelivered after this long; it must exceed the
-        # longest task plus any countdown (CELERY_NOTES §1). The restore sweep looks for
-        # such messages every min(10 s, timeout) instead of kombu's default of ~100 s.
+        # An unacknowledged message is redelivered once its score in kombu's `unacked_index`
+        # is older than the visibility timeout. A live worker re-scores what it holds six
+        # times per timeout (`redelivery.UnackedHeartbeat`), so only a dead worker's
+        # messages age: the timeout bounds the recovery after a crash, not the longest task.
+        # The restore sweep runs every timeout / 6 seconds (at most 10 s) on every worker,
+        # instead of kombu's default of ~100 s.
+        timeout = settings.visibility_timeout_seconds
         return {
-            "visibility_timeout": settings.visibility_timeout_seconds,
-            "unacked_restore_interval": min(10, settings.visibility_timeout_seconds),
+            "visibility_timeout": timeout,
+            "unacked_restore_interval": max(1, min(10, timeout // HEARTBEATS_PER_TIMEOUT)),
             "unacked_restore_throttle": 1,
             # The restore sweep holds a Redis lock while it runs; if Redis dies mid-sweep
             # the lock outlives the restart (with persistence) and blocks every restore
             # until it expires: kombu's default of 300 s. The sweep takes milliseconds.
-            "unacked_mutex_expire": min(60, settings.visibility_timeout_seconds),
+            "unacked_mutex_expire": min(60, timeout),
         }
     if kind == "rabbitmq":
         # Publisher confirms: a publish that returns was accepted by the broker.
@@ -145,6 +150,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     celery = Celery("creditworker", include=TASK_MODULES)
     celery.conf.update(celery_config(settings))
+    celery.steps["consumer"].add(UnackedHeartbeat)
     return celery
 
 

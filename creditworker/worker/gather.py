@@ -32,11 +32,13 @@ from typing import Any
 
 from celery import Celery, Task, states
 from celery.app.task import Context
+from celery.app.trace import LOG_FAILURE, LOG_RECEIVED, LOG_SUCCESS
 from celery.utils.imports import symbol_by_name
 from celery.worker import state as worker_state
 from celery.worker.request import create_request_cls
 from celery.worker.strategy import default as default_strategy
 from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
+from kombu.utils.encoding import safe_repr
 
 from creditworker.settings import get_settings
 
@@ -100,10 +102,15 @@ class Gatherer:
         def returned(results: list[dict[str, Any]]) -> None:
             runtime = time.monotonic() - sent
             for pending, result in zip(batch, results):
+                request = pending.request
                 if "failed" in result:
-                    pending.request.send_event("task-failed", exception=result["failed"], traceback="")
+                    request.send_event("task-failed", exception=result["failed"], traceback="")
+                    logger.error(LOG_FAILURE, {"name": request.name, "id": request.id,
+                                               "description": "raised unexpected", "exc": result["failed"]})
                 else:
-                    pending.request.send_event("task-succeeded", result=repr(result), runtime=runtime)
+                    request.send_event("task-succeeded", result=repr(result), runtime=runtime)
+                    logger.info(LOG_SUCCESS, {"name": request.name, "id": request.id, "runtime": runtime,
+                                              "return_value": safe_repr(result)})
                 self._finish(pending, lambda request: request.acknowledge(), successful="failed" not in result)
             self._returned()
 
@@ -170,6 +177,7 @@ def gathering_strategy(task: Task, app: Celery, consumer: Any, **options: Any) -
         )
         if request.eta:
             return usual(message, payload, ack, reject, callbacks, **kwargs)
+        logger.info(LOG_RECEIVED, {"name": request.name, "id": request.id})
         if (request.expires or request.id in revoked) and request.revoked():
             return None
         if send_events:
@@ -186,6 +194,15 @@ def gathering_strategy(task: Task, app: Celery, consumer: Any, **options: Any) -
     return handle
 
 
+def mark_began(app: Celery, entry: dict[str, Any]) -> None:
+    """Record STARTED for a message whose caller waits until a deadline, before the engine
+    checks that deadline: a caller who finds no STARTED once its deadline has passed knows
+    that no worker began the operation in time, and that none will apply it later.
+    (Ordinary tasks get the same from Celery's `task_track_started`.)"""
+    app.backend.store_result(entry["id"], {"hostname": entry["hostname"]}, states.STARTED,
+                             request=Context(**entry))
+
+
 def run_gathered(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """In a pool process: apply the messages as one batch and store each result.
 
@@ -194,6 +211,9 @@ def run_gathered(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     from creditworker.worker.tasks import app, apply_gathered
 
+    for entry in entries:
+        if (entry["kwargs"] or {}).get("deadline"):
+            mark_began(app, entry)
     outcomes = apply_gathered(entries)
     results: list[dict[str, Any]] = []
     for entry, outcome in zip(entries, outcomes):
