@@ -16,9 +16,11 @@ import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from celery import Celery, states
+from celery.backends.asynchronous import AsyncBackendMixin
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
@@ -196,7 +198,7 @@ class TaskHandle(Generic[T]):
                     raise CeleryTimeout()
                 envelope = self.result.get(
                     timeout=max(wait, 0.001), propagate=True,
-                    on_message=None if self._arrived is not None else seen,
+                    on_message=seen if self._arrived is None and _streams(self.result) else None,
                 )
                 break
             except CeleryTimeout:
@@ -220,7 +222,7 @@ class TaskHandle(Generic[T]):
                 return self.result.get(timeout=1.0, propagate=True)
         except Exception:  # noqa: BLE001 (unknown: said below)
             state = None
-        waited = f"no answer for task {self.task_id} within {timeout} s"
+        waited = f"no answer for task {self.task_id} within {timeout} s{_embedded_hint(self.result.app)}"
         if self.deadline is not None and datetime.now(UTC) >= self.deadline:
             if state == states.PENDING and not began:
                 raise ServiceUnavailable(
@@ -240,6 +242,25 @@ class TaskHandle(Generic[T]):
             "same idempotency key is safe)",
             task_id=self.task_id, applied=None,
         )
+
+
+def _streams(result: AsyncResult) -> bool:
+    """Whether the result backend passes each state by as a message (Redis, rpc://); the
+    embedded file backend refuses an `on_message` callback."""
+    return isinstance(result.backend, AsyncBackendMixin)
+
+
+def _embedded_hint(app: Celery) -> str:
+    """On the embedded broker, where the message waits: a worker started in another
+    directory reads other folders, and nothing says so but this."""
+    if not str(app.conf.broker_url).startswith("filesystem"):
+        return ""
+    folder = (app.conf.broker_transport_options or {}).get("data_folder_in")
+    if not folder:
+        return ""
+    data_dir = Path(folder).parent.parent
+    return (f" (the embedded broker in {data_dir}: no worker consumes it? Start `creditworker up` "
+            f"in {data_dir.parent}, or set CREDITWORKER_DATA_DIR to the worker's data directory)")
 
 
 def wait_deadline(timeout: float, deadline: datetime | None = None) -> datetime:
