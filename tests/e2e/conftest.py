@@ -121,6 +121,29 @@ def worker_env(
     return env
 
 
+def assert_each_deduct_applied_once(
+    worker: RunningWorker, operations: list[tuple[str, str, int]], accounts: list[str], starting: int
+) -> None:
+    """Every (key, user, amount) deduct applied exactly once, each account's balance what it
+    should be, and the audit passing: what a user checks after a fault."""
+    from collections import Counter
+
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from creditworker.audit import audit
+    from creditworker.storage.tables import Entry
+
+    with Session(worker.engine) as session:
+        keys = Counter(session.scalars(select(Entry.idempotency_key).where(Entry.kind == "deduct")))
+    assert set(keys) == {key for key, _, _ in operations}
+    assert set(keys.values()) == {1}
+    for account in accounts:
+        spent = sum(amount for _, user, amount in operations if user == account)
+        assert worker.service.get_user_credits_info(account).total == starting - spent
+    assert audit(worker.engine).passed
+
+
 def purge(worker: RunningWorker) -> None:
     with worker.client.app.connection_for_write() as connection:
         make_celery(worker.settings).control.purge(connection=connection)

@@ -19,7 +19,6 @@ import json
 import random
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -30,12 +29,16 @@ from sqlalchemy import func, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from creditworker.audit import audit
 from creditworker.settings import Settings
 from creditworker.storage.tables import Entry
 from creditworker.worker.app import broker_transport_options
 from tests.conftest import wipe
-from tests.e2e.conftest import RunningWorker, _running, running_on_redis
+from tests.e2e.conftest import (
+    RunningWorker,
+    _running,
+    assert_each_deduct_applied_once,
+    running_on_redis,
+)
 from tests.e2e.test_gathering import wait_for_waiting_lock
 
 pytestmark = pytest.mark.e2e
@@ -146,14 +149,7 @@ def test_a_killed_workers_messages_are_applied_again_without_a_resend(default_wo
               f"without a resend, the last {(latest - killed_at_wall).total_seconds():.1f} s after the kill")
     assert len(lost) <= 1, f"{len(lost)} messages taken off the queue and recorded nowhere"
     assert last == STREAM, f"{STREAM - last} deducts not applied {RECOVERY_BOUND} s after the kill"
-    with Session(worker.engine) as session:
-        keys = Counter(session.scalars(select(Entry.idempotency_key).where(Entry.kind == "deduct")))
-    assert set(keys) == {key for key, _, _ in operations}
-    assert set(keys.values()) == {1}
-    for account in accounts:
-        spent = sum(amount for _, user, amount in operations if user == account)
-        assert worker.service.get_user_credits_info(account).total == 1_000_000 - spent
-    assert audit(worker.engine).passed
+    assert_each_deduct_applied_once(worker, operations, accounts, 1_000_000)
 
 
 # ---------------------------------------------------------------- a live worker keeps its messages
