@@ -81,3 +81,12 @@ def test_the_gateway_api_keeps_its_own_guard(tmp_path: Path) -> None:
     with client(tmp_path, api_keys=KEY) as http:
         assert http.get("/credits/plans").status_code == 401
         assert http.get("/credits/plans", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+def test_pages_escape_what_users_wrote_and_forbid_inline_scripts(tmp_path: Path) -> None:
+    with client(tmp_path) as http:
+        page = http.get("/console/account", params={"user_id": "<script>alert(1)</script>"})
+        assert page.status_code == 200
+        assert "<script>alert(1)" not in page.text and "&lt;script&gt;alert(1)" in page.text
+        policy = page.headers["content-security-policy"]
+        assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy

@@ -10,7 +10,6 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-import pytest
 
 from creditworker import SubscriptionService
 from tests.console.conftest import API_KEY, ConsoleServer
