@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
+from kombu.utils.url import maybe_sanitize_url
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
@@ -548,7 +549,7 @@ def create_console(settings: Settings, credits: CreditService) -> FastAPI:
             request, "system.html", workers=workers, depths=depths, outbox=outbox,
             lag=outbox.lag_seconds(now), events=events, letters=letters,
             letter_count=letter_count, audit=last_audit, done=DONE.get(done),
-            broker=celery_app.connection_for_read().as_uri(),
+            broker=maybe_sanitize_url(settings.broker_url),
         )
 
     @app.post("/system/audit")
