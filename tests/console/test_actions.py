@@ -32,7 +32,7 @@ def console(tmp_path: Path) -> tuple[TestClient, CreditService]:
 def form_post(http: TestClient, page: str, action: str, **fields: str) -> int:
     """Post the form whose action is `action`, as rendered on `page`, with `fields` filled."""
     html = http.get(page).text
-    form = re.search(rf'<form method="post" action="/console{re.escape(action)}".*?</form>', html, re.S)
+    form = re.search(rf'<form method="post" action="/console{re.escape(action)}".*?</form>', html, re.DOTALL)
     assert form is not None, action
     hidden = dict(re.findall(r'type="hidden" name="([^"]+)" value="([^"]*)"', form.group(0)))
     return http.post(f"/console{action}", data={**hidden, **fields}).status_code
