@@ -46,8 +46,10 @@ from creditworker.plans_contract import (
 from creditworker.settings import get_settings
 from creditworker.storage.database import is_transient
 from creditworker.subscriptions import SubscriptionService
-from creditworker.worker.app import app
+from creditworker.worker.app import default_app
 from creditworker.worker.gather import GatheredTask
+
+app = default_app()
 
 _service: CreditService | None = None
 _subscriptions: SubscriptionService | None = None
