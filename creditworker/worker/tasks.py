@@ -119,6 +119,11 @@ GATHERED: dict[str, type[Request]] = {
 """The single-operation tasks whose messages the worker gathers (see `gather`)."""
 
 
+class GatheredCreditTask(GatheredTask):
+    def apply_gathered(self, entries: list[dict[str, Any]]) -> list[dict[str, Any] | BaseException]:
+        return apply_gathered(entries)
+
+
 def apply_gathered(entries: list[dict[str, Any]]) -> list[dict[str, Any] | BaseException]:
     """Gathered messages applied as one batch: per message, the envelope its task returns
     when it runs alone, or the exception it raises."""
@@ -175,31 +180,31 @@ def _fields(request: BaseModel, *exclude: str) -> dict[str, Any]:
     return {name: getattr(request, name) for name in type(request).model_fields if name not in exclude}
 
 
-@app.task(name="creditworker.credits.add", bind=True, base=GatheredTask)
+@app.task(name="creditworker.credits.add", bind=True, base=GatheredCreditTask)
 def add_credits(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return _handle(self, AddCredits, args, kwargs, lambda r, key: service().add_credits(
         **_fields(r, "idempotency_key"), idempotency_key=key))
 
 
-@app.task(name="creditworker.credits.deduct", bind=True, base=GatheredTask)
+@app.task(name="creditworker.credits.deduct", bind=True, base=GatheredCreditTask)
 def deduct_credits(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return _handle(self, DeductCredits, args, kwargs, lambda r, key: service().deduct_credits(
         **_fields(r, "idempotency_key"), idempotency_key=key))
 
 
-@app.task(name="creditworker.credits.reserve", bind=True, base=GatheredTask)
+@app.task(name="creditworker.credits.reserve", bind=True, base=GatheredCreditTask)
 def reserve_credits(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return _handle(self, ReserveCredits, args, kwargs, lambda r, key: service().reserve_credits(
         **_fields(r, "idempotency_key"), idempotency_key=key))
 
 
-@app.task(name="creditworker.credits.commit", bind=True, base=GatheredTask)
+@app.task(name="creditworker.credits.commit", bind=True, base=GatheredCreditTask)
 def commit_reservation(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return _handle(self, CommitReservation, args, kwargs, lambda r, key: service().commit_reservation(
         **_fields(r, "idempotency_key"), idempotency_key=key))
 
 
-@app.task(name="creditworker.credits.release", bind=True, base=GatheredTask)
+@app.task(name="creditworker.credits.release", bind=True, base=GatheredCreditTask)
 def release_reservation(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return _handle(self, ReleaseReservation, args, kwargs, lambda r, key: service().release_reservation(
         r.reservation_id, idempotency_key=key))
