@@ -285,14 +285,14 @@ def create_plan(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 
 @app.task(name="creditworker.plans.update", bind=True)
 def update_plan(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _handle(self, UpdatePlan, args, kwargs, lambda r, _key: subscriptions().update_plan(
-        r.plan, **r.model_dump(exclude={"plan"}, exclude_unset=True)))
+    return _handle(self, UpdatePlan, args, kwargs, lambda r, key: subscriptions().update_plan(
+        r.plan, **r.model_dump(exclude={"plan", "idempotency_key"}, exclude_unset=True), idempotency_key=key))
 
 
 @app.task(name="creditworker.plans.delete", bind=True)
 def delete_plan(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    def delete(request: DeletePlan, _key: str) -> dict[str, Any]:
-        subscriptions().delete_plan(request.plan)
+    def delete(request: DeletePlan, key: str) -> dict[str, Any]:
+        subscriptions().delete_plan(request.plan, idempotency_key=key)
         return {"deleted": request.plan}
 
     return _handle(self, DeletePlan, args, kwargs, delete)
