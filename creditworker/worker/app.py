@@ -3,10 +3,16 @@
 It imports Celery and the settings only. The worker imports the tasks through `include`
 when it starts; a producer that builds this app sends tasks by name and never imports the
 storage stack.
+
+Nothing is built at import: `make_celery` builds an app for given settings, and the
+module attribute `app` (what `celery -A creditworker` finds) is built on first use. So a
+module that only needs `broker_kind` (the gateway's auth) creates no embedded-broker
+folders and reads no settings by importing this one.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -154,4 +160,14 @@ def make_celery(settings: Settings | None = None) -> Celery:
     return celery
 
 
-app = make_celery()
+@cache
+def default_app() -> Celery:
+    """This process's app, for the settings in its environment, built once on first use."""
+    return make_celery()
+
+
+def __getattr__(name: str) -> Any:
+    """`app` is built when first asked for (`celery -A creditworker` asks), not at import."""
+    if name == "app":
+        return default_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

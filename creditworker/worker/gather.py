@@ -30,29 +30,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from celery import Celery, Task, states
+from celery import Celery, Task, current_app, states
 from celery.app.task import Context
-from celery.app.trace import LOG_FAILURE, LOG_RECEIVED, LOG_SUCCESS
-from celery.utils.imports import symbol_by_name
-from celery.worker import state as worker_state
-from celery.worker.request import create_request_cls
-from celery.worker.strategy import default as default_strategy
-from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 from kombu.utils.encoding import safe_repr
 
 from creditworker.settings import get_settings
+from creditworker.worker import celery_adapter as celery_internals
 
 logger = logging.getLogger(__name__)
 
-REQUEST_FIELDS = ("id", "task", "args", "kwargs", "hostname", "retries", "delivery_info",
-                  "reply_to", "correlation_id", "root_id", "parent_id", "group")
-"""What a pool process needs of a message to apply it and store its result."""
-
-
 class GatheredTask(Task):  # type: ignore[misc]
-    """A single credit operation whose messages the worker gathers into batches."""
+    """A single credit operation whose messages the worker gathers into batches.
+
+    A subclass says how a batch of its messages is applied (`apply_gathered`); a batch may
+    mix the messages of every gathered task, and is applied by the first one's task.
+    """
 
     Strategy = "creditworker.worker.gather:gathering_strategy"
+
+    def apply_gathered(self, entries: list[dict[str, Any]]) -> list[dict[str, Any] | BaseException]:
+        """Per message, the envelope its task returns when it runs alone, or what it raised."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -79,7 +77,7 @@ class Gatherer:
             qos = self.consumer.qos
             qos.increment_eventually()
             self.counted += 1
-        worker_state.task_reserved(request)
+        celery_internals.reserved(request)
         self.buffer.append(_Pending(request, qos))
         self.flush()
 
@@ -91,12 +89,12 @@ class Gatherer:
     def _dispatch(self, batch: list[_Pending]) -> None:
         self.running += 1
         sent = time.monotonic()
-        entries = [_entry(pending.request) for pending in batch]
+        entries = [celery_internals.message_fields(pending.request) for pending in batch]
 
         def accepted(pid: int, _time_accepted: float) -> None:
             for pending in batch:
                 pending.request.worker_pid = pid
-                worker_state.task_accepted(pending.request)
+                celery_internals.accepted(pending.request)
                 pending.request.send_event("task-started")
 
         def returned(results: list[dict[str, Any]]) -> None:
@@ -105,11 +103,11 @@ class Gatherer:
                 request = pending.request
                 if "failed" in result:
                     request.send_event("task-failed", exception=result["failed"], traceback="")
-                    logger.error(LOG_FAILURE, {"name": request.name, "id": request.id,
+                    logger.error(celery_internals.LOG_FAILURE, {"name": request.name, "id": request.id,
                                                "description": "raised unexpected", "exc": result["failed"]})
                 else:
                     request.send_event("task-succeeded", result=repr(result), runtime=runtime)
-                    logger.info(LOG_SUCCESS, {"name": request.name, "id": request.id, "runtime": runtime,
+                    logger.info(celery_internals.LOG_SUCCESS, {"name": request.name, "id": request.id, "runtime": runtime,
                                               "return_value": safe_repr(result)})
                 self._finish(pending, lambda request: request.acknowledge(), successful="failed" not in result)
             self._returned()
@@ -128,7 +126,7 @@ class Gatherer:
 
     def _finish(self, pending: _Pending, settle: Callable[[Any], None], successful: bool) -> None:
         settle(pending.request)
-        worker_state.task_ready(pending.request, successful=successful)
+        celery_internals.ready(pending.request, successful=successful)
         if pending.qos is not None:
             pending.qos.decrement_eventually()
             self.counted -= 1
@@ -138,46 +136,26 @@ class Gatherer:
         self.flush()
 
 
-def _entry(request: Any) -> dict[str, Any]:
-    context = request._context
-    entry = {name: getattr(context, name, None) for name in REQUEST_FIELDS}
-    entry.update(id=request.id, task=request.name, args=list(request.args), kwargs=dict(request.kwargs))
-    return entry
-
-
 def gathering_strategy(task: Task, app: Celery, consumer: Any, **options: Any) -> Callable[..., Any]:
     """Celery's default strategy, except that gathered messages go to the consumer's Gatherer."""
-    usual = default_strategy(task, app, consumer, **options)
+    usual = celery_internals.usual_strategy(task, app, consumer, **options)
     max_size = get_settings().gather_max
     if max_size <= 1:
-        return usual  # type: ignore[no-any-return]
+        return usual
     gatherer: Gatherer | None = getattr(consumer, "_creditworker_gatherer", None)
     if gatherer is None or gatherer.max_size != max_size:
         gatherer = Gatherer(consumer, max_size)
         consumer._creditworker_gatherer = gatherer
-    Request = create_request_cls(
-        symbol_by_name(task.Request), task, consumer.pool, consumer.hostname, consumer.event_dispatcher, app=app
-    )
-    revoked = consumer.controller.state.revoked
+    build_request = celery_internals.request_builder(task, app, consumer)
+    revoked = celery_internals.revoked_ids(consumer)
     eventer = consumer.event_dispatcher
     send_events = bool(eventer and eventer.enabled and task.send_events)
 
     def handle(message: Any, payload: Any, ack: Any, reject: Any, callbacks: Any, **kwargs: Any) -> Any:
-        body = payload
-        if body is None and "args" not in message.payload:
-            body, headers, decoded, utc = message.body, message.headers, False, app.uses_utc_timezone()
-        elif "args" in message.payload:
-            body, headers, decoded, utc = hybrid_to_proto2(message, message.payload)
-        else:
-            body, headers, decoded, utc = proto1_to_proto2(message, body)
-        request = Request(
-            message, on_ack=ack, on_reject=reject, app=app, hostname=consumer.hostname, eventer=eventer,
-            task=task, connection_errors=consumer.connection_errors, body=body, headers=headers,
-            decoded=decoded, utc=utc,
-        )
+        request = build_request(message, payload, ack, reject)
         if request.eta:
             return usual(message, payload, ack, reject, callbacks, **kwargs)
-        logger.info(LOG_RECEIVED, {"name": request.name, "id": request.id})
+        logger.info(celery_internals.LOG_RECEIVED, {"name": request.name, "id": request.id})
         if (request.expires or request.id in revoked) and request.revoked():
             return None
         if send_events:
@@ -209,12 +187,11 @@ def run_gathered(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     Returns, per message, its result envelope, or `{"failed": ...}` for one that raised.
     Raises (so the main process requeues them all) only when a result cannot be stored.
     """
-    from creditworker.worker.tasks import app, apply_gathered
-
+    app = current_app  # the worker's app: the one its tasks are registered on
     for entry in entries:
         if (entry["kwargs"] or {}).get("deadline"):
             mark_began(app, entry)
-    outcomes = apply_gathered(entries)
+    outcomes = app.tasks[entries[0]["task"]].apply_gathered(entries)
     results: list[dict[str, Any]] = []
     for entry, outcome in zip(entries, outcomes):
         context = Context(**entry)

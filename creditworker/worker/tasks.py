@@ -46,8 +46,10 @@ from creditworker.plans_contract import (
 from creditworker.settings import get_settings
 from creditworker.storage.database import is_transient
 from creditworker.subscriptions import SubscriptionService
-from creditworker.worker.app import app
+from creditworker.worker.app import default_app
 from creditworker.worker.gather import GatheredTask
+
+app = default_app()
 
 _service: CreditService | None = None
 _subscriptions: SubscriptionService | None = None
@@ -117,6 +119,11 @@ GATHERED: dict[str, type[Request]] = {
 """The single-operation tasks whose messages the worker gathers (see `gather`)."""
 
 
+class GatheredCreditTask(GatheredTask):
+    def apply_gathered(self, entries: list[dict[str, Any]]) -> list[dict[str, Any] | BaseException]:
+        return apply_gathered(entries)
+
+
 def apply_gathered(entries: list[dict[str, Any]]) -> list[dict[str, Any] | BaseException]:
     """Gathered messages applied as one batch: per message, the envelope its task returns
     when it runs alone, or the exception it raises."""
@@ -173,31 +180,31 @@ def _fields(request: BaseModel, *exclude: str) -> dict[str, Any]:
     return {name: getattr(request, name) for name in type(request).model_fields if name not in exclude}
 
 
-@app.task(name="creditworker.credits.add", bind=True, base=GatheredTask)
+@app.task(name="creditworker.credits.add", bind=True, base=GatheredCreditTask)
 def add_credits(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return _handle(self, AddCredits, args, kwargs, lambda r, key: service().add_credits(
         **_fields(r, "idempotency_key"), idempotency_key=key))
 
 
-@app.task(name="creditworker.credits.deduct", bind=True, base=GatheredTask)
+@app.task(name="creditworker.credits.deduct", bind=True, base=GatheredCreditTask)
 def deduct_credits(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return _handle(self, DeductCredits, args, kwargs, lambda r, key: service().deduct_credits(
         **_fields(r, "idempotency_key"), idempotency_key=key))
 
 
-@app.task(name="creditworker.credits.reserve", bind=True, base=GatheredTask)
+@app.task(name="creditworker.credits.reserve", bind=True, base=GatheredCreditTask)
 def reserve_credits(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return _handle(self, ReserveCredits, args, kwargs, lambda r, key: service().reserve_credits(
         **_fields(r, "idempotency_key"), idempotency_key=key))
 
 
-@app.task(name="creditworker.credits.commit", bind=True, base=GatheredTask)
+@app.task(name="creditworker.credits.commit", bind=True, base=GatheredCreditTask)
 def commit_reservation(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return _handle(self, CommitReservation, args, kwargs, lambda r, key: service().commit_reservation(
         **_fields(r, "idempotency_key"), idempotency_key=key))
 
 
-@app.task(name="creditworker.credits.release", bind=True, base=GatheredTask)
+@app.task(name="creditworker.credits.release", bind=True, base=GatheredCreditTask)
 def release_reservation(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return _handle(self, ReleaseReservation, args, kwargs, lambda r, key: service().release_reservation(
         r.reservation_id, idempotency_key=key))
@@ -278,14 +285,14 @@ def create_plan(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 
 @app.task(name="creditworker.plans.update", bind=True)
 def update_plan(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _handle(self, UpdatePlan, args, kwargs, lambda r, _key: subscriptions().update_plan(
-        r.plan, **r.model_dump(exclude={"plan"}, exclude_unset=True)))
+    return _handle(self, UpdatePlan, args, kwargs, lambda r, key: subscriptions().update_plan(
+        r.plan, **r.model_dump(exclude={"plan", "idempotency_key"}, exclude_unset=True), idempotency_key=key))
 
 
 @app.task(name="creditworker.plans.delete", bind=True)
 def delete_plan(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    def delete(request: DeletePlan, _key: str) -> dict[str, Any]:
-        subscriptions().delete_plan(request.plan)
+    def delete(request: DeletePlan, key: str) -> dict[str, Any]:
+        subscriptions().delete_plan(request.plan, idempotency_key=key)
         return {"deleted": request.plan}
 
     return _handle(self, DeletePlan, args, kwargs, delete)
