@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
+from celery.app.task import Context
 from celery.app.trace import LOG_FAILURE, LOG_RECEIVED, LOG_SUCCESS
 from celery.utils.imports import symbol_by_name
 from celery.worker import state as worker_state
@@ -24,7 +25,7 @@ from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 
 __all__ = [
     "LOG_FAILURE", "LOG_RECEIVED", "LOG_SUCCESS", "REQUEST_FIELDS", "accepted", "message_fields",
-    "ready", "request_builder", "reserved", "revoked_ids", "usual_strategy",
+    "ready", "request_builder", "resend", "reserved", "revoked_ids", "usual_strategy",
 ]
 
 REQUEST_FIELDS = ("id", "task", "args", "kwargs", "hostname", "retries", "delivery_info",
@@ -89,3 +90,11 @@ def accepted(request: Any) -> None:
 def ready(request: Any, successful: bool) -> None:
     """Count the request as done."""
     worker_state.task_ready(request, successful=successful)
+
+
+def resend(task: Task, fields: dict[str, Any], countdown: float) -> None:
+    """Publish a message again as `Task.retry` would: same id and route, retries + 1."""
+    request = Context(**fields)
+    task.signature_from_request(
+        request, fields["args"], fields["kwargs"], countdown=countdown, retries=(request.retries or 0) + 1,
+    ).apply_async()

@@ -32,6 +32,7 @@ from typing import Any
 
 from celery import Celery, Task, current_app, states
 from celery.app.task import Context
+from celery.exceptions import Retry
 from kombu.utils.encoding import safe_repr
 
 from creditworker.settings import get_settings
@@ -101,7 +102,10 @@ class Gatherer:
             runtime = time.monotonic() - sent
             for pending, result in zip(batch, results):
                 request = pending.request
-                if "failed" in result:
+                if "retried" in result:  # a copy with a countdown was published in its place
+                    request.send_event("task-retried", exception=result["retried"], traceback="")
+                    logger.info("Task %s[%s] retry: %s", request.name, request.id, result["retried"])
+                elif "failed" in result:
                     request.send_event("task-failed", exception=result["failed"], traceback="")
                     logger.error(celery_internals.LOG_FAILURE, {"name": request.name, "id": request.id,
                                                "description": "raised unexpected", "exc": result["failed"]})
@@ -109,7 +113,8 @@ class Gatherer:
                     request.send_event("task-succeeded", result=repr(result), runtime=runtime)
                     logger.info(celery_internals.LOG_SUCCESS, {"name": request.name, "id": request.id, "runtime": runtime,
                                               "return_value": safe_repr(result)})
-                self._finish(pending, lambda request: request.acknowledge(), successful="failed" not in result)
+                successful = "failed" not in result and "retried" not in result
+                self._finish(pending, lambda request: request.acknowledge(), successful=successful)
             self._returned()
 
         def lost(error: Any) -> None:
@@ -184,7 +189,8 @@ def mark_began(app: Celery, entry: dict[str, Any]) -> None:
 def run_gathered(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """In a pool process: apply the messages as one batch and store each result.
 
-    Returns, per message, its result envelope, or `{"failed": ...}` for one that raised.
+    Returns, per message, its result envelope, `{"failed": ...}` for one that raised, or
+    `{"retried": ...}` for one sent back to the broker with a countdown (`delivery`).
     Raises (so the main process requeues them all) only when a result cannot be stored.
     """
     app = current_app  # the worker's app: the one its tasks are registered on
@@ -195,7 +201,10 @@ def run_gathered(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     for entry, outcome in zip(entries, outcomes):
         context = Context(**entry)
-        if isinstance(outcome, BaseException):
+        if isinstance(outcome, Retry):  # sent back to the broker with a countdown (`delivery`)
+            app.backend.mark_as_retry(entry["id"], outcome.exc, request=context)
+            results.append({"retried": repr(outcome.exc)})
+        elif isinstance(outcome, BaseException):
             app.backend.mark_as_failure(entry["id"], outcome, request=context)
             results.append({"failed": repr(outcome)})
         else:

@@ -37,6 +37,7 @@ def _parameters(function: Any) -> list[str]:
      {"task", "on_reject", "body", "headers", "decoded", "utc"}),
     (Pool.apply_async, ["self", "func", "args", "kwds", "callback", "error_callback", "accept_callback"], set()),
     (QoS.increment_eventually, ["self", "n"], set()),
+    (celery.Task.signature_from_request, ["self", "request", "args", "kwargs", "queue"], set()),
     (QoS.decrement_eventually, ["self", "n"], set()),
 ])
 def test_the_celery_functions_used_keep_their_signatures(function: Any, leading: list[str], keywords: set[str]) -> None:
