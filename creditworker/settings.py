@@ -61,6 +61,21 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     """A task message with a larger body is dead-lettered unread (a batch of 1,000 items
     with the largest metadata allowed is about 8 MiB)."""
+    task_events: bool = False
+    """Workers send task events from the start. Off, they send none until a monitor asks:
+    Flower sends `enable_events` to every worker when it starts (and every 5 s), so it still
+    lists every task with its state. On, every task costs its worker three more broker
+    messages (received, started, succeeded) whether or not anyone listens."""
+    task_sent_events: bool = False
+    """Producers send a `task-sent` event with each task (Flower then lists a task as SENT
+    before a worker receives it): one more broker message per call, at the producer."""
+    track_started: bool = False
+    """Workers store a STARTED state for every task before running it: one more result
+    write per task. Reservations always record it (their caller's deadline relies on it),
+    whatever this says."""
+    result_extended: bool = False
+    """Results also store the task's name, arguments, worker and retries (Celery's
+    `result_extended`): larger result writes, for tools that read them from the backend."""
     allocation_backfill: bool = False
     """After downtime, also grant missed periods whose credits would still be valid."""
 

@@ -23,6 +23,7 @@ from creditworker.worker.redelivery import HEARTBEATS_PER_TIMEOUT, UnackedHeartb
 from creditworker.worker.transport import TRANSPORTS
 
 TASK_MODULES = ["creditworker.worker.tasks"]
+RESERVE_TASK = "creditworker.credits.reserve"
 
 
 def broker_kind(broker_url: str) -> str:
@@ -128,12 +129,19 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Every message is checked before Celery reads it; one it cannot read becomes a
         # dead letter instead of stopping the worker (creditworker/worker/intake.py).
         "worker_consumer": "creditworker.worker.intake:GuardedConsumer",
-        # Flower: task events and the "sent" event, so every task is listed with its state.
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
-        "task_track_started": True,
+        # Monitoring costs broker messages and result writes per task, so each part is a
+        # setting, off by default. Flower still lists every task with its state: it sends
+        # `enable_events` to the workers, which then send task events until they restart.
+        "worker_send_task_events": settings.task_events,
+        "task_send_sent_event": settings.task_sent_events,
+        "task_track_started": settings.track_started,
+        # A reservation's caller tells "not applied, never will be" from "may have been
+        # applied" by the STARTED state once its deadline passed (producers/client.py).
+        # Gathered ones record it in `gather.run_gathered`; this covers those that take
+        # Celery's own path (a retry, or gathering turned off).
+        "task_annotations": {RESERVE_TASK: {"track_started": True}},
         "result_expires": settings.result_expires_seconds,
-        "result_extended": True,
+        "result_extended": settings.result_extended,
         "timezone": "UTC",
         "enable_utc": True,
         "task_default_delivery_mode": "persistent",

@@ -361,7 +361,9 @@ def run_up(flower: FlowerOptions | None = None) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
 
     programs = [
-        Program("worker", commands.WORKER),
+        # With Flower beside it, the worker sends task events from its first task (Flower
+        # alone would switch them on within 5 s of its start, or of a worker's restart).
+        Program("worker", commands.WORKER, env={"CREDITWORKER_TASK_EVENTS": "true"} if flower else {}),
         Program("beat", commands.beat_command(str(data_dir / "celerybeat-schedule"))),
     ]
     embedded = broker_kind(settings.broker_url) == "filesystem"
