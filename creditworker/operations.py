@@ -28,6 +28,7 @@ from creditworker.contract import (
     GetCredits,
     GetExpiring,
     GetHistory,
+    GetReservation,
     LedgerEntry,
     ReleaseReservation,
     Request,
@@ -167,6 +168,10 @@ EXPIRING = Operation(
     "creditworker.credits.expiring", GetExpiring, list[CreditLot], "Lots expiring soon",
     engine="credits.get_expiring_credits", producer="get_expiring_credits",
     route=_route("GET", "/expiring/{user_id:path}"))
+RESERVATION = Operation(
+    "creditworker.credits.reservation", GetReservation, Reservation, "A reservation and its status",
+    engine="credits.get_reservation", producer="get_reservation",
+    route=_route("GET", "/reservations/{reservation_id}"))
 BATCH = Operation(
     "creditworker.credits.batch", SubmitBatch, list[BatchOutcome],
     "Up to 1,000 operations in one transaction, one outcome each", producer="submit_batch")
@@ -232,7 +237,7 @@ ALLOCATE = Operation(
     "Grant one chunk of due subscriptions their period (once per period)")
 
 OPERATIONS: tuple[Operation, ...] = (
-    ADD, DEDUCT, RESERVE, COMMIT, RELEASE, BALANCE, HISTORY, EXPIRING, BATCH, PING, EXPIRE,
+    ADD, DEDUCT, RESERVE, COMMIT, RELEASE, BALANCE, HISTORY, EXPIRING, RESERVATION, BATCH, PING, EXPIRE,
     RELEASE_STALE, REMIND, RELAY, CREATE_PLAN, UPDATE_PLAN, DELETE_PLAN, GET_PLAN, LIST_PLANS,
     ASSIGN_PLAN, CHANGE_PLAN, REMOVE_PLAN, GET_SUBSCRIPTION, ALLOCATE_DUE, ALLOCATE,
 )

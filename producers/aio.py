@@ -121,6 +121,9 @@ class AsyncCreditClient:
     ) -> AsyncTaskHandle[list[CreditLot]]:
         return await self._call("get_expiring_credits", locals())
 
+    async def get_reservation(self, reservation_id: str) -> AsyncTaskHandle[Reservation]:
+        return await self._call("get_reservation", locals())
+
     async def submit_batch(self, operations: Sequence[dict[str, Any]]) -> AsyncTaskHandle[list[BatchOutcome]]:
         return await self._call("submit_batch", locals())
 

@@ -36,6 +36,7 @@ from creditworker.contract import (
     GetCredits,
     GetExpiring,
     GetHistory,
+    GetReservation,
     LedgerEntry,
     ReleaseReservation,
     Reservation,
@@ -400,6 +401,9 @@ class CreditClient:
 
     def get_expiring_credits(self, user_id: str, within_days: int = 7) -> TaskHandle[list[CreditLot]]:
         return self._call(GetExpiring, locals())
+
+    def get_reservation(self, reservation_id: str) -> TaskHandle[Reservation]:
+        return self._call(GetReservation, locals())
 
     def submit_batch(self, operations: Sequence[dict[str, Any]]) -> TaskHandle[list[BatchOutcome]]:
         """Enqueue up to 1,000 operations (`{"op": "deduct", "user_id": ..., "amount": ...}`)
