@@ -12,20 +12,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from creditworker.operations import OPERATIONS
+
 if TYPE_CHECKING:
     from creditworker.settings import Settings
 
-# (schedule entry, task name, setting that holds its interval in seconds)
-PERIODIC_TASKS: tuple[tuple[str, str, str], ...] = (
-    ("expire-credits", "creditworker.credits.expire", "expire_interval_seconds"),
-    (
-        "release-stale-reservations",
-        "creditworker.reservations.release_stale",
-        "release_stale_interval_seconds",
-    ),
-    ("send-expiry-reminders", "creditworker.credits.remind", "reminder_interval_seconds"),
-    ("relay-events", "creditworker.events.relay", "relay_interval_seconds"),
-    ("allocate-subscriptions", "creditworker.subscriptions.allocate_due", "allocate_interval_seconds"),
+# (schedule entry, task name, setting that holds its interval in seconds), from the registry
+PERIODIC_TASKS: tuple[tuple[str, str, str], ...] = tuple(
+    (operation.periodic.entry, operation.task, operation.periodic.interval_setting)
+    for operation in OPERATIONS if operation.periodic is not None
 )
 
 

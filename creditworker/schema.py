@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import TypeAdapter
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from creditworker import contract, events
+from creditworker import events, operations
 from creditworker.storage.tables import Base
 
 DIALECTS: dict[str, Dialect] = {
@@ -18,21 +18,9 @@ DIALECTS: dict[str, Dialect] = {
     "mysql": mysql.dialect(),  # type: ignore[no-untyped-call]
 }
 
-PUBLIC_MODELS: tuple[type[BaseModel], ...] = (
-    contract.AddCredits,
-    contract.DeductCredits,
-    contract.ReserveCredits,
-    contract.CommitReservation,
-    contract.ReleaseReservation,
-    contract.GetCredits,
-    contract.GetHistory,
-    contract.GetExpiring,
-    contract.LedgerEntry,
-    contract.Reservation,
-    contract.CreditLot,
-    contract.CreditsInfo,
-    *events.EVENT_TYPES,
-)
+def public_models() -> list[Any]:
+    """Every request and result type of every operation (from the registry), then the events."""
+    return [*operations.models(), *events.EVENT_TYPES]
 
 
 def ddl(dialect: str) -> str:
@@ -51,4 +39,4 @@ def ddl(dialect: str) -> str:
 
 def json_schemas() -> dict[str, Any]:
     """The JSON schema of every public model, keyed by model name."""
-    return {model.__name__: model.model_json_schema() for model in PUBLIC_MODELS}
+    return {model.__name__: TypeAdapter(model).json_schema() for model in public_models()}

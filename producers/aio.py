@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 from celery import Celery
 
 from creditworker.contract import BatchOutcome, CreditLot, CreditsInfo, LedgerEntry, Reservation
-from creditworker.plans_contract import Plan, Subscription
+from creditworker.plans_contract import DeletedPlan, Plan, Subscription
 from creditworker.settings import Settings
 from producers.client import DEFAULT_TIMEOUT, CreditClient, TaskHandle, wait_deadline
 
@@ -54,8 +54,10 @@ class AsyncCreditClient:
         self.sync = CreditClient(settings, app=app)
         self._executor = ThreadPoolExecutor(max_threads, thread_name_prefix="creditworker-client")
 
-    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        handle = await _in_thread(self._executor, getattr(self.sync, method), *args, **kwargs)
+    async def _call(self, method: str, arguments: dict[str, Any]) -> Any:
+        """The sync client's `method` with a typed method's arguments (its `locals()`), in a thread."""
+        fields = {name: value for name, value in arguments.items() if name not in ("self", "__class__")}
+        handle = await _in_thread(self._executor, getattr(self.sync, method), **fields)
         return AsyncTaskHandle(handle, self._executor)
 
     async def add_credits(
@@ -63,20 +65,22 @@ class AsyncCreditClient:
         priority: int | None = None, source: str = "purchase", description: str | None = None,
         metadata: dict[str, Any] | None = None, idempotency_key: str | None = None,
     ) -> AsyncTaskHandle[LedgerEntry]:
-        return await self._call(
-            "add_credits", user_id, amount, expires_at=expires_at, priority=priority,
-            source=source, description=description, metadata=metadata,
-            idempotency_key=idempotency_key,
-        )
+        return await self._call("add_credits", locals())
 
     async def deduct_credits(
         self, user_id: str, amount: int, *, description: str | None = None,
         metadata: dict[str, Any] | None = None, idempotency_key: str | None = None,
     ) -> AsyncTaskHandle[LedgerEntry]:
-        return await self._call(
-            "deduct_credits", user_id, amount, description=description, metadata=metadata,
-            idempotency_key=idempotency_key,
-        )
+        return await self._call("deduct_credits", locals())
+
+    async def submit_reserve(
+        self, user_id: str, amount: int, *, ttl_seconds: int | None = None,
+        description: str | None = None, metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None, requested_at: datetime | None = None,
+        deadline: datetime | None = None,
+    ) -> AsyncTaskHandle[Reservation]:
+        """As `CreditClient.submit_reserve`: enqueue without waiting."""
+        return await self._call("submit_reserve", {**locals(), "requested_at": requested_at or datetime.now(UTC)})
 
     async def reserve_credits(
         self, user_id: str, amount: int, *, ttl_seconds: int | None = None,
@@ -85,10 +89,9 @@ class AsyncCreditClient:
         deadline: datetime | None = None, timeout: float = DEFAULT_TIMEOUT,
     ) -> Reservation:
         """As `CreditClient.reserve_credits`: never applied after this call stops waiting."""
-        asked = requested_at or datetime.now(UTC)
-        handle: AsyncTaskHandle[Reservation] = await self._call(
-            "submit_reserve", user_id, amount, ttl_seconds=ttl_seconds, description=description,
-            metadata=metadata, idempotency_key=idempotency_key, requested_at=asked,
+        handle = await self.submit_reserve(
+            user_id, amount, ttl_seconds=ttl_seconds, description=description, metadata=metadata,
+            idempotency_key=idempotency_key, requested_at=requested_at,
             deadline=wait_deadline(timeout, deadline),
         )
         return await handle.get(timeout)
@@ -97,32 +100,32 @@ class AsyncCreditClient:
         self, reservation_id: str, amount: int | None = None, *, description: str | None = None,
         metadata: dict[str, Any] | None = None, idempotency_key: str | None = None,
     ) -> AsyncTaskHandle[LedgerEntry]:
-        return await self._call(
-            "commit_reservation", reservation_id, amount, description=description,
-            metadata=metadata, idempotency_key=idempotency_key,
-        )
+        return await self._call("commit_reservation", locals())
 
     async def release_reservation(
         self, reservation_id: str, *, idempotency_key: str | None = None
     ) -> AsyncTaskHandle[LedgerEntry]:
-        return await self._call("release_reservation", reservation_id, idempotency_key=idempotency_key)
+        return await self._call("release_reservation", locals())
 
     async def get_user_credits_info(self, user_id: str) -> AsyncTaskHandle[CreditsInfo]:
-        return await self._call("get_user_credits_info", user_id)
+        return await self._call("get_user_credits_info", locals())
 
     async def get_history(
         self, user_id: str, *, limit: int = 50, before: int | None = None,
         kinds: Sequence[str] | None = None,
     ) -> AsyncTaskHandle[list[LedgerEntry]]:
-        return await self._call("get_history", user_id, limit=limit, before=before, kinds=kinds)
+        return await self._call("get_history", locals())
 
     async def get_expiring_credits(
         self, user_id: str, within_days: int = 7
     ) -> AsyncTaskHandle[list[CreditLot]]:
-        return await self._call("get_expiring_credits", user_id, within_days)
+        return await self._call("get_expiring_credits", locals())
+
+    async def get_reservation(self, reservation_id: str) -> AsyncTaskHandle[Reservation]:
+        return await self._call("get_reservation", locals())
 
     async def submit_batch(self, operations: Sequence[dict[str, Any]]) -> AsyncTaskHandle[list[BatchOutcome]]:
-        return await self._call("submit_batch", operations)
+        return await self._call("submit_batch", locals())
 
     # ------------------------------------------------------------ plans and subscriptions
 
@@ -131,43 +134,39 @@ class AsyncCreditClient:
         currency: str = "USD", billing_period: str = "monthly", validity_days: int | None = None,
         active: bool = True, idempotency_key: str | None = None,
     ) -> AsyncTaskHandle[Plan]:
-        return await self._call(
-            "create_plan", name, credit_limit, price=price, currency=currency,
-            billing_period=billing_period, validity_days=validity_days, active=active,
-            idempotency_key=idempotency_key,
-        )
+        return await self._call("create_plan", locals())
 
-    async def update_plan(self, plan: int | str, **changes: Any) -> AsyncTaskHandle[Plan]:
-        return await self._call("update_plan", plan, **changes)
+    async def update_plan(
+        self, plan: int | str, *, idempotency_key: str | None = None, **changes: Any
+    ) -> AsyncTaskHandle[Plan]:
+        return await self._call("update_plan", {"plan": plan, **changes, "idempotency_key": idempotency_key})
 
-    async def delete_plan(self, plan: int | str) -> AsyncTaskHandle[dict[str, Any]]:
-        return await self._call("delete_plan", plan)
+    async def delete_plan(
+        self, plan: int | str, *, idempotency_key: str | None = None
+    ) -> AsyncTaskHandle[DeletedPlan]:
+        return await self._call("delete_plan", locals())
 
     async def get_plan(self, plan: int | str) -> AsyncTaskHandle[Plan]:
-        return await self._call("get_plan", plan)
+        return await self._call("get_plan", locals())
 
     async def list_plans(self, *, include_inactive: bool = False) -> AsyncTaskHandle[list[Plan]]:
-        return await self._call("list_plans", include_inactive=include_inactive)
+        return await self._call("list_plans", locals())
 
     async def assign_plan(
         self, user_id: str, plan: int | str, *, start_at: datetime | None = None,
         idempotency_key: str | None = None,
     ) -> AsyncTaskHandle[Subscription]:
-        return await self._call(
-            "assign_plan", user_id, plan, start_at=start_at, idempotency_key=idempotency_key
-        )
+        return await self._call("assign_plan", locals())
 
     async def change_plan(
         self, user_id: str, plan: int | str, *, idempotency_key: str | None = None
     ) -> AsyncTaskHandle[Subscription]:
-        return await self._call("change_plan", user_id, plan, idempotency_key=idempotency_key)
+        return await self._call("change_plan", locals())
 
     async def remove_plan(
         self, user_id: str, *, at_period_end: bool = True, idempotency_key: str | None = None
     ) -> AsyncTaskHandle[Subscription]:
-        return await self._call(
-            "remove_plan", user_id, at_period_end=at_period_end, idempotency_key=idempotency_key
-        )
+        return await self._call("remove_plan", locals())
 
     async def get_user_subscription(self, user_id: str) -> AsyncTaskHandle[Subscription]:
-        return await self._call("get_user_subscription", user_id)
+        return await self._call("get_user_subscription", locals())

@@ -24,7 +24,7 @@ from celery.backends.asynchronous import AsyncBackendMixin
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel
 
 from creditworker.contract import (
     AddCredits,
@@ -36,6 +36,7 @@ from creditworker.contract import (
     GetCredits,
     GetExpiring,
     GetHistory,
+    GetReservation,
     LedgerEntry,
     ReleaseReservation,
     Reservation,
@@ -45,10 +46,12 @@ from creditworker.contract import (
     parse_batch_item,
 )
 from creditworker.errors import CreditError, ServiceUnavailable, ValidationFailed, error_from_dict
+from creditworker.operations import BY_REQUEST
 from creditworker.plans_contract import (
     AssignPlan,
     ChangePlan,
     CreatePlan,
+    DeletedPlan,
     DeletePlan,
     GetPlan,
     GetSubscription,
@@ -66,32 +69,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 10.0
 
-TASKS = {
-    AddCredits: "creditworker.credits.add",
-    DeductCredits: "creditworker.credits.deduct",
-    ReserveCredits: "creditworker.credits.reserve",
-    CommitReservation: "creditworker.credits.commit",
-    ReleaseReservation: "creditworker.credits.release",
-    GetCredits: "creditworker.credits.balance",
-    GetHistory: "creditworker.credits.history",
-    GetExpiring: "creditworker.credits.expiring",
-    SubmitBatch: "creditworker.credits.batch",
-    CreatePlan: "creditworker.plans.create",
-    UpdatePlan: "creditworker.plans.update",
-    DeletePlan: "creditworker.plans.delete",
-    GetPlan: "creditworker.plans.get",
-    ListPlans: "creditworker.plans.list",
-    AssignPlan: "creditworker.subscriptions.assign",
-    ChangePlan: "creditworker.subscriptions.change",
-    RemovePlan: "creditworker.subscriptions.remove",
-    GetSubscription: "creditworker.subscriptions.get",
-}
-"""The task that serves each request model: the wire contract, in one place."""
-
-_ENTRIES: TypeAdapter[list[LedgerEntry]] = TypeAdapter(list[LedgerEntry])
-_LOTS: TypeAdapter[list[CreditLot]] = TypeAdapter(list[CreditLot])
-_PLANS: TypeAdapter[list[Plan]] = TypeAdapter(list[Plan])
-_OUTCOMES: TypeAdapter[list[BatchOutcome]] = TypeAdapter(list[BatchOutcome])
+TASKS: dict[type[BaseModel], str] = {model: operation.task for model, operation in BY_REQUEST.items()}
+"""The task that serves each request model, from the registry (creditworker/operations.py)."""
 
 
 def unwrap(envelope: Any, parse_result: Callable[[Any], T]) -> T:
@@ -287,11 +266,19 @@ class CreditClient:
         app.backend  # noqa: B018 (the property creates it)
         self._answers = Answers(app)
 
-    def _send(
-        self, request: BaseModel, parse_result: Callable[[Any], T], deadline: datetime | None = None
-    ) -> TaskHandle[T]:
+    def _call(self, model: type[BaseModel], arguments: dict[str, Any]) -> TaskHandle[Any]:
+        """A typed method's arguments (its `locals()`) validated into `model` and sent."""
+        fields = {name: value for name, value in arguments.items() if name not in ("self", "__class__")}
+        return self._send(parse(model, fields))
+
+    def _send(self, request: BaseModel) -> TaskHandle[Any]:
+        """Send `request` as the task the registry names for its model; the handle parses the
+        result into the registry's result type (and knows the request's deadline, if any)."""
+        operation = BY_REQUEST[type(request)]
+        deadline: datetime | None = getattr(request, "deadline", None)
+        parse_result = operation.results.validate_python
         kwargs = request.model_dump(mode="json", exclude_none=True)
-        name, task_id = TASKS[type(request)], str(uuid.uuid4())
+        name, task_id = operation.task, str(uuid.uuid4())
 
         def publish() -> AsyncResult:
             try:
@@ -325,12 +312,7 @@ class CreditClient:
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> TaskHandle[LedgerEntry]:
-        request = parse(AddCredits, dict(
-            user_id=user_id, amount=amount, expires_at=expires_at, priority=priority,
-            source=source, description=description, metadata=metadata,
-            idempotency_key=idempotency_key,
-        ))
-        return self._send(request, LedgerEntry.model_validate)
+        return self._call(AddCredits, locals())
 
     def deduct_credits(
         self,
@@ -341,11 +323,7 @@ class CreditClient:
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> TaskHandle[LedgerEntry]:
-        request = parse(DeductCredits, dict(
-            user_id=user_id, amount=amount, description=description, metadata=metadata,
-            idempotency_key=idempotency_key,
-        ))
-        return self._send(request, LedgerEntry.model_validate)
+        return self._call(DeductCredits, locals())
 
     def submit_reserve(
         self,
@@ -363,15 +341,10 @@ class CreditClient:
 
         Its TTL runs from `requested_at` (default: now), not from when a worker gets to it;
         with a `deadline`, no worker applies it after that instant."""
-        fields: dict[str, Any] = dict(
-            user_id=user_id, amount=amount, description=description, metadata=metadata,
-            idempotency_key=idempotency_key, requested_at=requested_at or datetime.now(UTC),
-            deadline=deadline,
-        )
-        if ttl_seconds is not None:
-            fields["ttl_seconds"] = ttl_seconds
-        request = parse(ReserveCredits, fields)
-        return self._send(request, Reservation.model_validate, deadline=request.deadline)
+        arguments = {**locals(), "requested_at": requested_at or datetime.now(UTC)}
+        if ttl_seconds is None:
+            del arguments["ttl_seconds"]  # the contract's default
+        return self._call(ReserveCredits, arguments)
 
     def reserve_credits(
         self,
@@ -406,22 +379,15 @@ class CreditClient:
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> TaskHandle[LedgerEntry]:
-        request = parse(CommitReservation, dict(
-            reservation_id=reservation_id, amount=amount, description=description,
-            metadata=metadata, idempotency_key=idempotency_key,
-        ))
-        return self._send(request, LedgerEntry.model_validate)
+        return self._call(CommitReservation, locals())
 
     def release_reservation(
         self, reservation_id: str, *, idempotency_key: str | None = None
     ) -> TaskHandle[LedgerEntry]:
-        request = parse(ReleaseReservation, dict(
-            reservation_id=reservation_id, idempotency_key=idempotency_key
-        ))
-        return self._send(request, LedgerEntry.model_validate)
+        return self._call(ReleaseReservation, locals())
 
     def get_user_credits_info(self, user_id: str) -> TaskHandle[CreditsInfo]:
-        return self._send(parse(GetCredits, {"user_id": user_id}), CreditsInfo.model_validate)
+        return self._call(GetCredits, locals())
 
     def get_history(
         self,
@@ -431,15 +397,13 @@ class CreditClient:
         before: int | None = None,
         kinds: Sequence[str] | None = None,
     ) -> TaskHandle[list[LedgerEntry]]:
-        request = parse(GetHistory, dict(
-            user_id=user_id, limit=limit, before=before,
-            kinds=list(kinds) if kinds is not None else None,
-        ))
-        return self._send(request, _ENTRIES.validate_python)
+        return self._call(GetHistory, {**locals(), "kinds": list(kinds) if kinds is not None else None})
 
     def get_expiring_credits(self, user_id: str, within_days: int = 7) -> TaskHandle[list[CreditLot]]:
-        request = parse(GetExpiring, {"user_id": user_id, "within_days": within_days})
-        return self._send(request, _LOTS.validate_python)
+        return self._call(GetExpiring, locals())
+
+    def get_reservation(self, reservation_id: str) -> TaskHandle[Reservation]:
+        return self._call(GetReservation, locals())
 
     def submit_batch(self, operations: Sequence[dict[str, Any]]) -> TaskHandle[list[BatchOutcome]]:
         """Enqueue up to 1,000 operations (`{"op": "deduct", "user_id": ..., "amount": ...}`)
@@ -451,7 +415,7 @@ class CreditClient:
             except ValidationFailed as exc:
                 raise ValidationFailed(f"operation {index}: {exc.message}", index=index, **exc.details) from None
             items.append({"op": item["op"], **request.model_dump(mode="json", exclude_none=True)})
-        return self._send(parse(SubmitBatch, {"operations": items}), _OUTCOMES.validate_python)
+        return self._send(parse(SubmitBatch, {"operations": items}))
 
     # ------------------------------------------------------------ plans and subscriptions
 
@@ -467,50 +431,39 @@ class CreditClient:
         active: bool = True,
         idempotency_key: str | None = None,
     ) -> TaskHandle[Plan]:
-        request = parse(CreatePlan, dict(
-            name=name, credit_limit=credit_limit, price=price, currency=currency,
-            billing_period=billing_period, validity_days=validity_days, active=active,
-            idempotency_key=idempotency_key,
-        ))
-        return self._send(request, Plan.model_validate)
+        return self._call(CreatePlan, locals())
 
-    def update_plan(self, plan: int | str, **changes: Any) -> TaskHandle[Plan]:
+    def update_plan(
+        self, plan: int | str, *, idempotency_key: str | None = None, **changes: Any
+    ) -> TaskHandle[Plan]:
         """Change name, credit_limit, price, currency, validity_days or active."""
-        return self._send(parse(UpdatePlan, {"plan": plan, **changes}), Plan.model_validate)
+        return self._call(UpdatePlan, {"plan": plan, **changes, "idempotency_key": idempotency_key})
 
-    def delete_plan(self, plan: int | str) -> TaskHandle[dict[str, Any]]:
+    def delete_plan(self, plan: int | str, *, idempotency_key: str | None = None) -> TaskHandle[DeletedPlan]:
         """Delete an unused plan; `get()` raises `PlanInUse` if it was deactivated instead."""
-        return self._send(parse(DeletePlan, {"plan": plan}), dict)
+        return self._call(DeletePlan, locals())
 
     def get_plan(self, plan: int | str) -> TaskHandle[Plan]:
-        return self._send(parse(GetPlan, {"plan": plan}), Plan.model_validate)
+        return self._call(GetPlan, locals())
 
     def list_plans(self, *, include_inactive: bool = False) -> TaskHandle[list[Plan]]:
-        request = parse(ListPlans, {"include_inactive": include_inactive})
-        return self._send(request, _PLANS.validate_python)
+        return self._call(ListPlans, locals())
 
     def assign_plan(
         self, user_id: str, plan: int | str, *, start_at: datetime | None = None,
         idempotency_key: str | None = None,
     ) -> TaskHandle[Subscription]:
-        request = parse(AssignPlan, dict(
-            user_id=user_id, plan=plan, start_at=start_at, idempotency_key=idempotency_key
-        ))
-        return self._send(request, Subscription.model_validate)
+        return self._call(AssignPlan, locals())
 
     def change_plan(
         self, user_id: str, plan: int | str, *, idempotency_key: str | None = None
     ) -> TaskHandle[Subscription]:
-        request = parse(ChangePlan, dict(user_id=user_id, plan=plan, idempotency_key=idempotency_key))
-        return self._send(request, Subscription.model_validate)
+        return self._call(ChangePlan, locals())
 
     def remove_plan(
         self, user_id: str, *, at_period_end: bool = True, idempotency_key: str | None = None
     ) -> TaskHandle[Subscription]:
-        request = parse(RemovePlan, dict(
-            user_id=user_id, at_period_end=at_period_end, idempotency_key=idempotency_key
-        ))
-        return self._send(request, Subscription.model_validate)
+        return self._call(RemovePlan, locals())
 
     def get_user_subscription(self, user_id: str) -> TaskHandle[Subscription]:
-        return self._send(parse(GetSubscription, {"user_id": user_id}), Subscription.model_validate)
+        return self._call(GetSubscription, locals())

@@ -6,8 +6,8 @@ import pytest
 from celery.schedules import crontab
 
 from beat_schedule import PERIODIC_TASKS, build_schedule
+from creditworker.operations import BY_TASK
 from creditworker.settings import Settings
-from creditworker.worker.tasks import app
 
 
 def test_every_entry_runs_a_registered_task_at_its_interval() -> None:
@@ -18,7 +18,7 @@ def test_every_entry_runs_a_registered_task_at_its_interval() -> None:
         "allocate-subscriptions",
     } == set(schedule)
     for entry in schedule.values():
-        assert entry["task"] in app.tasks
+        assert entry["task"] in BY_TASK
     assert schedule["expire-credits"]["schedule"] == 7.0
     assert schedule["allocate-subscriptions"]["schedule"] == 11.0
 

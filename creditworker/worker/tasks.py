@@ -1,8 +1,14 @@
-"""Celery tasks: thin adapters that validate a message, call the engine and return JSON.
+"""Celery tasks, registered from the registry of operations with one generic body.
 
-Every result is `{"ok": true, "result": ...}` or `{"ok": false, "error": {"code", "message",
-"details"}}`. Business refusals are results, never retried and never a crash loop; only
-transient database errors are retried, with exponential backoff and jitter.
+A task validates its message with the operation's request model, calls the engine and
+returns JSON: `{"ok": true, "result": ...}` or `{"ok": false, "error": {"code", "message",
+"details"}}`. Business refusals are results, never retried and never a crash loop; a
+transient database error follows the one retry policy of `delivery`.
+
+Most operations call the engine method the registry names; the few that need more (a
+batch's keys, the beat fan-out, the event relay) have an adapter in `ADAPTERS`. The tasks
+are shared tasks: every Celery app gets them when it is finalized, so this module needs
+no app at import.
 """
 
 from __future__ import annotations
@@ -10,45 +16,28 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from celery import Task, current_app
+from celery import Task, current_app, shared_task
 from pydantic import BaseModel
 
-from creditworker.contract import (
-    AddCredits,
-    BatchOutcome,
-    CommitReservation,
-    DeductCredits,
-    GetCredits,
-    GetExpiring,
-    GetHistory,
-    ReleaseReservation,
-    Request,
-    ReserveCredits,
-    SubmitBatch,
-    parse,
-)
+from creditworker.contract import BatchOutcome, Request, parse
 from creditworker.credits import CreditService
 from creditworker.errors import CreditError, ValidationFailed
-from creditworker.plans_contract import (
-    AllocateSubscriptions,
-    AssignPlan,
-    ChangePlan,
-    CreatePlan,
-    DeletePlan,
-    GetPlan,
-    GetSubscription,
-    ListPlans,
-    RemovePlan,
-    UpdatePlan,
+from creditworker.operations import (
+    ALLOCATE,
+    ALLOCATE_DUE,
+    BATCH,
+    BY_TASK,
+    DELETE_PLAN,
+    OPERATIONS,
+    PING,
+    RELAY,
+    Operation,
 )
 from creditworker.settings import get_settings
 from creditworker.storage.database import is_transient
 from creditworker.subscriptions import SubscriptionService
 from creditworker.worker import delivery
-from creditworker.worker.app import default_app
 from creditworker.worker.gather import GatheredTask
-
-app = default_app()
 
 _service: CreditService | None = None
 _subscriptions: SubscriptionService | None = None
@@ -58,7 +47,9 @@ def service() -> CreditService:
     """The worker process's engine, created on first use (after the prefork pool forked)."""
     global _service
     if _service is None:
-        _service = CreditService.from_settings(on_events=lambda _count: relay_events.apply_async())
+        _service = CreditService.from_settings(
+            on_events=lambda _count: current_app.send_task(RELAY.task)
+        )
     return _service
 
 
@@ -77,36 +68,93 @@ def _dump(value: Any) -> Any:
     return value
 
 
-def _handle(
-    task: Task,
-    model: type[BaseModel],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    call: Callable[[Any, str], Any],
-) -> dict[str, Any]:
+def call_engine(operation: Operation, request: BaseModel, key: str) -> Any:
+    """The generic body: the engine method the registry names, with the fields the message
+    gave (so the engine's defaults apply, and an update changes only what was given)."""
+    assert operation.engine is not None
+    owner, method = operation.engine.split(".")
+    engine: Any = service() if owner == "credits" else subscriptions()
+    arguments = {name: getattr(request, name) for name in request.model_fields_set}
+    if operation.keyed:
+        arguments["idempotency_key"] = key
+    answer = getattr(engine, method)(**arguments)
+    return {operation.wrap: answer} if operation.wrap else answer
+
+
+def _handle(task: Task, operation: Operation, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Validate, run, and turn the outcome into the wire envelope."""
     try:
         if args:
             raise ValidationFailed(
                 f"{task.name} takes keyword arguments only, got {len(args)} positional"
             )
-        request = parse(model, kwargs)
+        request = parse(operation.request, kwargs)
         key = getattr(request, "idempotency_key", None) or f"task:{task.request.id}"
-        return {"ok": True, "result": _dump(call(request, key))}
+        adapter = ADAPTERS.get(operation.task)
+        answer = adapter(task, request, key) if adapter else call_engine(operation, request, key)
+        return {"ok": True, "result": _dump(answer)}
     except CreditError as exc:
         return {"ok": False, "error": exc.to_dict()}
     except Exception as exc:  # noqa: BLE001 (retried if transient, else raised: `delivery`)
         delivery.retry_single(task, exc)
 
 
-GATHERED: dict[str, type[Request]] = {
-    "creditworker.credits.add": AddCredits,
-    "creditworker.credits.deduct": DeductCredits,
-    "creditworker.credits.reserve": ReserveCredits,
-    "creditworker.credits.commit": CommitReservation,
-    "creditworker.credits.release": ReleaseReservation,
+# ---------------------------------------------------------------- adapters
+
+
+def _apply_batch(_task: Task, request: Any, key: str) -> Any:
+    """Many operations in one transaction; item i without a key is keyed `<key>:<i>`."""
+    return service().apply_batch(request.operations, default_keys=[f"{key}:{i}" for i in range(len(request.operations))])
+
+
+def _ping(_task: Task, _request: Any, _key: str) -> Any:
+    """Touches nothing: a health check, and the floor the benchmarks compare against."""
+    return {"pong": True}
+
+
+def _relay(task: Task, _request: Any, _key: str) -> Any:
+    """Publish pending outbox rows to the events exchange."""
+    from creditworker.event_bus import EventPublisher
+    from creditworker.outbox import publish_pending
+
+    with task.app.connection_for_write() as connection:
+        return {"published": publish_pending(service().engine, EventPublisher(connection))}
+
+
+def _delete_plan(_task: Task, request: Any, key: str) -> Any:
+    subscriptions().delete_plan(request.plan, idempotency_key=key)
+    return {"deleted": request.plan}
+
+
+def _allocate(_task: Task, request: Any, _key: str) -> Any:
+    return {"granted": subscriptions().allocate(request.subscription_ids, backfill=get_settings().allocation_backfill)}
+
+
+def _allocate_due(task: Task, _request: Any, _key: str) -> Any:
+    """Beat's entry point: fan the due subscriptions out as chunk tasks over the workers.
+
+    Listing ids is cheap; the grants run in `allocate`, one transaction per chunk. A chunk
+    sent twice (the next beat tick came first) grants nothing twice.
+    """
+    chunks = total = after_id = 0
+    while ids := subscriptions().due_subscription_ids(after_id=after_id):
+        task.app.send_task(ALLOCATE.task, kwargs={"subscription_ids": ids})
+        chunks, total, after_id = chunks + 1, total + len(ids), ids[-1]
+    return {"chunks": chunks, "subscriptions": total}
+
+
+ADAPTERS: dict[str, Callable[[Task, Any, str], Any]] = {
+    BATCH.task: _apply_batch,
+    PING.task: _ping,
+    RELAY.task: _relay,
+    DELETE_PLAN.task: _delete_plan,
+    ALLOCATE.task: _allocate,
+    ALLOCATE_DUE.task: _allocate_due,
 }
-"""The single-operation tasks whose messages the worker gathers (see `gather`)."""
+"""The operations whose registry entry names no engine method."""
+
+
+# ---------------------------------------------------------------- gathered messages
 
 
 class GatheredCreditTask(GatheredTask):
@@ -130,10 +178,11 @@ def apply_gathered(
                 raise ValidationFailed(
                     f"{entry['task']} takes keyword arguments only, got {len(entry['args'])} positional"
                 )
-            request = parse(GATHERED[entry["task"]], entry["kwargs"] or {})
+            request = parse(BY_TASK[entry["task"]].request, entry["kwargs"] or {})
         except CreditError as exc:
             outcomes[place] = {"ok": False, "error": exc.to_dict()}
             continue
+        assert isinstance(request, Request)
         requests.append(request)
         keys.append(request.idempotency_key or f"task:{entry['id']}")
         places.append(place)
@@ -164,186 +213,22 @@ def _envelope(outcome: BatchOutcome) -> dict[str, Any]:
     return {"ok": False, "error": outcome.error}
 
 
-def _fields(request: BaseModel, *exclude: str) -> dict[str, Any]:
-    return {name: getattr(request, name) for name in type(request).model_fields if name not in exclude}
+# ---------------------------------------------------------------- registration
 
 
-@app.task(name="creditworker.credits.add", bind=True, base=GatheredCreditTask)
-def add_credits(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _handle(self, AddCredits, args, kwargs, lambda r, key: service().add_credits(
-        **_fields(r, "idempotency_key"), idempotency_key=key))
+def _task_body(operation: Operation) -> Callable[..., dict[str, Any]]:
+    def run(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return _handle(self, operation, args, kwargs)
+
+    run.__name__ = run.__qualname__ = operation.task.removeprefix("creditworker.").replace(".", "_")
+    run.__doc__ = operation.summary
+    return run
 
 
-@app.task(name="creditworker.credits.deduct", bind=True, base=GatheredCreditTask)
-def deduct_credits(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _handle(self, DeductCredits, args, kwargs, lambda r, key: service().deduct_credits(
-        **_fields(r, "idempotency_key"), idempotency_key=key))
-
-
-@app.task(name="creditworker.credits.reserve", bind=True, base=GatheredCreditTask)
-def reserve_credits(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _handle(self, ReserveCredits, args, kwargs, lambda r, key: service().reserve_credits(
-        **_fields(r, "idempotency_key"), idempotency_key=key))
-
-
-@app.task(name="creditworker.credits.commit", bind=True, base=GatheredCreditTask)
-def commit_reservation(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _handle(self, CommitReservation, args, kwargs, lambda r, key: service().commit_reservation(
-        **_fields(r, "idempotency_key"), idempotency_key=key))
-
-
-@app.task(name="creditworker.credits.release", bind=True, base=GatheredCreditTask)
-def release_reservation(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _handle(self, ReleaseReservation, args, kwargs, lambda r, key: service().release_reservation(
-        r.reservation_id, idempotency_key=key))
-
-
-@app.task(name="creditworker.credits.batch", bind=True)
-def apply_batch(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Many operations in one transaction; item i without a key is keyed `task:<id>:<i>`."""
-    return _handle(self, SubmitBatch, args, kwargs, lambda r, key: service().apply_batch(
-        r.operations, default_keys=[f"{key}:{i}" for i in range(len(r.operations))]))
-
-
-@app.task(name="creditworker.credits.balance", bind=True)
-def get_balance(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _handle(self, GetCredits, args, kwargs, lambda r, _key: service().get_user_credits_info(r.user_id))
-
-
-@app.task(name="creditworker.credits.history", bind=True)
-def get_history(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _handle(self, GetHistory, args, kwargs, lambda r, _key: service().get_history(
-        r.user_id, limit=r.limit, before=r.before, kinds=r.kinds))
-
-
-@app.task(name="creditworker.credits.expiring", bind=True)
-def get_expiring(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _handle(self, GetExpiring, args, kwargs, lambda r, _key: service().get_expiring_credits(
-        r.user_id, r.within_days))
-
-
-class _NoArguments(BaseModel):
-    model_config = {"extra": "forbid"}
-
-
-@app.task(name="creditworker.health.ping", bind=True)
-def ping(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """A round trip through broker and worker that touches nothing: a health check, and
-    the floor the benchmarks compare every operation against."""
-    return _handle(self, _NoArguments, args, kwargs, lambda _r, _key: {"pong": True})
-
-
-@app.task(name="creditworker.credits.expire", bind=True)
-def expire_credits(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _handle(self, _NoArguments, args, kwargs, lambda _r, _key: {"expired": service().expire_credits()})
-
-
-@app.task(name="creditworker.reservations.release_stale", bind=True)
-def release_stale_reservations(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _handle(self, _NoArguments, args, kwargs,
-                   lambda _r, _key: {"released": service().release_stale_reservations()})
-
-
-@app.task(name="creditworker.credits.remind", bind=True)
-def send_expiry_reminders(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _handle(self, _NoArguments, args, kwargs, lambda _r, _key: {"reminded": service().send_expiry_reminders()})
-
-
-@app.task(name="creditworker.events.relay", bind=True)
-def relay_events(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Publish pending outbox rows to the events exchange (woken after changes, and by beat)."""
-    from creditworker.event_bus import EventPublisher
-    from creditworker.outbox import publish_pending
-
-    def publish(_request: Any, _key: str) -> dict[str, int]:
-        with app.connection_for_write() as connection:
-            return {"published": publish_pending(service().engine, EventPublisher(connection))}
-
-    return _handle(self, _NoArguments, args, kwargs, publish)
-
-
-# ---------------------------------------------------------------- plans and subscriptions
-
-
-@app.task(name="creditworker.plans.create", bind=True)
-def create_plan(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _handle(self, CreatePlan, args, kwargs, lambda r, key: subscriptions().create_plan(
-        **_fields(r, "idempotency_key"), idempotency_key=key))
-
-
-@app.task(name="creditworker.plans.update", bind=True)
-def update_plan(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _handle(self, UpdatePlan, args, kwargs, lambda r, key: subscriptions().update_plan(
-        r.plan, **r.model_dump(exclude={"plan", "idempotency_key"}, exclude_unset=True), idempotency_key=key))
-
-
-@app.task(name="creditworker.plans.delete", bind=True)
-def delete_plan(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    def delete(request: DeletePlan, key: str) -> dict[str, Any]:
-        subscriptions().delete_plan(request.plan, idempotency_key=key)
-        return {"deleted": request.plan}
-
-    return _handle(self, DeletePlan, args, kwargs, delete)
-
-
-@app.task(name="creditworker.plans.get", bind=True)
-def get_plan(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _handle(self, GetPlan, args, kwargs, lambda r, _key: subscriptions().get_plan(r.plan))
-
-
-@app.task(name="creditworker.plans.list", bind=True)
-def list_plans(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _handle(self, ListPlans, args, kwargs, lambda r, _key: subscriptions().list_plans(
-        include_inactive=r.include_inactive))
-
-
-@app.task(name="creditworker.subscriptions.assign", bind=True)
-def assign_plan(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _handle(self, AssignPlan, args, kwargs, lambda r, key: subscriptions().assign_plan(
-        **_fields(r, "idempotency_key"), idempotency_key=key))
-
-
-@app.task(name="creditworker.subscriptions.change", bind=True)
-def change_plan(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _handle(self, ChangePlan, args, kwargs, lambda r, key: subscriptions().change_plan(
-        **_fields(r, "idempotency_key"), idempotency_key=key))
-
-
-@app.task(name="creditworker.subscriptions.remove", bind=True)
-def remove_plan(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _handle(self, RemovePlan, args, kwargs, lambda r, key: subscriptions().remove_plan(
-        **_fields(r, "idempotency_key"), idempotency_key=key))
-
-
-@app.task(name="creditworker.subscriptions.get", bind=True)
-def get_user_subscription(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _handle(self, GetSubscription, args, kwargs,
-                   lambda r, _key: subscriptions().get_user_subscription(r.user_id))
-
-
-@app.task(name="creditworker.subscriptions.allocate", bind=True)
-def allocate_subscriptions(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Grant one chunk of due subscriptions their current period (once per period)."""
-    return _handle(self, AllocateSubscriptions, args, kwargs, lambda r, _key: {
-        "granted": subscriptions().allocate(
-            r.subscription_ids, backfill=get_settings().allocation_backfill)
-    })
-
-
-@app.task(name="creditworker.subscriptions.allocate_due", bind=True)
-def allocate_due(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Beat's entry point: fan the due subscriptions out as chunk tasks over the workers.
-
-    Listing ids is cheap; the grants run in `creditworker.subscriptions.allocate`, one
-    transaction per chunk. A chunk sent twice (the next beat tick came first) grants
-    nothing twice.
-    """
-
-    def fan_out(_request: Any, _key: str) -> dict[str, int]:
-        chunks = total = after_id = 0
-        while ids := subscriptions().due_subscription_ids(after_id=after_id):
-            allocate_subscriptions.apply_async(kwargs={"subscription_ids": ids})
-            chunks, total, after_id = chunks + 1, total + len(ids), ids[-1]
-        return {"chunks": chunks, "subscriptions": total}
-
-    return _handle(self, _NoArguments, args, kwargs, fan_out)
+TASKS: dict[str, Any] = {
+    operation.task: shared_task(
+        name=operation.task, bind=True, base=GatheredCreditTask if operation.gathered else Task,
+    )(_task_body(operation))
+    for operation in OPERATIONS
+}
+"""Each operation's task (a proxy to it on the current app), by task name."""

@@ -115,6 +115,14 @@ def test_schema_prints_ddl_per_dialect_and_json_schemas() -> None:
     assert bad.exit_code == 2
 
 
+def test_schema_json_has_every_request_and_result_model_plans_and_batches_included() -> None:
+    """Drift: it once left out plans, subscriptions and batches (now derived from the registry)."""
+    schemas = json.loads(runner.invoke(app, ["schema", "--json"]).stdout)
+    assert {"CreatePlan", "UpdatePlan", "DeletePlan", "Plan", "AssignPlan", "Subscription",
+            "SubmitBatch", "BatchOutcome", "AllocateSubscriptions", "DeletedPlan"} <= set(schemas)
+    assert schemas["UpdatePlan"]["properties"]["idempotency_key"]
+
+
 def test_module_entry_point_prints_help() -> None:
     result = subprocess.run([sys.executable, "-m", "creditworker.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "audit" in result.stdout

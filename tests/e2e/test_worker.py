@@ -118,6 +118,14 @@ def test_the_same_message_published_twice_is_applied_once(worker: RunningWorker)
     assert worker.service.get_user_credits_info("ann").total == 43
 
 
+def test_a_reservation_is_read_through_the_worker(worker: RunningWorker) -> None:
+    worker.service.add_credits("ann", 20)
+    held = worker.client.reserve_credits("ann", 8)
+    assert worker.client.get_reservation(held.id).get(timeout=10) == held
+    with pytest.raises(UnknownReservation):
+        worker.client.get_reservation("no-such-hold").get(timeout=10)
+
+
 def test_the_health_ping_answers_through_broker_and_worker(worker: RunningWorker) -> None:
     answer = worker.client.app.send_task("creditworker.health.ping").get(timeout=10)
     assert answer == {"ok": True, "result": {"pong": True}}

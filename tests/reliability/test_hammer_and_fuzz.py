@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 from creditworker import CreditService
 from creditworker.audit import audit
 from creditworker.errors import ERRORS_BY_CODE, InsufficientCredits
+from creditworker.operations import OPERATIONS
 from creditworker.subscriptions import SubscriptionService
 from creditworker.worker import tasks
 from tests.engine.test_credits import snapshot
@@ -67,11 +68,8 @@ VALUES = st.one_of(
     st.lists(st.fixed_dictionaries({"op": st.sampled_from(["add", "deduct", "nope"]),
                                     "user_id": st.just("ann"), "amount": st.integers(-5, 50)}), max_size=3),
 )
-TASKS = [tasks.add_credits, tasks.deduct_credits, tasks.reserve_credits, tasks.commit_reservation,
-         tasks.release_reservation, tasks.get_balance, tasks.get_history, tasks.get_expiring,
-         tasks.apply_batch, tasks.ping, tasks.create_plan, tasks.update_plan, tasks.delete_plan,
-         tasks.get_plan, tasks.list_plans, tasks.assign_plan, tasks.change_plan, tasks.remove_plan,
-         tasks.get_user_subscription, tasks.allocate_subscriptions]
+TASKS = [tasks.TASKS[operation.task] for operation in OPERATIONS
+         if operation.periodic is None]  # beat's sweeps touch every account, not the payload
 
 
 @pytest.fixture
@@ -99,7 +97,7 @@ def test_fuzzed_payloads_get_an_envelope_and_refusals_change_nothing(
             assert snapshot(task_engine) == before
 
 
-GATHERED_TASKS = sorted(tasks.GATHERED)
+GATHERED_TASKS = sorted(operation.task for operation in OPERATIONS if operation.gathered)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -137,6 +137,29 @@ def test_a_plan_in_use_is_deactivated_not_deleted(subs: SubscriptionService) -> 
 # ---------------------------------------------------------------- assignment
 
 
+def test_plan_update_and_delete_repeated_with_a_key_answer_as_the_first_time(subs: SubscriptionService) -> None:
+    """What a redelivered message does (its key is `task:<task id>`): no `unknown_plan`."""
+    subs.create_plan("old-name", 100)
+    renamed = subs.update_plan("old-name", name="new-name", idempotency_key="rename-1")
+    assert subs.update_plan("old-name", name="new-name", idempotency_key="rename-1") == renamed
+    subs.delete_plan("new-name", idempotency_key="delete-1")
+    subs.delete_plan("new-name", idempotency_key="delete-1")
+    with pytest.raises(UnknownPlan):
+        subs.get_plan("new-name")
+    subs.create_plan("kept", 100)
+    subs.assign_plan("alice", "kept", now=T0)
+    for _ in range(2):
+        with pytest.raises(PlanInUse):
+            subs.delete_plan("kept", idempotency_key="delete-2")
+
+
+def test_an_update_that_clears_a_field_is_not_the_update_that_leaves_it(subs: SubscriptionService) -> None:
+    subs.create_plan("weekly-ish", 100, validity_days=7)
+    subs.update_plan("weekly-ish", credit_limit=5, idempotency_key="u-1")
+    with pytest.raises(IdempotencyConflict):
+        subs.update_plan("weekly-ish", credit_limit=5, validity_days=None, idempotency_key="u-1")
+
+
 def test_assign_grants_the_first_period_at_once(subs: SubscriptionService, service: CreditService) -> None:
     subs.create_plan("basic", 100, validity_days=10)
     subs.create_plan("monthly", 50)

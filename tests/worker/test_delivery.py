@@ -45,3 +45,41 @@ def test_a_lost_database_goes_back_to_the_broker_until_the_retries_are_spent(mon
 @pytest.mark.parametrize("error", [InsufficientCredits("no"), ValueError("a bug"), KeyError("x")])
 def test_refusals_and_bugs_are_never_retried(error: Exception) -> None:
     assert delivery.decide(error, 0) is None
+
+
+def test_a_gathered_batch_whose_database_is_gone_goes_back_to_the_broker_at_once(redis_url: str) -> None:
+    """The pool process does not sleep holding the batch (it once slept up to 8 backoffs):
+    each message is re-published at once, same id, retries + 1, with a countdown."""
+    import json
+    import time
+
+    import redis
+    from celery.exceptions import Retry
+
+    from creditworker.credits import CreditService
+    from creditworker.settings import Settings
+    from creditworker.worker import tasks
+    from creditworker.worker.app import make_celery
+    from tests.e2e.conftest import redis_db
+
+    broker = redis_db(redis_url, 13)
+    queue = redis.Redis.from_url(broker)
+    queue.flushdb()
+    app = make_celery(Settings(broker_url=broker))
+    entries = [{"id": f"gone-{i}", "task": "creditworker.credits.deduct", "args": [],
+                "kwargs": {"user_id": "ann", "amount": 1}, "retries": 0, "delivery_info": {}} for i in range(3)]
+    previous = tasks._service
+    tasks._service = CreditService("postgresql+psycopg2://postgres@127.0.0.1:1/none")
+    try:
+        began = time.monotonic()
+        outcomes = tasks.apply_gathered(entries, lambda name: app.tasks[name])
+        took = time.monotonic() - began
+    finally:
+        tasks._service = previous
+    assert all(isinstance(outcome, Retry) for outcome in outcomes), outcomes
+    assert took < 5
+    published = [json.loads(raw) for raw in queue.lrange("celery", 0, -1)]
+    assert sorted(message["headers"]["id"] for message in published) == ["gone-0", "gone-1", "gone-2"]
+    assert {message["headers"]["retries"] for message in published} == {1}
+    assert all(message["headers"]["eta"] for message in published)
+    queue.flushdb()
