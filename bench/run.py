@@ -38,7 +38,7 @@ from kombu import Connection
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -362,11 +362,15 @@ def single_operations(worker: Worker, service: CreditService, database_url: str,
                 app.send_task("creditworker.credits.deduct", kwargs={
                     "user_id": users[i % len(users)], "amount": 1, "idempotency_key": f"{prefix}{i}"})
 
-            for i in range(200):  # warm up
-                send(i, prefix=f"warm-{broker}:")
-            wait_until(lambda: applied(f"warm-{broker}:") == 200 and depth() == 0, every=0.05)
-            deducts = drain_rate(app, drain_worker.hostname, "celery", depth, n, send,
-                                 lambda: depth() == 0 and applied(prefix) == n)
+            warm = f"warm-{broker}:"
+            for i in range(200):
+                send(i, prefix=warm)
+
+            def settled(depth: QueueDepth = depth, prefix: str = prefix, count: int = n) -> bool:
+                return depth() == 0 and applied(prefix) == count
+
+            wait_until(lambda: settled(prefix=warm, count=200), every=0.05)  # noqa: B023 (called at once)
+            deducts = drain_rate(app, drain_worker.hostname, "celery", depth, n, send, settled)
             depth.close()
         finally:
             if drain_worker is not worker:
@@ -473,58 +477,134 @@ def batches_through_worker(worker: Worker, service: CreditService, total: int, s
     return {"worker_batch_ops_per_s": total / timed(run)}
 
 
-def at_fixed_rate(call: Callable[[int], Any], seconds: float, rate: float) -> list[float]:
-    """Round trips of `call(i)` started at a fixed rate, each in its own thread; latencies
-    are measured from the time each was due, so a slow answer cannot hide the ones queued
-    behind it."""
+def at_fixed_rate(call: Callable[[int], Any], seconds: float, rate: float) -> dict[str, Any]:
+    """Round trips of `call(i)` started at a fixed rate, each in a thread of its own started
+    at its due time (as independent callers would); latencies are measured from the time
+    each was due, so a slow answer cannot hide the ones queued behind it. Also returns how
+    late the threads started (the harness's own delay) and the CPU this process used."""
     latencies: list[float] = []
+    lateness: list[float] = []
     lock = threading.Lock()
     start = time.perf_counter() + 0.1
-    sem = threading.Semaphore(64)
+    cpu_before = os.times()
 
     def one(i: int, due: float) -> None:
-        try:
-            call(i)
-            with lock:
-                latencies.append(time.perf_counter() - due)
-        finally:
-            sem.release()
+        began = time.perf_counter()
+        call(i)
+        with lock:
+            latencies.append(time.perf_counter() - due)
+            lateness.append(began - due)
 
     threads = []
     for i in range(int(seconds * rate)):
         due = start + i / rate
         time.sleep(max(0.0, due - time.perf_counter()))
-        sem.acquire()
-        thread = threading.Thread(target=one, args=(i, due))
+        thread = threading.Thread(target=one, args=(i, due), daemon=True)
         thread.start()
         threads.append(thread)
     for thread in threads:
         thread.join()
-    return sorted(latencies)
+    cpu_after = os.times()
+    cpu = (cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system)
+    return {"latencies": sorted(latencies), "lateness": sorted(lateness), "cpu_s": cpu, "calls": len(threads)}
+
+
+def percentile_ms(latencies: list[float], fraction: float) -> float:
+    return 1000 * latencies[min(len(latencies) - 1, max(0, int(len(latencies) * fraction + 0.5) - 1))]
 
 
 def p99_ms(latencies: list[float]) -> float:
-    return 1000 * latencies[int(len(latencies) * 0.99) - 1]
+    return percentile_ms(latencies, 0.99)
 
 
-def reserve_latency(worker: Worker, service: CreditService, seconds: float, rate: float = 200) -> dict[str, float]:
-    """Reserve round trips (producer call to answer) at a fixed rate, against no-op tasks
-    sent and awaited the same way at the same rate."""
+RESERVE_RATES = (50, 100, 200, 400)
+
+
+def reserve_latency(worker: Worker, service: CreditService, seconds: float,
+                    rates: tuple[int, ...] = RESERVE_RATES, plot: Path | None = None) -> dict[str, float]:
+    """Reserve round trips (producer call to answer) at fixed rates, against no-op round
+    trips (`creditworker.health.ping`, sent and awaited through the same producer path) at
+    the same rates; and the producer's CPU per call, against the harness alone."""
     users = [f"reserve-{i}" for i in range(16)]
     for user in users:
         service.add_credits(user, 10**9)
-    app = worker.client.app
-    for i in range(50):  # warm up
-        worker.client.reserve_credits(users[i % len(users)], 1)
-        app.send_task("creditworker.health.ping").get(timeout=60)
-    noop = at_fixed_rate(lambda i: app.send_task("creditworker.health.ping").get(timeout=600), seconds, rate)
-    time.sleep(2)
-    reserve = at_fixed_rate(
-        lambda i: worker.client.reserve_credits(users[i % len(users)], 1, ttl_seconds=60, timeout=600), seconds, rate
-    )
-    return {"reserve_rate_per_s": rate, "reserve_p50_ms": 1000 * reserve[len(reserve) // 2],
-            "reserve_p99_ms": p99_ms(reserve), "noop_p99_ms_same_rate": p99_ms(noop),
-            "reserve_vs_noop_p99_ratio": p99_ms(reserve) / p99_ms(noop)}
+    client = worker.client
+    app = client.app
+    depth = QueueDepth(str(app.conf.broker_url), "celery")
+
+    def noop(_i: int) -> None:  # the producer's own answer path, without a credit operation
+        task_id = str(uuid.uuid4())
+        expected = client._answers.expect(task_id)
+        sent = app.send_task("creditworker.health.ping", task_id=task_id)
+        if expected is None:
+            sent.get(timeout=600)
+        elif not expected[1].wait(600):
+            raise TimeoutError(task_id)
+
+    def reserve(i: int) -> None:
+        client.reserve_credits(users[i % len(users)], 1, ttl_seconds=60, timeout=600)
+
+    for i in range(100):  # warm up
+        reserve(i)
+        noop(i)
+    harness = at_fixed_rate(lambda _i: None, min(seconds, 5), 200)
+    figures: dict[str, float] = {"harness_cpu_ms_per_call": 1000 * harness["cpu_s"] / harness["calls"]}
+    rows: dict[str, dict[int, tuple[float, float]]] = {"no-op": {}, "reserve": {}}
+    for rate in rates:
+        for label, call in (("noop", noop), ("reserve", reserve)):
+            wait_until(lambda: depth() == 0, every=0.1)  # nothing left from the step before
+            time.sleep(1.0)
+            run = at_fixed_rate(call, seconds, rate)
+            latencies = run["latencies"]
+            p50, p99 = percentile_ms(latencies, 0.5), p99_ms(latencies)
+            rows["no-op" if label == "noop" else "reserve"][rate] = (p50, p99)
+            figures[f"{label}_p50_ms_at_{rate}"] = p50
+            figures[f"{label}_p99_ms_at_{rate}"] = p99
+            figures[f"{label}_harness_late_p99_ms_at_{rate}"] = p99_ms(run["lateness"])
+            figures[f"{label}_producer_cpu_ms_per_call_at_{rate}"] = (
+                1000 * run["cpu_s"] / run["calls"] - figures["harness_cpu_ms_per_call"])
+            console.print(f"  {label} at {rate}/s: p50 {p50:,.1f} ms, p99 {p99:,.1f} ms "
+                          f"(threads started late by p99 {p99_ms(run['lateness']):,.1f} ms; "
+                          f"producer CPU {figures[f'{label}_producer_cpu_ms_per_call_at_{rate}']:.2f} ms a call)")
+    depth.close()
+    if 200 in rates:
+        figures["reserve_p99_ms"] = figures["reserve_p99_ms_at_200"]
+        figures["reserve_vs_noop_p99_ratio"] = figures["reserve_p99_ms_at_200"] / figures["noop_p99_ms_at_200"]
+    if plot is not None:
+        plot_latency(rows, plot, seconds)
+    return figures
+
+
+def plot_latency(rows: dict[str, dict[int, tuple[float, float]]], path: Path, seconds: float) -> None:
+    """p50 and p99 against the rate, for each kind of round trip (the `bench` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        console.print("  no plot: matplotlib is missing (pip install 'creditworker[bench]')")
+        return
+    figure, axis = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for label, color in (("reserve", "tab:blue"), ("no-op", "tab:gray")):
+        rates = sorted(rows[label])
+        axis.plot(rates, [rows[label][r][1] for r in rates], "o-", color=color, label=f"{label} p99")
+        axis.plot(rates, [rows[label][r][0] for r in rates], "o--", color=color, label=f"{label} p50")
+    axis.axhline(20, color="tab:red", linewidth=0.8, linestyle=":", label="target: p99 20 ms at 200/s")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(sorted(rows["reserve"]), [str(r) for r in sorted(rows["reserve"])])
+    axis.set_yscale("log")
+    axis.set_xlabel("round trips started per second (fixed rate, a thread per call)")
+    axis.set_ylabel("producer call to answer (ms)")
+    axis.set_title(f"Reserve round trip, {seconds:g} s per rate: producer, Redis, worker (prefork 2)\n"
+                   f"and PostgreSQL on the same {os.cpu_count()} cores", fontsize=9)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    console.print(f"  plot: {path}")
 
 
 def balance_with_big_ledger(database_url: str, entries: int) -> dict[str, float]:
@@ -649,6 +729,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes: under five minutes")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--plot", type=Path, default=BENCH_DIR / "results" / "reserve_latency.png",
+                        help="where the reserve latency plot goes")
     parser.add_argument("--only", nargs="*", help="run only these: single, batch, worker_batch, reserve, balance, expiry, allocation, memory")
     args = parser.parse_args()
     sizes = SIZES["quick" if args.quick else "full"]
@@ -680,7 +762,7 @@ def main() -> int:
                                                      brokers, sizes["single"])),
                 ("batch", lambda: batches_in_process(database_url, sizes["batch_ops"])),
                 ("worker_batch", lambda: batches_through_worker(worker, service, sizes["worker_batch_ops"])),
-                ("reserve", lambda: reserve_latency(worker, service, sizes["reserve_seconds"])),
+                ("reserve", lambda: reserve_latency(worker, service, sizes["reserve_seconds"], plot=args.plot)),
                 ("balance", lambda: balance_with_big_ledger(database_url, sizes["ledger"])),
                 ("expiry", lambda: expiry(database_url, sizes["lots"])),
                 ("allocation", lambda: allocation(database_url, sizes["subscriptions"])),

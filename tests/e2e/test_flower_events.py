@@ -4,6 +4,7 @@ every task with its state, gathered ones included."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 import time
@@ -37,10 +38,8 @@ class TaskEvents:
             self.seen.append(event)
 
     def _run(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # stopped by closing the connection
             self.receiver.capture(limit=None, timeout=None, wakeup=False)
-        except Exception:  # noqa: BLE001 (stopped by closing the connection)
-            pass
 
     def of(self, task_id: str) -> set[str]:
         return {str(event["type"]) for event in list(self.seen) if event.get("uuid") == task_id}
