@@ -142,8 +142,5 @@ def _documented_table() -> str:
     return "\n".join(lines[start:end]) + "\n"
 
 
-@pytest.mark.xfail(strict=True, reason="docs/worker.md still has the hand-written table: paste "
-                   "`python -c 'from creditworker.operations import contract_table; print(contract_table())'`"
-                   " there, then remove this mark")
 def test_the_documented_wire_contract_is_the_registry() -> None:
     assert _documented_table() == contract_table()
