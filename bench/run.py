@@ -547,8 +547,10 @@ def reserve_latency(worker: Worker, service: CreditService, seconds: float,
     for i in range(100):  # warm up
         reserve(i)
         noop(i)
+    load = os.getloadavg()[0]  # the machine may be shared: say how busy it was
     harness = at_fixed_rate(lambda _i: None, min(seconds, 5), 200)
-    figures: dict[str, float] = {"harness_cpu_ms_per_call": 1000 * harness["cpu_s"] / harness["calls"]}
+    figures: dict[str, float] = {"harness_cpu_ms_per_call": 1000 * harness["cpu_s"] / harness["calls"],
+                                 "reserve_step_load_average": load}
     rows: dict[str, dict[int, tuple[float, float]]] = {"no-op": {}, "reserve": {}}
     for rate in rates:
         for label, call in (("noop", noop), ("reserve", reserve)):
@@ -571,11 +573,12 @@ def reserve_latency(worker: Worker, service: CreditService, seconds: float,
         figures["reserve_p99_ms"] = figures["reserve_p99_ms_at_200"]
         figures["reserve_vs_noop_p99_ratio"] = figures["reserve_p99_ms_at_200"] / figures["noop_p99_ms_at_200"]
     if plot is not None:
-        plot_latency(rows, plot, seconds)
+        plot_latency(rows, plot, seconds, load)
     return figures
 
 
-def plot_latency(rows: dict[str, dict[int, tuple[float, float]]], path: Path, seconds: float) -> None:
+def plot_latency(rows: dict[str, dict[int, tuple[float, float]]], path: Path, seconds: float,
+                 load: float) -> None:
     """p50 and p99 against the rate, for each kind of round trip (the `bench` extra)."""
     try:
         import matplotlib
@@ -597,7 +600,8 @@ def plot_latency(rows: dict[str, dict[int, tuple[float, float]]], path: Path, se
     axis.set_xlabel("round trips started per second (fixed rate, a thread per call)")
     axis.set_ylabel("producer call to answer (ms)")
     axis.set_title(f"Reserve round trip, {seconds:g} s per rate: producer, Redis, worker (prefork 2)\n"
-                   f"and PostgreSQL on the same {os.cpu_count()} cores", fontsize=9)
+                   f"and PostgreSQL on the same {os.cpu_count()} cores (load average {load:.1f} before)",
+                   fontsize=9)
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()

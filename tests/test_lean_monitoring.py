@@ -54,7 +54,7 @@ class CountingRedis(redis.Redis):
 
 
 def test_gathered_results_are_stored_and_published_in_one_round_trip(redis_url: str) -> None:
-    url = f"{redis_url.rsplit('/', 1)[0]}/7"
+    url = f"{redis_url.rsplit('/', 1)[0]}/13"  # a database no other test uses
     app = make_celery(Settings(broker_url=url))
     backend = app.backend
     backend.client = CountingRedis.from_url(url)
