@@ -18,12 +18,12 @@ from typing import Any
 
 from celery import Celery
 
+from creditworker.operations import RESERVE
 from creditworker.settings import Settings, get_settings
 from creditworker.worker.redelivery import HEARTBEATS_PER_TIMEOUT, UnackedHeartbeat
 from creditworker.worker.transport import TRANSPORTS
 
 TASK_MODULES = ["creditworker.worker.tasks"]
-RESERVE_TASK = "creditworker.credits.reserve"
 
 
 def broker_kind(broker_url: str) -> str:
@@ -139,7 +139,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # applied" by the STARTED state once its deadline passed (producers/client.py).
         # Gathered ones record it in `gather.run_gathered`; this covers those that take
         # Celery's own path (a retry, or gathering turned off).
-        "task_annotations": {RESERVE_TASK: {"track_started": True}},
+        "task_annotations": {RESERVE.task: {"track_started": True}},
         "result_expires": settings.result_expires_seconds,
         "result_extended": settings.result_extended,
         "timezone": "UTC",
