@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event, inspect, select
 from sqlalchemy.dialects import mysql, postgresql, sqlite
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
@@ -140,13 +140,15 @@ def run_transaction(engine: Engine, work: Callable[[Session], T]) -> T:
     raise AssertionError("unreachable")
 
 
-def insert_if_absent(session: Session, table: type[Base], values: dict[str, Any]) -> bool:
+def insert_if_absent(
+    session: Session | Connection, table: type[Base], values: dict[str, Any]
+) -> bool:
     """Insert a row unless its primary key exists; True if this call inserted it.
 
     Safe under concurrency: two transactions racing for the same key never both insert,
     and the loser does not fail.
     """
-    backend = session.get_bind().dialect.name
+    backend = (session.dialect if isinstance(session, Connection) else session.get_bind().dialect).name
     statement: Any
     if backend == "postgresql":
         statement = postgresql.insert(table).values(values).on_conflict_do_nothing()

@@ -1,0 +1,58 @@
+"""Results as JSON-ready dicts, built once per item after the writer has given out ids.
+
+The same dict is the operation row's stored result (what a replay returns), the batch
+outcome and the ledger-file record; a single call validates its pydantic model from it
+once, at the edge. Each dict equals the model's `model_dump(mode="json")` (the test
+`test_records_match_the_models_dump` holds them to it).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from creditworker.engine.rules import Hold, Posting
+
+
+def iso(at: datetime) -> str:
+    """A datetime as pydantic writes it in JSON mode (UTC as `Z`)."""
+    text = at.isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+def entry_record(posting: Posting) -> dict[str, Any]:
+    """A `LedgerEntry` in JSON mode; the posting must have been written (it has its id)."""
+    if posting.record is not None:
+        return posting.record
+    posting.record = {
+        "id": posting.id,
+        "user_id": posting.user_id,
+        "kind": posting.kind,
+        "amount": posting.amount,
+        "held": posting.held,
+        "balance_after": posting.balance_after,
+        "reserved_after": posting.reserved_after,
+        "available_after": posting.balance_after - posting.reserved_after,
+        "lot_id": posting.lot.id if posting.lot is not None else None,
+        "reservation_id": posting.hold.id if posting.hold is not None else None,
+        "draws": [{"lot_id": lot.id, "amount": taken} for lot, taken in posting.draws],
+        "description": posting.description,
+        "metadata": posting.metadata,
+        "idempotency_key": posting.idempotency_key,
+        "created_at": iso(posting.created_at),
+    }
+    return posting.record
+
+
+def reservation_record(hold: Hold) -> dict[str, Any]:
+    """A `Reservation` in JSON mode, as the hold is now (take it when the result is decided)."""
+    return {
+        "id": hold.id,
+        "user_id": hold.user_id,
+        "amount": hold.amount,
+        "status": hold.status,
+        "expires_at": iso(hold.expires_at),
+        "created_at": iso(hold.created_at),
+        "committed_amount": hold.committed_amount,
+        "idempotency_key": hold.idempotency_key,
+    }
