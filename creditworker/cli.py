@@ -56,8 +56,9 @@ def _database_url() -> str:
 
 def _service() -> Any:
     from creditworker.credits import CreditService
+    from creditworker.storage.readiness import ready_engine
 
-    return CreditService.from_settings(database=_database_url())
+    return CreditService.from_settings(database=ready_engine(_database_url()))
 
 
 def _reports_errors(command: F) -> F:
@@ -101,24 +102,44 @@ def _entry_table(entries: list[Any], title: str) -> Table:
 # ---------------------------------------------------------------------------- db
 
 
+def _unreachable(exc: Exception) -> typer.Exit:
+    """A database error as one line on stderr, and exit status 2."""
+    from sqlalchemy.engine import make_url
+
+    from creditworker.storage.readiness import connection_problem
+
+    print(f"error: database_not_ready: {connection_problem(make_url(_database_url()), exc)}", file=sys.stderr)  # type: ignore[arg-type]
+    return typer.Exit(2)
+
+
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Apply every migration to the configured database."""
+    from sqlalchemy.exc import DBAPIError
+
     from creditworker.storage.database import make_engine
     from creditworker.storage.migrate import current_revision, upgrade
 
     engine = make_engine(_database_url())
-    upgrade(engine)
+    try:
+        upgrade(engine)
+    except DBAPIError as exc:
+        raise _unreachable(exc) from None
     console.print(f"database at revision {current_revision(engine)}: {engine.url.render_as_string()}")
 
 
 @db_app.command("current")
 def db_current() -> None:
     """Print the database's migration revision."""
+    from sqlalchemy.exc import DBAPIError
+
     from creditworker.storage.database import make_engine
     from creditworker.storage.migrate import current_revision
 
-    print(current_revision(make_engine(_database_url())) or "none")
+    try:
+        print(current_revision(make_engine(_database_url())) or "none")
+    except DBAPIError as exc:
+        raise _unreachable(exc) from None
 
 
 # ---------------------------------------------------------------------------- schema and audit
@@ -143,15 +164,16 @@ def schema(
 
 
 @app.command("audit")
+@_reports_errors
 def audit_command(as_json: JsonOption = False) -> None:
     """Check the ledger invariants on the live database; exit 1 naming the accounts if any fail."""
     from creditworker.audit import audit
     from creditworker.contract import OveragePolicy
     from creditworker.settings import get_settings
-    from creditworker.storage.database import make_engine
+    from creditworker.storage.readiness import ready_engine
 
     allow_negative = get_settings().overage_policy is OveragePolicy.ALLOW_NEGATIVE
-    report = audit(make_engine(_database_url()), allow_negative=allow_negative)
+    report = audit(ready_engine(_database_url()), allow_negative=allow_negative)
     if as_json:
         _print_json(
             {
@@ -423,16 +445,26 @@ def plans_allocate(
 
 @app.command()
 def up(
-    flower: Annotated[bool, typer.Option("--flower", help="Also run Flower.")] = False,
+    flower: Annotated[bool, typer.Option("--flower", help="Also run Flower (optional: if it cannot start, the rest runs on).")] = False,
     flower_port: Annotated[int, typer.Option(help="Flower's port.")] = 5555,
+    flower_address: Annotated[
+        str, typer.Option(help="Address Flower listens on; 0.0.0.0 for every interface.")
+    ] = "127.0.0.1",
     flower_basic_auth: Annotated[
-        Optional[str], typer.Option(envvar="FLOWER_BASIC_AUTH", help="user:password for Flower.")
+        str | None,
+        typer.Option(
+            envvar="FLOWER_BASIC_AUTH",
+            help="user:password for Flower's pages and API; default: a password made up and printed at start.",
+        ),
     ] = None,
 ) -> None:
     """Migrate the database, then run worker and beat (and Flower) until Ctrl-C."""
-    from creditworker.worker.launcher import run_up
+    from creditworker.worker.launcher import FlowerOptions, run_up
 
-    raise typer.Exit(run_up(flower=flower, flower_port=flower_port, flower_basic_auth=flower_basic_auth))
+    if flower_basic_auth and not all(":" in pair for pair in flower_basic_auth.split(",")):
+        raise typer.BadParameter("expected user:password", param_hint="--flower-basic-auth")
+    options = FlowerOptions(flower_port, flower_address, flower_basic_auth) if flower else None
+    raise typer.Exit(run_up(options))
 
 
 @app.command()
@@ -458,14 +490,8 @@ def events_tail(
 ) -> None:
     """Print events as JSON lines as they are published (from a private, temporary queue)."""
     from creditworker.event_bus import tail
-    from creditworker.settings import get_settings
-    from creditworker.worker.app import make_celery
 
-    celery = make_celery(get_settings())
-    with celery.connection_for_read() as connection:
-        url = connection.as_uri(include_password=True)
-        transport_options = connection.transport_options
-    for payload in tail(url, key, timeout=timeout, transport_options=transport_options):
+    for payload in tail(key, timeout=timeout):
         print(json.dumps(payload), flush=True)
 
 
@@ -479,12 +505,13 @@ app.add_typer(dead_letters_app, name="dead-letters")
 
 def _dead_letters() -> Any:
     from creditworker.dead_letters import DeadLetterStore
-    from creditworker.storage.database import make_engine
+    from creditworker.storage.readiness import ready_engine
 
-    return DeadLetterStore(make_engine(_database_url()))
+    return DeadLetterStore(ready_engine(_database_url()))
 
 
 @dead_letters_app.command("list")
+@_reports_errors
 def dead_letters_list(
     limit: Annotated[int, typer.Option(min=1, max=1000, help="How many, newest first.")] = 50,
     before_id: Annotated[Optional[int], typer.Option(help="Only letters older than this id.")] = None,
@@ -507,6 +534,7 @@ def dead_letters_list(
 
 
 @dead_letters_app.command("show")
+@_reports_errors
 def dead_letters_show(letter_id: Annotated[int, typer.Argument(help="The letter's id.")]) -> None:
     """Print one dead letter whole, as JSON: headers, properties and body as they arrived."""
     letter = _dead_letters().get(letter_id)
@@ -517,6 +545,7 @@ def dead_letters_show(letter_id: Annotated[int, typer.Argument(help="The letter'
 
 
 @dead_letters_app.command("purge")
+@_reports_errors
 def dead_letters_purge(
     letter_ids: Annotated[Optional[list[int]], typer.Argument(help="Ids to delete (default: all).")] = None,
     before: Annotated[

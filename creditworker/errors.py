@@ -82,6 +82,12 @@ class UnknownOperation(CreditError):
     code = "unknown_operation"
 
 
+class DatabaseNotReady(CreditError):
+    """The database is missing, unreachable or not migrated: a setup step is missing."""
+
+    code = "database_not_ready"
+
+
 class ServiceUnavailable(CreditError):
     """The broker, worker or database did not answer in time (transient)."""
 
@@ -104,6 +110,7 @@ ERRORS_BY_CODE: dict[str, type[CreditError]] = {
         UnknownSubscription,
         UnknownOperation,
         ServiceUnavailable,
+        DatabaseNotReady,
     )
 }
 

@@ -59,10 +59,25 @@ class EventPublisher:
         self._declared = True
 
 
+def broker_connection(
+    broker_url: str | None = None, transport_options: dict[str, Any] | None = None
+) -> Connection:
+    """A connection to `broker_url`, or to the configured broker with the transport options
+    it needs (the embedded broker's folders, Redis's visibility timeout) when None."""
+    if broker_url is None:
+        from creditworker.settings import get_settings
+        from creditworker.worker.app import broker_transport_options
+
+        settings = get_settings()
+        broker_url = settings.broker_url
+        transport_options = {**broker_transport_options(settings), **(transport_options or {})}
+    return Connection(broker_url, transport_options=transport_options or {})
+
+
 def consume(
-    broker_url: str,
     handle: Callable[[_Event], None],
     *,
+    broker_url: str | None = None,
     routing_keys: Iterable[str] = ROUTING_KEYS,
     queue: str | None = None,
     limit: int | None = None,
@@ -75,7 +90,8 @@ def consume(
     queue of that name is bound to `routing_keys` (which may be patterns such as
     `credits.*`). A payload that is not a valid event is rejected (not requeued), so a
     malformed message cannot loop. Returns the number handled; stops after `limit`
-    events or `timeout` seconds without one.
+    events or `timeout` seconds without one. Without `broker_url`, the configured broker
+    (`CREDITWORKER_BROKER_URL`, the embedded one by default) is used.
     """
     keys = list(routing_keys)
     queues = (
@@ -87,7 +103,7 @@ def consume(
         ]
     )
     handled = 0
-    with Connection(broker_url, transport_options=transport_options or {}) as connection:
+    with broker_connection(broker_url, transport_options) as connection:
         for event, message in _receive(connection, queues, timeout=timeout):
             if event is None:
                 message.reject(requeue=False)
@@ -101,9 +117,9 @@ def consume(
 
 
 def tail(
-    broker_url: str,
     routing_key_pattern: str = "#",
     *,
+    broker_url: str | None = None,
     timeout: float | None = None,
     transport_options: dict[str, Any] | None = None,
 ) -> Iterator[dict[str, Any]]:
@@ -112,7 +128,7 @@ def tail(
     For people watching: it sees only what is published while it runs and takes nothing
     from the durable queues that real consumers read.
     """
-    with Connection(broker_url, transport_options=transport_options or {}) as connection:
+    with broker_connection(broker_url, transport_options) as connection:
         private = Queue(
             "",
             EVENTS_EXCHANGE,

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     """Due subscriptions per allocation task: beat fans the work out in chunks this size."""
     api_keys: str = ""
     """Bearer keys the HTTP gateway accepts, comma-separated (see the README's gateway section)."""
+    http_max_body_bytes: int = Field(default=1024 * 1024, ge=1)
+    """The largest request body the HTTP gateway reads; a larger one is refused with 413."""
     gather_max: int = Field(default=100, ge=1, le=1000)
     """Single operations a worker gathers into one transaction at most; 1 turns gathering off."""
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)

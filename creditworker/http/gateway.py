@@ -5,6 +5,8 @@ contract's models (or thin ones built from its field types), so the gateway refu
 what the workers refuse. Writes answer 202 with a task id unless the caller asks to wait
 (`?wait=true`, or `Prefer: wait=N` for up to N seconds); a reservation always waits, since
 the caller needs its id. Reads run in the thread pool, so the event loop never blocks.
+In the standalone app the API key is checked, then the body's size, before FastAPI reads a
+body (see auth.py and body_limit.py).
 """
 
 import math
@@ -17,7 +19,7 @@ from fastapi import APIRouter, Body, Depends, FastAPI, Header, Path, Query, Requ
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import to_jsonable_python
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
@@ -25,6 +27,8 @@ from starlette.responses import JSONResponse
 
 from creditworker import __version__
 from creditworker.contract import (
+    MAX_HISTORY_PAGE,
+    MAX_WITHIN_DAYS,
     AddCredits,
     CreditLot,
     CreditsInfo,
@@ -36,12 +40,21 @@ from creditworker.contract import (
     Metadata,
     NonNegativeAmount,
     Reservation,
+    ReservationId,
     ReserveCredits,
+    UserId,
     UtcDateTime,
 )
 from creditworker.credits import CreditService
 from creditworker.errors import CreditError, ServiceUnavailable, ValidationFailed
-from creditworker.http.auth import AuthDependency, api_key_auth, configured_api_keys
+from creditworker.http.auth import (
+    ApiKeyCheck,
+    ApiKeyGuard,
+    AuthDependency,
+    api_key_auth,
+    configured_api_keys,
+)
+from creditworker.http.body_limit import MAX_BODY_BYTES_VARIABLE, BodyLimit
 from creditworker.http.responses import (
     ErrorBody,
     credit_error_response,
@@ -53,6 +66,7 @@ from creditworker.plans_contract import (
     CreatePlan,
     Plan,
     PlanChanges,
+    PlanName,
     PlanRef,
     Subscription,
 )
@@ -139,16 +153,30 @@ def _wait_seconds(
     return DEFAULT_TIMEOUT if wait else None
 
 
+def _ascii_only(value: str) -> str:
+    """HTTP leaves the encoding of other header bytes open (clients send UTF-8 or latin-1),
+    so a non-ASCII key could not be told apart from another key."""
+    if not value.isascii():
+        raise ValueError(
+            "must be ASCII; send a key with other characters as the body's idempotency_key"
+        )
+    return value
+
+
 Wait = Annotated[float | None, Depends(_wait_seconds)]
 KeyHeader = Annotated[
-    str | None,
-    Header(alias="Idempotency-Key", description="The operation's idempotency key: a repeat "
-                                                "returns the first result and changes nothing."),
+    Annotated[IdempotencyKey, AfterValidator(_ascii_only)] | None,
+    Header(alias="Idempotency-Key", description="The operation's idempotency key (ASCII): a "
+                                                "repeat returns the first result and changes "
+                                                "nothing."),
 ]
 
-# Validated by the contract, like every other field (control characters are refused there).
-ReservationIdPath = Annotated[str, Path()]
-PlanPath = Annotated[str, Path(description="A plan id or name.")]
+# Path parameters carry the contract's types, so a bad one is refused here, named by where it
+# is (`path.user_id`). User ids and plan names may contain `/`: they take the rest of the path,
+# so `a%2Fb` and `a/b` both name the user `a/b`.
+UserIdPath = Annotated[UserId, Path(description="A user id, percent-encoded (`/` as `%2F`).")]
+ReservationIdPath = Annotated[ReservationId, Path()]
+PlanPath = Annotated[PlanName, Path(description="A plan id or name, percent-encoded.")]
 
 
 def _fields(body: BaseModel, key_header: str | None) -> dict[str, Any]:
@@ -258,6 +286,7 @@ _ERROR_DESCRIPTIONS = {
     404: "No such user, reservation, plan or subscription (`unknown_*`).",
     409: "Idempotency key reused for another request, plan name taken, plan in use, or "
          "reservation no longer active.",
+    413: f"The body is larger than {MAX_BODY_BYTES_VARIABLE} (`content_too_large`).",
     422: "Invalid input (`invalid_input`), with every problem in `details.problems`.",
     503: "The broker, the workers or the database did not answer (`service_unavailable`).",
 }
@@ -267,7 +296,7 @@ def _responses(
     model: Any, example: Any, *, status: int = 200, queued: bool = False, errors: Sequence[int] = ()
 ) -> dict[int | str, dict[str, Any]]:
     """OpenAPI responses of a route: its result (`model` None: any JSON), 202 if it queues,
-    and the errors of its own beyond the router's 401, 422 and 503."""
+    and the errors of its own beyond the router's 401, 413, 422 and 503."""
     result: dict[str, Any] = {"content": {"application/json": {"example": example}}}
     if model is not None:
         result["model"] = model
@@ -302,7 +331,7 @@ def build_router(
         route_class=_EnvelopeRoute,
         dependencies=[Depends(auth)],
         responses={code: {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[code]}
-                   for code in (401, 422, 503)},
+                   for code in (401, 413, 422, 503)},
     )
 
     # -------------------------------------------------------------- credits
@@ -334,22 +363,26 @@ def build_router(
         return await _answer(await client.deduct_credits(**_fields(body, idempotency_key)), wait)
 
     @router.get(
-        "/balance/{user_id}", tags=["credits"],
+        "/balance/{user_id:path}", tags=["credits"],
         summary="A user's total, held and available credits",
         responses=_responses(CreditsInfo, _BALANCE, errors=[404]),
     )
-    async def balance(user_id: str) -> JSONResponse:
+    async def balance(user_id: UserIdPath) -> JSONResponse:
         return _json(await run_in_threadpool(reads.get_user_credits_info, user_id))
 
     @router.get(
-        "/history/{user_id}", tags=["credits"], summary="A user's ledger entries, newest first",
+        "/history/{user_id:path}", tags=["credits"], summary="A user's ledger entries, newest first",
         responses=_responses(HistoryPage, {"entries": [_DEDUCT_ENTRY, _ENTRY], "next_before": None},
                              errors=[404]),
     )
     async def history(
-        user_id: str,
-        limit: Annotated[int, Query(description="Entries per page (at most 1000).")] = 50,
-        before: Annotated[int | None, Query(description="Only entries with a smaller id.")] = None,
+        user_id: UserIdPath,
+        limit: Annotated[
+            int, Query(gt=0, le=MAX_HISTORY_PAGE, description="Entries per page (at most 1000).")
+        ] = 50,
+        before: Annotated[
+            int | None, Query(gt=0, description="Only entries with a smaller id.")
+        ] = None,
         kind: Annotated[list[EntryKind] | None, Query(description="Only these kinds.")] = None,
     ) -> JSONResponse:
         entries = await run_in_threadpool(
@@ -359,12 +392,14 @@ def build_router(
         return _json(HistoryPage(entries=entries, next_before=next_before))
 
     @router.get(
-        "/expiring/{user_id}", tags=["credits"], summary="Lots that expire soon, soonest first",
+        "/expiring/{user_id:path}", tags=["credits"], summary="Lots that expire soon, soonest first",
         responses=_responses(list[CreditLot], [_LOT], errors=[404]),
     )
     async def expiring(
-        user_id: str,
-        within_days: Annotated[int, Query(description="Horizon in days (0 to 3660).")] = 7,
+        user_id: UserIdPath,
+        within_days: Annotated[
+            int, Query(ge=0, le=MAX_WITHIN_DAYS, description="Horizon in days (0 to 3660).")
+        ] = 7,
     ) -> JSONResponse:
         return _json(await run_in_threadpool(reads.get_expiring_credits, user_id, within_days))
 
@@ -465,14 +500,14 @@ def build_router(
         return _json(plans)
 
     @router.get(
-        "/plans/{plan}", tags=["plans"], summary="A plan, by id or by name",
+        "/plans/{plan:path}", tags=["plans"], summary="A plan, by id or by name",
         responses=_responses(Plan, _PLAN, errors=[404]),
     )
     async def get_plan(plan: PlanPath) -> JSONResponse:
         return _json(await run_in_threadpool(subscriptions.get_plan, plan))
 
     @router.patch(
-        "/plans/{plan}", status_code=202, tags=["plans"], summary="Change a plan (id or name)",
+        "/plans/{plan:path}", status_code=202, tags=["plans"], summary="Change a plan (id or name)",
         responses=_responses(Plan, {**_PLAN, "credit_limit": 1200}, queued=True, errors=[404, 409]),
     )
     async def update_plan(
@@ -486,7 +521,7 @@ def build_router(
         return await _answer(await client.update_plan(plan, **changes), wait)
 
     @router.delete(
-        "/plans/{plan}", status_code=202, tags=["plans"],
+        "/plans/{plan:path}", status_code=202, tags=["plans"],
         summary="Delete an unused plan (one in use is deactivated: 409 plan_in_use)",
         responses=_responses(dict[str, Any], {"deleted": "pro"}, queued=True, errors=[404, 409]),
     )
@@ -496,12 +531,12 @@ def build_router(
     # -------------------------------------------------------------- subscriptions
 
     @router.put(
-        "/subscriptions/{user_id}", status_code=202, tags=["subscriptions"],
+        "/subscriptions/{user_id:path}", status_code=202, tags=["subscriptions"],
         summary="Put a user on a plan",
         responses=_responses(Subscription, _SUBSCRIPTION, queued=True, errors=[404, 409]),
     )
     async def assign_plan(
-        user_id: str,
+        user_id: UserIdPath,
         body: Annotated[AssignBody, _body_example("Start the pro plan now", {"plan": "pro"})],
         wait: Wait, idempotency_key: KeyHeader = None,
     ) -> JSONResponse:
@@ -510,13 +545,13 @@ def build_router(
         )
 
     @router.post(
-        "/subscriptions/{user_id}/change", status_code=202, tags=["subscriptions"],
+        "/subscriptions/{user_id:path}/change", status_code=202, tags=["subscriptions"],
         summary="Move a user to another plan (upgrade now, downgrade at period end)",
         responses=_responses(Subscription, {**_SUBSCRIPTION, "pending_plan_id": 2}, queued=True,
                              errors=[404, 409]),
     )
     async def change_plan(
-        user_id: str,
+        user_id: UserIdPath,
         body: Annotated[ChangeBody, _body_example("Downgrade to basic", {"plan": "basic"})],
         wait: Wait, idempotency_key: KeyHeader = None,
     ) -> JSONResponse:
@@ -525,13 +560,13 @@ def build_router(
         )
 
     @router.delete(
-        "/subscriptions/{user_id}", status_code=202, tags=["subscriptions"],
+        "/subscriptions/{user_id:path}", status_code=202, tags=["subscriptions"],
         summary="End a user's subscription (at the end of the period by default)",
         responses=_responses(Subscription, {**_SUBSCRIPTION, "cancel_at_period_end": True},
                              queued=True, errors=[404, 409]),
     )
     async def remove_plan(
-        user_id: str,
+        user_id: UserIdPath,
         wait: Wait,
         at_period_end: Annotated[bool, Query(description="false: end it now.")] = True,
         idempotency_key: KeyHeader = None,
@@ -542,10 +577,10 @@ def build_router(
         return await _answer(handle, wait)
 
     @router.get(
-        "/subscriptions/{user_id}", tags=["subscriptions"], summary="A user's active subscription",
+        "/subscriptions/{user_id:path}", tags=["subscriptions"], summary="A user's active subscription",
         responses=_responses(Subscription, _SUBSCRIPTION, errors=[404]),
     )
-    async def get_subscription(user_id: str) -> JSONResponse:
+    async def get_subscription(user_id: UserIdPath) -> JSONResponse:
         return _json(await run_in_threadpool(subscriptions.get_user_subscription, user_id))
 
     return router
@@ -574,11 +609,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         openapi_tags=TAGS,
     )
-    app.include_router(build_router(
+    api_keys = configured_api_keys(settings)
+    router = build_router(
         AsyncCreditClient(settings), reads, SubscriptionService(reads),
-        api_key_auth(configured_api_keys(settings), broker_url=settings.broker_url),
-    ))
+        api_key_auth(api_keys, broker_url=settings.broker_url),
+    )
+    app.include_router(router)
     # Unknown routes and wrong methods never reach a route, so the app shapes them.
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
+    # The last added runs first: the key is checked, then the body's size, before FastAPI
+    # reads a body (it reads and parses one before it runs the router's auth dependency).
+    app.add_middleware(BodyLimit, max_body_bytes=settings.http_max_body_bytes)
+    app.add_middleware(
+        ApiKeyGuard, check=ApiKeyCheck(api_keys, broker_url=settings.broker_url),
+        path_prefix=router.prefix,
+    )
     return app

@@ -13,8 +13,10 @@ from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
+from starlette.types import Scope
 
 from creditworker.errors import CreditError
 
@@ -73,3 +75,18 @@ def http_error_response(exc: HTTPException) -> JSONResponse:
     """Unknown routes, wrong methods and auth refusals, coded by their status phrase."""
     code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
     return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+
+
+def refusal_before_body(
+    scope: Scope, status: int, code: str, message: str, details: dict[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """An error answered before the request's body was read. If the request has one, the
+    connection is closed after the answer: else the server would go on reading (and
+    discarding) every byte the client sends, which is what the refusal was meant to spare."""
+    request_headers = Headers(scope=scope)
+    has_body = "transfer-encoding" in request_headers or (
+        request_headers.get("content-length", "0").strip() not in ("", "0")
+    )
+    closing = {"Connection": "close"} if has_body else {}
+    return error_response(status, code, message, details, {**(headers or {}), **closing})

@@ -11,9 +11,15 @@ BEAT: list[str] = ["celery", "-A", "creditworker", "beat", "--loglevel=INFO"]
 MIGRATE: list[str] = ["creditworker", "db", "upgrade"]
 
 
-def flower_command(port: int = 5555, basic_auth: str | None = None) -> list[str]:
-    """Flower on `port`; with `basic_auth` ("user:password") every page and API call needs it."""
+def flower_command(port: int = 5555, basic_auth: str | None = None, address: str | None = None) -> list[str]:
+    """Flower on `port`; with `basic_auth` ("user:password") every page and API call needs it.
+
+    `address` None listens on every interface (what a container needs behind its port
+    mapping); `creditworker up` passes 127.0.0.1 unless told otherwise.
+    """
     command = ["celery", "-A", "creditworker", "flower", f"--port={port}"]
+    if address is not None:
+        command.append(f"--address={address}")
     if basic_auth:
         command.append(f"--basic-auth={basic_auth}")
     return command

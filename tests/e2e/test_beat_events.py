@@ -80,7 +80,7 @@ def collect(broker: str, keys: list[str], count: int, timeout: float = 30) -> li
     events: list[_Event] = []
     deadline = time.monotonic() + timeout
     while len(events) < count and time.monotonic() < deadline:
-        consume(broker, events.append, routing_keys=keys, limit=count - len(events), timeout=2)
+        consume(events.append, broker_url=broker, routing_keys=keys, limit=count - len(events), timeout=2)
     return events
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import schemathesis
@@ -411,6 +413,135 @@ def test_subscriptions_are_assigned_changed_and_removed(
     assert ended.status_code == 200 and ended.json()["status"] != "active"
     missing = http.get(f"/credits/subscriptions/{user}")
     assert (missing.status_code, error_code(missing)) == (404, "unknown_subscription")
+
+
+# ------------------------------------------------------------------ ids with a slash
+
+
+def test_a_user_id_and_a_plan_name_with_a_slash_are_reachable_on_every_route(
+    http: TestClient, worker: RunningWorker, tmp_path: Path
+) -> None:
+    """Ids are the contract's, `/` included, on every entry point: the producer, the CLI and
+    every gateway route (percent-encoded, and with the slash as it is)."""
+    user, plan = f"tenant-{uuid.uuid4().hex[:8]}/alice", f"team/{uuid.uuid4().hex[:8]}"
+    encoded_user, encoded_plan = quote(user, safe=""), quote(plan, safe="")
+    worker.client.add_credits(user, 100, expires_at=datetime.now(UTC) + timedelta(days=1)).get()
+
+    for path_user in (encoded_user, user):
+        balance = http.get(f"/credits/balance/{path_user}")
+        assert (balance.status_code, balance.json()["user_id"]) == (200, user), balance.text
+    history = http.get(f"/credits/history/{encoded_user}").json()["entries"]
+    assert [entry["user_id"] for entry in history] == [user]
+    assert http.get(f"/credits/expiring/{encoded_user}").json()[0]["user_id"] == user
+    deducted = http.post("/credits/deduct?wait=true", json={"user_id": user, "amount": 10})
+    assert deducted.json()["balance_after"] == 90
+
+    created = http.post("/credits/plans?wait=true", json={"name": plan, "credit_limit": 5})
+    assert created.status_code == 201
+    assert http.get(f"/credits/plans/{encoded_plan}").json()["id"] == created.json()["id"]
+    changed = http.patch(f"/credits/plans/{encoded_plan}?wait=true", json={"credit_limit": 6})
+    assert changed.json()["credit_limit"] == 6
+
+    assigned = http.put(f"/credits/subscriptions/{encoded_user}?wait=true", json={"plan": plan})
+    assert (assigned.status_code, assigned.json()["user_id"]) == (200, user), assigned.text
+    assert http.get(f"/credits/subscriptions/{encoded_user}").json() == assigned.json()
+    smaller = http.post(
+        "/credits/plans?wait=true", json={"name": f"{plan}/small", "credit_limit": 1}
+    ).json()
+    downgraded = http.post(
+        f"/credits/subscriptions/{encoded_user}/change?wait=true", json={"plan": smaller["name"]}
+    )
+    assert (downgraded.status_code, downgraded.json()["user_id"]) == (200, user), downgraded.text
+    assert downgraded.json()["pending_plan_id"] == smaller["id"]
+    removed = http.delete(f"/credits/subscriptions/{encoded_user}?wait=true&at_period_end=false")
+    assert (removed.status_code, removed.json()["user_id"]) == (200, user), removed.text
+    assert worker.service.get_user_credits_info(user).total == 96  # 100 - 10 + 6 granted
+
+    cli = subprocess.run(
+        ["creditworker", "balance", user, "--json"], env=worker.env, cwd=tmp_path,
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["user_id"] == user
+
+
+def test_a_user_id_that_is_a_dot_segment_is_reachable_percent_encoded(
+    http: TestClient, worker: RunningWorker
+) -> None:
+    """`.` and `..` would be removed from a URL as dot segments: `%2E%2E` keeps them."""
+    user = f"{uuid.uuid4().hex[:8]}/.."
+    worker.client.add_credits(user, 3).get()
+    encoded = quote(user, safe="").replace(".", "%2E")
+    assert http.get(f"/credits/balance/{encoded}").json()["user_id"] == user
+
+
+# ------------------------------------------------------------------ Idempotency-Key header
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+def test_a_non_ascii_idempotency_key_header_is_refused_so_it_never_charges_twice(
+    http: TestClient, worker: RunningWorker, encoding: str
+) -> None:
+    """Clients send such a header in UTF-8 (curl, Go) or latin-1 (requests, browsers), and the
+    server cannot tell which: refused, so the same key in a body cannot be a second key."""
+    user, key = new_user(), f"commande-é-{uuid.uuid4().hex[:8]}"
+    worker.client.add_credits(user, 100).get()
+    body = {"user_id": user, "amount": 10}
+    in_header = http.post(
+        "/credits/deduct?wait=true", json=body, headers={"Idempotency-Key": key.encode(encoding)}
+    )
+    in_body = http.post("/credits/deduct?wait=true", json={**body, "idempotency_key": key})
+    again_in_body = http.post("/credits/deduct?wait=true", json={**body, "idempotency_key": key})
+
+    assert (in_header.status_code, error_code(in_header)) == (422, "invalid_input")
+    message = in_header.json()["error"]["message"]
+    assert "header.Idempotency-Key" in message and "ASCII" in message, message
+    assert in_body.status_code == 200 and again_in_body.json() == in_body.json()
+    assert in_body.json()["idempotency_key"] == key
+    assert worker.service.get_user_credits_info(user).total == 90
+
+
+def test_an_ascii_key_in_the_header_once_and_in_the_body_once_is_one_key(
+    http: TestClient, worker: RunningWorker
+) -> None:
+    user, key = new_user(), f"order-{uuid.uuid4().hex}"
+    worker.client.add_credits(user, 100).get()
+    body = {"user_id": user, "amount": 10}
+    in_header = http.post("/credits/deduct?wait=true", json=body, headers={"Idempotency-Key": key})
+    in_body = http.post("/credits/deduct?wait=true", json={**body, "idempotency_key": key})
+    assert in_header.status_code == 200 and in_body.json() == in_header.json()
+    assert worker.service.get_user_credits_info(user).total == 90
+
+
+# ------------------------------------------------------------------ error messages
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "field"),
+    [
+        ("get", "/credits/balance/%20alice", "path.user_id"),
+        ("get", "/credits/history/%20alice", "path.user_id"),
+        ("get", "/credits/expiring/%20alice", "path.user_id"),
+        ("get", "/credits/subscriptions/%20alice", "path.user_id"),
+        ("delete", "/credits/subscriptions/%20alice", "path.user_id"),
+        ("get", f"/credits/balance/{'x' * 129}", "path.user_id"),
+        ("get", "/credits/reservations/a%00b", "path.reservation_id"),
+        ("post", "/credits/reservations/a%00b/commit", "path.reservation_id"),
+        ("get", "/credits/plans/a%07b", "path.plan"),
+        ("get", "/credits/expiring/alice?within_days=99999", "query.within_days"),
+        ("get", "/credits/history/alice?limit=0", "query.limit"),
+        ("get", "/credits/history/alice?before=0", "query.before"),
+    ],
+)
+def test_a_bad_value_in_the_url_is_named_by_where_it_is(
+    http: TestClient, method: str, path: str, field: str
+) -> None:
+    """Not by the engine's model (a bad id on the balance route once said `invalid GetExpiring`)."""
+    response = http.request(method.upper(), path)
+    assert (response.status_code, error_code(response)) == (422, "invalid_input")
+    error = response.json()["error"]
+    assert [problem["field"] for problem in error["details"]["problems"]] == [field], error
+    assert error["message"].startswith(f"invalid request: {field}: "), error["message"]
 
 
 # ------------------------------------------------------------------ invalid input
