@@ -38,11 +38,6 @@ def event_row(event: _Event) -> dict[str, Any]:
     }
 
 
-def add_event(session: Session, event: _Event) -> None:
-    """Queue `event` for publishing, in the caller's transaction."""
-    session.add(OutboxEvent(**event_row(event)))
-
-
 def publish_pending(engine: Engine, publish: Publish, *, limit: int = 10_000) -> int:
     """Publish pending events oldest first, in chunks; returns how many were published.
 

@@ -54,10 +54,10 @@ def lock(connection: Connection, user_ids: Iterable[str]) -> dict[str, Account]:
     columns = accounts_table.c
     rows = connection.execute(
         select(columns.user_id, columns.balance, columns.reserved, columns.low_credit_threshold,
-               columns.low_credit_alerted)
+               columns.low_credit_alerted, columns.overdraft_limit)
         .where(columns.user_id.in_(wanted)).order_by(columns.user_id).with_for_update()
     )
-    return {row[0]: Account(row[0], row[1], row[2], row[3], bool(row[4])) for row in rows}
+    return {row[0]: Account(row[0], row[1], row[2], row[3], bool(row[4]), row[5]) for row in rows}
 
 
 LOT_COLUMNS = (lots_table.c.id, lots_table.c.user_id, lots_table.c.amount, lots_table.c.remaining,

@@ -70,6 +70,8 @@ class Account:
     reserved: int
     low_credit_threshold: int | None
     low_credit_alerted: bool
+    overdraft_limit: int = 0
+    """How far below zero `available` may go (raised only by an allowed overage)."""
     lots: list[Lot] = field(default_factory=list)
     lots_loaded: bool = False
     """True when `lots` holds every live lot, so that the account may be drawn from."""
@@ -212,8 +214,10 @@ def settle(account: Account, hold: Hold, charged: int | None, *, policy: Overage
     draws = draw(account, max(0, min(charged, account.balance)))
     _finish(hold, ReservationStatus.COMMITTED, at)
     hold.committed_amount = charged
-    return _posting(account, EntryKind.COMMIT, key, at, amount=-charged, held=-hold.amount, hold=hold,
-                    draws=draws, description=description, metadata=metadata)
+    posting = _posting(account, EntryKind.COMMIT, key, at, amount=-charged, held=-hold.amount, hold=hold,
+                       draws=draws, description=description, metadata=metadata)
+    account.overdraft_limit = max(account.overdraft_limit, -account.available)  # the debt allowed
+    return posting
 
 
 def release(account: Account, hold: Hold, *, at: datetime, key: str) -> Posting:

@@ -13,9 +13,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, select
 from sqlalchemy.orm import Session
 
 from creditworker.contract import ReservationStatus
@@ -23,8 +23,10 @@ from creditworker.engine import account as accounts
 from creditworker.engine import rules
 from creditworker.engine.unit_of_work import UnitOfWork
 from creditworker.events import CreditsExpired, CreditsExpiring, ReservationExpired
-from creditworker.storage.database import insert_if_absent
+from creditworker.storage import bulk
 from creditworker.storage.tables import ExpiryReminder, Hold, Lot
+
+reminders_table = cast(Table, ExpiryReminder.__table__)
 
 if TYPE_CHECKING:
     from creditworker.engine.service import CreditService
@@ -125,21 +127,20 @@ def remind(service: CreditService, at: datetime) -> int:
 
 
 def _remind_chunk(uow: UnitOfWork, lot_ids: list[int], days: Sequence[int]) -> int:
-    sent = 0
+    due: dict[tuple[int, int], rules.Lot] = {}
     for lot in accounts.load_lots(uow.connection, lot_ids):
-        if lot.expires_at is None or lot.remaining <= 0:
-            continue
-        day = reminder_day(days, lot.expires_at - uow.at)
-        if day is None:
-            continue
-        if insert_if_absent(uow.connection, ExpiryReminder,
-                            {"lot_id": lot.id, "days_before": day, "sent_at": uow.at}):
-            assert lot.id is not None
-            uow.emit(CreditsExpiring(event_id=_event_id(), occurred_at=uow.at, user_id=lot.user_id,
-                                     lot_id=lot.id, remaining=lot.remaining, expires_at=lot.expires_at,
-                                     days_before=day))
-            sent += 1
-    return sent
+        day = None if lot.expires_at is None or lot.remaining <= 0 else reminder_day(days, lot.expires_at - uow.at)
+        if day is not None and lot.id is not None:
+            due[(lot.id, day)] = lot
+    claimed = bulk.insert_absent(uow.connection, reminders_table, [
+        {"lot_id": lot_id, "days_before": day, "sent_at": uow.at} for lot_id, day in due
+    ])
+    for lot_id, day in sorted(claimed):
+        lot = due[(lot_id, day)]
+        assert lot.expires_at is not None
+        uow.emit(CreditsExpiring(event_id=_event_id(), occurred_at=uow.at, user_id=lot.user_id, lot_id=lot_id,
+                                 remaining=lot.remaining, expires_at=lot.expires_at, days_before=day))
+    return len(claimed)
 
 
 def reminder_day(days: Sequence[int], left: timedelta) -> int | None:

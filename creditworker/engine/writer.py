@@ -61,7 +61,8 @@ def write(uow: UnitOfWork) -> None:
     bulk.update_rows(connection, accounts_table, "user_id", [
         {"user_id": account.user_id, "balance": account.balance, "reserved": account.reserved,
          "low_credit_threshold": account.low_credit_threshold,
-         "low_credit_alerted": account.low_credit_alerted, "updated_at": uow.at}
+         "low_credit_alerted": account.low_credit_alerted, "overdraft_limit": account.overdraft_limit,
+         "updated_at": uow.at}
         for account in uow.touched.values()
     ])
     entry_ids = bulk.insert_returning_ids(connection, entries_table, [

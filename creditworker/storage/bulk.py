@@ -19,6 +19,7 @@ from functools import cache
 from typing import Any
 
 from sqlalchemy import JSON, Boolean, Integer, Table, bindparam, insert, text, update
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import TextClause
 
@@ -46,6 +47,24 @@ def insert_returning_ids(connection: Connection, table: Table, rows: Sequence[di
         return sorted(row[0] for row in result)
     statement = insert(table).returning(table.c.id, sort_by_parameter_order=True)
     return [row[0] for row in connection.execute(statement, list(rows))]
+
+
+def insert_absent(connection: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """Insert the rows whose primary key is not taken yet; returns the primary keys of those
+    this call inserted. Safe under concurrency: of two callers racing for a key, exactly one
+    gets it back, and the other does not fail."""
+    if not rows:
+        return []
+    key = [column for column in table.primary_key.columns]
+    if connection.dialect.name in ("postgresql", "sqlite"):
+        statement = (postgresql.insert(table) if connection.dialect.name == "postgresql" else sqlite.insert(table))
+        claimed = connection.execute(statement.on_conflict_do_nothing().returning(*key), list(rows))
+        return [tuple(row) for row in claimed]
+    inserted = []  # MariaDB/MySQL: INSERT IGNORE reports a row count but no keys, so one by one
+    for row in rows:
+        if connection.execute(mysql.insert(table).values(row).prefix_with("IGNORE")).rowcount == 1:
+            inserted.append(tuple(row[column.name] for column in key))
+    return inserted
 
 
 def update_rows(connection: Connection, table: Table, key: str, rows: Sequence[dict[str, Any]]) -> None:
