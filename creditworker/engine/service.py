@@ -70,7 +70,7 @@ def aware(now: datetime | None) -> datetime:
     """`now`, or the current time; a naive datetime is taken as UTC."""
     if now is None:
         return utcnow()
-    return now if now.tzinfo else now.replace(tzinfo=timezone.utc)
+    return now.astimezone(timezone.utc) if now.tzinfo else now.replace(tzinfo=timezone.utc)
 
 
 class CreditService:

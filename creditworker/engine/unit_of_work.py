@@ -19,11 +19,11 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from creditworker.engine import account as accounts
-from creditworker.engine.results import entry_record
+from creditworker.engine.results import entry_reference, entry_row_record, referenced_entry
 from creditworker.engine.rules import Account, Hold, Posting, low_credit_crossing
 from creditworker.errors import UnknownReservation, UnknownUser
 from creditworker.events import CreditsLow, _Event
-from creditworker.storage.tables import Operation
+from creditworker.storage.tables import Entry, Operation
 
 ResultSource = Posting | dict[str, Any]
 """What an operation returns: its posting (a ledger entry, known once written) or a record."""
@@ -49,9 +49,10 @@ class OperationRecord:
     source: ResultSource
 
     @property
-    def result(self) -> dict[str, Any]:
-        """The result as stored and returned; a posting's needs the id the writer gave it."""
-        return entry_record(self.source) if isinstance(self.source, Posting) else self.source
+    def stored_result(self) -> dict[str, Any]:
+        """The result as the row stores it; a posting's is a reference to its entry, whose id
+        the writer gave it."""
+        return entry_reference(self.source) if isinstance(self.source, Posting) else self.source
 
 
 class UnitOfWork:
@@ -114,7 +115,14 @@ class UnitOfWork:
             select(table.c.idempotency_key, table.c.kind, table.c.fingerprint, table.c.result)
             .where(table.c.idempotency_key.in_(sorted(set(keys))))
         )
-        return {row[0]: StoredOperation(row[1], row[2], row[3]) for row in rows}
+        known = {row[0]: StoredOperation(row[1], row[2], row[3]) for row in rows}
+        referencing = {entry_id: operation for operation in known.values()
+                       if (entry_id := referenced_entry(operation.result)) is not None}
+        if referencing:
+            entries = Entry.__table__
+            for row in self.connection.execute(select(entries).where(entries.c.id.in_(sorted(referencing)))):
+                referencing[row.id].result = entry_row_record(row)
+        return known
 
     # ------------------------------------------------------------------ deciding
 

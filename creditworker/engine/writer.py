@@ -3,8 +3,8 @@
 This is the only code that changes balances, lots and holds. Whatever the unit holds, it
 writes in a fixed number of statements, one per table and kind of change: new lots (their
 ids come back in order), new holds, changed holds, changed lots, changed accounts, ledger
-entries (ids back in order), operation rows (their results can name the new ids), outbox
-events. A single operation is a unit of one; a batch of a thousand takes the same path.
+entries (ids back in order), operation rows (an entry result is stored as its entry's
+id), outbox events. A single operation is a unit of one; a batch of a thousand takes the same path.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def write(uow: UnitOfWork) -> None:
         posting.id = entry_id
     bulk.insert_rows(connection, operations_table, [
         {"idempotency_key": record.key, "kind": record.kind, "fingerprint": record.fingerprint,
-         "user_id": record.user_id, "result": record.result, "created_at": uow.at}
+         "user_id": record.user_id, "result": record.stored_result, "created_at": uow.at}
         for record in uow.operations
     ])
     bulk.insert_rows(connection, outbox_table, [event_row(_built(event)) for event in uow.events])

@@ -4,18 +4,19 @@ PostgreSQL gets every table's rows in one statement over `unnest` of one array p
 (`INSERT ... SELECT FROM unnest(...)`, `UPDATE ... FROM unnest(...)`): the statement's text
 never changes, so it is compiled once, and a thousand rows travel as a handful of array
 parameters instead of thousands of bound values (measured: see the engine's notes in the
-README). Elsewhere inserts go through SQLAlchemy Core's "insertmanyvalues" (multi-row
-INSERTs, RETURNING sorted by parameter order where ids are needed) and updates run one
-UPDATE with the driver's executemany (in-process for SQLite; MariaDB has no multi-row
-UPDATE form).
+README). MariaDB inserts through SQLAlchemy Core's "insertmanyvalues" (one multi-row
+INSERT ... RETURNING, sorted by parameter order where ids are needed); SQLite inserts with
+one executemany and reads the consecutive new ids. Elsewhere updates run one UPDATE with
+the driver's executemany (in process on SQLite; a round trip per row on MariaDB, which has
+no multi-row UPDATE form that SQLAlchemy Core writes).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import timezone
-from functools import cache
+from datetime import datetime, timezone
+from functools import cache, lru_cache
 from typing import Any
 
 from sqlalchemy import JSON, Boolean, Integer, Table, bindparam, insert, text, update
@@ -45,6 +46,13 @@ def insert_returning_ids(connection: Connection, table: Table, rows: Sequence[di
         # the array position): sorted, the returned ids are the ids of `rows` in order.
         result = connection.execute(_unnest_insert(table, tuple(rows[0]), True), _arrays(table, rows))
         return sorted(row[0] for row in result)
+    if connection.dialect.name == "sqlite":
+        # SQLAlchemy would insert one row per statement to keep RETURNING in order. The
+        # transaction holds SQLite's write lock (BEGIN IMMEDIATE), so one executemany's new
+        # rowids are consecutive, ending at the last one.
+        connection.execute(insert(table), list(rows))
+        last = int(connection.exec_driver_sql("SELECT last_insert_rowid()").scalar_one())
+        return list(range(last - len(rows) + 1, last + 1))
     statement = insert(table).returning(table.c.id, sort_by_parameter_order=True)
     return [row[0] for row in connection.execute(statement, list(rows))]
 
@@ -82,20 +90,51 @@ def update_rows(connection: Connection, table: Table, key: str, rows: Sequence[d
     connection.execute(statement, [{f"_{name}": value for name, value in row.items()} for row in rows])
 
 
-def _arrays(table: Table, rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
-    """One array per column, with the values each column type would have sent (arrays skip
-    SQLAlchemy's bind processing): naive UTC timestamps, JSON as text."""
-    arrays: dict[str, list[Any]] = {}
+def _arrays(table: Table, rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """One PostgreSQL array literal per column (`{1,2}`, `{"a","b"}`), with the values each
+    column type would have sent: naive UTC timestamps, JSON as text.
+
+    A literal is one string that the server's array parser reads in C; a Python list would
+    go out as `ARRAY[...]` with one SQL constant per value, which the server must parse
+    and analyse one by one (measured: most of a 1,000-row INSERT's time).
+    """
+    arrays: dict[str, str] = {}
     for name in rows[0]:
         column_type = table.c[name].type
-        if isinstance(column_type, UtcDateTime):
-            arrays[name] = [None if row[name] is None else row[name].astimezone(timezone.utc).replace(tzinfo=None)
-                            for row in rows]
+        values = [row[name] for row in rows]
+        if isinstance(column_type, Integer):
+            arrays[name] = "{" + ",".join("NULL" if value is None else str(int(value)) for value in values) + "}"
+        elif isinstance(column_type, Boolean):
+            arrays[name] = "{" + ",".join("NULL" if value is None else "tf"[not value] for value in values) + "}"
+        elif isinstance(column_type, UtcDateTime):
+            arrays[name] = _text_array([_timestamp(value) for value in values])
         elif isinstance(column_type, JSON):
-            arrays[name] = [None if row[name] is None else json.dumps(row[name]) for row in rows]
+            arrays[name] = _text_array([None if value is None else json.dumps(value) for value in values])
         else:
-            arrays[name] = [row[name] for row in rows]
+            arrays[name] = _text_array([None if value is None else str(value) for value in values])
     return arrays
+
+
+@lru_cache(maxsize=256)
+def _timestamp(value: datetime | None) -> str | None:
+    """Naive UTC text (a batch's rows mostly share one timestamp: converted once)."""
+    return None if value is None else value.astimezone(timezone.utc).replace(tzinfo=None).isoformat()
+
+
+def _text_array(values: list[str | None]) -> str:
+    """Text elements double-quoted, escaped one by one only when some value needs it."""
+    if not values:
+        return "{}"
+    if None not in values:
+        joined = "\x1f".join(values)  # type: ignore[arg-type]
+        if joined.count("\x1f") == len(values) - 1 and '"' not in joined and "\\" not in joined:
+            return '{"' + joined.replace("\x1f", '","') + '"}'
+    return "{" + ",".join("NULL" if value is None else _quoted(value) for value in values) + "}"
+
+
+def _quoted(value: str) -> str:
+    """An element of an array literal: double-quoted, with backslashes and quotes escaped."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _unnest(table: Table, names: tuple[str, ...]) -> str:
