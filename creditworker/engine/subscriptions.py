@@ -26,9 +26,9 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Table, delete, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -60,6 +60,12 @@ from creditworker.plans_contract import (
 )
 from creditworker.storage.database import run_transaction
 from creditworker.storage.tables import PlanRow, SubscriptionRow
+
+subscriptions_table = cast(Table, SubscriptionRow.__table__)
+PERIOD_COLUMNS = ("id", "plan_id", "pending_plan_id", "status", "anchor_at", "period_index",
+                  "current_period_start", "current_period_end", "cancel_at_period_end", "ended_at",
+                  "updated_at")
+"""What allocation changes on a subscription row."""
 
 ACTIVE = "active"
 ENDED = "ended"
@@ -363,7 +369,15 @@ class SubscriptionService:
             ))
             advances = [self._plan_advance(session, row, uow.at, backfill) for row in rows]
             granted_keys = uow.known_operations([key for advance in advances for _n, key in advance.periods])
-            return sum(self._advance(uow, advance, granted_keys) for advance in advances)
+            granted = sum(self._advance(uow, advance, granted_keys) for advance in advances)
+            moved = [advance.row for advance in advances if advance.end or advance.plan is not None]
+            # The writer updates the moved rows in one statement; the ORM must not flush them too.
+            uow.update_rows(subscriptions_table, "id", [
+                {column: getattr(row, column) for column in PERIOD_COLUMNS} for row in moved
+            ])
+            for row in moved:
+                session.expunge(row)
+            return granted
 
         return self.credits.run(decide, now=now)
 

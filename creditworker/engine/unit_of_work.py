@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Table, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -70,6 +70,7 @@ class UnitOfWork:
         self.events: list[_Event | Callable[[], _Event]] = []
         self.touched: dict[str, Account] = {}
         self.dropped_accounts: set[str] = set()
+        self.row_updates: dict[tuple[Table, str], list[dict[str, Any]]] = {}
         self.commit_hooks: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ reading
@@ -160,6 +161,11 @@ class UnitOfWork:
         self.dropped_accounts.add(user_id)
         self.accounts.pop(user_id, None)
         self.touched.pop(user_id, None)
+
+    def update_rows(self, table: Table, key: str, rows: list[dict[str, Any]]) -> None:
+        """Rows of another table (a subscription's period) for the writer to update with the
+        rest, one statement per table; every row names the same columns."""
+        self.row_updates.setdefault((table, key), []).extend(rows)
 
     def on_commit(self, hook: Callable[[], None]) -> None:
         self.commit_hooks.append(hook)

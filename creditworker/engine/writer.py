@@ -83,6 +83,8 @@ def write(uow: UnitOfWork) -> None:
         for record in uow.operations
     ])
     bulk.insert_rows(connection, outbox_table, [event_row(_built(event)) for event in uow.events])
+    for (table, key), rows in uow.row_updates.items():
+        bulk.update_rows(connection, table, key, rows)
 
 
 def _built(event: _Event | Callable[[], _Event]) -> _Event:
