@@ -388,11 +388,11 @@ class CreditService:
         A repeat of the same request returns the stored result; the same key with a
         different request raises `IdempotencyConflict`. Failures change nothing.
         """
-        key = request.idempotency_key or f"auto:{uuid.uuid4()}"
+        key = request.idempotency_key or _fresh_key()
         fingerprint = request.fingerprint()
 
         def keyed(uow: UnitOfWork) -> R:
-            previous = uow.known_operations([key]).get(key)
+            previous = None if request.idempotency_key is None else uow.known_operations([key]).get(key)
             if previous is not None:
                 return result_model.model_validate(_replay(previous, key, fingerprint))
             result = decide(uow, key)
@@ -416,11 +416,14 @@ class CreditService:
         self, requests: Sequence[Request | CreditError], default_keys: Sequence[str] | None, at: datetime
     ) -> list[dict[str, Any] | CreditError]:
         """The one write path of the credit operations: each item's result record or error."""
-        keys = [
+        given = [
             (request.idempotency_key if isinstance(request, Request) else None)
-            or (default_keys[index] if default_keys else f"auto:{uuid.uuid4()}")
+            or (default_keys[index] if default_keys else None)
             for index, request in enumerate(requests)
         ]
+        keys = [key or _fresh_key() for key in given]
+        chosen = [key for key, request in zip(given, requests)  # a fresh key cannot have been used
+                  if key is not None and isinstance(request, Request)]
         fingerprints = [request.fingerprint() if isinstance(request, Request) else "" for request in requests]
         valid = [request for request in requests if isinstance(request, Request)]
         adding = {request.user_id for request in valid if isinstance(request, AddCredits)}
@@ -431,7 +434,7 @@ class CreditService:
 
         def decide(uow: UnitOfWork) -> tuple[list[ResultSource | CreditError], list[tuple[Request, CreditError]]]:
             unborn = uow.lock(users, creating=adding, hold_ids=hold_ids, with_lots=drawing)
-            known = uow.known_operations([key for key, request in zip(keys, requests) if isinstance(request, Request)])
+            known = uow.known_operations(chosen)
             results: list[ResultSource | CreditError | None] = [None] * len(requests)
             refused: list[tuple[Request, CreditError]] = []
             applied: dict[str, int] = {}  # key -> the item that applied it
@@ -530,6 +533,11 @@ class CreditService:
         if account is None:
             raise UnknownUser(f"no account for user {user_id!r}", user_id=user_id)
         return account
+
+
+def _fresh_key() -> str:
+    """The key of a request that brought none: a random UUID, so never looked up."""
+    return f"auto:{uuid.uuid4()}"
 
 
 def _replay(previous: StoredOperation, key: str, fingerprint: str) -> dict[str, Any]:
