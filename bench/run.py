@@ -2,9 +2,10 @@
 
     python bench/run.py [--quick] [--json PATH]
 
-Needs PostgreSQL and Redis (CREDITWORKER_BENCH_POSTGRES_URL, CREDITWORKER_BENCH_REDIS_URL;
-defaults: the local servers). Each run creates a database of its own and drops it, and
-starts its own worker (the command line of `creditworker up`). Machines are noisy, so every
+Needs PostgreSQL (CREDITWORKER_BENCH_POSTGRES_URL, default the local server) and a
+`redis-server` on PATH. Each run creates a database of its own and drops it, starts a
+private Redis (or uses the one CREDITWORKER_BENCH_REDIS_URL names, and empties that
+database), and starts its own worker (the command line of `creditworker up`). Machines are noisy, so every
 figure that is compared is compared with a baseline taken in the same run, never with a
 number from another day. Not part of the test suite.
 """
@@ -15,7 +16,9 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -30,12 +33,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import redis
+from celery import Celery
+from kombu import Connection
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from creditworker.audit import audit  # noqa: E402
 from creditworker.credits import CreditService  # noqa: E402
@@ -45,14 +51,17 @@ from creditworker.storage.migrate import upgrade  # noqa: E402
 from creditworker.subscriptions import SubscriptionService  # noqa: E402
 from creditworker.worker import commands  # noqa: E402
 from producers import CreditClient  # noqa: E402
+from plain_celery import QUEUE as PLAIN_QUEUE  # noqa: E402
 
 POSTGRES = os.environ.get(
     "CREDITWORKER_BENCH_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 )
-REDIS = os.environ.get("CREDITWORKER_BENCH_REDIS_URL", "redis://127.0.0.1:6379/10")
+REDIS_GIVEN = os.environ.get("CREDITWORKER_BENCH_REDIS_URL") or None
+RABBITMQ = os.environ.get("CREDITWORKER_BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+BENCH_DIR = Path(__file__).resolve().parent
 
 SIZES = {
-    "quick": dict(single=1000, batch_ops=5000, worker_batch_ops=5000, reserve_seconds=5,
+    "quick": dict(single=5000, batch_ops=5000, worker_batch_ops=5000, reserve_seconds=5,
                   ledger=100_000, lots=5000, subscriptions=2000, memory_ops=10_000),
     "full": dict(single=5000, batch_ops=200_000, worker_batch_ops=200_000, reserve_seconds=20,
                  ledger=10_000_000, lots=1_000_000, subscriptions=100_000, memory_ops=1_000_000),
@@ -80,26 +89,61 @@ def fresh_database() -> Iterator[str]:
         admin.dispose()
 
 
-class Worker:
-    """A real `celery worker` (prefork, concurrency 2) on Redis and the bench database."""
+@contextmanager
+def bench_redis(workdir: Path) -> Iterator[str]:
+    """The Redis the benchmarks may empty: the one CREDITWORKER_BENCH_REDIS_URL names, or a
+    private redis-server (no persistence, like the server the published figures used), so a
+    developer's own Redis is never touched."""
+    if REDIS_GIVEN is not None:
+        redis.Redis.from_url(REDIS_GIVEN).flushdb()
+        yield REDIS_GIVEN
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("bench: no redis-server on PATH (or set CREDITWORKER_BENCH_REDIS_URL)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    server = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+         "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(30)
 
-    def __init__(self, database_url: str, workdir: Path) -> None:
-        redis.Redis.from_url(REDIS).flushdb()
+
+class Worker:
+    """A real `celery worker` with the command line of `creditworker up` (prefork,
+    concurrency 2) on the bench database and the given broker (Redis by default)."""
+
+    def __init__(self, database_url: str, broker_url: str, workdir: Path, name: str = "worker",
+                 command: list[str] | None = None, **extra_env: str) -> None:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITWORKER_")}
         self.env.update(
-            CREDITWORKER_DATABASE_URL=database_url, CREDITWORKER_BROKER_URL=REDIS,
-            CREDITWORKER_LEDGER_PATH=str(workdir / "ledger.jsonl"),
-            CREDITWORKER_DATA_DIR=str(workdir / ".creditworker"), C_FORCE_ROOT="1",
+            CREDITWORKER_DATABASE_URL=database_url, CREDITWORKER_BROKER_URL=broker_url,
+            CREDITWORKER_LEDGER_PATH=str(workdir / f"{name}-ledger.jsonl"),
+            CREDITWORKER_DATA_DIR=str(workdir / ".creditworker"), C_FORCE_ROOT="1", **extra_env,
         )
-        self.client = CreditClient(Settings(broker_url=REDIS, data_dir=str(workdir / ".creditworker")))
-        self.process = subprocess.Popen(
-            [*commands.WORKER, "--loglevel=WARNING"], env=self.env, cwd=workdir,
-            stdout=open(workdir / "worker.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        self.client = CreditClient(
+            Settings(broker_url=broker_url, data_dir=str(workdir / ".creditworker"))
         )
-        deadline = time.monotonic() + 60
-        while not self.client.app.control.ping(timeout=1.0):
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise RuntimeError((workdir / "worker.log").read_text()[-2000:])
+        self.process, self.hostname = start_worker(
+            command or commands.WORKER, self.env, workdir, name, self.client.app
+        )
 
     def rss_mib(self) -> float:
         """Resident memory of the worker's processes (main and pool), in MiB."""
@@ -117,8 +161,34 @@ class Worker:
         return total / 1024
 
     def stop(self) -> None:
-        os.killpg(self.process.pid, signal.SIGTERM)
-        self.process.wait(60)
+        stop_worker(self.process)
+
+
+def start_worker(command: list[str], env: dict[str, str], workdir: Path, name: str,
+                 app: Celery) -> tuple[subprocess.Popen[bytes], str]:
+    """Start `command` in its own process group; return it and its node name once it answers."""
+    hostname = f"{name}-{os.getpid()}@bench"  # a name of its own: control commands go to it alone
+    process = subprocess.Popen(
+        [*command, f"--hostname={hostname}"], env=env, cwd=workdir, stdout=open(workdir / f"{name}.log", "wb"),
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    deadline = time.monotonic() + 90
+    while not app.control.ping(destination=[hostname], timeout=1.0):
+        if time.monotonic() > deadline or process.poll() is not None:
+            stop_worker(process)
+            raise RuntimeError((workdir / f"{name}.log").read_text()[-2000:])
+    return process, hostname
+
+
+def stop_worker(process: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(60)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
 
 
 def timed(work: Callable[[], Any]) -> float:
@@ -142,26 +212,191 @@ def wait_all(handles: list[Any], timeout: float = 600) -> None:
 # ---------------------------------------------------------------- benchmarks
 
 
-def single_operations(worker: Worker, service: CreditService, n: int) -> dict[str, float]:
-    """Deducts through producer, Redis, worker and PostgreSQL, against a no-op task."""
+class QueueDepth:
+    """Messages on a queue that no task has finished with: waiting, plus (Redis) delivered
+    and not yet acknowledged. On RabbitMQ only the waiting ones are counted (AMQP does not
+    say how many are unacknowledged), at most the prefetch (8 for plain Celery) too few."""
+
+    def __init__(self, broker_url: str, queue: str) -> None:
+        self.queue = queue
+        self.redis = redis.Redis.from_url(broker_url) if broker_url.startswith("redis") else None
+        self.connection = None if self.redis else Connection(broker_url)
+
+    def __call__(self) -> int:
+        if self.redis is not None:
+            pipe = self.redis.pipeline()
+            pipe.llen(self.queue)
+            pipe.hlen("unacked")
+            waiting, unacked = pipe.execute()
+            return int(waiting) + int(unacked)
+        assert self.connection is not None
+        try:
+            _name, count, _consumers = self.connection.default_channel.queue_declare(self.queue, passive=True)
+        except Exception:  # noqa: BLE001 (not declared yet: nothing waits on it)
+            self.connection.close()
+            self.connection = Connection(self.connection.as_uri(include_password=True))
+            return 0
+        return int(count)
+
+    def purge(self) -> None:
+        if self.redis is not None:
+            self.redis.delete(self.queue, "unacked", "unacked_index")
+        else:
+            assert self.connection is not None
+            try:
+                self.connection.default_channel.queue_purge(self.queue)
+            except Exception:  # noqa: BLE001 (not declared yet)
+                self.connection.close()
+                self.connection = Connection(self.connection.as_uri(include_password=True))
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+
+
+def redis_database(url: str, db: int) -> str:
+    return f"{url.rsplit('/', 1)[0]}/{db}"
+
+
+def rabbitmq_reachable(url: str) -> bool:
+    try:
+        with Connection(url, connect_timeout=3) as connection:
+            connection.ensure_connection(max_retries=1)
+        return True
+    except Exception:  # noqa: BLE001 (any failure: not reachable)
+        return False
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 600, every: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the benchmark waited too long")
+        time.sleep(every)
+
+
+def drain_rate(app: Celery, hostname: str, queue: str, depth: QueueDepth, n: int,
+               send: Callable[[int], Any], done: Callable[[], bool]) -> float:
+    """Messages per second the worker `hostname` drains from a queue pre-filled with `n`.
+
+    The worker is running and warm; it stops consuming `queue` while the queue is filled,
+    and the clock runs from the moment it consumes again until `done()`. The rate counts
+    the messages that were on the queue when the clock started (a message or two the
+    worker had taken before it stopped consuming are not counted, nor timed)."""
+    app.control.cancel_consumer(queue, destination=[hostname], reply=True, timeout=10)
+    for i in range(n):
+        send(i)
+    filled = -1
+    while filled != (filled := depth()):  # until publishing has settled
+        time.sleep(0.3)
+    if filled < n * 0.99:
+        raise RuntimeError(f"only {filled} of {n} messages reached the queue {queue}")
+    start = time.perf_counter()
+    app.control.add_consumer(queue, destination=[hostname], reply=True, timeout=10)
+    wait_until(done)
+    return min(filled, n) / (time.perf_counter() - start)
+
+
+def plain_floor(broker_url: str, workdir: Path, n: int, label: str) -> tuple[Callable[[], float], Callable[[], None]]:
+    """A plain Celery worker (bench/plain_celery.py) on `broker_url`: a function that
+    measures its drain rate, and one that stops it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITWORKER_")}
+    env.update(PLAIN_CELERY_BROKER_URL=broker_url, C_FORCE_ROOT="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(BENCH_DIR), env.get("PYTHONPATH")])))
+    app = Celery("plain_celery_sender", broker=broker_url)  # sends by name, like a producer
+    app.conf.task_default_queue = PLAIN_QUEUE
+    depth = QueueDepth(broker_url, PLAIN_QUEUE)
+    depth.purge()
+    process, hostname = start_worker(
+        ["celery", "-A", "plain_celery", "worker", "--pool=prefork", "--concurrency=2", "--loglevel=INFO"],
+        env, workdir, f"plain-{label}", app,
+    )
+
+    def measure() -> float:
+        return drain_rate(app, hostname, PLAIN_QUEUE, depth, n,
+                          lambda _i: app.send_task("plain.noop"), lambda: depth() == 0)
+
+    def stop() -> None:
+        stop_worker(process)
+        depth.close()
+
+    for _ in range(200):  # warm up the pool
+        app.send_task("plain.noop")
+    wait_until(lambda: depth() == 0)
+    return measure, stop
+
+
+def single_operations(worker: Worker, service: CreditService, database_url: str, workdir: Path,
+                      brokers: dict[str, str], n: int) -> dict[str, float]:
+    """Single deducts against Celery's own floor, on each broker: a plain Celery app with
+    one no-op task (bench/plain_celery.py) drains a pre-filled queue of `n` messages, then
+    a worker started with the command line of `creditworker up` drains `n` pre-filled
+    deducts, then the plain app again (the machine drifts: the floor is the mean of the
+    two). Second row, on Redis: deducts sent by the producer and awaited, against the same
+    floor."""
+    figures: dict[str, float] = {}
     users = [f"single-{i}" for i in range(16)]
     for user in users:
         service.add_credits(user, 10**9)
-    app = worker.client.app
+    engine = make_engine(database_url)
 
-    def noops(count: int) -> None:
-        wait_all([app.send_task("creditworker.health.ping") for _ in range(count)])
+    def applied(prefix: str) -> int:
+        with engine.connect() as connection:
+            return int(connection.scalar(
+                text("SELECT count(*) FROM operations WHERE idempotency_key LIKE :p"), {"p": prefix + "%"}))
 
-    def deducts(count: int) -> None:
+    for broker, url in brokers.items():
+        plain_url = redis_database(url, 1) if broker == "redis" else url  # a database of its own
+        measure_plain, stop_plain = plain_floor(plain_url, workdir, n, broker)
+        try:
+            plain_before = measure_plain()
+        finally:
+            stop_plain()
+        drain_worker = worker if broker == "redis" else Worker(database_url, url, workdir, name=f"worker-{broker}")
+        try:
+            app = drain_worker.client.app
+            depth = QueueDepth(url, "celery")
+            prefix = f"drain-{broker}:"
+
+            def send(i: int, prefix: str = prefix, app: Celery = app) -> None:
+                app.send_task("creditworker.credits.deduct", kwargs={
+                    "user_id": users[i % len(users)], "amount": 1, "idempotency_key": f"{prefix}{i}"})
+
+            for i in range(200):  # warm up
+                send(i, prefix=f"warm-{broker}:")
+            wait_until(lambda: applied(f"warm-{broker}:") == 200 and depth() == 0, every=0.05)
+            deducts = drain_rate(app, drain_worker.hostname, "celery", depth, n, send,
+                                 lambda: depth() == 0 and applied(prefix) == n)
+            depth.close()
+        finally:
+            if drain_worker is not worker:
+                drain_worker.stop()
+        measure_plain, stop_plain = plain_floor(plain_url, workdir, n, broker)
+        try:
+            plain_after = measure_plain()
+        finally:
+            stop_plain()
+        floor = (plain_before + plain_after) / 2
+        figures.update({
+            f"{broker}_plain_celery_noop_per_s": floor,
+            f"{broker}_plain_celery_noop_before_per_s": plain_before,
+            f"{broker}_plain_celery_noop_after_per_s": plain_after,
+            f"{broker}_drained_deducts_per_s": deducts,
+            f"{broker}_single_op_ratio": deducts / floor,
+        })
+        console.print(f"  {broker}: plain Celery {plain_before:,.0f} and {plain_after:,.0f}/s, "
+                      f"creditworker deducts {deducts:,.0f}/s: {deducts / floor:.2f} of the floor")
+
+    def deducts_awaited(count: int) -> None:
         wait_all([worker.client.deduct_credits(users[i % len(users)], 1).result for i in range(count)])
 
-    noops(200)  # warm up pools and connections
-    deducts(200)
-    noop_rate = n / timed(lambda: noops(n))
-    deduct_rate = n / timed(lambda: deducts(n))
-    noop_rate_again = n / timed(lambda: noops(n))  # the floor drifts: take the mean of two
-    floor = (noop_rate + noop_rate_again) / 2
-    return {"noop_tasks_per_s": floor, "deducts_per_s": deduct_rate, "single_op_ratio": deduct_rate / floor}
+    deducts_awaited(200)
+    awaited = n / timed(lambda: deducts_awaited(n))
+    figures["redis_awaited_deducts_per_s"] = awaited
+    figures["redis_awaited_vs_plain_ratio"] = awaited / figures["redis_plain_celery_noop_per_s"]
+    figures["single_op_ratio"] = figures["redis_single_op_ratio"]
+    engine.dispose()
+    return figures
 
 
 def batches_in_process(database_url: str, total: int, size: int = 100, mixed: bool = False) -> dict[str, float]:
@@ -453,15 +688,26 @@ def main() -> int:
     }
     wanted = set(args.only or ["single", "batch", "batch1000", "mixed_batch", "worker_batch", "reserve", "balance",
                                "expiry", "allocation", "memory"])
-    with fresh_database() as database_url, tempfile.TemporaryDirectory() as workdir:
+    with (
+        fresh_database() as database_url,
+        tempfile.TemporaryDirectory() as workdir,
+        bench_redis(Path(workdir)) as redis_url,
+    ):
         engine = make_engine(database_url)
         upgrade(engine)
         service = CreditService(engine)
         needs_worker = bool(wanted & {"single", "worker_batch", "reserve", "memory"})
-        worker: Any = Worker(database_url, Path(workdir)) if needs_worker else None
+        worker: Any = Worker(database_url, redis_url, Path(workdir)) if needs_worker else None
+        brokers = {"redis": redis_url}
+        if "single" in wanted:
+            if rabbitmq_reachable(RABBITMQ):
+                brokers["rabbitmq"] = RABBITMQ
+            else:
+                console.print(f"RabbitMQ at {RABBITMQ} does not answer: the single-operation step runs on Redis only")
         try:
             steps: list[tuple[str, Callable[[], dict[str, float]]]] = [
-                ("single", lambda: single_operations(worker, service, sizes["single"])),
+                ("single", lambda: single_operations(worker, service, database_url, Path(workdir),
+                                                     brokers, sizes["single"])),
                 ("batch", lambda: batches_in_process(database_url, sizes["batch_ops"])),
                 ("batch1000", lambda: batches_in_process(database_url, sizes["batch_ops"], size=1000)),
                 ("mixed_batch", lambda: batches_in_process(database_url, sizes["batch_ops"], mixed=True)),

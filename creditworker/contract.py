@@ -12,7 +12,7 @@ import json
 import re
 from datetime import datetime, timezone
 from enum import StrEnum
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -97,7 +97,10 @@ def _as_utc(value: datetime) -> datetime:
     """Naive datetimes are taken as UTC; aware ones are converted to UTC."""
     if value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError as exc:  # e.g. 0001-01-01T00:00:00+05:00
+        raise ValueError("is out of range once converted to UTC") from exc
 
 
 def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
@@ -142,10 +145,14 @@ class _Message(BaseModel):
 class Request(_Message):
     """A write request; its fingerprint (everything but the key) guards idempotency."""
 
+    NOT_FINGERPRINTED: ClassVar[frozenset[str]] = frozenset({"idempotency_key"})
+    """Fields that say when or how a request was sent, not what it asks: a retry with the
+    same key may carry other values and is still the same request."""
+
     idempotency_key: IdempotencyKey | None = None
 
     def fingerprint(self) -> str:
-        body = self.model_dump(mode="json", exclude={"idempotency_key"})
+        body = self.model_dump(mode="json", exclude=set(self.NOT_FINGERPRINTED))
         canonical = json.dumps(
             {"op": type(self).__name__, **body}, sort_keys=True, separators=(",", ":")
         )
@@ -170,6 +177,8 @@ class DeductCredits(Request):
 
 
 class ReserveCredits(Request):
+    NOT_FINGERPRINTED = frozenset({"idempotency_key", "requested_at", "deadline"})
+
     user_id: UserId
     amount: Amount
     ttl_seconds: Annotated[int, Strict(), Field(gt=0, le=MAX_RESERVATION_TTL_SECONDS)] = (
@@ -177,6 +186,12 @@ class ReserveCredits(Request):
     )
     description: Description | None = None
     metadata: Metadata | None = None
+    requested_at: UtcDateTime | None = None
+    """When the caller asked: the hold's TTL runs from the earlier of this and the time the
+    engine applies it (so a producer clock running ahead cannot lengthen a hold)."""
+    deadline: UtcDateTime | None = None
+    """When the caller stops waiting: the engine refuses the reservation after it, and a
+    reservation that reaches it later is not applied (`invalid_input`, `applied: false`)."""
 
 
 class CommitReservation(Request):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator
+from typing_extensions import TypedDict
 
 from creditworker.contract import (
     MAX_AMOUNT,
@@ -58,16 +60,35 @@ class PlanChanges(_Message):
     active: bool | None = None
 
 
-class UpdatePlan(PlanChanges):
+class UpdatePlan(Request, PlanChanges):
     plan: PlanRef
+
+    def fingerprint(self) -> str:
+        """Also which fields were given: an unset `validity_days` keeps it, a null one clears it."""
+        given = sorted(self.model_fields_set - self.NOT_FINGERPRINTED)
+        return hashlib.sha256(f"{super().fingerprint()}:{','.join(given)}".encode()).hexdigest()
 
 
 class GetPlan(_Message):
     plan: PlanRef
 
 
-class DeletePlan(_Message):
+class DeletePlan(Request):
     plan: PlanRef
+
+
+class PlanDeletion(BaseModel):
+    """What a delete did, stored under its idempotency key so that a repeat answers the same."""
+
+    plan: int | str
+    deleted: bool
+    active_subscriptions: int
+
+
+class DeletedPlan(TypedDict):
+    """The wire result of a delete (a plan in use answers the `plan_in_use` error)."""
+
+    deleted: int | str
 
 
 class ListPlans(_Message):

@@ -1,21 +1,28 @@
 """Configuration from environment variables prefixed ``CREDITWORKER_``.
 
 Every default is the embedded one: a SQLite file and a ledger file in the working
-directory, so a laptop runs the whole system with no server configured.
+directory, so a laptop runs the whole system with no server configured. An empty variable
+means unset (its default), so a deployment can pass an optional one through as
+`${VAR:-}`, as docker-compose.yml does.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from creditworker.contract import OveragePolicy
 
+LEDGER_OFF = "off"
+"""The `CREDITWORKER_LEDGER_PATH` that turns the ledger file off (empty means the default)."""
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CREDITWORKER_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="CREDITWORKER_", extra="ignore", env_ignore_empty=True
+    )
 
     database_url: str = "sqlite:///creditworker.db"
     ledger_path: str | None = "creditworker-ledger.jsonl"
@@ -31,8 +38,9 @@ class Settings(BaseSettings):
     data_dir: str = ".creditworker"
     result_expires_seconds: int = Field(default=3600, ge=60)
     task_max_retries: int = Field(default=8, ge=0, le=100)
-    visibility_timeout_seconds: int = Field(default=3600, ge=1)
-    """Redis: an unacknowledged message is redelivered after this long (see the README)."""
+    visibility_timeout_seconds: int = Field(default=30, ge=1)
+    """Redis: a message a dead worker held is redelivered after this long (see the README).
+    A live worker keeps what it holds from being redelivered, however long it takes."""
 
     expire_interval_seconds: float = Field(default=60, gt=0)
     release_stale_interval_seconds: float = Field(default=30, gt=0)
@@ -53,8 +61,28 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     """A task message with a larger body is dead-lettered unread (a batch of 1,000 items
     with the largest metadata allowed is about 8 MiB)."""
+    task_events: bool = False
+    """Workers send task events from the start. Off, they send none until a monitor asks:
+    Flower sends `enable_events` to every worker when it starts (and every 5 s), so it still
+    lists every task with its state. On, every task costs its worker three more broker
+    messages (received, started, succeeded) whether or not anyone listens."""
+    task_sent_events: bool = False
+    """Producers send a `task-sent` event with each task (Flower then lists a task as SENT
+    before a worker receives it): one more broker message per call, at the producer."""
+    track_started: bool = False
+    """Workers store a STARTED state for every task before running it: one more result
+    write per task. Reservations always record it (their caller's deadline relies on it),
+    whatever this says."""
+    result_extended: bool = False
+    """Results also store the task's name, arguments, worker and retries (Celery's
+    `result_extended`): larger result writes, for tools that read them from the backend."""
     allocation_backfill: bool = False
     """After downtime, also grant missed periods whose credits would still be valid."""
+
+    @field_validator("ledger_path")
+    @classmethod
+    def _ledger_off(cls, path: str | None) -> str | None:
+        return None if path is not None and path.lower() == LEDGER_OFF else path
 
 
 @lru_cache(maxsize=1)

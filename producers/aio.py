@@ -12,7 +12,7 @@ import asyncio
 import functools
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
@@ -21,7 +21,7 @@ from celery import Celery
 from creditworker.contract import BatchOutcome, CreditLot, CreditsInfo, LedgerEntry, Reservation
 from creditworker.plans_contract import Plan, Subscription
 from creditworker.settings import Settings
-from producers.client import DEFAULT_TIMEOUT, CreditClient, TaskHandle
+from producers.client import DEFAULT_TIMEOUT, CreditClient, TaskHandle, wait_deadline
 
 T = TypeVar("T")
 
@@ -81,11 +81,15 @@ class AsyncCreditClient:
     async def reserve_credits(
         self, user_id: str, amount: int, *, ttl_seconds: int | None = None,
         description: str | None = None, metadata: dict[str, Any] | None = None,
-        idempotency_key: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+        idempotency_key: str | None = None, requested_at: datetime | None = None,
+        deadline: datetime | None = None, timeout: float = DEFAULT_TIMEOUT,
     ) -> Reservation:
+        """As `CreditClient.reserve_credits`: never applied after this call stops waiting."""
+        asked = requested_at or datetime.now(UTC)
         handle: AsyncTaskHandle[Reservation] = await self._call(
             "submit_reserve", user_id, amount, ttl_seconds=ttl_seconds, description=description,
-            metadata=metadata, idempotency_key=idempotency_key,
+            metadata=metadata, idempotency_key=idempotency_key, requested_at=asked,
+            deadline=wait_deadline(timeout, deadline),
         )
         return await handle.get(timeout)
 

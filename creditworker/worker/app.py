@@ -3,19 +3,27 @@
 It imports Celery and the settings only. The worker imports the tasks through `include`
 when it starts; a producer that builds this app sends tasks by name and never imports the
 storage stack.
+
+Nothing is built at import: `make_celery` builds an app for given settings, and the
+module attribute `app` (what `celery -A creditworker` finds) is built on first use. So a
+module that only needs `broker_kind` (the gateway's auth) creates no embedded-broker
+folders and reads no settings by importing this one.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
 
 from creditworker.settings import Settings, get_settings
+from creditworker.worker.redelivery import HEARTBEATS_PER_TIMEOUT, UnackedHeartbeat
 from creditworker.worker.transport import TRANSPORTS
 
 TASK_MODULES = ["creditworker.worker.tasks"]
+RESERVE_TASK = "creditworker.credits.reserve"
 
 
 def broker_kind(broker_url: str) -> str:
@@ -56,17 +64,21 @@ def result_backend_url(settings: Settings) -> str:
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
     kind = broker_kind(settings.broker_url)
     if kind == "redis":
-        # An unacknowledged message is redelivered after this long; it must exceed the
-        # longest task plus any countdown (CELERY_NOTES §1). The restore sweep looks for
-        # such messages every min(10 s, timeout) instead of kombu's default of ~100 s.
+        # An unacknowledged message is redelivered once its score in kombu's `unacked_index`
+        # is older than the visibility timeout. A live worker re-scores what it holds six
+        # times per timeout (`redelivery.UnackedHeartbeat`), so only a dead worker's
+        # messages age: the timeout bounds the recovery after a crash, not the longest task.
+        # The restore sweep runs every timeout / 6 seconds (at most 10 s) on every worker,
+        # instead of kombu's default of ~100 s.
+        timeout = settings.visibility_timeout_seconds
         return {
-            "visibility_timeout": settings.visibility_timeout_seconds,
-            "unacked_restore_interval": min(10, settings.visibility_timeout_seconds),
+            "visibility_timeout": timeout,
+            "unacked_restore_interval": max(1, min(10, timeout // HEARTBEATS_PER_TIMEOUT)),
             "unacked_restore_throttle": 1,
             # The restore sweep holds a Redis lock while it runs; if Redis dies mid-sweep
             # the lock outlives the restart (with persistence) and blocks every restore
             # until it expires: kombu's default of 300 s. The sweep takes milliseconds.
-            "unacked_mutex_expire": min(60, settings.visibility_timeout_seconds),
+            "unacked_mutex_expire": min(60, timeout),
         }
     if kind == "rabbitmq":
         # Publisher confirms: a publish that returns was accepted by the broker.
@@ -117,12 +129,19 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Every message is checked before Celery reads it; one it cannot read becomes a
         # dead letter instead of stopping the worker (creditworker/worker/intake.py).
         "worker_consumer": "creditworker.worker.intake:GuardedConsumer",
-        # Flower: task events and the "sent" event, so every task is listed with its state.
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
-        "task_track_started": True,
+        # Monitoring costs broker messages and result writes per task, so each part is a
+        # setting, off by default. Flower still lists every task with its state: it sends
+        # `enable_events` to the workers, which then send task events until they restart.
+        "worker_send_task_events": settings.task_events,
+        "task_send_sent_event": settings.task_sent_events,
+        "task_track_started": settings.track_started,
+        # A reservation's caller tells "not applied, never will be" from "may have been
+        # applied" by the STARTED state once its deadline passed (producers/client.py).
+        # Gathered ones record it in `gather.run_gathered`; this covers those that take
+        # Celery's own path (a retry, or gathering turned off).
+        "task_annotations": {RESERVE_TASK: {"track_started": True}},
         "result_expires": settings.result_expires_seconds,
-        "result_extended": True,
+        "result_extended": settings.result_extended,
         "timezone": "UTC",
         "enable_utc": True,
         "task_default_delivery_mode": "persistent",
@@ -145,7 +164,18 @@ def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     celery = Celery("creditworker", include=TASK_MODULES)
     celery.conf.update(celery_config(settings))
+    celery.steps["consumer"].add(UnackedHeartbeat)
     return celery
 
 
-app = make_celery()
+@cache
+def default_app() -> Celery:
+    """This process's app, for the settings in its environment, built once on first use."""
+    return make_celery()
+
+
+def __getattr__(name: str) -> Any:
+    """`app` is built when first asked for (`celery -A creditworker` asks), not at import."""
+    if name == "app":
+        return default_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

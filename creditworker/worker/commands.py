@@ -5,8 +5,9 @@ from __future__ import annotations
 
 WORKER: list[str] = [
     "celery", "-A", "creditworker", "worker",
-    "--loglevel=INFO", "--pool=prefork", "--concurrency=2", "--task-events",
+    "--loglevel=INFO", "--pool=prefork", "--concurrency=2",
 ]
+"""Task events follow `CREDITWORKER_TASK_EVENTS` (off by default; Flower switches them on)."""
 BEAT: list[str] = ["celery", "-A", "creditworker", "beat", "--loglevel=INFO"]
 MIGRATE: list[str] = ["creditworker", "db", "upgrade"]
 

@@ -30,27 +30,29 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from celery import Celery, Task, states
+from celery import Celery, Task, current_app, states
 from celery.app.task import Context
-from celery.utils.imports import symbol_by_name
-from celery.worker import state as worker_state
-from celery.worker.request import create_request_cls
-from celery.worker.strategy import default as default_strategy
-from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
+from celery.backends.redis import RedisBackend
+from celery.exceptions import BackendStoreError, Retry
+from kombu.utils.encoding import safe_repr
 
 from creditworker.settings import get_settings
+from creditworker.worker import celery_adapter as celery_internals
 
 logger = logging.getLogger(__name__)
 
-REQUEST_FIELDS = ("id", "task", "args", "kwargs", "hostname", "retries", "delivery_info",
-                  "reply_to", "correlation_id", "root_id", "parent_id", "group")
-"""What a pool process needs of a message to apply it and store its result."""
-
-
 class GatheredTask(Task):  # type: ignore[misc]
-    """A single credit operation whose messages the worker gathers into batches."""
+    """A single credit operation whose messages the worker gathers into batches.
+
+    A subclass says how a batch of its messages is applied (`apply_gathered`); a batch may
+    mix the messages of every gathered task, and is applied by the first one's task.
+    """
 
     Strategy = "creditworker.worker.gather:gathering_strategy"
+
+    def apply_gathered(self, entries: list[dict[str, Any]]) -> list[dict[str, Any] | BaseException]:
+        """Per message, the envelope its task returns when it runs alone, or what it raised."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -77,7 +79,7 @@ class Gatherer:
             qos = self.consumer.qos
             qos.increment_eventually()
             self.counted += 1
-        worker_state.task_reserved(request)
+        celery_internals.reserved(request)
         self.buffer.append(_Pending(request, qos))
         self.flush()
 
@@ -89,22 +91,31 @@ class Gatherer:
     def _dispatch(self, batch: list[_Pending]) -> None:
         self.running += 1
         sent = time.monotonic()
-        entries = [_entry(pending.request) for pending in batch]
+        entries = [celery_internals.message_fields(pending.request) for pending in batch]
 
         def accepted(pid: int, _time_accepted: float) -> None:
             for pending in batch:
                 pending.request.worker_pid = pid
-                worker_state.task_accepted(pending.request)
+                celery_internals.accepted(pending.request)
                 pending.request.send_event("task-started")
 
         def returned(results: list[dict[str, Any]]) -> None:
             runtime = time.monotonic() - sent
             for pending, result in zip(batch, results):
-                if "failed" in result:
-                    pending.request.send_event("task-failed", exception=result["failed"], traceback="")
+                request = pending.request
+                if "retried" in result:  # a copy with a countdown was published in its place
+                    request.send_event("task-retried", exception=result["retried"], traceback="")
+                    logger.info("Task %s[%s] retry: %s", request.name, request.id, result["retried"])
+                elif "failed" in result:
+                    request.send_event("task-failed", exception=result["failed"], traceback="")
+                    logger.error(celery_internals.LOG_FAILURE, {"name": request.name, "id": request.id,
+                                               "description": "raised unexpected", "exc": result["failed"]})
                 else:
-                    pending.request.send_event("task-succeeded", result=repr(result), runtime=runtime)
-                self._finish(pending, lambda request: request.acknowledge(), successful="failed" not in result)
+                    request.send_event("task-succeeded", result=repr(result), runtime=runtime)
+                    logger.info(celery_internals.LOG_SUCCESS, {"name": request.name, "id": request.id, "runtime": runtime,
+                                              "return_value": safe_repr(result)})
+                successful = "failed" not in result and "retried" not in result
+                self._finish(pending, lambda request: request.acknowledge(), successful=successful)
             self._returned()
 
         def lost(error: Any) -> None:
@@ -121,7 +132,7 @@ class Gatherer:
 
     def _finish(self, pending: _Pending, settle: Callable[[Any], None], successful: bool) -> None:
         settle(pending.request)
-        worker_state.task_ready(pending.request, successful=successful)
+        celery_internals.ready(pending.request, successful=successful)
         if pending.qos is not None:
             pending.qos.decrement_eventually()
             self.counted -= 1
@@ -131,45 +142,26 @@ class Gatherer:
         self.flush()
 
 
-def _entry(request: Any) -> dict[str, Any]:
-    context = request._context
-    entry = {name: getattr(context, name, None) for name in REQUEST_FIELDS}
-    entry.update(id=request.id, task=request.name, args=list(request.args), kwargs=dict(request.kwargs))
-    return entry
-
-
 def gathering_strategy(task: Task, app: Celery, consumer: Any, **options: Any) -> Callable[..., Any]:
     """Celery's default strategy, except that gathered messages go to the consumer's Gatherer."""
-    usual = default_strategy(task, app, consumer, **options)
+    usual = celery_internals.usual_strategy(task, app, consumer, **options)
     max_size = get_settings().gather_max
     if max_size <= 1:
-        return usual  # type: ignore[no-any-return]
+        return usual
     gatherer: Gatherer | None = getattr(consumer, "_creditworker_gatherer", None)
     if gatherer is None or gatherer.max_size != max_size:
         gatherer = Gatherer(consumer, max_size)
         consumer._creditworker_gatherer = gatherer
-    Request = create_request_cls(
-        symbol_by_name(task.Request), task, consumer.pool, consumer.hostname, consumer.event_dispatcher, app=app
-    )
-    revoked = consumer.controller.state.revoked
+    build_request = celery_internals.request_builder(task, app, consumer)
+    revoked = celery_internals.revoked_ids(consumer)
     eventer = consumer.event_dispatcher
     send_events = bool(eventer and eventer.enabled and task.send_events)
 
     def handle(message: Any, payload: Any, ack: Any, reject: Any, callbacks: Any, **kwargs: Any) -> Any:
-        body = payload
-        if body is None and "args" not in message.payload:
-            body, headers, decoded, utc = message.body, message.headers, False, app.uses_utc_timezone()
-        elif "args" in message.payload:
-            body, headers, decoded, utc = hybrid_to_proto2(message, message.payload)
-        else:
-            body, headers, decoded, utc = proto1_to_proto2(message, body)
-        request = Request(
-            message, on_ack=ack, on_reject=reject, app=app, hostname=consumer.hostname, eventer=eventer,
-            task=task, connection_errors=consumer.connection_errors, body=body, headers=headers,
-            decoded=decoded, utc=utc,
-        )
+        request = build_request(message, payload, ack, reject)
         if request.eta:
             return usual(message, payload, ack, reject, callbacks, **kwargs)
+        logger.info(celery_internals.LOG_RECEIVED, {"name": request.name, "id": request.id})
         if (request.expires or request.id in revoked) and request.revoked():
             return None
         if send_events:
@@ -186,22 +178,82 @@ def gathering_strategy(task: Task, app: Celery, consumer: Any, **options: Any) -
     return handle
 
 
+STORE_UNLESS_SUCCEEDED = """
+for i, key in ipairs(KEYS) do
+  local current = redis.call('GET', key)
+  if not (current and cjson.decode(current)['status'] == 'SUCCESS') then
+    if ARGV[1] == '0' then
+      redis.call('SET', key, ARGV[i + 1])
+    else
+      redis.call('SETEX', key, ARGV[1], ARGV[i + 1])
+    end
+    redis.call('PUBLISH', key, ARGV[i + 1])
+  end
+end
+return #KEYS
+"""
+"""Celery's Redis store, for many results at once: each result is written and published
+unless a SUCCESS is stored under its key already (Celery's guard against a late duplicate
+overwriting a success), in one round trip instead of two per result."""
+
+
+def store_states(app: Celery, states_to_store: list[tuple[dict[str, Any], Any, str]]) -> None:
+    """Store a state (and its result) for each `(entry, result, state)`, as Celery's
+    `backend.store_result` would: on a Redis backend all in one round trip, elsewhere one
+    by one. Raises if they cannot be stored."""
+    backend = app.backend
+    if not states_to_store:
+        return
+    if not isinstance(backend, RedisBackend):
+        for entry, result, state in states_to_store:
+            backend.store_result(entry["id"], result, state, request=Context(**entry))
+        return
+    keys: list[bytes] = []
+    values: list[str] = []
+    for entry, result, state in states_to_store:
+        meta = backend._get_result_meta(result=backend.encode_result(result, state), state=state,
+                                        traceback=None, request=Context(**entry))
+        meta["task_id"] = entry["id"]
+        value = backend.encode(meta)
+        if len(value) > backend._MAX_STR_VALUE_SIZE:
+            raise BackendStoreError("value too large for Redis backend", state=state, task_id=entry["id"])
+        keys.append(backend.get_key_for_task(entry["id"]))
+        values.append(value)
+
+    def store() -> None:
+        backend.client.eval(STORE_UNLESS_SUCCEEDED, len(keys), *keys, int(backend.expires or 0), *values)
+
+    backend.ensure(store, ())
+
+
 def run_gathered(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """In a pool process: apply the messages as one batch and store each result.
 
-    Returns, per message, its result envelope, or `{"failed": ...}` for one that raised.
+    Returns, per message, its result envelope, `{"failed": ...}` for one that raised, or
+    `{"retried": ...}` for one sent back to the broker with a countdown (`delivery`).
     Raises (so the main process requeues them all) only when a result cannot be stored.
-    """
-    from creditworker.worker.tasks import app, apply_gathered
 
-    outcomes = apply_gathered(entries)
+    A reservation whose caller waits until a deadline gets its STARTED state first, before
+    the engine checks that deadline: a caller who finds no STARTED once its deadline has
+    passed knows that no worker began the operation in time, and that none will apply it
+    later. (Ordinary tasks get the same from Celery's `task_track_started`.)
+    """
+    app = current_app  # the worker's app: the one its tasks are registered on
+    began = [entry for entry in entries if (entry["kwargs"] or {}).get("deadline")]
+    if began:
+        store_states(app, [(entry, {"hostname": entry["hostname"]}, states.STARTED) for entry in began])
+    outcomes = app.tasks[entries[0]["task"]].apply_gathered(entries)
+    succeeded: list[tuple[dict[str, Any], Any, str]] = []
     results: list[dict[str, Any]] = []
     for entry, outcome in zip(entries, outcomes):
-        context = Context(**entry)
-        if isinstance(outcome, BaseException):
-            app.backend.mark_as_failure(entry["id"], outcome, request=context)
+        if isinstance(outcome, Retry):  # sent back to the broker with a countdown (`delivery`)
+            app.backend.mark_as_retry(entry["id"], outcome.exc, request=Context(**entry))
+            results.append({"retried": repr(outcome.exc)})
+        elif isinstance(outcome, BaseException):
+            app.backend.mark_as_failure(entry["id"], outcome, request=Context(**entry))
             results.append({"failed": repr(outcome)})
         else:
-            app.backend.store_result(entry["id"], outcome, states.SUCCESS, request=context)
+            succeeded.append((entry, outcome, states.SUCCESS))
             results.append(outcome)
+    store_states(app, succeeded)
     return results

@@ -131,13 +131,22 @@ def _die_with_parent() -> Callable[[], None] | None:
     return set_parent_death_signal
 
 
+def this_python(argv: list[str]) -> list[str]:
+    """`celery ...` run by the interpreter that runs `up`, not whichever `celery` is first on
+    PATH: `venv/bin/creditworker up` without an activated venv would otherwise start another
+    installation's worker (or none)."""
+    if argv and argv[0] == "celery":
+        return [sys.executable, "-m", "celery", *argv[1:]]
+    return argv
+
+
 class Child:
     """One run of a program: the process, its unread output, the last error it printed."""
 
     def __init__(self, program: Program, preexec: Callable[[], None] | None) -> None:
         self.program = program
         self.process = subprocess.Popen(
-            program.argv, env={**os.environ, **program.env} if program.env else None,
+            this_python(program.argv), env={**os.environ, **program.env} if program.env else None,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             # its own session: Ctrl-C reaches `up` alone, which stops the children in order.
             # preexec_fn is unsafe only with threads, and `up` runs none.
@@ -352,7 +361,9 @@ def run_up(flower: FlowerOptions | None = None) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
 
     programs = [
-        Program("worker", commands.WORKER),
+        # With Flower beside it, the worker sends task events from its first task (Flower
+        # alone would switch them on within 5 s of its start, or of a worker's restart).
+        Program("worker", commands.WORKER, env={"CREDITWORKER_TASK_EVENTS": "true"} if flower else {}),
         Program("beat", commands.beat_command(str(data_dir / "celerybeat-schedule"))),
     ]
     embedded = broker_kind(settings.broker_url) == "filesystem"

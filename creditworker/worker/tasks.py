@@ -7,12 +7,10 @@ transient database errors are retried, with exponential backoff and jitter.
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Callable
 from typing import Any
 
-from celery import Task
+from celery import Task, current_app
 from pydantic import BaseModel
 
 from creditworker.contract import (
@@ -46,8 +44,11 @@ from creditworker.plans_contract import (
 from creditworker.settings import get_settings
 from creditworker.storage.database import is_transient
 from creditworker.subscriptions import SubscriptionService
-from creditworker.worker.app import app
+from creditworker.worker import delivery
+from creditworker.worker.app import default_app
 from creditworker.worker.gather import GatheredTask
+
+app = default_app()
 
 _service: CreditService | None = None
 _subscriptions: SubscriptionService | None = None
@@ -76,10 +77,6 @@ def _dump(value: Any) -> Any:
     return value
 
 
-def _backoff(retries: int) -> float:
-    return float(min(60.0, 0.5 * 2**retries) * random.uniform(0.5, 1.5))
-
-
 def _handle(
     task: Task,
     model: type[BaseModel],
@@ -98,13 +95,8 @@ def _handle(
         return {"ok": True, "result": _dump(call(request, key))}
     except CreditError as exc:
         return {"ok": False, "error": exc.to_dict()}
-    except Exception as exc:
-        if is_transient(exc):
-            retries = task.request.retries
-            raise task.retry(
-                exc=exc, countdown=_backoff(retries), max_retries=get_settings().task_max_retries
-            ) from exc
-        raise
+    except Exception as exc:  # noqa: BLE001 (retried if transient, else raised: `delivery`)
+        delivery.retry_single(task, exc)
 
 
 GATHERED: dict[str, type[Request]] = {
@@ -117,9 +109,17 @@ GATHERED: dict[str, type[Request]] = {
 """The single-operation tasks whose messages the worker gathers (see `gather`)."""
 
 
-def apply_gathered(entries: list[dict[str, Any]]) -> list[dict[str, Any] | BaseException]:
+class GatheredCreditTask(GatheredTask):
+    def apply_gathered(self, entries: list[dict[str, Any]]) -> list[dict[str, Any] | BaseException]:
+        return apply_gathered(entries, lambda name: self.app.tasks[name])
+
+
+def apply_gathered(
+    entries: list[dict[str, Any]], task_for: Callable[[str], Task] | None = None
+) -> list[dict[str, Any] | BaseException]:
     """Gathered messages applied as one batch: per message, the envelope its task returns
-    when it runs alone, or the exception it raises."""
+    when it runs alone, or the exception it raises (Celery's `Retry` when a transient
+    error sent it back to the broker, `delivery`)."""
     outcomes: list[dict[str, Any] | BaseException] = [{}] * len(entries)
     requests: list[Request] = []
     keys: list[str] = []
@@ -138,29 +138,24 @@ def apply_gathered(entries: list[dict[str, Any]]) -> list[dict[str, Any] | BaseE
         keys.append(request.idempotency_key or f"task:{entry['id']}")
         places.append(place)
     for place, outcome in zip(places, _batch_envelopes(requests, keys)):
+        if isinstance(outcome, BaseException):
+            outcome = delivery.retry_gathered(task_for or current_app.tasks.__getitem__, entries[place], outcome)
         outcomes[place] = outcome
     return outcomes
 
 
 def _batch_envelopes(requests: list[Request], keys: list[str]) -> list[dict[str, Any] | BaseException]:
-    """Transient failures are retried with backoff, as a task retries; any other failure
-    splits the batch so that one bad operation fails alone."""
+    """A transient failure is every message's outcome (`delivery` sends them back to the
+    broker; this process never waits for the database); any other failure splits the batch
+    so that one bad operation fails alone."""
     if not requests:
         return []
-    attempt = 0
-    while True:
-        try:
-            return [_envelope(outcome) for outcome in service().apply_batch(requests, default_keys=keys)]
-        except Exception as exc:  # noqa: BLE001 (the failure is each message's outcome)
-            if is_transient(exc):
-                if attempt < get_settings().task_max_retries:
-                    time.sleep(_backoff(attempt))
-                    attempt += 1
-                    continue
-                return [exc] * len(requests)
-            if len(requests) == 1:
-                return [exc]
-            return [outcome for request, key in zip(requests, keys) for outcome in _batch_envelopes([request], [key])]
+    try:
+        return [_envelope(outcome) for outcome in service().apply_batch(requests, default_keys=keys)]
+    except Exception as exc:  # noqa: BLE001 (the failure is each message's outcome)
+        if is_transient(exc) or len(requests) == 1:
+            return [exc] * len(requests)
+        return [outcome for request, key in zip(requests, keys) for outcome in _batch_envelopes([request], [key])]
 
 
 def _envelope(outcome: BatchOutcome) -> dict[str, Any]:
@@ -173,31 +168,31 @@ def _fields(request: BaseModel, *exclude: str) -> dict[str, Any]:
     return {name: getattr(request, name) for name in type(request).model_fields if name not in exclude}
 
 
-@app.task(name="creditworker.credits.add", bind=True, base=GatheredTask)
+@app.task(name="creditworker.credits.add", bind=True, base=GatheredCreditTask)
 def add_credits(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return _handle(self, AddCredits, args, kwargs, lambda r, key: service().add_credits(
         **_fields(r, "idempotency_key"), idempotency_key=key))
 
 
-@app.task(name="creditworker.credits.deduct", bind=True, base=GatheredTask)
+@app.task(name="creditworker.credits.deduct", bind=True, base=GatheredCreditTask)
 def deduct_credits(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return _handle(self, DeductCredits, args, kwargs, lambda r, key: service().deduct_credits(
         **_fields(r, "idempotency_key"), idempotency_key=key))
 
 
-@app.task(name="creditworker.credits.reserve", bind=True, base=GatheredTask)
+@app.task(name="creditworker.credits.reserve", bind=True, base=GatheredCreditTask)
 def reserve_credits(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return _handle(self, ReserveCredits, args, kwargs, lambda r, key: service().reserve_credits(
         **_fields(r, "idempotency_key"), idempotency_key=key))
 
 
-@app.task(name="creditworker.credits.commit", bind=True, base=GatheredTask)
+@app.task(name="creditworker.credits.commit", bind=True, base=GatheredCreditTask)
 def commit_reservation(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return _handle(self, CommitReservation, args, kwargs, lambda r, key: service().commit_reservation(
         **_fields(r, "idempotency_key"), idempotency_key=key))
 
 
-@app.task(name="creditworker.credits.release", bind=True, base=GatheredTask)
+@app.task(name="creditworker.credits.release", bind=True, base=GatheredCreditTask)
 def release_reservation(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return _handle(self, ReleaseReservation, args, kwargs, lambda r, key: service().release_reservation(
         r.reservation_id, idempotency_key=key))
@@ -278,14 +273,14 @@ def create_plan(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 
 @app.task(name="creditworker.plans.update", bind=True)
 def update_plan(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return _handle(self, UpdatePlan, args, kwargs, lambda r, _key: subscriptions().update_plan(
-        r.plan, **r.model_dump(exclude={"plan"}, exclude_unset=True)))
+    return _handle(self, UpdatePlan, args, kwargs, lambda r, key: subscriptions().update_plan(
+        r.plan, **r.model_dump(exclude={"plan", "idempotency_key"}, exclude_unset=True), idempotency_key=key))
 
 
 @app.task(name="creditworker.plans.delete", bind=True)
 def delete_plan(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    def delete(request: DeletePlan, _key: str) -> dict[str, Any]:
-        subscriptions().delete_plan(request.plan)
+    def delete(request: DeletePlan, key: str) -> dict[str, Any]:
+        subscriptions().delete_plan(request.plan, idempotency_key=key)
         return {"deleted": request.plan}
 
     return _handle(self, DeletePlan, args, kwargs, delete)

@@ -68,14 +68,25 @@ class RunningWorker:
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 60) -> None:
+        """Until the worker answers a ping. The worker exiting is the product's failure; the
+        test's own client failing to reach a broker that has just restarted is not, so that
+        is retried until the deadline (tests/faults restart the broker under the client)."""
         deadline = time.monotonic() + timeout
+        client_error: Exception | None = None
         while time.monotonic() < deadline:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise RuntimeError(f"worker exited: {self.log_path.read_text()[-3000:]}")
-            if self.client.app.control.ping(timeout=1.0):
-                return
-        raise RuntimeError(f"worker not ready: {self.log_path.read_text()[-3000:]}")
+            try:
+                if self.client.app.control.ping(timeout=1.0):
+                    return
+            except Exception as exc:  # noqa: BLE001 (the harness's connection; see above)
+                client_error = exc
+                time.sleep(0.5)
+        raise RuntimeError(
+            f"worker not ready (the test's client last failed with {client_error!r}): "
+            f"{self.log_path.read_text()[-3000:]}"
+        )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
         if self.process is None:
@@ -119,6 +130,29 @@ def worker_env(
         **extra,
     )
     return env
+
+
+def assert_each_deduct_applied_once(
+    worker: RunningWorker, operations: list[tuple[str, str, int]], accounts: list[str], starting: int
+) -> None:
+    """Every (key, user, amount) deduct applied exactly once, each account's balance what it
+    should be, and the audit passing: what a user checks after a fault."""
+    from collections import Counter
+
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from creditworker.audit import audit
+    from creditworker.storage.tables import Entry
+
+    with Session(worker.engine) as session:
+        keys = Counter(session.scalars(select(Entry.idempotency_key).where(Entry.kind == "deduct")))
+    assert set(keys) == {key for key, _, _ in operations}
+    assert set(keys.values()) == {1}
+    for account in accounts:
+        spent = sum(amount for _, user, amount in operations if user == account)
+        assert worker.service.get_user_credits_info(account).total == starting - spent
+    assert audit(worker.engine).passed
 
 
 def purge(worker: RunningWorker) -> None:

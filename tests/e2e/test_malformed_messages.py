@@ -219,3 +219,23 @@ def test_entries_that_are_not_message_envelopes_become_dead_letters_on_redis(
     )
     assert json.loads(shown.stdout)["body"] == "garbage, not JSON"  # the first one pushed
     purge_letters(worker)
+
+
+def test_files_that_are_not_message_envelopes_become_dead_letters_on_the_embedded_broker(
+    tmp_path_factory: pytest.TempPathFactory, sqlite_url: str, migrated_engines: dict[str, Engine],
+) -> None:
+    for worker in _running(tmp_path_factory, sqlite_url, "filesystem://", migrated_engines):
+        from tests.conftest import wipe
+
+        wipe(worker.engine)
+        assert worker.process is not None
+        pid = worker.process.pid
+        worker.service.add_credits("ann", 10)
+        queue = worker.workdir / ".creditworker" / "broker" / "queue"
+        (queue / "1_garbage.celery.msg").write_bytes(b"garbage, not JSON")
+        (queue / "2_no-properties.celery.msg").write_text(json.dumps({"body": "e30="}))
+        assert worker.client.deduct_credits("ann", 1).get(timeout=30).balance_after == 9
+        letters = wait_for_letters(worker, 2)
+        assert sorted(letter["reason"].split(":")[1].strip() for letter in letters) == [
+            "not JSON", "not a kombu message envelope"]
+        assert worker.process.poll() is None and worker.process.pid == pid

@@ -3,9 +3,11 @@ reported with its cause, and Flower is optional. Real processes on the embedded 
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -122,3 +124,17 @@ def test_the_last_error_a_child_printed_is_its_exception_or_error_record(output:
     for line in output.splitlines():
         last_error.feed(line)
     assert last_error.message == error
+
+
+def test_up_runs_celery_with_its_own_python_whatever_is_on_path(tmp_path: Path) -> None:
+    """`venv/bin/creditworker up` without an activated venv: no `celery` on PATH (or another
+    installation's) must not decide which worker runs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "creditworker").symlink_to(Path(sys.executable).parent / "creditworker")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    with running_up(workdir, PATH=f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin") as up:
+        client = CreditClient(Settings(data_dir=str(workdir / ".creditworker")))
+        up.wait_for_worker(client)
+        assert client.add_credits("bob", 3).get(timeout=30).balance_after == 3

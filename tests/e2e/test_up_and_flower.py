@@ -223,7 +223,9 @@ def test_flower_lists_name_arguments_state_runtime_and_result(
         )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/healthcheck")
-        time.sleep(2)  # Flower subscribes to the event stream after its HTTP server starts
+        # Flower subscribes to the event stream after its HTTP server starts, and switches
+        # the worker's task events on (they are off by default) within 5 s.
+        time.sleep(6)
         redis_worker.client.add_credits("ann", 10).get()
         redis_worker.client.deduct_credits("ann", 4, idempotency_key="flower-1").get()
         tasks = flower_tasks(port, expected=2)

@@ -92,15 +92,15 @@ def test_deduct_beyond_available_is_refused_and_changes_nothing() -> None:
 
 def test_hold_takes_credits_out_of_available_without_drawing_lots() -> None:
     holder = with_lots(stored_lot(1, 50))
-    posting = rules.hold(holder, 20, hold_id="h", at=NOW, ttl_seconds=60, key="r")
+    posting = rules.hold(holder, 20, hold_id="h", at=NOW, expires_at=NOW + timedelta(seconds=60), key="r")
     assert posting.hold is not None and posting.hold.expires_at == NOW + timedelta(seconds=60)
     assert (holder.balance, holder.reserved, holder.available, remaining(holder)) == (50, 20, 30, {1: 50})
     with pytest.raises(InsufficientCredits):
-        rules.hold(holder, 31, hold_id="h2", at=NOW, ttl_seconds=60, key="r2")
+        rules.hold(holder, 31, hold_id="h2", at=NOW, expires_at=NOW + timedelta(seconds=60), key="r2")
 
 
 def held(holder: rules.Account, amount: int, ttl_seconds: int = 60) -> rules.Hold:
-    posting = rules.hold(holder, amount, hold_id="h", at=NOW, ttl_seconds=ttl_seconds, key="r")
+    posting = rules.hold(holder, amount, hold_id="h", at=NOW, expires_at=NOW + timedelta(seconds=ttl_seconds), key="r")
     assert posting.hold is not None
     return posting.hold
 

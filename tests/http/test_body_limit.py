@@ -130,12 +130,14 @@ def _complete(response: bytes) -> bool:
 
 def test_a_request_without_a_key_is_401_before_its_body_is_sent(gateway: str) -> None:
     for chunked in (False, True):
-        status, body = answer_to_a_partial_body(gateway, key=None, chunked=chunked, chunks=2)
+        # not one byte of the body is sent: the answer must come from the headers alone (a
+        # server this quick closes before chunks sent after its answer could arrive)
+        status, body = answer_to_a_partial_body(gateway, key=None, chunked=chunked, chunks=0)
         assert (status, body["error"]["code"]) == (401, "unauthorized"), body  # type: ignore[index]
 
 
 def test_a_declared_body_over_the_limit_is_413_before_it_is_sent(gateway: str) -> None:
-    status, body = answer_to_a_partial_body(gateway, key=API_KEY, chunked=False, chunks=2)
+    status, body = answer_to_a_partial_body(gateway, key=API_KEY, chunked=False, chunks=0)
     assert (status, body["error"]) == (413, {  # type: ignore[index]
         "code": "content_too_large",
         "message": f"the request body is larger than {LIMIT} bytes, the most the gateway "

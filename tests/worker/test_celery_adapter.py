@@ -1,0 +1,91 @@
+"""The Celery internals gathering relies on (creditworker/worker/celery_adapter.py) are still
+there, with the signatures and attributes it uses.
+
+These are not Celery's public API. When an upgrade changes one, this test names it; then
+adapt celery_adapter.py and move the bound on celery in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar
+
+import celery
+import pytest
+from billiard.pool import Pool
+from celery.worker import state as worker_state
+from celery.worker.request import Request, create_request_cls
+from celery.worker.strategy import default, hybrid_to_proto2, proto1_to_proto2
+from kombu.common import QoS
+
+from creditworker.worker import celery_adapter
+
+
+def _parameters(function: Any) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+@pytest.mark.parametrize(("function", "leading", "keywords"), [
+    (create_request_cls, ["base", "task", "pool", "hostname", "eventer"], {"app"}),
+    (default, ["task", "app", "consumer"], set()),
+    (hybrid_to_proto2, ["message", "body"], set()),
+    (proto1_to_proto2, ["message", "body"], set()),
+    (worker_state.task_reserved, ["request"], set()),
+    (worker_state.task_accepted, ["request"], set()),
+    (worker_state.task_ready, ["request", "successful"], set()),
+    (Request.__init__, ["self", "message", "on_ack", "hostname", "eventer", "app", "connection_errors"],
+     {"task", "on_reject", "body", "headers", "decoded", "utc"}),
+    (Pool.apply_async, ["self", "func", "args", "kwds", "callback", "error_callback", "accept_callback"], set()),
+    (QoS.increment_eventually, ["self", "n"], set()),
+    (celery.Task.signature_from_request, ["self", "request", "args", "kwargs", "queue"], set()),
+    (QoS.decrement_eventually, ["self", "n"], set()),
+])
+def test_the_celery_functions_used_keep_their_signatures(function: Any, leading: list[str], keywords: set[str]) -> None:
+    names = _parameters(function)
+    assert names[: len(leading)] == leading, f"{function.__qualname__}{inspect.signature(function)}"
+    assert keywords <= set(names), f"{function.__qualname__} lost {keywords - set(names)}"
+
+
+@pytest.mark.parametrize("attribute", [
+    "_context", "eta", "expires", "revoked", "send_event", "acknowledge", "reject", "request_dict",
+    "argsrepr", "kwargsrepr", "root_id", "parent_id", "worker_pid", "id", "name", "args", "kwargs",
+])
+def test_a_celery_request_has_what_gathering_reads(attribute: str) -> None:
+    assert hasattr(Request, attribute) or attribute in getattr(Request, "__slots__", ()), attribute
+
+
+def test_a_hybrid_message_still_decodes_to_protocol_2() -> None:
+    class Message:
+        headers: ClassVar[dict[str, Any]] = {}
+
+    (args, kwargs, _embed), headers, decoded, _utc = hybrid_to_proto2(
+        Message(), {"task": "t", "id": "i", "args": [], "kwargs": {"a": 1}})
+    assert (args, kwargs, headers["task"], headers["id"], decoded) == ([], {"a": 1}, "t", "i", True)
+
+
+def test_the_log_formats_are_celerys() -> None:
+    from celery.app import trace
+
+    assert (celery_adapter.LOG_RECEIVED, celery_adapter.LOG_SUCCESS, celery_adapter.LOG_FAILURE) == (
+        trace.LOG_RECEIVED, trace.LOG_SUCCESS, trace.LOG_FAILURE)
+    assert "%(name)s" in trace.LOG_SUCCESS and "%(id)s" in trace.LOG_SUCCESS
+
+
+def test_the_installed_celery_is_within_the_bounds_this_test_passed_on() -> None:
+    """pyproject.toml: celery[redis]>=5.4,<5.8. Run this file on a new Celery before moving it."""
+    major, minor = (int(part) for part in celery.__version__.split(".")[:2])
+    assert (5, 4) <= (major, minor) < (5, 8), celery.__version__
+
+
+def test_gathering_does_not_import_the_tasks() -> None:
+    """gather.py is a strategy over any task with `apply_gathered`: no cycle with tasks.py."""
+    import ast
+    from pathlib import Path
+
+    from creditworker.worker import gather
+
+    tree = ast.parse(Path(gather.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert "creditworker.worker.tasks" not in imported
+    assert not {name for name in imported if name and name.startswith("celery.worker")}, imported

@@ -1,0 +1,47 @@
+"""The one retry policy (creditworker/worker/delivery.py): what goes back to the broker, when."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError
+
+from creditworker.errors import InsufficientCredits
+from creditworker.worker import delivery
+
+
+def _connection_refused() -> DBAPIError:
+    engine = create_engine("postgresql+psycopg2://postgres@127.0.0.1:1/none", pool_pre_ping=False)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("select 1"))
+    except DBAPIError as exc:
+        return exc
+    raise AssertionError("port 1 answered")
+
+
+def test_the_countdown_doubles_from_half_a_second_up_to_a_minute() -> None:
+    for retries in range(12):
+        low, high = (min(60.0, 0.5 * 2**retries) * factor for factor in (0.5, 1.5))
+        assert all(low <= delivery.backoff(retries) <= high for _ in range(20))
+    assert max(delivery.backoff(30) for _ in range(50)) <= 90
+
+
+def test_a_lost_database_goes_back_to_the_broker_until_the_retries_are_spent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CREDITWORKER_TASK_MAX_RETRIES", "3")
+    from creditworker.settings import get_settings
+
+    get_settings.cache_clear()
+    try:
+        refused = _connection_refused()
+        assert isinstance(delivery.decide(refused, 0), delivery.RetryLater)
+        assert isinstance(delivery.decide(refused, 2), delivery.RetryLater)
+        assert delivery.decide(refused, 3) is None
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+
+@pytest.mark.parametrize("error", [InsufficientCredits("no"), ValueError("a bug"), KeyError("x")])
+def test_refusals_and_bugs_are_never_retried(error: Exception) -> None:
+    assert delivery.decide(error, 0) is None
