@@ -99,6 +99,22 @@ def test_hold_takes_credits_out_of_available_without_drawing_lots() -> None:
         rules.hold(holder, 31, hold_id="h2", at=NOW, expires_at=NOW + timedelta(seconds=60), key="r2")
 
 
+def test_hold_expiry_counts_the_ttl_from_the_earlier_of_asked_and_applied() -> None:
+    def expiry(**times: datetime) -> datetime:
+        return rules.hold_expiry(NOW, checked_at=NOW, ttl_seconds=60, **times)
+
+    assert expiry() == NOW + timedelta(seconds=60)
+    assert expiry(requested_at=NOW - timedelta(seconds=20)) == NOW + timedelta(seconds=40)
+    assert expiry(requested_at=NOW + timedelta(hours=1)) == NOW + timedelta(seconds=60)
+    with pytest.raises(ValidationFailed) as elapsed:
+        expiry(requested_at=NOW - timedelta(seconds=60))
+    assert elapsed.value.details["reason"] == "ttl_elapsed"
+    with pytest.raises(ValidationFailed) as late:
+        rules.hold_expiry(NOW, checked_at=NOW + timedelta(seconds=2), ttl_seconds=60,
+                          deadline=NOW + timedelta(seconds=1))
+    assert (late.value.details["reason"], late.value.details["applied"]) == ("deadline_passed", False)
+
+
 def held(holder: rules.Account, amount: int, ttl_seconds: int = 60) -> rules.Hold:
     posting = rules.hold(holder, amount, hold_id="h", at=NOW, expires_at=NOW + timedelta(seconds=ttl_seconds), key="r")
     assert posting.hold is not None
