@@ -403,13 +403,18 @@ def single_operations(worker: Worker, service: CreditService, database_url: str,
     return figures
 
 
-def batches_in_process(database_url: str, total: int, size: int = 100) -> dict[str, float]:
+def batches_in_process(database_url: str, total: int, size: int = 100, mixed: bool = False) -> dict[str, float]:
     """apply_batch on PostgreSQL against raw SQL doing the same balance updates: one
     statement per row (executemany, the baseline of the ratio), and one statement per
-    batch (PostgreSQL's own ceiling, which no per-row ledger can reach)."""
+    batch (PostgreSQL's own ceiling, which no per-row ledger can reach).
+
+    `mixed`: each batch is a fifth each of adds, deducts, reserves, and commits and
+    releases of the previous batch's reservations (the first batch only reserves)."""
     engine = make_engine(database_url)
     accounts = 100
+    label = f"{'mixed_' if mixed else ''}batch{size}"
     with engine.begin() as connection:
+        connection.execute(text("DROP TABLE IF EXISTS bench_raw"))
         connection.execute(text("CREATE TABLE bench_raw (id int primary key, balance bigint)"))
         connection.execute(text(f"INSERT INTO bench_raw SELECT g, 1000000000 FROM generate_series(0, {accounts - 1}) g"))
     raw = engine.raw_connection()
@@ -437,25 +442,39 @@ def batches_in_process(database_url: str, total: int, size: int = 100) -> dict[s
     one_statement_rate = total / timed(one_statement_batches)
     raw.close()
     service = CreditService(engine)
-    users = [f"batch-{i}" for i in range(accounts)]
+    users = [f"{label}-{i}" for i in range(accounts)]
     service.apply_batch([{"op": "add", "user_id": u, "amount": 10**9} for u in users])
+    held: list[str] = []
+
+    def item(n: int) -> dict[str, Any]:
+        user, key = users[n % accounts], f"{label}:{n}"
+        kind = ("add", "deduct", "reserve", "settle", "settle")[n % 5] if mixed else "deduct"
+        if kind == "settle" and held:
+            hold = held.pop()
+            if n % 2:
+                return {"op": "commit", "reservation_id": hold, "amount": 1, "idempotency_key": key}
+            return {"op": "release", "reservation_id": hold, "idempotency_key": key}
+        if kind in ("settle", "reserve"):
+            return {"op": "reserve", "user_id": user, "amount": 2, "idempotency_key": key}
+        return {"op": kind, "user_id": user, "amount": 1, "idempotency_key": key}
 
     def engine_batches() -> None:
         for start in range(0, total, size):
-            service.apply_batch([
-                {"op": "deduct", "user_id": users[(start + i) % accounts], "amount": 1,
-                 "idempotency_key": f"b:{start + i}"}
-                for i in range(size)
-            ])
+            outcomes = service.apply_batch([item(start + i) for i in range(size)])
+            assert all(outcome.ok for outcome in outcomes)
+            held.extend(o.result["id"] for o in outcomes if o.result and "status" in o.result
+                        and o.result["status"] == "active")
 
     engine_rate = total / timed(engine_batches)
     passed = audit(engine).passed
     with engine.connect() as connection:
-        applied = connection.scalar(text("SELECT count(*) FROM operations WHERE idempotency_key LIKE 'b:%'"))
+        applied = connection.scalar(text(f"SELECT count(*) FROM operations WHERE idempotency_key LIKE '{label}:%'"))
     engine.dispose()
-    return {"raw_sql_updates_per_s": raw_rate, "raw_sql_one_statement_updates_per_s": one_statement_rate,
-            "batch_ops_per_s": engine_rate, "batch_vs_raw_ratio": engine_rate / raw_rate,
-            "batch_checks_passed": float(passed and applied == total)}
+    return {f"{label}_raw_sql_updates_per_s": raw_rate,
+            f"{label}_raw_sql_one_statement_updates_per_s": one_statement_rate,
+            f"{label}_ops_per_s": engine_rate, f"{label}_vs_raw_ratio": engine_rate / raw_rate,
+            f"{label}_vs_one_statement_ratio": engine_rate / one_statement_rate,
+            f"{label}_checks_passed": float(passed and applied == total)}
 
 
 def batches_through_worker(worker: Worker, service: CreditService, total: int, size: int = 1000) -> dict[str, float]:
@@ -735,9 +754,17 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--plot", type=Path, default=BENCH_DIR / "results" / "reserve_latency.png",
                         help="where the reserve latency plot goes")
-    parser.add_argument("--only", nargs="*", help="run only these: single, batch, worker_batch, reserve, balance, expiry, allocation, memory")
+    parser.add_argument("--only", nargs="*", help="run only these: single, batch, batch1000, mixed_batch, "
+                        "worker_batch, reserve, balance, expiry, allocation, memory")
+    parser.add_argument("--size", nargs="*", default=[], metavar="NAME=N",
+                        help=f"override a size, e.g. lots=100000 (names: {', '.join(SIZES['full'])})")
     args = parser.parse_args()
-    sizes = SIZES["quick" if args.quick else "full"]
+    sizes = dict(SIZES["quick" if args.quick else "full"])
+    for override in args.size:
+        name, _, value = override.partition("=")
+        if name not in sizes:
+            parser.error(f"no size named {name!r}")
+        sizes[name] = int(value) if name != "reserve_seconds" else float(value)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Any] = {
@@ -745,7 +772,8 @@ def main() -> int:
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
         "taken_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    wanted = set(args.only or ["single", "batch", "worker_batch", "reserve", "balance", "expiry", "allocation", "memory"])
+    wanted = set(args.only or ["single", "batch", "batch1000", "mixed_batch", "worker_batch", "reserve", "balance",
+                               "expiry", "allocation", "memory"])
     with (
         fresh_database() as database_url,
         tempfile.TemporaryDirectory() as workdir,
@@ -754,17 +782,21 @@ def main() -> int:
         engine = make_engine(database_url)
         upgrade(engine)
         service = CreditService(engine)
-        worker = Worker(database_url, redis_url, Path(workdir))
+        needs_worker = bool(wanted & {"single", "worker_batch", "reserve", "memory"})
+        worker: Any = Worker(database_url, redis_url, Path(workdir)) if needs_worker else None
         brokers = {"redis": redis_url}
-        if rabbitmq_reachable(RABBITMQ):
-            brokers["rabbitmq"] = RABBITMQ
-        else:
-            console.print(f"RabbitMQ at {RABBITMQ} does not answer: the single-operation step runs on Redis only")
+        if "single" in wanted:
+            if rabbitmq_reachable(RABBITMQ):
+                brokers["rabbitmq"] = RABBITMQ
+            else:
+                console.print(f"RabbitMQ at {RABBITMQ} does not answer: the single-operation step runs on Redis only")
         try:
             steps: list[tuple[str, Callable[[], dict[str, float]]]] = [
                 ("single", lambda: single_operations(worker, service, database_url, Path(workdir),
                                                      brokers, sizes["single"])),
                 ("batch", lambda: batches_in_process(database_url, sizes["batch_ops"])),
+                ("batch1000", lambda: batches_in_process(database_url, sizes["batch_ops"], size=1000)),
+                ("mixed_batch", lambda: batches_in_process(database_url, sizes["batch_ops"], mixed=True)),
                 ("worker_batch", lambda: batches_through_worker(worker, service, sizes["worker_batch_ops"])),
                 ("reserve", lambda: reserve_latency(worker, service, sizes["reserve_seconds"], plot=args.plot)),
                 ("balance", lambda: balance_with_big_ledger(database_url, sizes["ledger"])),
@@ -784,7 +816,8 @@ def main() -> int:
                 if args.json:  # a long run keeps what it measured so far
                     args.json.write_text(json.dumps(figures, indent=2))
         finally:
-            worker.stop()
+            if worker is not None:
+                worker.stop()
             engine.dispose()
     table = Table(title=f"creditworker benchmarks ({figures['mode']}) on {figures['machine']}")
     table.add_column("figure")

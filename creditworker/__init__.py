@@ -12,9 +12,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "CreditService": "creditworker.credits",
+    "CreditService": "creditworker.engine.service",
     "Settings": "creditworker.settings",
-    "SubscriptionService": "creditworker.subscriptions",
+    "SubscriptionService": "creditworker.engine.subscriptions",
     "get_settings": "creditworker.settings",
     "app": "creditworker.worker.app",
 }

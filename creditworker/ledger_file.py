@@ -24,7 +24,11 @@ class LedgerFile:
         self._lock = threading.Lock()
 
     def write_entries(self, entries: Iterable[LedgerEntry]) -> None:
-        self._append({"record": "entry", **entry.model_dump(mode="json")} for entry in entries)
+        self.write_records(entry.model_dump(mode="json") for entry in entries)
+
+    def write_records(self, entries: Iterable[dict[str, Any]]) -> None:
+        """Entries already in JSON form (`LedgerEntry.model_dump(mode="json")`)."""
+        self._append({"record": "entry", **entry} for entry in entries)
 
     def write_error(
         self, operation: str, request: dict[str, Any], error: CreditError

@@ -27,16 +27,15 @@ Publish = Callable[[str, dict[str, Any], str], None]
 RELAY_CHUNK = 200
 
 
-def add_event(session: Session, event: _Event) -> None:
-    """Queue `event` for publishing, in the caller's transaction."""
-    session.add(
-        OutboxEvent(
-            event_id=event.event_id,
-            routing_key=event.type,  # type: ignore[attr-defined]
-            payload=event.model_dump(mode="json"),
-            created_at=event.occurred_at,
-        )
-    )
+def event_row(event: _Event) -> dict[str, Any]:
+    """The outbox row of `event`, for the caller's transaction to insert."""
+    return {
+        "event_id": event.event_id,
+        "routing_key": event.type,  # type: ignore[attr-defined]
+        "payload": event.model_dump(mode="json"),
+        "created_at": event.occurred_at,
+        "published_at": None,
+    }
 
 
 def publish_pending(engine: Engine, publish: Publish, *, limit: int = 10_000) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 
 from creditworker.storage.database import make_engine
+from creditworker.storage.migrate import foreign_keys_checked_after
 from creditworker.storage.tables import Base
 
 config = context.config
@@ -26,7 +27,7 @@ def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is None:
         engine = make_engine(config.get_main_option("sqlalchemy.url") or "")
-        with engine.connect() as own_connection:
+        with engine.connect() as own_connection, foreign_keys_checked_after(own_connection):
             _run(own_connection)
         engine.dispose()
     else:

@@ -1,8 +1,8 @@
 """Engines and transactions that behave the same on PostgreSQL, SQLite and MariaDB/MySQL.
 
-The dialect differences live here and nowhere else: how a write transaction takes its
-lock, how a missing account row is created without a race, and which database errors are
-worth retrying.
+The dialect differences of engines and transactions live here: how a write transaction
+takes its lock, how a row is created without a race, and which database errors are worth
+retrying. The set-based statements of the engine's writer have theirs in `bulk`.
 """
 
 from __future__ import annotations
@@ -11,17 +11,16 @@ import os
 import random
 import time
 import weakref
-from collections.abc import Callable, Iterable
-from datetime import datetime
+from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sqlalchemy import create_engine, event, inspect, select
+from sqlalchemy import create_engine, event
 from sqlalchemy.dialects import mysql, postgresql, sqlite
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
-from creditworker.storage.tables import Account, Base
+from creditworker.storage.tables import Base
 
 T = TypeVar("T")
 
@@ -140,13 +139,15 @@ def run_transaction(engine: Engine, work: Callable[[Session], T]) -> T:
     raise AssertionError("unreachable")
 
 
-def insert_if_absent(session: Session, table: type[Base], values: dict[str, Any]) -> bool:
+def insert_if_absent(
+    session: Session | Connection, table: type[Base], values: dict[str, Any]
+) -> bool:
     """Insert a row unless its primary key exists; True if this call inserted it.
 
     Safe under concurrency: two transactions racing for the same key never both insert,
     and the loser does not fail.
     """
-    backend = session.get_bind().dialect.name
+    backend = (session.dialect if isinstance(session, Connection) else session.get_bind().dialect).name
     statement: Any
     if backend == "postgresql":
         statement = postgresql.insert(table).values(values).on_conflict_do_nothing()
@@ -158,56 +159,3 @@ def insert_if_absent(session: Session, table: type[Base], values: dict[str, Any]
         raise NotImplementedError(f"no insert-if-absent for the {backend} dialect")
     result = session.execute(statement)
     return bool(getattr(result, "rowcount", 0) == 1)
-
-
-def ensure_account(session: Session, user_id: str, now: datetime) -> bool:
-    """Create the account row if it is missing, without racing a concurrent creator;
-    True if this call created it."""
-    return insert_if_absent(
-        session,
-        Account,
-        {"user_id": user_id, "balance": 0, "reserved": 0, "low_credit_alerted": False,
-         "created_at": now, "updated_at": now},
-    )
-
-
-def lock_account(session: Session, user_id: str) -> Account | None:
-    """Load the account row locked for the rest of the transaction (None if absent).
-
-    A row this transaction already locked comes from the session without another
-    `SELECT ... FOR UPDATE` (a batch touches the same accounts many times). The session
-    keeps the locked rows referenced: its identity map alone would let them be collected.
-    """
-    locked = _locked_accounts(session)
-    account: Account | None = locked.get(user_id)
-    if account is not None and inspect(account).persistent:
-        return account
-    account = session.scalars(
-        select(Account).where(Account.user_id == user_id).with_for_update()
-    ).one_or_none()
-    if account is not None:
-        locked[user_id] = account
-    return account
-
-
-def lock_accounts(session: Session, user_ids: Iterable[str]) -> None:
-    """Lock many account rows with one query, in user id order (the order every multi-
-    account transaction uses, so two of them never wait on each other in a cycle)."""
-    wanted = sorted(set(user_ids))
-    if not wanted:
-        return
-    locked = _locked_accounts(session)
-    for account in session.scalars(
-        select(Account).where(Account.user_id.in_(wanted)).order_by(Account.user_id).with_for_update()
-    ):
-        locked[account.user_id] = account
-
-
-def _locked_accounts(session: Session) -> dict[str, Account]:
-    """The account rows this transaction has locked, kept referenced by the session."""
-    transaction = session.get_transaction()
-    owner, locked = session.info.get("locked_accounts", (None, {}))
-    if owner is not transaction:
-        locked = {}
-        session.info["locked_accounts"] = (transaction, locked)
-    return locked

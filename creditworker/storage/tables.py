@@ -15,6 +15,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     ForeignKey,
     Index,
@@ -79,9 +80,19 @@ class Base(DeclarativeBase):
 
 
 class Account(Base):
-    """One row per user: the running totals that make a balance read O(1)."""
+    """One row per user: the running totals that make a balance read O(1).
+
+    CHECK constraints back the engine's rules: nothing is held below zero, and `available`
+    (balance - reserved) goes below zero only as far as `overdraft_limit`, which only a
+    commit under the `allow_negative` overage policy raises (to the debt it allowed).
+    """
 
     __tablename__ = "accounts"
+    __table_args__ = (
+        CheckConstraint("reserved >= 0", name="reserved_not_negative"),
+        CheckConstraint("overdraft_limit >= 0", name="overdraft_limit_not_negative"),
+        CheckConstraint("balance - reserved >= -overdraft_limit", name="available_within_overdraft"),
+    )
 
     user_id: Mapped[str] = mapped_column(_identifier(MAX_USER_ID_LENGTH), primary_key=True)
     balance: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -90,6 +101,8 @@ class Account(Base):
     """None: the service's default threshold applies."""
     low_credit_alerted: Mapped[bool] = mapped_column(Boolean, default=False)
     """Set when a credits.low event fired; cleared when available is back at the threshold."""
+    overdraft_limit: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    """How far below zero `available` may go: 0 unless an allowed overage made a debt."""
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
@@ -101,6 +114,8 @@ class Lot(Base):
     __table_args__ = (
         Index("ix_credit_lots_user_id_remaining", "user_id", "remaining"),
         Index("ix_credit_lots_expires_at", "expires_at"),
+        CheckConstraint("amount > 0", name="amount_positive"),
+        CheckConstraint("remaining >= 0 AND remaining <= amount", name="remaining_in_range"),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
@@ -120,7 +135,11 @@ class Hold(Base):
     """A reservation: credits held out of `available` until committed, released or expired."""
 
     __tablename__ = "reservations"
-    __table_args__ = (Index("ix_reservations_status_expires_at", "status", "expires_at"),)
+    __table_args__ = (
+        Index("ix_reservations_status_expires_at", "status", "expires_at"),
+        CheckConstraint("amount > 0", name="amount_positive"),
+        CheckConstraint("committed_amount IS NULL OR committed_amount >= 0", name="committed_amount_not_negative"),
+    )
 
     id: Mapped[str] = mapped_column(_identifier(64), primary_key=True)
     user_id: Mapped[str] = mapped_column(

@@ -192,3 +192,15 @@ def test_a_batch_has_the_same_effect_as_its_items_one_by_one(service: CreditServ
     assert [(o.ok, o.result["amount"] if o.ok and o.result else (o.error or {}).get("code")) for o in outcomes] == singles
     assert _state(service, engine) == one_by_one
     assert audit(engine).passed
+
+
+def test_a_key_taken_from_an_earlier_result_replays_it(service: CreditService) -> None:
+    """Requests without a key get a fresh `auto:` key that is never looked up; the same key
+    given back explicitly is looked up like any other."""
+    entry = service.add_credits("ann", 20)
+    assert entry.idempotency_key.startswith("auto:")
+    assert service.add_credits("ann", 20, idempotency_key=entry.idempotency_key) == entry
+    (outcome,) = service.apply_batch([{"op": "add", "user_id": "ann", "amount": 20,
+                                       "idempotency_key": entry.idempotency_key}])
+    assert outcome.result == entry.model_dump(mode="json")
+    assert service.get_user_credits_info("ann").total == 20

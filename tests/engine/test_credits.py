@@ -307,7 +307,7 @@ def test_balance_cannot_exceed_the_maximum(
 ) -> None:
     """The real ceiling is 2**62; lowered here so the test needs two grants, not millions."""
     assert MAX_BALANCE == 2**62
-    monkeypatch.setattr("creditworker.credits.MAX_BALANCE", 15)
+    monkeypatch.setattr("creditworker.engine.rules.MAX_BALANCE", 15)
     service.add_credits("ann", 10)
     with pytest.raises(ValidationFailed):
         service.add_credits("ann", 6)

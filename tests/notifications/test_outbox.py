@@ -81,21 +81,21 @@ def test_a_refused_operation_writes_no_event(low_service: CreditService, engine:
 def test_a_change_that_rolls_back_leaves_no_event(
     low_service: CreditService, engine: Engine
 ) -> None:
-    """The operation row is the last write of a transaction; failing it rolls back the event."""
+    """Failing the operation row's insert (a late write of the transaction) rolls back the event."""
     low_service.add_credits("ann", 30)
     failures = {"left": 10}
 
-    def fail_insert(*_args: Any) -> None:
-        if failures["left"]:
+    def fail_insert(_connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if failures["left"] and statement.startswith(f"INSERT INTO {Operation.__tablename__} "):
             failures["left"] -= 1
             raise RuntimeError("the database went away mid-transaction")
 
-    event.listen(Operation, "before_insert", fail_insert)
+    event.listen(engine, "before_cursor_execute", fail_insert)
     try:
         with pytest.raises(RuntimeError):
             low_service.deduct_credits("ann", 25)
     finally:
-        event.remove(Operation, "before_insert", fail_insert)
+        event.remove(engine, "before_cursor_execute", fail_insert)
     assert keys(engine) == []
     assert low_service.get_user_credits_info("ann").available == 30
 

@@ -1,0 +1,92 @@
+"""Results as JSON-ready dicts, built once per item after the writer has given out ids.
+
+The same dict is the batch outcome, the ledger-file record and what a replay returns; a
+single call validates its pydantic model from it once, at the edge. An operation whose
+result is a ledger entry stores only a reference to it (`{"entry_id": id}`): entries never
+change, so a replay rebuilds the same dict from the row, and the operation row stays small. Each dict equals the model's `model_dump(mode="json")` (the test
+`test_records_match_the_models_dump` holds them to it).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from creditworker.engine.rules import Hold, Posting
+
+
+def iso(at: datetime) -> str:
+    """A datetime as pydantic writes it in JSON mode (UTC as `Z`)."""
+    text = at.isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+def entry_record(posting: Posting) -> dict[str, Any]:
+    """A `LedgerEntry` in JSON mode; the posting must have been written (it has its id)."""
+    if posting.record is not None:
+        return posting.record
+    posting.record = {
+        "id": posting.id,
+        "user_id": posting.user_id,
+        "kind": posting.kind,
+        "amount": posting.amount,
+        "held": posting.held,
+        "balance_after": posting.balance_after,
+        "reserved_after": posting.reserved_after,
+        "available_after": posting.balance_after - posting.reserved_after,
+        "lot_id": posting.lot.id if posting.lot is not None else None,
+        "reservation_id": posting.hold.id if posting.hold is not None else None,
+        "draws": [{"lot_id": lot.id, "amount": taken} for lot, taken in posting.draws],
+        "description": posting.description,
+        "metadata": posting.metadata,
+        "idempotency_key": posting.idempotency_key,
+        "created_at": iso(posting.created_at),
+    }
+    return posting.record
+
+
+def entry_reference(posting: Posting) -> dict[str, Any]:
+    """What an operation row stores for an entry result: the written entry's id."""
+    return {"entry_id": posting.id}
+
+
+def referenced_entry(stored: dict[str, Any]) -> int | None:
+    """The entry id of a stored result that is a reference, else None (a full result)."""
+    if len(stored) == 1 and isinstance(stored.get("entry_id"), int):
+        return int(stored["entry_id"])
+    return None
+
+
+def entry_row_record(row: Any) -> dict[str, Any]:
+    """A stored ledger entry row (its columns by name) in the shape of `entry_record`."""
+    return {
+        "id": row.id,
+        "user_id": row.user_id,
+        "kind": row.kind,
+        "amount": row.amount,
+        "held": row.held,
+        "balance_after": row.balance_after,
+        "reserved_after": row.reserved_after,
+        "available_after": row.balance_after - row.reserved_after,
+        "lot_id": row.lot_id,
+        "reservation_id": row.reservation_id,
+        "draws": row.draws or [],
+        "description": row.description,
+        "metadata": row.metadata,
+        "idempotency_key": row.idempotency_key,
+        "created_at": iso(row.created_at),
+    }
+
+
+def reservation_record(hold: Hold) -> dict[str, Any]:
+    """A `Reservation` in JSON mode, as the hold is now (take it when the result is decided)."""
+    return {
+        "id": hold.id,
+        "user_id": hold.user_id,
+        "amount": hold.amount,
+        "status": hold.status,
+        "expires_at": iso(hold.expires_at),
+        "created_at": iso(hold.created_at),
+        "committed_amount": hold.committed_amount,
+        "idempotency_key": hold.idempotency_key,
+    }

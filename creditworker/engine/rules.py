@@ -1,0 +1,304 @@
+"""The money rules in plain Python: what an operation does to an account, or why it is refused.
+
+No database and no ORM here: an `Account` holds what the rules need (its totals, the live
+lots loaded with it, the holds a unit of work named), and every rule either raises a typed
+error having changed nothing, or changes the account in memory and returns the `Posting`
+(the ledger entry) that says what it did. The unit of work collects the postings and the
+writer turns them into SQL; this module is the one place that decides a balance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from creditworker.contract import MAX_BALANCE, EntryKind, OveragePolicy, ReservationStatus
+from creditworker.errors import InsufficientCredits, ReservationNotActive, ValidationFailed
+
+_NEW_LOT_ORDER = 2**62
+"""Lots granted in this unit of work have no id yet; they are newer than every stored lot."""
+_NO_EXPIRY = datetime.min.replace(tzinfo=timezone.utc)
+"""Stands in for a missing expiry in the sort key (the flag before it already sorts it last)."""
+
+
+@dataclass(slots=True, eq=False)
+class Lot:
+    """A grant of credits; `id` is None until the writer inserts it."""
+
+    id: int | None
+    user_id: str
+    amount: int
+    remaining: int
+    priority: int
+    expires_at: datetime | None
+    source: str
+    created_at: datetime
+    idempotency_key: str
+    age: int = 0
+    """Orders equal lots oldest first: the id of a stored lot, a larger number for a new one."""
+
+
+def draw_order(lot: Lot) -> tuple[Any, ...]:
+    """The draw-down order: lowest priority value, soonest expiry (none last), oldest."""
+    return (lot.priority, lot.expires_at is None, lot.expires_at or _NO_EXPIRY, lot.age)
+
+
+@dataclass(slots=True, eq=False)
+class Hold:
+    """A reservation: credits held out of `available` until settled, released or expired."""
+
+    id: str
+    user_id: str
+    amount: int
+    status: str
+    expires_at: datetime
+    created_at: datetime
+    idempotency_key: str
+    committed_amount: int | None = None
+    finalized_at: datetime | None = None
+    stored: bool = True
+    """False for a hold made in this unit of work (the writer inserts it, not updates it)."""
+
+
+@dataclass(slots=True, eq=False)
+class Account:
+    """One user's totals, with the live lots loaded with it (in draw-down order)."""
+
+    user_id: str
+    balance: int
+    reserved: int
+    low_credit_threshold: int | None
+    low_credit_alerted: bool
+    overdraft_limit: int = 0
+    """How far below zero `available` may go (raised only by an allowed overage)."""
+    lots: list[Lot] = field(default_factory=list)
+    lots_loaded: bool = False
+    """True when `lots` holds every live lot, so that the account may be drawn from."""
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.reserved
+
+
+@dataclass(slots=True, eq=False)
+class Posting:
+    """One ledger entry decided by a rule; the writer gives it its id."""
+
+    user_id: str
+    kind: str
+    amount: int
+    held: int
+    balance_after: int
+    reserved_after: int
+    idempotency_key: str
+    created_at: datetime
+    lot: Lot | None = None
+    hold: Hold | None = None
+    draws: list[tuple[Lot, int]] = field(default_factory=list)
+    description: str | None = None
+    metadata: dict[str, Any] | None = None
+    id: int | None = None
+    record: dict[str, Any] | None = None
+    """The entry as JSON, built once after the writer gave it its id (see `results`)."""
+
+
+def _posting(account: Account, kind: EntryKind, key: str, at: datetime, *, amount: int = 0,
+             held: int = 0, **details: Any) -> Posting:
+    """Apply a change to the account's totals and describe it as a ledger entry."""
+    account.balance += amount
+    account.reserved += held
+    return Posting(account.user_id, kind.value, amount, held, account.balance, account.reserved,
+                   key, at, **details)
+
+
+def _insufficient(account: Account, amount: int) -> InsufficientCredits:
+    return InsufficientCredits(
+        f"user {account.user_id!r} has {account.available} credits available, {amount} requested",
+        user_id=account.user_id, available=account.available, requested=amount,
+    )
+
+
+# ---------------------------------------------------------------- the rules
+
+
+def grant(account: Account, amount: int, *, at: datetime, key: str, expires_at: datetime | None = None,
+          priority: int = 0, source: str = "purchase", description: str | None = None,
+          metadata: dict[str, Any] | None = None) -> Posting:
+    """A new lot; a negative balance (from an overage) is paid off from it first."""
+    if account.balance + amount > MAX_BALANCE:
+        raise ValidationFailed(f"the balance would exceed the maximum of {MAX_BALANCE}",
+                               user_id=account.user_id)
+    if expires_at is not None and expires_at <= at:
+        raise ValidationFailed("expires_at must be in the future", user_id=account.user_id)
+    debt = max(0, -account.balance)
+    lot = Lot(None, account.user_id, amount, amount - min(debt, amount), priority, expires_at,
+              source, at, key, age=_NEW_LOT_ORDER + len(account.lots))
+    if account.lots_loaded:
+        account.lots.append(lot)
+        account.lots.sort(key=draw_order)
+    return _posting(account, EntryKind.ADD, key, at, amount=amount, lot=lot,
+                    description=description, metadata=metadata)
+
+
+def draw(account: Account, amount: int) -> list[tuple[Lot, int]]:
+    """Take `amount` from the live lots in the draw-down order."""
+    assert account.lots_loaded, f"account {account.user_id!r} was loaded without its lots"
+    draws: list[tuple[Lot, int]] = []
+    left = amount
+    for lot in account.lots:
+        if left <= 0:
+            break
+        if lot.remaining <= 0:
+            continue
+        taken = min(lot.remaining, left)
+        lot.remaining -= taken
+        left -= taken
+        draws.append((lot, taken))
+    if left > 0:
+        raise AssertionError(f"account {account.user_id!r} lots are short by {left}: run `audit`")
+    return draws
+
+
+def deduct(account: Account, amount: int, *, at: datetime, key: str, description: str | None = None,
+           metadata: dict[str, Any] | None = None) -> Posting:
+    """Consume credits now; refused when `available` cannot cover them."""
+    if amount > account.available:
+        raise _insufficient(account, amount)
+    draws = draw(account, amount)
+    return _posting(account, EntryKind.DEDUCT, key, at, amount=-amount, draws=draws,
+                    description=description, metadata=metadata)
+
+
+def hold_expiry(at: datetime, *, checked_at: datetime, ttl_seconds: int, requested_at: datetime | None = None,
+                deadline: datetime | None = None) -> datetime:
+    """When a new hold expires; raises, changing nothing, if it comes too late to apply.
+
+    `checked_at` is the clock when the account is locked (or `at`, if later), so the
+    deadline is checked right before the hold is written, not when the batch began. The TTL
+    runs from the earlier of `requested_at` and `at` (a producer clock running ahead cannot
+    lengthen a hold). Too late is `invalid_input`, as an `expires_at` in the past is for a
+    grant: the request, as sent, can no longer be applied; the caller may send it again
+    (same key) with new times.
+    """
+    if deadline is not None and checked_at > deadline:
+        raise ValidationFailed(
+            f"reservation not applied: it reached the engine at {checked_at.isoformat()}, after "
+            f"its caller stopped waiting at {deadline.isoformat()}",
+            applied=False, reason="deadline_passed", deadline=deadline.isoformat(),
+        )
+    asked = at if requested_at is None else min(requested_at, at)
+    expires_at = asked + timedelta(seconds=ttl_seconds)
+    if expires_at <= at:
+        raise ValidationFailed(
+            f"reservation not applied: its TTL of {ttl_seconds} s, counted from when it "
+            f"was requested ({asked.isoformat()}), ran out before it reached the engine",
+            applied=False, reason="ttl_elapsed", requested_at=asked.isoformat(),
+        )
+    return expires_at
+
+
+def hold(account: Account, amount: int, *, hold_id: str, at: datetime, expires_at: datetime, key: str,
+         description: str | None = None, metadata: dict[str, Any] | None = None) -> Posting:
+    """Hold credits out of `available` until `expires_at`; the posting carries the new hold."""
+    if amount > account.available:
+        raise _insufficient(account, amount)
+    new = Hold(hold_id, account.user_id, amount, ReservationStatus.ACTIVE.value,
+               expires_at, at, key, stored=False)
+    return _posting(account, EntryKind.RESERVE, key, at, held=amount, hold=new,
+                    description=description, metadata=metadata)
+
+
+def require_active(hold: Hold, at: datetime) -> None:
+    """A hold past its TTL is expired even before the sweep has marked it."""
+    status = hold.status
+    if status == ReservationStatus.ACTIVE.value and hold.expires_at <= at:
+        status = ReservationStatus.EXPIRED.value
+    if status != ReservationStatus.ACTIVE.value:
+        raise ReservationNotActive(f"reservation {hold.id!r} is {status}",
+                                   reservation_id=hold.id, status=status)
+
+
+def _finish(hold: Hold, status: ReservationStatus, at: datetime) -> None:
+    hold.status = status.value
+    hold.finalized_at = at
+
+
+def settle(account: Account, hold: Hold, charged: int | None, *, policy: OveragePolicy, at: datetime,
+           key: str, description: str | None = None, metadata: dict[str, Any] | None = None) -> Posting:
+    """Commit a hold: charge `charged` (None = the held amount) and free the hold.
+
+    A charge above the hold needs `available` to cover the extra, unless the policy is
+    `allow_negative`: then what the lots cannot cover becomes a negative balance.
+    """
+    require_active(hold, at)
+    charged = hold.amount if charged is None else charged
+    covered = account.available + hold.amount
+    if charged > covered and policy is OveragePolicy.REJECT:
+        raise InsufficientCredits(
+            f"commit of {charged} exceeds the {hold.amount} held plus {covered - hold.amount} available",
+            reservation_id=hold.id, user_id=hold.user_id, available=covered, requested=charged,
+        )
+    draws = draw(account, max(0, min(charged, account.balance)))
+    _finish(hold, ReservationStatus.COMMITTED, at)
+    hold.committed_amount = charged
+    posting = _posting(account, EntryKind.COMMIT, key, at, amount=-charged, held=-hold.amount, hold=hold,
+                       draws=draws, description=description, metadata=metadata)
+    account.overdraft_limit = max(account.overdraft_limit, -account.available)  # the debt allowed
+    return posting
+
+
+def release(account: Account, hold: Hold, *, at: datetime, key: str) -> Posting:
+    """Give held credits back to `available` without charging anything."""
+    require_active(hold, at)
+    _finish(hold, ReservationStatus.RELEASED, at)
+    return _posting(account, EntryKind.RELEASE, key, at, held=-hold.amount, hold=hold)
+
+
+def expire_hold(account: Account, hold: Hold, *, at: datetime) -> Posting | None:
+    """The stale-hold sweep: a hold still active past its TTL gives its credits back."""
+    if hold.status != ReservationStatus.ACTIVE.value or hold.expires_at > at:
+        return None
+    _finish(hold, ReservationStatus.EXPIRED, at)
+    return _posting(account, EntryKind.RESERVATION_EXPIRED, f"system:reservation_expired:{hold.id}", at,
+                    held=-hold.amount, hold=hold)
+
+
+def expire(account: Account, lots: list[Lot], *, at: datetime) -> list[Posting]:
+    """Take what is left of expired lots (in id order), never the credits an active hold backs.
+
+    Held credits expire on the first sweep after their hold ends, unless a commit drew them.
+    """
+    postings: list[Posting] = []
+    unheld = account.available
+    for lot in sorted(lots, key=lambda lot: lot.age):
+        if lot.expires_at is None or lot.expires_at > at:
+            continue
+        taken = min(lot.remaining, unheld)
+        if taken <= 0:
+            continue
+        key = f"system:expire:{lot.id}:{lot.remaining}"
+        lot.remaining -= taken
+        unheld -= taken
+        postings.append(_posting(account, EntryKind.EXPIRE, key, at, amount=-taken, lot=lot))
+    return postings
+
+
+def low_credit_crossing(account: Account, default_threshold: int | None) -> int | None:
+    """The threshold `available` just crossed below (once per crossing), else None.
+
+    Being at or above the threshold re-arms it; the account's own threshold overrides the
+    service default, and a threshold of None or 0 is off.
+    """
+    threshold = account.low_credit_threshold
+    if threshold is None:
+        threshold = default_threshold
+    if threshold is None or threshold <= 0:
+        return None
+    if account.available < threshold:
+        if not account.low_credit_alerted:
+            account.low_credit_alerted = True
+            return threshold
+    elif account.low_credit_alerted:
+        account.low_credit_alerted = False
+    return None

@@ -1,0 +1,592 @@
+"""CreditService: the engine's public methods, each a few lines over one path.
+
+Every write is a batch: `add_credits` and the other single calls are a batch of one, and
+`apply_batch` is the same path with many items. A batch locks every account it touches in
+one sorted query, decides each item in plain Python (`rules`), keeps each item's own
+idempotency key and outcome, and hands everything to the one writer at the end of its
+transaction. It knows nothing of Celery, HTTP or the CLI.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from creditworker.contract import (
+    AddCredits,
+    BatchOutcome,
+    CommitReservation,
+    CreditLot,
+    CreditsInfo,
+    DeductCredits,
+    EntryKind,
+    GetCredits,
+    GetExpiring,
+    GetHistory,
+    GetReservation,
+    LedgerEntry,
+    OveragePolicy,
+    ReleaseReservation,
+    Request,
+    Reservation,
+    ReserveCredits,
+    parse,
+    parse_batch_item,
+)
+from creditworker.engine import rules, sweeps
+from creditworker.engine.results import entry_record, reservation_record
+from creditworker.engine.unit_of_work import ResultSource, StoredOperation, UnitOfWork
+from creditworker.engine.writer import write
+from creditworker.errors import (
+    CreditError,
+    IdempotencyConflict,
+    UnknownReservation,
+    UnknownUser,
+    ValidationFailed,
+)
+from creditworker.ledger_file import LedgerFile
+from creditworker.storage.database import make_engine, run_transaction
+from creditworker.storage.tables import Account, Entry, Hold, Lot
+
+if TYPE_CHECKING:
+    from creditworker.settings import Settings
+
+R = TypeVar("R", bound=BaseModel)
+T = TypeVar("T")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def aware(now: datetime | None) -> datetime:
+    """`now`, or the current time; a naive datetime is taken as UTC."""
+    if now is None:
+        return utcnow()
+    return now.astimezone(timezone.utc) if now.tzinfo else now.replace(tzinfo=timezone.utc)
+
+
+class CreditService:
+    """Credits for many users, stored in one SQL database.
+
+    `overage_policy` decides what a commit above the held amount does when `available`
+    cannot cover the extra: `reject` (default) refuses it, `allow_negative` charges it and
+    leaves a negative balance that later grants pay off first.
+
+    Notifications are written to the outbox in the same transaction as their change:
+    `credits.low` when `available` crosses below the account's threshold (or
+    `low_credit_threshold` for accounts without one; None turns the default off),
+    `credits.expired`, `reservation.expired` and `credits.expiring` reminders
+    `expiry_reminder_days` before a lot expires. `on_events(count)` is called after a
+    commit that wrote events, so an adapter can wake the outbox relay.
+    """
+
+    def __init__(
+        self,
+        database: str | Engine,
+        *,
+        ledger_path: str | None = None,
+        overage_policy: OveragePolicy | str = OveragePolicy.REJECT,
+        expiring_soon_days: int = 7,
+        low_credit_threshold: int | None = None,
+        expiry_reminder_days: Sequence[int] = (7, 1),
+        on_events: Callable[[int], None] | None = None,
+    ) -> None:
+        self.engine = make_engine(database) if isinstance(database, str) else database
+        self.ledger_file = LedgerFile(ledger_path) if ledger_path else None
+        self.overage_policy = OveragePolicy(overage_policy)
+        self.expiring_soon_days = expiring_soon_days
+        self.low_credit_threshold = low_credit_threshold
+        self.expiry_reminder_days = sorted({int(days) for days in expiry_reminder_days if days > 0})
+        self.on_events = on_events
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings | None = None, *, database: str | Engine | None = None,
+        on_events: Callable[[int], None] | None = None,
+    ) -> CreditService:
+        """The engine as `settings` (default: the environment) configure it; `database`
+        overrides the URL."""
+        from creditworker.settings import get_settings
+
+        settings = settings or get_settings()
+        return cls(
+            database or settings.database_url,
+            ledger_path=settings.ledger_path,
+            overage_policy=settings.overage_policy,
+            expiring_soon_days=settings.expiring_soon_days,
+            low_credit_threshold=settings.low_credit_threshold,
+            expiry_reminder_days=settings.expiry_reminder_days,
+            on_events=on_events,
+        )
+
+    # ------------------------------------------------------------------ writes
+
+    def add_credits(
+        self,
+        user_id: str,
+        amount: int,
+        *,
+        expires_at: datetime | None = None,
+        priority: int | None = None,
+        source: str = "purchase",
+        description: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        now: datetime | None = None,
+    ) -> LedgerEntry:
+        """Grant a lot of credits; a negative balance (from an overage) is paid off first."""
+        request = self._parse(
+            AddCredits, user_id=user_id, amount=amount, expires_at=expires_at, priority=priority,
+            source=source, description=description, metadata=metadata, idempotency_key=idempotency_key,
+        )
+        return self._apply_one(request, LedgerEntry, now)
+
+    def deduct_credits(
+        self,
+        user_id: str,
+        amount: int,
+        *,
+        description: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        now: datetime | None = None,
+    ) -> LedgerEntry:
+        """Consume credits now, drawing lots by priority, then soonest expiry, then age."""
+        request = self._parse(
+            DeductCredits, user_id=user_id, amount=amount, description=description, metadata=metadata,
+            idempotency_key=idempotency_key,
+        )
+        return self._apply_one(request, LedgerEntry, now)
+
+    def reserve_credits(
+        self,
+        user_id: str,
+        amount: int,
+        *,
+        ttl_seconds: int | None = None,
+        description: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        requested_at: datetime | None = None,
+        deadline: datetime | None = None,
+        now: datetime | None = None,
+    ) -> Reservation:
+        """Hold credits out of `available` until committed, released or past their TTL.
+
+        The TTL runs from `requested_at` when the caller asked earlier than now; a caller
+        that stops waiting at `deadline` gets no hold applied after it."""
+        fields: dict[str, Any] = {
+            "user_id": user_id, "amount": amount, "description": description, "metadata": metadata,
+            "idempotency_key": idempotency_key, "requested_at": requested_at, "deadline": deadline,
+        }
+        if ttl_seconds is not None:
+            fields["ttl_seconds"] = ttl_seconds
+        return self._apply_one(self._parse(ReserveCredits, **fields), Reservation, now)
+
+    def commit_reservation(
+        self,
+        reservation_id: str,
+        amount: int | None = None,
+        *,
+        description: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        now: datetime | None = None,
+    ) -> LedgerEntry:
+        """Charge the actual amount of a hold (None = the held amount) and free the rest."""
+        request = self._parse(
+            CommitReservation, reservation_id=reservation_id, amount=amount, description=description,
+            metadata=metadata, idempotency_key=idempotency_key,
+        )
+        return self._apply_one(request, LedgerEntry, now)
+
+    def release_reservation(
+        self,
+        reservation_id: str,
+        *,
+        idempotency_key: str | None = None,
+        now: datetime | None = None,
+    ) -> LedgerEntry:
+        """Give held credits back to `available` without charging anything."""
+        request = self._parse(ReleaseReservation, reservation_id=reservation_id, idempotency_key=idempotency_key)
+        return self._apply_one(request, LedgerEntry, now)
+
+    def apply_batch(
+        self,
+        operations: Sequence[Mapping[str, Any] | Request],
+        *,
+        default_keys: Sequence[str] | None = None,
+        now: datetime | None = None,
+    ) -> list[BatchOutcome]:
+        """Apply many operations in one transaction; each keeps its own key and outcome.
+
+        Items are `{"op": "add"|"deduct"|"reserve"|"commit"|"release", ...fields}` (or
+        request models). Operations on one account apply in the order given. Every
+        account involved is locked first, in sorted order, so two batches never deadlock.
+        A refused item changes nothing and reports its typed error; the others commit.
+        `default_keys[i]` keys an item that has no idempotency key.
+        """
+        requests: list[Request | CreditError] = []
+        for item in operations:
+            try:
+                requests.append(item if isinstance(item, Request) else parse_batch_item(item))
+            except CreditError as exc:
+                requests.append(exc)
+        outcomes = self._apply(requests, default_keys, aware(now))
+        return [
+            BatchOutcome.model_construct(ok=False, result=None, error=outcome.to_dict())
+            if isinstance(outcome, CreditError)
+            else BatchOutcome.model_construct(ok=True, result=outcome, error=None)
+            for outcome in outcomes
+        ]
+
+    def set_low_credit_threshold(self, user_id: str, threshold: int | None) -> None:
+        """Set the account's low-credit threshold (None: the service default applies)."""
+        request = self._parse(GetCredits, user_id=user_id)
+        if threshold is not None and (
+            isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0
+        ):
+            raise ValidationFailed("threshold must be a non-negative integer or None")
+
+        def decide(uow: UnitOfWork) -> None:
+            uow.lock([request.user_id])
+            account = uow.account(request.user_id)
+            account.low_credit_threshold = threshold
+            account.low_credit_alerted = False
+            uow.touch(account)
+
+        self.run(decide)
+
+    # ------------------------------------------------------------------ sweeps
+
+    def expire_credits(self, now: datetime | None = None) -> int:
+        """Expire every lot past its expiry; returns the number of expiry entries written.
+
+        Safe to run twice or concurrently: each lot is re-read under its account's lock.
+        Credits backing an active hold are not expired while the hold lasts; they expire
+        on the first sweep after it ends (unless the commit consumed them).
+        """
+        return sweeps.expire_lots(self, aware(now))
+
+    def release_stale_reservations(self, now: datetime | None = None) -> int:
+        """Expire every active hold past its TTL; returns how many were released."""
+        return sweeps.expire_holds(self, aware(now))
+
+    def send_expiry_reminders(self, now: datetime | None = None) -> int:
+        """Queue a credits.expiring event per lot entering a reminder window; returns how many.
+
+        With reminder days (7, 1), a lot is reminded when it is 7 days from expiry and
+        again at 1 day; a lot granted with 3 days left gets the 7-day reminder at once
+        and the 1-day one later. Each (lot, day) is sent once, however often this runs.
+        """
+        return sweeps.remind(self, aware(now))
+
+    # ------------------------------------------------------------------ reads
+
+    def get_user_credits_info(
+        self, user_id: str, *, within_days: int | None = None, now: datetime | None = None
+    ) -> CreditsInfo:
+        """Balance, held and available credits, and how many expire within `within_days`."""
+        days = self.expiring_soon_days if within_days is None else within_days
+        request = self._parse(GetExpiring, user_id=user_id, within_days=days)
+        horizon = aware(now) + timedelta(days=request.within_days)
+        with Session(self.engine) as session:
+            account = self._account(session, request.user_id)
+            expiring = session.scalar(
+                select(func.coalesce(func.sum(Lot.remaining), 0)).where(
+                    Lot.user_id == request.user_id, Lot.remaining > 0, Lot.expires_at <= horizon
+                )
+            )
+            return CreditsInfo(
+                user_id=account.user_id,
+                total=account.balance,
+                reserved=account.reserved,
+                available=account.balance - account.reserved,
+                expiring_soon=int(expiring or 0),
+                expiring_within_days=request.within_days,
+            )
+
+    def get_history(
+        self,
+        user_id: str,
+        *,
+        limit: int = 50,
+        before: int | None = None,
+        kinds: Sequence[str] | None = None,
+    ) -> list[LedgerEntry]:
+        """Entries newest first; pass the last entry's id as `before` for the next page."""
+        request = self._parse(
+            GetHistory, user_id=user_id, limit=limit, before=before,
+            kinds=list(kinds) if kinds is not None else None,
+        )
+        query = select(Entry).where(Entry.user_id == request.user_id)
+        if request.before is not None:
+            query = query.where(Entry.id < request.before)
+        if request.kinds:
+            query = query.where(Entry.kind.in_([kind.value for kind in request.kinds]))
+        query = query.order_by(Entry.id.desc()).limit(request.limit)
+        with Session(self.engine) as session:
+            self._account(session, request.user_id)
+            return [entry_model(row) for row in session.scalars(query)]
+
+    def get_expiring_credits(
+        self, user_id: str, within_days: int = 7, *, now: datetime | None = None
+    ) -> list[CreditLot]:
+        """Lots with credits left that expire within `within_days`, soonest first."""
+        request = self._parse(GetExpiring, user_id=user_id, within_days=within_days)
+        horizon = aware(now) + timedelta(days=request.within_days)
+        with Session(self.engine) as session:
+            self._account(session, request.user_id)
+            lots = session.scalars(
+                select(Lot)
+                .where(Lot.user_id == request.user_id, Lot.remaining > 0, Lot.expires_at <= horizon)
+                .order_by(Lot.expires_at, Lot.id)
+            )
+            return [CreditLot.model_validate(lot, from_attributes=True) for lot in lots]
+
+    def get_reservation(self, reservation_id: str) -> Reservation:
+        request = self._parse(GetReservation, reservation_id=reservation_id)
+        with Session(self.engine) as session:
+            hold = session.get(Hold, request.reservation_id)
+            if hold is None:
+                raise UnknownReservation(f"no reservation {reservation_id!r}", reservation_id=reservation_id)
+            return Reservation.model_validate(hold, from_attributes=True)
+
+    # ------------------------------------------------------------------ units of work
+
+    def run(self, decide: Callable[[UnitOfWork], T], *, now: datetime | None = None) -> T:
+        """Run `decide` in one transaction and write what it decided; rerun on conflicts.
+
+        `decide` must be safe to rerun from scratch. After the commit, the entries go to
+        the ledger file and `on_events` hears how many events were written.
+        """
+        at = aware(now)
+
+        def work(session: Session) -> tuple[T, UnitOfWork]:
+            uow = UnitOfWork(session, at, low_credit_threshold=self.low_credit_threshold)
+            value = decide(uow)
+            write(uow)
+            return value, uow
+
+        value, uow = run_transaction(self.engine, work)
+        self._committed(uow)
+        return value
+
+    def run_keyed(
+        self,
+        request: Request,
+        result_model: type[R],
+        decide: Callable[[UnitOfWork, str], R],
+        *,
+        now: datetime | None = None,
+    ) -> R:
+        """Apply `decide` once per idempotency key, in one transaction.
+
+        A repeat of the same request returns the stored result; the same key with a
+        different request raises `IdempotencyConflict`. Failures change nothing.
+        """
+        key = request.idempotency_key or _fresh_key()
+        fingerprint = request.fingerprint()
+
+        def keyed(uow: UnitOfWork) -> R:
+            previous = None if request.idempotency_key is None else uow.known_operations([key]).get(key)
+            if previous is not None:
+                return result_model.model_validate(_replay(previous, key, fingerprint))
+            result = decide(uow, key)
+            uow.record_operation(key, type(request).__name__, fingerprint, result.model_dump(mode="json"))
+            return result
+
+        try:
+            return self.run(keyed, now=now)
+        except CreditError as exc:
+            self._log_error(type(request).__name__, request.model_dump(mode="json"), exc)
+            raise
+
+    def _apply_one(self, request: Request, result_model: type[R], now: datetime | None) -> R:
+        """A single operation: a batch of one whose refusal is raised."""
+        (outcome,) = self._apply([request], None, aware(now))
+        if isinstance(outcome, CreditError):
+            raise outcome
+        return result_model.model_validate(outcome)
+
+    def _apply(
+        self, requests: Sequence[Request | CreditError], default_keys: Sequence[str] | None, at: datetime
+    ) -> list[dict[str, Any] | CreditError]:
+        """The one write path of the credit operations: each item's result record or error."""
+        given = [
+            (request.idempotency_key if isinstance(request, Request) else None)
+            or (default_keys[index] if default_keys else None)
+            for index, request in enumerate(requests)
+        ]
+        keys = [key or _fresh_key() for key in given]
+        chosen = [key for key, request in zip(given, requests)  # a fresh key cannot have been used
+                  if key is not None and isinstance(request, Request)]
+        fingerprints = [request.fingerprint() if isinstance(request, Request) else "" for request in requests]
+        valid = [request for request in requests if isinstance(request, Request)]
+        adding = {request.user_id for request in valid if isinstance(request, AddCredits)}
+        users = {request.user_id for request in valid if isinstance(request, (DeductCredits, ReserveCredits))}
+        hold_ids = {request.reservation_id for request in valid
+                    if isinstance(request, (CommitReservation, ReleaseReservation))}
+        drawing = any(isinstance(request, (DeductCredits, CommitReservation)) for request in valid)
+
+        def decide(uow: UnitOfWork) -> tuple[list[ResultSource | CreditError], list[tuple[Request, CreditError]]]:
+            unborn = uow.lock(users, creating=adding, hold_ids=hold_ids, with_lots=drawing)
+            known = uow.known_operations(chosen)
+            results: list[ResultSource | CreditError | None] = [None] * len(requests)
+            refused: list[tuple[Request, CreditError]] = []
+            applied: dict[str, int] = {}  # key -> the item that applied it
+            for index, request in enumerate(requests):
+                if isinstance(request, CreditError):
+                    results[index] = request
+                    continue
+                key, fingerprint = keys[index], fingerprints[index]
+                try:
+                    if key in applied:  # the same key earlier in this batch
+                        first = applied[key]
+                        if fingerprints[first] != fingerprint:
+                            raise _key_conflict(key, type(requests[first]).__name__)
+                        results[index] = results[first]
+                        continue
+                    previous = known.get(key)
+                    if previous is not None:
+                        results[index] = _replay(previous, key, fingerprint)
+                    else:
+                        if isinstance(request, (DeductCredits, ReserveCredits)) and request.user_id in unborn:
+                            raise UnknownUser(f"no account for user {request.user_id!r}", user_id=request.user_id)
+                        source = self._decide(uow, request, key)
+                        results[index] = uow.record_operation(key, type(request).__name__, fingerprint, source).source
+                        if isinstance(request, AddCredits):
+                            unborn.discard(request.user_id)
+                except CreditError as exc:
+                    results[index] = exc
+                    refused.append((request, exc))
+                    continue
+                applied[key] = index
+            for user_id in unborn:  # no grant succeeded for them: the batch leaves no trace
+                uow.drop_account(user_id)
+            return [result for result in results if result is not None], refused
+
+        sources, refused = self.run(decide, now=at)
+        for request, error in refused:
+            self._log_error(type(request).__name__, request.model_dump(mode="json"), error)
+        return [entry_record(source) if isinstance(source, rules.Posting) else source for source in sources]
+
+    def _decide(self, uow: UnitOfWork, request: Request, key: str) -> ResultSource:
+        """One credit operation, decided by the rules; its posting, or its reservation's record."""
+        at = uow.at
+        if isinstance(request, DeductCredits):
+            return uow.post(rules.deduct(uow.account(request.user_id), request.amount, at=at, key=key,
+                                         description=request.description, metadata=request.metadata))
+        if isinstance(request, AddCredits):
+            return uow.post(rules.grant(
+                uow.account(request.user_id), request.amount, at=at, key=key, expires_at=request.expires_at,
+                priority=request.priority or 0, source=request.source.value, description=request.description,
+                metadata=request.metadata,
+            ))
+        if isinstance(request, ReserveCredits):
+            account = uow.account(request.user_id)  # locked since the unit of work began
+            expires_at = rules.hold_expiry(
+                at, checked_at=max(at, utcnow()), ttl_seconds=request.ttl_seconds,
+                requested_at=request.requested_at, deadline=request.deadline,
+            )
+            posting = uow.post(rules.hold(
+                account, request.amount, hold_id=uuid.uuid4().hex, at=at,
+                expires_at=expires_at, key=key, description=request.description,
+                metadata=request.metadata,
+            ))
+            assert posting.hold is not None
+            return reservation_record(posting.hold)
+        if isinstance(request, CommitReservation):
+            hold = uow.hold(request.reservation_id)
+            return uow.post(rules.settle(
+                uow.account(hold.user_id), hold, request.amount, policy=self.overage_policy, at=at, key=key,
+                description=request.description, metadata=request.metadata,
+            ))
+        if isinstance(request, ReleaseReservation):
+            hold = uow.hold(request.reservation_id)
+            return uow.post(rules.release(uow.account(hold.user_id), hold, at=at, key=key))
+        raise ValidationFailed(f"{type(request).__name__} is not a credit operation")
+
+    def _committed(self, uow: UnitOfWork) -> None:
+        """After a commit: copy the entries to the ledger file and wake the event relay."""
+        if self.ledger_file is not None and uow.postings:
+            self.ledger_file.write_records(entry_record(posting) for posting in uow.postings)
+        if self.on_events is not None and uow.events:
+            self.on_events(len(uow.events))
+        for hook in uow.commit_hooks:
+            hook()
+
+    # ------------------------------------------------------------------ machinery
+
+    def _parse(self, model: type[Any], **fields: Any) -> Any:
+        try:
+            return parse(model, fields)
+        except ValidationFailed as exc:
+            self._log_error(model.__name__, fields, exc)
+            raise
+
+    def _log_error(self, operation: str, request: dict[str, Any], error: CreditError) -> None:
+        if self.ledger_file is not None:
+            self.ledger_file.write_error(operation, _jsonable(request), error)
+
+    @staticmethod
+    def _account(session: Session, user_id: str) -> Account:
+        account = session.get(Account, user_id)
+        if account is None:
+            raise UnknownUser(f"no account for user {user_id!r}", user_id=user_id)
+        return account
+
+
+def _fresh_key() -> str:
+    """The key of a request that brought none: a random UUID, so never looked up."""
+    return f"auto:{uuid.uuid4()}"
+
+
+def _replay(previous: StoredOperation, key: str, fingerprint: str) -> dict[str, Any]:
+    """The stored result of a repeated request, or the conflict of a reused key."""
+    if previous.fingerprint != fingerprint:
+        raise _key_conflict(key, previous.kind)
+    return previous.result
+
+
+def _key_conflict(key: str, operation: str) -> IdempotencyConflict:
+    return IdempotencyConflict(
+        f"idempotency key {key!r} was already used for a different request",
+        idempotency_key=key,
+        operation=operation,
+    )
+
+
+def _jsonable(request: dict[str, Any]) -> dict[str, Any]:
+    return {
+        key: value.isoformat() if isinstance(value, datetime) else value
+        for key, value in request.items()
+    }
+
+
+def entry_model(row: Entry) -> LedgerEntry:
+    return LedgerEntry(
+        id=row.id,
+        user_id=row.user_id,
+        kind=EntryKind(row.kind),
+        amount=row.amount,
+        held=row.held,
+        balance_after=row.balance_after,
+        reserved_after=row.reserved_after,
+        available_after=row.balance_after - row.reserved_after,
+        lot_id=row.lot_id,
+        reservation_id=row.reservation_id,
+        draws=row.draws or [],
+        description=row.description,
+        metadata=row.entry_metadata,
+        idempotency_key=row.idempotency_key,
+        created_at=row.created_at,
+    )

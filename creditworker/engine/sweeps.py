@@ -1,0 +1,151 @@
+"""Sweeps over many accounts: expiry, stale holds and reminders, in chunks, through the writer.
+
+Each chunk is one unit of work: it finds its rows with a cheap unlocked scan, locks their
+accounts in one sorted query, re-reads the rows under the locks (one query: what the scan
+saw may be stale), decides each with the rules and leaves the writing to the writer. No
+sweep holds locks over a whole table, and two sweeps running at once do each row once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from functools import partial
+from typing import TYPE_CHECKING, Any, cast
+
+from sqlalchemy import Table, select
+from sqlalchemy.orm import Session
+
+from creditworker.contract import ReservationStatus
+from creditworker.engine import account as accounts
+from creditworker.engine import rules
+from creditworker.engine.unit_of_work import UnitOfWork
+from creditworker.events import CreditsExpired, CreditsExpiring, ReservationExpired
+from creditworker.storage import bulk
+from creditworker.storage.tables import ExpiryReminder, Hold, Lot
+
+reminders_table = cast(Table, ExpiryReminder.__table__)
+
+if TYPE_CHECKING:
+    from creditworker.engine.service import CreditService
+
+SWEEP_CHUNK = 1000
+"""Rows a sweep handles per transaction, so no sweep holds locks over a whole table."""
+
+
+def _event_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _scan(service: CreditService, query: Any) -> list[Any]:
+    with Session(service.engine) as session:
+        return list(session.scalars(query))
+
+
+def expire_lots(service: CreditService, at: datetime) -> int:
+    """Expire every lot past its expiry; returns the number of expiry entries written."""
+    written = 0
+    after_id = 0
+    while True:
+        lot_ids: list[int] = _scan(service, select(Lot.id)
+                                   .where(Lot.expires_at <= at, Lot.remaining > 0, Lot.id > after_id)
+                                   .order_by(Lot.id).limit(SWEEP_CHUNK))
+        if not lot_ids:
+            return written
+        after_id = lot_ids[-1]
+        written += service.run(partial(_expire_lot_chunk, lot_ids=lot_ids), now=at)
+
+
+def _expire_lot_chunk(uow: UnitOfWork, lot_ids: list[int]) -> int:
+    owners = uow.connection.scalars(select(Lot.user_id).where(Lot.id.in_(lot_ids)).distinct())
+    uow.lock(owners)
+    by_user: dict[str, list[rules.Lot]] = defaultdict(list)
+    for lot in accounts.load_lots(uow.connection, lot_ids):
+        by_user[lot.user_id].append(lot)
+    written = 0
+    for user_id in sorted(by_user):
+        for posting in rules.expire(uow.account(user_id), by_user[user_id], at=uow.at):
+            uow.post(posting)
+            uow.record_system_operation(posting.idempotency_key, "ExpireLot", user_id)
+            assert posting.lot is not None and posting.lot.id is not None
+            uow.emit(CreditsExpired(event_id=_event_id(), occurred_at=uow.at, user_id=user_id,
+                                    lot_id=posting.lot.id, amount=-posting.amount))
+            written += 1
+    return written
+
+
+def expire_holds(service: CreditService, at: datetime) -> int:
+    """Expire every active hold past its TTL; returns how many were released."""
+    released = 0
+    after_id = ""
+    while True:
+        hold_ids: list[str] = _scan(service, select(Hold.id)
+                                    .where(Hold.status == ReservationStatus.ACTIVE.value, Hold.expires_at <= at,
+                                           Hold.id > after_id)
+                                    .order_by(Hold.id).limit(SWEEP_CHUNK))
+        if not hold_ids:
+            return released
+        after_id = hold_ids[-1]
+        released += service.run(partial(_expire_hold_chunk, hold_ids=hold_ids), now=at)
+
+
+def _expire_hold_chunk(uow: UnitOfWork, hold_ids: list[str]) -> int:
+    uow.lock((), hold_ids=hold_ids)
+    released = 0
+    for hold_id in sorted(uow.holds):
+        hold = uow.holds[hold_id]
+        posting = rules.expire_hold(uow.account(hold.user_id), hold, at=uow.at)
+        if posting is None:
+            continue
+        uow.post(posting)
+        uow.record_system_operation(posting.idempotency_key, "ExpireReservation", hold.user_id)
+        uow.emit(ReservationExpired(event_id=_event_id(), occurred_at=uow.at, user_id=hold.user_id,
+                                    reservation_id=hold.id, amount=hold.amount))
+        released += 1
+    return released
+
+
+def remind(service: CreditService, at: datetime) -> int:
+    """Queue a credits.expiring event per lot entering a reminder window; returns how many."""
+    days = service.expiry_reminder_days
+    if not days:
+        return 0
+    horizon = at + timedelta(days=days[-1])
+    sent = 0
+    after_id = 0
+    while True:
+        lot_ids: list[int] = _scan(service, select(Lot.id)
+                                   .where(Lot.expires_at > at, Lot.expires_at <= horizon, Lot.remaining > 0,
+                                          Lot.id > after_id)
+                                   .order_by(Lot.id).limit(SWEEP_CHUNK))
+        if not lot_ids:
+            return sent
+        after_id = lot_ids[-1]
+        sent += service.run(partial(_remind_chunk, lot_ids=lot_ids, days=days), now=at)
+
+
+def _remind_chunk(uow: UnitOfWork, lot_ids: list[int], days: Sequence[int]) -> int:
+    due: dict[tuple[int, int], rules.Lot] = {}
+    for lot in accounts.load_lots(uow.connection, lot_ids):
+        day = None if lot.expires_at is None or lot.remaining <= 0 else reminder_day(days, lot.expires_at - uow.at)
+        if day is not None and lot.id is not None:
+            due[(lot.id, day)] = lot
+    claimed = bulk.insert_absent(uow.connection, reminders_table, [
+        {"lot_id": lot_id, "days_before": day, "sent_at": uow.at} for lot_id, day in due
+    ])
+    for lot_id, day in sorted(claimed):
+        lot = due[(lot_id, day)]
+        assert lot.expires_at is not None
+        uow.emit(CreditsExpiring(event_id=_event_id(), occurred_at=uow.at, user_id=lot.user_id, lot_id=lot_id,
+                                 remaining=lot.remaining, expires_at=lot.expires_at, days_before=day))
+    return len(claimed)
+
+
+def reminder_day(days: Sequence[int], left: timedelta) -> int | None:
+    """The smallest reminder day whose window the lot has entered."""
+    for day in days:
+        if left <= timedelta(days=day):
+            return day
+    return None

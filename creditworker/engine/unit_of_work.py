@@ -1,0 +1,175 @@
+"""One transaction: its clock, the accounts it locked, and every decision it collected.
+
+Handlers decide through `rules` and hand the postings, operation rows and events to the
+unit of work; nothing is written until the writer turns the whole unit into set-based SQL
+at the end, in the same transaction. Hooks registered with `on_commit` run only after the
+transaction committed (the ledger file, waking the outbox relay).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Table, select
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+
+from creditworker.engine import account as accounts
+from creditworker.engine.results import entry_reference, entry_row_record, referenced_entry
+from creditworker.engine.rules import Account, Hold, Posting, low_credit_crossing
+from creditworker.errors import UnknownReservation, UnknownUser
+from creditworker.events import CreditsLow, _Event
+from creditworker.storage.tables import Entry, Operation
+
+ResultSource = Posting | dict[str, Any]
+"""What an operation returns: its posting (a ledger entry, known once written) or a record."""
+
+
+@dataclass(slots=True)
+class StoredOperation:
+    """An operation row found for a key: what a repeat replays, or why it conflicts."""
+
+    kind: str
+    fingerprint: str
+    result: dict[str, Any]
+
+
+@dataclass(slots=True, eq=False)
+class OperationRecord:
+    """The row that makes `key` replay its result instead of applying the request again."""
+
+    key: str
+    kind: str
+    fingerprint: str
+    user_id: str | None
+    source: ResultSource
+
+    @property
+    def stored_result(self) -> dict[str, Any]:
+        """The result as the row stores it; a posting's is a reference to its entry, whose id
+        the writer gave it."""
+        return entry_reference(self.source) if isinstance(self.source, Posting) else self.source
+
+
+class UnitOfWork:
+    """What one transaction decided, for the writer to write in one go."""
+
+    def __init__(self, session: Session, at: datetime, *, low_credit_threshold: int | None = None) -> None:
+        self.session = session
+        self.connection: Connection = session.connection()
+        self.at = at
+        self.low_credit_threshold = low_credit_threshold
+        self.accounts: dict[str, Account] = {}
+        self.holds: dict[str, Hold] = {}
+        self.postings: list[Posting] = []
+        self.operations: list[OperationRecord] = []
+        self.events: list[_Event | Callable[[], _Event]] = []
+        self.touched: dict[str, Account] = {}
+        self.dropped_accounts: set[str] = set()
+        self.row_updates: dict[tuple[Table, str], list[dict[str, Any]]] = {}
+        self.commit_hooks: list[Callable[[], None]] = []
+
+    # ------------------------------------------------------------------ reading
+
+    def lock(self, user_ids: Iterable[str], *, creating: Collection[str] = (), hold_ids: Collection[str] = (),
+             with_lots: bool = False) -> set[str]:
+        """Lock the accounts of `user_ids` and of the holds named, in one sorted query.
+
+        Accounts for `creating` are created first where missing (returned: they exist for
+        the other operations only once a grant to them succeeds). `with_lots` loads every
+        live lot of the locked accounts, for draws; the named holds are re-read after the
+        lock, since what was read before it may be stale.
+        """
+        owners = accounts.hold_owners(self.connection, hold_ids)
+        created = accounts.create_missing(self.connection, creating, self.at)
+        locked = accounts.lock(self.connection, {*user_ids, *creating, *owners.values()})
+        self.accounts.update(locked)
+        if with_lots:
+            accounts.load_live_lots(self.connection, locked.values())
+        self.holds.update(accounts.load_holds(self.connection, owners))
+        return created
+
+    def account(self, user_id: str) -> Account:
+        """A locked account, or `UnknownUser`."""
+        account = self.accounts.get(user_id)
+        if account is None:
+            raise UnknownUser(f"no account for user {user_id!r}", user_id=user_id)
+        return account
+
+    def hold(self, reservation_id: str) -> Hold:
+        """A hold named to `lock`, or `UnknownReservation`."""
+        hold = self.holds.get(reservation_id)
+        if hold is None:
+            raise UnknownReservation(f"no reservation {reservation_id!r}", reservation_id=reservation_id)
+        return hold
+
+    def known_operations(self, keys: Collection[str]) -> dict[str, StoredOperation]:
+        """The operation rows already stored for `keys` (one query)."""
+        if not keys:
+            return {}
+        table = Operation.__table__
+        rows = self.connection.execute(
+            select(table.c.idempotency_key, table.c.kind, table.c.fingerprint, table.c.result)
+            .where(table.c.idempotency_key.in_(sorted(set(keys))))
+        )
+        known = {row[0]: StoredOperation(row[1], row[2], row[3]) for row in rows}
+        referencing = {entry_id: operation for operation in known.values()
+                       if (entry_id := referenced_entry(operation.result)) is not None}
+        if referencing:
+            entries = Entry.__table__
+            for row in self.connection.execute(select(entries).where(entries.c.id.in_(sorted(referencing)))):
+                referencing[row.id].result = entry_row_record(row)
+        return known
+
+    # ------------------------------------------------------------------ deciding
+
+    def post(self, posting: Posting) -> Posting:
+        """Collect a rule's posting; a crossing below the low-credit threshold adds its event."""
+        self.postings.append(posting)
+        account = self.accounts[posting.user_id]
+        self.touched[account.user_id] = account
+        threshold = low_credit_crossing(account, self.low_credit_threshold)
+        if threshold is not None:
+            self.emit(CreditsLow(event_id=_event_id(), occurred_at=self.at, user_id=account.user_id,
+                                 available=account.available, threshold=threshold))
+        return posting
+
+    def touch(self, account: Account) -> None:
+        """An account changed without a posting (its threshold): the writer writes it."""
+        self.touched[account.user_id] = account
+
+    def emit(self, event: _Event | Callable[[], _Event]) -> None:
+        """Queue an event for the outbox; a callable builds it once the writer gave out ids."""
+        self.events.append(event)
+
+    def record_operation(self, key: str, kind: str, fingerprint: str, source: ResultSource) -> OperationRecord:
+        user_id = source.user_id if isinstance(source, Posting) else source.get("user_id")
+        record = OperationRecord(key, kind, fingerprint, user_id, source)
+        self.operations.append(record)
+        return record
+
+    def record_system_operation(self, key: str, kind: str, user_id: str) -> None:
+        """The row that makes a sweep's or an allocation's step happen once."""
+        self.operations.append(OperationRecord(key, kind, key[-64:], user_id, {}))
+
+    def drop_account(self, user_id: str) -> None:
+        """An account created for a grant that did not happen: the unit leaves no trace of it."""
+        self.dropped_accounts.add(user_id)
+        self.accounts.pop(user_id, None)
+        self.touched.pop(user_id, None)
+
+    def update_rows(self, table: Table, key: str, rows: list[dict[str, Any]]) -> None:
+        """Rows of another table (a subscription's period) for the writer to update with the
+        rest, one statement per table; every row names the same columns."""
+        self.row_updates.setdefault((table, key), []).extend(rows)
+
+    def on_commit(self, hook: Callable[[], None]) -> None:
+        self.commit_hooks.append(hook)
+
+
+def _event_id() -> str:
+    return str(uuid.uuid4())

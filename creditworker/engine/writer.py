@@ -1,0 +1,103 @@
+"""The one writer: a unit of work's decisions to set-based SQL, in the unit's transaction.
+
+This is the only code that changes balances, lots and holds. Whatever the unit holds, it
+writes in a fixed number of statements, one per table and kind of change: new lots (their
+ids come back in order), new holds, changed holds, changed lots, changed accounts, ledger
+entries (ids back in order), operation rows (an entry result is stored as its entry's
+id), outbox events. A single operation is a unit of one; a batch of a thousand takes the same path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, cast
+
+from sqlalchemy import Table, delete
+
+from creditworker.engine.account import accounts_table, holds_table, lots_table
+from creditworker.engine.rules import Hold, Lot
+from creditworker.engine.unit_of_work import UnitOfWork
+from creditworker.events import _Event
+from creditworker.outbox import event_row
+from creditworker.storage import bulk
+from creditworker.storage.tables import Entry, Operation, OutboxEvent
+
+entries_table = cast(Table, Entry.__table__)
+operations_table = cast(Table, Operation.__table__)
+outbox_table = cast(Table, OutboxEvent.__table__)
+
+
+def write(uow: UnitOfWork) -> None:
+    """Write everything `uow` decided; ids are set on its lots and postings."""
+    connection = uow.connection
+    if uow.dropped_accounts:
+        connection.execute(delete(accounts_table).where(accounts_table.c.user_id.in_(sorted(uow.dropped_accounts))))
+    new_lots: dict[int, Lot] = {}
+    changed_lots: dict[int, Lot] = {}
+    new_holds: dict[str, Hold] = {}
+    changed_holds: dict[str, Hold] = {}
+    for posting in uow.postings:
+        if posting.lot is not None:
+            (changed_lots if posting.lot.id is not None else new_lots)[id(posting.lot)] = posting.lot
+        for lot, _taken in posting.draws:
+            (changed_lots if lot.id is not None else new_lots)[id(lot)] = lot
+        if posting.hold is not None:
+            (changed_holds if posting.hold.stored else new_holds)[posting.hold.id] = posting.hold
+
+    fresh = list(new_lots.values())
+    for lot, lot_id in zip(fresh, bulk.insert_returning_ids(connection, lots_table, [_lot_row(lot) for lot in fresh])):
+        lot.id = lot_id
+    bulk.insert_rows(connection, holds_table, [_hold_row(hold) for hold in new_holds.values()])
+    for hold in new_holds.values():
+        hold.stored = True
+    bulk.update_rows(connection, holds_table, "id", [
+        {"id": hold.id, "status": hold.status, "committed_amount": hold.committed_amount,
+         "finalized_at": hold.finalized_at}
+        for hold in changed_holds.values()
+    ])
+    bulk.update_rows(connection, lots_table, "id", [
+        {"id": lot.id, "remaining": lot.remaining} for lot in changed_lots.values()
+    ])
+    bulk.update_rows(connection, accounts_table, "user_id", [
+        {"user_id": account.user_id, "balance": account.balance, "reserved": account.reserved,
+         "low_credit_threshold": account.low_credit_threshold,
+         "low_credit_alerted": account.low_credit_alerted, "overdraft_limit": account.overdraft_limit,
+         "updated_at": uow.at}
+        for account in uow.touched.values()
+    ])
+    entry_ids = bulk.insert_returning_ids(connection, entries_table, [
+        {"user_id": posting.user_id, "kind": posting.kind, "amount": posting.amount, "held": posting.held,
+         "balance_after": posting.balance_after, "reserved_after": posting.reserved_after,
+         "lot_id": posting.lot.id if posting.lot is not None else None,
+         "reservation_id": posting.hold.id if posting.hold is not None else None,
+         "draws": [{"lot_id": lot.id, "amount": taken} for lot, taken in posting.draws] or None,
+         "description": posting.description, "metadata": posting.metadata,
+         "idempotency_key": posting.idempotency_key, "created_at": posting.created_at}
+        for posting in uow.postings
+    ])
+    for posting, entry_id in zip(uow.postings, entry_ids):
+        posting.id = entry_id
+    bulk.insert_rows(connection, operations_table, [
+        {"idempotency_key": record.key, "kind": record.kind, "fingerprint": record.fingerprint,
+         "user_id": record.user_id, "result": record.stored_result, "created_at": uow.at}
+        for record in uow.operations
+    ])
+    bulk.insert_rows(connection, outbox_table, [event_row(_built(event)) for event in uow.events])
+    for (table, key), rows in uow.row_updates.items():
+        bulk.update_rows(connection, table, key, rows)
+
+
+def _built(event: _Event | Callable[[], _Event]) -> _Event:
+    return event if isinstance(event, _Event) else event()
+
+
+def _lot_row(lot: Lot) -> dict[str, Any]:
+    return {"user_id": lot.user_id, "amount": lot.amount, "remaining": lot.remaining, "source": lot.source,
+            "priority": lot.priority, "expires_at": lot.expires_at, "created_at": lot.created_at,
+            "idempotency_key": lot.idempotency_key}
+
+
+def _hold_row(hold: Hold) -> dict[str, Any]:
+    return {"id": hold.id, "user_id": hold.user_id, "amount": hold.amount, "status": hold.status,
+            "expires_at": hold.expires_at, "created_at": hold.created_at, "finalized_at": hold.finalized_at,
+            "committed_amount": hold.committed_amount, "idempotency_key": hold.idempotency_key}
