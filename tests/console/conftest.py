@@ -11,14 +11,11 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from playwright.sync_api import sync_playwright
 from sqlalchemy.engine import Engine
@@ -27,7 +24,7 @@ from creditworker import CreditService
 from creditworker.storage.database import make_engine
 from creditworker.storage.migrate import upgrade
 from tests import services
-from tests.e2e.conftest import RunningWorker, running_on_redis, worker_env
+from tests.e2e.conftest import RunningWorker, running_on_redis, serving, worker_env
 
 API_KEY = "console-test-key-0123456789"
 OTHER_KEY = "second-key-abcdefghij"
@@ -65,32 +62,7 @@ class ConsoleServer:
 
 
 def _serve(env: dict[str, str], workdir: Path) -> Iterator[str]:
-    port = free_port()
-    log_path = workdir / "serve.log"
-    with open(log_path, "ab") as log:
-        server = subprocess.Popen(
-            ["creditworker", "serve", "--port", str(port)], env=env, cwd=workdir,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert server.poll() is None, log_path.read_text()
-            try:
-                httpx.get(f"{base_url}/console/login", timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the server never listened"
-                time.sleep(0.1)
-        yield base_url
-    finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    yield from serving(env, workdir, free_port(), "/console/login")
 
 
 @pytest.fixture(scope="module", params=["embedded", "postgres_redis"])
@@ -126,9 +98,9 @@ def _with_worker(worker: RunningWorker, keys: dict[str, str]) -> Iterator[Consol
                             has_worker=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # not the session: its event loop would stay running for later asyncio.run()
 def browser_context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """One headless Chromium for the session, with a fresh profile folder."""
+    """One headless Chromium for the module, with a fresh profile folder."""
     if shutil.which(CHROMIUM) is None and not Path(CHROMIUM).exists():
         services.missing("Chromium", CHROMIUM)
     profile = tmp_path_factory.mktemp("chromium-profile")

@@ -155,6 +155,38 @@ def assert_each_deduct_applied_once(
     assert audit(worker.engine).passed
 
 
+def serving(env: dict[str, str], workdir: Path, port: int, ready_path: str) -> Iterator[str]:
+    """`creditworker serve` on `port`; yields its base URL once `ready_path` answers, and
+    stops it afterwards."""
+    import httpx
+
+    log_path = workdir / "serve.log"
+    with open(log_path, "ab") as log:
+        server = subprocess.Popen(
+            ["creditworker", "serve", "--port", str(port)], env=env, cwd=workdir,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert server.poll() is None, log_path.read_text()
+            try:
+                httpx.get(f"{base_url}{ready_path}", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server never listened"
+                time.sleep(0.1)
+        yield base_url
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
 def purge(worker: RunningWorker) -> None:
     with worker.client.app.connection_for_write() as connection:
         make_celery(worker.settings).control.purge(connection=connection)

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 
@@ -17,7 +15,7 @@ import pytest
 from starlette.types import Message, Receive, Scope, Send
 
 from creditworker.http.body_limit import BodyLimit
-from tests.e2e.conftest import RunningWorker
+from tests.e2e.conftest import RunningWorker, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -50,31 +48,7 @@ def gateway(worker: RunningWorker) -> Iterator[str]:
         "CREDITWORKER_API_KEYS": API_KEY,
         "CREDITWORKER_HTTP_MAX_BODY_BYTES": str(LIMIT),
     }
-    log_path = worker.workdir / "gateway.log"
-    with open(log_path, "ab") as log:
-        server = subprocess.Popen(
-            ["creditworker", "serve", "--port", str(port)], env=env, cwd=worker.workdir,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert server.poll() is None, log_path.read_text()
-            try:
-                httpx.get(f"{base_url}/openapi.json", timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the gateway never listened"
-                time.sleep(0.1)
-        yield base_url
-    finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    yield from serving(env, worker.workdir, port, "/openapi.json")
 
 
 def head(path: str, port: int, *, key: str | None, framing: str) -> bytes:
