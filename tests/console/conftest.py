@@ -24,6 +24,7 @@ from creditworker import CreditService
 from creditworker.storage.database import make_engine
 from creditworker.storage.migrate import upgrade
 from tests import services
+from tests.conftest import wipe
 from tests.e2e.conftest import RunningWorker, running_on_redis, serving, worker_env
 
 API_KEY = "console-test-key-0123456789"
@@ -92,6 +93,7 @@ def server(
 
 
 def _with_worker(worker: RunningWorker, keys: dict[str, str]) -> Iterator[ConsoleServer]:
+    wipe(worker.engine)  # the run's shared database: other modules' rows would fail the audit
     env = {**worker.env, "CREDITWORKER_RESULT_BACKEND": worker.result_backend, **keys}
     for base_url in _serve(env, worker.workdir):
         yield ConsoleServer("postgres_redis", base_url, worker.engine, worker.workdir,
