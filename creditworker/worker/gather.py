@@ -66,6 +66,7 @@ class Gatherer:
 
     def __init__(self, consumer: Any, max_size: int) -> None:
         self.consumer = consumer
+        self.connection = consumer.connection
         self.max_size = max_size
         self.slots = max(1, int(getattr(consumer.pool, "num_processes", None) or consumer.app.conf.worker_concurrency or 1))
         self.cap = self.max_size * (self.slots + 1)  # messages counted into the prefetch
@@ -101,30 +102,34 @@ class Gatherer:
 
         def returned(results: list[dict[str, Any]]) -> None:
             runtime = time.monotonic() - sent
-            for pending, result in zip(batch, results):
-                request = pending.request
-                if "retried" in result:  # a copy with a countdown was published in its place
-                    request.send_event("task-retried", exception=result["retried"], traceback="")
-                    logger.info("Task %s[%s] retry: %s", request.name, request.id, result["retried"])
-                elif "failed" in result:
-                    request.send_event("task-failed", exception=result["failed"], traceback="")
-                    logger.error(celery_internals.LOG_FAILURE, {"name": request.name, "id": request.id,
-                                               "description": "raised unexpected", "exc": result["failed"]})
-                else:
-                    request.send_event("task-succeeded", result=repr(result), runtime=runtime)
-                    logger.info(celery_internals.LOG_SUCCESS, {"name": request.name, "id": request.id, "runtime": runtime,
-                                              "return_value": safe_repr(result)})
-                successful = "failed" not in result and "retried" not in result
-                self._finish(pending, lambda request: request.acknowledge(), successful=successful)
-            self._returned()
+            try:  # the slot is freed whatever a send or an ack on a dead channel raises
+                for pending, result in zip(batch, results):
+                    request = pending.request
+                    if "retried" in result:  # a copy with a countdown was published in its place
+                        request.send_event("task-retried", exception=result["retried"], traceback="")
+                        logger.info("Task %s[%s] retry: %s", request.name, request.id, result["retried"])
+                    elif "failed" in result:
+                        request.send_event("task-failed", exception=result["failed"], traceback="")
+                        logger.error(celery_internals.LOG_FAILURE, {"name": request.name, "id": request.id,
+                                                   "description": "raised unexpected", "exc": result["failed"]})
+                    else:
+                        request.send_event("task-succeeded", result=repr(result), runtime=runtime)
+                        logger.info(celery_internals.LOG_SUCCESS, {"name": request.name, "id": request.id, "runtime": runtime,
+                                                  "return_value": safe_repr(result)})
+                    successful = "failed" not in result and "retried" not in result
+                    self._finish(pending, lambda request: request.acknowledge(), successful=successful)
+            finally:
+                self._returned()
 
         def lost(error: Any) -> None:
             logger.error("a gathered batch of %d did not report back (%r); its messages are requeued,"
                          " and their keys make a repeat of what did commit a no-op",
                          len(batch), getattr(error, "exception", error))
-            for pending in batch:
-                self._finish(pending, lambda request: request.reject(requeue=True), successful=False)
-            self._returned()
+            try:
+                for pending in batch:
+                    self._finish(pending, lambda request: request.reject(requeue=True), successful=False)
+            finally:
+                self._returned()
 
         self.consumer.pool.apply_async(
             run_gathered, args=(entries,), callback=returned, error_callback=lost, accept_callback=accepted,
@@ -149,7 +154,11 @@ def gathering_strategy(task: Task, app: Celery, consumer: Any, **options: Any) -
     if max_size <= 1:
         return usual
     gatherer: Gatherer | None = getattr(consumer, "_creditworker_gatherer", None)
-    if gatherer is None or gatherer.max_size != max_size:
+    # One gatherer per broker connection: after a reconnect, what the old one held was
+    # delivered on the dead connection and comes back from the broker (RabbitMQ at once,
+    # Redis after the visibility timeout); a batch still counted as running there must not
+    # keep the new connection's messages waiting (tests/faults, RabbitMQ restart).
+    if gatherer is None or gatherer.max_size != max_size or gatherer.connection is not consumer.connection:
         gatherer = Gatherer(consumer, max_size)
         consumer._creditworker_gatherer = gatherer
     build_request = celery_internals.request_builder(task, app, consumer)
