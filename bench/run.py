@@ -44,11 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from creditworker.audit import audit  # noqa: E402
-from creditworker.credits import CreditService  # noqa: E402
+from creditworker.engine import CreditService, SubscriptionService  # noqa: E402
 from creditworker.settings import Settings  # noqa: E402
 from creditworker.storage.database import make_engine  # noqa: E402
 from creditworker.storage.migrate import upgrade  # noqa: E402
-from creditworker.subscriptions import SubscriptionService  # noqa: E402
 from creditworker.worker import commands  # noqa: E402
 from producers import CreditClient  # noqa: E402
 from plain_celery import QUEUE as PLAIN_QUEUE  # noqa: E402

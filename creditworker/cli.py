@@ -55,7 +55,7 @@ def _database_url() -> str:
 
 
 def _service() -> Any:
-    from creditworker.credits import CreditService
+    from creditworker.engine import CreditService
     from creditworker.storage.readiness import ready_engine
 
     return CreditService.from_settings(database=ready_engine(_database_url()))
@@ -286,7 +286,7 @@ def deduct(
 
 
 def _subscriptions() -> Any:
-    from creditworker.subscriptions import SubscriptionService
+    from creditworker.engine import SubscriptionService
 
     return SubscriptionService(_service())
 

@@ -11,10 +11,9 @@ import pytest
 import typer
 
 from creditworker.cli import app as cli_app
-from creditworker.credits import CreditService
+from creditworker.engine import CreditService, SubscriptionService
 from creditworker.operations import BY_REQUEST, BY_TASK, OPERATIONS, Operation, contract_table
 from creditworker.settings import Settings
-from creditworker.subscriptions import SubscriptionService
 from creditworker.worker import tasks
 from creditworker.worker.app import make_celery
 from creditworker.worker.gather import GatheredTask
