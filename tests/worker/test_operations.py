@@ -4,6 +4,7 @@ checked against it: tasks, engine methods, producer methods, gateway routes, CLI
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import typer
 
 from creditworker.cli import app as cli_app
 from creditworker.engine import CreditService, SubscriptionService
-from creditworker.operations import BY_REQUEST, BY_TASK, OPERATIONS, Operation, contract_table
+from creditworker.operations import BY_REQUEST, BY_TASK, DEDUCT, OPERATIONS, Operation, contract_table
 from creditworker.settings import Settings
 from creditworker.worker import tasks
 from creditworker.worker.app import make_celery
@@ -129,9 +130,17 @@ def test_the_cli_has_the_registry_commands(operation: Operation) -> None:
         group = group.commands[word]
 
 
-def test_the_node_producer_sends_a_registry_task() -> None:
+def test_the_node_producer_sends_the_deduct_task_with_its_request_fields() -> None:
+    """producers/node/deduct.js writes the task name and argument names out (it needs nothing
+    beyond Node); they must be the registry's."""
     source = (ROOT / "producers" / "node" / "deduct.js").read_text()
-    assert "'creditworker.credits.deduct'" in source and "creditworker.credits.deduct" in BY_TASK
+    (task,) = re.findall(r"^const TASK = '([^']+)';$", source, re.MULTILINE)
+    (literal,) = re.findall(r"const kwargs = \{([^}]*)\}", source)
+    sent = set(re.findall(r"(\w+):", literal)) | set(re.findall(r"kwargs\.(\w+) =", source))
+    assert task == DEDUCT.task
+    assert sent <= set(DEDUCT.request.model_fields), sent - set(DEDUCT.request.model_fields)
+    assert {name for name, field in DEDUCT.request.model_fields.items() if field.is_required()} <= sent
+    assert "idempotency_key" in sent
 
 
 def _documented_table() -> str:
