@@ -3,8 +3,10 @@ checked against it: tasks, engine methods, producer methods, gateway routes, CLI
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,14 @@ import typer
 
 from creditworker.cli import app as cli_app
 from creditworker.engine import CreditService, SubscriptionService
-from creditworker.operations import BY_REQUEST, BY_TASK, DEDUCT, OPERATIONS, Operation, contract_table
+from creditworker.operations import (
+    BY_REQUEST,
+    BY_TASK,
+    DEDUCT,
+    OPERATIONS,
+    Operation,
+    contract_table,
+)
 from creditworker.settings import Settings
 from creditworker.worker import tasks
 from creditworker.worker.app import make_celery
@@ -76,6 +85,23 @@ def test_each_producer_method_takes_its_request_fields(client: type, operation: 
 
 
 @pytest.mark.parametrize("client", [CreditClient, AsyncCreditClient])
+@pytest.mark.parametrize("operation", PRODUCED, ids=_ids)
+def test_each_producer_method_requires_and_defaults_as_its_request_does(
+    client: type, operation: Operation
+) -> None:
+    """A method's own default would be sent in place of the model's: only None may differ."""
+    assert operation.producer is not None
+    parameters = {name: p for name, p in inspect.signature(getattr(client, operation.producer)).parameters.items()
+                  if name not in {"self", *CLIENT_ONLY} and p.kind is not inspect.Parameter.VAR_KEYWORD}
+    fields = operation.request.model_fields
+    required = {name for name, p in parameters.items() if p.default is inspect.Parameter.empty}
+    assert required == {name for name, field in fields.items() if field.is_required()}
+    for name, parameter in parameters.items():
+        if parameter.default not in (inspect.Parameter.empty, None):
+            assert parameter.default == fields[name].default, name
+
+
+@pytest.mark.parametrize("client", [CreditClient, AsyncCreditClient])
 def test_reserve_and_wait_takes_the_reserve_fields_and_a_timeout(client: type) -> None:
     parameters = set(inspect.signature(client.reserve_credits).parameters) - {"self"}
     assert parameters == set(BY_TASK["creditworker.credits.reserve"].request.model_fields) | {"timeout"}
@@ -96,15 +122,34 @@ class _Recording(CreditClient):
         return None
 
 
+def _required_samples(method: Any) -> dict[str, Any]:
+    return {name: SAMPLES[name] for name, p in inspect.signature(method).parameters.items()
+            if p.default is inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD}
+
+
 @pytest.mark.parametrize("operation", PRODUCED, ids=_ids)
 def test_each_producer_method_sends_its_operations_task(operation: Operation) -> None:
     assert operation.producer is not None
     client = _Recording()
     method = getattr(client, operation.producer)
-    required = [name for name, p in inspect.signature(method).parameters.items()
-                if p.default is inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD]
-    method(**{name: SAMPLES[name] for name in required})
+    method(**_required_samples(method))
     (request,) = client.sent
+    assert BY_REQUEST[type(request)] is operation
+
+
+@pytest.mark.parametrize("operation", PRODUCED, ids=_ids)
+def test_each_async_producer_method_sends_its_operations_task(operation: Operation) -> None:
+    """The async methods name the sync method they run in a thread: the name must be theirs."""
+    assert operation.producer is not None
+    client = AsyncCreditClient.__new__(AsyncCreditClient)  # no app: nothing is sent
+    client.sync = recording = _Recording()
+    client._executor = ThreadPoolExecutor(1)
+    try:
+        method = getattr(client, operation.producer)
+        asyncio.run(method(**_required_samples(method)))
+    finally:
+        client._executor.shutdown()
+    (request,) = recording.sent
     assert BY_REQUEST[type(request)] is operation
 
 
