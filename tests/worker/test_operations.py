@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import typer
 
+from creditworker.cli import OPERATION_COMMANDS, OperationCommand
 from creditworker.cli import app as cli_app
 from creditworker.engine import CreditService, SubscriptionService
 from creditworker.operations import (
@@ -167,12 +168,35 @@ def test_the_gateway_serves_the_registry_routes() -> None:
     assert served - registered == not_operations
 
 
-@pytest.mark.parametrize("operation", [op for op in OPERATIONS if op.cli], ids=_ids)
-def test_the_cli_has_the_registry_commands(operation: Operation) -> None:
-    assert operation.cli is not None
+def _click_command(cli_name: str) -> Any:
     group: Any = typer.main.get_command(cli_app)
-    for word in operation.cli.split():
+    for word in cli_name.split():
         group = group.commands[word]
+    return group
+
+
+def test_the_cli_runs_the_operations_the_registry_gives_a_command() -> None:
+    assert set(OPERATION_COMMANDS) == {operation.cli for operation in OPERATIONS if operation.cli}
+    for name, command in OPERATION_COMMANDS.items():
+        assert command.operation.cli == name
+        assert inspect.unwrap(_click_command(name).callback) is command.function
+
+
+@pytest.mark.parametrize("command", OPERATION_COMMANDS.values(), ids=lambda command: command.operation.cli)
+def test_each_cli_command_takes_its_request_fields(command: OperationCommand) -> None:
+    """Every field is a parameter (under its own name or a declared one) unless declared left
+    out; a required field is an argument, an optional one an option."""
+    fields = command.operation.request.model_fields
+    parameters = set(inspect.signature(command.function).parameters) - {"as_json"}
+    assert command.cli_only <= parameters and command.left_out <= set(fields)
+    assert set(command.renamed) <= parameters and set(command.renamed.values()) <= set(fields)
+    filled = {command.renamed.get(name, name) for name in parameters - command.cli_only}
+    assert filled == set(fields) - command.left_out
+    renamed_back = {field: name for name, field in command.renamed.items()}
+    for param in _click_command(command.operation.cli).params:
+        field = renamed_back.get(param.name, param.name)
+        if field in fields:
+            assert (param.param_type_name == "argument") == fields[field].is_required(), field
 
 
 def test_the_node_producer_sends_the_deduct_task_with_its_request_fields() -> None:
