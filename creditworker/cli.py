@@ -305,10 +305,7 @@ def history(
 ) -> None:
     """Show a user's ledger entries, newest first."""
     entries = _run(HISTORY, locals())
-    if as_json:
-        _print_json(entries)
-    else:
-        console.print(_entry_table(entries, f"history of {user_id}"))
+    _print_json(entries) if as_json else console.print(_entry_table(entries, f"history of {user_id}"))
 
 
 def _parse_amount(amount: str) -> int:
@@ -341,10 +338,7 @@ def add(
 ) -> None:
     """Grant credits to a user."""
     entry = _run(ADD, locals(), amount=_parse_amount(amount))
-    if as_json:
-        _print_json(entry)
-    else:
-        console.print(_entry_table([entry], f"added {entry.amount} to {user_id}"))
+    _print_json(entry) if as_json else console.print(_entry_table([entry], f"added {entry.amount} to {user_id}"))
 
 
 @_runs(DEDUCT, left_out=NOT_ON_THE_COMMAND_LINE, negative_numbers=True)
@@ -357,10 +351,7 @@ def deduct(
 ) -> None:
     """Consume credits now."""
     entry = _run(DEDUCT, locals(), amount=_parse_amount(amount))
-    if as_json:
-        _print_json(entry)
-    else:
-        console.print(_entry_table([entry], f"deducted {-entry.amount} from {user_id}"))
+    _print_json(entry) if as_json else console.print(_entry_table([entry], f"deducted {-entry.amount} from {user_id}"))
 
 
 # ---------------------------------------------------------------------------- plans

@@ -61,6 +61,11 @@ def test_the_engine_method_takes_the_request_fields(operation: Operation) -> Non
     assert takes_any or wanted <= set(parameters), wanted - set(parameters)
     if operation.keyed:
         assert "idempotency_key" in parameters  # a write is idempotent on redelivery
+    for name, field in operation.request.model_fields.items():  # the engine parses its arguments
+        if name in parameters:  # into the request: its own default would replace the model's
+            default = parameters[name].default
+            assert (default is inspect.Parameter.empty) == field.is_required(), name
+            assert default in (inspect.Parameter.empty, None) or default == field.default, name
 
 
 def test_every_operation_is_a_task_of_the_app_and_the_gathered_ones_gather() -> None:
