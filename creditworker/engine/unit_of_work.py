@@ -12,17 +12,18 @@ import uuid
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Table, select
+from sqlalchemy import Table
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from creditworker.engine import account as accounts
-from creditworker.engine.results import entry_reference, entry_row_record, referenced_entry
+from creditworker.engine.results import entry_row_record, referenced_entry
 from creditworker.engine.rules import Account, Hold, Posting, low_credit_crossing
 from creditworker.errors import UnknownReservation, UnknownUser
 from creditworker.events import CreditsLow, _Event
+from creditworker.storage import bulk
 from creditworker.storage.tables import Entry, Operation
 
 ResultSource = Posting | dict[str, Any]
@@ -49,10 +50,17 @@ class OperationRecord:
     source: ResultSource
 
     @property
-    def stored_result(self) -> dict[str, Any]:
-        """The result as the row stores it; a posting's is a reference to its entry, whose id
-        the writer gave it."""
-        return entry_reference(self.source) if isinstance(self.source, Posting) else self.source
+    def references_entry(self) -> bool:
+        """The row stores a reference to the posting's entry (`{"entry_id": id}`, filled in
+        by the writer), not a whole result."""
+        return isinstance(self.source, Posting)
+
+
+operations_table = cast(Table, Operation.__table__)
+entries_table = cast(Table, Entry.__table__)
+ENTRY_COLUMNS = ("id", "user_id", "kind", "amount", "held", "balance_after", "reserved_after", "lot_id",
+                 "reservation_id", "draws", "description", "metadata", "idempotency_key", "created_at")
+"""The columns `entry_row_record` reads, in its order."""
 
 
 class UnitOfWork:
@@ -109,20 +117,13 @@ class UnitOfWork:
 
     def known_operations(self, keys: Collection[str]) -> dict[str, StoredOperation]:
         """The operation rows already stored for `keys` (one query)."""
-        if not keys:
-            return {}
-        table = Operation.__table__
-        rows = self.connection.execute(
-            select(table.c.idempotency_key, table.c.kind, table.c.fingerprint, table.c.result)
-            .where(table.c.idempotency_key.in_(sorted(set(keys))))
-        )
-        known = {row[0]: StoredOperation(row[1], row[2], row[3]) for row in rows}
+        known = {row[0]: StoredOperation(row[1], row[2], row[3]) for row in bulk.rows_where_in(
+            self.connection, operations_table, ("idempotency_key", "kind", "fingerprint", "result"),
+            "idempotency_key", keys)}
         referencing = {entry_id: operation for operation in known.values()
                        if (entry_id := referenced_entry(operation.result)) is not None}
-        if referencing:
-            entries = Entry.__table__
-            for row in self.connection.execute(select(entries).where(entries.c.id.in_(sorted(referencing)))):
-                referencing[row.id].result = entry_row_record(row)
+        for row in bulk.rows_where_in(self.connection, entries_table, ENTRY_COLUMNS, "id", referencing):
+            referencing[row[0]].result = entry_row_record(row)
         return known
 
     # ------------------------------------------------------------------ deciding
