@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Table, select
+from sqlalchemy import Table, bindparam, select, tuple_
 from sqlalchemy.orm import Session
 
 from creditworker.contract import ReservationStatus
@@ -44,22 +44,42 @@ def _scan(service: CreditService, query: Any) -> list[Any]:
         return list(session.scalars(query))
 
 
+def _scan_rows(service: CreditService, query: Any) -> list[tuple[Any, ...]]:
+    """A page of a keyset scan, which must walk its index in order: PostgreSQL's planner,
+    when its statistics say that few rows match (a table just filled, not analysed yet),
+    prefers reading the whole table and sorting it, and then every page reads every lot."""
+    with service.engine.connect() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off")
+        return [tuple(row) for row in connection.execute(query)]
+
+
+def _after(last: Any) -> list[Any]:
+    """Keyset paging over the (expires_at, id) index: only the lots after the last one seen,
+    so a sweep reads each index entry once, whatever it already changed behind it."""
+    if last is None:
+        return []
+    return [tuple_(Lot.expires_at, Lot.id) > tuple_(
+        bindparam(None, last[0], type_=Lot.__table__.c.expires_at.type), bindparam(None, last[1], type_=Lot.__table__.c.id.type)
+    )]
+
+
 def expire_lots(service: CreditService, at: datetime) -> int:
     """Expire every lot past its expiry; returns the number of expiry entries written."""
     written = 0
-    after_id = 0
+    last = None
     while True:
-        lot_ids: list[int] = _scan(service, select(Lot.id)
-                                   .where(Lot.expires_at <= at, Lot.remaining > 0, Lot.id > after_id)
-                                   .order_by(Lot.id).limit(SWEEP_CHUNK))
-        if not lot_ids:
+        rows = _scan_rows(service, select(Lot.expires_at, Lot.id, Lot.user_id)
+                          .where(Lot.expires_at <= at, Lot.remaining > 0, *_after(last))
+                          .order_by(Lot.expires_at, Lot.id).limit(SWEEP_CHUNK))
+        if not rows:
             return written
-        after_id = lot_ids[-1]
-        written += service.run(partial(_expire_lot_chunk, lot_ids=lot_ids), now=at)
+        last = rows[-1][:2]
+        owners = {row[2] for row in rows}  # a lot's owner never changes: the unlocked scan may read it
+        written += service.run(partial(_expire_lot_chunk, lot_ids=[row[1] for row in rows], owners=owners), now=at)
 
 
-def _expire_lot_chunk(uow: UnitOfWork, lot_ids: list[int]) -> int:
-    owners = uow.connection.scalars(select(Lot.user_id).where(Lot.id.in_(lot_ids)).distinct())
+def _expire_lot_chunk(uow: UnitOfWork, lot_ids: list[int], owners: set[str]) -> int:
     uow.lock(owners)
     by_user: dict[str, list[rules.Lot]] = defaultdict(list)
     for lot in accounts.load_lots(uow.connection, lot_ids):
@@ -114,16 +134,15 @@ def remind(service: CreditService, at: datetime) -> int:
         return 0
     horizon = at + timedelta(days=days[-1])
     sent = 0
-    after_id = 0
+    last = (at, 2**62)  # after every lot that expires at `at` or before
     while True:
-        lot_ids: list[int] = _scan(service, select(Lot.id)
-                                   .where(Lot.expires_at > at, Lot.expires_at <= horizon, Lot.remaining > 0,
-                                          Lot.id > after_id)
-                                   .order_by(Lot.id).limit(SWEEP_CHUNK))
-        if not lot_ids:
+        rows = _scan_rows(service, select(Lot.expires_at, Lot.id)
+                          .where(Lot.expires_at <= horizon, Lot.remaining > 0, *_after(last))
+                          .order_by(Lot.expires_at, Lot.id).limit(SWEEP_CHUNK))
+        if not rows:
             return sent
-        after_id = lot_ids[-1]
-        sent += service.run(partial(_remind_chunk, lot_ids=lot_ids, days=days), now=at)
+        last = rows[-1]
+        sent += service.run(partial(_remind_chunk, lot_ids=[row[1] for row in rows], days=days), now=at)
 
 
 def _remind_chunk(uow: UnitOfWork, lot_ids: list[int], days: Sequence[int]) -> int:
