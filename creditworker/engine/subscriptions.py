@@ -59,6 +59,7 @@ from creditworker.plans_contract import (
     Subscription,
     UpdatePlan,
 )
+from creditworker.storage import bulk
 from creditworker.storage.tables import PlanRow, SubscriptionRow
 
 subscriptions_table = cast(Table, SubscriptionRow.__table__)
@@ -367,30 +368,26 @@ class SubscriptionService:
 
         def decide(uow: UnitOfWork) -> int:
             session = uow.session
-            uow.lock(session.scalars(
-                select(SubscriptionRow.user_id).where(SubscriptionRow.id.in_(subscription_ids))
-            ))
-            rows = list(session.scalars(  # re-read under the locks: what the scan saw may be stale
-                select(SubscriptionRow).where(SubscriptionRow.id.in_(subscription_ids))
-                .order_by(SubscriptionRow.id).execution_options(populate_existing=True)
-            ))
+            owners = bulk.rows_where_in(uow.connection, subscriptions_table, ("user_id",), "id", subscription_ids)
+            uow.lock(row[0] for row in owners)
+            rows = [  # re-read under the locks: what the scan saw may be stale
+                _PeriodRow(*row) for row in bulk.rows_where_in(
+                    uow.connection, subscriptions_table, _PeriodRow.__slots__, "id", subscription_ids, order_by="id")
+            ]
             advances = [self._plan_advance(session, row, uow.at, backfill) for row in rows]
             granted_keys = uow.known_operations([key for advance in advances for _n, key in advance.periods])
             granted = sum(self._advance(uow, advance, granted_keys) for advance in advances)
             moved = [advance.row for advance in advances if advance.end or advance.plan is not None]
-            # The writer updates the moved rows in one statement; the ORM must not flush them too.
             uow.update_rows(subscriptions_table, "id", [
                 {column: getattr(row, column) for column in PERIOD_COLUMNS} for row in moved
             ])
-            for row in moved:
-                session.expunge(row)
             return granted
 
         return self.credits.run(decide, now=now)
 
     # ------------------------------------------------------------------ machinery
 
-    def _plan_advance(self, session: Session, row: SubscriptionRow, at: datetime, backfill: bool) -> _Advance:
+    def _plan_advance(self, session: Session, row: _PeriodRow, at: datetime, backfill: bool) -> _Advance:
         """What allocation will do to `row`: end it, or move it (maybe to its pending plan)
         to the period containing `at`, granting these periods (each with its key)."""
         if row.status != ACTIVE or row.current_period_end > at:
@@ -435,7 +432,7 @@ class SubscriptionService:
     def _expiry(plan: PlanRow, start: datetime, end: datetime) -> datetime:
         return start + timedelta(days=plan.validity_days) if plan.validity_days else end
 
-    def _grant_period(self, uow: UnitOfWork, row: SubscriptionRow, plan: PlanRow, n: int, key: str,
+    def _grant_period(self, uow: UnitOfWork, row: SubscriptionRow | _PeriodRow, plan: PlanRow, n: int, key: str,
                       *, system: bool = False) -> bool:
         start = period_start(row.anchor_at, plan.billing_period, n)
         end = period_start(row.anchor_at, plan.billing_period, n + 1)
@@ -458,7 +455,7 @@ class SubscriptionService:
         ))
         return True
 
-    def _end(self, uow: UnitOfWork, row: SubscriptionRow, ended_at: datetime) -> None:
+    def _end(self, uow: UnitOfWork, row: SubscriptionRow | _PeriodRow, ended_at: datetime) -> None:
         row.status = ENDED
         row.ended_at = ended_at
         row.cancel_at_period_end = False
@@ -491,12 +488,31 @@ class SubscriptionService:
         return row
 
 
+@dataclass(slots=True)
+class _PeriodRow:
+    """What allocation reads and changes of a subscription row (plain data: the writer
+    writes the changes back in one statement with the rest of the unit of work)."""
+
+    id: int
+    user_id: str
+    plan_id: int
+    pending_plan_id: int | None
+    status: str
+    anchor_at: datetime
+    period_index: int
+    current_period_start: datetime
+    current_period_end: datetime
+    cancel_at_period_end: bool
+    ended_at: datetime | None
+    updated_at: datetime
+
+
 @dataclass
 class _Advance:
     """One subscription's allocation step, planned before any grant (so that the keys of
     every period in a chunk are looked up in one query)."""
 
-    row: SubscriptionRow
+    row: _PeriodRow
     plan: PlanRow | None
     anchor: datetime
     periods: list[tuple[int, str]]
