@@ -11,8 +11,8 @@ lock holder had already drawn.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
-from datetime import datetime
+from collections.abc import Collection, Iterable, Mapping
+from datetime import datetime, timezone
 from typing import cast
 
 from sqlalchemy import Table
@@ -65,18 +65,53 @@ def _lot(row: tuple[object, ...]) -> Lot:
     return lot
 
 
-def load_live_lots(connection: Connection, accounts: Iterable[Account]) -> None:
-    """Give each account every lot with credits left, in the draw-down order (one query)."""
+def load_live_lots(connection: Connection, accounts: Iterable[Account],
+                   drawing: Mapping[str, int] | None = None) -> None:
+    """Give each account its lots with credits left, in the draw-down order (one query).
+
+    With `drawing` (at most how much each account's draws may take in this unit of work),
+    PostgreSQL sends only the lots that come first in the draw-down order until they cover
+    that much: the lots a draw can reach. Lots granted later in the unit of work only add
+    to what is there, so the prefix stays enough. Other databases send every live lot.
+    """
     wanting = {account.user_id: account for account in accounts if not account.lots_loaded}
     if not wanting:
         return
     for account in wanting.values():
         account.lots, account.lots_loaded = [], True
-    for row in bulk.rows_where_in(connection, lots_table, LOT_COLUMNS, "user_id", wanting, where="remaining > 0"):
+    if drawing is not None and connection.dialect.name == "postgresql":
+        rows = _lots_prefix(connection, {user_id: max(0, drawing.get(user_id, 0)) for user_id in wanting})
+    else:
+        rows = bulk.rows_where_in(connection, lots_table, LOT_COLUMNS, "user_id", wanting, where="remaining > 0")
+    for row in rows:
         wanting[row[1]].lots.append(_lot(row))  # type: ignore[index]
     for account in wanting.values():
         if len(account.lots) > 1:
             account.lots.sort(key=draw_order)
+
+
+_PREFIX = (
+    "SELECT {columns} FROM (SELECT l.*, n.needed, sum(l.remaining) OVER (PARTITION BY l.user_id"
+    " ORDER BY l.priority, l.expires_at IS NULL, l.expires_at, l.id) - l.remaining AS before"
+    " FROM credit_lots l JOIN unnest(CAST(%(users)s AS text[]), CAST(%(needed)s AS bigint[])) AS n(user_id, needed)"
+    " ON l.user_id = n.user_id WHERE l.remaining > 0) x WHERE x.before < x.needed"
+).format(columns=", ".join(LOT_COLUMNS))
+"""The lots in draw-down order (as `rules.draw_order` sorts them) whose credits before them
+do not cover what the account may draw."""
+
+
+def _lots_prefix(connection: Connection, needed: Mapping[str, int]) -> list[tuple[object, ...]]:
+    users = sorted(user_id for user_id, amount in needed.items() if amount > 0)
+    if not users:
+        return []
+    rows = connection.exec_driver_sql(_PREFIX, {
+        "users": bulk.text_array(users), "needed": "{" + ",".join(str(needed[user]) for user in users) + "}",
+    }).fetchall()
+    return [(*row[:5], _utc(row[5]), row[6], _utc(row[7]), row[8]) for row in rows]
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.replace(tzinfo=timezone.utc)
 
 
 def load_lots(connection: Connection, lot_ids: Collection[int]) -> list[Lot]:

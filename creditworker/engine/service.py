@@ -442,10 +442,27 @@ class CreditService:
         users = {request.user_id for request in valid if isinstance(request, (DeductCredits, ReserveCredits))}
         hold_ids = {request.reservation_id for request in valid
                     if isinstance(request, (CommitReservation, ReleaseReservation))}
-        drawing = any(isinstance(request, (DeductCredits, CommitReservation)) for request in valid)
+        deducted: dict[str, int] = {}
+        commits: list[CommitReservation] = []
+        for request in valid:
+            if isinstance(request, DeductCredits):
+                deducted[request.user_id] = deducted.get(request.user_id, 0) + request.amount
+            elif isinstance(request, CommitReservation):
+                commits.append(request)
+
+        def drawing(holds: Mapping[str, rules.Hold]) -> dict[str, int]:
+            """At most what each account's draws can take: its deducts and its commits' charges."""
+            most = dict(deducted)
+            for commit in commits:
+                hold = holds.get(commit.reservation_id)
+                if hold is not None:
+                    charged = hold.amount if commit.amount is None else commit.amount
+                    most[hold.user_id] = most.get(hold.user_id, 0) + charged
+            return most
 
         def decide(uow: UnitOfWork) -> tuple[list[ResultSource | CreditError], list[tuple[Request, CreditError]]]:
-            unborn = uow.lock(users, creating=adding, hold_ids=hold_ids, with_lots=drawing)
+            unborn = uow.lock(users, creating=adding, hold_ids=hold_ids,
+                              with_lots=drawing if deducted or commits else False)
             known = uow.known_operations(chosen)
             results: list[ResultSource | CreditError | None] = [None] * len(requests)
             refused: list[tuple[Request, CreditError]] = []

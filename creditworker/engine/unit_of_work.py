@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import threading
 import uuid
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -87,21 +87,25 @@ class UnitOfWork:
     # ------------------------------------------------------------------ reading
 
     def lock(self, user_ids: Iterable[str], *, creating: Collection[str] = (), hold_ids: Collection[str] = (),
-             with_lots: bool = False) -> set[str]:
+             with_lots: bool | Callable[[Mapping[str, Hold]], Mapping[str, int]] = False) -> set[str]:
         """Lock the accounts of `user_ids` and of the holds named, in one sorted query.
 
         Accounts for `creating` are created first where missing (returned: they exist for
-        the other operations only once a grant to them succeeds). `with_lots` loads every
-        live lot of the locked accounts, for draws; the named holds are re-read after the
-        lock, since what was read before it may be stale.
+        the other operations only once a grant to them succeeds). The named holds are
+        re-read after the lock, since what was read before it may be stale. `with_lots`
+        loads the live lots of the locked accounts, for draws: all of them, or, given a
+        function of the holds read that says how much each account may draw at most in
+        this unit of work, the lots that come first in the draw-down order until they
+        cover that much (`account.load_live_lots`).
         """
         owners = accounts.hold_owners(self.connection, hold_ids)
         created = accounts.create_missing(self.connection, creating, self.at)
         locked = accounts.lock(self.connection, {*user_ids, *creating, *owners.values()})
         self.accounts.update(locked)
-        if with_lots:
-            accounts.load_live_lots(self.connection, locked.values())
         self.holds.update(accounts.load_holds(self.connection, owners))
+        if with_lots:
+            accounts.load_live_lots(self.connection, locked.values(),
+                                    None if with_lots is True else with_lots(self.holds))
         return created
 
     def account(self, user_id: str) -> Account:

@@ -199,11 +199,11 @@ def _arrays(table: Table, rows: Sequence[dict[str, Any]], prefix: str) -> dict[s
         elif isinstance(column_type, Boolean):
             array = "{" + ",".join("NULL" if value is None else "tf"[not value] for value in values) + "}"
         elif isinstance(column_type, UtcDateTime):
-            array = _text_array([_timestamp(value) for value in values])
+            array = text_array([_timestamp(value) for value in values])
         elif isinstance(column_type, JSON):
-            array = _text_array([None if value is None else _json(value) for value in values])
+            array = text_array([None if value is None else _json(value) for value in values])
         else:
-            array = _text_array([None if value is None else str(value) for value in values])
+            array = text_array([None if value is None else str(value) for value in values])
         arrays[prefix + name] = array
     return arrays
 
@@ -223,7 +223,7 @@ def _timestamp(value: datetime | None) -> str | None:
     return None if value is None else value.astimezone(timezone.utc).replace(tzinfo=None).isoformat()
 
 
-def _text_array(values: list[str | None]) -> str:
+def text_array(values: list[str | None]) -> str:
     """Text elements double-quoted, escaped one by one only when some value needs it."""
     if not values:
         return "{}"
