@@ -45,7 +45,7 @@ from creditworker.contract import (
     UserId,
     UtcDateTime,
 )
-from creditworker.credits import CreditService
+from creditworker.engine import CreditService, SubscriptionService
 from creditworker.errors import CreditError, ServiceUnavailable, ValidationFailed
 from creditworker.http.auth import (
     ApiKeyCheck,
@@ -73,7 +73,6 @@ from creditworker.plans_contract import (
 )
 from creditworker.settings import Settings, get_settings
 from creditworker.storage.database import is_transient
-from creditworker.subscriptions import SubscriptionService
 from producers.aio import AsyncCreditClient, AsyncTaskHandle
 from producers.client import DEFAULT_TIMEOUT, unwrap
 
