@@ -10,13 +10,16 @@ change, so a replay rebuilds the same dict from the row, and the operation row s
 from __future__ import annotations
 
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from creditworker.engine.rules import Hold, Posting
 
 
+@lru_cache(maxsize=256)
 def iso(at: datetime) -> str:
-    """A datetime as pydantic writes it in JSON mode (UTC as `Z`)."""
+    """A datetime as pydantic writes it in JSON mode (UTC as `Z`); a batch's entries share
+    one time, so it is converted once."""
     text = at.isoformat()
     return text[:-6] + "Z" if text.endswith("+00:00") else text
 
