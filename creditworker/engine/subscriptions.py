@@ -21,7 +21,6 @@ Policies:
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -36,7 +35,7 @@ from sqlalchemy.orm import Session
 from creditworker.contract import CreditSource, parse
 from creditworker.engine import rules
 from creditworker.engine.service import CreditService, aware
-from creditworker.engine.unit_of_work import UnitOfWork
+from creditworker.engine.unit_of_work import UnitOfWork, new_event_id
 from creditworker.errors import (
     DuplicatePlan,
     PlanInUse,
@@ -81,9 +80,6 @@ def plan_model(row: PlanRow) -> Plan:
 def subscription_model(row: SubscriptionRow) -> Subscription:
     return Subscription.model_validate(row, from_attributes=True)
 
-
-def _event_id() -> str:
-    return str(uuid.uuid4())
 
 
 class SubscriptionService:
@@ -295,7 +291,7 @@ class SubscriptionService:
             subscription.cancel_at_period_end = False
             subscription.updated_at = at
             uow.emit(SubscriptionChanged(
-                event_id=_event_id(), occurred_at=at, user_id=request.user_id,
+                event_id=new_event_id(), occurred_at=at, user_id=request.user_id,
                 subscription_id=subscription.id, old_plan_id=old.id, new_plan_id=new.id,
                 effective_at=effective_at, credits_granted=granted,
             ))
@@ -449,7 +445,7 @@ class SubscriptionService:
         assert lot is not None
         user_id, subscription_id, plan_id, credits, at = row.user_id, row.id, plan.id, plan.credit_limit, uow.at
         uow.emit(lambda: SubscriptionAllocated(  # the lot's id exists once the writer inserted it
-            event_id=_event_id(), occurred_at=at, user_id=user_id, subscription_id=subscription_id,
+            event_id=new_event_id(), occurred_at=at, user_id=user_id, subscription_id=subscription_id,
             plan_id=plan_id, period_index=n, period_start=start, period_end=end, credits=credits,
             lot_id=_written(lot.id),
         ))
@@ -461,7 +457,7 @@ class SubscriptionService:
         row.cancel_at_period_end = False
         row.pending_plan_id = None
         uow.emit(SubscriptionEnded(
-            event_id=_event_id(), occurred_at=uow.at, user_id=row.user_id,
+            event_id=new_event_id(), occurred_at=uow.at, user_id=row.user_id,
             subscription_id=row.id, plan_id=row.plan_id,
         ))
 

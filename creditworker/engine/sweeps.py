@@ -8,7 +8,6 @@ sweep holds locks over a whole table, and two sweeps running at once do each row
 
 from __future__ import annotations
 
-import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -21,7 +20,7 @@ from sqlalchemy.orm import Session
 from creditworker.contract import ReservationStatus
 from creditworker.engine import account as accounts
 from creditworker.engine import rules
-from creditworker.engine.unit_of_work import UnitOfWork
+from creditworker.engine.unit_of_work import UnitOfWork, new_event_id
 from creditworker.events import CreditsExpired, CreditsExpiring, ReservationExpired
 from creditworker.storage import bulk
 from creditworker.storage.tables import ExpiryReminder, Hold, Lot
@@ -34,9 +33,6 @@ if TYPE_CHECKING:
 SWEEP_CHUNK = 1000
 """Rows a sweep handles per transaction, so no sweep holds locks over a whole table."""
 
-
-def _event_id() -> str:
-    return str(uuid.uuid4())
 
 
 def _scan(service: CreditService, query: Any) -> list[Any]:
@@ -90,7 +86,7 @@ def _expire_lot_chunk(uow: UnitOfWork, lot_ids: list[int], owners: set[str]) -> 
             uow.post(posting)
             uow.record_system_operation(posting.idempotency_key, "ExpireLot", user_id)
             assert posting.lot is not None and posting.lot.id is not None
-            uow.emit(CreditsExpired(event_id=_event_id(), occurred_at=uow.at, user_id=user_id,
+            uow.emit(CreditsExpired(event_id=new_event_id(), occurred_at=uow.at, user_id=user_id,
                                     lot_id=posting.lot.id, amount=-posting.amount))
             written += 1
     return written
@@ -121,7 +117,7 @@ def _expire_hold_chunk(uow: UnitOfWork, hold_ids: list[str]) -> int:
             continue
         uow.post(posting)
         uow.record_system_operation(posting.idempotency_key, "ExpireReservation", hold.user_id)
-        uow.emit(ReservationExpired(event_id=_event_id(), occurred_at=uow.at, user_id=hold.user_id,
+        uow.emit(ReservationExpired(event_id=new_event_id(), occurred_at=uow.at, user_id=hold.user_id,
                                     reservation_id=hold.id, amount=hold.amount))
         released += 1
     return released
@@ -157,7 +153,7 @@ def _remind_chunk(uow: UnitOfWork, lot_ids: list[int], days: Sequence[int]) -> i
     for lot_id, day in sorted(claimed):
         lot = due[(lot_id, day)]
         assert lot.expires_at is not None
-        uow.emit(CreditsExpiring(event_id=_event_id(), occurred_at=uow.at, user_id=lot.user_id, lot_id=lot_id,
+        uow.emit(CreditsExpiring(event_id=new_event_id(), occurred_at=uow.at, user_id=lot.user_id, lot_id=lot_id,
                                  remaining=lot.remaining, expires_at=lot.expires_at, days_before=day))
     return len(claimed)
 
