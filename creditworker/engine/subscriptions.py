@@ -68,6 +68,8 @@ PERIOD_COLUMNS = ("id", "plan_id", "pending_plan_id", "status", "anchor_at", "pe
 """What allocation changes on a subscription row."""
 
 ACTIVE = "active"
+_DUE_KEY = (subscriptions_table.c.current_period_end, subscriptions_table.c.id)
+"""Allocation pages through the due subscriptions in this order (an index of its own)."""
 ENDED = "ended"
 ALLOCATION_CHUNK = 200
 """Subscriptions allocated per transaction."""
@@ -349,13 +351,19 @@ class SubscriptionService:
             ))
 
     def allocate_due(self, now: datetime | None = None, *, backfill: bool = False) -> int:
-        """Grant every due subscription its period, chunk by chunk; returns grants made."""
+        """Grant every due subscription its period, chunk by chunk; returns grants made.
+
+        Pages through the (status, current_period_end, id) index, each page after the last:
+        a page never re-reads the rows the chunks before it moved on."""
         at = aware(now)
         granted = 0
-        after_id = 0
-        while ids := self.due_subscription_ids(at, after_id=after_id):
-            after_id = ids[-1]
-            granted += self.allocate(ids, now=at, backfill=backfill)
+        last = None
+        while rows := bulk.keyset_page(self.engine, select(*_DUE_KEY).where(
+            subscriptions_table.c.status == ACTIVE, subscriptions_table.c.current_period_end <= at,
+            *bulk.after(_DUE_KEY, last),
+        ).order_by(*_DUE_KEY).limit(self.chunk_size)):
+            last = rows[-1]
+            granted += self.allocate([row[1] for row in rows], now=at, backfill=backfill)
         return granted
 
     def allocate(self, subscription_ids: list[int], *, now: datetime | None = None,

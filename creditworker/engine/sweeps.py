@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Table, bindparam, select, tuple_
+from sqlalchemy import Table, select
 from sqlalchemy.orm import Session
 
 from creditworker.contract import ReservationStatus
@@ -40,24 +40,8 @@ def _scan(service: CreditService, query: Any) -> list[Any]:
         return list(session.scalars(query))
 
 
-def _scan_rows(service: CreditService, query: Any) -> list[tuple[Any, ...]]:
-    """A page of a keyset scan, which must walk its index in order: PostgreSQL's planner,
-    when its statistics say that few rows match (a table just filled, not analysed yet),
-    prefers reading the whole table and sorting it, and then every page reads every lot."""
-    with service.engine.connect() as connection:
-        if connection.dialect.name == "postgresql":
-            connection.exec_driver_sql("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off")
-        return [tuple(row) for row in connection.execute(query)]
-
-
-def _after(last: Any) -> list[Any]:
-    """Keyset paging over the (expires_at, id) index: only the lots after the last one seen,
-    so a sweep reads each index entry once, whatever it already changed behind it."""
-    if last is None:
-        return []
-    return [tuple_(Lot.expires_at, Lot.id) > tuple_(
-        bindparam(None, last[0], type_=Lot.__table__.c.expires_at.type), bindparam(None, last[1], type_=Lot.__table__.c.id.type)
-    )]
+_LOT_KEY = (Lot.__table__.c.expires_at, Lot.__table__.c.id)
+"""Sweeps over lots page through the (expires_at, id) index, each page after the last."""
 
 
 def expire_lots(service: CreditService, at: datetime) -> int:
@@ -65,9 +49,9 @@ def expire_lots(service: CreditService, at: datetime) -> int:
     written = 0
     last = None
     while True:
-        rows = _scan_rows(service, select(Lot.expires_at, Lot.id, Lot.user_id)
-                          .where(Lot.expires_at <= at, Lot.remaining > 0, *_after(last))
-                          .order_by(Lot.expires_at, Lot.id).limit(SWEEP_CHUNK))
+        rows = bulk.keyset_page(service.engine, select(Lot.expires_at, Lot.id, Lot.user_id)
+                               .where(Lot.expires_at <= at, Lot.remaining > 0, *bulk.after(_LOT_KEY, last))
+                               .order_by(*_LOT_KEY).limit(SWEEP_CHUNK))
         if not rows:
             return written
         last = rows[-1][:2]
@@ -132,9 +116,9 @@ def remind(service: CreditService, at: datetime) -> int:
     sent = 0
     last = (at, 2**62)  # after every lot that expires at `at` or before
     while True:
-        rows = _scan_rows(service, select(Lot.expires_at, Lot.id)
-                          .where(Lot.expires_at <= horizon, Lot.remaining > 0, *_after(last))
-                          .order_by(Lot.expires_at, Lot.id).limit(SWEEP_CHUNK))
+        rows = bulk.keyset_page(service.engine, select(Lot.expires_at, Lot.id)
+                               .where(Lot.expires_at <= horizon, Lot.remaining > 0, *bulk.after(_LOT_KEY, last))
+                               .order_by(*_LOT_KEY).limit(SWEEP_CHUNK))
         if not rows:
             return sent
         last = rows[-1]

@@ -245,7 +245,7 @@ class SubscriptionRow(Base):
 
     __tablename__ = "subscriptions"
     __table_args__ = (
-        Index("ix_subscriptions_status_current_period_end", "status", "current_period_end"),
+        Index("ix_subscriptions_status_current_period_end_id", "status", "current_period_end", "id"),
         Index("ix_subscriptions_user_id_status", "user_id", "status"),
     )
 
