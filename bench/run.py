@@ -62,9 +62,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 
 SIZES = {
     "quick": dict(single=5000, batch_ops=5000, worker_batch_ops=5000, reserve_seconds=5,
-                  ledger=100_000, lots=5000, subscriptions=2000, memory_ops=10_000),
+                  ledger=100_000, lots=5000, subscriptions=2000, memory_ops=10_000, hot_batches=20),
     "full": dict(single=5000, batch_ops=200_000, worker_batch_ops=200_000, reserve_seconds=20,
-                 ledger=10_000_000, lots=1_000_000, subscriptions=100_000, memory_ops=1_000_000),
+                 ledger=10_000_000, lots=1_000_000, subscriptions=100_000, memory_ops=1_000_000, hot_batches=100),
 }
 
 console = Console()
@@ -720,6 +720,60 @@ def allocation(database_url: str, subscriptions: int) -> dict[str, float]:
     return figures
 
 
+def _hot_account_process(database_url: str, user: str, process: int, batches: int, size: int,
+                         start: Any, results: Any) -> None:
+    """One of the hot-account step's processes: its batches of deducts on the one account."""
+    service = CreditService(make_engine(database_url))
+    service.get_user_credits_info(user)  # connected before the clock starts
+    refused = errors = 0
+    start.wait()
+    for batch in range(batches):
+        try:
+            outcomes = service.apply_batch([
+                {"op": "deduct", "user_id": user, "amount": 1, "idempotency_key": f"hot:{process}:{batch}:{i}"}
+                for i in range(size)
+            ])
+            refused += sum(not outcome.ok for outcome in outcomes)
+        except Exception:  # noqa: BLE001 - a deadlock or any other failure is what this step counts
+            errors += 1
+    results.put((refused, errors, time.time()))
+    service.engine.dispose()
+
+
+def hot_account(database_url: str, batches: int, processes: int = 4, size: int = 100) -> dict[str, float]:
+    """`processes` processes, each applying `batches` batches of `size` deducts to one
+    account at once: they serialise on its row lock; none may deadlock or fail. The time
+    runs from the start signal to the last process's last batch. It runs before the steps
+    that write rows behind the engine's back (expiry, allocation), so the audit is whole."""
+    import multiprocessing
+
+    engine = make_engine(database_url)
+    user = "hot-account"
+    CreditService(engine).add_credits(user, processes * batches * size)
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Event(), context.Queue()
+    workers = [context.Process(target=_hot_account_process, args=(database_url, user, n, batches, size, start, results))
+               for n in range(processes)]
+    for worker in workers:
+        worker.start()
+    time.sleep(2)  # every process imported and connected before the clock starts
+
+    started = time.time()
+    start.set()
+    outcomes = [results.get(timeout=600) for _ in workers]
+    for worker in workers:
+        worker.join(60)
+    elapsed = max(finished for _, _, finished in outcomes) - started
+    balance = CreditService(engine).get_user_credits_info(user).total
+    passed = audit(engine).passed
+    engine.dispose()
+    total = processes * batches * size
+    return {"hot_account_ops": float(total), "hot_account_ops_per_s": total / elapsed,
+            "hot_account_refused": float(sum(refused for refused, _, _ in outcomes)),
+            "hot_account_errors": float(sum(errors for _, errors, _ in outcomes)),
+            "hot_account_checks_passed": float(passed and balance == 0)}
+
+
 def memory(worker: Worker, service: CreditService, operations: int, size: int = 1000) -> dict[str, float]:
     """Worker resident memory before and after `operations` deducts (sent as batches)."""
     users = [f"mem-{i}" for i in range(100)]
@@ -755,7 +809,7 @@ def main() -> int:
     parser.add_argument("--plot", type=Path, default=BENCH_DIR / "results" / "reserve_latency.png",
                         help="where the reserve latency plot goes")
     parser.add_argument("--only", nargs="*", help="run only these: single, batch, batch1000, mixed_batch, "
-                        "worker_batch, reserve, balance, expiry, allocation, memory")
+                        "worker_batch, reserve, balance, expiry, allocation, hot_account, memory")
     parser.add_argument("--size", nargs="*", default=[], metavar="NAME=N",
                         help=f"override a size, e.g. lots=100000 (names: {', '.join(SIZES['full'])})")
     args = parser.parse_args()
@@ -773,7 +827,7 @@ def main() -> int:
         "taken_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     wanted = set(args.only or ["single", "batch", "batch1000", "mixed_batch", "worker_batch", "reserve", "balance",
-                               "expiry", "allocation", "memory"])
+                               "expiry", "allocation", "hot_account", "memory"])
     with (
         fresh_database() as database_url,
         tempfile.TemporaryDirectory() as workdir,
@@ -797,6 +851,7 @@ def main() -> int:
                 ("batch", lambda: batches_in_process(database_url, sizes["batch_ops"])),
                 ("batch1000", lambda: batches_in_process(database_url, sizes["batch_ops"], size=1000)),
                 ("mixed_batch", lambda: batches_in_process(database_url, sizes["batch_ops"], mixed=True)),
+                ("hot_account", lambda: hot_account(database_url, sizes["hot_batches"])),
                 ("worker_batch", lambda: batches_through_worker(worker, service, sizes["worker_batch_ops"])),
                 ("reserve", lambda: reserve_latency(worker, service, sizes["reserve_seconds"], plot=args.plot)),
                 ("balance", lambda: balance_with_big_ledger(database_url, sizes["ledger"])),

@@ -11,14 +11,15 @@ lock holder had already drawn.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
-from datetime import datetime
+from collections.abc import Collection, Iterable, Mapping
+from datetime import datetime, timezone
 from typing import cast
 
-from sqlalchemy import Table, select
+from sqlalchemy import Table
 from sqlalchemy.engine import Connection
 
 from creditworker.engine.rules import Account, Hold, Lot, draw_order
+from creditworker.storage import bulk
 from creditworker.storage.database import insert_if_absent
 from creditworker.storage.tables import Account as AccountRow
 from creditworker.storage.tables import Hold as HoldRow
@@ -34,9 +35,7 @@ def create_missing(connection: Connection, user_ids: Collection[str], at: dateti
     concurrent creator); returns those this call created."""
     if not user_ids:
         return set()
-    existing = set(connection.scalars(
-        select(accounts_table.c.user_id).where(accounts_table.c.user_id.in_(sorted(user_ids)))
-    ))
+    existing = {row[0] for row in bulk.rows_where_in(connection, accounts_table, ("user_id",), "user_id", user_ids)}
     return {
         user_id for user_id in sorted(set(user_ids) - existing)
         if insert_if_absent(connection, AccountRow, {
@@ -46,23 +45,18 @@ def create_missing(connection: Connection, user_ids: Collection[str], at: dateti
     }
 
 
+ACCOUNT_COLUMNS = ("user_id", "balance", "reserved", "low_credit_threshold", "low_credit_alerted", "overdraft_limit")
+
+
 def lock(connection: Connection, user_ids: Iterable[str]) -> dict[str, Account]:
     """The accounts that exist among `user_ids`, locked for the rest of the transaction."""
-    wanted = sorted(set(user_ids))
-    if not wanted:
-        return {}
-    columns = accounts_table.c
-    rows = connection.execute(
-        select(columns.user_id, columns.balance, columns.reserved, columns.low_credit_threshold,
-               columns.low_credit_alerted, columns.overdraft_limit)
-        .where(columns.user_id.in_(wanted)).order_by(columns.user_id).with_for_update()
-    )
+    rows = bulk.rows_where_in(connection, accounts_table, ACCOUNT_COLUMNS, "user_id", set(user_ids),
+                              order_by="user_id", for_update=True)
     return {row[0]: Account(row[0], row[1], row[2], row[3], bool(row[4]), row[5]) for row in rows}
 
 
-LOT_COLUMNS = (lots_table.c.id, lots_table.c.user_id, lots_table.c.amount, lots_table.c.remaining,
-               lots_table.c.priority, lots_table.c.expires_at, lots_table.c.source,
-               lots_table.c.created_at, lots_table.c.idempotency_key)
+LOT_COLUMNS = ("id", "user_id", "amount", "remaining", "priority", "expires_at", "source", "created_at",
+               "idempotency_key")
 
 
 def _lot(row: tuple[object, ...]) -> Lot:
@@ -71,50 +65,70 @@ def _lot(row: tuple[object, ...]) -> Lot:
     return lot
 
 
-def load_live_lots(connection: Connection, accounts: Iterable[Account]) -> None:
-    """Give each account every lot with credits left, in the draw-down order (one query)."""
+def load_live_lots(connection: Connection, accounts: Iterable[Account],
+                   drawing: Mapping[str, int] | None = None) -> None:
+    """Give each account its lots with credits left, in the draw-down order (one query).
+
+    With `drawing` (at most how much each account's draws may take in this unit of work),
+    PostgreSQL sends only the lots that come first in the draw-down order until they cover
+    that much: the lots a draw can reach. Lots granted later in the unit of work only add
+    to what is there, so the prefix stays enough. Other databases send every live lot.
+    """
     wanting = {account.user_id: account for account in accounts if not account.lots_loaded}
     if not wanting:
         return
     for account in wanting.values():
         account.lots, account.lots_loaded = [], True
-    for row in connection.execute(
-        select(*LOT_COLUMNS).where(lots_table.c.user_id.in_(sorted(wanting)), lots_table.c.remaining > 0)
-    ):
-        wanting[row[1]].lots.append(_lot(row))
+    if drawing is not None and connection.dialect.name == "postgresql":
+        rows = _lots_prefix(connection, {user_id: max(0, drawing.get(user_id, 0)) for user_id in wanting})
+    else:
+        rows = bulk.rows_where_in(connection, lots_table, LOT_COLUMNS, "user_id", wanting, where="remaining > 0")
+    for row in rows:
+        wanting[row[1]].lots.append(_lot(row))  # type: ignore[index]
     for account in wanting.values():
-        account.lots.sort(key=draw_order)
+        if len(account.lots) > 1:
+            account.lots.sort(key=draw_order)
+
+
+_PREFIX = (
+    "SELECT {columns} FROM (SELECT l.*, n.needed, sum(l.remaining) OVER (PARTITION BY l.user_id"
+    " ORDER BY l.priority, l.expires_at IS NULL, l.expires_at, l.id) - l.remaining AS before"
+    " FROM credit_lots l JOIN unnest(CAST(%(users)s AS text[]), CAST(%(needed)s AS bigint[])) AS n(user_id, needed)"
+    " ON l.user_id = n.user_id WHERE l.remaining > 0) x WHERE x.before < x.needed"
+).format(columns=", ".join(LOT_COLUMNS))
+"""The lots in draw-down order (as `rules.draw_order` sorts them) whose credits before them
+do not cover what the account may draw."""
+
+
+def _lots_prefix(connection: Connection, needed: Mapping[str, int]) -> list[tuple[object, ...]]:
+    users = sorted(user_id for user_id, amount in needed.items() if amount > 0)
+    if not users:
+        return []
+    rows = connection.exec_driver_sql(_PREFIX, {
+        "users": bulk.text_array(users), "needed": "{" + ",".join(str(needed[user]) for user in users) + "}",
+    }).fetchall()
+    return [(*row[:5], _utc(row[5]), row[6], _utc(row[7]), row[8]) for row in rows]
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.replace(tzinfo=timezone.utc)
 
 
 def load_lots(connection: Connection, lot_ids: Collection[int]) -> list[Lot]:
     """The given lots as they are now (read after their accounts were locked), in id order."""
-    if not lot_ids:
-        return []
-    return [_lot(row) for row in connection.execute(
-        select(*LOT_COLUMNS).where(lots_table.c.id.in_(sorted(lot_ids))).order_by(lots_table.c.id)
-    )]
+    return [_lot(row) for row in bulk.rows_where_in(connection, lots_table, LOT_COLUMNS, "id", lot_ids, order_by="id")]
 
 
 def hold_owners(connection: Connection, hold_ids: Collection[str]) -> dict[str, str]:
     """The user of each existing hold, read before locking (to know which accounts to lock)."""
-    if not hold_ids:
-        return {}
-    return dict(connection.execute(  # type: ignore[arg-type]
-        select(holds_table.c.id, holds_table.c.user_id).where(holds_table.c.id.in_(sorted(hold_ids)))
-    ).all())
+    return {row[0]: row[1] for row in bulk.rows_where_in(connection, holds_table, ("id", "user_id"), "id", hold_ids)}
+
+
+HOLD_COLUMNS = ("id", "user_id", "amount", "status", "expires_at", "created_at", "idempotency_key",
+                "committed_amount", "finalized_at")
 
 
 def load_holds(connection: Connection, hold_ids: Collection[str]) -> dict[str, Hold]:
     """The given holds as they are now (read after their accounts were locked)."""
-    if not hold_ids:
-        return {}
-    columns = holds_table.c
-    return {
-        row[0]: Hold(*row)  # type: ignore[arg-type]
-        for row in connection.execute(
-            select(columns.id, columns.user_id, columns.amount, columns.status, columns.expires_at,
-                   columns.created_at, columns.idempotency_key, columns.committed_amount,
-                   columns.finalized_at)
-            .where(columns.id.in_(sorted(hold_ids))).order_by(columns.id)
-        )
-    }
+    return {row[0]: Hold(*row) for row in bulk.rows_where_in(  # type: ignore[arg-type]
+        connection, holds_table, HOLD_COLUMNS, "id", hold_ids, order_by="id")}

@@ -10,13 +10,16 @@ change, so a replay rebuilds the same dict from the row, and the operation row s
 from __future__ import annotations
 
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from creditworker.engine.rules import Hold, Posting
 
 
+@lru_cache(maxsize=256)
 def iso(at: datetime) -> str:
-    """A datetime as pydantic writes it in JSON mode (UTC as `Z`)."""
+    """A datetime as pydantic writes it in JSON mode (UTC as `Z`); a batch's entries share
+    one time, so it is converted once."""
     text = at.isoformat()
     return text[:-6] + "Z" if text.endswith("+00:00") else text
 
@@ -45,11 +48,6 @@ def entry_record(posting: Posting) -> dict[str, Any]:
     return posting.record
 
 
-def entry_reference(posting: Posting) -> dict[str, Any]:
-    """What an operation row stores for an entry result: the written entry's id."""
-    return {"entry_id": posting.id}
-
-
 def referenced_entry(stored: dict[str, Any]) -> int | None:
     """The entry id of a stored result that is a reference, else None (a full result)."""
     if len(stored) == 1 and isinstance(stored.get("entry_id"), int):
@@ -57,24 +55,27 @@ def referenced_entry(stored: dict[str, Any]) -> int | None:
     return None
 
 
-def entry_row_record(row: Any) -> dict[str, Any]:
-    """A stored ledger entry row (its columns by name) in the shape of `entry_record`."""
+def entry_row_record(row: tuple[Any, ...]) -> dict[str, Any]:
+    """A stored ledger entry (its columns in the order of `unit_of_work.ENTRY_COLUMNS`) in
+    the shape of `entry_record`."""
+    (entry_id, user_id, kind, amount, held, balance_after, reserved_after, lot_id, reservation_id, draws,
+     description, metadata, idempotency_key, created_at) = row
     return {
-        "id": row.id,
-        "user_id": row.user_id,
-        "kind": row.kind,
-        "amount": row.amount,
-        "held": row.held,
-        "balance_after": row.balance_after,
-        "reserved_after": row.reserved_after,
-        "available_after": row.balance_after - row.reserved_after,
-        "lot_id": row.lot_id,
-        "reservation_id": row.reservation_id,
-        "draws": row.draws or [],
-        "description": row.description,
-        "metadata": row.metadata,
-        "idempotency_key": row.idempotency_key,
-        "created_at": iso(row.created_at),
+        "id": entry_id,
+        "user_id": user_id,
+        "kind": kind,
+        "amount": amount,
+        "held": held,
+        "balance_after": balance_after,
+        "reserved_after": reserved_after,
+        "available_after": balance_after - reserved_after,
+        "lot_id": lot_id,
+        "reservation_id": reservation_id,
+        "draws": draws or [],
+        "description": description,
+        "metadata": metadata,
+        "idempotency_key": idempotency_key,
+        "created_at": iso(created_at),
     }
 
 

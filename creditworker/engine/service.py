@@ -42,7 +42,12 @@ from creditworker.contract import (
 )
 from creditworker.engine import rules, sweeps
 from creditworker.engine.results import entry_record, reservation_record
-from creditworker.engine.unit_of_work import ResultSource, StoredOperation, UnitOfWork
+from creditworker.engine.unit_of_work import (
+    ResultSource,
+    StoredOperation,
+    UnitOfWork,
+    collector_paused,
+)
 from creditworker.engine.writer import write
 from creditworker.errors import (
     CreditError,
@@ -234,19 +239,20 @@ class CreditService:
         A refused item changes nothing and reports its typed error; the others commit.
         `default_keys[i]` keys an item that has no idempotency key.
         """
-        requests: list[Request | CreditError] = []
-        for item in operations:
-            try:
-                requests.append(item if isinstance(item, Request) else parse_batch_item(item))
-            except CreditError as exc:
-                requests.append(exc)
-        outcomes = self._apply(requests, default_keys, aware(now))
-        return [
-            BatchOutcome.model_construct(ok=False, result=None, error=outcome.to_dict())
-            if isinstance(outcome, CreditError)
-            else BatchOutcome.model_construct(ok=True, result=outcome, error=None)
-            for outcome in outcomes
-        ]
+        with collector_paused():
+            requests: list[Request | CreditError] = []
+            for item in operations:
+                try:
+                    requests.append(item if isinstance(item, Request) else parse_batch_item(item))
+                except CreditError as exc:
+                    requests.append(exc)
+            outcomes = self._apply(requests, default_keys, aware(now))
+            return [
+                BatchOutcome.model_construct(ok=False, result=None, error=outcome.to_dict())
+                if isinstance(outcome, CreditError)
+                else BatchOutcome.model_construct(ok=True, result=outcome, error=None)
+                for outcome in outcomes
+            ]
 
     def set_low_credit_threshold(self, user_id: str, threshold: int | None) -> None:
         """Set the account's low-credit threshold (None: the service default applies)."""
@@ -376,7 +382,8 @@ class CreditService:
             write(uow)
             return value, uow
 
-        value, uow = run_transaction(self.engine, work)
+        with collector_paused():
+            value, uow = run_transaction(self.engine, work)
         self._committed(uow)
         return value
 
@@ -435,10 +442,27 @@ class CreditService:
         users = {request.user_id for request in valid if isinstance(request, (DeductCredits, ReserveCredits))}
         hold_ids = {request.reservation_id for request in valid
                     if isinstance(request, (CommitReservation, ReleaseReservation))}
-        drawing = any(isinstance(request, (DeductCredits, CommitReservation)) for request in valid)
+        deducted: dict[str, int] = {}
+        commits: list[CommitReservation] = []
+        for request in valid:
+            if isinstance(request, DeductCredits):
+                deducted[request.user_id] = deducted.get(request.user_id, 0) + request.amount
+            elif isinstance(request, CommitReservation):
+                commits.append(request)
+
+        def drawing(holds: Mapping[str, rules.Hold]) -> dict[str, int]:
+            """At most what each account's draws can take: its deducts and its commits' charges."""
+            most = dict(deducted)
+            for commit in commits:
+                hold = holds.get(commit.reservation_id)
+                if hold is not None:
+                    charged = hold.amount if commit.amount is None else commit.amount
+                    most[hold.user_id] = most.get(hold.user_id, 0) + charged
+            return most
 
         def decide(uow: UnitOfWork) -> tuple[list[ResultSource | CreditError], list[tuple[Request, CreditError]]]:
-            unborn = uow.lock(users, creating=adding, hold_ids=hold_ids, with_lots=drawing)
+            unborn = uow.lock(users, creating=adding, hold_ids=hold_ids,
+                              with_lots=drawing if deducted or commits else False)
             known = uow.known_operations(chosen)
             results: list[ResultSource | CreditError | None] = [None] * len(requests)
             refused: list[tuple[Request, CreditError]] = []

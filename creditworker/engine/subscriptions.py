@@ -21,7 +21,6 @@ Policies:
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -36,7 +35,7 @@ from sqlalchemy.orm import Session
 from creditworker.contract import CreditSource, parse
 from creditworker.engine import rules
 from creditworker.engine.service import CreditService, aware
-from creditworker.engine.unit_of_work import UnitOfWork
+from creditworker.engine.unit_of_work import UnitOfWork, new_event_id
 from creditworker.errors import (
     DuplicatePlan,
     PlanInUse,
@@ -59,6 +58,7 @@ from creditworker.plans_contract import (
     Subscription,
     UpdatePlan,
 )
+from creditworker.storage import bulk
 from creditworker.storage.tables import PlanRow, SubscriptionRow
 
 subscriptions_table = cast(Table, SubscriptionRow.__table__)
@@ -68,6 +68,8 @@ PERIOD_COLUMNS = ("id", "plan_id", "pending_plan_id", "status", "anchor_at", "pe
 """What allocation changes on a subscription row."""
 
 ACTIVE = "active"
+_DUE_KEY = (subscriptions_table.c.current_period_end, subscriptions_table.c.id)
+"""Allocation pages through the due subscriptions in this order (an index of its own)."""
 ENDED = "ended"
 ALLOCATION_CHUNK = 200
 """Subscriptions allocated per transaction."""
@@ -80,9 +82,6 @@ def plan_model(row: PlanRow) -> Plan:
 def subscription_model(row: SubscriptionRow) -> Subscription:
     return Subscription.model_validate(row, from_attributes=True)
 
-
-def _event_id() -> str:
-    return str(uuid.uuid4())
 
 
 class SubscriptionService:
@@ -294,7 +293,7 @@ class SubscriptionService:
             subscription.cancel_at_period_end = False
             subscription.updated_at = at
             uow.emit(SubscriptionChanged(
-                event_id=_event_id(), occurred_at=at, user_id=request.user_id,
+                event_id=new_event_id(), occurred_at=at, user_id=request.user_id,
                 subscription_id=subscription.id, old_plan_id=old.id, new_plan_id=new.id,
                 effective_at=effective_at, credits_granted=granted,
             ))
@@ -352,13 +351,19 @@ class SubscriptionService:
             ))
 
     def allocate_due(self, now: datetime | None = None, *, backfill: bool = False) -> int:
-        """Grant every due subscription its period, chunk by chunk; returns grants made."""
+        """Grant every due subscription its period, chunk by chunk; returns grants made.
+
+        Pages through the (status, current_period_end, id) index, each page after the last:
+        a page never re-reads the rows the chunks before it moved on."""
         at = aware(now)
         granted = 0
-        after_id = 0
-        while ids := self.due_subscription_ids(at, after_id=after_id):
-            after_id = ids[-1]
-            granted += self.allocate(ids, now=at, backfill=backfill)
+        last = None
+        while rows := bulk.keyset_page(self.engine, select(*_DUE_KEY).where(
+            subscriptions_table.c.status == ACTIVE, subscriptions_table.c.current_period_end <= at,
+            *bulk.after(_DUE_KEY, last),
+        ).order_by(*_DUE_KEY).limit(self.chunk_size)):
+            last = rows[-1]
+            granted += self.allocate([row[1] for row in rows], now=at, backfill=backfill)
         return granted
 
     def allocate(self, subscription_ids: list[int], *, now: datetime | None = None,
@@ -367,30 +372,26 @@ class SubscriptionService:
 
         def decide(uow: UnitOfWork) -> int:
             session = uow.session
-            uow.lock(session.scalars(
-                select(SubscriptionRow.user_id).where(SubscriptionRow.id.in_(subscription_ids))
-            ))
-            rows = list(session.scalars(  # re-read under the locks: what the scan saw may be stale
-                select(SubscriptionRow).where(SubscriptionRow.id.in_(subscription_ids))
-                .order_by(SubscriptionRow.id).execution_options(populate_existing=True)
-            ))
+            owners = bulk.rows_where_in(uow.connection, subscriptions_table, ("user_id",), "id", subscription_ids)
+            uow.lock(row[0] for row in owners)
+            rows = [  # re-read under the locks: what the scan saw may be stale
+                _PeriodRow(*row) for row in bulk.rows_where_in(
+                    uow.connection, subscriptions_table, _PeriodRow.__slots__, "id", subscription_ids, order_by="id")
+            ]
             advances = [self._plan_advance(session, row, uow.at, backfill) for row in rows]
             granted_keys = uow.known_operations([key for advance in advances for _n, key in advance.periods])
             granted = sum(self._advance(uow, advance, granted_keys) for advance in advances)
             moved = [advance.row for advance in advances if advance.end or advance.plan is not None]
-            # The writer updates the moved rows in one statement; the ORM must not flush them too.
             uow.update_rows(subscriptions_table, "id", [
                 {column: getattr(row, column) for column in PERIOD_COLUMNS} for row in moved
             ])
-            for row in moved:
-                session.expunge(row)
             return granted
 
         return self.credits.run(decide, now=now)
 
     # ------------------------------------------------------------------ machinery
 
-    def _plan_advance(self, session: Session, row: SubscriptionRow, at: datetime, backfill: bool) -> _Advance:
+    def _plan_advance(self, session: Session, row: _PeriodRow, at: datetime, backfill: bool) -> _Advance:
         """What allocation will do to `row`: end it, or move it (maybe to its pending plan)
         to the period containing `at`, granting these periods (each with its key)."""
         if row.status != ACTIVE or row.current_period_end > at:
@@ -435,7 +436,7 @@ class SubscriptionService:
     def _expiry(plan: PlanRow, start: datetime, end: datetime) -> datetime:
         return start + timedelta(days=plan.validity_days) if plan.validity_days else end
 
-    def _grant_period(self, uow: UnitOfWork, row: SubscriptionRow, plan: PlanRow, n: int, key: str,
+    def _grant_period(self, uow: UnitOfWork, row: SubscriptionRow | _PeriodRow, plan: PlanRow, n: int, key: str,
                       *, system: bool = False) -> bool:
         start = period_start(row.anchor_at, plan.billing_period, n)
         end = period_start(row.anchor_at, plan.billing_period, n + 1)
@@ -452,19 +453,19 @@ class SubscriptionService:
         assert lot is not None
         user_id, subscription_id, plan_id, credits, at = row.user_id, row.id, plan.id, plan.credit_limit, uow.at
         uow.emit(lambda: SubscriptionAllocated(  # the lot's id exists once the writer inserted it
-            event_id=_event_id(), occurred_at=at, user_id=user_id, subscription_id=subscription_id,
+            event_id=new_event_id(), occurred_at=at, user_id=user_id, subscription_id=subscription_id,
             plan_id=plan_id, period_index=n, period_start=start, period_end=end, credits=credits,
             lot_id=_written(lot.id),
         ))
         return True
 
-    def _end(self, uow: UnitOfWork, row: SubscriptionRow, ended_at: datetime) -> None:
+    def _end(self, uow: UnitOfWork, row: SubscriptionRow | _PeriodRow, ended_at: datetime) -> None:
         row.status = ENDED
         row.ended_at = ended_at
         row.cancel_at_period_end = False
         row.pending_plan_id = None
         uow.emit(SubscriptionEnded(
-            event_id=_event_id(), occurred_at=uow.at, user_id=row.user_id,
+            event_id=new_event_id(), occurred_at=uow.at, user_id=row.user_id,
             subscription_id=row.id, plan_id=row.plan_id,
         ))
 
@@ -491,12 +492,31 @@ class SubscriptionService:
         return row
 
 
+@dataclass(slots=True)
+class _PeriodRow:
+    """What allocation reads and changes of a subscription row (plain data: the writer
+    writes the changes back in one statement with the rest of the unit of work)."""
+
+    id: int
+    user_id: str
+    plan_id: int
+    pending_plan_id: int | None
+    status: str
+    anchor_at: datetime
+    period_index: int
+    current_period_start: datetime
+    current_period_end: datetime
+    cancel_at_period_end: bool
+    ended_at: datetime | None
+    updated_at: datetime
+
+
 @dataclass
 class _Advance:
     """One subscription's allocation step, planned before any grant (so that the keys of
     every period in a chunk are looked up in one query)."""
 
-    row: SubscriptionRow
+    row: _PeriodRow
     plan: PlanRow | None
     anchor: datetime
     periods: list[tuple[int, str]]

@@ -8,7 +8,6 @@ sweep holds locks over a whole table, and two sweeps running at once do each row
 
 from __future__ import annotations
 
-import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -21,7 +20,7 @@ from sqlalchemy.orm import Session
 from creditworker.contract import ReservationStatus
 from creditworker.engine import account as accounts
 from creditworker.engine import rules
-from creditworker.engine.unit_of_work import UnitOfWork
+from creditworker.engine.unit_of_work import UnitOfWork, new_event_id
 from creditworker.events import CreditsExpired, CreditsExpiring, ReservationExpired
 from creditworker.storage import bulk
 from creditworker.storage.tables import ExpiryReminder, Hold, Lot
@@ -35,31 +34,32 @@ SWEEP_CHUNK = 1000
 """Rows a sweep handles per transaction, so no sweep holds locks over a whole table."""
 
 
-def _event_id() -> str:
-    return str(uuid.uuid4())
-
 
 def _scan(service: CreditService, query: Any) -> list[Any]:
     with Session(service.engine) as session:
         return list(session.scalars(query))
 
 
+_LOT_KEY = (Lot.__table__.c.expires_at, Lot.__table__.c.id)
+"""Sweeps over lots page through the (expires_at, id) index, each page after the last."""
+
+
 def expire_lots(service: CreditService, at: datetime) -> int:
     """Expire every lot past its expiry; returns the number of expiry entries written."""
     written = 0
-    after_id = 0
+    last = None
     while True:
-        lot_ids: list[int] = _scan(service, select(Lot.id)
-                                   .where(Lot.expires_at <= at, Lot.remaining > 0, Lot.id > after_id)
-                                   .order_by(Lot.id).limit(SWEEP_CHUNK))
-        if not lot_ids:
+        rows = bulk.keyset_page(service.engine, select(Lot.expires_at, Lot.id, Lot.user_id)
+                               .where(Lot.expires_at <= at, Lot.remaining > 0, *bulk.after(_LOT_KEY, last))
+                               .order_by(*_LOT_KEY).limit(SWEEP_CHUNK))
+        if not rows:
             return written
-        after_id = lot_ids[-1]
-        written += service.run(partial(_expire_lot_chunk, lot_ids=lot_ids), now=at)
+        last = rows[-1][:2]
+        owners = {row[2] for row in rows}  # a lot's owner never changes: the unlocked scan may read it
+        written += service.run(partial(_expire_lot_chunk, lot_ids=[row[1] for row in rows], owners=owners), now=at)
 
 
-def _expire_lot_chunk(uow: UnitOfWork, lot_ids: list[int]) -> int:
-    owners = uow.connection.scalars(select(Lot.user_id).where(Lot.id.in_(lot_ids)).distinct())
+def _expire_lot_chunk(uow: UnitOfWork, lot_ids: list[int], owners: set[str]) -> int:
     uow.lock(owners)
     by_user: dict[str, list[rules.Lot]] = defaultdict(list)
     for lot in accounts.load_lots(uow.connection, lot_ids):
@@ -70,7 +70,7 @@ def _expire_lot_chunk(uow: UnitOfWork, lot_ids: list[int]) -> int:
             uow.post(posting)
             uow.record_system_operation(posting.idempotency_key, "ExpireLot", user_id)
             assert posting.lot is not None and posting.lot.id is not None
-            uow.emit(CreditsExpired(event_id=_event_id(), occurred_at=uow.at, user_id=user_id,
+            uow.emit(CreditsExpired(event_id=new_event_id(), occurred_at=uow.at, user_id=user_id,
                                     lot_id=posting.lot.id, amount=-posting.amount))
             written += 1
     return written
@@ -101,7 +101,7 @@ def _expire_hold_chunk(uow: UnitOfWork, hold_ids: list[str]) -> int:
             continue
         uow.post(posting)
         uow.record_system_operation(posting.idempotency_key, "ExpireReservation", hold.user_id)
-        uow.emit(ReservationExpired(event_id=_event_id(), occurred_at=uow.at, user_id=hold.user_id,
+        uow.emit(ReservationExpired(event_id=new_event_id(), occurred_at=uow.at, user_id=hold.user_id,
                                     reservation_id=hold.id, amount=hold.amount))
         released += 1
     return released
@@ -114,16 +114,15 @@ def remind(service: CreditService, at: datetime) -> int:
         return 0
     horizon = at + timedelta(days=days[-1])
     sent = 0
-    after_id = 0
+    last = (at, 2**62)  # after every lot that expires at `at` or before
     while True:
-        lot_ids: list[int] = _scan(service, select(Lot.id)
-                                   .where(Lot.expires_at > at, Lot.expires_at <= horizon, Lot.remaining > 0,
-                                          Lot.id > after_id)
-                                   .order_by(Lot.id).limit(SWEEP_CHUNK))
-        if not lot_ids:
+        rows = bulk.keyset_page(service.engine, select(Lot.expires_at, Lot.id)
+                               .where(Lot.expires_at <= horizon, Lot.remaining > 0, *bulk.after(_LOT_KEY, last))
+                               .order_by(*_LOT_KEY).limit(SWEEP_CHUNK))
+        if not rows:
             return sent
-        after_id = lot_ids[-1]
-        sent += service.run(partial(_remind_chunk, lot_ids=lot_ids, days=days), now=at)
+        last = rows[-1]
+        sent += service.run(partial(_remind_chunk, lot_ids=[row[1] for row in rows], days=days), now=at)
 
 
 def _remind_chunk(uow: UnitOfWork, lot_ids: list[int], days: Sequence[int]) -> int:
@@ -138,7 +137,7 @@ def _remind_chunk(uow: UnitOfWork, lot_ids: list[int], days: Sequence[int]) -> i
     for lot_id, day in sorted(claimed):
         lot = due[(lot_id, day)]
         assert lot.expires_at is not None
-        uow.emit(CreditsExpiring(event_id=_event_id(), occurred_at=uow.at, user_id=lot.user_id, lot_id=lot_id,
+        uow.emit(CreditsExpiring(event_id=new_event_id(), occurred_at=uow.at, user_id=lot.user_id, lot_id=lot_id,
                                  remaining=lot.remaining, expires_at=lot.expires_at, days_before=day))
     return len(claimed)
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, cast
 
-from sqlalchemy import Table, delete
+from sqlalchemy import Table
 
 from creditworker.engine.account import accounts_table, holds_table, lots_table
-from creditworker.engine.rules import Hold, Lot
+from creditworker.engine.rules import Hold, Lot, Posting
 from creditworker.engine.unit_of_work import UnitOfWork
 from creditworker.events import _Event
 from creditworker.outbox import event_row
@@ -28,10 +28,12 @@ outbox_table = cast(Table, OutboxEvent.__table__)
 
 
 def write(uow: UnitOfWork) -> None:
-    """Write everything `uow` decided; ids are set on its lots and postings."""
+    """Write everything `uow` decided; ids are set on its lots and postings.
+
+    New lots go first (their ids are in the entries, the draws and the events); everything
+    else is one `bulk.Script`, which PostgreSQL gets in one round trip.
+    """
     connection = uow.connection
-    if uow.dropped_accounts:
-        connection.execute(delete(accounts_table).where(accounts_table.c.user_id.in_(sorted(uow.dropped_accounts))))
     new_lots: dict[int, Lot] = {}
     changed_lots: dict[int, Lot] = {}
     new_holds: dict[str, Hold] = {}
@@ -47,44 +49,62 @@ def write(uow: UnitOfWork) -> None:
     fresh = list(new_lots.values())
     for lot, lot_id in zip(fresh, bulk.insert_returning_ids(connection, lots_table, [_lot_row(lot) for lot in fresh])):
         lot.id = lot_id
-    bulk.insert_rows(connection, holds_table, [_hold_row(hold) for hold in new_holds.values()])
+    script = bulk.Script(connection)
+    script.delete(accounts_table, "user_id", uow.dropped_accounts)
+    script.insert(holds_table, [_hold_row(hold) for hold in new_holds.values()])
     for hold in new_holds.values():
         hold.stored = True
-    bulk.update_rows(connection, holds_table, "id", [
+    script.update(holds_table, "id", [
         {"id": hold.id, "status": hold.status, "committed_amount": hold.committed_amount,
          "finalized_at": hold.finalized_at}
         for hold in changed_holds.values()
     ])
-    bulk.update_rows(connection, lots_table, "id", [
-        {"id": lot.id, "remaining": lot.remaining} for lot in changed_lots.values()
-    ])
-    bulk.update_rows(connection, accounts_table, "user_id", [
+    script.update(lots_table, "id", [{"id": lot.id, "remaining": lot.remaining} for lot in changed_lots.values()])
+    at = uow.at
+    script.update(accounts_table, "user_id", [
         {"user_id": account.user_id, "balance": account.balance, "reserved": account.reserved,
          "low_credit_threshold": account.low_credit_threshold,
          "low_credit_alerted": account.low_credit_alerted, "overdraft_limit": account.overdraft_limit,
-         "updated_at": uow.at}
+         "updated_at": at}
         for account in uow.touched.values()
     ])
-    entry_ids = bulk.insert_returning_ids(connection, entries_table, [
-        {"user_id": posting.user_id, "kind": posting.kind, "amount": posting.amount, "held": posting.held,
-         "balance_after": posting.balance_after, "reserved_after": posting.reserved_after,
-         "lot_id": posting.lot.id if posting.lot is not None else None,
-         "reservation_id": posting.hold.id if posting.hold is not None else None,
-         "draws": [{"lot_id": lot.id, "amount": taken} for lot, taken in posting.draws] or None,
-         "description": posting.description, "metadata": posting.metadata,
-         "idempotency_key": posting.idempotency_key, "created_at": posting.created_at}
-        for posting in uow.postings
-    ])
+    script.insert(outbox_table, [event_row(_built(event)) for event in uow.events])
+    for (table, key), rows in uow.row_updates.items():
+        script.update(table, key, rows)
+    position = {id(posting): index for index, posting in enumerate(uow.postings)}
+    entry_ids = script.finish(
+        entries_table, [_entry_row(posting, script.pg) for posting in uow.postings],
+        referencing=operations_table, reference="result", reference_key="entry_id",
+        referencing_rows=[
+            {"idempotency_key": record.key, "kind": record.kind, "fingerprint": record.fingerprint,
+             "user_id": record.user_id, "result": None if record.references_entry else record.source,
+             "created_at": at}
+            for record in uow.operations
+        ],
+        positions=[position[id(record.source)] if record.references_entry else None for record in uow.operations],
+    )
     for posting, entry_id in zip(uow.postings, entry_ids):
         posting.id = entry_id
-    bulk.insert_rows(connection, operations_table, [
-        {"idempotency_key": record.key, "kind": record.kind, "fingerprint": record.fingerprint,
-         "user_id": record.user_id, "result": record.stored_result, "created_at": uow.at}
-        for record in uow.operations
-    ])
-    bulk.insert_rows(connection, outbox_table, [event_row(_built(event)) for event in uow.events])
-    for (table, key), rows in uow.row_updates.items():
-        bulk.update_rows(connection, table, key, rows)
+
+
+def _entry_row(posting: Posting, pg: bool) -> dict[str, Any]:
+    return {"user_id": posting.user_id, "kind": posting.kind, "amount": posting.amount, "held": posting.held,
+            "balance_after": posting.balance_after, "reserved_after": posting.reserved_after,
+            "lot_id": posting.lot.id if posting.lot is not None else None,
+            "reservation_id": posting.hold.id if posting.hold is not None else None,
+            "draws": (_draws_json if pg else _draws)(posting.draws), "description": posting.description, "metadata": posting.metadata,
+            "idempotency_key": posting.idempotency_key, "created_at": posting.created_at}
+
+
+def _draws(draws: list[tuple[Lot, int]]) -> list[dict[str, Any]] | None:
+    return [{"lot_id": lot.id, "amount": taken} for lot, taken in draws] or None
+
+
+def _draws_json(draws: list[tuple[Lot, int]]) -> bulk.Json | None:
+    """`_draws` as JSON text, as `json.dumps` writes it (for PostgreSQL's array literals)."""
+    if not draws:
+        return None
+    return bulk.Json("[" + ", ".join(f'{{"lot_id": {lot.id}, "amount": {taken}}}' for lot, taken in draws) + "]")
 
 
 def _built(event: _Event | Callable[[], _Event]) -> _Event:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from sqlalchemy import create_engine, event
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.orm import Session
 
 from creditworker.storage.tables import Base
@@ -38,7 +38,6 @@ def make_engine(url: str, **engine_options: Any) -> Engine:
     if backend == "sqlite":
         options["connect_args"] = {"check_same_thread": False, "timeout": 30}
     else:
-        options["pool_pre_ping"] = True
         options["isolation_level"] = "READ COMMITTED"
     if parsed.get_driver_name() == "psycopg2":
         # A batch's row updates go out in pages, not one round trip per row.
@@ -49,8 +48,40 @@ def make_engine(url: str, **engine_options: Any) -> Engine:
     engine = create_engine(parsed, **options)
     if backend == "sqlite":
         _make_sqlite_serialise_writers(engine)
+    elif "pool_pre_ping" not in engine_options:
+        _ping_connections_idle_for(engine, PING_AFTER_IDLE_SECONDS)
     _dispose_pool_in_forked_children(engine)
     return engine
+
+
+PING_AFTER_IDLE_SECONDS = 1.0
+"""A pooled connection unused for this long is pinged before use; a busier one is not."""
+
+
+def _ping_connections_idle_for(engine: Engine, seconds: float) -> None:
+    """`pool_pre_ping`, but only for connections that sat idle in the pool.
+
+    A plain pre-ping is one more round trip per transaction (per batch of the engine), and
+    on a loaded machine a round trip costs milliseconds. A connection handed back less than
+    `seconds` ago was working then; one that waited longer (a restarted server, a firewall
+    that dropped it) is pinged, and a dead one is replaced before anyone uses it. A
+    connection that dies within the window fails its statement, is invalidated, and the
+    error is transient (`is_transient`): the worker retries, as for any lost connection.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info["checked_in_at"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        returned = record.info.get("checked_in_at")
+        if returned is None or time.monotonic() - returned < seconds:
+            return  # new (just connected) or recently working
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:  # the pool replaces the connection
+            raise DisconnectionError("pooled connection failed its ping") from exc
 
 
 def _make_sqlite_serialise_writers(engine: Engine) -> None:

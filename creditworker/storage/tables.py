@@ -108,12 +108,16 @@ class Account(Base):
 
 
 class Lot(Base):
-    """A grant of credits, drawn down by deductions and commits until spent or expired."""
+    """A grant of credits, drawn down by deductions and commits until spent or expired.
+
+    No index includes `remaining`, so that a draw's update can stay in its page (HOT, see
+    migration 0006); an account's live lots are found by `user_id`, then `remaining > 0`.
+    """
 
     __tablename__ = "credit_lots"
     __table_args__ = (
-        Index("ix_credit_lots_user_id_remaining", "user_id", "remaining"),
-        Index("ix_credit_lots_expires_at", "expires_at"),
+        Index("ix_credit_lots_user_id", "user_id"),
+        Index("ix_credit_lots_expires_at_id", "expires_at", "id"),
         CheckConstraint("amount > 0", name="amount_positive"),
         CheckConstraint("remaining >= 0 AND remaining <= amount", name="remaining_in_range"),
     )
@@ -241,7 +245,7 @@ class SubscriptionRow(Base):
 
     __tablename__ = "subscriptions"
     __table_args__ = (
-        Index("ix_subscriptions_status_current_period_end", "status", "current_period_end"),
+        Index("ix_subscriptions_status_current_period_end_id", "status", "current_period_end", "id"),
         Index("ix_subscriptions_user_id_status", "user_id", "status"),
     )
 

@@ -204,3 +204,28 @@ def test_a_key_taken_from_an_earlier_result_replays_it(service: CreditService) -
                                        "idempotency_key": entry.idempotency_key}])
     assert outcome.result == entry.model_dump(mode="json")
     assert service.get_user_credits_info("ann").total == 20
+
+
+def test_draws_reach_past_many_lots_and_the_lots_granted_in_the_same_batch(service: CreditService) -> None:
+    """PostgreSQL loads only the lots a batch's draws can reach (the prefix of the draw-down
+    order covering its deducts and commits); the draws must be those of all the lots."""
+    later = NOW + timedelta(days=30)
+    lots = [service.add_credits("ann", 10, priority=p, expires_at=later if p else None, now=NOW).lot_id
+            for p in (3, 0, 2, 1, 0)]
+    hold = service.reserve_credits("ann", 12, now=NOW)
+    outcomes = service.apply_batch([
+        {"op": "deduct", "user_id": "ann", "amount": 15},
+        {"op": "add", "user_id": "ann", "amount": 4, "priority": -1},
+        {"op": "deduct", "user_id": "ann", "amount": 6},
+        {"op": "commit", "reservation_id": hold.id},
+    ], now=NOW)
+    assert all(outcome.ok for outcome in outcomes)
+    draws = [[(d["lot_id"], d["amount"]) for d in o.result["draws"]] for o in outcomes if o.result and o.result["kind"] != "add"]
+    new_lot = outcomes[1].result["lot_id"]
+    assert draws == [
+        [(lots[1], 10), (lots[4], 5)],
+        [(new_lot, 4), (lots[4], 2)],
+        [(lots[4], 3), (lots[3], 9)],
+    ]
+    assert service.get_user_credits_info("ann", now=NOW).total == 50 + 4 - 15 - 6 - 12
+    assert audit(service.engine).passed
