@@ -21,7 +21,7 @@ Policies:
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -337,34 +337,24 @@ class SubscriptionService:
 
     # ------------------------------------------------------------------ allocation
 
-    def due_subscription_ids(self, now: datetime | None = None, *, after_id: int = 0,
-                             limit: int | None = None) -> list[int]:
-        """Up to `limit` (default: the chunk size) due subscriptions after `after_id`."""
-        at = aware(now)
-        with Session(self.engine) as session:
-            return list(session.scalars(
-                select(SubscriptionRow.id)
-                .where(SubscriptionRow.status == ACTIVE, SubscriptionRow.current_period_end <= at,
-                       SubscriptionRow.id > after_id)
-                .order_by(SubscriptionRow.id)
-                .limit(limit or self.chunk_size)
-            ))
-
-    def allocate_due(self, now: datetime | None = None, *, backfill: bool = False) -> int:
-        """Grant every due subscription its period, chunk by chunk; returns grants made.
+    def due_subscription_pages(self, now: datetime | None = None) -> Iterator[list[int]]:
+        """The ids of the due subscriptions, a chunk at a time.
 
         Pages through the (status, current_period_end, id) index, each page after the last:
-        a page never re-reads the rows the chunks before it moved on."""
+        a page never re-reads the rows of the pages before it."""
         at = aware(now)
-        granted = 0
         last = None
         while rows := bulk.keyset_page(self.engine, select(*_DUE_KEY).where(
             subscriptions_table.c.status == ACTIVE, subscriptions_table.c.current_period_end <= at,
             *bulk.after(_DUE_KEY, last),
         ).order_by(*_DUE_KEY).limit(self.chunk_size)):
             last = rows[-1]
-            granted += self.allocate([row[1] for row in rows], now=at, backfill=backfill)
-        return granted
+            yield [row[1] for row in rows]
+
+    def allocate_due(self, now: datetime | None = None, *, backfill: bool = False) -> int:
+        """Grant every due subscription its period, chunk by chunk; returns grants made."""
+        at = aware(now)
+        return sum(self.allocate(ids, now=at, backfill=backfill) for ids in self.due_subscription_pages(at))
 
     def allocate(self, subscription_ids: list[int], *, now: datetime | None = None,
                  backfill: bool = False) -> int:

@@ -135,10 +135,10 @@ def _allocate_due(task: Task, _request: Any, _key: str) -> Any:
     Listing ids is cheap; the grants run in `allocate`, one transaction per chunk. A chunk
     sent twice (the next beat tick came first) grants nothing twice.
     """
-    chunks = total = after_id = 0
-    while ids := subscriptions().due_subscription_ids(after_id=after_id):
+    chunks = total = 0
+    for ids in subscriptions().due_subscription_pages():
         task.app.send_task(ALLOCATE.task, kwargs={"subscription_ids": ids})
-        chunks, total, after_id = chunks + 1, total + len(ids), ids[-1]
+        chunks, total = chunks + 1, total + len(ids)
     return {"chunks": chunks, "subscriptions": total}
 
 
