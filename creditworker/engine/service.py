@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 from sqlalchemy import func, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session
 
 from creditworker.contract import (
@@ -98,8 +98,13 @@ class CreditService:
         low_credit_threshold: int | None = None,
         expiry_reminder_days: Sequence[int] = (7, 1),
         on_events: Callable[[int], None] | None = None,
+        create_tables: bool | None = None,
     ) -> None:
         self.engine = make_engine(database) if isinstance(database, str) else database
+        if embedded_tables(database) if create_tables is None else create_tables:
+            from creditworker.storage.migrate import upgrade
+
+            upgrade(self.engine)
         self.ledger_file = LedgerFile(ledger_path) if ledger_path else None
         self.overage_policy = OveragePolicy(overage_policy)
         self.expiring_soon_days = expiring_soon_days
@@ -125,6 +130,7 @@ class CreditService:
             low_credit_threshold=settings.low_credit_threshold,
             expiry_reminder_days=settings.expiry_reminder_days,
             on_events=on_events,
+            create_tables=False,  # the worker and the gateway wait for `creditworker migrate`
         )
 
     # ------------------------------------------------------------------ writes
@@ -543,6 +549,11 @@ class CreditService:
         if account is None:
             raise UnknownUser(f"no account for user {user_id!r}", user_id=user_id)
         return account
+
+
+def embedded_tables(database: str | Engine) -> bool:
+    """Whether an engine made for `database` creates its own tables by default: SQLite URLs."""
+    return isinstance(database, str) and make_url(database).get_backend_name() == "sqlite"
 
 
 def _fresh_key() -> str:

@@ -32,7 +32,7 @@ def insert_rows(connection: Connection, table: Table, rows: Sequence[dict[str, A
     if not rows:
         return
     if connection.dialect.name == "postgresql":
-        connection.execute(_unnest_insert(table, tuple(rows[0]), False), _arrays(table, rows))
+        connection.execute(_unnest_insert(table, tuple(rows[0]), False), _pg_arrays(connection, table, rows))
         return
     connection.execute(insert(table), list(rows))
 
@@ -44,7 +44,7 @@ def insert_returning_ids(connection: Connection, table: Table, rows: Sequence[di
     if connection.dialect.name == "postgresql":
         # The sequence numbers the rows in the order the SELECT produces them (ORDER BY
         # the array position): sorted, the returned ids are the ids of `rows` in order.
-        result = connection.execute(_unnest_insert(table, tuple(rows[0]), True), _arrays(table, rows))
+        result = connection.execute(_unnest_insert(table, tuple(rows[0]), True), _pg_arrays(connection, table, rows))
         return sorted(row[0] for row in result)
     if connection.dialect.name == "sqlite":
         # SQLAlchemy would insert one row per statement to keep RETURNING in order. The
@@ -82,12 +82,33 @@ def update_rows(connection: Connection, table: Table, key: str, rows: Sequence[d
         return
     columns = tuple(name for name in rows[0] if name != key)
     if connection.dialect.name == "postgresql":
-        connection.execute(_unnest_update(table, key, columns), _arrays(table, rows))
+        connection.execute(_unnest_update(table, key, columns), _pg_arrays(connection, table, rows))
         return
     statement = update(table).where(table.c[key] == bindparam(f"_{key}")).values(
         {name: bindparam(f"_{name}") for name in columns}
     )
     connection.execute(statement, [{f"_{name}": value for name, value in row.items()} for row in rows])
+
+
+def _pg_arrays(connection: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The arrays of `rows` as the driver takes them: literals for psycopg2, lists for
+    asyncpg (which prepares the statement and checks each parameter against `type[]`)."""
+    if connection.dialect.driver != "asyncpg":
+        return _arrays(table, rows)
+    arrays: dict[str, Any] = {}
+    for name in rows[0]:
+        column_type = table.c[name].type
+        values = [row[name] for row in rows]
+        if isinstance(column_type, UtcDateTime):
+            arrays[name] = [None if value is None else value.astimezone(timezone.utc).replace(tzinfo=None)
+                            for value in values]
+        elif isinstance(column_type, JSON):
+            arrays[name] = [None if value is None else json.dumps(value) for value in values]
+        elif isinstance(column_type, (Integer, Boolean)):
+            arrays[name] = values
+        else:
+            arrays[name] = [None if value is None else str(value) for value in values]
+    return arrays
 
 
 def _arrays(table: Table, rows: Sequence[dict[str, Any]]) -> dict[str, str]:
