@@ -115,10 +115,11 @@ class CreditService:
     @classmethod
     def from_settings(
         cls, settings: Settings | None = None, *, database: str | Engine | None = None,
-        on_events: Callable[[int], None] | None = None,
+        on_events: Callable[[int], None] | None = None, create_tables: bool = False,
     ) -> CreditService:
         """The engine as `settings` (default: the environment) configure it; `database`
-        overrides the URL."""
+        overrides the URL. Tables are not made unless asked: the worker and the gateway wait
+        for `creditworker migrate`."""
         from creditworker.settings import get_settings
 
         settings = settings or get_settings()
@@ -130,7 +131,7 @@ class CreditService:
             low_credit_threshold=settings.low_credit_threshold,
             expiry_reminder_days=settings.expiry_reminder_days,
             on_events=on_events,
-            create_tables=False,  # the worker and the gateway wait for `creditworker migrate`
+            create_tables=create_tables,
         )
 
     # ------------------------------------------------------------------ writes
