@@ -147,17 +147,24 @@ def db_current() -> None:
 
 @app.command()
 def schema(
-    dialect: Annotated[str, typer.Option(help="postgresql, sqlite or mysql")] = "postgresql",
+    backend: Annotated[str, typer.Option(help="sql: DDL for --dialect; nosql: MongoDB $jsonSchema validators.")] = "sql",
+    dialect: Annotated[str, typer.Option(help="postgresql (postgres), sqlite or mysql (mariadb)")] = "postgresql",
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON schemas of the public models instead.")] = False,
 ) -> None:
-    """Print the SQL DDL for a dialect, or the JSON schemas of the models."""
-    from creditworker.schema import ddl, json_schemas
+    """Print the SQL DDL for a dialect, the MongoDB collection validators of the stored
+    rows, or the JSON schemas of every request, result and event model."""
+    from creditworker.schema import BACKENDS, collection_validators, ddl, json_schemas
 
     if as_json:
         print(json.dumps(json_schemas(), indent=2))
         return
     try:
-        print(ddl(dialect), end="")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        if backend == "nosql":
+            print(json.dumps(collection_validators(), indent=2))
+        else:
+            print(ddl(dialect), end="")
     except ValueError as exc:
         print(f"error: invalid_input: {exc}", file=sys.stderr)
         raise typer.Exit(2) from None
