@@ -237,6 +237,35 @@ def history(
         console.print(_entry_table(entries, f"history of {user_id}"))
 
 
+@app.command()
+@_reports_errors
+def ledger(
+    kind: Annotated[Optional[str], typer.Option(help="error (refused operations) or system (sweep runs); both by default.")] = None,
+    user: Annotated[Optional[str], typer.Option(help="Only this user's records.")] = None,
+    limit: Annotated[int, typer.Option(help="Records per page.")] = 50,
+    before: Annotated[Optional[int], typer.Option(help="Show records older than this record id.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show the ledger's other records, newest first: refused operations and sweep runs."""
+    from creditworker.errors import ValidationFailed
+
+    if kind not in (None, "error", "system"):
+        raise ValidationFailed(f"kind must be error or system, got {kind!r}")
+    records = _service().get_ledger_records(kind=kind, user_id=user, limit=limit, before=before)
+    if as_json:
+        _print_json(records)
+        return
+    table = Table(title="ledger records")
+    for column in ("id", "kind", "operation", "user", "code", "what", "time"):
+        table.add_column(column, justify="right" if column == "id" else "left")
+    for record in records:
+        what = record.message if record.kind == "error" else ", ".join(
+            f"{name} {count}" for name, count in record.details.items())
+        table.add_row(str(record.id), record.kind.value, record.operation, record.user_id or "-",
+                      record.code or "-", what or "", record.created_at.isoformat(timespec="seconds"))
+    console.print(table)
+
+
 def _parse_amount(amount: str) -> int:
     """Amounts are parsed here, not by click, so `-5` and `1.5` get the engine's clear error."""
     try:
