@@ -45,7 +45,7 @@ def test_a_refusal_is_stored_as_an_error_record_and_changes_nothing_else(
         ("DeductCredits", "unknown_user", "nobody"),
         ("batch:add", "invalid_input", "alice"),  # refused before the batch ran
     ]
-    refused = [r for r in records if r.code == "insufficient_credits"][0]
+    refused = next(r for r in records if r.code == "insufficient_credits")
     assert refused.details["request"]["idempotency_key"] == "too-much"
     assert refused.details["error"]["details"]["requested"] == 50
     assert service.get_ledger_records(kind="error", user_id="nobody")[0].code == "unknown_user"
