@@ -88,12 +88,12 @@ def serve(mode: str, database_url: str, workdir: Path, broker_url: str | None) -
     env = {**os.environ, "BENCH_MODE": mode, "BENCH_DATABASE_URL": database_url,
            "BENCH_BROKER_URL": broker_url or "", "BENCH_DATA_DIR": str(workdir / ".creditworker"),
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)])}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "middleware:create_app", "--factory", "--port", str(port),
-         "--log-level", "warning", "--no-access-log"],
-        env=env, cwd=Path(__file__).resolve().parent, stdout=open(workdir / f"{mode}.log", "wb"),
-        stderr=subprocess.STDOUT,
-    )
+    with open(workdir / f"{mode}.log", "wb") as log:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "middleware:create_app", "--factory", "--port", str(port),
+             "--log-level", "warning", "--no-access-log"],
+            env=env, cwd=Path(__file__).resolve().parent, stdout=log, stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
