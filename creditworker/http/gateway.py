@@ -12,6 +12,7 @@ body (see auth.py and body_limit.py).
 import functools
 import math
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Protocol
 
@@ -399,19 +400,19 @@ class _EngineBackend:
         return await _engine_call(self.services, operation, *args, **kwargs)
 
 
-_SUBSCRIPTIONS: dict[int, tuple[Any, Any]] = {}
+_SUBSCRIPTIONS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def subscriptions_for(credits: Any) -> Any:
     """The subscription service over an engine object, made once per engine."""
-    known = _SUBSCRIPTIONS.get(id(credits))
-    if known is None or known[0] is not credits:
+    service = _SUBSCRIPTIONS.get(credits)
+    if service is None:
         from creditworker.engine.async_service import AsyncCreditService, AsyncSubscriptionService
 
         service = (AsyncSubscriptionService(credits) if isinstance(credits, AsyncCreditService)
                    else SubscriptionService(credits))
-        known = _SUBSCRIPTIONS[id(credits)] = (credits, service)
-    return known[1]
+        _SUBSCRIPTIONS[credits] = service
+    return service
 
 
 @functools.cache
