@@ -16,7 +16,6 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from creditworker.contract import OveragePolicy
@@ -101,7 +100,7 @@ class AsyncCreditService(_AsyncTwin):
             expiring_soon_days=expiring_soon_days, low_credit_threshold=low_credit_threshold,
             expiry_reminder_days=expiry_reminder_days, on_events=on_events, create_tables=False,
         )
-        wanted = embedded_tables(_sync_url(database)) if create_tables is None else create_tables
+        wanted = embedded_tables(database) if create_tables is None else create_tables
         self._tables: asyncio.Lock | None = asyncio.Lock() if wanted else None
 
     @property
@@ -145,9 +144,3 @@ class AsyncSubscriptionService(_AsyncTwin):
 
     async def _ready(self) -> None:
         await self.credits._ready()
-
-
-def _sync_url(database: str | AsyncEngine) -> str:
-    if isinstance(database, str):
-        return make_url(database).render_as_string(hide_password=False)
-    return ""

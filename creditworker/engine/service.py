@@ -602,7 +602,7 @@ class CreditService:
         return account
 
 
-def embedded_tables(database: str | Engine) -> bool:
+def embedded_tables(database: object) -> bool:
     """Whether an engine made for `database` creates its own tables by default: SQLite URLs."""
     return isinstance(database, str) and make_url(database).get_backend_name() == "sqlite"
 

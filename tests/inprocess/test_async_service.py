@@ -127,3 +127,18 @@ def test_a_server_database_is_not_migrated_unless_asked(postgres_server_url: str
         with admin.connect() as connection:
             connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         admin.dispose()
+
+
+def test_an_async_engine_of_ones_own_is_used_as_given(tmp_path: Path) -> None:
+    from creditworker.storage.database import make_async_engine
+
+    async def scenario() -> int:
+        engine = make_async_engine(f"sqlite:///{tmp_path / 'own.db'}")
+        bare = AsyncCreditService(engine)  # an engine object: its tables are its owner's business
+        await bare.create_tables()
+        await bare.add_credits("erin", 4)
+        available = (await bare.get_user_credits_info("erin")).available
+        await bare.dispose()
+        return available
+
+    assert run(scenario()) == 4
