@@ -32,8 +32,6 @@ from creditworker.contract import (
     MAX_HISTORY_PAGE,
     MAX_WITHIN_DAYS,
     AddCredits,
-    CreditLot,
-    CreditsInfo,
     DeductCredits,
     Description,
     EntryKind,
@@ -41,7 +39,6 @@ from creditworker.contract import (
     LedgerEntry,
     Metadata,
     NonNegativeAmount,
-    Reservation,
     ReservationId,
     ReserveCredits,
     UserId,
@@ -91,11 +88,9 @@ from creditworker.operations import (
 )
 from creditworker.plans_contract import (
     CreatePlan,
-    Plan,
     PlanChanges,
     PlanName,
     PlanRef,
-    Subscription,
 )
 from creditworker.settings import Settings, get_settings
 from creditworker.storage.database import is_transient
@@ -475,9 +470,12 @@ def build_router(
     )
     handlers: dict[Operation, tuple[Callable[..., Any], dict[str, Any]]] = {}
 
-    def served(operation: Operation, *, tags: list[str], summary: str, model: Any, example: Any,
+    def served(operation: Operation, *, tags: list[str], summary: str, example: Any, model: Any = None,
                errors: Sequence[int] = (), queues: bool = False) -> Callable[[Any], Any]:
-        """Registers the handler of `operation`; its path and method come from the registry."""
+        """Registers the handler of `operation`: its path, method and result model come from
+        the registry (`model` only where the answer wraps the result: a history page)."""
+        model = operation.result if model is None else model
+
         def register(handler: Callable[..., Any]) -> Callable[..., Any]:
             status = 202 if queues and queued and operation is not RESERVE else _status(operation)
             responses = _responses(model, example, status=_status(operation), queued=queues and queued
@@ -489,7 +487,7 @@ def build_router(
 
     # -------------------------------------------------------------- credits
 
-    @served(ADD, tags=["credits"], summary="Grant credits to a user", model=LedgerEntry,
+    @served(ADD, tags=["credits"], summary="Grant credits to a user",
             example=_ENTRY, errors=[409], queues=True)
     async def add_credits(
         body: Annotated[AddCredits, _body_example("100 credits from a purchase", {
@@ -500,7 +498,7 @@ def build_router(
     ) -> JSONResponse:
         return await run.write(ADD, _fields(body, idempotency_key), wait)
 
-    @served(DEDUCT, tags=["credits"], summary="Deduct credits from a user", model=LedgerEntry,
+    @served(DEDUCT, tags=["credits"], summary="Deduct credits from a user",
             example=_DEDUCT_ENTRY, errors=[402, 404, 409], queues=True)
     async def deduct_credits(
         body: Annotated[DeductCredits, _body_example("Charge 30 credits for an export", {
@@ -512,7 +510,7 @@ def build_router(
         return await run.write(DEDUCT, _fields(body, idempotency_key), wait)
 
     @served(BALANCE, tags=["credits"], summary="A user's total, held and available credits",
-            model=CreditsInfo, example=_BALANCE, errors=[404])
+            example=_BALANCE, errors=[404])
     async def balance(user_id: UserIdPath, run: Run) -> JSONResponse:
         return _json(await run.read(BALANCE, user_id))
 
@@ -535,7 +533,7 @@ def build_router(
         return _json(HistoryPage(entries=entries, next_before=next_before))
 
     @served(EXPIRING, tags=["credits"], summary="Lots that expire soon, soonest first",
-            model=list[CreditLot], example=[_LOT], errors=[404])
+            example=[_LOT], errors=[404])
     async def expiring(
         user_id: UserIdPath,
         run: Run,
@@ -549,7 +547,7 @@ def build_router(
 
     @served(RESERVE, tags=["reservations"],
             summary="Hold credits before the work (always waits for the reservation)",
-            model=Reservation, example=_RESERVATION, errors=[402, 404, 409])
+            example=_RESERVATION, errors=[402, 404, 409])
     async def reserve_credits(
         body: Annotated[ReserveCredits, _body_example("Hold 20 credits for 5 minutes", {
             "user_id": "alice", "amount": 20, "ttl_seconds": 300,
@@ -561,7 +559,7 @@ def build_router(
 
     @served(COMMIT, tags=["reservations"],
             summary="Charge a reservation (the amount held, or the actual amount given)",
-            model=LedgerEntry, example=_COMMIT_ENTRY, errors=[402, 404, 409], queues=True)
+            example=_COMMIT_ENTRY, errors=[402, 404, 409], queues=True)
     async def commit_reservation(
         reservation_id: ReservationIdPath,
         run: Run,
@@ -575,7 +573,7 @@ def build_router(
         return await run.write(COMMIT, {"reservation_id": reservation_id, **fields}, wait)
 
     @served(RELEASE, tags=["reservations"], summary="Release a reservation without charging",
-            model=LedgerEntry, example=_RELEASE_ENTRY, errors=[404, 409], queues=True)
+            example=_RELEASE_ENTRY, errors=[404, 409], queues=True)
     async def release_reservation(
         reservation_id: ReservationIdPath,
         run: Run,
@@ -589,13 +587,13 @@ def build_router(
         return await run.write(RELEASE, {"reservation_id": reservation_id, **fields}, wait)
 
     @served(RESERVATION, tags=["reservations"], summary="A reservation and its status",
-            model=Reservation, example=_RESERVATION, errors=[404])
+            example=_RESERVATION, errors=[404])
     async def reservation(reservation_id: ReservationIdPath, run: Run) -> JSONResponse:
         return _json(await run.read(RESERVATION, reservation_id))
 
     # -------------------------------------------------------------- plans
 
-    @served(CREATE_PLAN, tags=["plans"], summary="Create a plan", model=Plan, example=_PLAN,
+    @served(CREATE_PLAN, tags=["plans"], summary="Create a plan", example=_PLAN,
             errors=[409], queues=True)
     async def create_plan(
         body: Annotated[CreatePlan, _body_example("1,000 credits a month for 19.90 USD", {
@@ -606,19 +604,19 @@ def build_router(
     ) -> JSONResponse:
         return await run.write(CREATE_PLAN, _fields(body, idempotency_key), wait)
 
-    @served(LIST_PLANS, tags=["plans"], summary="List plans", model=list[Plan], example=[_PLAN])
+    @served(LIST_PLANS, tags=["plans"], summary="List plans", example=[_PLAN])
     async def list_plans(
         run: Run,
         include_inactive: Annotated[bool, Query(description="Also deactivated plans.")] = False,
     ) -> JSONResponse:
         return _json(await run.read(LIST_PLANS, include_inactive=include_inactive))
 
-    @served(GET_PLAN, tags=["plans"], summary="A plan, by id or by name", model=Plan,
+    @served(GET_PLAN, tags=["plans"], summary="A plan, by id or by name",
             example=_PLAN, errors=[404])
     async def get_plan(plan: PlanPath, run: Run) -> JSONResponse:
         return _json(await run.read(GET_PLAN, plan))
 
-    @served(UPDATE_PLAN, tags=["plans"], summary="Change a plan (id or name)", model=Plan,
+    @served(UPDATE_PLAN, tags=["plans"], summary="Change a plan (id or name)",
             example={**_PLAN, "credit_limit": 1200}, errors=[404, 409], queues=True)
     async def update_plan(
         plan: PlanPath,
@@ -632,13 +630,13 @@ def build_router(
 
     @served(DELETE_PLAN, tags=["plans"],
             summary="Delete an unused plan (one in use is deactivated: 409 plan_in_use)",
-            model=dict[str, Any], example={"deleted": "pro"}, errors=[404, 409], queues=True)
+            example={"deleted": "pro"}, errors=[404, 409], queues=True)
     async def delete_plan(plan: PlanPath, run: Run, wait: Wait) -> JSONResponse:
         return await run.write(DELETE_PLAN, {"plan": plan}, wait)
 
     # -------------------------------------------------------------- subscriptions
 
-    @served(ASSIGN_PLAN, tags=["subscriptions"], summary="Put a user on a plan", model=Subscription,
+    @served(ASSIGN_PLAN, tags=["subscriptions"], summary="Put a user on a plan",
             example=_SUBSCRIPTION, errors=[404, 409], queues=True)
     async def assign_plan(
         user_id: UserIdPath,
@@ -649,7 +647,7 @@ def build_router(
 
     @served(CHANGE_PLAN, tags=["subscriptions"],
             summary="Move a user to another plan (upgrade now, downgrade at period end)",
-            model=Subscription, example={**_SUBSCRIPTION, "pending_plan_id": 2}, errors=[404, 409],
+            example={**_SUBSCRIPTION, "pending_plan_id": 2}, errors=[404, 409],
             queues=True)
     async def change_plan(
         user_id: UserIdPath,
@@ -660,7 +658,7 @@ def build_router(
 
     @served(REMOVE_PLAN, tags=["subscriptions"],
             summary="End a user's subscription (at the end of the period by default)",
-            model=Subscription, example={**_SUBSCRIPTION, "cancel_at_period_end": True},
+            example={**_SUBSCRIPTION, "cancel_at_period_end": True},
             errors=[404, 409], queues=True)
     async def remove_plan(
         user_id: UserIdPath,
@@ -673,7 +671,7 @@ def build_router(
         return await run.write(REMOVE_PLAN, fields, wait)
 
     @served(GET_SUBSCRIPTION, tags=["subscriptions"], summary="A user's active subscription",
-            model=Subscription, example=_SUBSCRIPTION, errors=[404])
+            example=_SUBSCRIPTION, errors=[404])
     async def get_subscription(user_id: UserIdPath, run: Run) -> JSONResponse:
         return _json(await run.read(GET_SUBSCRIPTION, user_id))
 

@@ -118,3 +118,16 @@ def test_the_router_alone_uses_the_configured_database_and_makes_its_tables(
     finally:
         gateway._configured_credit_service.cache_clear()
         get_settings.cache_clear()
+
+
+def test_the_in_process_router_documents_the_registry_result_models() -> None:
+    app = FastAPI()
+    app.include_router(router)
+    schema = app.openapi()
+    for operation in OPERATIONS:
+        if operation.route is None:
+            continue
+        path = operation.route.path.replace(":path", "")
+        answers = schema["paths"][path][operation.route.method.lower()]["responses"]
+        assert {"200", "201"} & set(answers), operation.task
+        assert "202" not in answers  # in process nothing is queued
