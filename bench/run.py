@@ -44,11 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from creditworker.audit import audit  # noqa: E402
-from creditworker.credits import CreditService  # noqa: E402
+from creditworker.engine import CreditService, SubscriptionService  # noqa: E402
+from creditworker.operations import DEDUCT, PING  # noqa: E402
 from creditworker.settings import Settings  # noqa: E402
 from creditworker.storage.database import make_engine  # noqa: E402
 from creditworker.storage.migrate import upgrade  # noqa: E402
-from creditworker.subscriptions import SubscriptionService  # noqa: E402
 from creditworker.worker import commands  # noqa: E402
 from producers import CreditClient  # noqa: E402
 from plain_celery import QUEUE as PLAIN_QUEUE  # noqa: E402
@@ -359,7 +359,7 @@ def single_operations(worker: Worker, service: CreditService, database_url: str,
             prefix = f"drain-{broker}:"
 
             def send(i: int, prefix: str = prefix, app: Celery = app) -> None:
-                app.send_task("creditworker.credits.deduct", kwargs={
+                app.send_task(DEDUCT.task, kwargs={
                     "user_id": users[i % len(users)], "amount": 1, "idempotency_key": f"{prefix}{i}"})
 
             warm = f"warm-{broker}:"
@@ -554,7 +554,7 @@ def reserve_latency(worker: Worker, service: CreditService, seconds: float,
     def noop(_i: int) -> None:  # the producer's own answer path, without a credit operation
         task_id = str(uuid.uuid4())
         expected = client._answers.expect(task_id)
-        sent = app.send_task("creditworker.health.ping", task_id=task_id)
+        sent = app.send_task(PING.task, task_id=task_id)
         if expected is None:
             sent.get(timeout=600)
         elif not expected[1].wait(600):

@@ -3,12 +3,19 @@
 Each command reads its input, calls the engine (or the worker launcher) and prints: rich
 tables for people, `--json` for scripts. A refused operation prints
 `error: <code>: <message>` and exits 2.
+
+A command that runs an operation of the registry (`creditworker/operations.py`) is
+registered by `_runs`, under the name the registry gives it, and calls the engine method the
+registry names (`_run`). Its parameters are the request model's fields as a person types
+them; tests/worker/test_operations.py fails when the two disagree.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from functools import wraps
 from typing import Annotated, Any, Callable, Optional, TypeVar
@@ -19,6 +26,22 @@ from rich.console import Console
 from rich.table import Table
 
 from creditworker.errors import CreditError
+from creditworker.operations import (
+    ADD,
+    ALLOCATE_DUE,
+    ASSIGN_PLAN,
+    BALANCE,
+    CHANGE_PLAN,
+    CREATE_PLAN,
+    DEDUCT,
+    DELETE_PLAN,
+    GET_SUBSCRIPTION,
+    HISTORY,
+    LIST_PLANS,
+    REMOVE_PLAN,
+    UPDATE_PLAN,
+    Operation,
+)
 
 app = typer.Typer(help="Credit and subscription management.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
@@ -55,7 +78,7 @@ def _database_url() -> str:
 
 
 def _service() -> Any:
-    from creditworker.credits import CreditService
+    from creditworker.engine import CreditService
     from creditworker.storage.readiness import ready_engine
 
     return CreditService.from_settings(database=ready_engine(_database_url()))
@@ -97,6 +120,66 @@ def _entry_table(entries: list[Any], title: str) -> Table:
             entry.created_at.isoformat(timespec="seconds"),
         )
     return table
+
+
+# ---------------------------------------------------------------------------- operations
+
+
+@dataclass(frozen=True)
+class OperationCommand:
+    """A command that runs a registry operation, and how its parameters map to the request's
+    fields: `renamed` where the command line says it otherwise (`--period` is
+    `billing_period`), `cli_only` for parameters no request has, `left_out` for request
+    fields the command does not offer."""
+
+    operation: Operation
+    function: Callable[..., Any]
+    renamed: Mapping[str, str]
+    cli_only: frozenset[str]
+    left_out: frozenset[str]
+
+
+OPERATION_COMMANDS: dict[str, OperationCommand] = {}
+"""By the registry's `cli` name (`"plans create"`)."""
+
+_GROUPS = {(): app, ("plans",): plans_app}
+
+
+def _runs(
+    operation: Operation,
+    *,
+    renamed: Mapping[str, str] | None = None,
+    cli_only: tuple[str, ...] = (),
+    left_out: tuple[str, ...] = (),
+    negative_numbers: bool = False,
+) -> Callable[[F], F]:
+    """Register a command under the name the registry gives `operation`; `negative_numbers`
+    lets `-5` through to the command, which refuses it with the engine's clear error."""
+    assert operation.cli is not None, f"{operation.task} has no CLI command in the registry"
+    *group, name = operation.cli.split()
+    settings = {"ignore_unknown_options": True} if negative_numbers else None
+
+    def register(function: F) -> F:
+        OPERATION_COMMANDS[operation.cli] = OperationCommand(  # type: ignore[index]
+            operation, function, renamed or {}, frozenset(cli_only), frozenset(left_out))
+        _GROUPS[tuple(group)].command(name, context_settings=settings)(_reports_errors(function))
+        return function
+
+    return register
+
+
+def _run(operation: Operation, given: dict[str, Any], **fields: Any) -> Any:
+    """The engine method the registry names, called with a command's arguments (its
+    `locals()`) as the request's fields, `fields` (parsed here: amounts, plan references)
+    over them; an option left unset is left to the engine's default, as on the wire."""
+    assert operation.engine is not None and operation.cli is not None
+    command = OPERATION_COMMANDS[operation.cli]
+    arguments = {command.renamed.get(name, name): value for name, value in given.items()
+                 if name != "as_json" and name not in command.cli_only}
+    arguments.update(fields)
+    owner, method = operation.engine.split(".")
+    engine = _service() if owner == "credits" else _subscriptions()
+    return getattr(engine, method)(**{name: value for name, value in arguments.items() if value is not None})
 
 
 # ---------------------------------------------------------------------------- db
@@ -205,11 +288,10 @@ def audit_command(as_json: JsonOption = False) -> None:
 # ---------------------------------------------------------------------------- credits
 
 
-@app.command()
-@_reports_errors
+@_runs(BALANCE)
 def balance(user_id: str, as_json: JsonOption = False) -> None:
     """Show a user's total, reserved, available and soon-expiring credits."""
-    info = _service().get_user_credits_info(user_id)
+    info = _run(BALANCE, locals())
     if as_json:
         _print_json(info)
         return
@@ -220,8 +302,7 @@ def balance(user_id: str, as_json: JsonOption = False) -> None:
     console.print(table)
 
 
-@app.command()
-@_reports_errors
+@_runs(HISTORY, renamed={"kind": "kinds"})
 def history(
     user_id: str,
     limit: Annotated[int, typer.Option(help="Entries per page.")] = 50,
@@ -230,11 +311,8 @@ def history(
     as_json: JsonOption = False,
 ) -> None:
     """Show a user's ledger entries, newest first."""
-    entries = _service().get_history(user_id, limit=limit, before=before, kinds=kind)
-    if as_json:
-        _print_json(entries)
-    else:
-        console.print(_entry_table(entries, f"history of {user_id}"))
+    entries = _run(HISTORY, locals())
+    _print_json(entries) if as_json else console.print(_entry_table(entries, f"history of {user_id}"))
 
 
 @app.command()
@@ -276,8 +354,14 @@ def _parse_amount(amount: str) -> int:
         raise ValidationFailed(f"amount must be a whole number of credits, got {amount!r}") from None
 
 
-@app.command(context_settings={"ignore_unknown_options": True})
-@_reports_errors
+KeyOption = Annotated[
+    Optional[str], typer.Option(help="Repeat the command with the same key: applied once.")
+]
+NOT_ON_THE_COMMAND_LINE = ("metadata",)
+"""A JSON object: for producers and the gateway."""
+
+
+@_runs(ADD, left_out=NOT_ON_THE_COMMAND_LINE, negative_numbers=True)
 def add(
     user_id: str,
     amount: str,
@@ -285,44 +369,32 @@ def add(
     priority: Annotated[Optional[int], typer.Option(help="Draw-down priority, lower first.")] = None,
     source: Annotated[str, typer.Option(help="purchase, bonus, subscription or adjustment.")] = "purchase",
     description: Annotated[Optional[str], typer.Option()] = None,
-    idempotency_key: Annotated[Optional[str], typer.Option()] = None,
+    idempotency_key: KeyOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Grant credits to a user."""
-    entry = _service().add_credits(
-        user_id, _parse_amount(amount), expires_at=expires_at, priority=priority, source=source,
-        description=description, idempotency_key=idempotency_key,
-    )
-    if as_json:
-        _print_json(entry)
-    else:
-        console.print(_entry_table([entry], f"added {entry.amount} to {user_id}"))
+    entry = _run(ADD, locals(), amount=_parse_amount(amount))
+    _print_json(entry) if as_json else console.print(_entry_table([entry], f"added {entry.amount} to {user_id}"))
 
 
-@app.command(context_settings={"ignore_unknown_options": True})
-@_reports_errors
+@_runs(DEDUCT, left_out=NOT_ON_THE_COMMAND_LINE, negative_numbers=True)
 def deduct(
     user_id: str,
     amount: str,
     description: Annotated[Optional[str], typer.Option()] = None,
-    idempotency_key: Annotated[Optional[str], typer.Option()] = None,
+    idempotency_key: KeyOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Consume credits now."""
-    entry = _service().deduct_credits(
-        user_id, _parse_amount(amount), description=description, idempotency_key=idempotency_key
-    )
-    if as_json:
-        _print_json(entry)
-    else:
-        console.print(_entry_table([entry], f"deducted {-entry.amount} from {user_id}"))
+    entry = _run(DEDUCT, locals(), amount=_parse_amount(amount))
+    _print_json(entry) if as_json else console.print(_entry_table([entry], f"deducted {-entry.amount} from {user_id}"))
 
 
 # ---------------------------------------------------------------------------- plans
 
 
 def _subscriptions() -> Any:
-    from creditworker.subscriptions import SubscriptionService
+    from creditworker.engine import SubscriptionService
 
     return SubscriptionService(_service())
 
@@ -358,8 +430,7 @@ def _show_subscription(subscription: Any, as_json: bool) -> None:
     )
 
 
-@plans_app.command("create", context_settings={"ignore_unknown_options": True})
-@_reports_errors
+@_runs(CREATE_PLAN, renamed={"period": "billing_period"}, negative_numbers=True)
 def plans_create(
     name: str,
     credit_limit: str,
@@ -367,19 +438,16 @@ def plans_create(
     currency: Annotated[str, typer.Option(help="ISO 4217 code.")] = "USD",
     period: Annotated[str, typer.Option(help="daily, monthly or yearly.")] = "monthly",
     validity_days: Annotated[Optional[int], typer.Option(help="Days each grant stays valid (default: the period).")] = None,
-    idempotency_key: Annotated[Optional[str], typer.Option()] = None,
+    active: Annotated[bool, typer.Option("--active/--inactive", help="Whether users can be put on it.")] = True,
+    idempotency_key: KeyOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Create a plan granting CREDIT_LIMIT credits each period."""
-    plan = _subscriptions().create_plan(
-        name, _parse_amount(credit_limit), price=price, currency=currency, billing_period=period,
-        validity_days=validity_days, idempotency_key=idempotency_key,
-    )
+    plan = _run(CREATE_PLAN, locals(), credit_limit=_parse_amount(credit_limit))
     _print_json(plan) if as_json else console.print(_plans_table([plan], "created"))
 
 
-@plans_app.command("update")
-@_reports_errors
+@_runs(UPDATE_PLAN)
 def plans_update(
     plan: str,
     name: Annotated[Optional[str], typer.Option()] = None,
@@ -388,90 +456,73 @@ def plans_update(
     currency: Annotated[Optional[str], typer.Option()] = None,
     validity_days: Annotated[Optional[int], typer.Option()] = None,
     active: Annotated[Optional[bool], typer.Option("--active/--inactive")] = None,
+    idempotency_key: KeyOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Change a plan (by id or name)."""
-    changes: dict[str, Any] = {
-        "name": name, "price": price, "currency": currency, "validity_days": validity_days,
-        "active": active, "credit_limit": _parse_amount(credit_limit) if credit_limit else None,
-    }
-    updated = _subscriptions().update_plan(
-        _plan_ref(plan), **{field: value for field, value in changes.items() if value is not None}
-    )
+    """Change a plan (by id or name): only the options given."""
+    updated = _run(UPDATE_PLAN, locals(), plan=_plan_ref(plan),
+                   credit_limit=_parse_amount(credit_limit) if credit_limit else None)
     _print_json(updated) if as_json else console.print(_plans_table([updated], "updated"))
 
 
-@plans_app.command("delete")
-@_reports_errors
-def plans_delete(plan: str, as_json: JsonOption = False) -> None:
+@_runs(DELETE_PLAN)
+def plans_delete(plan: str, idempotency_key: KeyOption = None, as_json: JsonOption = False) -> None:
     """Delete an unused plan; a plan users are on is deactivated instead (exit status 2)."""
-    _subscriptions().delete_plan(_plan_ref(plan))
+    _subscriptions().delete_plan(_plan_ref(plan), idempotency_key=idempotency_key)
     _print_json({"deleted": plan}) if as_json else console.print(f"deleted plan {plan}")
 
 
-@plans_app.command("list")
-@_reports_errors
+@_runs(LIST_PLANS)
 def plans_list(
     include_inactive: Annotated[bool, typer.Option("--all", help="Include inactive plans.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """List plans."""
-    plans = _subscriptions().list_plans(include_inactive=include_inactive)
+    plans = _run(LIST_PLANS, locals())
     _print_json(plans) if as_json else console.print(_plans_table(plans, "plans"))
 
 
-@plans_app.command("assign")
-@_reports_errors
+@_runs(ASSIGN_PLAN)
 def plans_assign(
     user_id: str,
     plan: str,
     start_at: Annotated[Optional[datetime], typer.Option(help="When the first period started (UTC if no zone).")] = None,
-    idempotency_key: Annotated[Optional[str], typer.Option()] = None,
+    idempotency_key: KeyOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Put a user on a plan and grant the first period's credits now."""
-    _show_subscription(_subscriptions().assign_plan(
-        user_id, _plan_ref(plan), start_at=start_at, idempotency_key=idempotency_key), as_json)
+    _show_subscription(_run(ASSIGN_PLAN, locals(), plan=_plan_ref(plan)), as_json)
 
 
-@plans_app.command("change")
-@_reports_errors
-def plans_change(
-    user_id: str, plan: str, idempotency_key: Annotated[Optional[str], typer.Option()] = None,
-    as_json: JsonOption = False,
-) -> None:
+@_runs(CHANGE_PLAN)
+def plans_change(user_id: str, plan: str, idempotency_key: KeyOption = None, as_json: JsonOption = False) -> None:
     """Upgrade now (prorated grant) or downgrade at the next period."""
-    _show_subscription(_subscriptions().change_plan(
-        user_id, _plan_ref(plan), idempotency_key=idempotency_key), as_json)
+    _show_subscription(_run(CHANGE_PLAN, locals(), plan=_plan_ref(plan)), as_json)
 
 
-@plans_app.command("remove")
-@_reports_errors
+@_runs(REMOVE_PLAN, renamed={"now": "at_period_end"})
 def plans_remove(
     user_id: str,
     now: Annotated[bool, typer.Option("--now", help="End now instead of at the end of the period.")] = False,
-    idempotency_key: Annotated[Optional[str], typer.Option()] = None,
+    idempotency_key: KeyOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Take a user off their plan (at the end of the period unless --now)."""
-    _show_subscription(_subscriptions().remove_plan(
-        user_id, at_period_end=not now, idempotency_key=idempotency_key), as_json)
+    _show_subscription(_run(REMOVE_PLAN, locals(), at_period_end=not now), as_json)
 
 
-@plans_app.command("subscription")
-@_reports_errors
+@_runs(GET_SUBSCRIPTION)
 def plans_subscription(user_id: str, as_json: JsonOption = False) -> None:
     """Show a user's active subscription."""
-    _show_subscription(_subscriptions().get_user_subscription(user_id), as_json)
+    _show_subscription(_run(GET_SUBSCRIPTION, locals()), as_json)
 
 
-@plans_app.command("allocate")
-@_reports_errors
+@_runs(ALLOCATE_DUE, cli_only=("backfill",))
 def plans_allocate(
     backfill: Annotated[bool, typer.Option(help="Also grant missed periods still valid.")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Grant every due subscription its period now (what beat runs)."""
+    """Grant every due subscription its period now (beat sends this out to the workers)."""
     granted = _subscriptions().allocate_due(backfill=backfill)
     _print_json({"granted": granted}) if as_json else console.print(f"granted {granted} periods")
 

@@ -89,7 +89,7 @@ class EmbeddedServers:
         if self.redis is None:
             holder = tempfile.TemporaryDirectory(prefix="cw-test-redis-")
             self.tempdirs.append(holder)
-            self.redis_port = _free_port()
+            self.redis_port = free_port()
             binary = shutil.which("redis-server")
             if binary is not None:
                 self.redis = start_redis_server(binary, self.redis_port, holder.name)
@@ -130,7 +130,8 @@ def start_redis_server(binary: str, port: int, directory: str) -> subprocess.Pop
     return server
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port nothing listens on now (the one helper every test that starts a server uses)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])

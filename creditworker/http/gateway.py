@@ -44,7 +44,7 @@ from creditworker.contract import (
     UserId,
     UtcDateTime,
 )
-from creditworker.credits import CreditService
+from creditworker.engine import CreditService, SubscriptionService
 from creditworker.engine.service import embedded_tables
 from creditworker.errors import CreditError, ServiceUnavailable, ValidationFailed
 from creditworker.http.auth import (
@@ -94,7 +94,6 @@ from creditworker.plans_contract import (
 )
 from creditworker.settings import Settings, get_settings
 from creditworker.storage.database import is_transient
-from creditworker.subscriptions import SubscriptionService
 from producers.aio import AsyncCreditClient, AsyncTaskHandle
 from producers.client import DEFAULT_TIMEOUT, unwrap
 

@@ -20,7 +20,7 @@ from celery import Task, current_app, shared_task
 from pydantic import BaseModel
 
 from creditworker.contract import BatchOutcome, Request, parse
-from creditworker.credits import CreditService
+from creditworker.engine import CreditService, SubscriptionService
 from creditworker.errors import CreditError, ValidationFailed
 from creditworker.operations import (
     ALLOCATE,
@@ -35,7 +35,6 @@ from creditworker.operations import (
 )
 from creditworker.settings import get_settings
 from creditworker.storage.database import is_transient
-from creditworker.subscriptions import SubscriptionService
 from creditworker.worker import delivery
 from creditworker.worker.gather import GatheredTask
 

@@ -10,6 +10,11 @@
 const net = require('net');
 const crypto = require('crypto');
 
+// The task and its keyword arguments (below, in main) as the registry has them: DEDUCT and
+// DeductCredits in creditworker/operations.py; tests/worker/test_operations.py fails when
+// they disagree.
+const TASK = 'creditworker.credits.deduct';
+
 function parseArgs(argv) {
   const args = { redis: 'redis://127.0.0.1:6379/0', queue: 'celery' };
   for (let i = 0; i < argv.length; i += 2) args[argv[i].replace(/^--/, '')] = argv[i + 1];
@@ -101,7 +106,7 @@ async function main() {
   if (args.description) kwargs.description = args.description;
   const redis = new Redis(args.redis);
   await redis.connect();
-  const { id, envelope } = celeryMessage('creditworker.credits.deduct', kwargs, args.queue);
+  const { id, envelope } = celeryMessage(TASK, kwargs, args.queue);
   // kombu consumes with BRPOP, so LPUSH keeps the queue first-in first-out.
   await redis.command('LPUSH', args.queue, envelope);
   console.log(id);

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,23 @@ def test_plans_commands_manage_plans_and_subscriptions(engine: Engine, database_
     assert code == 0 and json.loads(out)["status"] == "ended"
     code, out, _ = cli(database_url, "plans", "allocate", "--json")
     assert code == 0 and json.loads(out) == {"granted": 0}
+
+
+def test_plan_update_and_delete_repeated_with_a_key_answer_as_the_first_time(
+    engine: Engine, database_url: str
+) -> None:
+    """The CLI offers the key the registry's plan writes take (it once had none for these)."""
+    assert cli(database_url, "plans", "create", "basic", "10", "--inactive", "--idempotency-key", "c-1")[0] == 0
+    first = cli(database_url, "plans", "update", "basic", "--price", "5", "--active", "--idempotency-key", "u-1", "--json")
+    again = cli(database_url, "plans", "update", "basic", "--price", "5", "--active", "--idempotency-key", "u-1", "--json")
+    assert first[0] == again[0] == 0 and json.loads(first[1]) == json.loads(again[1])
+    assert json.loads(first[1])["active"] and Decimal(json.loads(first[1])["price"]) == 5
+    code, _out, err = cli(database_url, "plans", "update", "basic", "--price", "6", "--idempotency-key", "u-1")
+    assert code == 2 and "error: idempotency_conflict:" in err
+    for _ in range(2):
+        code, out, err = cli(database_url, "plans", "delete", "basic", "--idempotency-key", "d-1", "--json")
+        assert (code, json.loads(out)) == (0, {"deleted": "basic"}), err
+    assert cli(database_url, "plans", "delete", "basic")[0] == 2  # without the key: it is gone
 
 
 @pytest.mark.parametrize(

@@ -69,6 +69,6 @@ def test_a_mysql_database_that_does_not_exist_says_how_to_create_it(tmp_path: Pa
 
 
 def test_a_server_that_does_not_answer_is_one_line(tmp_path: Path) -> None:
-    url = f"postgresql+psycopg2://postgres@127.0.0.1:{services._free_port()}/x"
+    url = f"postgresql+psycopg2://postgres@127.0.0.1:{services.free_port()}/x"
     line = one_line(run(tmp_path, "--database-url", url, "balance", "alice"))
     assert "cannot use the database" in line and "Connection refused" in line

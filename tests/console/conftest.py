@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +36,6 @@ CHROMIUM_FLAGS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @dataclass
 class ConsoleServer:
     """A running `creditworker serve`, and an engine on its database."""
@@ -63,7 +56,7 @@ class ConsoleServer:
 
 
 def _serve(env: dict[str, str], workdir: Path) -> Iterator[str]:
-    yield from serving(env, workdir, free_port(), "/console/login")
+    yield from serving(env, workdir, services.free_port(), "/console/login")
 
 
 @pytest.fixture(scope="module", params=["embedded", "postgres_redis"])

@@ -16,7 +16,7 @@ import pytest
 from creditworker.worker import commands
 from tests.e2e.conftest import RunningWorker
 from tests.e2e.test_up_and_flower import AUTH, flower_tasks, wait_for_http
-from tests.faults.servers import free_port
+from tests.services import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -18,7 +18,7 @@ from creditworker.settings import Settings
 from creditworker.worker.launcher import LastError
 from producers import CreditClient
 from tests.e2e.test_up_and_flower import AUTH, alive, argv_of, running_up, wait_for_http
-from tests.faults.servers import free_port
+from tests.services import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -23,7 +23,7 @@ from creditworker.settings import Settings
 from creditworker.worker import commands
 from producers import CreditClient
 from tests.e2e.conftest import RunningWorker
-from tests.faults.servers import free_port
+from tests.services import free_port
 
 pytestmark = pytest.mark.e2e
 

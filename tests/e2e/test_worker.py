@@ -214,7 +214,7 @@ def test_the_async_client_does_the_same(worker: RunningWorker) -> None:
 
 
 def test_importing_producers_does_not_import_sqlalchemy() -> None:
-    code = "import sys, producers; print(json.dumps(sorted(m for m in sys.modules if m.startswith(('sqlalchemy', 'creditworker.credits', 'creditworker.storage')))))"
+    code = "import sys, producers; print(json.dumps(sorted(m for m in sys.modules if m.startswith(('sqlalchemy', 'creditworker.engine', 'creditworker.credits', 'creditworker.storage')))))"
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
 

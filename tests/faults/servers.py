@@ -19,12 +19,6 @@ import pytest
 from tests import services
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def wait_port(port: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -57,7 +51,7 @@ class PrivatePostgres:
         self.pg_ctl = str(Path(self.initdb).with_name("pg_ctl"))
         self.root = Path(tempfile.mkdtemp(prefix="cw-private-pg-"))
         self.data = self.root / "data"
-        self.port = free_port()
+        self.port = services.free_port()
         self.as_user: list[str] = []
         if os.geteuid() == 0:
             shutil.chown(self.root, "postgres", "postgres")
@@ -96,7 +90,7 @@ class PrivateRedis:
     def __init__(self) -> None:
         self.binary = _need("redis-server")
         self.root = Path(tempfile.mkdtemp(prefix="cw-private-redis-"))
-        self.port = free_port()
+        self.port = services.free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -131,7 +125,7 @@ class PrivateRabbitMQ:
         self.server = _need("rabbitmq-server")
         self.ctl = _need("rabbitmqctl")
         self.root = Path(tempfile.mkdtemp(prefix="cw-private-rabbit-"))
-        self.port = free_port()
+        self.port = services.free_port()
         self.node = f"cwfault{self.port}@localhost"
         if os.geteuid() == 0:
             shutil.chown(self.root, "rabbitmq", "rabbitmq")
@@ -143,7 +137,7 @@ class PrivateRabbitMQ:
             **os.environ,
             "RABBITMQ_NODENAME": self.node,
             "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_DIST_PORT": str(services.free_port()),
             "RABBITMQ_MNESIA_BASE": str(self.root / "mnesia"),
             "RABBITMQ_LOG_BASE": str(self.root / "log"),
             "RABBITMQ_CONFIG_FILE": str(self.root / "rabbitmq"),

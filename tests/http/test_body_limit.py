@@ -16,6 +16,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from creditworker.http.body_limit import BodyLimit
 from tests.e2e.conftest import RunningWorker, serving
+from tests.services import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -30,12 +31,6 @@ HUGE = 100 * 1024 * 1024
 CHUNK = 16 * 1024
 ANSWER_WITHIN = 5.0
 """Seconds a refusal may take; a server that waits for the whole body never answers."""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

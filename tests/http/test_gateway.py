@@ -20,11 +20,11 @@ from httpx import Response
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
+from creditworker.engine import SubscriptionService
 from creditworker.errors import UnknownUser
 from creditworker.http.auth import API_KEYS_VARIABLE
 from creditworker.http.gateway import build_router, create_app
 from creditworker.settings import Settings
-from creditworker.subscriptions import SubscriptionService
 from producers.aio import AsyncCreditClient
 from tests.e2e.conftest import RunningWorker
 
@@ -627,7 +627,7 @@ def test_without_keys_the_embedded_broker_is_open(worker: RunningWorker, tmp_pat
 
 
 def test_a_host_app_mounts_the_router_with_its_own_auth(worker: RunningWorker) -> None:
-    from creditworker.credits import CreditService
+    from creditworker.engine import CreditService
 
     async def staff_only() -> None:
         raise HTTPException(403, "staff only")

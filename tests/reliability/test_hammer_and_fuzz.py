@@ -13,9 +13,9 @@ from sqlalchemy.engine import Engine
 
 from creditworker import CreditService
 from creditworker.audit import audit
+from creditworker.engine import SubscriptionService
 from creditworker.errors import ERRORS_BY_CODE, InsufficientCredits
 from creditworker.operations import OPERATIONS
-from creditworker.subscriptions import SubscriptionService
 from creditworker.worker import tasks
 from tests.engine.test_credits import snapshot
 

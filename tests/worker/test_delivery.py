@@ -56,7 +56,7 @@ def test_a_gathered_batch_whose_database_is_gone_goes_back_to_the_broker_at_once
     import redis
     from celery.exceptions import Retry
 
-    from creditworker.credits import CreditService
+    from creditworker.engine import CreditService
     from creditworker.settings import Settings
     from creditworker.worker import tasks
     from creditworker.worker.app import make_celery

@@ -3,18 +3,28 @@ checked against it: tasks, engine methods, producer methods, gateway routes, CLI
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 import typer
 
+from creditworker.cli import OPERATION_COMMANDS, OperationCommand
 from creditworker.cli import app as cli_app
-from creditworker.credits import CreditService
-from creditworker.operations import BY_REQUEST, BY_TASK, OPERATIONS, Operation, contract_table
+from creditworker.engine import CreditService, SubscriptionService
+from creditworker.operations import (
+    BY_REQUEST,
+    BY_TASK,
+    DEDUCT,
+    OPERATIONS,
+    Operation,
+    contract_table,
+)
 from creditworker.settings import Settings
-from creditworker.subscriptions import SubscriptionService
 from creditworker.worker import tasks
 from creditworker.worker.app import make_celery
 from creditworker.worker.gather import GatheredTask
@@ -51,6 +61,11 @@ def test_the_engine_method_takes_the_request_fields(operation: Operation) -> Non
     assert takes_any or wanted <= set(parameters), wanted - set(parameters)
     if operation.keyed:
         assert "idempotency_key" in parameters  # a write is idempotent on redelivery
+    for name, field in operation.request.model_fields.items():  # the engine parses its arguments
+        if name in parameters:  # into the request: its own default would replace the model's
+            default = parameters[name].default
+            assert (default is inspect.Parameter.empty) == field.is_required(), name
+            assert default in (inspect.Parameter.empty, None) or default == field.default, name
 
 
 def test_every_operation_is_a_task_of_the_app_and_the_gathered_ones_gather() -> None:
@@ -76,6 +91,23 @@ def test_each_producer_method_takes_its_request_fields(client: type, operation: 
 
 
 @pytest.mark.parametrize("client", [CreditClient, AsyncCreditClient])
+@pytest.mark.parametrize("operation", PRODUCED, ids=_ids)
+def test_each_producer_method_requires_and_defaults_as_its_request_does(
+    client: type, operation: Operation
+) -> None:
+    """A method's own default would be sent in place of the model's: only None may differ."""
+    assert operation.producer is not None
+    parameters = {name: p for name, p in inspect.signature(getattr(client, operation.producer)).parameters.items()
+                  if name not in {"self", *CLIENT_ONLY} and p.kind is not inspect.Parameter.VAR_KEYWORD}
+    fields = operation.request.model_fields
+    required = {name for name, p in parameters.items() if p.default is inspect.Parameter.empty}
+    assert required == {name for name, field in fields.items() if field.is_required()}
+    for name, parameter in parameters.items():
+        if parameter.default not in (inspect.Parameter.empty, None):
+            assert parameter.default == fields[name].default, name
+
+
+@pytest.mark.parametrize("client", [CreditClient, AsyncCreditClient])
 def test_reserve_and_wait_takes_the_reserve_fields_and_a_timeout(client: type) -> None:
     parameters = set(inspect.signature(client.reserve_credits).parameters) - {"self"}
     assert parameters == set(BY_TASK["creditworker.credits.reserve"].request.model_fields) | {"timeout"}
@@ -96,15 +128,34 @@ class _Recording(CreditClient):
         return None
 
 
+def _required_samples(method: Any) -> dict[str, Any]:
+    return {name: SAMPLES[name] for name, p in inspect.signature(method).parameters.items()
+            if p.default is inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD}
+
+
 @pytest.mark.parametrize("operation", PRODUCED, ids=_ids)
 def test_each_producer_method_sends_its_operations_task(operation: Operation) -> None:
     assert operation.producer is not None
     client = _Recording()
     method = getattr(client, operation.producer)
-    required = [name for name, p in inspect.signature(method).parameters.items()
-                if p.default is inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD]
-    method(**{name: SAMPLES[name] for name in required})
+    method(**_required_samples(method))
     (request,) = client.sent
+    assert BY_REQUEST[type(request)] is operation
+
+
+@pytest.mark.parametrize("operation", PRODUCED, ids=_ids)
+def test_each_async_producer_method_sends_its_operations_task(operation: Operation) -> None:
+    """The async methods name the sync method they run in a thread: the name must be theirs."""
+    assert operation.producer is not None
+    client = AsyncCreditClient.__new__(AsyncCreditClient)  # no app: nothing is sent
+    client.sync = recording = _Recording()
+    client._executor = ThreadPoolExecutor(1)
+    try:
+        method = getattr(client, operation.producer)
+        asyncio.run(method(**_required_samples(method)))
+    finally:
+        client._executor.shutdown()
+    (request,) = recording.sent
     assert BY_REQUEST[type(request)] is operation
 
 
@@ -120,17 +171,48 @@ def test_the_gateway_serves_the_registry_routes() -> None:
     assert served == registered  # the worker mode adds GET /credits/tasks/{task_id}: tests/inprocess
 
 
-@pytest.mark.parametrize("operation", [op for op in OPERATIONS if op.cli], ids=_ids)
-def test_the_cli_has_the_registry_commands(operation: Operation) -> None:
-    assert operation.cli is not None
+def _click_command(cli_name: str) -> Any:
     group: Any = typer.main.get_command(cli_app)
-    for word in operation.cli.split():
+    for word in cli_name.split():
         group = group.commands[word]
+    return group
 
 
-def test_the_node_producer_sends_a_registry_task() -> None:
+def test_the_cli_runs_the_operations_the_registry_gives_a_command() -> None:
+    assert set(OPERATION_COMMANDS) == {operation.cli for operation in OPERATIONS if operation.cli}
+    for name, command in OPERATION_COMMANDS.items():
+        assert command.operation.cli == name
+        assert inspect.unwrap(_click_command(name).callback) is command.function
+
+
+@pytest.mark.parametrize("command", OPERATION_COMMANDS.values(), ids=lambda command: command.operation.cli)
+def test_each_cli_command_takes_its_request_fields(command: OperationCommand) -> None:
+    """Every field is a parameter (under its own name or a declared one) unless declared left
+    out; a required field is an argument, an optional one an option."""
+    fields = command.operation.request.model_fields
+    parameters = set(inspect.signature(command.function).parameters) - {"as_json"}
+    assert command.cli_only <= parameters and command.left_out <= set(fields)
+    assert set(command.renamed) <= parameters and set(command.renamed.values()) <= set(fields)
+    filled = {command.renamed.get(name, name) for name in parameters - command.cli_only}
+    assert filled == set(fields) - command.left_out
+    renamed_back = {field: name for name, field in command.renamed.items()}
+    for param in _click_command(command.operation.cli).params:
+        field = renamed_back.get(param.name, param.name)
+        if field in fields:
+            assert (param.param_type_name == "argument") == fields[field].is_required(), field
+
+
+def test_the_node_producer_sends_the_deduct_task_with_its_request_fields() -> None:
+    """producers/node/deduct.js writes the task name and argument names out (it needs nothing
+    beyond Node); they must be the registry's."""
     source = (ROOT / "producers" / "node" / "deduct.js").read_text()
-    assert "'creditworker.credits.deduct'" in source and "creditworker.credits.deduct" in BY_TASK
+    (task,) = re.findall(r"^const TASK = '([^']+)';$", source, re.MULTILINE)
+    (literal,) = re.findall(r"const kwargs = \{([^}]*)\}", source)
+    sent = set(re.findall(r"(\w+):", literal)) | set(re.findall(r"kwargs\.(\w+) =", source))
+    assert task == DEDUCT.task
+    assert sent <= set(DEDUCT.request.model_fields), sent - set(DEDUCT.request.model_fields)
+    assert {name for name, field in DEDUCT.request.model_fields.items() if field.is_required()} <= sent
+    assert "idempotency_key" in sent
 
 
 def _documented_table() -> str:

@@ -30,8 +30,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from creditworker.contract import MAX_DESCRIPTION_LENGTH, EntryKind, OveragePolicy
-from creditworker.credits import CreditService
 from creditworker.dead_letters import DeadLetterStore
+from creditworker.engine import CreditService, SubscriptionService
 from creditworker.errors import CreditError, UnknownSubscription, UnknownUser, ValidationFailed
 from creditworker.http.console import queries
 from creditworker.http.console.access import (
@@ -50,7 +50,6 @@ from creditworker.http.console.system import AuditResult, bounded, ping_workers,
 from creditworker.http.responses import STATUS_BY_CODE
 from creditworker.periods import BillingPeriod
 from creditworker.settings import Settings
-from creditworker.subscriptions import SubscriptionService
 from creditworker.worker.app import make_celery
 
 logger = logging.getLogger(__name__)
