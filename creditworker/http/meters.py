@@ -12,9 +12,12 @@ import inspect
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 
 from creditworker.contract import LedgerEntry, Reservation
+from creditworker.errors import ServiceUnavailable
+from creditworker.storage.database import is_transient
 
 
 class Meter(Protocol):
@@ -33,25 +36,34 @@ async def call_engine(service: Any, method: str, *args: Any, **kwargs: Any) -> A
 
 
 class EngineMeter:
-    """In process: each call is one transaction of the engine."""
+    """In process: each call is one transaction of the engine. A database that does not
+    answer is `ServiceUnavailable` (503), as the workers' silence is on the other path."""
 
     def __init__(self, service: Any) -> None:
         self.service = service
 
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await call_engine(self.service, method, *args, **kwargs)
+        except DBAPIError as exc:
+            if not is_transient(exc):
+                raise
+            raise ServiceUnavailable(f"the database did not answer: {type(exc.orig).__name__}") from exc
+
     async def reserve(self, user_id: str, amount: int, **fields: Any) -> Reservation:
-        result: Reservation = await call_engine(self.service, "reserve_credits", user_id, amount, **fields)
+        result: Reservation = await self._call("reserve_credits", user_id, amount, **fields)
         return result
 
     async def commit(self, reservation_id: str, amount: int, **fields: Any) -> LedgerEntry:
-        result: LedgerEntry = await call_engine(self.service, "commit_reservation", reservation_id, amount, **fields)
+        result: LedgerEntry = await self._call("commit_reservation", reservation_id, amount, **fields)
         return result
 
     async def release(self, reservation_id: str, **fields: Any) -> LedgerEntry:
-        result: LedgerEntry = await call_engine(self.service, "release_reservation", reservation_id, **fields)
+        result: LedgerEntry = await self._call("release_reservation", reservation_id, **fields)
         return result
 
     async def deduct(self, user_id: str, amount: int, **fields: Any) -> LedgerEntry:
-        result: LedgerEntry = await call_engine(self.service, "deduct_credits", user_id, amount, **fields)
+        result: LedgerEntry = await self._call("deduct_credits", user_id, amount, **fields)
         return result
 
 

@@ -201,3 +201,13 @@ def test_exactly_one_of_credit_service_and_client_is_given(credit_service: Any) 
     app.add_middleware(CreditDeductionMiddleware)
     with pytest.raises(TypeError, match="exactly one"), TestClient(app) as client:
         client.get("/")
+
+
+def test_a_database_that_does_not_answer_is_503_and_the_endpoint_never_runs(calls: Counter[str]) -> None:
+    closed = CreditService("postgresql+psycopg2://postgres@127.0.0.1:1/closed")
+    app = metered_app(closed, calls, path_prefix="/api")
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.post("/api/answer", json={"tokens": 1}, headers=headers("anyone"))
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "service_unavailable"
+    assert calls["answer"] == 0
