@@ -443,15 +443,14 @@ def build_router(
     """The `/credits` routes of every operation the registry gives a route.
 
     With `client`, writes go to the workers (202, or the result for a caller that waits)
-    and reads come from `reads` (an engine). Without it, every operation runs in this
+    and reads come from `reads` (an engine; by default the one the settings describe). Without it, every operation runs in this
     process on `credit_service` (`CreditService` or `AsyncCreditService`), or, when none is
     given, on `get_credit_service()`'s, and answers 200 or 201 with its result. `auth` is
     any FastAPI dependency that raises to refuse; none by default.
     """
     if client is not None:
-        if reads is None:
-            raise TypeError("build_router(client=...) also needs reads= (an engine for the reads)")
-        worker = _WorkerBackend(client, reads, subscriptions or SubscriptionService(reads))
+        reads = reads if reads is not None else _configured_credit_service()
+        worker = _WorkerBackend(client, reads, subscriptions or subscriptions_for(reads))
         backend_dependency: Callable[..., Any] = lambda: worker
     elif credit_service is not None:
         in_process = _EngineBackend(credit_service)

@@ -102,6 +102,23 @@ def test_plans_and_subscriptions_answer_with_their_results(http: TestClient) -> 
     assert http.get(f"/credits/plans/{spare}").status_code == 404
 
 
+def test_the_worker_mode_reads_from_the_configured_database_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CREDITWORKER_DATABASE_URL", f"sqlite:///{tmp_path / 'reads.db'}")
+    get_settings.cache_clear()
+    gateway._configured_credit_service.cache_clear()
+    try:
+        CreditService(f"sqlite:///{tmp_path / 'reads.db'}").add_credits("reader", 2)
+        app = FastAPI()
+        app.include_router(build_router(client=AsyncCreditClient(Settings(broker_url="memory://"))))
+        with TestClient(app) as client:
+            assert client.get("/credits/balance/reader").json()["total"] == 2
+    finally:
+        gateway._configured_credit_service.cache_clear()
+        get_settings.cache_clear()
+
+
 def test_the_router_alone_uses_the_configured_database_and_makes_its_tables(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
