@@ -12,6 +12,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "AsyncCreditService": "creditworker.engine.async_service",
+    "AsyncSubscriptionService": "creditworker.engine.async_service",
     "CreditService": "creditworker.engine.service",
     "Settings": "creditworker.settings",
     "SubscriptionService": "creditworker.engine.subscriptions",

@@ -230,17 +230,24 @@ def db_current() -> None:
 
 @app.command()
 def schema(
-    dialect: Annotated[str, typer.Option(help="postgresql, sqlite or mysql")] = "postgresql",
+    backend: Annotated[str, typer.Option(help="sql: DDL for --dialect; nosql: MongoDB $jsonSchema validators.")] = "sql",
+    dialect: Annotated[str, typer.Option(help="postgresql (postgres), sqlite or mysql (mariadb)")] = "postgresql",
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON schemas of the public models instead.")] = False,
 ) -> None:
-    """Print the SQL DDL for a dialect, or the JSON schemas of the models."""
-    from creditworker.schema import ddl, json_schemas
+    """Print the SQL DDL for a dialect, the MongoDB collection validators of the stored
+    rows, or the JSON schemas of every request, result and event model."""
+    from creditworker.schema import BACKENDS, collection_validators, ddl, json_schemas
 
     if as_json:
         print(json.dumps(json_schemas(), indent=2))
         return
     try:
-        print(ddl(dialect), end="")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        if backend == "nosql":
+            print(json.dumps(collection_validators(), indent=2))
+        else:
+            print(ddl(dialect), end="")
     except ValueError as exc:
         print(f"error: invalid_input: {exc}", file=sys.stderr)
         raise typer.Exit(2) from None
@@ -306,6 +313,35 @@ def history(
     """Show a user's ledger entries, newest first."""
     entries = _run(HISTORY, locals())
     _print_json(entries) if as_json else console.print(_entry_table(entries, f"history of {user_id}"))
+
+
+@app.command()
+@_reports_errors
+def ledger(
+    kind: Annotated[Optional[str], typer.Option(help="error (refused operations) or system (sweep runs); both by default.")] = None,
+    user: Annotated[Optional[str], typer.Option(help="Only this user's records.")] = None,
+    limit: Annotated[int, typer.Option(help="Records per page.")] = 50,
+    before: Annotated[Optional[int], typer.Option(help="Show records older than this record id.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show the ledger's other records, newest first: refused operations and sweep runs."""
+    from creditworker.errors import ValidationFailed
+
+    if kind not in (None, "error", "system"):
+        raise ValidationFailed(f"kind must be error or system, got {kind!r}")
+    records = _service().get_ledger_records(kind=kind, user_id=user, limit=limit, before=before)
+    if as_json:
+        _print_json(records)
+        return
+    table = Table(title="ledger records")
+    for column in ("id", "kind", "operation", "user", "code", "what", "time"):
+        table.add_column(column, justify="right" if column == "id" else "left")
+    for record in records:
+        what = record.message if record.kind == "error" else ", ".join(
+            f"{name} {count}" for name, count in record.details.items())
+        table.add_row(str(record.id), record.kind.value, record.operation, record.user_id or "-",
+                      record.code or "-", what or "", record.created_at.isoformat(timespec="seconds"))
+    console.print(table)
 
 
 def _parse_amount(amount: str) -> int:

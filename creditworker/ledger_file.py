@@ -45,6 +45,10 @@ class LedgerFile:
             ]
         )
 
+    def write_system(self, operation: str, counts: dict[str, Any], at: datetime) -> None:
+        """What a sweep run did (its counts)."""
+        self._append([{"record": "system", "operation": operation, "counts": counts, "at": at.isoformat()}])
+
     def _append(self, records: Iterable[dict[str, Any]]) -> None:
         text = "".join(json.dumps(record, default=str) + "\n" for record in records)
         if not text:

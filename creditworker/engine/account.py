@@ -79,7 +79,7 @@ def load_live_lots(connection: Connection, accounts: Iterable[Account],
         return
     for account in wanting.values():
         account.lots, account.lots_loaded = [], True
-    if drawing is not None and connection.dialect.name == "postgresql":
+    if drawing is not None and bulk.pg_arrays(connection):
         rows = _lots_prefix(connection, {user_id: max(0, drawing.get(user_id, 0)) for user_id in wanting})
     else:
         rows = bulk.rows_where_in(connection, lots_table, LOT_COLUMNS, "user_id", wanting, where="remaining > 0")

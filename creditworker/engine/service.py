@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 from sqlalchemy import func, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session
 
+from creditworker import ledger_records
 from creditworker.contract import (
+    MAX_USER_ID_LENGTH,
     AddCredits,
     BatchOutcome,
     CommitReservation,
@@ -103,8 +105,13 @@ class CreditService:
         low_credit_threshold: int | None = None,
         expiry_reminder_days: Sequence[int] = (7, 1),
         on_events: Callable[[int], None] | None = None,
+        create_tables: bool | None = None,
     ) -> None:
         self.engine = make_engine(database) if isinstance(database, str) else database
+        if embedded_tables(database) if create_tables is None else create_tables:
+            from creditworker.storage.migrate import upgrade
+
+            upgrade(self.engine)
         self.ledger_file = LedgerFile(ledger_path) if ledger_path else None
         self.overage_policy = OveragePolicy(overage_policy)
         self.expiring_soon_days = expiring_soon_days
@@ -115,10 +122,11 @@ class CreditService:
     @classmethod
     def from_settings(
         cls, settings: Settings | None = None, *, database: str | Engine | None = None,
-        on_events: Callable[[int], None] | None = None,
+        on_events: Callable[[int], None] | None = None, create_tables: bool = False,
     ) -> CreditService:
         """The engine as `settings` (default: the environment) configure it; `database`
-        overrides the URL."""
+        overrides the URL. Tables are not made unless asked: the worker and the gateway wait
+        for `creditworker migrate`."""
         from creditworker.settings import get_settings
 
         settings = settings or get_settings()
@@ -130,6 +138,7 @@ class CreditService:
             low_credit_threshold=settings.low_credit_threshold,
             expiry_reminder_days=settings.expiry_reminder_days,
             on_events=on_events,
+            create_tables=create_tables,
         )
 
     # ------------------------------------------------------------------ writes
@@ -241,11 +250,15 @@ class CreditService:
         """
         with collector_paused():
             requests: list[Request | CreditError] = []
+            unreadable: list[tuple[str, dict[str, Any], CreditError]] = []
             for item in operations:
                 try:
                     requests.append(item if isinstance(item, Request) else parse_batch_item(item))
                 except CreditError as exc:
                     requests.append(exc)
+                    fields = dict(item) if isinstance(item, Mapping) else {}
+                    unreadable.append((f"batch:{fields.get('op')}", fields, exc))
+            self._log_errors(unreadable)
             outcomes = self._apply(requests, default_keys, aware(now))
             return [
                 BatchOutcome.model_construct(ok=False, result=None, error=outcome.to_dict())
@@ -280,11 +293,13 @@ class CreditService:
         Credits backing an active hold are not expired while the hold lasts; they expire
         on the first sweep after it ends (unless the commit consumed them).
         """
-        return sweeps.expire_lots(self, aware(now))
+        at = aware(now)
+        return self._swept("expire_credits", "expired", sweeps.expire_lots(self, at), at)
 
     def release_stale_reservations(self, now: datetime | None = None) -> int:
         """Expire every active hold past its TTL; returns how many were released."""
-        return sweeps.expire_holds(self, aware(now))
+        at = aware(now)
+        return self._swept("release_stale_reservations", "released", sweeps.expire_holds(self, at), at)
 
     def send_expiry_reminders(self, now: datetime | None = None) -> int:
         """Queue a credits.expiring event per lot entering a reminder window; returns how many.
@@ -293,9 +308,34 @@ class CreditService:
         again at 1 day; a lot granted with 3 days left gets the 7-day reminder at once
         and the 1-day one later. Each (lot, day) is sent once, however often this runs.
         """
-        return sweeps.remind(self, aware(now))
+        at = aware(now)
+        return self._swept("send_expiry_reminders", "reminded", sweeps.remind(self, at), at)
+
+    def record_sweep(self, operation: str, counts: Mapping[str, int], *, now: datetime | None = None) -> None:
+        """Store a `system` ledger record of what a sweep run did (one that did nothing
+        leaves none: beat runs each sweep every minute)."""
+        if not any(counts.values()):
+            return
+        at = aware(now)
+        ledger_records.store(self.engine, [{
+            "kind": "system", "operation": operation, "user_id": None, "code": None,
+            "message": None, "details": dict(counts), "created_at": at,
+        }])
+        if self.ledger_file is not None:
+            self.ledger_file.write_system(operation, dict(counts), at)
+
+    def _swept(self, operation: str, name: str, count: int, at: datetime) -> int:
+        self.record_sweep(operation, {name: count}, now=at)
+        return count
 
     # ------------------------------------------------------------------ reads
+
+    def get_ledger_records(
+        self, *, kind: str | None = None, user_id: str | None = None, limit: int = 50,
+        before: int | None = None,
+    ) -> list[ledger_records.LedgerRecord]:
+        """Refused operations (`error`) and sweep runs (`system`), newest first."""
+        return ledger_records.read(self.engine, kind=kind, user_id=user_id, limit=limit, before=before)
 
     def get_user_credits_info(
         self, user_id: str, *, within_days: int | None = None, now: datetime | None = None
@@ -499,8 +539,8 @@ class CreditService:
             return [result for result in results if result is not None], refused
 
         sources, refused = self.run(decide, now=at)
-        for request, error in refused:
-            self._log_error(type(request).__name__, request.model_dump(mode="json"), error)
+        self._log_errors([(type(request).__name__, request.model_dump(mode="json"), error)
+                          for request, error in refused])
         return [entry_record(source) if isinstance(source, rules.Posting) else source for source in sources]
 
     def _decide(self, uow: UnitOfWork, request: Request, key: str) -> ResultSource:
@@ -558,8 +598,25 @@ class CreditService:
             raise
 
     def _log_error(self, operation: str, request: dict[str, Any], error: CreditError) -> None:
-        if self.ledger_file is not None:
-            self.ledger_file.write_error(operation, _jsonable(request), error)
+        self._log_errors([(operation, request, error)])
+
+    def _log_errors(self, refused: Sequence[tuple[str, dict[str, Any], CreditError]]) -> None:
+        """Refusals to the ledger: `error` records in the database and lines in the file."""
+        if not refused:
+            return
+        at = utcnow()
+        records = []
+        for operation, request, error in refused:
+            jsonable = _jsonable(request)
+            user_id = jsonable.get("user_id")
+            records.append({
+                "kind": "error", "operation": operation, "code": error.code, "message": error.message,
+                "user_id": user_id if isinstance(user_id, str) and len(user_id) <= MAX_USER_ID_LENGTH else None,
+                "details": {"request": jsonable, "error": error.to_dict()}, "created_at": at,
+            })
+            if self.ledger_file is not None:
+                self.ledger_file.write_error(operation, jsonable, error)
+        ledger_records.store(self.engine, records)
 
     @staticmethod
     def _account(session: Session, user_id: str) -> Account:
@@ -567,6 +624,11 @@ class CreditService:
         if account is None:
             raise UnknownUser(f"no account for user {user_id!r}", user_id=user_id)
         return account
+
+
+def embedded_tables(database: object) -> bool:
+    """Whether an engine made for `database` creates its own tables by default: SQLite URLs."""
+    return isinstance(database, str) and make_url(database).get_backend_name() == "sqlite"
 
 
 def _fresh_key() -> str:

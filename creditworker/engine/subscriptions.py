@@ -377,7 +377,10 @@ class SubscriptionService:
             ])
             return granted
 
-        return self.credits.run(decide, now=now)
+        granted = self.credits.run(decide, now=now)
+        self.credits.record_sweep("allocate", {"granted": granted, "subscriptions": len(subscription_ids)}
+                                  if granted else {}, now=now)
+        return granted
 
     # ------------------------------------------------------------------ machinery
 

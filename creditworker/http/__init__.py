@@ -1,2 +1,12 @@
-"""HTTP adapters: the gateway (routes over the producer and the engine's reads) and the
-reserve-then-deduct middleware for FastAPI apps. Both need the `http` extra."""
+"""HTTP adapters for FastAPI apps (the `http` extra): the `/credits` router and the
+reserve-then-deduct middleware, each in process (on an engine object) or through the workers.
+
+    from creditworker.http import router, CreditDeductionMiddleware
+    app.include_router(router)                      # in process, on get_credit_service()
+    app.add_middleware(CreditDeductionMiddleware, credit_service=credits)
+"""
+
+from creditworker.http.gateway import build_router, get_credit_service, router
+from creditworker.http.middleware import CreditDeductionMiddleware
+
+__all__ = ["CreditDeductionMiddleware", "build_router", "get_credit_service", "router"]

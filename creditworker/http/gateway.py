@@ -9,10 +9,12 @@ In the standalone app the API key is checked, then the body's size, before FastA
 body (see auth.py and body_limit.py).
 """
 
+import functools
 import math
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from celery.result import AsyncResult
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Path, Query, Request, Response
@@ -30,8 +32,6 @@ from creditworker.contract import (
     MAX_HISTORY_PAGE,
     MAX_WITHIN_DAYS,
     AddCredits,
-    CreditLot,
-    CreditsInfo,
     DeductCredits,
     Description,
     EntryKind,
@@ -39,13 +39,13 @@ from creditworker.contract import (
     LedgerEntry,
     Metadata,
     NonNegativeAmount,
-    Reservation,
     ReservationId,
     ReserveCredits,
     UserId,
     UtcDateTime,
 )
 from creditworker.engine import CreditService, SubscriptionService
+from creditworker.engine.service import embedded_tables
 from creditworker.errors import CreditError, ServiceUnavailable, ValidationFailed
 from creditworker.http.auth import (
     ApiKeyCheck,
@@ -56,6 +56,7 @@ from creditworker.http.auth import (
 )
 from creditworker.http.body_limit import MAX_BODY_BYTES_VARIABLE, BodyLimit
 from creditworker.http.console import create_console
+from creditworker.http.meters import call_engine
 from creditworker.http.responses import (
     ErrorBody,
     credit_error_response,
@@ -63,13 +64,33 @@ from creditworker.http.responses import (
     http_error_response,
     validation_error_response,
 )
+from creditworker.operations import (
+    ADD,
+    ASSIGN_PLAN,
+    BALANCE,
+    CHANGE_PLAN,
+    COMMIT,
+    CREATE_PLAN,
+    DEDUCT,
+    DELETE_PLAN,
+    EXPIRING,
+    GET_PLAN,
+    GET_SUBSCRIPTION,
+    HISTORY,
+    LIST_PLANS,
+    OPERATIONS,
+    RELEASE,
+    REMOVE_PLAN,
+    RESERVATION,
+    RESERVE,
+    UPDATE_PLAN,
+    Operation,
+)
 from creditworker.plans_contract import (
     CreatePlan,
-    Plan,
     PlanChanges,
     PlanName,
     PlanRef,
-    Subscription,
 )
 from creditworker.settings import Settings, get_settings
 from creditworker.storage.database import is_transient
@@ -319,64 +340,184 @@ def _body_example(summary: str, value: dict[str, Any]) -> Any:
 # ------------------------------------------------------------------ routes
 
 
+class _Backend(Protocol):
+    """Where a route's operation runs: through the workers, or in this process."""
+
+    async def write(self, operation: Operation, fields: dict[str, Any], wait: float | None) -> JSONResponse: ...
+
+    async def read(self, operation: Operation, *args: Any, **kwargs: Any) -> Any: ...
+
+
+def _status(operation: Operation) -> int:
+    """201 for what creates a resource the caller names next (a hold, a plan), else 200."""
+    return 201 if operation in (RESERVE, CREATE_PLAN) else 200
+
+
+async def _engine_call(services: tuple[Any, Any], operation: Operation, *args: Any, **kwargs: Any) -> Any:
+    """The engine method the registry names (`credits.x` or `subscriptions.x`)."""
+    if operation is DELETE_PLAN:  # the registry names no method: the task has an adapter
+        await call_engine(services[1], "delete_plan", *args, **kwargs)
+        return {"deleted": args[0] if args else kwargs["plan"]}
+    assert operation.engine is not None
+    owner, method = operation.engine.split(".")
+    return await call_engine(services[0] if owner == "credits" else services[1], method, *args, **kwargs)
+
+
+class _WorkerBackend:
+    """Writes are tasks (202, or the result for a caller that waits); reads use the engine."""
+
+    def __init__(self, client: AsyncCreditClient, reads: Any, subscriptions: Any) -> None:
+        self.client = client
+        self.services = (reads, subscriptions)
+
+    async def write(self, operation: Operation, fields: dict[str, Any], wait: float | None) -> JSONResponse:
+        if operation is RESERVE:  # the caller needs the hold's id: always waits
+            return _json(await self.client.reserve_credits(**fields, timeout=wait or DEFAULT_TIMEOUT), 201)
+        assert operation.producer is not None
+        handle = await getattr(self.client, operation.producer)(**fields)
+        return await _answer(handle, wait, _status(operation))
+
+    async def read(self, operation: Operation, *args: Any, **kwargs: Any) -> Any:
+        return await _engine_call(self.services, operation, *args, **kwargs)
+
+
+class _EngineBackend:
+    """In process: every operation is one call of the engine, answered with its result."""
+
+    def __init__(self, credits: Any) -> None:
+        self.services = (credits, subscriptions_for(credits))
+
+    async def write(self, operation: Operation, fields: dict[str, Any], wait: float | None) -> JSONResponse:
+        return _json(await _engine_call(self.services, operation, **fields), _status(operation))
+
+    async def read(self, operation: Operation, *args: Any, **kwargs: Any) -> Any:
+        return await _engine_call(self.services, operation, *args, **kwargs)
+
+
+_SUBSCRIPTIONS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def subscriptions_for(credits: Any) -> Any:
+    """The subscription service over an engine object, made once per engine."""
+    service = _SUBSCRIPTIONS.get(credits)
+    if service is None:
+        from creditworker.engine.async_service import AsyncCreditService, AsyncSubscriptionService
+
+        service = (AsyncSubscriptionService(credits) if isinstance(credits, AsyncCreditService)
+                   else SubscriptionService(credits))
+        _SUBSCRIPTIONS[credits] = service
+    return service
+
+
+@functools.cache
+def _configured_credit_service() -> CreditService:
+    settings = get_settings()
+    return CreditService.from_settings(
+        settings, create_tables=embedded_tables(settings.database_url)
+    )
+
+
+def get_credit_service() -> Any:
+    """The engine the in-process router uses: the one CREDITWORKER_* settings describe (an
+    embedded SQLite file makes its tables). A host app that has its own engine object says
+    so with FastAPI's override: `app.dependency_overrides[get_credit_service] = lambda: svc`."""
+    return _configured_credit_service()
+
+
+def _engine_backend(credits: Annotated[Any, Depends(get_credit_service)]) -> _Backend:
+    return _EngineBackend(credits)
+
+
+async def _no_auth() -> None:
+    return None
+
+
 def build_router(
-    client: AsyncCreditClient,
-    reads: CreditService,
-    subscriptions: SubscriptionService,
-    auth: AuthDependency,
+    client: AsyncCreditClient | None = None,
+    reads: Any = None,
+    subscriptions: Any = None,
+    auth: AuthDependency | None = None,
+    *,
+    credit_service: Any = None,
 ) -> APIRouter:
-    """The `/credits` routes; `auth` is any FastAPI dependency that raises to refuse."""
+    """The `/credits` routes of every operation the registry gives a route.
+
+    With `client`, writes go to the workers (202, or the result for a caller that waits)
+    and reads come from `reads` (an engine; by default the one the settings describe). Without it, every operation runs in this
+    process on `credit_service` (`CreditService` or `AsyncCreditService`), or, when none is
+    given, on `get_credit_service()`'s, and answers 200 or 201 with its result. `auth` is
+    any FastAPI dependency that raises to refuse; none by default.
+    """
+    if client is not None:
+        reads = reads if reads is not None else _configured_credit_service()
+        worker = _WorkerBackend(client, reads, subscriptions or subscriptions_for(reads))
+        backend_dependency: Callable[..., Any] = lambda: worker
+    elif credit_service is not None:
+        in_process = _EngineBackend(credit_service)
+        backend_dependency = lambda: in_process
+    else:
+        backend_dependency = _engine_backend
+    Run = Annotated[_Backend, Depends(backend_dependency)]
+    queued = client is not None
     router = APIRouter(
         prefix="/credits",
         route_class=_EnvelopeRoute,
-        dependencies=[Depends(auth)],
+        dependencies=[Depends(auth or _no_auth)],
         responses={code: {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[code]}
                    for code in (401, 413, 422, 503)},
     )
+    handlers: dict[Operation, tuple[Callable[..., Any], dict[str, Any]]] = {}
+
+    def served(operation: Operation, *, tags: list[str], summary: str, example: Any, model: Any = None,
+               errors: Sequence[int] = (), queues: bool = False) -> Callable[[Any], Any]:
+        """Registers the handler of `operation`: its path, method and result model come from
+        the registry (`model` only where the answer wraps the result: a history page)."""
+        model = operation.result if model is None else model
+
+        def register(handler: Callable[..., Any]) -> Callable[..., Any]:
+            status = 202 if queues and queued and operation is not RESERVE else _status(operation)
+            responses = _responses(model, example, status=_status(operation), queued=queues and queued
+                                   and operation is not RESERVE, errors=errors)
+            handlers[operation] = (handler, {"status_code": status, "tags": tags, "summary": summary,
+                                             "responses": responses})
+            return handler
+        return register
 
     # -------------------------------------------------------------- credits
 
-    @router.post(
-        "/add", status_code=202, tags=["credits"], summary="Grant credits to a user",
-        responses=_responses(LedgerEntry, _ENTRY, queued=True, errors=[409]),
-    )
+    @served(ADD, tags=["credits"], summary="Grant credits to a user",
+            example=_ENTRY, errors=[409], queues=True)
     async def add_credits(
         body: Annotated[AddCredits, _body_example("100 credits from a purchase", {
             "user_id": "alice", "amount": 100, "source": "purchase", "description": "top-up",
             "idempotency_key": "order-1001",
         })],
-        wait: Wait, idempotency_key: KeyHeader = None,
+        run: Run, wait: Wait, idempotency_key: KeyHeader = None,
     ) -> JSONResponse:
-        return await _answer(await client.add_credits(**_fields(body, idempotency_key)), wait)
+        return await run.write(ADD, _fields(body, idempotency_key), wait)
 
-    @router.post(
-        "/deduct", status_code=202, tags=["credits"], summary="Deduct credits from a user",
-        responses=_responses(LedgerEntry, _DEDUCT_ENTRY, queued=True, errors=[402, 404, 409]),
-    )
+    @served(DEDUCT, tags=["credits"], summary="Deduct credits from a user",
+            example=_DEDUCT_ENTRY, errors=[402, 404, 409], queues=True)
     async def deduct_credits(
         body: Annotated[DeductCredits, _body_example("Charge 30 credits for an export", {
             "user_id": "alice", "amount": 30, "description": "report export",
             "idempotency_key": "export-77",
         })],
-        wait: Wait, idempotency_key: KeyHeader = None,
+        run: Run, wait: Wait, idempotency_key: KeyHeader = None,
     ) -> JSONResponse:
-        return await _answer(await client.deduct_credits(**_fields(body, idempotency_key)), wait)
+        return await run.write(DEDUCT, _fields(body, idempotency_key), wait)
 
-    @router.get(
-        "/balance/{user_id:path}", tags=["credits"],
-        summary="A user's total, held and available credits",
-        responses=_responses(CreditsInfo, _BALANCE, errors=[404]),
-    )
-    async def balance(user_id: UserIdPath) -> JSONResponse:
-        return _json(await run_in_threadpool(reads.get_user_credits_info, user_id))
+    @served(BALANCE, tags=["credits"], summary="A user's total, held and available credits",
+            example=_BALANCE, errors=[404])
+    async def balance(user_id: UserIdPath, run: Run) -> JSONResponse:
+        return _json(await run.read(BALANCE, user_id))
 
-    @router.get(
-        "/history/{user_id:path}", tags=["credits"], summary="A user's ledger entries, newest first",
-        responses=_responses(HistoryPage, {"entries": [_DEDUCT_ENTRY, _ENTRY], "next_before": None},
-                             errors=[404]),
-    )
+    @served(HISTORY, tags=["credits"], summary="A user's ledger entries, newest first",
+            model=HistoryPage, example={"entries": [_DEDUCT_ENTRY, _ENTRY], "next_before": None},
+            errors=[404])
     async def history(
         user_id: UserIdPath,
+        run: Run,
         limit: Annotated[
             int, Query(gt=0, le=MAX_HISTORY_PAGE, description="Entries per page (at most 1000).")
         ] = 50,
@@ -385,62 +526,41 @@ def build_router(
         ] = None,
         kind: Annotated[list[EntryKind] | None, Query(description="Only these kinds.")] = None,
     ) -> JSONResponse:
-        entries = await run_in_threadpool(
-            reads.get_history, user_id, limit=limit, before=before, kinds=kind
-        )
+        entries = await run.read(HISTORY, user_id, limit=limit, before=before, kinds=kind)
         next_before = entries[-1].id if entries and len(entries) == limit else None
         return _json(HistoryPage(entries=entries, next_before=next_before))
 
-    @router.get(
-        "/expiring/{user_id:path}", tags=["credits"], summary="Lots that expire soon, soonest first",
-        responses=_responses(list[CreditLot], [_LOT], errors=[404]),
-    )
+    @served(EXPIRING, tags=["credits"], summary="Lots that expire soon, soonest first",
+            example=[_LOT], errors=[404])
     async def expiring(
         user_id: UserIdPath,
+        run: Run,
         within_days: Annotated[
             int, Query(ge=0, le=MAX_WITHIN_DAYS, description="Horizon in days (0 to 3660).")
         ] = 7,
     ) -> JSONResponse:
-        return _json(await run_in_threadpool(reads.get_expiring_credits, user_id, within_days))
-
-    @router.get(
-        "/tasks/{task_id}", tags=["credits"], summary="The outcome of a queued operation",
-        responses=_responses(None, _ENTRY, queued=True, errors=[402, 404, 409]),
-    )
-    async def task_outcome(task_id: uuid.UUID) -> JSONResponse:
-        finished, result = await run_in_threadpool(
-            _task_outcome, client.sync.app.AsyncResult(str(task_id))
-        )
-        if not finished:
-            return _json(TaskAccepted(task_id=str(task_id)), 202)
-        return _json(result)
+        return _json(await run.read(EXPIRING, user_id, within_days))
 
     # -------------------------------------------------------------- reservations
 
-    @router.post(
-        "/reserve", status_code=201, tags=["reservations"],
-        summary="Hold credits before the work (always waits for the reservation)",
-        responses=_responses(Reservation, _RESERVATION, status=201, errors=[402, 404, 409]),
-    )
+    @served(RESERVE, tags=["reservations"],
+            summary="Hold credits before the work (always waits for the reservation)",
+            example=_RESERVATION, errors=[402, 404, 409])
     async def reserve_credits(
         body: Annotated[ReserveCredits, _body_example("Hold 20 credits for 5 minutes", {
             "user_id": "alice", "amount": 20, "ttl_seconds": 300,
             "idempotency_key": "chat-123:reserve",
         })],
-        wait: Wait, idempotency_key: KeyHeader = None,
+        run: Run, wait: Wait, idempotency_key: KeyHeader = None,
     ) -> JSONResponse:
-        reservation = await client.reserve_credits(
-            **_fields(body, idempotency_key), timeout=wait or DEFAULT_TIMEOUT
-        )
-        return _json(reservation, 201)
+        return await run.write(RESERVE, _fields(body, idempotency_key), wait)
 
-    @router.post(
-        "/reservations/{reservation_id}/commit", status_code=202, tags=["reservations"],
-        summary="Charge a reservation (the amount held, or the actual amount given)",
-        responses=_responses(LedgerEntry, _COMMIT_ENTRY, queued=True, errors=[402, 404, 409]),
-    )
+    @served(COMMIT, tags=["reservations"],
+            summary="Charge a reservation (the amount held, or the actual amount given)",
+            example=_COMMIT_ENTRY, errors=[402, 404, 409], queues=True)
     async def commit_reservation(
         reservation_id: ReservationIdPath,
+        run: Run,
         wait: Wait,
         body: Annotated[CommitBody | None, _body_example("Charge the 12 credits used", {
             "amount": 12, "idempotency_key": "chat-123:commit",
@@ -448,15 +568,13 @@ def build_router(
         idempotency_key: KeyHeader = None,
     ) -> JSONResponse:
         fields = _fields(body or CommitBody(), idempotency_key)
-        return await _answer(await client.commit_reservation(reservation_id, **fields), wait)
+        return await run.write(COMMIT, {"reservation_id": reservation_id, **fields}, wait)
 
-    @router.post(
-        "/reservations/{reservation_id}/release", status_code=202, tags=["reservations"],
-        summary="Release a reservation without charging",
-        responses=_responses(LedgerEntry, _RELEASE_ENTRY, queued=True, errors=[404, 409]),
-    )
+    @served(RELEASE, tags=["reservations"], summary="Release a reservation without charging",
+            example=_RELEASE_ENTRY, errors=[404, 409], queues=True)
     async def release_reservation(
         reservation_id: ReservationIdPath,
+        run: Run,
         wait: Wait,
         body: Annotated[ReleaseBody | None, _body_example("Release the hold", {
             "idempotency_key": "chat-123:release",
@@ -464,126 +582,134 @@ def build_router(
         idempotency_key: KeyHeader = None,
     ) -> JSONResponse:
         fields = _fields(body or ReleaseBody(), idempotency_key)
-        return await _answer(await client.release_reservation(reservation_id, **fields), wait)
+        return await run.write(RELEASE, {"reservation_id": reservation_id, **fields}, wait)
 
-    @router.get(
-        "/reservations/{reservation_id}", tags=["reservations"],
-        summary="A reservation and its status",
-        responses=_responses(Reservation, _RESERVATION, errors=[404]),
-    )
-    async def reservation(reservation_id: ReservationIdPath) -> JSONResponse:
-        return _json(await run_in_threadpool(reads.get_reservation, reservation_id))
+    @served(RESERVATION, tags=["reservations"], summary="A reservation and its status",
+            example=_RESERVATION, errors=[404])
+    async def reservation(reservation_id: ReservationIdPath, run: Run) -> JSONResponse:
+        return _json(await run.read(RESERVATION, reservation_id))
 
     # -------------------------------------------------------------- plans
 
-    @router.post(
-        "/plans", status_code=202, tags=["plans"], summary="Create a plan",
-        responses=_responses(Plan, _PLAN, status=201, queued=True, errors=[409]),
-    )
+    @served(CREATE_PLAN, tags=["plans"], summary="Create a plan", example=_PLAN,
+            errors=[409], queues=True)
     async def create_plan(
         body: Annotated[CreatePlan, _body_example("1,000 credits a month for 19.90 USD", {
             "name": "pro", "credit_limit": 1000, "price": "19.90", "currency": "USD",
             "billing_period": "monthly",
         })],
-        wait: Wait, idempotency_key: KeyHeader = None,
+        run: Run, wait: Wait, idempotency_key: KeyHeader = None,
     ) -> JSONResponse:
-        return await _answer(await client.create_plan(**_fields(body, idempotency_key)), wait, 201)
+        return await run.write(CREATE_PLAN, _fields(body, idempotency_key), wait)
 
-    @router.get(
-        "/plans", tags=["plans"], summary="List plans",
-        responses=_responses(list[Plan], [_PLAN]),
-    )
+    @served(LIST_PLANS, tags=["plans"], summary="List plans", example=[_PLAN])
     async def list_plans(
+        run: Run,
         include_inactive: Annotated[bool, Query(description="Also deactivated plans.")] = False,
     ) -> JSONResponse:
-        plans = await run_in_threadpool(subscriptions.list_plans, include_inactive=include_inactive)
-        return _json(plans)
+        return _json(await run.read(LIST_PLANS, include_inactive=include_inactive))
 
-    @router.get(
-        "/plans/{plan:path}", tags=["plans"], summary="A plan, by id or by name",
-        responses=_responses(Plan, _PLAN, errors=[404]),
-    )
-    async def get_plan(plan: PlanPath) -> JSONResponse:
-        return _json(await run_in_threadpool(subscriptions.get_plan, plan))
+    @served(GET_PLAN, tags=["plans"], summary="A plan, by id or by name",
+            example=_PLAN, errors=[404])
+    async def get_plan(plan: PlanPath, run: Run) -> JSONResponse:
+        return _json(await run.read(GET_PLAN, plan))
 
-    @router.patch(
-        "/plans/{plan:path}", status_code=202, tags=["plans"], summary="Change a plan (id or name)",
-        responses=_responses(Plan, {**_PLAN, "credit_limit": 1200}, queued=True, errors=[404, 409]),
-    )
+    @served(UPDATE_PLAN, tags=["plans"], summary="Change a plan (id or name)",
+            example={**_PLAN, "credit_limit": 1200}, errors=[404, 409], queues=True)
     async def update_plan(
         plan: PlanPath,
         body: Annotated[
             PlanChanges, _body_example("Raise the monthly grant", {"credit_limit": 1200})
         ],
+        run: Run,
         wait: Wait,
     ) -> JSONResponse:
-        changes = body.model_dump(exclude_none=True)
-        return await _answer(await client.update_plan(plan, **changes), wait)
+        return await run.write(UPDATE_PLAN, {"plan": plan, **body.model_dump(exclude_none=True)}, wait)
 
-    @router.delete(
-        "/plans/{plan:path}", status_code=202, tags=["plans"],
-        summary="Delete an unused plan (one in use is deactivated: 409 plan_in_use)",
-        responses=_responses(dict[str, Any], {"deleted": "pro"}, queued=True, errors=[404, 409]),
-    )
-    async def delete_plan(plan: PlanPath, wait: Wait) -> JSONResponse:
-        return await _answer(await client.delete_plan(plan), wait)
+    @served(DELETE_PLAN, tags=["plans"],
+            summary="Delete an unused plan (one in use is deactivated: 409 plan_in_use)",
+            example={"deleted": "pro"}, errors=[404, 409], queues=True)
+    async def delete_plan(plan: PlanPath, run: Run, wait: Wait) -> JSONResponse:
+        return await run.write(DELETE_PLAN, {"plan": plan}, wait)
 
     # -------------------------------------------------------------- subscriptions
 
-    @router.put(
-        "/subscriptions/{user_id:path}", status_code=202, tags=["subscriptions"],
-        summary="Put a user on a plan",
-        responses=_responses(Subscription, _SUBSCRIPTION, queued=True, errors=[404, 409]),
-    )
+    @served(ASSIGN_PLAN, tags=["subscriptions"], summary="Put a user on a plan",
+            example=_SUBSCRIPTION, errors=[404, 409], queues=True)
     async def assign_plan(
         user_id: UserIdPath,
         body: Annotated[AssignBody, _body_example("Start the pro plan now", {"plan": "pro"})],
-        wait: Wait, idempotency_key: KeyHeader = None,
+        run: Run, wait: Wait, idempotency_key: KeyHeader = None,
     ) -> JSONResponse:
-        return await _answer(
-            await client.assign_plan(user_id, **_fields(body, idempotency_key)), wait
-        )
+        return await run.write(ASSIGN_PLAN, {"user_id": user_id, **_fields(body, idempotency_key)}, wait)
 
-    @router.post(
-        "/subscriptions/{user_id:path}/change", status_code=202, tags=["subscriptions"],
-        summary="Move a user to another plan (upgrade now, downgrade at period end)",
-        responses=_responses(Subscription, {**_SUBSCRIPTION, "pending_plan_id": 2}, queued=True,
-                             errors=[404, 409]),
-    )
+    @served(CHANGE_PLAN, tags=["subscriptions"],
+            summary="Move a user to another plan (upgrade now, downgrade at period end)",
+            example={**_SUBSCRIPTION, "pending_plan_id": 2}, errors=[404, 409],
+            queues=True)
     async def change_plan(
         user_id: UserIdPath,
         body: Annotated[ChangeBody, _body_example("Downgrade to basic", {"plan": "basic"})],
-        wait: Wait, idempotency_key: KeyHeader = None,
+        run: Run, wait: Wait, idempotency_key: KeyHeader = None,
     ) -> JSONResponse:
-        return await _answer(
-            await client.change_plan(user_id, **_fields(body, idempotency_key)), wait
-        )
+        return await run.write(CHANGE_PLAN, {"user_id": user_id, **_fields(body, idempotency_key)}, wait)
 
-    @router.delete(
-        "/subscriptions/{user_id:path}", status_code=202, tags=["subscriptions"],
-        summary="End a user's subscription (at the end of the period by default)",
-        responses=_responses(Subscription, {**_SUBSCRIPTION, "cancel_at_period_end": True},
-                             queued=True, errors=[404, 409]),
-    )
+    @served(REMOVE_PLAN, tags=["subscriptions"],
+            summary="End a user's subscription (at the end of the period by default)",
+            example={**_SUBSCRIPTION, "cancel_at_period_end": True},
+            errors=[404, 409], queues=True)
     async def remove_plan(
         user_id: UserIdPath,
+        run: Run,
         wait: Wait,
         at_period_end: Annotated[bool, Query(description="false: end it now.")] = True,
         idempotency_key: KeyHeader = None,
     ) -> JSONResponse:
-        handle = await client.remove_plan(
-            user_id, at_period_end=at_period_end, idempotency_key=idempotency_key
-        )
-        return await _answer(handle, wait)
+        fields = {"user_id": user_id, "at_period_end": at_period_end, "idempotency_key": idempotency_key}
+        return await run.write(REMOVE_PLAN, fields, wait)
 
-    @router.get(
-        "/subscriptions/{user_id:path}", tags=["subscriptions"], summary="A user's active subscription",
-        responses=_responses(Subscription, _SUBSCRIPTION, errors=[404]),
-    )
-    async def get_subscription(user_id: UserIdPath) -> JSONResponse:
-        return _json(await run_in_threadpool(subscriptions.get_user_subscription, user_id))
+    @served(GET_SUBSCRIPTION, tags=["subscriptions"], summary="A user's active subscription",
+            example=_SUBSCRIPTION, errors=[404])
+    async def get_subscription(user_id: UserIdPath, run: Run) -> JSONResponse:
+        return _json(await run.read(GET_SUBSCRIPTION, user_id))
+
+    # -------------------------------------------------------------- the registry's routes
+
+    for operation in ROUTED:
+        assert operation.route is not None
+        if operation not in handlers:
+            raise LookupError(f"the registry routes {operation.task} but the gateway has no handler")
+        handler, options = handlers.pop(operation)
+        router.add_api_route(
+            operation.route.path.removeprefix(router.prefix), handler,
+            methods=[operation.route.method], name=handler.__name__, **options,
+        )
+    if handlers:
+        raise LookupError(f"handlers for operations the registry gives no route: {sorted(o.task for o in handlers)}")
+
+    if client is not None:
+        @router.get(
+            "/tasks/{task_id}", tags=["credits"], summary="The outcome of a queued operation",
+            responses=_responses(None, _ENTRY, queued=True, errors=[402, 404, 409]),
+        )
+        async def task_outcome(task_id: uuid.UUID) -> JSONResponse:
+            assert client is not None
+            finished, result = await run_in_threadpool(
+                _task_outcome, client.sync.app.AsyncResult(str(task_id))
+            )
+            if not finished:
+                return _json(TaskAccepted(task_id=str(task_id)), 202)
+            return _json(result)
 
     return router
+
+
+ROUTED: tuple[Operation, ...] = tuple(operation for operation in OPERATIONS if operation.route)
+"""The operations the gateway serves, in registry order (a test checks each is served)."""
+
+router = build_router()
+"""The in-process router: `app.include_router(router)` serves `/credits` on the engine of
+`get_credit_service()` (override it to use your own)."""
 
 
 # ------------------------------------------------------------------ the app

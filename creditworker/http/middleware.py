@@ -4,19 +4,26 @@ request actually used.
 Before the request, the middleware reserves the caller's estimate (so a user who cannot
 pay is refused with 402 before any work); after it, it reads the real usage from the JSON
 response and commits exactly that, or releases the hold when the response is an error,
-not JSON, or names no usage. Every credit call goes through `AsyncCreditClient`, so the
-event loop never blocks.
+not JSON, or names no usage.
 
-Idempotency keys derive from the request id (`mw:{request_id}:reserve`, `:commit`,
-`:release`, `:deduct`), so a client retrying with the same X-Request-ID is charged once: the
-retry gets the first reservation back and its commit replays the first one (or, if its
-usage differs, is refused as a conflict and charges nothing). If an earlier attempt had
-released its hold (it failed) or the hold outlived its TTL, the usage is deducted directly,
-once.
+Two ways to reach the engine, one behaviour (`meters.py`): `credit_service=` an engine in
+this process (`CreditService`, whose calls run in the thread pool, or `AsyncCreditService`,
+awaited), a few milliseconds a request; or `client=AsyncCreditClient()`, through the broker
+and the workers.
+
+Request ids (X-Request-ID, or a fresh one) are scoped per user: the idempotency keys are
+`mw:{digest of (user id, request id)}:{step}`, so one user cannot collide with another's
+ids. Each request id runs the endpoint at most once per user: a reuse, whether the first
+request was charged, failed or is still running, is refused with 409
+(`idempotency_conflict`) before the endpoint runs, so no response is ever served without
+its charge. A client that retries a failed request sends a new id. (The reserve carries a
+fresh attempt id in its metadata; the same key with other metadata is the engine's
+idempotency conflict, which is what tells a reuse from a first use, in both modes.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import uuid
@@ -36,8 +43,8 @@ from creditworker.errors import (
     UnknownUser,
     ValidationFailed,
 )
+from creditworker.http.meters import Meter, meter_for
 from creditworker.http.responses import credit_error_response, error_response
-from producers.aio import AsyncCreditClient
 from producers.client import DEFAULT_TIMEOUT
 
 logger = logging.getLogger(__name__)
@@ -55,22 +62,30 @@ class _Attempt:
     description: str
 
     def key(self, step: str) -> str:
-        return _idempotency_key(self.request_id, step)
+        return idempotency_key(self.user_id, self.request_id, step)
 
 
-def _idempotency_key(request_id: str, step: str) -> str:
-    """`mw:{request_id}:{step}`: every attempt of one request id shares each step's key."""
-    return f"mw:{request_id}:{step}"
+def idempotency_key(user_id: str, request_id: str, step: str) -> str:
+    """`mw:{digest}:{step}`, the digest of (user id, request id): per user, of bounded length
+    whatever the header holds, and never the same for two different pairs."""
+    digest = hashlib.sha256(f"{len(user_id)}:{user_id}:{request_id}".encode()).hexdigest()[:40]
+    return f"mw:{digest}:{step}"
 
 
 class CreditDeductionMiddleware:
-    """Charge each request under `path_prefix` the usage its JSON response reports."""
+    """Charge each request under `path_prefix` the usage its JSON response reports.
+
+    Give exactly one of `credit_service` (an engine in this process, sync or async) and
+    `client` (an `AsyncCreditClient`: through the workers). `path_prefix` matches whole
+    path segments (`/api` meters `/api` and `/api/x`, not `/apix`); `skip_paths` too.
+    """
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        client: AsyncCreditClient,
+        credit_service: Any = None,
+        client: Any = None,
         path_prefix: str = "/",
         user_id_header: str = "X-User-ID",
         user_id_from: Callable[[Request], str | None] | None = None,
@@ -83,22 +98,20 @@ class CreditDeductionMiddleware:
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self.app = app
-        self.client = client
-        self.path_prefix = path_prefix
+        self.meter: Meter = meter_for(credit_service=credit_service, client=client, timeout=timeout)
+        self.path_prefix = path_prefix.rstrip("/")
         self.user_id_from = user_id_from or (lambda request: request.headers.get(user_id_header))
         self.estimated_tokens_header = estimated_tokens_header
         self.default_estimated_tokens = default_estimated_tokens
         self.usage_path = response_usage_key.split(".")
-        self.skip_paths = [path.rstrip("/") or "/" for path in skip_paths]
+        self.skip_paths = [path.rstrip("/") for path in skip_paths]
         self.request_id_header = request_id_header
         self.reservation_ttl_seconds = reservation_ttl_seconds
         self.timeout = timeout
 
     def _metered(self, path: str) -> bool:
-        if not path.startswith(self.path_prefix):
-            return False
-        return not any(
-            path == skip or path.startswith(skip.rstrip("/") + "/") for skip in self.skip_paths
+        return _under(path, self.path_prefix) and not any(
+            _under(path, skip) for skip in self.skip_paths
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -133,11 +146,18 @@ class CreditDeductionMiddleware:
             ) from None
         request_id = request.headers.get(self.request_id_header) or uuid.uuid4().hex
         description = f"{request.method} {request.url.path}"
-        reservation = await self.client.reserve_credits(
-            user_id, estimate, ttl_seconds=self.reservation_ttl_seconds, description=description,
-            metadata={"request_id": request_id}, idempotency_key=_idempotency_key(request_id, "reserve"),
-            timeout=self.timeout,
-        )
+        try:
+            reservation = await self.meter.reserve(
+                user_id, estimate, ttl_seconds=self.reservation_ttl_seconds, description=description,
+                metadata={"request_id": request_id, "attempt": uuid.uuid4().hex},
+                idempotency_key=idempotency_key(user_id, request_id, "reserve"),
+            )
+        except IdempotencyConflict:
+            raise IdempotencyConflict(
+                f"request id {request_id!r} was already used by an earlier request of this user; "
+                f"send a new {self.request_id_header} to run the request again",
+                request_id=request_id,
+            ) from None
         return _Attempt(user_id, request_id, reservation.id, description)
 
     async def _run_metered(
@@ -194,50 +214,44 @@ class CreditDeductionMiddleware:
         return value
 
     async def _settle(self, attempt: _Attempt, usage: int | None) -> int:
-        """Charge `usage` against the hold; returns what the request id was charged.
+        """Charge `usage` against the hold; returns what was charged.
 
-        A retry whose commit replays gets the first charge back; one whose usage differs
-        from the charged attempt's gets 0 (nothing new was charged). Raises `InsufficientCredits` (after releasing the hold) when the usage beyond the
-        estimate cannot be paid, and `ServiceUnavailable` when the workers do not answer:
-        the response is then withheld, and a retry with the same request id settles once.
+        Raises `InsufficientCredits` (after releasing the hold) when the usage beyond the
+        estimate cannot be paid, and `ServiceUnavailable` when the engine does not answer:
+        the response is then withheld.
         """
         if not usage:
             await self._release(attempt)
             return 0
         try:
-            handle = await self.client.commit_reservation(
-                attempt.reservation_id, usage, idempotency_key=attempt.key("commit")
-            )
-            return -(await handle.get(self.timeout)).amount
-        except IdempotencyConflict:
-            return 0  # an earlier attempt with this request id committed other usage
+            entry = await self.meter.commit(attempt.reservation_id, usage, idempotency_key=attempt.key("commit"))
+            return -entry.amount
         except InsufficientCredits:
             await self._release(attempt)
             raise
         except ReservationNotActive as exc:
             if exc.details.get("status") == ReservationStatus.COMMITTED.value:
-                return 0
-        # The hold was released by an earlier, failed attempt, or expired while the app ran.
-        try:
-            handle = await self.client.deduct_credits(
-                attempt.user_id, usage, description=attempt.description,
-                metadata={"request_id": attempt.request_id}, idempotency_key=attempt.key("deduct"),
-            )
-            return -(await handle.get(self.timeout)).amount
-        except IdempotencyConflict:
-            return 0
+                raise  # cannot happen: this attempt alone commits its hold
+        # The hold outlived its TTL while the app ran: the usage is deducted directly.
+        entry = await self.meter.deduct(
+            attempt.user_id, usage, description=attempt.description,
+            metadata={"request_id": attempt.request_id}, idempotency_key=attempt.key("deduct"),
+        )
+        return -entry.amount
 
     async def _release(self, attempt: _Attempt) -> None:
         """Free the hold; if that fails the hold still ends when its TTL runs out."""
         try:
-            handle = await self.client.release_reservation(
-                attempt.reservation_id, idempotency_key=attempt.key("release")
-            )
-            await handle.get(self.timeout)
+            await self.meter.release(attempt.reservation_id, idempotency_key=attempt.key("release"))
         except ReservationNotActive:
-            pass  # an earlier attempt with this request id already settled it
+            pass  # it outlived its TTL
         except CreditError as exc:
             logger.warning("could not release reservation %s: %s", attempt.reservation_id, exc)
+
+
+def _under(path: str, prefix: str) -> bool:
+    """`path` is `prefix` or below it, segment by segment (`prefix` without its final `/`)."""
+    return not prefix or path == prefix or path.startswith(prefix + "/")
 
 
 def _is_json(start: Message) -> bool:

@@ -39,6 +39,14 @@ from sqlalchemy.sql import ColumnElement, Select
 from creditworker.storage.tables import UtcDateTime
 
 
+def pg_arrays(connection: Connection) -> bool:
+    """PostgreSQL through psycopg2: the fast path of this module, raw SQL with array literals
+    and several statements in one round trip. Other PostgreSQL drivers (asyncpg, under
+    `AsyncCreditService`) prepare each statement and take no multi-statement text, so they get
+    the generic SQLAlchemy Core path, like MariaDB."""
+    return connection.dialect.name == "postgresql" and connection.dialect.driver == "psycopg2"
+
+
 class Script:
     """The writer's statements, in order. On PostgreSQL they are sent together, in one round
     trip, when `finish` runs (the statements of a batch do not depend on each other's
@@ -47,7 +55,7 @@ class Script:
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
-        self.pg = connection.dialect.name == "postgresql"
+        self.pg = pg_arrays(connection)
         self.sql: list[str] = []
         self.params: dict[str, str] = {}
 
@@ -125,7 +133,7 @@ def insert_rows(connection: Connection, table: Table, rows: Sequence[dict[str, A
     """Insert `rows` (all naming the same columns)."""
     if not rows:
         return
-    if connection.dialect.name == "postgresql":
+    if pg_arrays(connection):
         connection.exec_driver_sql(_pg_insert(table, tuple(rows[0]), "", False), _arrays(table, rows, ""))
         return
     connection.execute(insert(table), list(rows))
@@ -135,7 +143,7 @@ def insert_returning_ids(connection: Connection, table: Table, rows: Sequence[di
     """Insert `rows` and return their new ids, in the order of `rows`."""
     if not rows:
         return []
-    if connection.dialect.name == "postgresql":
+    if pg_arrays(connection):
         # The sequence numbers the rows in the order the SELECT produces them (ORDER BY
         # the array position): sorted, the returned ids are the ids of `rows` in order.
         result = connection.exec_driver_sql(_pg_insert(table, tuple(rows[0]), "", True), _arrays(table, rows, ""))
@@ -175,7 +183,7 @@ def update_rows(connection: Connection, table: Table, key: str, rows: Sequence[d
     if not rows:
         return
     columns = tuple(name for name in rows[0] if name != key)
-    if connection.dialect.name == "postgresql":
+    if pg_arrays(connection):
         connection.exec_driver_sql(_pg_update(table, key, columns, ""), _arrays(table, rows, ""))
         return
     statement = update(table).where(table.c[key] == bindparam(f"_{key}")).values(
@@ -335,7 +343,7 @@ def rows_where_in(
     if not values:
         return []
     wanted = sorted(set(values))
-    if connection.dialect.name == "postgresql":
+    if pg_arrays(connection):
         rows = connection.exec_driver_sql(
             _pg_select(table, columns, key, where, order_by, for_update), _arrays(table, [{key: v} for v in wanted], "")
         ).fetchall()
@@ -388,7 +396,8 @@ def keyset_page(engine: Engine, query: Select[Any]) -> list[tuple[Any, ...]]:
     every row (measured: a sweep of 200,000 lots grew quadratically)."""
     with engine.connect() as connection:
         if connection.dialect.name == "postgresql":
-            connection.exec_driver_sql("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off")
+            connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
+            connection.exec_driver_sql("SET LOCAL enable_bitmapscan = off")
         return [tuple(row) for row in connection.execute(query)]
 
 

@@ -40,16 +40,19 @@ def foreign_keys_checked_after(connection: Connection) -> Iterator[None]:
     if connection.dialect.name != "sqlite":
         yield
         return
-    driver = connection.connection.driver_connection
-    assert driver is not None
-    driver.execute("PRAGMA foreign_keys=OFF")
+    # The DB-API connection (for aiosqlite, SQLAlchemy's adapter of it), so that the same
+    # code runs under the asyncio engine's `sync_engine`.
+    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    cursor.execute("PRAGMA foreign_keys=OFF")
     try:
         yield
-        broken = driver.execute("PRAGMA foreign_key_check").fetchall()
+        cursor.execute("PRAGMA foreign_key_check")
+        broken = cursor.fetchall()
         if broken:
             raise RuntimeError(f"a migration left rows whose foreign keys point nowhere: {broken[:5]}")
     finally:
-        driver.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
 
 
 def head_revision() -> str | None:

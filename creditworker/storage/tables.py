@@ -290,3 +290,24 @@ class DeadLetterRow(Base):
     body_encoding: Mapped[str] = mapped_column(String(16))
     body_size: Mapped[int] = mapped_column(BigInteger)
     received_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+
+
+class LedgerRecordRow(Base):
+    """What the ledger entries do not say: a refused operation (`error`: the request and
+    its error; nothing else changed) or what a sweep did (`system`: its counts). Written
+    once, never updated, like the entries."""
+
+    __tablename__ = "ledger_records"
+    __table_args__ = (
+        Index("ix_ledger_records_kind_id", "kind", "id"),
+        CheckConstraint("kind IN ('error', 'system')", name="kind"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    operation: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[str | None] = mapped_column(_identifier(MAX_USER_ID_LENGTH), nullable=True, index=True)
+    code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -29,11 +29,12 @@ NOW = datetime(2030, 6, 1, 12, 0, tzinfo=timezone.utc)
 
 
 def snapshot(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every table, to prove a refused operation changed nothing."""
+    """Every row of every table, to prove a refused operation changed nothing (but the
+    `error` record of the refusal itself: ledger_records, tests/cli/test_ledger_records.py)."""
     with engine.connect() as connection:
         return {
             table.name: sorted(map(tuple, connection.execute(table.select()).all()), key=repr)
-            for table in Base.metadata.sorted_tables
+            for table in Base.metadata.sorted_tables if table.name != "ledger_records"
         }
 
 

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.testclient import TestClient
 
 from creditworker.contract import EntryKind, LedgerEntry
-from creditworker.http.middleware import CreditDeductionMiddleware
+from creditworker.http.middleware import CreditDeductionMiddleware, idempotency_key
 from producers.aio import AsyncCreditClient
 from tests.e2e.conftest import RunningWorker
 
@@ -135,15 +135,16 @@ def test_the_reported_usage_is_committed_and_shown_in_a_header(
     assert response.headers["X-Credits-Deducted"] == "23"
     assert balance(worker, user) == (77, 0)
     reserve, commit = entries(worker, user)
+    assert reserve.metadata is not None and reserve.metadata["request_id"] == "req-commit-" + user
     assert (reserve.kind, reserve.held, reserve.idempotency_key) == (
         EntryKind.RESERVE,
         50,
-        f"mw:req-commit-{user}:reserve",
+        idempotency_key(user, "req-commit-" + user, "reserve"),
     )
     assert (commit.kind, commit.amount, commit.idempotency_key) == (
         EntryKind.COMMIT,
         -23,
-        f"mw:req-commit-{user}:commit",
+        idempotency_key(user, "req-commit-" + user, "commit"),
     )
 
 
@@ -289,32 +290,34 @@ def test_the_user_can_come_from_a_callable(
 # ------------------------------------------------------------------ retries
 
 
-def test_a_retry_with_the_same_request_id_is_charged_once(
+def test_a_reused_request_id_is_refused_before_the_endpoint_runs(
     http: TestClient, worker: RunningWorker, user: str, calls: Counter[str]
 ) -> None:
-    retry = headers(user, 50, f"retry-{user}")
-    first = http.post("/v1/answer", json={"tokens": 23}, headers=retry)
-    again = http.post("/v1/answer", json={"tokens": 23}, headers=retry)
-    other_usage = http.post("/v1/answer", json={"tokens": 40}, headers=retry)
+    reused = headers(user, 50, f"retry-{user}")
+    first = http.post("/v1/answer", json={"tokens": 23}, headers=reused)
+    again = http.post("/v1/answer", json={"tokens": 23}, headers=reused)
 
-    assert [r.status_code for r in (first, again, other_usage)] == [200, 200, 200]
-    assert first.headers["X-Credits-Deducted"] == again.headers["X-Credits-Deducted"] == "23"
-    assert other_usage.headers["X-Credits-Deducted"] == "0"
-    assert calls["answer"] == 3
+    assert first.status_code == 200 and first.headers["X-Credits-Deducted"] == "23"
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "idempotency_conflict"
+    assert calls["answer"] == 1
     assert balance(worker, user) == (77, 0)
     assert kinds(worker, user) == ["reserve", "commit"]
 
 
-def test_a_retry_after_a_failed_attempt_is_charged_once(
-    http: TestClient, worker: RunningWorker, user: str
+def test_a_failed_request_id_is_refused_too_and_a_new_id_is_charged_once(
+    http: TestClient, worker: RunningWorker, user: str, calls: Counter[str]
 ) -> None:
-    retry = headers(user, 50, f"flaky-{user}")
-    failed = http.post("/v1/flaky", headers=retry)
-    assert failed.status_code == 503 and balance(worker, user) == (100, 0)
+    failing = headers(user, 50, f"flaky-{user}")
+    assert http.post("/v1/flaky", headers=failing).status_code == 503
+    assert http.post("/v1/flaky", headers=failing).status_code == 409
+    assert calls[f"flaky:flaky-{user}"] == 1 and balance(worker, user) == (100, 0)
 
-    answered = http.post("/v1/flaky", headers=retry)
-    repeated = http.post("/v1/flaky", headers=retry)
-    assert answered.status_code == repeated.status_code == 200
-    assert answered.headers["X-Credits-Deducted"] == repeated.headers["X-Credits-Deducted"] == "10"
-    assert balance(worker, user) == (90, 0)
-    assert kinds(worker, user) == ["reserve", "release", "deduct"]
+
+def test_request_ids_are_scoped_per_user(http: TestClient, worker: RunningWorker, user: str) -> None:
+    other = f"other-{uuid.uuid4().hex[:12]}"
+    worker.client.add_credits(other, 100).get()
+    mine = http.post("/v1/answer", json={"tokens": 5}, headers=headers(user, 10, "shared-id"))
+    theirs = http.post("/v1/answer", json={"tokens": 6}, headers=headers(other, 10, "shared-id"))
+    assert mine.status_code == theirs.status_code == 200
+    assert balance(worker, user) == (95, 0) and balance(worker, other) == (94, 0)

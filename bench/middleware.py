@@ -1,0 +1,221 @@
+"""What the metering middleware adds to a request: in process, and through the workers.
+
+    python bench/middleware.py [--seconds 20] [--rates 100 200] [--no-worker] [--json PATH]
+
+One FastAPI app (an endpoint that answers with its usage) is served by uvicorn in a process
+of its own, in turn: without the middleware (the baseline), with it in process on
+PostgreSQL (`AsyncCreditService`, then `CreditService` in the thread pool), and with it
+through the workers (`AsyncCreditClient`, a worker started like bench/run.py's, on a private
+Redis). An open-loop client sends requests at a fixed rate (each one at its scheduled time,
+whether or not the earlier ones answered, so a slow server cannot slow the load down) and
+times each from its scheduled start. The added latency is the percentile with the middleware
+minus the same percentile of the baseline, measured in the same run.
+
+Needs PostgreSQL (CREDITWORKER_BENCH_POSTGRES_URL, as bench/run.py) and, for the worker
+path, `redis-server` on PATH. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+USERS = 200
+"""Requests are spread over this many users, each with credits for the whole run."""
+
+MODES = ("baseline", "inprocess-async", "inprocess-sync", "worker")
+
+
+# ---------------------------------------------------------------- the served app
+
+
+def create_app() -> Any:
+    """The app for `uvicorn --factory`: BENCH_MODE says which middleware, if any."""
+    from fastapi import FastAPI
+
+    from creditworker.http import CreditDeductionMiddleware
+
+    mode = os.environ["BENCH_MODE"]
+    database_url = os.environ["BENCH_DATABASE_URL"]
+    app = FastAPI()
+
+    @app.post("/api/answer")
+    async def answer() -> dict[str, Any]:
+        return {"answer": "42", "usage": {"total_tokens": 3}}
+
+    if mode == "inprocess-async":
+        from creditworker import AsyncCreditService
+
+        app.add_middleware(CreditDeductionMiddleware, credit_service=AsyncCreditService(database_url),
+                           path_prefix="/api")
+    elif mode == "inprocess-sync":
+        from creditworker import CreditService
+
+        app.add_middleware(CreditDeductionMiddleware, credit_service=CreditService(database_url),
+                           path_prefix="/api")
+    elif mode == "worker":
+        from creditworker.settings import Settings
+        from producers.aio import AsyncCreditClient
+
+        client = AsyncCreditClient(Settings(broker_url=os.environ["BENCH_BROKER_URL"],
+                                            data_dir=os.environ["BENCH_DATA_DIR"]))
+        app.add_middleware(CreditDeductionMiddleware, client=client, path_prefix="/api")
+    return app
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def serve(mode: str, database_url: str, workdir: Path, broker_url: str | None) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {**os.environ, "BENCH_MODE": mode, "BENCH_DATABASE_URL": database_url,
+           "BENCH_BROKER_URL": broker_url or "", "BENCH_DATA_DIR": str(workdir / ".creditworker"),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)])}
+    with open(workdir / f"{mode}.log", "wb") as log:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "middleware:create_app", "--factory", "--port", str(port),
+             "--log-level", "warning", "--no-access-log"],
+            env=env, cwd=Path(__file__).resolve().parent, stdout=log, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return process, url
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError((workdir / f"{mode}.log").read_text()[-2000:]) from None
+            time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- the load
+
+
+async def open_loop(url: str, rate: float, seconds: float, warmup: float = 2.0) -> dict[str, Any]:
+    """Requests at `rate` per second for `seconds` (after `warmup` seconds not counted)."""
+    import httpx
+
+    latencies: list[float] = []
+    statuses: dict[int | str, int] = {}
+    limits = httpx.Limits(max_connections=500, max_keepalive_connections=500)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+
+        async def one(scheduled: float, index: int, counted: bool) -> None:
+            await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+            headers = {"X-User-ID": f"bench-{index % USERS}", "X-Estimated-Tokens": "5",
+                       "X-Request-ID": uuid.uuid4().hex}
+            try:
+                status: int | str = (await client.post("/api/answer", headers=headers)).status_code
+            except httpx.HTTPError as exc:  # counted, not fatal: an overloaded server drops some
+                status = type(exc).__name__
+            if counted:
+                latencies.append(time.perf_counter() - scheduled)
+                statuses[status] = statuses.get(status, 0) + 1
+
+        start = time.perf_counter() + 0.2
+        total = int((warmup + seconds) * rate)
+        await asyncio.gather(*[
+            one(start + i / rate, i, i >= warmup * rate) for i in range(total)
+        ])
+    latencies.sort()
+    return {
+        "requests": len(latencies), "statuses": statuses,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+    }
+
+
+def measure(mode: str, database_url: str, workdir: Path, broker_url: str | None, rate: float,
+            seconds: float) -> dict[str, Any]:
+    process, url = serve(mode, database_url, workdir, broker_url)
+    try:
+        return asyncio.run(open_loop(url, rate, seconds))
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def grant(database_url: str) -> None:
+    from creditworker import CreditService
+
+    CreditService(database_url, create_tables=True).apply_batch(
+        [{"op": "add", "user_id": f"bench-{i}", "amount": 10_000_000} for i in range(USERS)]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--rates", type=float, nargs="+", default=[100, 200])
+    parser.add_argument("--no-worker", action="store_true", help="skip the worker path")
+    parser.add_argument("--json", type=Path)
+    arguments = parser.parse_args()
+
+    from run import Worker, bench_redis, fresh_database
+
+    results: dict[str, Any] = {"cpus": os.cpu_count(), "seconds": arguments.seconds, "rates": {}}
+    with tempfile.TemporaryDirectory() as directory, fresh_database() as database_url:
+        workdir = Path(directory)
+        grant(database_url)
+        modes = [m for m in MODES if m != "worker" or not arguments.no_worker]
+        broker_url = worker = None
+        with bench_redis(workdir) if "worker" in modes else _nothing() as redis_url:
+            if redis_url is not None:
+                broker_url = redis_url
+                worker = Worker(database_url, broker_url, workdir)
+            try:
+                for rate in arguments.rates:
+                    by_mode = {mode: measure(mode, database_url, workdir, broker_url, rate, arguments.seconds)
+                               for mode in modes}
+                    base = by_mode["baseline"]
+                    for mode, figures in by_mode.items():
+                        if mode != "baseline":
+                            figures["added_p50_ms"] = figures["p50_ms"] - base["p50_ms"]
+                            figures["added_p99_ms"] = figures["p99_ms"] - base["p99_ms"]
+                    results["rates"][str(int(rate))] = by_mode
+                    print(json.dumps({"rate": rate, **by_mode}, indent=1), flush=True)
+            finally:
+                if worker is not None:
+                    worker.stop()
+    _table(results)
+    if arguments.json:
+        arguments.json.write_text(json.dumps(results, indent=2))
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_exc: object) -> None:
+        return None
+
+
+def _table(results: dict[str, Any]) -> None:
+    print(f"\n{'rate/s':>6} {'mode':<16} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8}  statuses")
+    for rate, by_mode in results["rates"].items():
+        for mode, figures in by_mode.items():
+            print(f"{rate:>6} {mode:<16} {figures['p50_ms']:>8.2f} {figures['p99_ms']:>8.2f} "
+                  f"{figures.get('added_p50_ms', 0):>8.2f} {figures.get('added_p99_ms', 0):>8.2f}  {figures['statuses']}")
+
+
+if __name__ == "__main__":
+    main()
