@@ -122,8 +122,10 @@ class Gatherer:
                         request.send_event("task-succeeded", result=repr(result), runtime=runtime)
                         logger.info(celery_internals.LOG_SUCCESS, {"name": request.name, "id": request.id, "runtime": runtime,
                                                   "return_value": safe_repr(result)})
+                celery_internals.acknowledge_all([pending.request for pending in batch])
+                for pending, result in zip(batch, results):
                     successful = "failed" not in result and "retried" not in result
-                    self._finish(pending, lambda request: request.acknowledge(), successful=successful)
+                    self._finish(pending, lambda _request: None, successful=successful)
             finally:
                 self._returned()
 
