@@ -195,8 +195,9 @@ class Answers:
                     if resync.is_set():
                         resync.clear()
                         self._resync()
-            except Exception:  # subscribe again below, and every waiting call is re-read
-                logger.warning("reading task results failed; subscribing again", exc_info=True)
+            except Exception as exc:  # subscribe again below, and every waiting call is re-read
+                log = logger.warning if failures == 0 else logger.debug  # once per outage
+                log("reading task results failed (%r); subscribing again", exc)
                 resync.set()
                 failures += 1
                 time.sleep(min(5.0, 0.25 * 2**failures))
