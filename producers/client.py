@@ -195,7 +195,7 @@ class Answers:
                     if resync.is_set():
                         resync.clear()
                         self._resync()
-            except Exception as exc:  # subscribe again below, and every waiting call is re-read
+            except Exception as exc:  # noqa: BLE001 (subscribe again below; every waiting call is re-read)
                 log = logger.warning if failures == 0 else logger.debug  # once per outage
                 log("reading task results failed (%r); subscribing again", exc)
                 resync.set()
