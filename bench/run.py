@@ -392,7 +392,7 @@ def single_operations(worker: Worker, service: CreditService, database_url: str,
                       f"creditworker deducts {deducts:,.0f}/s: {deducts / floor:.2f} of the floor")
 
     def deducts_awaited(count: int) -> None:
-        wait_all([worker.client.deduct_credits(users[i % len(users)], 1).result for i in range(count)])
+        wait_all([worker.client.deduct_credits(users[i % len(users)], 1) for i in range(count)])
 
     deducts_awaited(200)
     awaited = n / timed(lambda: deducts_awaited(n))
@@ -552,12 +552,12 @@ def reserve_latency(worker: Worker, service: CreditService, seconds: float,
     depth = QueueDepth(str(app.conf.broker_url), "celery")
 
     def noop(_i: int) -> None:  # the producer's own answer path, without a credit operation
-        task_id = str(uuid.uuid4())
+        task_id = client._answers.task_id()
         expected = client._answers.expect(task_id)
         sent = app.send_task(PING.task, task_id=task_id)
         if expected is None:
             sent.get(timeout=600)
-        elif not expected[1].wait(600):
+        elif not expected.wait(600):
             raise TimeoutError(task_id)
 
     def reserve(i: int) -> None:

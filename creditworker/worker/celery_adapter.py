@@ -11,6 +11,7 @@ versions that test passed on.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -22,15 +23,20 @@ from celery.worker import state as worker_state
 from celery.worker.request import create_request_cls
 from celery.worker.strategy import default as default_strategy
 from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
+from kombu.transport import redis as kombu_redis
+from kombu.transport.virtual import QoS as VirtualQoS
 
 __all__ = [
-    "LOG_FAILURE", "LOG_RECEIVED", "LOG_SUCCESS", "REQUEST_FIELDS", "accepted", "message_fields",
+    "LOG_FAILURE", "LOG_RECEIVED", "LOG_SUCCESS", "REQUEST_FIELDS", "accepted", "acknowledge_all",
+    "message_fields",
     "ready", "request_builder", "resend", "reserved", "revoked_ids", "usual_strategy",
 ]
 
 REQUEST_FIELDS = ("id", "task", "args", "kwargs", "hostname", "retries", "delivery_info",
                   "reply_to", "correlation_id", "root_id", "parent_id", "group")
 """What a pool process needs of a message to apply it and store its result."""
+
+logger = logging.getLogger(__name__)
 
 RequestBuilder = Callable[[Any, Any, Any, Any], Any]
 """(message, payload, ack, reject) -> a `celery.worker.request.Request`."""
@@ -75,6 +81,36 @@ def message_fields(request: Any) -> dict[str, Any]:
     fields = {name: getattr(context, name, None) for name in REQUEST_FIELDS}
     fields.update(id=request.id, task=request.name, args=list(request.args), kwargs=dict(request.kwargs))
     return fields
+
+
+def acknowledge_all(requests: list[Any]) -> None:
+    """Acknowledge each request as `request.acknowledge()` does; on Redis, the unacked
+    marks of all of them (kombu's ZREM and HDEL per message) go in one pipeline, one
+    round trip instead of one per message."""
+    pending = [request for request in requests if not request.acknowledged]
+    if not pending:
+        return
+    channel = pending[0].message.channel
+    qos = getattr(channel, "qos", None)
+    if not isinstance(qos, kombu_redis.QoS) or channel.no_ack_consumers or any(
+        request.message.channel is not channel for request in pending
+    ):
+        for request in pending:
+            request.acknowledge()
+        return
+    try:
+        with qos.pipe_or_acquire() as pipe:
+            for request in pending:
+                qos._remove_from_indices(request.message.delivery_tag, pipe)
+            pipe.execute()
+    except channel.connection_errors as exc:  # as kombu's `ack_log_error`: redelivered later
+        logger.critical("Couldn't ack %d messages, reason:%r", len(pending), exc, exc_info=True)
+    else:
+        for request in pending:  # what kombu's ack does after its own pipeline
+            VirtualQoS.ack(qos, request.message.delivery_tag)
+            request.message._state = "ACK"
+    for request in pending:
+        request.acknowledged = True
 
 
 def reserved(request: Any) -> None:

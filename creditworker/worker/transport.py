@@ -5,7 +5,8 @@ the queue that is not one (bytes pushed by hand, a producer bug, an envelope wit
 `properties`) makes kombu raise inside the worker's event loop, and Celery exits with
 "Unrecoverable error". These transports wrap such an entry in an envelope of their own,
 marked with `UNREADABLE_HEADER`, so that it reaches the worker's intake like any message
-and becomes a dead letter (`creditworker.worker.intake`). The rest is kombu's code.
+and becomes a dead letter (`creditworker.worker.intake`). The Redis channel also reuses its
+client object (`conn_or_acquire`). The rest is kombu's code.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from kombu.transport import filesystem, redis
@@ -90,6 +93,21 @@ class _GuardedChannel:
 
 class GuardedRedisChannel(_GuardedChannel, redis.Channel):  # type: ignore[misc]
     Message = _guarded(redis.Channel.Message)  # type: ignore[assignment]
+    _client: Any = None
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        """kombu's, except that the client is made once per connection pool, not once per
+        call: kombu calls this for the unacked bookkeeping of every message it delivers or
+        acks, and building a redis-py client (its table of response callbacks) took about
+        a tenth of the worker's main process (py-spy, bench/run.py single)."""
+        if client:
+            yield client
+            return
+        pool = self.pool
+        if self._client is None or self._client.connection_pool is not pool:
+            self._client = self._create_client()
+        yield self._client
 
     def _brpop_read(self, **options: Any) -> Any:
         try:

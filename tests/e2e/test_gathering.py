@@ -152,3 +152,18 @@ def wait_for_waiting_lock(engine: Engine, timeout: float = 30) -> None:
                 return
             time.sleep(0.05)
     raise AssertionError("no transaction ever waited for the lock")
+
+
+def test_a_gathered_batch_leaves_no_message_marked_unacknowledged(redis_worker: RunningWorker) -> None:
+    """A batch's acks go to Redis in one pipeline (celery_adapter.acknowledge_all); each
+    message's unacked mark is gone afterwards, so none is redelivered."""
+    import redis
+
+    redis_worker.service.add_credits("acked", 100)
+    handles = [redis_worker.client.deduct_credits("acked", 1) for _ in range(40)]
+    assert len({handle.get(timeout=60).id for handle in handles}) == 40
+    broker = redis.Redis.from_url(redis_worker.broker_url)
+    deadline = time.monotonic() + 10
+    while broker.hlen("unacked") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert broker.hlen("unacked") == 0 and broker.zcard("unacked_index") == 0

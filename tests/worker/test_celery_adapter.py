@@ -89,3 +89,28 @@ def test_gathering_does_not_import_the_tasks() -> None:
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     assert "creditworker.worker.tasks" not in imported
     assert not {name for name in imported if name and name.startswith("celery.worker")}, imported
+
+
+def test_what_acknowledge_all_uses_of_kombus_redis_qos_is_there() -> None:
+    """celery_adapter.acknowledge_all does what kombu's Redis ack does, for many at once."""
+    from kombu.message import Message
+    from kombu.transport import redis as kombu_redis
+    from kombu.transport.virtual import QoS as VirtualQoS
+
+    assert _parameters(kombu_redis.QoS._remove_from_indices)[:3] == ["self", "delivery_tag", "pipe"]
+    assert _parameters(kombu_redis.QoS.pipe_or_acquire)[:2] == ["self", "pipe"]
+    assert _parameters(VirtualQoS.ack) == ["self", "delivery_tag"]
+    assert "_state" in Message.__slots__
+    assert hasattr(Request, "message") and hasattr(Request, "acknowledged")
+
+
+def test_the_redis_channel_builds_its_client_once(redis_url: str) -> None:
+    from kombu import Connection
+
+    from creditworker.worker.transport import GuardedRedisTransport
+
+    with Connection(redis_url, transport=GuardedRedisTransport) as connection:
+        channel = connection.default_channel
+        with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+            assert first is second
+            assert first.ping()
