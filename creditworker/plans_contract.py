@@ -28,9 +28,16 @@ CreditLimit = Annotated[int, Strict(), Field(gt=0, le=MAX_AMOUNT)]
 ValidityDays = Annotated[int, Strict(), Field(gt=0, le=3660)]
 
 
+MAX_PRICE_EXCLUSIVE = Decimal(10) ** 14
+"""The column is NUMERIC(18, 4): 14 digits before the point. `max_digits` alone lets
+123456789012345.5 (16 digits) through, which the database then refuses."""
+
+
 def _price(value: Decimal) -> Decimal:
     if not value.is_finite() or value < 0 or value.as_tuple().exponent < -4:  # type: ignore[operator]
         raise ValueError("must be a non-negative amount with at most 4 decimal places")
+    if value >= MAX_PRICE_EXCLUSIVE:
+        raise ValueError("must be less than 10^14")
     return value
 
 

@@ -89,6 +89,8 @@ def test_plan_crud(subs: SubscriptionService) -> None:
         {"name": "p", "credit_limit": 10, "price": "-1"},
         {"name": "p", "credit_limit": 10, "price": "1.00001"},
         {"name": "p", "credit_limit": 10, "price": "NaN"},
+        {"name": "p", "credit_limit": 10, "price": "123456789012345.5"},  # 18 digits fit, 15 before the point do not
+        {"name": "p", "credit_limit": 10, "price": "1e14"},
         {"name": "p", "credit_limit": 10, "currency": "euro"},
         {"name": "p", "credit_limit": 10, "billing_period": "weekly"},
         {"name": "p", "credit_limit": 10, "validity_days": 0},
