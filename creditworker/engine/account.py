@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
 from datetime import datetime, timezone
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import Table
 from sqlalchemy.engine import Connection
@@ -66,48 +66,70 @@ def _lot(row: tuple[object, ...]) -> Lot:
 
 
 def load_live_lots(connection: Connection, accounts: Iterable[Account],
-                   drawing: Mapping[str, int] | None = None) -> None:
+                   drawing: Mapping[str, int] | None = None, *,
+                   operation_keys: Collection[str] = ()) -> list[tuple[str, str, str, Any]] | None:
     """Give each account its lots with credits left, in the draw-down order (one query).
 
     With `drawing` (at most how much each account's draws may take in this unit of work),
     PostgreSQL sends only the lots that come first in the draw-down order until they cover
     that much: the lots a draw can reach. Lots granted later in the unit of work only add
     to what is there, so the prefix stays enough. Other databases send every live lot.
+
+    With `operation_keys`, PostgreSQL reads the operation rows of those idempotency keys in
+    the same statement, one round trip fewer: returned as `(key, kind, fingerprint, result)`
+    tuples. None: they were not read (the caller reads them itself).
     """
     wanting = {account.user_id: account for account in accounts if not account.lots_loaded}
-    if not wanting:
-        return
     for account in wanting.values():
         account.lots, account.lots_loaded = [], True
+    operations: list[tuple[str, str, str, Any]] | None = None
     if drawing is not None and connection.dialect.name == "postgresql":
-        rows = _lots_prefix(connection, {user_id: max(0, drawing.get(user_id, 0)) for user_id in wanting})
-    else:
+        if not wanting and not operation_keys:
+            return None
+        rows, operations = _lots_prefix(
+            connection, {user_id: max(0, drawing.get(user_id, 0)) for user_id in wanting}, operation_keys)
+    elif wanting:
         rows = bulk.rows_where_in(connection, lots_table, LOT_COLUMNS, "user_id", wanting, where="remaining > 0")
+    else:
+        return None
     for row in rows:
         wanting[row[1]].lots.append(_lot(row))  # type: ignore[index]
     for account in wanting.values():
         if len(account.lots) > 1:
             account.lots.sort(key=draw_order)
+    return operations
 
 
 _PREFIX = (
-    "SELECT {columns} FROM (SELECT l.*, n.needed, sum(l.remaining) OVER (PARTITION BY l.user_id"
-    " ORDER BY l.priority, l.expires_at IS NULL, l.expires_at, l.id) - l.remaining AS before"
-    " FROM credit_lots l JOIN unnest(CAST(%(users)s AS text[]), CAST(%(needed)s AS bigint[])) AS n(user_id, needed)"
-    " ON l.user_id = n.user_id WHERE l.remaining > 0) x WHERE x.before < x.needed"
+    "SELECT {columns}, NULL::json AS operations FROM (SELECT l.*, n.needed, sum(l.remaining) OVER"
+    " (PARTITION BY l.user_id ORDER BY l.priority, l.expires_at IS NULL, l.expires_at, l.id) - l.remaining"
+    " AS before FROM credit_lots l JOIN unnest(CAST(%(users)s AS text[]), CAST(%(needed)s AS bigint[]))"
+    " AS n(user_id, needed) ON l.user_id = n.user_id WHERE l.remaining > 0) x WHERE x.before < x.needed"
 ).format(columns=", ".join(LOT_COLUMNS))
 """The lots in draw-down order (as `rules.draw_order` sorts them) whose credits before them
 do not cover what the account may draw."""
+_PREFIX_AND_OPERATIONS = _PREFIX + (
+    " UNION ALL SELECT {nulls}, (SELECT json_agg(json_build_array(o.idempotency_key, o.kind, o.fingerprint,"
+    " o.result)) FROM operations o WHERE o.idempotency_key = ANY(CAST(%(keys)s AS text[])))"
+).format(nulls=", ".join("NULL" for _ in LOT_COLUMNS))
+"""`_PREFIX`, and one more row (its lot columns NULL) whose last column lists the operation
+rows stored for the given keys, as JSON."""
 
 
-def _lots_prefix(connection: Connection, needed: Mapping[str, int]) -> list[tuple[object, ...]]:
+def _lots_prefix(connection: Connection, needed: Mapping[str, int], operation_keys: Collection[str] = (),
+                 ) -> tuple[list[tuple[object, ...]], list[tuple[str, str, str, Any]] | None]:
     users = sorted(user_id for user_id, amount in needed.items() if amount > 0)
-    if not users:
-        return []
-    rows = connection.exec_driver_sql(_PREFIX, {
-        "users": bulk.text_array(users), "needed": "{" + ",".join(str(needed[user]) for user in users) + "}",
-    }).fetchall()
-    return [(*row[:5], _utc(row[5]), row[6], _utc(row[7]), row[8]) for row in rows]
+    if not users and not operation_keys:
+        return [], None
+    params = {"users": bulk.text_array(users), "needed": "{" + ",".join(str(needed[user]) for user in users) + "}"}
+    if operation_keys:
+        params["keys"] = bulk.text_array(sorted(set(operation_keys)))
+    rows = connection.exec_driver_sql(_PREFIX_AND_OPERATIONS if operation_keys else _PREFIX, params).fetchall()
+    lots = [(*row[:5], _utc(row[5]), row[6], _utc(row[7]), row[8]) for row in rows if row[0] is not None]
+    if not operation_keys:
+        return lots, None
+    found = next((row[-1] for row in rows if row[0] is None), None) or []
+    return lots, [tuple(operation) for operation in found]  # type: ignore[misc]
 
 
 def _utc(value: datetime | None) -> datetime | None:

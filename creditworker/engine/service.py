@@ -462,7 +462,7 @@ class CreditService:
 
         def decide(uow: UnitOfWork) -> tuple[list[ResultSource | CreditError], list[tuple[Request, CreditError]]]:
             unborn = uow.lock(users, creating=adding, hold_ids=hold_ids,
-                              with_lots=drawing if deducted or commits else False)
+                              with_lots=drawing if deducted or commits else False, operation_keys=chosen)
             known = uow.known_operations(chosen)
             results: list[ResultSource | CreditError | None] = [None] * len(requests)
             refused: list[tuple[Request, CreditError]] = []

@@ -83,11 +83,14 @@ class UnitOfWork:
         self.dropped_accounts: set[str] = set()
         self.row_updates: dict[tuple[Table, str], list[dict[str, Any]]] = {}
         self.commit_hooks: list[Callable[[], None]] = []
+        self.operations_read: tuple[frozenset[str], list[tuple[str, str, str, Any]]] | None = None
+        """The operation rows `lock` read with the lots, and for which keys."""
 
     # ------------------------------------------------------------------ reading
 
     def lock(self, user_ids: Iterable[str], *, creating: Collection[str] = (), hold_ids: Collection[str] = (),
-             with_lots: bool | Callable[[Mapping[str, Hold]], Mapping[str, int]] = False) -> set[str]:
+             with_lots: bool | Callable[[Mapping[str, Hold]], Mapping[str, int]] = False,
+             operation_keys: Collection[str] = ()) -> set[str]:
         """Lock the accounts of `user_ids` and of the holds named, in one sorted query.
 
         Accounts for `creating` are created first where missing (returned: they exist for
@@ -96,7 +99,8 @@ class UnitOfWork:
         loads the live lots of the locked accounts, for draws: all of them, or, given a
         function of the holds read that says how much each account may draw at most in
         this unit of work, the lots that come first in the draw-down order until they
-        cover that much (`account.load_live_lots`).
+        cover that much (`account.load_live_lots`). Where that query can also read the
+        operation rows of `operation_keys` (PostgreSQL), it does, for `known_operations`.
         """
         owners = accounts.hold_owners(self.connection, hold_ids)
         created = accounts.create_missing(self.connection, creating, self.at)
@@ -104,8 +108,11 @@ class UnitOfWork:
         self.accounts.update(locked)
         self.holds.update(accounts.load_holds(self.connection, owners))
         if with_lots:
-            accounts.load_live_lots(self.connection, locked.values(),
-                                    None if with_lots is True else with_lots(self.holds))
+            read = accounts.load_live_lots(self.connection, locked.values(),
+                                           None if with_lots is True else with_lots(self.holds),
+                                           operation_keys=operation_keys)
+            if read is not None:
+                self.operations_read = (frozenset(operation_keys), read)
         return created
 
     def account(self, user_id: str) -> Account:
@@ -123,10 +130,14 @@ class UnitOfWork:
         return hold
 
     def known_operations(self, keys: Collection[str]) -> dict[str, StoredOperation]:
-        """The operation rows already stored for `keys` (one query)."""
-        known = {row[0]: StoredOperation(row[1], row[2], row[3]) for row in bulk.rows_where_in(
-            self.connection, operations_table, ("idempotency_key", "kind", "fingerprint", "result"),
-            "idempotency_key", keys)}
+        """The operation rows already stored for `keys` (one query, or none if `lock` read them)."""
+        if self.operations_read is not None and self.operations_read[0].issuperset(keys):
+            wanted = set(keys)
+            rows = [row for row in self.operations_read[1] if row[0] in wanted]
+        else:
+            rows = bulk.rows_where_in(self.connection, operations_table,
+                                      ("idempotency_key", "kind", "fingerprint", "result"), "idempotency_key", keys)
+        known = {row[0]: StoredOperation(row[1], row[2], row[3]) for row in rows}
         referencing = {entry_id: operation for operation in known.values()
                        if (entry_id := referenced_entry(operation.result)) is not None}
         for row in bulk.rows_where_in(self.connection, entries_table, ENTRY_COLUMNS, "id", referencing):
