@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 from sqlalchemy import func, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from creditworker.contract import (
@@ -42,6 +42,7 @@ from creditworker.contract import (
 )
 from creditworker.engine import rules, sweeps
 from creditworker.engine.results import entry_record, reservation_record
+from creditworker.engine.transaction import run_transaction
 from creditworker.engine.unit_of_work import (
     ResultSource,
     StoredOperation,
@@ -57,7 +58,7 @@ from creditworker.errors import (
     ValidationFailed,
 )
 from creditworker.ledger_file import LedgerFile
-from creditworker.storage.database import make_engine, run_transaction
+from creditworker.storage.database import make_engine
 from creditworker.storage.tables import Account, Entry, Hold, Lot
 
 if TYPE_CHECKING:
@@ -376,10 +377,11 @@ class CreditService:
         """
         at = aware(now)
 
-        def work(session: Session) -> tuple[T, UnitOfWork]:
-            uow = UnitOfWork(session, at, low_credit_threshold=self.low_credit_threshold)
+        def work(connection: Connection) -> tuple[T, UnitOfWork]:
+            uow = UnitOfWork(connection, at, low_credit_threshold=self.low_credit_threshold)
             value = decide(uow)
             write(uow)
+            uow.flush()
             return value, uow
 
         with collector_paused():

@@ -69,9 +69,9 @@ ENTRY_COLUMNS = ("id", "user_id", "kind", "amount", "held", "balance_after", "re
 class UnitOfWork:
     """What one transaction decided, for the writer to write in one go."""
 
-    def __init__(self, session: Session, at: datetime, *, low_credit_threshold: int | None = None) -> None:
-        self.session = session
-        self.connection: Connection = session.connection()
+    def __init__(self, connection: Connection, at: datetime, *, low_credit_threshold: int | None = None) -> None:
+        self.connection = connection
+        self._session: Session | None = None
         self.at = at
         self.low_credit_threshold = low_credit_threshold
         self.accounts: dict[str, Account] = {}
@@ -85,6 +85,21 @@ class UnitOfWork:
         self.commit_hooks: list[Callable[[], None]] = []
         self.operations_read: tuple[frozenset[str], list[tuple[str, str, str, Any]]] | None = None
         """The operation rows `lock` read with the lots, and for which keys."""
+
+    @property
+    def session(self) -> Session:
+        """An ORM session in this transaction, for the code that works with ORM rows (plans and
+        subscriptions); made on first use, since the credit operations need none. It joins the
+        connection's transaction, and neither commits nor rolls it back."""
+        if self._session is None:
+            self._session = Session(bind=self.connection, expire_on_commit=False, autoflush=False)
+        return self._session
+
+    def flush(self) -> None:
+        """Send what the ORM session still holds (before the transaction commits)."""
+        if self._session is not None:
+            self._session.flush()
+            self._session.close()
 
     # ------------------------------------------------------------------ reading
 
