@@ -12,6 +12,7 @@ lock holder had already drawn.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, cast
 
@@ -65,9 +66,19 @@ def _lot(row: tuple[object, ...]) -> Lot:
     return lot
 
 
+@dataclass(slots=True)
+class Prefetched:
+    """What the lot query of a unit of work read besides the lots (PostgreSQL)."""
+
+    operations: list[tuple[str, str, str, Any]]
+    """The stored operation rows of the keys asked for: `(key, kind, fingerprint, result)`."""
+    entry_ids: list[int]
+    """Ledger entry ids taken from their sequence for this transaction, ascending."""
+
+
 def load_live_lots(connection: Connection, accounts: Iterable[Account],
                    drawing: Mapping[str, int] | None = None, *,
-                   operation_keys: Collection[str] = ()) -> list[tuple[str, str, str, Any]] | None:
+                   operation_keys: Collection[str] = (), entry_ids: int = 0) -> Prefetched | None:
     """Give each account its lots with credits left, in the draw-down order (one query).
 
     With `drawing` (at most how much each account's draws may take in this unit of work),
@@ -75,19 +86,18 @@ def load_live_lots(connection: Connection, accounts: Iterable[Account],
     that much: the lots a draw can reach. Lots granted later in the unit of work only add
     to what is there, so the prefix stays enough. Other databases send every live lot.
 
-    With `operation_keys`, PostgreSQL reads the operation rows of those idempotency keys in
-    the same statement, one round trip fewer: returned as `(key, kind, fingerprint, result)`
-    tuples. None: they were not read (the caller reads them itself).
+    In the same statement, PostgreSQL reads the operation rows of `operation_keys` and takes
+    `entry_ids` ids from the ledger's sequence (after the accounts' lock, so in the order
+    their transactions hold it): round trips saved. None: it did not (other databases, or no
+    `drawing`); the caller reads the operations itself, and the writer gets ids as it inserts.
     """
     wanting = {account.user_id: account for account in accounts if not account.lots_loaded}
     for account in wanting.values():
         account.lots, account.lots_loaded = [], True
-    operations: list[tuple[str, str, str, Any]] | None = None
+    prefetched: Prefetched | None = None
     if drawing is not None and connection.dialect.name == "postgresql":
-        if not wanting and not operation_keys:
-            return None
-        rows, operations = _lots_prefix(
-            connection, {user_id: max(0, drawing.get(user_id, 0)) for user_id in wanting}, operation_keys)
+        rows, prefetched = _lots_prefix(connection, {user_id: max(0, drawing.get(user_id, 0)) for user_id in wanting},
+                                        operation_keys, entry_ids)
     elif wanting:
         rows = bulk.rows_where_in(connection, lots_table, LOT_COLUMNS, "user_id", wanting, where="remaining > 0")
     else:
@@ -97,39 +107,34 @@ def load_live_lots(connection: Connection, accounts: Iterable[Account],
     for account in wanting.values():
         if len(account.lots) > 1:
             account.lots.sort(key=draw_order)
-    return operations
+    return prefetched
 
 
 _PREFIX = (
-    "SELECT {columns}, NULL::json AS operations FROM (SELECT l.*, n.needed, sum(l.remaining) OVER"
+    "SELECT {columns}, NULL::json, NULL::bigint[] FROM (SELECT l.*, n.needed, sum(l.remaining) OVER"
     " (PARTITION BY l.user_id ORDER BY l.priority, l.expires_at IS NULL, l.expires_at, l.id) - l.remaining"
     " AS before FROM credit_lots l JOIN unnest(CAST(%(users)s AS text[]), CAST(%(needed)s AS bigint[]))"
     " AS n(user_id, needed) ON l.user_id = n.user_id WHERE l.remaining > 0) x WHERE x.before < x.needed"
-).format(columns=", ".join(LOT_COLUMNS))
-"""The lots in draw-down order (as `rules.draw_order` sorts them) whose credits before them
-do not cover what the account may draw."""
-_PREFIX_AND_OPERATIONS = _PREFIX + (
     " UNION ALL SELECT {nulls}, (SELECT json_agg(json_build_array(o.idempotency_key, o.kind, o.fingerprint,"
-    " o.result)) FROM operations o WHERE o.idempotency_key = ANY(CAST(%(keys)s AS text[])))"
-).format(nulls=", ".join("NULL" for _ in LOT_COLUMNS))
-"""`_PREFIX`, and one more row (its lot columns NULL) whose last column lists the operation
-rows stored for the given keys, as JSON."""
+    " o.result)) FROM operations o WHERE o.idempotency_key = ANY(CAST(%(keys)s AS text[]))),"
+    " (SELECT array_agg(nextval('ledger_entries_id_seq')) FROM generate_series(1, %(entry_ids)s))"
+).format(columns=", ".join(LOT_COLUMNS), nulls=", ".join("NULL" for _ in LOT_COLUMNS))
+"""The lots in draw-down order (as `rules.draw_order` sorts them) whose credits before them
+do not cover what the account may draw; then one row whose lot columns are NULL, with the
+operation rows stored for the given keys (JSON) and the new entry ids."""
 
 
-def _lots_prefix(connection: Connection, needed: Mapping[str, int], operation_keys: Collection[str] = (),
-                 ) -> tuple[list[tuple[object, ...]], list[tuple[str, str, str, Any]] | None]:
+def _lots_prefix(connection: Connection, needed: Mapping[str, int], operation_keys: Collection[str],
+                 entry_ids: int) -> tuple[list[tuple[object, ...]], Prefetched]:
     users = sorted(user_id for user_id, amount in needed.items() if amount > 0)
-    if not users and not operation_keys:
-        return [], None
-    params = {"users": bulk.text_array(users), "needed": "{" + ",".join(str(needed[user]) for user in users) + "}"}
-    if operation_keys:
-        params["keys"] = bulk.text_array(sorted(set(operation_keys)))
-    rows = connection.exec_driver_sql(_PREFIX_AND_OPERATIONS if operation_keys else _PREFIX, params).fetchall()
+    rows = connection.exec_driver_sql(_PREFIX, {
+        "users": bulk.text_array(users), "needed": "{" + ",".join(str(needed[user]) for user in users) + "}",
+        "keys": bulk.text_array(sorted(set(operation_keys))), "entry_ids": entry_ids,
+    }).fetchall()
     lots = [(*row[:5], _utc(row[5]), row[6], _utc(row[7]), row[8]) for row in rows if row[0] is not None]
-    if not operation_keys:
-        return lots, None
-    found = next((row[-1] for row in rows if row[0] is None), None) or []
-    return lots, [tuple(operation) for operation in found]  # type: ignore[misc]
+    extra = next(row for row in rows if row[0] is None)
+    return lots, Prefetched([tuple(operation) for operation in extra[-2] or ()],  # type: ignore[misc]
+                            sorted(extra[-1] or ()))
 
 
 def _utc(value: datetime | None) -> datetime | None:

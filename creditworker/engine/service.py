@@ -464,7 +464,8 @@ class CreditService:
 
         def decide(uow: UnitOfWork) -> tuple[list[ResultSource | CreditError], list[tuple[Request, CreditError]]]:
             unborn = uow.lock(users, creating=adding, hold_ids=hold_ids,
-                              with_lots=drawing if deducted or commits else False, operation_keys=chosen)
+                              with_lots=drawing if deducted or commits else False, operation_keys=chosen,
+                              entry_ids=len(valid))
             known = uow.known_operations(chosen)
             results: list[ResultSource | CreditError | None] = [None] * len(requests)
             refused: list[tuple[Request, CreditError]] = []

@@ -5,7 +5,8 @@ statement (one of the five a batch of deducts made). Here the connection runs in
 mode, where psycopg2 sends nothing of its own, and the engine opens the transaction itself:
 `BEGIN` goes out as the first words of the transaction's first statement, whichever that is
 (the lock, a hold's owner, an ORM query of the subscriptions), and `COMMIT` after `work`
-returned. Whatever happens in between, a transaction still open on the connection (libpq
+returned, or as the last words of the statement that `commit_with_next_statement` names
+(the writer's, when it needs no result back). Whatever happens in between, a transaction still open on the connection (libpq
 knows, without asking the server) is rolled back, or the connection is thrown away, before
 the pool gets it back. Other databases and drivers use SQLAlchemy's transaction as usual.
 
@@ -31,8 +32,11 @@ from creditworker.storage.database import MAX_TRANSACTION_ATTEMPTS, is_retryable
 T = TypeVar("T")
 
 BEGIN = "BEGIN ISOLATION LEVEL READ COMMITTED;\n"
-_PENDING = "creditworker.begin_pending"
-"""In a connection's `info`: its transaction's first statement must say BEGIN."""
+COMMIT = ";\nCOMMIT"
+_STATE = "creditworker.transaction"
+"""In a connection's `info`, where its engine-run transaction is: one of the four below."""
+_PENDING, _OPEN, _COMMITTED = "BEGIN pending", "open", "committed"
+_ONE_STATEMENT, _COMMIT_NEXT = "BEGIN pending, COMMIT next", "COMMIT next"
 
 _folding: weakref.WeakSet[Engine] = weakref.WeakSet()
 _folding_lock = threading.Lock()
@@ -71,16 +75,28 @@ def _folded(engine: Engine, work: Callable[[Connection], T]) -> T:
         dbapi_connection: Any = connection.connection.dbapi_connection
         level = _autocommit(dbapi_connection)
         info = connection.info
-        info[_PENDING] = True
+        info[_STATE] = _PENDING
         try:
             with connection.begin():  # SQLAlchemy's own bookkeeping: psycopg2 sends nothing for it
                 value = work(connection)
-                if not info[_PENDING]:  # a statement went out, and with it BEGIN
+                if info[_STATE] in (_OPEN, _COMMIT_NEXT):  # BEGIN went out, COMMIT did not
+                    info[_STATE] = None
                     connection.exec_driver_sql("COMMIT")
             return value
         finally:
-            info.pop(_PENDING, None)
+            info.pop(_STATE, None)
             _end_open_transaction(connection, dbapi_connection, level)
+
+
+def commit_with_next_statement(connection: Connection) -> bool:
+    """Have the next statement on `connection` end with COMMIT, if this module runs its
+    transaction (else False: the caller's transaction commits as usual). Nothing may run on
+    the connection after that statement, and its result is COMMIT's: it returns no rows."""
+    info = connection.info
+    if info.get(_STATE) not in (_PENDING, _OPEN):
+        return False
+    info[_STATE] = _COMMIT_NEXT if info[_STATE] == _OPEN else _ONE_STATEMENT
+    return True
 
 
 def _autocommit(dbapi_connection: Any) -> Any:
@@ -123,13 +139,18 @@ def _fold_begin(engine: Engine) -> None:
         @event.listens_for(engine, "before_cursor_execute", retval=True)
         def _begin_with_first_statement(connection: Connection, cursor: Any, statement: str, parameters: Any,
                                         _context: Any, executemany: bool) -> tuple[str, Any]:
-            info = connection.info
-            if not info.get(_PENDING):
+            state = connection.info.get(_STATE)
+            if state is None or state == _OPEN:
                 return statement, parameters
-            info[_PENDING] = False
-            if executemany:  # BEGIN would be repeated for every row
+            if state == _COMMITTED:  # it would run outside any transaction
+                raise RuntimeError("a statement after the engine's transaction committed")
+            begin, commit = state in (_PENDING, _ONE_STATEMENT), state in (_COMMIT_NEXT, _ONE_STATEMENT)
+            if executemany:  # would be repeated for every row
+                if commit:
+                    raise RuntimeError("COMMIT cannot ride on an executemany")
                 cursor.execute(BEGIN)
-                return statement, parameters
-            return BEGIN + statement, parameters
+                begin = False
+            connection.info[_STATE] = _COMMITTED if commit else _OPEN
+            return (BEGIN if begin else "") + statement + (COMMIT if commit else ""), parameters
 
         _folding.add(engine)

@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError
 
 from creditworker import CreditService
 from creditworker.audit import audit
-from creditworker.engine.transaction import BEGIN
+from creditworker.engine.transaction import BEGIN, COMMIT
 from creditworker.engine.unit_of_work import UnitOfWork
 from tests.engine.test_writer import counted_statements
 
@@ -37,7 +37,7 @@ def assert_pool_connection_is_plain(engine: Engine) -> None:
     assert accounts_named(engine, "not-committed") == 0
 
 
-def test_a_batch_of_deducts_is_four_statements_begin_and_commit_included(pg_engine: Engine) -> None:
+def test_a_batch_of_deducts_is_three_statements_begin_and_commit_included(pg_engine: Engine) -> None:
     service = CreditService(pg_engine)
     service.apply_batch([{"op": "add", "user_id": f"t{n}", "amount": 100} for n in range(5)])
     with counted_statements(pg_engine) as statements:
@@ -45,9 +45,9 @@ def test_a_batch_of_deducts_is_four_statements_begin_and_commit_included(pg_engi
             {"op": "deduct", "user_id": f"t{n % 5}", "amount": 1, "idempotency_key": f"four-{n}"} for n in range(50)
         ])
     assert all(outcome.ok for outcome in outcomes)
-    # the lock (BEGIN with it), the lots with the keys' operation rows, the writer, COMMIT
-    assert len(statements) == 4
-    assert statements[-1] == "COMMIT"
+    # BEGIN and the lock; the lots, the keys' operation rows and the entries' ids; the writer and COMMIT
+    assert len(statements) == 3
+    assert statements[0].startswith(BEGIN) and statements[-1].endswith(COMMIT)
     assert_pool_connection_is_plain(pg_engine)
     repeated = service.apply_batch([
         {"op": "deduct", "user_id": f"t{n % 5}", "amount": 1, "idempotency_key": f"four-{n}"} for n in range(50)
@@ -156,3 +156,60 @@ def test_orm_work_in_a_unit_is_flushed_before_the_commit(engine: Engine) -> None
 
     service.run(decide)
     assert accounts_named(engine, "orm-made") == 1
+
+
+def test_a_writer_statement_that_fails_with_its_commit_rolls_back_and_reruns(
+    pg_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another transaction stores one of the batch's keys after the batch read them: the
+    writer's statement (COMMIT riding on it) fails on the key; nothing of the first attempt
+    stays, and the rerun sees the other row."""
+    from creditworker.engine import service as service_module
+
+    service = CreditService(pg_engine)
+    service.add_credits("racer", 100)
+    write = service_module.write
+    calls: list[int] = []
+
+    def racing_write(uow: UnitOfWork) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            with pg_engine.begin() as other:
+                other.exec_driver_sql(
+                    "INSERT INTO operations (idempotency_key, kind, fingerprint, user_id, result, created_at)"
+                    " VALUES ('race-1', 'DeductCredits', 'another request', 'racer', '{}', CURRENT_TIMESTAMP)")
+        write(uow)
+
+    monkeypatch.setattr(service_module, "write", racing_write)
+    with counted_statements(pg_engine) as statements:
+        outcomes = service.apply_batch([
+            {"op": "deduct", "user_id": "racer", "amount": 1, "idempotency_key": "race-0"},
+            {"op": "deduct", "user_id": "racer", "amount": 1, "idempotency_key": "race-1"},
+        ])
+    assert len(calls) == 2
+    assert any(statement.endswith(COMMIT) for statement in statements)
+    assert [outcome.ok for outcome in outcomes] == [True, False]
+    assert outcomes[1].error is not None and outcomes[1].error["code"] == "idempotency_conflict"
+    assert service.get_user_credits_info("racer").total == 99
+    assert_pool_connection_is_plain(pg_engine)
+    with pg_engine.begin() as connection:
+        connection.exec_driver_sql("DELETE FROM operations WHERE idempotency_key = 'race-1'")
+    assert audit(pg_engine).passed
+
+
+def test_nothing_runs_after_the_commit_that_rode_on_a_statement(pg_engine: Engine) -> None:
+    from creditworker.engine.transaction import commit_with_next_statement
+
+    service = CreditService(pg_engine)
+
+    def decide(uow: UnitOfWork) -> None:
+        assert commit_with_next_statement(uow.connection)
+        uow.connection.exec_driver_sql(NEW_ACCOUNT.format(user="committed-early"))
+        uow.connection.exec_driver_sql(NEW_ACCOUNT.format(user="after-commit"))
+
+    with pytest.raises(RuntimeError, match="after the engine's transaction committed"):
+        service.run(decide)
+    assert (accounts_named(pg_engine, "committed-early"), accounts_named(pg_engine, "after-commit")) == (1, 0)
+    assert_pool_connection_is_plain(pg_engine)
+    with pg_engine.begin() as connection:
+        connection.exec_driver_sql("DELETE FROM accounts WHERE user_id = 'committed-early'")
