@@ -95,8 +95,8 @@ def _finish_with_known_ids(uow: UnitOfWork, script: bulk.Script) -> None:
         posting.id = entry_id
     script.insert(entries_table, [{"id": posting.id, **_entry_row(posting, script.pg)} for posting in uow.postings])
     script.insert(operations_table, [
-        _operation_row(record, {"entry_id": record.source.id} if isinstance(record.source, Posting) else record.source,
-                       uow.at)
+        _operation_row(record, bulk.Json(f'{{"entry_id": {record.source.id}}}') if isinstance(record.source, Posting)
+                       else record.source, uow.at)
         for record in uow.operations
     ])
     commit_with_next_statement(uow.connection)
