@@ -74,11 +74,14 @@ class Prefetched:
     """The stored operation rows of the keys asked for: `(key, kind, fingerprint, result)`."""
     entry_ids: list[int]
     """Ledger entry ids taken from their sequence for this transaction, ascending."""
+    lot_ids: list[int]
+    """Lot ids taken from their sequence for this transaction, ascending."""
 
 
 def load_live_lots(connection: Connection, accounts: Iterable[Account],
                    drawing: Mapping[str, int] | None = None, *,
-                   operation_keys: Collection[str] = (), entry_ids: int = 0) -> Prefetched | None:
+                   operation_keys: Collection[str] = (), entry_ids: int = 0, lot_ids: int = 0,
+                   ) -> Prefetched | None:
     """Give each account its lots with credits left, in the draw-down order (one query).
 
     With `drawing` (at most how much each account's draws may take in this unit of work),
@@ -87,8 +90,8 @@ def load_live_lots(connection: Connection, accounts: Iterable[Account],
     to what is there, so the prefix stays enough. Other databases send every live lot.
 
     In the same statement, PostgreSQL reads the operation rows of `operation_keys` and takes
-    `entry_ids` ids from the ledger's sequence (after the accounts' lock, so in the order
-    their transactions hold it): round trips saved. None: it did not (other databases, or no
+    `entry_ids` ids from the ledger's sequence and `lot_ids` from the lots' (after the
+    accounts' lock, so in the order their transactions hold it): round trips saved. None: it did not (other databases, or no
     `drawing`); the caller reads the operations itself, and the writer gets ids as it inserts.
     """
     wanting = {account.user_id: account for account in accounts if not account.lots_loaded}
@@ -97,7 +100,7 @@ def load_live_lots(connection: Connection, accounts: Iterable[Account],
     prefetched: Prefetched | None = None
     if drawing is not None and connection.dialect.name == "postgresql":
         rows, prefetched = _lots_prefix(connection, {user_id: max(0, drawing.get(user_id, 0)) for user_id in wanting},
-                                        operation_keys, entry_ids)
+                                        operation_keys, entry_ids, lot_ids)
     elif wanting:
         rows = bulk.rows_where_in(connection, lots_table, LOT_COLUMNS, "user_id", wanting, where="remaining > 0")
     else:
@@ -111,30 +114,31 @@ def load_live_lots(connection: Connection, accounts: Iterable[Account],
 
 
 _PREFIX = (
-    "SELECT {columns}, NULL::json, NULL::bigint[] FROM (SELECT l.*, n.needed, sum(l.remaining) OVER"
+    "SELECT {columns}, NULL::json, NULL::bigint[], NULL::bigint[] FROM (SELECT l.*, n.needed, sum(l.remaining) OVER"
     " (PARTITION BY l.user_id ORDER BY l.priority, l.expires_at IS NULL, l.expires_at, l.id) - l.remaining"
     " AS before FROM credit_lots l JOIN unnest(CAST(%(users)s AS text[]), CAST(%(needed)s AS bigint[]))"
     " AS n(user_id, needed) ON l.user_id = n.user_id WHERE l.remaining > 0) x WHERE x.before < x.needed"
     " UNION ALL SELECT {nulls}, (SELECT json_agg(json_build_array(o.idempotency_key, o.kind, o.fingerprint,"
     " o.result)) FROM operations o WHERE o.idempotency_key = ANY(CAST(%(keys)s AS text[]))),"
-    " (SELECT array_agg(nextval('ledger_entries_id_seq')) FROM generate_series(1, %(entry_ids)s))"
+    " (SELECT array_agg(nextval('ledger_entries_id_seq')) FROM generate_series(1, %(entry_ids)s)),"
+    " (SELECT array_agg(nextval('credit_lots_id_seq')) FROM generate_series(1, %(lot_ids)s))"
 ).format(columns=", ".join(LOT_COLUMNS), nulls=", ".join("NULL" for _ in LOT_COLUMNS))
 """The lots in draw-down order (as `rules.draw_order` sorts them) whose credits before them
 do not cover what the account may draw; then one row whose lot columns are NULL, with the
-operation rows stored for the given keys (JSON) and the new entry ids."""
+operation rows stored for the given keys (JSON), the new entry ids and the new lot ids."""
 
 
 def _lots_prefix(connection: Connection, needed: Mapping[str, int], operation_keys: Collection[str],
-                 entry_ids: int) -> tuple[list[tuple[object, ...]], Prefetched]:
+                 entry_ids: int, lot_ids: int) -> tuple[list[tuple[object, ...]], Prefetched]:
     users = sorted(user_id for user_id, amount in needed.items() if amount > 0)
     rows = connection.exec_driver_sql(_PREFIX, {
         "users": bulk.text_array(users), "needed": "{" + ",".join(str(needed[user]) for user in users) + "}",
-        "keys": bulk.text_array(sorted(set(operation_keys))), "entry_ids": entry_ids,
+        "keys": bulk.text_array(sorted(set(operation_keys))), "entry_ids": entry_ids, "lot_ids": lot_ids,
     }).fetchall()
     lots = [(*row[:5], _utc(row[5]), row[6], _utc(row[7]), row[8]) for row in rows if row[0] is not None]
     extra = next(row for row in rows if row[0] is None)
-    return lots, Prefetched([tuple(operation) for operation in extra[-2] or ()],  # type: ignore[misc]
-                            sorted(extra[-1] or ()))
+    return lots, Prefetched([tuple(operation) for operation in extra[-3] or ()],  # type: ignore[misc]
+                            sorted(extra[-2] or ()), sorted(extra[-1] or ()))
 
 
 def _utc(value: datetime | None) -> datetime | None:

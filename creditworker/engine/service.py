@@ -441,6 +441,7 @@ class CreditService:
         fingerprints = [request.fingerprint() if isinstance(request, Request) else "" for request in requests]
         valid = [request for request in requests if isinstance(request, Request)]
         adding = {request.user_id for request in valid if isinstance(request, AddCredits)}
+        grants = sum(isinstance(request, AddCredits) for request in valid)
         users = {request.user_id for request in valid if isinstance(request, (DeductCredits, ReserveCredits))}
         hold_ids = {request.reservation_id for request in valid
                     if isinstance(request, (CommitReservation, ReleaseReservation))}
@@ -465,7 +466,7 @@ class CreditService:
         def decide(uow: UnitOfWork) -> tuple[list[ResultSource | CreditError], list[tuple[Request, CreditError]]]:
             unborn = uow.lock(users, creating=adding, hold_ids=hold_ids,
                               with_lots=drawing if deducted or commits else False, operation_keys=chosen,
-                              entry_ids=len(valid))
+                              entry_ids=len(valid), lot_ids=grants)
             known = uow.known_operations(chosen)
             results: list[ResultSource | CreditError | None] = [None] * len(requests)
             refused: list[tuple[Request, CreditError]] = []

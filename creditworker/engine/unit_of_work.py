@@ -88,6 +88,9 @@ class UnitOfWork:
         self.entry_ids: list[int] = []
         """Ledger entry ids `lock` took from their sequence, ascending: with enough of them,
         the writer needs no ids back from the database and the commit rides on its statement."""
+        self.lot_ids: list[int] = []
+        """Lot ids `lock` took from their sequence, ascending: with enough of them, new lots
+        go in the writer's statement instead of one of their own."""
 
     @property
     def session(self) -> Session:
@@ -112,7 +115,7 @@ class UnitOfWork:
 
     def lock(self, user_ids: Iterable[str], *, creating: Collection[str] = (), hold_ids: Collection[str] = (),
              with_lots: bool | Callable[[Mapping[str, Hold]], Mapping[str, int]] = False,
-             operation_keys: Collection[str] = (), entry_ids: int = 0) -> set[str]:
+             operation_keys: Collection[str] = (), entry_ids: int = 0, lot_ids: int = 0) -> set[str]:
         """Lock the accounts of `user_ids` and of the holds named, in one sorted query.
 
         Accounts for `creating` are created first where missing (returned: they exist for
@@ -122,8 +125,8 @@ class UnitOfWork:
         function of the holds read that says how much each account may draw at most in
         this unit of work, the lots that come first in the draw-down order until they
         cover that much (`account.load_live_lots`). Where that query can also read the
-        operation rows of `operation_keys` and take `entry_ids` ledger ids (PostgreSQL), it
-        does, for `known_operations` and the writer.
+        operation rows of `operation_keys` and take `entry_ids` ledger ids and `lot_ids` lot
+        ids (PostgreSQL), it does, for `known_operations` and the writer.
         """
         owners = accounts.hold_owners(self.connection, hold_ids)
         created = accounts.create_missing(self.connection, creating, self.at)
@@ -133,10 +136,10 @@ class UnitOfWork:
         if with_lots:
             read = accounts.load_live_lots(self.connection, locked.values(),
                                            None if with_lots is True else with_lots(self.holds),
-                                           operation_keys=operation_keys, entry_ids=entry_ids)
+                                           operation_keys=operation_keys, entry_ids=entry_ids, lot_ids=lot_ids)
             if read is not None:
                 self.operations_read = (frozenset(operation_keys), read.operations)
-                self.entry_ids = read.entry_ids
+                self.entry_ids, self.lot_ids = read.entry_ids, read.lot_ids
         return created
 
     def account(self, user_id: str) -> Account:

@@ -32,8 +32,9 @@ outbox_table = cast(Table, OutboxEvent.__table__)
 def write(uow: UnitOfWork) -> None:
     """Write everything `uow` decided; ids are set on its lots and postings.
 
-    New lots go first (their ids are in the entries, the draws and the events); everything
-    else is one `bulk.Script`, which PostgreSQL gets in one round trip.
+    New lots go first (their ids are in the entries, the draws and the events), in a
+    statement of their own unless the unit took their ids when it read; everything else is
+    one `bulk.Script`, which PostgreSQL gets in one round trip.
     """
     connection = uow.connection
     new_lots: dict[int, Lot] = {}
@@ -49,9 +50,15 @@ def write(uow: UnitOfWork) -> None:
             (changed_holds if posting.hold.stored else new_holds)[posting.hold.id] = posting.hold
 
     fresh = list(new_lots.values())
-    for lot, lot_id in zip(fresh, bulk.insert_returning_ids(connection, lots_table, [_lot_row(lot) for lot in fresh])):
-        lot.id = lot_id
     script = bulk.Script(connection)
+    if fresh and len(uow.lot_ids) >= len(fresh):  # ids taken when the unit read: the lots go in the script
+        for lot, lot_id in zip(fresh, uow.lot_ids):
+            lot.id = lot_id
+        script.insert(lots_table, [{"id": lot.id, **_lot_row(lot)} for lot in fresh])
+    else:
+        for lot, lot_id in zip(fresh, bulk.insert_returning_ids(connection, lots_table,
+                                                                [_lot_row(lot) for lot in fresh])):
+            lot.id = lot_id
     script.delete(accounts_table, "user_id", uow.dropped_accounts)
     script.insert(holds_table, [_hold_row(hold) for hold in new_holds.values()])
     for hold in new_holds.values():
