@@ -31,12 +31,15 @@ lots_table = cast(Table, LotRow.__table__)
 holds_table = cast(Table, HoldRow.__table__)
 
 
-def create_missing(connection: Connection, user_ids: Collection[str], at: datetime) -> set[str]:
+def create_missing(connection: Connection, user_ids: Collection[str], at: datetime,
+                   existing: Collection[str] | None = None) -> set[str]:
     """Create the accounts that do not exist yet (in sorted order, each without racing a
-    concurrent creator); returns those this call created."""
+    concurrent creator); returns those this call created. `existing`: those of `user_ids`
+    already read as existing (`before_lock`), else they are read here."""
     if not user_ids:
         return set()
-    existing = {row[0] for row in bulk.rows_where_in(connection, accounts_table, ("user_id",), "user_id", user_ids)}
+    if existing is None:
+        existing = {row[0] for row in bulk.rows_where_in(connection, accounts_table, ("user_id",), "user_id", user_ids)}
     return {
         user_id for user_id in sorted(set(user_ids) - existing)
         if insert_if_absent(connection, AccountRow, {
@@ -153,6 +156,24 @@ def load_lots(connection: Connection, lot_ids: Collection[int]) -> list[Lot]:
 def hold_owners(connection: Connection, hold_ids: Collection[str]) -> dict[str, str]:
     """The user of each existing hold, read before locking (to know which accounts to lock)."""
     return {row[0]: row[1] for row in bulk.rows_where_in(connection, holds_table, ("id", "user_id"), "id", hold_ids)}
+
+
+_BEFORE_LOCK = (
+    "SELECT id, user_id FROM reservations WHERE id = ANY(CAST(%(holds)s AS text[]))"
+    " UNION ALL SELECT NULL, user_id FROM accounts WHERE user_id = ANY(CAST(%(users)s AS text[]))"
+)
+
+
+def before_lock(connection: Connection, hold_ids: Collection[str], user_ids: Collection[str],
+                ) -> tuple[dict[str, str], set[str] | None]:
+    """`hold_owners`, and which of `user_ids` have an account (for `create_missing`; None: not
+    read). PostgreSQL reads both in one statement when it needs both."""
+    if not hold_ids or not user_ids or connection.dialect.name != "postgresql":
+        return hold_owners(connection, hold_ids), None
+    rows = connection.exec_driver_sql(_BEFORE_LOCK, {
+        "holds": bulk.text_array(sorted(set(hold_ids))), "users": bulk.text_array(sorted(set(user_ids))),
+    }).fetchall()
+    return {row[0]: row[1] for row in rows if row[0] is not None}, {row[1] for row in rows if row[0] is None}
 
 
 HOLD_COLUMNS = ("id", "user_id", "amount", "status", "expires_at", "created_at", "idempotency_key",

@@ -128,8 +128,8 @@ class UnitOfWork:
         operation rows of `operation_keys` and take `entry_ids` ledger ids and `lot_ids` lot
         ids (PostgreSQL), it does, for `known_operations` and the writer.
         """
-        owners = accounts.hold_owners(self.connection, hold_ids)
-        created = accounts.create_missing(self.connection, creating, self.at)
+        owners, existing = accounts.before_lock(self.connection, hold_ids, creating)
+        created = accounts.create_missing(self.connection, creating, self.at, existing)
         locked = accounts.lock(self.connection, {*user_ids, *creating, *owners.values()})
         self.accounts.update(locked)
         self.holds.update(accounts.load_holds(self.connection, owners))
