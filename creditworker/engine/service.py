@@ -41,7 +41,7 @@ from creditworker.contract import (
     parse_batch_item,
 )
 from creditworker.engine import rules, sweeps
-from creditworker.engine.results import entry_record, reservation_record
+from creditworker.engine.results import batch_outcome, entry_record, reservation_record
 from creditworker.engine.transaction import run_transaction
 from creditworker.engine.unit_of_work import (
     ResultSource,
@@ -249,9 +249,8 @@ class CreditService:
                     requests.append(exc)
             outcomes = self._apply(requests, default_keys, aware(now))
             return [
-                BatchOutcome.model_construct(ok=False, result=None, error=outcome.to_dict())
-                if isinstance(outcome, CreditError)
-                else BatchOutcome.model_construct(ok=True, result=outcome, error=None)
+                batch_outcome(False, None, outcome.to_dict()) if isinstance(outcome, CreditError)
+                else batch_outcome(True, outcome, None)
                 for outcome in outcomes
             ]
 
