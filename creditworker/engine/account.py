@@ -12,8 +12,9 @@ lock holder had already drawn.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import Table
 from sqlalchemy.engine import Connection
@@ -30,12 +31,15 @@ lots_table = cast(Table, LotRow.__table__)
 holds_table = cast(Table, HoldRow.__table__)
 
 
-def create_missing(connection: Connection, user_ids: Collection[str], at: datetime) -> set[str]:
+def create_missing(connection: Connection, user_ids: Collection[str], at: datetime,
+                   existing: Collection[str] | None = None) -> set[str]:
     """Create the accounts that do not exist yet (in sorted order, each without racing a
-    concurrent creator); returns those this call created."""
+    concurrent creator); returns those this call created. `existing`: those of `user_ids`
+    already read as existing (`before_lock`), else they are read here."""
     if not user_ids:
         return set()
-    existing = {row[0] for row in bulk.rows_where_in(connection, accounts_table, ("user_id",), "user_id", user_ids)}
+    if existing is None:
+        existing = {row[0] for row in bulk.rows_where_in(connection, accounts_table, ("user_id",), "user_id", user_ids)}
     return {
         user_id for user_id in sorted(set(user_ids) - existing)
         if insert_if_absent(connection, AccountRow, {
@@ -65,49 +69,79 @@ def _lot(row: tuple[object, ...]) -> Lot:
     return lot
 
 
+@dataclass(slots=True)
+class Prefetched:
+    """What the lot query of a unit of work read besides the lots (PostgreSQL)."""
+
+    operations: list[tuple[str, str, str, Any]]
+    """The stored operation rows of the keys asked for: `(key, kind, fingerprint, result)`."""
+    entry_ids: list[int]
+    """Ledger entry ids taken from their sequence for this transaction, ascending."""
+    lot_ids: list[int]
+    """Lot ids taken from their sequence for this transaction, ascending."""
+
+
 def load_live_lots(connection: Connection, accounts: Iterable[Account],
-                   drawing: Mapping[str, int] | None = None) -> None:
+                   drawing: Mapping[str, int] | None = None, *,
+                   operation_keys: Collection[str] = (), entry_ids: int = 0, lot_ids: int = 0,
+                   ) -> Prefetched | None:
     """Give each account its lots with credits left, in the draw-down order (one query).
 
     With `drawing` (at most how much each account's draws may take in this unit of work),
     PostgreSQL sends only the lots that come first in the draw-down order until they cover
     that much: the lots a draw can reach. Lots granted later in the unit of work only add
     to what is there, so the prefix stays enough. Other databases send every live lot.
+
+    In the same statement, PostgreSQL reads the operation rows of `operation_keys` and takes
+    `entry_ids` ids from the ledger's sequence and `lot_ids` from the lots' (after the
+    accounts' lock, so in the order their transactions hold it): round trips saved. None: it did not (other databases, or no
+    `drawing`); the caller reads the operations itself, and the writer gets ids as it inserts.
     """
     wanting = {account.user_id: account for account in accounts if not account.lots_loaded}
-    if not wanting:
-        return
     for account in wanting.values():
         account.lots, account.lots_loaded = [], True
+    prefetched: Prefetched | None = None
     if drawing is not None and bulk.pg_arrays(connection):
-        rows = _lots_prefix(connection, {user_id: max(0, drawing.get(user_id, 0)) for user_id in wanting})
-    else:
+        rows, prefetched = _lots_prefix(connection, {user_id: max(0, drawing.get(user_id, 0)) for user_id in wanting},
+                                        operation_keys, entry_ids, lot_ids)
+    elif wanting:
         rows = bulk.rows_where_in(connection, lots_table, LOT_COLUMNS, "user_id", wanting, where="remaining > 0")
+    else:
+        return None
     for row in rows:
         wanting[row[1]].lots.append(_lot(row))  # type: ignore[index]
     for account in wanting.values():
         if len(account.lots) > 1:
             account.lots.sort(key=draw_order)
+    return prefetched
 
 
 _PREFIX = (
-    "SELECT {columns} FROM (SELECT l.*, n.needed, sum(l.remaining) OVER (PARTITION BY l.user_id"
-    " ORDER BY l.priority, l.expires_at IS NULL, l.expires_at, l.id) - l.remaining AS before"
-    " FROM credit_lots l JOIN unnest(CAST(%(users)s AS text[]), CAST(%(needed)s AS bigint[])) AS n(user_id, needed)"
-    " ON l.user_id = n.user_id WHERE l.remaining > 0) x WHERE x.before < x.needed"
-).format(columns=", ".join(LOT_COLUMNS))
+    "SELECT {columns}, NULL::json, NULL::bigint[], NULL::bigint[] FROM (SELECT l.*, n.needed, sum(l.remaining) OVER"
+    " (PARTITION BY l.user_id ORDER BY l.priority, l.expires_at IS NULL, l.expires_at, l.id) - l.remaining"
+    " AS before FROM credit_lots l JOIN unnest(CAST(%(users)s AS text[]), CAST(%(needed)s AS bigint[]))"
+    " AS n(user_id, needed) ON l.user_id = n.user_id WHERE l.remaining > 0) x WHERE x.before < x.needed"
+    " UNION ALL SELECT {nulls}, (SELECT json_agg(json_build_array(o.idempotency_key, o.kind, o.fingerprint,"
+    " o.result)) FROM operations o WHERE o.idempotency_key = ANY(CAST(%(keys)s AS text[]))),"
+    " (SELECT array_agg(nextval('ledger_entries_id_seq')) FROM generate_series(1, %(entry_ids)s)),"
+    " (SELECT array_agg(nextval('credit_lots_id_seq')) FROM generate_series(1, %(lot_ids)s))"
+).format(columns=", ".join(LOT_COLUMNS), nulls=", ".join("NULL" for _ in LOT_COLUMNS))
 """The lots in draw-down order (as `rules.draw_order` sorts them) whose credits before them
-do not cover what the account may draw."""
+do not cover what the account may draw; then one row whose lot columns are NULL, with the
+operation rows stored for the given keys (JSON), the new entry ids and the new lot ids."""
 
 
-def _lots_prefix(connection: Connection, needed: Mapping[str, int]) -> list[tuple[object, ...]]:
+def _lots_prefix(connection: Connection, needed: Mapping[str, int], operation_keys: Collection[str],
+                 entry_ids: int, lot_ids: int) -> tuple[list[tuple[object, ...]], Prefetched]:
     users = sorted(user_id for user_id, amount in needed.items() if amount > 0)
-    if not users:
-        return []
     rows = connection.exec_driver_sql(_PREFIX, {
         "users": bulk.text_array(users), "needed": "{" + ",".join(str(needed[user]) for user in users) + "}",
+        "keys": bulk.text_array(sorted(set(operation_keys))), "entry_ids": entry_ids, "lot_ids": lot_ids,
     }).fetchall()
-    return [(*row[:5], _utc(row[5]), row[6], _utc(row[7]), row[8]) for row in rows]
+    lots = [(*row[:5], _utc(row[5]), row[6], _utc(row[7]), row[8]) for row in rows if row[0] is not None]
+    extra = next(row for row in rows if row[0] is None)
+    return lots, Prefetched([tuple(operation) for operation in extra[-3] or ()],  # type: ignore[misc]
+                            sorted(extra[-2] or ()), sorted(extra[-1] or ()))
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -122,6 +156,24 @@ def load_lots(connection: Connection, lot_ids: Collection[int]) -> list[Lot]:
 def hold_owners(connection: Connection, hold_ids: Collection[str]) -> dict[str, str]:
     """The user of each existing hold, read before locking (to know which accounts to lock)."""
     return {row[0]: row[1] for row in bulk.rows_where_in(connection, holds_table, ("id", "user_id"), "id", hold_ids)}
+
+
+_BEFORE_LOCK = (
+    "SELECT id, user_id FROM reservations WHERE id = ANY(CAST(%(holds)s AS text[]))"
+    " UNION ALL SELECT NULL, user_id FROM accounts WHERE user_id = ANY(CAST(%(users)s AS text[]))"
+)
+
+
+def before_lock(connection: Connection, hold_ids: Collection[str], user_ids: Collection[str],
+                ) -> tuple[dict[str, str], set[str] | None]:
+    """`hold_owners`, and which of `user_ids` have an account (for `create_missing`; None: not
+    read). PostgreSQL reads both in one statement when it needs both."""
+    if not hold_ids or not user_ids or not bulk.pg_arrays(connection):
+        return hold_owners(connection, hold_ids), None
+    rows = connection.exec_driver_sql(_BEFORE_LOCK, {
+        "holds": bulk.text_array(sorted(set(hold_ids))), "users": bulk.text_array(sorted(set(user_ids))),
+    }).fetchall()
+    return {row[0]: row[1] for row in rows if row[0] is not None}, {row[1] for row in rows if row[0] is None}
 
 
 HOLD_COLUMNS = ("id", "user_id", "amount", "status", "expires_at", "created_at", "idempotency_key",

@@ -13,6 +13,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
+from creditworker.contract import BatchOutcome
 from creditworker.engine.rules import Hold, Posting
 
 
@@ -91,3 +92,20 @@ def reservation_record(hold: Hold) -> dict[str, Any]:
         "committed_amount": hold.committed_amount,
         "idempotency_key": hold.idempotency_key,
     }
+
+
+_OUTCOME_FIELDS = ("ok", "result", "error")
+_new_outcome = BatchOutcome.__new__
+_set = object.__setattr__
+
+
+def batch_outcome(ok: bool, result: dict[str, Any] | None, error: dict[str, Any] | None) -> BatchOutcome:
+    """A `BatchOutcome` of values already checked, as `model_construct` makes it (its four
+    slots set), without `model_construct`'s pass over the fields: 0.7 us where that took
+    3 us, a fifth of a batch item's Python time."""
+    outcome = _new_outcome(BatchOutcome)
+    _set(outcome, "__dict__", {"ok": ok, "result": result, "error": error})
+    _set(outcome, "__pydantic_fields_set__", set(_OUTCOME_FIELDS))
+    _set(outcome, "__pydantic_extra__", None)
+    _set(outcome, "__pydantic_private__", None)
+    return outcome

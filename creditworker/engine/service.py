@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 from sqlalchemy import func, select
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session
 
 from creditworker import ledger_records
@@ -43,7 +43,8 @@ from creditworker.contract import (
     parse_batch_item,
 )
 from creditworker.engine import rules, sweeps
-from creditworker.engine.results import entry_record, reservation_record
+from creditworker.engine.results import batch_outcome, entry_record, reservation_record
+from creditworker.engine.transaction import run_transaction
 from creditworker.engine.unit_of_work import (
     ResultSource,
     StoredOperation,
@@ -59,7 +60,7 @@ from creditworker.errors import (
     ValidationFailed,
 )
 from creditworker.ledger_file import LedgerFile
-from creditworker.storage.database import make_engine, run_transaction
+from creditworker.storage.database import make_engine
 from creditworker.storage.tables import Account, Entry, Hold, Lot
 
 if TYPE_CHECKING:
@@ -261,9 +262,8 @@ class CreditService:
             self._log_errors(unreadable)
             outcomes = self._apply(requests, default_keys, aware(now))
             return [
-                BatchOutcome.model_construct(ok=False, result=None, error=outcome.to_dict())
-                if isinstance(outcome, CreditError)
-                else BatchOutcome.model_construct(ok=True, result=outcome, error=None)
+                batch_outcome(False, None, outcome.to_dict()) if isinstance(outcome, CreditError)
+                else batch_outcome(True, outcome, None)
                 for outcome in outcomes
             ]
 
@@ -416,10 +416,11 @@ class CreditService:
         """
         at = aware(now)
 
-        def work(session: Session) -> tuple[T, UnitOfWork]:
-            uow = UnitOfWork(session, at, low_credit_threshold=self.low_credit_threshold)
+        def work(connection: Connection) -> tuple[T, UnitOfWork]:
+            uow = UnitOfWork(connection, at, low_credit_threshold=self.low_credit_threshold)
             value = decide(uow)
             write(uow)
+            uow.flush()
             return value, uow
 
         with collector_paused():
@@ -479,6 +480,7 @@ class CreditService:
         fingerprints = [request.fingerprint() if isinstance(request, Request) else "" for request in requests]
         valid = [request for request in requests if isinstance(request, Request)]
         adding = {request.user_id for request in valid if isinstance(request, AddCredits)}
+        grants = sum(isinstance(request, AddCredits) for request in valid)
         users = {request.user_id for request in valid if isinstance(request, (DeductCredits, ReserveCredits))}
         hold_ids = {request.reservation_id for request in valid
                     if isinstance(request, (CommitReservation, ReleaseReservation))}
@@ -502,7 +504,8 @@ class CreditService:
 
         def decide(uow: UnitOfWork) -> tuple[list[ResultSource | CreditError], list[tuple[Request, CreditError]]]:
             unborn = uow.lock(users, creating=adding, hold_ids=hold_ids,
-                              with_lots=drawing if deducted or commits else False)
+                              with_lots=drawing if deducted or commits else False, operation_keys=chosen,
+                              entry_ids=len(valid), lot_ids=grants)
             known = uow.known_operations(chosen)
             results: list[ResultSource | CreditError | None] = [None] * len(requests)
             refused: list[tuple[Request, CreditError]] = []

@@ -69,9 +69,9 @@ ENTRY_COLUMNS = ("id", "user_id", "kind", "amount", "held", "balance_after", "re
 class UnitOfWork:
     """What one transaction decided, for the writer to write in one go."""
 
-    def __init__(self, session: Session, at: datetime, *, low_credit_threshold: int | None = None) -> None:
-        self.session = session
-        self.connection: Connection = session.connection()
+    def __init__(self, connection: Connection, at: datetime, *, low_credit_threshold: int | None = None) -> None:
+        self.connection = connection
+        self._session: Session | None = None
         self.at = at
         self.low_credit_threshold = low_credit_threshold
         self.accounts: dict[str, Account] = {}
@@ -83,11 +83,39 @@ class UnitOfWork:
         self.dropped_accounts: set[str] = set()
         self.row_updates: dict[tuple[Table, str], list[dict[str, Any]]] = {}
         self.commit_hooks: list[Callable[[], None]] = []
+        self.operations_read: tuple[frozenset[str], list[tuple[str, str, str, Any]]] | None = None
+        """The operation rows `lock` read with the lots, and for which keys."""
+        self.entry_ids: list[int] = []
+        """Ledger entry ids `lock` took from their sequence, ascending: with enough of them,
+        the writer needs no ids back from the database and the commit rides on its statement."""
+        self.lot_ids: list[int] = []
+        """Lot ids `lock` took from their sequence, ascending: with enough of them, new lots
+        go in the writer's statement instead of one of their own."""
+
+    @property
+    def session(self) -> Session:
+        """An ORM session in this transaction, for the code that works with ORM rows (plans and
+        subscriptions); made on first use, since the credit operations need none. It joins the
+        connection's transaction, and neither commits nor rolls it back."""
+        if self._session is None:
+            self._session = Session(bind=self.connection, expire_on_commit=False, autoflush=False)
+        return self._session
+
+    @property
+    def uses_orm(self) -> bool:
+        return self._session is not None
+
+    def flush(self) -> None:
+        """Send what the ORM session still holds (before the transaction commits)."""
+        if self._session is not None:
+            self._session.flush()
+            self._session.close()
 
     # ------------------------------------------------------------------ reading
 
     def lock(self, user_ids: Iterable[str], *, creating: Collection[str] = (), hold_ids: Collection[str] = (),
-             with_lots: bool | Callable[[Mapping[str, Hold]], Mapping[str, int]] = False) -> set[str]:
+             with_lots: bool | Callable[[Mapping[str, Hold]], Mapping[str, int]] = False,
+             operation_keys: Collection[str] = (), entry_ids: int = 0, lot_ids: int = 0) -> set[str]:
         """Lock the accounts of `user_ids` and of the holds named, in one sorted query.
 
         Accounts for `creating` are created first where missing (returned: they exist for
@@ -96,16 +124,22 @@ class UnitOfWork:
         loads the live lots of the locked accounts, for draws: all of them, or, given a
         function of the holds read that says how much each account may draw at most in
         this unit of work, the lots that come first in the draw-down order until they
-        cover that much (`account.load_live_lots`).
+        cover that much (`account.load_live_lots`). Where that query can also read the
+        operation rows of `operation_keys` and take `entry_ids` ledger ids and `lot_ids` lot
+        ids (PostgreSQL), it does, for `known_operations` and the writer.
         """
-        owners = accounts.hold_owners(self.connection, hold_ids)
-        created = accounts.create_missing(self.connection, creating, self.at)
+        owners, existing = accounts.before_lock(self.connection, hold_ids, creating)
+        created = accounts.create_missing(self.connection, creating, self.at, existing)
         locked = accounts.lock(self.connection, {*user_ids, *creating, *owners.values()})
         self.accounts.update(locked)
         self.holds.update(accounts.load_holds(self.connection, owners))
         if with_lots:
-            accounts.load_live_lots(self.connection, locked.values(),
-                                    None if with_lots is True else with_lots(self.holds))
+            read = accounts.load_live_lots(self.connection, locked.values(),
+                                           None if with_lots is True else with_lots(self.holds),
+                                           operation_keys=operation_keys, entry_ids=entry_ids, lot_ids=lot_ids)
+            if read is not None:
+                self.operations_read = (frozenset(operation_keys), read.operations)
+                self.entry_ids, self.lot_ids = read.entry_ids, read.lot_ids
         return created
 
     def account(self, user_id: str) -> Account:
@@ -123,10 +157,14 @@ class UnitOfWork:
         return hold
 
     def known_operations(self, keys: Collection[str]) -> dict[str, StoredOperation]:
-        """The operation rows already stored for `keys` (one query)."""
-        known = {row[0]: StoredOperation(row[1], row[2], row[3]) for row in bulk.rows_where_in(
-            self.connection, operations_table, ("idempotency_key", "kind", "fingerprint", "result"),
-            "idempotency_key", keys)}
+        """The operation rows already stored for `keys` (one query, or none if `lock` read them)."""
+        if self.operations_read is not None and self.operations_read[0].issuperset(keys):
+            wanted = set(keys)
+            rows = [row for row in self.operations_read[1] if row[0] in wanted]
+        else:
+            rows = bulk.rows_where_in(self.connection, operations_table,
+                                      ("idempotency_key", "kind", "fingerprint", "result"), "idempotency_key", keys)
+        known = {row[0]: StoredOperation(row[1], row[2], row[3]) for row in rows}
         referencing = {entry_id: operation for operation in known.values()
                        if (entry_id := referenced_entry(operation.result)) is not None}
         for row in bulk.rows_where_in(self.connection, entries_table, ENTRY_COLUMNS, "id", referencing):

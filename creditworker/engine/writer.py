@@ -10,13 +10,15 @@ id), outbox events. A single operation is a unit of one; a batch of a thousand t
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Table
 
 from creditworker.engine.account import accounts_table, holds_table, lots_table
 from creditworker.engine.rules import Hold, Lot, Posting
-from creditworker.engine.unit_of_work import UnitOfWork
+from creditworker.engine.transaction import commit_with_next_statement
+from creditworker.engine.unit_of_work import OperationRecord, UnitOfWork
 from creditworker.events import _Event
 from creditworker.outbox import event_row
 from creditworker.storage import bulk
@@ -30,8 +32,9 @@ outbox_table = cast(Table, OutboxEvent.__table__)
 def write(uow: UnitOfWork) -> None:
     """Write everything `uow` decided; ids are set on its lots and postings.
 
-    New lots go first (their ids are in the entries, the draws and the events); everything
-    else is one `bulk.Script`, which PostgreSQL gets in one round trip.
+    New lots go first (their ids are in the entries, the draws and the events), in a
+    statement of their own unless the unit took their ids when it read; everything else is
+    one `bulk.Script`, which PostgreSQL gets in one round trip.
     """
     connection = uow.connection
     new_lots: dict[int, Lot] = {}
@@ -47,9 +50,15 @@ def write(uow: UnitOfWork) -> None:
             (changed_holds if posting.hold.stored else new_holds)[posting.hold.id] = posting.hold
 
     fresh = list(new_lots.values())
-    for lot, lot_id in zip(fresh, bulk.insert_returning_ids(connection, lots_table, [_lot_row(lot) for lot in fresh])):
-        lot.id = lot_id
     script = bulk.Script(connection)
+    if fresh and len(uow.lot_ids) >= len(fresh):  # ids taken when the unit read: the lots go in the script
+        for lot, lot_id in zip(fresh, uow.lot_ids):
+            lot.id = lot_id
+        script.insert(lots_table, [{"id": lot.id, **_lot_row(lot)} for lot in fresh])
+    else:
+        for lot, lot_id in zip(fresh, bulk.insert_returning_ids(connection, lots_table,
+                                                                [_lot_row(lot) for lot in fresh])):
+            lot.id = lot_id
     script.delete(accounts_table, "user_id", uow.dropped_accounts)
     script.insert(holds_table, [_hold_row(hold) for hold in new_holds.values()])
     for hold in new_holds.values():
@@ -71,20 +80,39 @@ def write(uow: UnitOfWork) -> None:
     script.insert(outbox_table, [event_row(_built(event)) for event in uow.events])
     for (table, key), rows in uow.row_updates.items():
         script.update(table, key, rows)
+    if len(uow.entry_ids) >= len(uow.postings) and uow.postings and not uow.uses_orm:
+        _finish_with_known_ids(uow, script)
+        return
     position = {id(posting): index for index, posting in enumerate(uow.postings)}
     entry_ids = script.finish(
         entries_table, [_entry_row(posting, script.pg) for posting in uow.postings],
         referencing=operations_table, reference="result", reference_key="entry_id",
-        referencing_rows=[
-            {"idempotency_key": record.key, "kind": record.kind, "fingerprint": record.fingerprint,
-             "user_id": record.user_id, "result": None if record.references_entry else record.source,
-             "created_at": at}
-            for record in uow.operations
-        ],
+        referencing_rows=[_operation_row(record, None if record.references_entry else record.source, at)
+                          for record in uow.operations],
         positions=[position[id(record.source)] if record.references_entry else None for record in uow.operations],
     )
     for posting, entry_id in zip(uow.postings, entry_ids):
         posting.id = entry_id
+
+
+def _finish_with_known_ids(uow: UnitOfWork, script: bulk.Script) -> None:
+    """The entries get the ids the unit took from their sequence when it read (PostgreSQL):
+    the script needs nothing back, so the transaction's COMMIT goes out with it."""
+    for posting, entry_id in zip(uow.postings, uow.entry_ids):
+        posting.id = entry_id
+    script.insert(entries_table, [{"id": posting.id, **_entry_row(posting, script.pg)} for posting in uow.postings])
+    script.insert(operations_table, [
+        _operation_row(record, bulk.Json(f'{{"entry_id": {record.source.id}}}') if isinstance(record.source, Posting)
+                       else record.source, uow.at)
+        for record in uow.operations
+    ])
+    commit_with_next_statement(uow.connection)
+    script.finish(entries_table, [])
+
+
+def _operation_row(record: OperationRecord, result: Any, at: datetime) -> dict[str, Any]:
+    return {"idempotency_key": record.key, "kind": record.kind, "fingerprint": record.fingerprint,
+            "user_id": record.user_id, "result": result, "created_at": at}
 
 
 def _entry_row(posting: Posting, pg: bool) -> dict[str, Any]:

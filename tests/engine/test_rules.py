@@ -196,3 +196,16 @@ def test_records_match_the_models_dump() -> None:
     assert entry_record(posting) == LedgerEntry.model_validate(entry_record(posting)).model_dump(mode="json")
     hold = held(holder, 3)
     assert reservation_record(hold) == Reservation.model_validate(reservation_record(hold)).model_dump(mode="json")
+
+
+def test_a_batch_outcome_is_what_model_construct_makes() -> None:
+    from creditworker.contract import BatchOutcome
+    from creditworker.engine.results import batch_outcome
+
+    for ok, result, error in ((True, {"id": 1}, None), (False, None, {"code": "invalid_input"})):
+        made, constructed = batch_outcome(ok, result, error), BatchOutcome.model_construct(ok=ok, result=result, error=error)
+        assert made == constructed == BatchOutcome(ok=ok, result=result, error=error)
+        assert made.model_fields_set == constructed.model_fields_set
+        assert made.model_dump_json() == constructed.model_dump_json()
+        assert repr(made) == repr(constructed)
+        assert made.model_copy(update={"ok": not ok}).ok is not ok

@@ -1,0 +1,156 @@
+"""The engine's transactions: one Core connection, and on PostgreSQL no round trip for BEGIN.
+
+psycopg2 opens a transaction with a `BEGIN` of its own, a round trip before the first
+statement (one of the five a batch of deducts made). Here the connection runs in autocommit
+mode, where psycopg2 sends nothing of its own, and the engine opens the transaction itself:
+`BEGIN` goes out as the first words of the transaction's first statement, whichever that is
+(the lock, a hold's owner, an ORM query of the subscriptions), and `COMMIT` after `work`
+returned, or as the last words of the statement that `commit_with_next_statement` names
+(the writer's, when it needs no result back). Whatever happens in between, a transaction still open on the connection (libpq
+knows, without asking the server) is rolled back, or the connection is thrown away, before
+the pool gets it back. Other databases and drivers use SQLAlchemy's transaction as usual.
+
+Like `storage.database.run_transaction`, the whole of `work` reruns on deadlocks and
+serialization failures, and once on an IntegrityError (two requests racing for one new key).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from creditworker.storage.database import MAX_TRANSACTION_ATTEMPTS, is_retryable_conflict
+
+T = TypeVar("T")
+
+BEGIN = "BEGIN ISOLATION LEVEL READ COMMITTED;\n"
+COMMIT = ";\nCOMMIT"
+_STATE = "creditworker.transaction"
+"""In a connection's `info`, where its engine-run transaction is: one of the four below."""
+_PENDING, _OPEN, _COMMITTED = "BEGIN pending", "open", "committed"
+_ONE_STATEMENT, _COMMIT_NEXT = "BEGIN pending, COMMIT next", "COMMIT next"
+
+_folding: weakref.WeakSet[Engine] = weakref.WeakSet()
+_folding_lock = threading.Lock()
+
+
+def run_transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
+    """Run `work` in one transaction on a Core connection; rerun it on conflicts.
+
+    `work` must be safe to rerun from scratch: everything it did is rolled back first.
+    """
+    fold = engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg2"
+    if fold:
+        _fold_begin(engine)
+    integrity_retries = 0
+    for attempt in range(1, MAX_TRANSACTION_ATTEMPTS + 1):
+        try:
+            return _folded(engine, work) if fold else _plain(engine, work)
+        except IntegrityError:
+            integrity_retries += 1
+            if integrity_retries > 1:
+                raise
+        except DBAPIError as exc:
+            if not is_retryable_conflict(exc) or attempt == MAX_TRANSACTION_ATTEMPTS:
+                raise
+            time.sleep(random.uniform(0, 0.005 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+def _plain(engine: Engine, work: Callable[[Connection], T]) -> T:
+    with engine.begin() as connection:
+        return work(connection)
+
+
+def _folded(engine: Engine, work: Callable[[Connection], T]) -> T:
+    with engine.connect() as connection:
+        dbapi_connection: Any = connection.connection.dbapi_connection
+        level = _autocommit(dbapi_connection)
+        info = connection.info
+        info[_STATE] = _PENDING
+        try:
+            with connection.begin():  # SQLAlchemy's own bookkeeping: psycopg2 sends nothing for it
+                value = work(connection)
+                if info[_STATE] in (_OPEN, _COMMIT_NEXT):  # BEGIN went out, COMMIT did not
+                    info[_STATE] = None
+                    connection.exec_driver_sql("COMMIT")
+            return value
+        finally:
+            info.pop(_STATE, None)
+            _end_open_transaction(connection, dbapi_connection, level)
+
+
+def commit_with_next_statement(connection: Connection) -> bool:
+    """Have the next statement on `connection` end with COMMIT, if this module runs its
+    transaction (else False: the caller's transaction commits as usual). Nothing may run on
+    the connection after that statement, and its result is COMMIT's: it returns no rows."""
+    info = connection.info
+    if info.get(_STATE) not in (_PENDING, _OPEN):
+        return False
+    info[_STATE] = _COMMIT_NEXT if info[_STATE] == _OPEN else _ONE_STATEMENT
+    return True
+
+
+def _autocommit(dbapi_connection: Any) -> Any:
+    """Switch psycopg2 to autocommit mode without a round trip; returns what to restore.
+
+    Not SQLAlchemy's AUTOCOMMIT isolation level, nor psycopg2's `autocommit` alone: leaving
+    autocommit mode with an isolation level set (the engine sets READ COMMITTED) makes
+    psycopg2 send `SET default_transaction_isolation TO DEFAULT`. Outside autocommit mode it
+    only notes a level (for its next BEGIN), so the level is cleared first and restored
+    after; the engine's own BEGIN names it."""
+    level = dbapi_connection.isolation_level
+    dbapi_connection.isolation_level = None
+    dbapi_connection.autocommit = True
+    return level
+
+
+def _end_open_transaction(connection: Connection, dbapi_connection: Any, level: Any) -> None:
+    """Roll back what a failure left open and hand psycopg2 its transactions back; a
+    connection that cannot is not reused."""
+    if connection.invalidated or dbapi_connection.closed:
+        return
+    try:
+        if dbapi_connection.info.transaction_status != 0:  # not psycopg2.extensions.TRANSACTION_STATUS_IDLE
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("ROLLBACK")
+        dbapi_connection.autocommit = False
+        dbapi_connection.isolation_level = level
+    except Exception:  # noqa: BLE001 - whatever went wrong, the connection must not go back as it is
+        connection.invalidate()
+
+
+def _fold_begin(engine: Engine) -> None:
+    """Once per engine: a statement on a connection whose transaction is pending opens it."""
+    if engine in _folding:
+        return
+    with _folding_lock:
+        if engine in _folding:
+            return
+
+        @event.listens_for(engine, "before_cursor_execute", retval=True)
+        def _begin_with_first_statement(connection: Connection, cursor: Any, statement: str, parameters: Any,
+                                        _context: Any, executemany: bool) -> tuple[str, Any]:
+            state = connection.info.get(_STATE)
+            if state is None or state == _OPEN:
+                return statement, parameters
+            if state == _COMMITTED:  # it would run outside any transaction
+                raise RuntimeError("a statement after the engine's transaction committed")
+            begin, commit = state in (_PENDING, _ONE_STATEMENT), state in (_COMMIT_NEXT, _ONE_STATEMENT)
+            if executemany:  # would be repeated for every row
+                if commit:
+                    raise RuntimeError("COMMIT cannot ride on an executemany")
+                cursor.execute(BEGIN)
+                begin = False
+            connection.info[_STATE] = _COMMITTED if commit else _OPEN
+            return (BEGIN if begin else "") + statement + (COMMIT if commit else ""), parameters
+
+        _folding.add(engine)
