@@ -16,18 +16,15 @@ serialization failures, and once on an IntegrityError (two requests racing for o
 
 from __future__ import annotations
 
-import random
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from creditworker.storage.database import MAX_TRANSACTION_ATTEMPTS, is_retryable_conflict
+from creditworker.storage.database import rerun_on_conflict
 
 T = TypeVar("T")
 
@@ -50,19 +47,7 @@ def run_transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
     fold = engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg2"
     if fold:
         _fold_begin(engine)
-    integrity_retries = 0
-    for attempt in range(1, MAX_TRANSACTION_ATTEMPTS + 1):
-        try:
-            return _folded(engine, work) if fold else _plain(engine, work)
-        except IntegrityError:
-            integrity_retries += 1
-            if integrity_retries > 1:
-                raise
-        except DBAPIError as exc:
-            if not is_retryable_conflict(exc) or attempt == MAX_TRANSACTION_ATTEMPTS:
-                raise
-            time.sleep(random.uniform(0, 0.005 * 2**attempt))
-    raise AssertionError("unreachable")
+    return rerun_on_conflict(lambda: _folded(engine, work) if fold else _plain(engine, work))
 
 
 def _plain(engine: Engine, work: Callable[[Connection], T]) -> T:

@@ -192,28 +192,40 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def run_transaction(engine: Engine, work: Callable[[Session], T]) -> T:
-    """Run `work` in one transaction, rerunning it on deadlocks and unique-key races.
+def rerun_on_conflict(attempt: Callable[[], T]) -> T:
+    """Call `attempt` (one whole transaction) again on deadlocks, serialization failures and
+    unique-key races: the one place this policy lives (both transaction runners use it).
 
-    `work` must be safe to rerun from scratch: everything it did is rolled back first.
     An IntegrityError is retried once because two requests racing for the same new
     idempotency key end that way; the rerun finds the winner's row and replays it.
     """
     integrity_retries = 0
-    for attempt in range(1, MAX_TRANSACTION_ATTEMPTS + 1):
+    for number in range(1, MAX_TRANSACTION_ATTEMPTS + 1):
         try:
-            with Session(engine, expire_on_commit=False, autoflush=False) as session:
-                with session.begin():
-                    return work(session)
+            return attempt()
         except IntegrityError:
             integrity_retries += 1
             if integrity_retries > 1:
                 raise
         except DBAPIError as exc:
-            if not is_retryable_conflict(exc) or attempt == MAX_TRANSACTION_ATTEMPTS:
+            if not is_retryable_conflict(exc) or number == MAX_TRANSACTION_ATTEMPTS:
                 raise
-            time.sleep(random.uniform(0, 0.005 * 2**attempt))
+            time.sleep(random.uniform(0, 0.005 * 2**number))
     raise AssertionError("unreachable")
+
+
+def run_transaction(engine: Engine, work: Callable[[Session], T]) -> T:
+    """Run `work` in one ORM session's transaction, rerun on conflicts (`rerun_on_conflict`).
+
+    `work` must be safe to rerun from scratch: everything it did is rolled back first.
+    """
+
+    def attempt() -> T:
+        with Session(engine, expire_on_commit=False, autoflush=False) as session:
+            with session.begin():
+                return work(session)
+
+    return rerun_on_conflict(attempt)
 
 
 def insert_if_absent(
