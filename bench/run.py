@@ -43,6 +43,8 @@ from sqlalchemy.engine import make_url
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from plain_celery import QUEUE as PLAIN_QUEUE  # noqa: E402
+
 from creditworker.audit import audit  # noqa: E402
 from creditworker.engine import CreditService, SubscriptionService  # noqa: E402
 from creditworker.operations import DEDUCT, PING  # noqa: E402
@@ -51,7 +53,6 @@ from creditworker.storage.database import make_engine  # noqa: E402
 from creditworker.storage.migrate import upgrade  # noqa: E402
 from creditworker.worker import commands  # noqa: E402
 from producers import CreditClient  # noqa: E402
-from plain_celery import QUEUE as PLAIN_QUEUE  # noqa: E402
 
 POSTGRES = os.environ.get(
     "CREDITWORKER_BENCH_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"

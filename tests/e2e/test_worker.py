@@ -17,8 +17,8 @@ from kombu import Connection
 from creditworker.errors import (
     IdempotencyConflict,
     InsufficientCredits,
-    ServiceUnavailable,
     ReservationNotActive,
+    ServiceUnavailable,
     UnknownReservation,
     UnknownUser,
     ValidationFailed,

@@ -1,16 +1,16 @@
 """ledger records: refused operations (error) and sweep runs (system) in the database
 
-
 Revision ID: 0007
 Revises: 0006
 Create Date: 2026-11-25 19:50:17.086188
 """
 from __future__ import annotations
 
-from alembic import op
 import sqlalchemy as sa
-import creditworker.storage.tables
+from alembic import op
 from sqlalchemy.dialects import mysql
+
+import creditworker.storage.tables
 
 revision = '0007'
 down_revision = '0006'
