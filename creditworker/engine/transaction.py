@@ -10,8 +10,9 @@ returned, or as the last words of the statement that `commit_with_next_statement
 knows, without asking the server) is rolled back, or the connection is thrown away, before
 the pool gets it back. Other databases and drivers use SQLAlchemy's transaction as usual.
 
-Like `storage.database.run_transaction`, the whole of `work` reruns on deadlocks and
-serialization failures, and once on an IntegrityError (two requests racing for one new key).
+The whole of `work` reruns under the one retry policy, `storage.database.rerun_on_conflict`:
+on deadlocks and serialization failures, and once on an IntegrityError (two requests racing
+for one new key).
 """
 
 from __future__ import annotations

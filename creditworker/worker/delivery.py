@@ -2,7 +2,7 @@
 
 Two layers, and only two:
 
-1. Within one delivery, `run_transaction` (storage/database.py) reruns a transaction that
+1. Within one delivery, `rerun_on_conflict` (storage/database.py) reruns a transaction that
    lost a deadlock, a serialization failure or a lock timeout: at once, with a few
    milliseconds of jitter, up to `MAX_TRANSACTION_ATTEMPTS` (8) times. Conflicts clear in
    milliseconds, so this is where they are retried.
