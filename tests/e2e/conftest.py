@@ -231,6 +231,17 @@ def redis_worker_process(
 
 
 @pytest.fixture(scope="module")
+def ungathered_worker(
+    tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_url: str,
+    migrated_engines: dict[str, Engine],
+) -> Iterator[RunningWorker]:
+    """A worker on Redis that runs each message alone (`CREDITWORKER_GATHER_MAX=1`)."""
+    yield from running_on_redis(
+        tmp_path_factory, postgres_url, redis_url, 6, migrated_engines, CREDITWORKER_GATHER_MAX="1",
+    )
+
+
+@pytest.fixture(scope="module")
 def rabbitmq_worker_process(
     tmp_path_factory: pytest.TempPathFactory, postgres_url: str, rabbitmq_url: str,
     redis_url: str, migrated_engines: dict[str, Engine],

@@ -12,26 +12,15 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from creditworker.errors import IdempotencyConflict, InsufficientCredits, UnknownUser
-from tests.e2e.conftest import RunningWorker, running_on_redis
+from tests.e2e.conftest import RunningWorker
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def ungathered_worker(
-    tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_url: str,
-    migrated_engines: dict[str, Engine],
-) -> Iterator[RunningWorker]:
-    yield from running_on_redis(
-        tmp_path_factory, postgres_url, redis_url, 6, migrated_engines, CREDITWORKER_GATHER_MAX="1"
-    )
 
 
 def transactions(worker: RunningWorker, *user_ids: str) -> int:

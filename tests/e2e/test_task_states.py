@@ -8,26 +8,14 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
-from sqlalchemy.engine import Engine
 
-from tests.e2e.conftest import RunningWorker, running_on_redis
+from tests.e2e.conftest import RunningWorker
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def ungathered_worker(
-    tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_url: str,
-    migrated_engines: dict[str, Engine],
-) -> Iterator[RunningWorker]:
-    yield from running_on_redis(
-        tmp_path_factory, postgres_url, redis_url, 10, migrated_engines, CREDITWORKER_GATHER_MAX="1",
-    )
 
 
 def published_states(worker: RunningWorker, send: Any) -> list[str]:
