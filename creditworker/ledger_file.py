@@ -10,7 +10,7 @@ import json
 import os
 import threading
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +30,10 @@ class LedgerFile:
         """Entries already in JSON form (`LedgerEntry.model_dump(mode="json")`)."""
         self._append({"record": "entry", **entry} for entry in entries)
 
-    def write_error(
-        self, operation: str, request: dict[str, Any], error: CreditError
-    ) -> None:
-        self._append(
-            [
-                {
-                    "record": "error",
-                    "operation": operation,
-                    "request": request,
-                    "error": error.to_dict(),
-                    "at": datetime.now(timezone.utc).isoformat(),
-                }
-            ]
-        )
+    def write_errors(self, refused: Iterable[tuple[str, dict[str, Any], CreditError]], at: datetime) -> None:
+        """Refused operations (operation name, request as JSON, error), in one append."""
+        self._append({"record": "error", "operation": operation, "request": request,
+                      "error": error.to_dict(), "at": at.isoformat()} for operation, request, error in refused)
 
     def write_system(self, operation: str, counts: dict[str, Any], at: datetime) -> None:
         """What a sweep run did (its counts)."""

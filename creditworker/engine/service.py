@@ -608,17 +608,17 @@ class CreditService:
         if not refused:
             return
         at = utcnow()
+        jsonable = [(operation, _jsonable(request), error) for operation, request, error in refused]
         records = []
-        for operation, request, error in refused:
-            jsonable = _jsonable(request)
-            user_id = jsonable.get("user_id")
+        for operation, request, error in jsonable:
+            user_id = request.get("user_id")
             records.append({
                 "kind": "error", "operation": operation, "code": error.code, "message": error.message,
                 "user_id": user_id if isinstance(user_id, str) and len(user_id) <= MAX_USER_ID_LENGTH else None,
-                "details": {"request": jsonable, "error": error.to_dict()}, "created_at": at,
+                "details": {"request": request, "error": error.to_dict()}, "created_at": at,
             })
-            if self.ledger_file is not None:
-                self.ledger_file.write_error(operation, jsonable, error)
+        if self.ledger_file is not None:
+            self.ledger_file.write_errors(jsonable, at)
         ledger_records.store(self.engine, records)
 
     @staticmethod
