@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from creditworker.operations import OPERATIONS
+from creditworker.contract.operations import OPERATIONS
 
 if TYPE_CHECKING:
     from creditworker.settings import Settings

@@ -45,9 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from plain_celery import QUEUE as PLAIN_QUEUE  # noqa: E402
 
-from creditworker.audit import audit  # noqa: E402
+from creditworker.contract.operations import DEDUCT, PING  # noqa: E402
 from creditworker.engine import CreditService, SubscriptionService  # noqa: E402
-from creditworker.operations import DEDUCT, PING  # noqa: E402
+from creditworker.records.audit import audit  # noqa: E402
 from creditworker.settings import Settings  # noqa: E402
 from creditworker.storage.database import make_engine  # noqa: E402
 from creditworker.storage.migrate import upgrade  # noqa: E402

@@ -1,6 +1,6 @@
 """creditworker: credit and subscription management as idempotent Celery tasks over SQL.
 
-Names are imported lazily, so ``import creditworker.contract`` (what producers need)
+Names are imported lazily, so ``import creditworker.contract.credits`` (what producers need)
 does not pull in SQLAlchemy, and ``celery -A creditworker`` finds the Celery app.
 """
 

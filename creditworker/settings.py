@@ -13,7 +13,7 @@ from functools import lru_cache
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from creditworker.contract import OveragePolicy
+from creditworker.contract.credits import OveragePolicy
 
 LEDGER_OFF = "off"
 """The `CREDITWORKER_LEDGER_PATH` that turns the ledger file off (empty means the default)."""

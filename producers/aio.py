@@ -18,8 +18,14 @@ from typing import Any, Generic, TypeVar
 
 from celery import Celery
 
-from creditworker.contract import BatchOutcome, CreditLot, CreditsInfo, LedgerEntry, Reservation
-from creditworker.plans_contract import DeletedPlan, Plan, Subscription
+from creditworker.contract.credits import (
+    BatchOutcome,
+    CreditLot,
+    CreditsInfo,
+    LedgerEntry,
+    Reservation,
+)
+from creditworker.contract.plans import DeletedPlan, Plan, Subscription
 from creditworker.settings import Settings
 from producers.client import DEFAULT_TIMEOUT, CreditClient, TaskHandle, wait_deadline
 

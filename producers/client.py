@@ -32,7 +32,7 @@ from kombu.exceptions import OperationalError
 from pydantic import BaseModel
 from redis.client import PubSub
 
-from creditworker.contract import (
+from creditworker.contract.credits import (
     AddCredits,
     BatchOutcome,
     CommitReservation,
@@ -51,9 +51,14 @@ from creditworker.contract import (
     parse,
     parse_batch_item,
 )
-from creditworker.errors import CreditError, ServiceUnavailable, ValidationFailed, error_from_dict
-from creditworker.operations import BY_REQUEST
-from creditworker.plans_contract import (
+from creditworker.contract.errors import (
+    CreditError,
+    ServiceUnavailable,
+    ValidationFailed,
+    error_from_dict,
+)
+from creditworker.contract.operations import BY_REQUEST
+from creditworker.contract.plans import (
     AssignPlan,
     ChangePlan,
     CreatePlan,
@@ -76,7 +81,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 10.0
 
 TASKS: dict[type[BaseModel], str] = {model: operation.task for model, operation in BY_REQUEST.items()}
-"""The task that serves each request model, from the registry (creditworker/operations.py)."""
+"""The task that serves each request model, from the registry (contract/operations.py)."""
 
 
 def unwrap(envelope: Any, parse_result: Callable[[Any], T]) -> T:

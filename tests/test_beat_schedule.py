@@ -6,7 +6,7 @@ import pytest
 from celery.schedules import crontab
 
 from beat_schedule import PERIODIC_TASKS, build_schedule
-from creditworker.operations import BY_TASK
+from creditworker.contract.operations import BY_TASK
 from creditworker.settings import Settings
 
 

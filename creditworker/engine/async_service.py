@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from creditworker.contract import OveragePolicy
+from creditworker.contract.credits import OveragePolicy
 from creditworker.engine.service import CreditService, embedded_tables
 from creditworker.engine.subscriptions import SubscriptionService
 from creditworker.storage.database import make_async_engine

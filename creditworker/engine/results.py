@@ -13,7 +13,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from creditworker.contract import BatchOutcome
+from creditworker.contract.credits import BatchOutcome
 from creditworker.engine.rules import Hold, Posting
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from creditworker.contract import MAX_BALANCE, EntryKind, OveragePolicy, ReservationStatus
-from creditworker.errors import InsufficientCredits, ReservationNotActive, ValidationFailed
+from creditworker.contract.credits import MAX_BALANCE, EntryKind, OveragePolicy, ReservationStatus
+from creditworker.contract.errors import InsufficientCredits, ReservationNotActive, ValidationFailed
 
 _NEW_LOT_ORDER = 2**62
 """Lots granted in this unit of work have no id yet; they are newer than every stored lot."""

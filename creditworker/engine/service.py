@@ -19,8 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session
 
-from creditworker import ledger_records
-from creditworker.contract import (
+from creditworker.contract.credits import (
     MAX_USER_ID_LENGTH,
     AddCredits,
     BatchOutcome,
@@ -42,9 +41,15 @@ from creditworker.contract import (
     parse,
     parse_batch_item,
 )
+from creditworker.contract.errors import (
+    CreditError,
+    IdempotencyConflict,
+    UnknownReservation,
+    UnknownUser,
+    ValidationFailed,
+)
 from creditworker.engine import rules, sweeps
 from creditworker.engine.results import batch_outcome, entry_record, reservation_record
-from creditworker.engine.transaction import run_transaction
 from creditworker.engine.unit_of_work import (
     ResultSource,
     StoredOperation,
@@ -52,16 +57,11 @@ from creditworker.engine.unit_of_work import (
     collector_paused,
 )
 from creditworker.engine.writer import write
-from creditworker.errors import (
-    CreditError,
-    IdempotencyConflict,
-    UnknownReservation,
-    UnknownUser,
-    ValidationFailed,
-)
-from creditworker.ledger_file import LedgerFile
+from creditworker.records import ledger_records
+from creditworker.records.ledger_file import LedgerFile
 from creditworker.storage.database import make_engine
 from creditworker.storage.tables import Account, Entry, Hold, Lot
+from creditworker.storage.transaction import run_transaction
 
 if TYPE_CHECKING:
     from creditworker.settings import Settings

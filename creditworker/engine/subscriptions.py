@@ -32,20 +32,21 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from creditworker.contract import CreditSource, parse
-from creditworker.engine import rules
-from creditworker.engine.service import CreditService, aware
-from creditworker.engine.unit_of_work import UnitOfWork, new_event_id
-from creditworker.errors import (
+from creditworker.contract.credits import CreditSource, parse
+from creditworker.contract.errors import (
     DuplicatePlan,
     PlanInUse,
     UnknownPlan,
     UnknownSubscription,
     ValidationFailed,
 )
-from creditworker.events import SubscriptionAllocated, SubscriptionChanged, SubscriptionEnded
-from creditworker.periods import period_index_at, period_start, prorate
-from creditworker.plans_contract import (
+from creditworker.contract.events import (
+    SubscriptionAllocated,
+    SubscriptionChanged,
+    SubscriptionEnded,
+)
+from creditworker.contract.periods import period_index_at, period_start, prorate
+from creditworker.contract.plans import (
     AssignPlan,
     ChangePlan,
     CreatePlan,
@@ -58,6 +59,9 @@ from creditworker.plans_contract import (
     Subscription,
     UpdatePlan,
 )
+from creditworker.engine import rules
+from creditworker.engine.service import CreditService, aware
+from creditworker.engine.unit_of_work import UnitOfWork, new_event_id
 from creditworker.storage import bulk
 from creditworker.storage.tables import PlanRow, SubscriptionRow
 

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, cast
 from sqlalchemy import Table, select
 from sqlalchemy.orm import Session
 
-from creditworker.contract import ReservationStatus
+from creditworker.contract.credits import ReservationStatus
+from creditworker.contract.events import CreditsExpired, CreditsExpiring, ReservationExpired
 from creditworker.engine import account as accounts
 from creditworker.engine import rules
 from creditworker.engine.unit_of_work import UnitOfWork, new_event_id
-from creditworker.events import CreditsExpired, CreditsExpiring, ReservationExpired
 from creditworker.storage import bulk
 from creditworker.storage.tables import ExpiryReminder, Hold, Lot
 

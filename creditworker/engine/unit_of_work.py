@@ -21,11 +21,11 @@ from sqlalchemy import Table
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from creditworker.contract.errors import UnknownReservation, UnknownUser
+from creditworker.contract.events import CreditsLow, _Event
 from creditworker.engine import account as accounts
 from creditworker.engine.results import entry_row_record, referenced_entry
 from creditworker.engine.rules import Account, Hold, Posting, low_credit_crossing
-from creditworker.errors import UnknownReservation, UnknownUser
-from creditworker.events import CreditsLow, _Event
 from creditworker.storage import bulk
 from creditworker.storage.tables import Entry, Operation
 

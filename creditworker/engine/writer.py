@@ -15,14 +15,14 @@ from typing import Any, cast
 
 from sqlalchemy import Table
 
+from creditworker.contract.events import _Event
 from creditworker.engine.account import accounts_table, holds_table, lots_table
 from creditworker.engine.rules import Hold, Lot, Posting
-from creditworker.engine.transaction import commit_with_next_statement
 from creditworker.engine.unit_of_work import OperationRecord, UnitOfWork
-from creditworker.events import _Event
-from creditworker.outbox import event_row
+from creditworker.records.outbox import event_row
 from creditworker.storage import bulk
 from creditworker.storage.tables import Entry, Operation, OutboxEvent
+from creditworker.storage.transaction import commit_with_next_statement
 
 entries_table = cast(Table, Entry.__table__)
 operations_table = cast(Table, Operation.__table__)

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
 from creditworker import __version__
-from creditworker.contract import (
+from creditworker.contract.credits import (
     MAX_HISTORY_PAGE,
     MAX_WITHIN_DAYS,
     AddCredits,
@@ -44,27 +44,8 @@ from creditworker.contract import (
     UserId,
     UtcDateTime,
 )
-from creditworker.engine import CreditService, SubscriptionService
-from creditworker.engine.service import embedded_tables
-from creditworker.errors import CreditError, ServiceUnavailable, ValidationFailed
-from creditworker.http.auth import (
-    ApiKeyCheck,
-    ApiKeyGuard,
-    AuthDependency,
-    api_key_auth,
-    configured_api_keys,
-)
-from creditworker.http.body_limit import MAX_BODY_BYTES_VARIABLE, BodyLimit
-from creditworker.http.console import create_console
-from creditworker.http.meters import call_engine
-from creditworker.http.responses import (
-    ErrorBody,
-    credit_error_response,
-    error_response,
-    http_error_response,
-    validation_error_response,
-)
-from creditworker.operations import (
+from creditworker.contract.errors import CreditError, ServiceUnavailable, ValidationFailed
+from creditworker.contract.operations import (
     ADD,
     ASSIGN_PLAN,
     BALANCE,
@@ -86,11 +67,30 @@ from creditworker.operations import (
     UPDATE_PLAN,
     Operation,
 )
-from creditworker.plans_contract import (
+from creditworker.contract.plans import (
     CreatePlan,
     PlanChanges,
     PlanName,
     PlanRef,
+)
+from creditworker.engine import CreditService, SubscriptionService
+from creditworker.engine.service import embedded_tables
+from creditworker.http.auth import (
+    ApiKeyCheck,
+    ApiKeyGuard,
+    AuthDependency,
+    api_key_auth,
+    configured_api_keys,
+)
+from creditworker.http.body_limit import MAX_BODY_BYTES_VARIABLE, BodyLimit
+from creditworker.http.console import create_console
+from creditworker.http.meters import call_engine
+from creditworker.http.responses import (
+    ErrorBody,
+    credit_error_response,
+    error_response,
+    http_error_response,
+    validation_error_response,
 )
 from creditworker.settings import Settings, get_settings
 from creditworker.storage.database import is_transient

@@ -15,8 +15,8 @@ from typing import Any, Protocol
 from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 
-from creditworker.contract import LedgerEntry, Reservation
-from creditworker.errors import ServiceUnavailable
+from creditworker.contract.credits import LedgerEntry, Reservation
+from creditworker.contract.errors import ServiceUnavailable
 from creditworker.storage.database import is_transient
 
 

@@ -34,8 +34,12 @@ from typing import Any
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from creditworker.contract import DEFAULT_RESERVATION_TTL_SECONDS, MAX_AMOUNT, ReservationStatus
-from creditworker.errors import (
+from creditworker.contract.credits import (
+    DEFAULT_RESERVATION_TTL_SECONDS,
+    MAX_AMOUNT,
+    ReservationStatus,
+)
+from creditworker.contract.errors import (
     CreditError,
     IdempotencyConflict,
     InsufficientCredits,

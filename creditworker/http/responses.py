@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import Scope
 
-from creditworker.errors import CreditError
+from creditworker.contract.errors import CreditError
 
 STATUS_BY_CODE: dict[str, int] = {
     "invalid_input": 422,

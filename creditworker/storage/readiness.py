@@ -13,7 +13,7 @@ from pathlib import Path
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import DBAPIError
 
-from creditworker.errors import DatabaseNotReady
+from creditworker.contract.errors import DatabaseNotReady
 from creditworker.storage.database import make_engine
 from creditworker.storage.migrate import current_revision, head_revision
 

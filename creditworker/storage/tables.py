@@ -2,7 +2,7 @@
 
 Portable across PostgreSQL, SQLite and MariaDB/MySQL: timestamps are stored as naive UTC
 and handed back aware; identifiers compare byte for byte (binary collation on MySQL).
-The Alembic migrations in ``creditworker/migrations`` create exactly these tables.
+The Alembic migrations in ``creditworker/storage/migrations`` create exactly these tables.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from creditworker.contract import MAX_KEY_LENGTH, MAX_USER_ID_LENGTH
+from creditworker.contract.credits import MAX_KEY_LENGTH, MAX_USER_ID_LENGTH
 
 
 class UtcDateTime(TypeDecorator[datetime]):

@@ -18,7 +18,7 @@ from typing import Any
 
 from celery import Celery
 
-from creditworker.operations import RESERVE
+from creditworker.contract.operations import RESERVE
 from creditworker.settings import Settings, get_settings
 from creditworker.worker.redelivery import HEARTBEATS_PER_TIMEOUT, UnackedHeartbeat
 from creditworker.worker.transport import TRANSPORTS

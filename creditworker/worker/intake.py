@@ -9,7 +9,7 @@ logs and drops, or requeues.
 
 `GuardedConsumer` (the worker's `worker_consumer`) checks every message's shape before
 Celery reads it. A message that is not a well-formed task message for a registered task
-is stored whole as a dead letter (`creditworker.dead_letters`), logged once, answered with
+is stored whole as a dead letter (`creditworker.records.dead_letters`), logged once, answered with
 an `invalid_input` result when it carries a task id (so its producer learns of it), and
 acknowledged: it is never requeued. Whatever Celery still raises on a message that passed
 the checks is caught the same way. Messages that are well-formed but carry invalid
@@ -28,8 +28,8 @@ from celery import states
 from celery.app.task import Context
 from celery.worker.consumer import Consumer
 
-from creditworker.dead_letters import DeadLetter, DeadLetterStore
-from creditworker.errors import ValidationFailed
+from creditworker.contract.errors import ValidationFailed
+from creditworker.records.dead_letters import DeadLetter, DeadLetterStore
 from creditworker.settings import get_settings
 from creditworker.worker.transport import UNREADABLE_HEADER
 

@@ -19,10 +19,9 @@ from typing import Any
 from celery import Task, current_app, shared_task
 from pydantic import BaseModel
 
-from creditworker.contract import BatchOutcome, Request, parse
-from creditworker.engine import CreditService, SubscriptionService
-from creditworker.errors import CreditError, ValidationFailed
-from creditworker.operations import (
+from creditworker.contract.credits import BatchOutcome, Request, parse
+from creditworker.contract.errors import CreditError, ValidationFailed
+from creditworker.contract.operations import (
     ALLOCATE,
     ALLOCATE_DUE,
     BATCH,
@@ -33,6 +32,7 @@ from creditworker.operations import (
     RELAY,
     Operation,
 )
+from creditworker.engine import CreditService, SubscriptionService
 from creditworker.settings import get_settings
 from creditworker.storage.database import is_transient
 from creditworker.worker import delivery
@@ -113,8 +113,8 @@ def _ping(_task: Task, _request: Any, _key: str) -> Any:
 
 def _relay(task: Task, _request: Any, _key: str) -> Any:
     """Publish pending outbox rows to the events exchange."""
-    from creditworker.event_bus import EventPublisher
-    from creditworker.outbox import publish_pending
+    from creditworker.notifications.exchange import EventPublisher
+    from creditworker.records.outbox import publish_pending
 
     with task.app.connection_for_write() as connection:
         return {"published": publish_pending(service().engine, EventPublisher(connection))}

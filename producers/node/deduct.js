@@ -11,7 +11,7 @@ const net = require('net');
 const crypto = require('crypto');
 
 // The task and its keyword arguments (below, in main) as the registry has them: DEDUCT and
-// DeductCredits in creditworker/operations.py; tests/worker/test_operations.py fails when
+// DeductCredits in creditworker/contract/operations.py; tests/worker/test_operations.py fails when
 // they disagree.
 const TASK = 'creditworker.credits.deduct';
 

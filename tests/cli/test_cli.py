@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from typer.testing import CliRunner
 
 from creditworker import CreditService
-from creditworker.cli import app
+from creditworker.cli.root import app
 
 runner = CliRunner()
 

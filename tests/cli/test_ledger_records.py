@@ -13,8 +13,8 @@ from sqlalchemy.engine import Engine
 from typer.testing import CliRunner
 
 from creditworker import CreditService, SubscriptionService
-from creditworker.cli import app
-from creditworker.errors import InsufficientCredits
+from creditworker.cli.root import app
+from creditworker.contract.errors import InsufficientCredits
 from creditworker.storage.tables import Entry, Hold, Lot, Operation
 
 runner = CliRunner()

@@ -12,7 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from creditworker import CreditService
-from creditworker.audit import audit
+from creditworker.records.audit import audit
 from creditworker.storage.database import make_engine
 from creditworker.storage.migrate import alembic_config, current_revision, upgrade
 from creditworker.storage.tables import Base

@@ -1,4 +1,4 @@
-"""`creditworker schema` and `python -m creditworker.schema`, as the original module had them."""
+"""`creditworker schema` and `python -m creditworker.cli.schema`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from creditworker.cli import app
+from creditworker.cli.root import app
 from creditworker.storage.tables import Base
 
 runner = CliRunner()
@@ -52,14 +52,14 @@ def test_python_m_creditworker_schema_runs_the_same_command() -> None:
     for arguments, marker in ((["--backend", "sql", "--dialect", "postgres"], "CREATE TABLE"),
                               (["--backend", "nosql"], "$jsonSchema"),
                               (["--json"], "SubmitBatch")):
-        done = subprocess.run([sys.executable, "-m", "creditworker.schema", *arguments],
+        done = subprocess.run([sys.executable, "-m", "creditworker.cli.schema", *arguments],
                               check=False, capture_output=True, text=True, env=environment, timeout=60)
         assert done.returncode == 0, done.stderr
         assert marker in done.stdout
 
 
 def test_json_covers_every_model_of_the_registry_and_the_events() -> None:
-    from creditworker.schema import public_models
+    from creditworker.storage.schema import public_models
 
     schemas = json.loads(runner.invoke(app, ["schema", "--json"]).stdout)
     assert {getattr(model, "__name__", "") for model in public_models()} <= set(schemas)

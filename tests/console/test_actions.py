@@ -13,8 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from creditworker import CreditService, SubscriptionService
-from creditworker.audit import audit
 from creditworker.http.gateway import create_app
+from creditworker.records.audit import audit
 from creditworker.settings import Settings
 from creditworker.storage.database import make_engine
 from creditworker.storage.migrate import upgrade

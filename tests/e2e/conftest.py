@@ -142,7 +142,7 @@ def assert_each_deduct_applied_once(
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
-    from creditworker.audit import audit
+    from creditworker.records.audit import audit
     from creditworker.storage.tables import Entry
 
     with Session(worker.engine) as session:

@@ -16,9 +16,9 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from creditworker.errors import IdempotencyConflict, InsufficientCredits
-from creditworker.event_bus import consume, event_queues
-from creditworker.events import _Event
+from creditworker.contract.errors import IdempotencyConflict, InsufficientCredits
+from creditworker.contract.events import _Event
+from creditworker.notifications.exchange import consume, event_queues
 from creditworker.storage.tables import Entry, OutboxEvent
 from creditworker.worker import commands
 from tests.conftest import wipe

@@ -19,7 +19,7 @@ import redis
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from creditworker.errors import ServiceUnavailable
+from creditworker.contract.errors import ServiceUnavailable
 from tests.conftest import engine_for, wipe
 from tests.e2e.conftest import RunningWorker, purge, redis_db, worker_env
 from tests.e2e.test_gathering import wait_for_waiting_lock

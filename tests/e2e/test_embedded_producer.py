@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from creditworker.errors import ServiceUnavailable
+from creditworker.contract.errors import ServiceUnavailable
 from creditworker.settings import Settings
 from producers import CreditClient
 

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from creditworker.errors import IdempotencyConflict, InsufficientCredits, UnknownUser
+from creditworker.contract.errors import IdempotencyConflict, InsufficientCredits, UnknownUser
 from tests.e2e.conftest import RunningWorker
 
 pytestmark = pytest.mark.e2e

@@ -16,7 +16,12 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from creditworker.errors import PlanInUse, UnknownPlan, UnknownSubscription, ValidationFailed
+from creditworker.contract.errors import (
+    PlanInUse,
+    UnknownPlan,
+    UnknownSubscription,
+    ValidationFailed,
+)
 from creditworker.storage.tables import Lot, SubscriptionRow
 from creditworker.worker import commands
 from tests.conftest import wipe

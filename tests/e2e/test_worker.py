@@ -14,7 +14,7 @@ import redis
 from celery.result import AsyncResult
 from kombu import Connection
 
-from creditworker.errors import (
+from creditworker.contract.errors import (
     IdempotencyConflict,
     InsufficientCredits,
     ReservationNotActive,

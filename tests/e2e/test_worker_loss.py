@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from creditworker.errors import ServiceUnavailable
+from creditworker.contract.errors import ServiceUnavailable
 from creditworker.storage.tables import Entry
 from tests.conftest import wipe
 from tests.e2e.conftest import RunningWorker, assert_each_deduct_applied_once, running_on_redis

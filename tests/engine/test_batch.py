@@ -14,8 +14,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from creditworker import CreditService
-from creditworker.audit import audit
-from creditworker.errors import CreditError
+from creditworker.contract.errors import CreditError
+from creditworker.records.audit import audit
 from creditworker.storage.tables import Account, Entry, Lot
 from tests.conftest import wipe
 from tests.engine.test_credits import NOW, snapshot
@@ -122,8 +122,8 @@ def test_batches_locking_accounts_in_opposite_orders_never_deadlock(pg_engine: E
 
 
 def test_an_empty_or_oversized_batch_is_refused() -> None:
-    from creditworker.contract import SubmitBatch, parse
-    from creditworker.errors import ValidationFailed
+    from creditworker.contract.credits import SubmitBatch, parse
+    from creditworker.contract.errors import ValidationFailed
 
     with pytest.raises(ValidationFailed):
         parse(SubmitBatch, {"operations": []})

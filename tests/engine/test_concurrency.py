@@ -10,8 +10,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from creditworker import CreditService
-from creditworker.audit import audit
-from creditworker.errors import InsufficientCredits
+from creditworker.contract.errors import InsufficientCredits
+from creditworker.records.audit import audit
 
 
 def deduct_until_refused(service: CreditService, user: str, step: int) -> int:

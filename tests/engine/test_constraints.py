@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from creditworker import CreditService
-from creditworker.audit import audit
+from creditworker.records.audit import audit
 from creditworker.storage.tables import Account
 
 BROKEN = {

@@ -13,9 +13,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from creditworker import CreditService
-from creditworker.audit import audit
-from creditworker.contract import MAX_AMOUNT, MAX_BALANCE
-from creditworker.errors import (
+from creditworker.contract.credits import MAX_AMOUNT, MAX_BALANCE
+from creditworker.contract.errors import (
     IdempotencyConflict,
     InsufficientCredits,
     ReservationNotActive,
@@ -23,6 +22,7 @@ from creditworker.errors import (
     UnknownUser,
     ValidationFailed,
 )
+from creditworker.records.audit import audit
 from creditworker.storage.tables import Base, Lot
 
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=timezone.utc)

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from creditworker.contract import (
+from creditworker.contract.credits import (
     AddCredits,
     CommitReservation,
     DeductCredits,
@@ -26,7 +26,7 @@ from creditworker.contract import (
     ReserveCredits,
     parse,
 )
-from creditworker.plans_contract import CreatePlan, UpdatePlan
+from creditworker.contract.plans import CreatePlan, UpdatePlan
 
 PINNED = [
     (DeductCredits, {"user_id": "u1", "amount": 1, "idempotency_key": "k:1"},

@@ -11,8 +11,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from creditworker import CreditService
-from creditworker.audit import audit
-from creditworker.errors import ValidationFailed
+from creditworker.contract.errors import ValidationFailed
+from creditworker.records.audit import audit
 from creditworker.storage.tables import Hold
 
 

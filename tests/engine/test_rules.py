@@ -6,10 +6,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from creditworker.contract import MAX_BALANCE, LedgerEntry, OveragePolicy, Reservation
+from creditworker.contract.credits import MAX_BALANCE, LedgerEntry, OveragePolicy, Reservation
+from creditworker.contract.errors import InsufficientCredits, ReservationNotActive, ValidationFailed
 from creditworker.engine import rules
 from creditworker.engine.results import entry_record, reservation_record
-from creditworker.errors import InsufficientCredits, ReservationNotActive, ValidationFailed
 
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -199,7 +199,7 @@ def test_records_match_the_models_dump() -> None:
 
 
 def test_a_batch_outcome_is_what_model_construct_makes() -> None:
-    from creditworker.contract import BatchOutcome
+    from creditworker.contract.credits import BatchOutcome
     from creditworker.engine.results import batch_outcome
 
     for ok, result, error in ((True, {"id": 1}, None), (False, None, {"code": "invalid_input"})):

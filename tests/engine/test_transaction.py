@@ -12,9 +12,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from creditworker import CreditService
-from creditworker.audit import audit
-from creditworker.engine.transaction import BEGIN, COMMIT
 from creditworker.engine.unit_of_work import UnitOfWork
+from creditworker.records.audit import audit
+from creditworker.storage.transaction import BEGIN, COMMIT
 from tests.engine.test_writer import counted_statements
 
 NEW_ACCOUNT = ("INSERT INTO accounts (user_id, balance, reserved, low_credit_alerted, overdraft_limit, created_at,"
@@ -198,7 +198,7 @@ def test_a_writer_statement_that_fails_with_its_commit_rolls_back_and_reruns(
 
 
 def test_nothing_runs_after_the_commit_that_rode_on_a_statement(pg_engine: Engine) -> None:
-    from creditworker.engine.transaction import commit_with_next_statement
+    from creditworker.storage.transaction import commit_with_next_statement
 
     service = CreditService(pg_engine)
 

@@ -11,7 +11,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from creditworker import CreditService
-from creditworker.audit import audit
+from creditworker.records.audit import audit
 
 
 @contextmanager

@@ -18,8 +18,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 from datetime import datetime, timezone
+from typing import Any
 
 import pytest
 import redis
@@ -27,10 +27,10 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from creditworker.audit import audit
-from creditworker.errors import CreditError
-from producers.client import TaskHandle
+from creditworker.contract.errors import CreditError
+from creditworker.records.audit import audit
 from creditworker.storage.tables import Account, Entry, Hold
+from producers.client import TaskHandle
 from tests.conftest import engine_for, wipe
 from tests.e2e.conftest import RunningWorker, _running, redis_db
 from tests.faults.servers import PrivatePostgres, PrivateRabbitMQ, PrivateRedis

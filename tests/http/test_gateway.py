@@ -20,8 +20,8 @@ from httpx import Response
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
+from creditworker.contract.errors import UnknownUser
 from creditworker.engine import SubscriptionService
-from creditworker.errors import UnknownUser
 from creditworker.http.auth import API_KEYS_VARIABLE
 from creditworker.http.gateway import build_router, create_app
 from creditworker.settings import Settings

@@ -12,13 +12,13 @@ import pytest
 from sqlalchemy import inspect as inspect_database
 
 from creditworker import CreditService, SubscriptionService
-from creditworker.audit import audit
+from creditworker.contract.errors import IdempotencyConflict, InsufficientCredits
 from creditworker.engine.async_service import (
     AsyncCreditService,
     AsyncSubscriptionService,
     public_methods,
 )
-from creditworker.errors import IdempotencyConflict, InsufficientCredits
+from creditworker.records.audit import audit
 
 
 @pytest.mark.parametrize(("sync_class", "async_class"), [

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.testclient import TestClient
 
 from creditworker import CreditService
-from creditworker.contract import EntryKind
+from creditworker.contract.credits import EntryKind
 from creditworker.http.middleware import CreditDeductionMiddleware
 from tests.inprocess.conftest import sync_face
 

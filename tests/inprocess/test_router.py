@@ -13,8 +13,8 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from creditworker import CreditService
+from creditworker.contract.operations import OPERATIONS
 from creditworker.http import build_router, gateway, get_credit_service, router
-from creditworker.operations import OPERATIONS
 from creditworker.settings import Settings, get_settings
 from producers.aio import AsyncCreditClient
 

@@ -13,8 +13,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from creditworker import CreditService
-from creditworker.errors import InsufficientCredits
-from creditworker.outbox import pending_count, publish_pending
+from creditworker.contract.errors import InsufficientCredits
+from creditworker.records.outbox import pending_count, publish_pending
 from creditworker.storage.tables import Operation, OutboxEvent
 
 NOW = datetime(2030, 1, 10, 12, 0, tzinfo=timezone.utc)

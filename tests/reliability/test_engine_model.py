@@ -28,7 +28,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from creditworker import CreditService
-from creditworker.errors import (
+from creditworker.contract.errors import (
     IdempotencyConflict,
     InsufficientCredits,
     ReservationNotActive,

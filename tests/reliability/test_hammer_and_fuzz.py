@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
 
 from creditworker import CreditService
-from creditworker.audit import audit
+from creditworker.contract.errors import ERRORS_BY_CODE, InsufficientCredits
+from creditworker.contract.operations import OPERATIONS
 from creditworker.engine import SubscriptionService
-from creditworker.errors import ERRORS_BY_CODE, InsufficientCredits
-from creditworker.operations import OPERATIONS
+from creditworker.records.audit import audit
 from creditworker.worker import tasks
 from tests.engine.test_credits import snapshot
 

@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from creditworker.periods import BillingPeriod, add_months, period_index_at, period_start, prorate
+from creditworker.contract.periods import (
+    BillingPeriod,
+    add_months,
+    period_index_at,
+    period_start,
+    prorate,
+)
 
 
 def utc(*args: int) -> datetime:

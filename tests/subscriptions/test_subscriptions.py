@@ -13,8 +13,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from creditworker import CreditService, SubscriptionService
-from creditworker.audit import audit
-from creditworker.errors import (
+from creditworker.contract.errors import (
     DuplicatePlan,
     IdempotencyConflict,
     PlanInUse,
@@ -23,6 +22,7 @@ from creditworker.errors import (
     UnknownUser,
     ValidationFailed,
 )
+from creditworker.records.audit import audit
 from creditworker.storage.tables import Lot, OutboxEvent
 from tests.engine.test_credits import snapshot
 

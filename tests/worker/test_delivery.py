@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError
 
-from creditworker.errors import InsufficientCredits
+from creditworker.contract.errors import InsufficientCredits
 from creditworker.worker import delivery
 
 

@@ -1,4 +1,4 @@
-"""The registry of operations (creditworker/operations.py) and the edges derived from it or
+"""The registry of operations (creditworker/contract/operations.py) and the edges derived from it or
 checked against it: tasks, engine methods, producer methods, gateway routes, CLI, docs."""
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from typing import Any
 import pytest
 import typer
 
-from creditworker.cli import OPERATION_COMMANDS, OperationCommand
-from creditworker.cli import app as cli_app
-from creditworker.engine import CreditService, SubscriptionService
-from creditworker.operations import (
+from creditworker.cli.root import OPERATION_COMMANDS, OperationCommand
+from creditworker.cli.root import app as cli_app
+from creditworker.contract.operations import (
     BY_REQUEST,
     BY_TASK,
     DEDUCT,
@@ -24,6 +23,7 @@ from creditworker.operations import (
     Operation,
     contract_table,
 )
+from creditworker.engine import CreditService, SubscriptionService
 from creditworker.settings import Settings
 from creditworker.worker import tasks
 from creditworker.worker.app import make_celery

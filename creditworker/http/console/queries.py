@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from creditworker.contract import ReservationStatus
+from creditworker.contract.credits import ReservationStatus
 from creditworker.storage.tables import Account, Entry, Hold, Lot, OutboxEvent, SubscriptionRow
 
 LEDGER_PAGE = 50

@@ -29,10 +29,15 @@ from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from creditworker.contract import MAX_DESCRIPTION_LENGTH, EntryKind, OveragePolicy
-from creditworker.dead_letters import DeadLetterStore
+from creditworker.contract.credits import MAX_DESCRIPTION_LENGTH, EntryKind, OveragePolicy
+from creditworker.contract.errors import (
+    CreditError,
+    UnknownSubscription,
+    UnknownUser,
+    ValidationFailed,
+)
+from creditworker.contract.periods import BillingPeriod
 from creditworker.engine import CreditService, SubscriptionService
-from creditworker.errors import CreditError, UnknownSubscription, UnknownUser, ValidationFailed
 from creditworker.http.console import queries
 from creditworker.http.console.access import (
     CSRF_COOKIE,
@@ -48,7 +53,7 @@ from creditworker.http.console.access import (
 from creditworker.http.console.chart import SERIES, daily_chart
 from creditworker.http.console.system import AuditResult, bounded, ping_workers, queue_depths
 from creditworker.http.responses import STATUS_BY_CODE
-from creditworker.periods import BillingPeriod
+from creditworker.records.dead_letters import DeadLetterStore
 from creditworker.settings import Settings
 from creditworker.worker.app import make_celery
 

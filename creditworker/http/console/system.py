@@ -16,7 +16,7 @@ from typing import Any
 from celery import Celery
 from sqlalchemy.engine import Engine
 
-from creditworker.audit import AuditReport, audit
+from creditworker.records.audit import AuditReport, audit
 
 PROBE_SECONDS = 3.0
 CONNECT_SECONDS = 2.0

@@ -12,7 +12,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from creditworker.contract import ReservationStatus
+from creditworker.contract.credits import ReservationStatus
 from creditworker.storage.tables import Account, Entry, Hold, Lot, Operation
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from kombu import Connection, Exchange, Queue
 from kombu.message import Message
 
-from creditworker.events import EXCHANGE, ROUTING_KEYS, _Event, parse_event, queue_name
+from creditworker.contract.events import EXCHANGE, ROUTING_KEYS, _Event, parse_event, queue_name
 
 EVENTS_EXCHANGE = Exchange(EXCHANGE, type="topic", durable=True)
 
@@ -30,7 +30,7 @@ def event_queues(routing_keys: Iterable[str] = ROUTING_KEYS) -> list[Queue]:
 
 
 class EventPublisher:
-    """Publishes outbox rows to the exchange; plugs into `creditworker.outbox.publish_pending`.
+    """Publishes outbox rows to the exchange; plugs into `records.outbox.publish_pending`.
 
     Messages are persistent; on RabbitMQ the connection should have publisher confirms
     (`confirm_publish`), so a publish that returns was accepted by the broker.

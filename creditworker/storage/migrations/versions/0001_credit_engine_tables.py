@@ -6,10 +6,11 @@ Create Date: 2026-11-25 03:24:36.115463
 """
 from __future__ import annotations
 
-from alembic import op
 import sqlalchemy as sa
-import creditworker.storage.tables
+from alembic import op
 from sqlalchemy.dialects import mysql
+
+import creditworker.storage.tables
 
 revision = '0001'
 down_revision = None

@@ -6,10 +6,10 @@ Create Date: 2026-11-25 16:29:40.070602
 """
 from __future__ import annotations
 
-from alembic import op
 import sqlalchemy as sa
-import creditworker.storage.tables
+from alembic import op
 
+import creditworker.storage.tables
 
 revision = '0004'
 down_revision = '0003'

@@ -1,14 +1,13 @@
 """The schema, printed for people and tools: SQL DDL per dialect, MongoDB collection
 validators of the stored rows, JSON schemas of the models.
 
-`creditworker schema` prints them; so does `python -m creditworker.schema` (the command the
-original module had: `--backend sql --dialect postgres`, `--backend nosql`). The stored
-models are the tables (storage/tables.py); the models of the wire are the registry's.
+`creditworker schema` prints them (cli/schema.py), as does `python -m creditworker.cli.schema`
+(`--backend sql --dialect postgres`, `--backend nosql`, `--json`). The stored models are the
+tables (storage/tables.py); the models of the wire are the registry's.
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from pydantic import TypeAdapter
@@ -17,7 +16,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from creditworker import events, operations
+from creditworker.contract import events, operations
 from creditworker.storage.tables import Base
 
 DIALECTS: dict[str, Dialect] = {
@@ -93,14 +92,3 @@ def _bson(column_type: Any) -> tuple[list[str], dict[str, Any]]:
         length = getattr(implementation, "length", None)
         return ["string"], ({"maxLength": length} if length else {})
     return ["string"], {}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m creditworker.schema [--backend sql|nosql] [--dialect ...] [--json]`."""
-    from creditworker.cli import app
-
-    app(args=["schema", *(sys.argv[1:] if argv is None else argv)], prog_name="python -m creditworker.schema")
-
-
-if __name__ == "__main__":
-    main()

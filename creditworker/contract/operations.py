@@ -18,7 +18,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 from typing_extensions import TypedDict, is_typeddict
 
-from creditworker.contract import (
+from creditworker.contract.credits import (
     AddCredits,
     BatchOutcome,
     CommitReservation,
@@ -36,7 +36,7 @@ from creditworker.contract import (
     ReserveCredits,
     SubmitBatch,
 )
-from creditworker.plans_contract import (
+from creditworker.contract.plans import (
     AllocateSubscriptions,
     AssignPlan,
     ChangePlan,

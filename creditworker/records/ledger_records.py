@@ -22,7 +22,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from creditworker.contract import UserId
+from creditworker.contract.credits import UserId
 from creditworker.storage.tables import LedgerRecordRow
 
 logger = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from pydantic import (
     ValidationError,
 )
 
-from creditworker.errors import ValidationFailed
+from creditworker.contract.errors import ValidationFailed
 
 MAX_AMOUNT = 10**12
 """Largest amount one operation may carry (one trillion of the smallest unit)."""

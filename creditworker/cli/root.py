@@ -4,7 +4,7 @@ Each command reads its input, calls the engine (or the worker launcher) and prin
 tables for people, `--json` for scripts. A refused operation prints
 `error: <code>: <message>` and exits 2.
 
-A command that runs an operation of the registry (`creditworker/operations.py`) is
+A command that runs an operation of the registry (`creditworker/contract/operations.py`) is
 registered by `_runs`, under the name the registry gives it, and calls the engine method the
 registry names (`_run`). Its parameters are the request model's fields as a person types
 them; tests/worker/test_operations.py fails when the two disagree.
@@ -25,8 +25,9 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from creditworker.errors import CreditError
-from creditworker.operations import (
+from creditworker.cli.schema import schema
+from creditworker.contract.errors import CreditError
+from creditworker.contract.operations import (
     ADD,
     ALLOCATE_DUE,
     ASSIGN_PLAN,
@@ -228,37 +229,15 @@ def db_current() -> None:
 # ---------------------------------------------------------------------------- schema and audit
 
 
-@app.command()
-def schema(
-    backend: Annotated[str, typer.Option(help="sql: DDL for --dialect; nosql: MongoDB $jsonSchema validators.")] = "sql",
-    dialect: Annotated[str, typer.Option(help="postgresql (postgres), sqlite or mysql (mariadb)")] = "postgresql",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON schemas of the public models instead.")] = False,
-) -> None:
-    """Print the SQL DDL for a dialect, the MongoDB collection validators of the stored
-    rows, or the JSON schemas of every request, result and event model."""
-    from creditworker.schema import BACKENDS, collection_validators, ddl, json_schemas
-
-    if as_json:
-        print(json.dumps(json_schemas(), indent=2))
-        return
-    try:
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-        if backend == "nosql":
-            print(json.dumps(collection_validators(), indent=2))
-        else:
-            print(ddl(dialect), end="")
-    except ValueError as exc:
-        print(f"error: invalid_input: {exc}", file=sys.stderr)
-        raise typer.Exit(2) from None
+app.command()(schema)
 
 
 @app.command("audit")
 @_reports_errors
 def audit_command(as_json: JsonOption = False) -> None:
     """Check the ledger invariants on the live database; exit 1 naming the accounts if any fail."""
-    from creditworker.audit import audit
-    from creditworker.contract import OveragePolicy
+    from creditworker.contract.credits import OveragePolicy
+    from creditworker.records.audit import audit
     from creditworker.settings import get_settings
     from creditworker.storage.readiness import ready_engine
 
@@ -325,7 +304,7 @@ def ledger(
     as_json: JsonOption = False,
 ) -> None:
     """Show the ledger's other records, newest first: refused operations and sweep runs."""
-    from creditworker.errors import ValidationFailed
+    from creditworker.contract.errors import ValidationFailed
 
     if kind not in (None, "error", "system"):
         raise ValidationFailed(f"kind must be error or system, got {kind!r}")
@@ -349,7 +328,7 @@ def _parse_amount(amount: str) -> int:
     try:
         return int(amount, 10)
     except ValueError:
-        from creditworker.errors import ValidationFailed
+        from creditworker.contract.errors import ValidationFailed
 
         raise ValidationFailed(f"amount must be a whole number of credits, got {amount!r}") from None
 
@@ -576,7 +555,7 @@ def events_tail(
     ] = None,
 ) -> None:
     """Print events as JSON lines as they are published (from a private, temporary queue)."""
-    from creditworker.event_bus import tail
+    from creditworker.notifications.exchange import tail
 
     for payload in tail(key, timeout=timeout):
         print(json.dumps(payload), flush=True)
@@ -591,7 +570,7 @@ app.add_typer(dead_letters_app, name="dead-letters")
 
 
 def _dead_letters() -> Any:
-    from creditworker.dead_letters import DeadLetterStore
+    from creditworker.records.dead_letters import DeadLetterStore
     from creditworker.storage.readiness import ready_engine
 
     return DeadLetterStore(ready_engine(_database_url()))

@@ -10,7 +10,7 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator
 from typing_extensions import TypedDict
 
-from creditworker.contract import (
+from creditworker.contract.credits import (
     MAX_AMOUNT,
     Request,
     UserId,
@@ -18,7 +18,7 @@ from creditworker.contract import (
     _check_identifier,
     _Message,
 )
-from creditworker.periods import BillingPeriod
+from creditworker.contract.periods import BillingPeriod
 
 PlanName = Annotated[
     str, Strict(), Field(min_length=1, max_length=100), AfterValidator(_check_identifier)

@@ -14,8 +14,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from creditworker.contract import LedgerEntry
-from creditworker.errors import CreditError
+from creditworker.contract.credits import LedgerEntry
+from creditworker.contract.errors import CreditError
 
 
 class LedgerFile:

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from creditworker.events import _Event
+from creditworker.contract.events import _Event
 from creditworker.storage.database import run_transaction
 from creditworker.storage.tables import OutboxEvent
 

@@ -1,0 +1,1 @@
+"""Notifications out of the house: the event exchange (publish, consume, tail)."""

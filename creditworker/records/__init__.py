@@ -1,0 +1,1 @@
+"""Side stores beside the ledger: outbox, dead letters, ledger records, ledger file, audit."""
