@@ -9,8 +9,7 @@ from creditworker.engine import CreditService, SubscriptionService
 def test_the_documented_import_paths_name_the_engine_services() -> None:
     from creditworker import CreditService as Documented
     from creditworker import SubscriptionService as DocumentedSubscriptions
-    from creditworker.credits import CreditService as Former  # docs/engine.md: "still works"
 
-    assert Documented is Former is CreditService
+    assert Documented is CreditService
     assert DocumentedSubscriptions is SubscriptionService
     assert {"CreditService", "SubscriptionService", "Settings", "get_settings", "app"} <= set(creditworker.__all__)
