@@ -9,6 +9,8 @@ means unset (its default), so a deployment can pass an optional one through as
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
+from typing import Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -89,3 +91,87 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings, read once."""
     return Settings()
+
+
+# ---------------------------------------------------------------- the broker a configuration names
+# Below every layer that connects to the broker (the worker's app, the event consumers of
+# notifications/exchange.py, the launcher), so that each derives the same options from the
+# settings it was given and none imports another layer for them.
+
+HEARTBEATS_PER_TIMEOUT = 6
+"""A live worker re-scores the Redis messages it holds this many times per visibility
+timeout (worker/redelivery.py); the restore sweep runs as often."""
+
+
+def broker_kind(broker_url: str) -> str:
+    """`redis`, `rabbitmq`, `filesystem` (the embedded broker), or the URL's scheme."""
+    scheme = broker_url.split("://", 1)[0].lower()
+    if scheme in ("redis", "rediss", "redis+socket"):
+        return "redis"
+    if scheme in ("amqp", "amqps", "pyamqp"):
+        return "rabbitmq"
+    if scheme == "filesystem":
+        return "filesystem"
+    return scheme
+
+
+def embedded_folders(settings: Settings) -> dict[str, Path]:
+    """The embedded broker's and result backend's folders under `data_dir`, made if missing."""
+    root = Path(settings.data_dir).resolve()
+    folders = {
+        "queue": root / "broker" / "queue",
+        "processed": root / "broker" / "processed",
+        "control": root / "broker" / "control",
+        "results": root / "results",
+    }
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    return folders
+
+
+def result_backend_url(settings: Settings) -> str:
+    if settings.result_backend:
+        return settings.result_backend
+    kind = broker_kind(settings.broker_url)
+    if kind == "redis":
+        return settings.broker_url
+    if kind == "rabbitmq":
+        return "rpc://"
+    return f"file://{embedded_folders(settings)['results']}"
+
+
+def broker_transport_options(settings: Settings) -> dict[str, Any]:
+    """The kombu transport options of the configured broker, for producers, workers and
+    event consumers alike."""
+    kind = broker_kind(settings.broker_url)
+    if kind == "redis":
+        # An unacknowledged message is redelivered once its score in kombu's `unacked_index`
+        # is older than the visibility timeout. A live worker re-scores what it holds six
+        # times per timeout (`redelivery.UnackedHeartbeat`), so only a dead worker's
+        # messages age: the timeout bounds the recovery after a crash, not the longest task.
+        # The restore sweep runs every timeout / 6 seconds (at most 10 s) on every worker,
+        # instead of kombu's default of ~100 s.
+        timeout = settings.visibility_timeout_seconds
+        return {
+            "visibility_timeout": timeout,
+            "unacked_restore_interval": max(1, min(10, timeout // HEARTBEATS_PER_TIMEOUT)),
+            "unacked_restore_throttle": 1,
+            # The restore sweep holds a Redis lock while it runs; if Redis dies mid-sweep
+            # the lock outlives the restart (with persistence) and blocks every restore
+            # until it expires: kombu's default of 300 s. The sweep takes milliseconds.
+            "unacked_mutex_expire": min(60, timeout),
+        }
+    if kind == "rabbitmq":
+        # Publisher confirms: a publish that returns was accepted by the broker.
+        return {"confirm_publish": True}
+    if kind == "filesystem":
+        folders = embedded_folders(settings)
+        return {
+            "data_folder_in": str(folders["queue"]),
+            "data_folder_out": str(folders["queue"]),
+            "processed_folder": str(folders["processed"]),
+            "control_folder": str(folders["control"]),
+            "store_processed": False,
+            "polling_interval": 0.1,
+        }
+    return {}

@@ -80,9 +80,10 @@ def _database_url() -> str:
 
 def _service() -> Any:
     from creditworker.engine import CreditService
+    from creditworker.settings import get_settings
     from creditworker.storage.readiness import ready_engine
 
-    return CreditService.from_settings(database=ready_engine(_database_url()))
+    return CreditService.from_settings(get_settings(), database=ready_engine(_database_url()))
 
 
 def _reports_errors(command: F) -> F:
@@ -525,12 +526,13 @@ def up(
     ] = None,
 ) -> None:
     """Migrate the database, then run worker and beat (and Flower) until Ctrl-C."""
+    from creditworker.settings import get_settings
     from creditworker.worker.launcher import FlowerOptions, run_up
 
     if flower_basic_auth and not all(":" in pair for pair in flower_basic_auth.split(",")):
         raise typer.BadParameter("expected user:password", param_hint="--flower-basic-auth")
     options = FlowerOptions(flower_port, flower_address, flower_basic_auth) if flower else None
-    raise typer.Exit(run_up(options))
+    raise typer.Exit(run_up(get_settings(), options))
 
 
 @app.command()

@@ -104,10 +104,12 @@ class Periodic:
 
 @dataclass(frozen=True)
 class Operation:
-    """One operation. `engine` names the service method the generic task body calls
-    (`credits.<method>` or `subscriptions.<method>`) with the request's given fields (and
-    the idempotency key for a write); None: worker/tasks.py has an adapter for it.
-    `wrap` puts the engine's plain answer under that key (`{"expired": 3}`)."""
+    """One operation. `engine` names the service method that serves it (`credits.<method>`
+    or `subscriptions.<method>`): engine/handlers.py calls it with the request's given
+    fields (and the idempotency key for a write), or through the handler its table lists
+    for the operation. None: the edge has an adapter for it (worker/tasks.py: the health
+    check, the event relay, the beat fan-out). `wrap` puts the engine's plain answer under
+    that key (`{"expired": 3}`)."""
 
     task: str
     request: type[BaseModel]
@@ -174,7 +176,8 @@ RESERVATION = Operation(
     route=_route("GET", "/reservations/{reservation_id}"))
 BATCH = Operation(
     "creditworker.credits.batch", SubmitBatch, list[BatchOutcome],
-    "Up to 1,000 operations in one transaction, one outcome each", producer="submit_batch")
+    "Up to 1,000 operations in one transaction, one outcome each",
+    engine="credits.apply_batch", producer="submit_batch")
 PING = Operation(
     "creditworker.health.ping", NoArguments, Pong, "A round trip through broker and worker")
 EXPIRE = Operation(
@@ -203,7 +206,8 @@ UPDATE_PLAN = Operation(
     route=_route("PATCH", "/plans/{plan:path}"), cli="plans update")
 DELETE_PLAN = Operation(
     "creditworker.plans.delete", DeletePlan, DeletedPlan,
-    "Delete an unused plan (one in use is deactivated: `plan_in_use`)", producer="delete_plan",
+    "Delete an unused plan (one in use is deactivated: `plan_in_use`)",
+    engine="subscriptions.delete_plan", producer="delete_plan",
     route=_route("DELETE", "/plans/{plan:path}"), cli="plans delete")
 GET_PLAN = Operation(
     "creditworker.plans.get", GetPlan, Plan, "A plan by id or name",
@@ -234,7 +238,8 @@ ALLOCATE_DUE = Operation(
     periodic=Periodic("allocate-subscriptions", "allocate_interval_seconds"))
 ALLOCATE = Operation(
     "creditworker.subscriptions.allocate", AllocateSubscriptions, Granted,
-    "Grant one chunk of due subscriptions their period (once per period)")
+    "Grant one chunk of due subscriptions their period (once per period)",
+    engine="subscriptions.allocate", wrap="granted")
 
 OPERATIONS: tuple[Operation, ...] = (
     ADD, DEDUCT, RESERVE, COMMIT, RELEASE, BALANCE, HISTORY, EXPIRING, RESERVATION, BATCH, PING, EXPIRE,

@@ -122,15 +122,12 @@ class CreditService:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings | None = None, *, database: str | Engine | None = None,
+        cls, settings: Settings, *, database: str | Engine | None = None,
         on_events: Callable[[int], None] | None = None, create_tables: bool = False,
     ) -> CreditService:
-        """The engine as `settings` (default: the environment) configure it; `database`
+        """The engine as `settings` (read once, at the edge) configure it; `database`
         overrides the URL. Tables are not made unless asked: the worker and the gateway wait
         for `creditworker migrate`."""
-        from creditworker.settings import get_settings
-
-        settings = settings or get_settings()
         return cls(
             database or settings.database_url,
             ledger_path=settings.ledger_path,

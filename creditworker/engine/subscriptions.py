@@ -50,6 +50,7 @@ from creditworker.contract.plans import (
     AssignPlan,
     ChangePlan,
     CreatePlan,
+    DeletedPlan,
     DeletePlan,
     GetPlan,
     GetSubscription,
@@ -90,11 +91,15 @@ def subscription_model(row: SubscriptionRow) -> Subscription:
 
 class SubscriptionService:
     def __init__(
-        self, credits: CreditService | Engine | str, *, chunk_size: int = ALLOCATION_CHUNK
+        self, credits: CreditService | Engine | str, *, chunk_size: int = ALLOCATION_CHUNK,
+        backfill: bool = False,
     ) -> None:
         self.credits = credits if isinstance(credits, CreditService) else CreditService(credits)
         self.engine = self.credits.engine
         self.chunk_size = chunk_size
+        self.backfill = backfill
+        """What `allocate` does by default after downtime: also grant missed periods whose
+        credits are still valid (`CREDITWORKER_ALLOCATION_BACKFILL`)."""
 
     # ------------------------------------------------------------------ plans
 
@@ -162,7 +167,7 @@ class SubscriptionService:
 
         return self.credits.run_keyed(request, Plan, operation, now=now)
 
-    def delete_plan(self, plan: int | str, *, idempotency_key: str | None = None) -> None:
+    def delete_plan(self, plan: int | str, *, idempotency_key: str | None = None) -> DeletedPlan:
         """Delete an unused plan. A plan that users are on is deactivated instead (new users
         can no longer be assigned to it) and `PlanInUse` says so. A repeat with the same key
         answers as the first call did (a redelivered delete is not `unknown_plan`)."""
@@ -191,6 +196,7 @@ class SubscriptionService:
                 f"plan {plan!r} has {deletion.active_subscriptions} active subscriptions: it was "
                 "deactivated, not deleted", plan=plan, active_subscriptions=deletion.active_subscriptions,
             )
+        return {"deleted": request.plan}
 
     def get_plan(self, plan: int | str) -> Plan:
         ref = parse(GetPlan, {"plan": plan}).plan
@@ -361,8 +367,10 @@ class SubscriptionService:
         return sum(self.allocate(ids, now=at, backfill=backfill) for ids in self.due_subscription_pages(at))
 
     def allocate(self, subscription_ids: list[int], *, now: datetime | None = None,
-                 backfill: bool = False) -> int:
-        """Advance the given subscriptions to the period containing `now`, in one transaction."""
+                 backfill: bool | None = None) -> int:
+        """Advance the given subscriptions to the period containing `now`, in one transaction.
+        `backfill` None: the service's own (`self.backfill`)."""
+        backfill = self.backfill if backfill is None else backfill
 
         def decide(uow: UnitOfWork) -> int:
             session = uow.session

@@ -17,6 +17,7 @@ from kombu import Connection, Exchange, Queue
 from kombu.message import Message
 
 from creditworker.contract.events import EXCHANGE, ROUTING_KEYS, _Event, parse_event, queue_name
+from creditworker.settings import Settings, broker_transport_options
 
 EVENTS_EXCHANGE = Exchange(EXCHANGE, type="topic", durable=True)
 
@@ -60,15 +61,14 @@ class EventPublisher:
 
 
 def broker_connection(
-    broker_url: str | None = None, transport_options: dict[str, Any] | None = None
+    broker_url: str | None = None, transport_options: dict[str, Any] | None = None,
+    *, settings: Settings | None = None,
 ) -> Connection:
-    """A connection to `broker_url`, or to the configured broker with the transport options
-    it needs (the embedded broker's folders, Redis's visibility timeout) when None."""
+    """A connection to `broker_url`; without one, to the broker `settings` name (default:
+    the environment's, for a downstream consumer that has no settings of its own) with the
+    transport options it needs (the embedded broker's folders, Redis's visibility timeout)."""
     if broker_url is None:
-        from creditworker.settings import get_settings
-        from creditworker.worker.app import broker_transport_options
-
-        settings = get_settings()
+        settings = settings or Settings()
         broker_url = settings.broker_url
         transport_options = {**broker_transport_options(settings), **(transport_options or {})}
     return Connection(broker_url, transport_options=transport_options or {})

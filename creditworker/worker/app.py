@@ -13,87 +13,23 @@ folders and reads no settings by importing this one.
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 from celery import Celery
 
 from creditworker.contract.operations import RESERVE
-from creditworker.settings import Settings, get_settings
-from creditworker.worker.redelivery import HEARTBEATS_PER_TIMEOUT, UnackedHeartbeat
+from creditworker.settings import (  # noqa: F401 - broker_kind: imported from here by the gateway
+    Settings,
+    broker_kind,
+    broker_transport_options,
+    get_settings,
+    result_backend_url,
+)
+from creditworker.worker.configured import ATTRIBUTE
+from creditworker.worker.redelivery import UnackedHeartbeat
 from creditworker.worker.transport import TRANSPORTS
 
 TASK_MODULES = ["creditworker.worker.tasks"]
-
-
-def broker_kind(broker_url: str) -> str:
-    scheme = broker_url.split("://", 1)[0].lower()
-    if scheme in ("redis", "rediss", "redis+socket"):
-        return "redis"
-    if scheme in ("amqp", "amqps", "pyamqp"):
-        return "rabbitmq"
-    if scheme == "filesystem":
-        return "filesystem"
-    return scheme
-
-
-def _embedded_folders(settings: Settings) -> dict[str, Path]:
-    root = Path(settings.data_dir).resolve()
-    folders = {
-        "queue": root / "broker" / "queue",
-        "processed": root / "broker" / "processed",
-        "control": root / "broker" / "control",
-        "results": root / "results",
-    }
-    for folder in folders.values():
-        folder.mkdir(parents=True, exist_ok=True)
-    return folders
-
-
-def result_backend_url(settings: Settings) -> str:
-    if settings.result_backend:
-        return settings.result_backend
-    kind = broker_kind(settings.broker_url)
-    if kind == "redis":
-        return settings.broker_url
-    if kind == "rabbitmq":
-        return "rpc://"
-    return f"file://{_embedded_folders(settings)['results']}"
-
-
-def broker_transport_options(settings: Settings) -> dict[str, Any]:
-    kind = broker_kind(settings.broker_url)
-    if kind == "redis":
-        # An unacknowledged message is redelivered once its score in kombu's `unacked_index`
-        # is older than the visibility timeout. A live worker re-scores what it holds six
-        # times per timeout (`redelivery.UnackedHeartbeat`), so only a dead worker's
-        # messages age: the timeout bounds the recovery after a crash, not the longest task.
-        # The restore sweep runs every timeout / 6 seconds (at most 10 s) on every worker,
-        # instead of kombu's default of ~100 s.
-        timeout = settings.visibility_timeout_seconds
-        return {
-            "visibility_timeout": timeout,
-            "unacked_restore_interval": max(1, min(10, timeout // HEARTBEATS_PER_TIMEOUT)),
-            "unacked_restore_throttle": 1,
-            # The restore sweep holds a Redis lock while it runs; if Redis dies mid-sweep
-            # the lock outlives the restart (with persistence) and blocks every restore
-            # until it expires: kombu's default of 300 s. The sweep takes milliseconds.
-            "unacked_mutex_expire": min(60, timeout),
-        }
-    if kind == "rabbitmq":
-        # Publisher confirms: a publish that returns was accepted by the broker.
-        return {"confirm_publish": True}
-    if kind == "filesystem":
-        folders = _embedded_folders(settings)
-        return {
-            "data_folder_in": str(folders["queue"]),
-            "data_folder_out": str(folders["queue"]),
-            "processed_folder": str(folders["processed"]),
-            "control_folder": str(folders["control"]),
-            "store_processed": False,
-            "polling_interval": 0.1,
-        }
-    return {}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -165,6 +101,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
     celery = Celery("creditworker", include=TASK_MODULES)
     celery.conf.update(celery_config(settings))
     celery.steps["consumer"].add(UnackedHeartbeat)
+    setattr(celery, ATTRIBUTE, settings)  # what tasks, delivery, gather and intake read
     return celery
 
 

@@ -29,9 +29,9 @@ from typing import Any, NoReturn
 from celery import Task
 from celery.exceptions import Retry
 
-from creditworker.settings import get_settings
 from creditworker.storage.database import is_transient
 from creditworker.worker import celery_adapter as celery_internals
+from creditworker.worker.configured import settings_of
 
 MAX_COUNTDOWN_SECONDS = 60.0
 
@@ -46,19 +46,21 @@ class RetryLater:
     countdown: float
 
 
-def decide(exc: BaseException, retries: int) -> RetryLater | None:
-    """Send the message back with a countdown, or None: the failure is final."""
-    if not is_transient(exc) or retries >= get_settings().task_max_retries:
+def decide(exc: BaseException, retries: int, max_retries: int) -> RetryLater | None:
+    """Send the message back with a countdown, or None: the failure is final (not transient,
+    or already retried `max_retries` times: `CREDITWORKER_TASK_MAX_RETRIES`)."""
+    if not is_transient(exc) or retries >= max_retries:
         return None
     return RetryLater(backoff(retries))
 
 
 def retry_single(task: Task, exc: BaseException) -> NoReturn:
     """A single task's transient failure: back to the broker, or raised as final."""
-    retry = decide(exc, task.request.retries)
+    max_retries = settings_of(task.app).task_max_retries
+    retry = decide(exc, task.request.retries, max_retries)
     if retry is None:
         raise exc
-    raise task.retry(exc=exc, countdown=retry.countdown, max_retries=get_settings().task_max_retries) from exc
+    raise task.retry(exc=exc, countdown=retry.countdown, max_retries=max_retries) from exc
 
 
 def retry_gathered(
@@ -66,8 +68,9 @@ def retry_gathered(
 ) -> BaseException:
     """A gathered message's transient failure: re-published with a countdown (its outcome is
     then Celery's `Retry`, stored as RETRY), or the error itself when it is final."""
-    retry = decide(exc, int(fields.get("retries") or 0))
+    task = task_for(fields["task"])
+    retry = decide(exc, int(fields.get("retries") or 0), settings_of(task.app).task_max_retries)
     if retry is None:
         return exc
-    celery_internals.resend(task_for(fields["task"]), fields, countdown=retry.countdown)
+    celery_internals.resend(task, fields, countdown=retry.countdown)
     return Retry(exc=exc, when=retry.countdown)

@@ -45,8 +45,8 @@ from kombu import Producer
 from kombu.exceptions import OperationalError
 from kombu.utils.encoding import safe_repr
 
-from creditworker.settings import get_settings
 from creditworker.worker import celery_adapter as celery_internals
+from creditworker.worker.configured import settings_of
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class Gatherer:
 def gathering_strategy(task: Task, app: Celery, consumer: Any, **options: Any) -> Callable[..., Any]:
     """Celery's default strategy, except that gathered messages go to the consumer's Gatherer."""
     usual = celery_internals.usual_strategy(task, app, consumer, **options)
-    max_size = get_settings().gather_max
+    max_size = settings_of(app).gather_max
     if max_size <= 1:
         return usual
     gatherer: Gatherer | None = getattr(consumer, "_creditworker_gatherer", None)

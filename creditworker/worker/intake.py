@@ -30,7 +30,7 @@ from celery.worker.consumer import Consumer
 
 from creditworker.contract.errors import ValidationFailed
 from creditworker.records.dead_letters import DeadLetter, DeadLetterStore
-from creditworker.settings import get_settings
+from creditworker.worker.configured import settings_of
 from creditworker.worker.transport import UNREADABLE_HEADER
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
 
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
         handle = super().create_task_handler(*args, **kwargs)
-        max_bytes = get_settings().max_message_bytes
+        max_bytes = settings_of(self.app).max_message_bytes
         connection_errors = tuple(self.connection_errors or ())
 
         def on_task_received(message: Any) -> Any:
@@ -164,7 +164,7 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         )
         letter_id: int | None
         try:
-            letter_id = dead_letter_store().add(letter)
+            letter_id = dead_letter_store(settings_of(self.app).database_url).add(letter)
         except Exception:  # the log then keeps the message instead
             letter_id = None
             logger.exception("could not store a dead letter; the whole message: %s",
@@ -204,13 +204,14 @@ def _answer_producer(app: Any, letter: DeadLetter, letter_id: int | None) -> Non
 _store: DeadLetterStore | None = None
 
 
-def dead_letter_store() -> DeadLetterStore:
-    """The main process's store: a pool-less engine, so no connection outlives a fork."""
+def dead_letter_store(database_url: str) -> DeadLetterStore:
+    """The main process's store (on the app's database): a pool-less engine, so no
+    connection outlives a fork."""
     global _store
     if _store is None:
         from sqlalchemy.pool import NullPool
 
         from creditworker.storage.database import make_engine
 
-        _store = DeadLetterStore(make_engine(get_settings().database_url, poolclass=NullPool))
+        _store = DeadLetterStore(make_engine(database_url, poolclass=NullPool))
     return _store

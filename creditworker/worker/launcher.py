@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from creditworker.settings import get_settings
+from creditworker.settings import Settings, broker_kind, result_backend_url
 from creditworker.worker import commands
 
 SHUTDOWN_GRACE_SECONDS = 30
@@ -347,13 +347,12 @@ def flower_program(options: FlowerOptions) -> tuple[Program, str]:
     return program, f"{where}, {login}"
 
 
-def run_up(flower: FlowerOptions | None = None) -> int:
-    """Migrate, print what runs where, supervise until Ctrl-C; the exit code of `up`."""
+def run_up(settings: Settings, flower: FlowerOptions | None = None) -> int:
+    """Migrate, print what runs where, supervise until Ctrl-C; the exit code of `up`.
+    `settings`: what the command read (the children read the same environment)."""
     from creditworker.storage.database import make_engine
     from creditworker.storage.migrate import upgrade
-    from creditworker.worker.app import broker_kind, result_backend_url
 
-    settings = get_settings()
     engine = make_engine(settings.database_url)
     upgrade(engine)
     engine.dispose()

@@ -5,8 +5,9 @@ returns JSON: `{"ok": true, "result": ...}` or `{"ok": false, "error": {"code", 
 "details"}}`. Business refusals are results, never retried and never a crash loop; a
 transient database error follows the one retry policy of `delivery`.
 
-Most operations call the engine method the registry names; the few that need more (a
-batch's keys, the beat fan-out, the event relay) have an adapter in `ADAPTERS`. The tasks
+Operations go through the engine's one dispatch (`engine.handlers`); the few that need
+the Celery app or a broker connection (the health check, the beat fan-out, the event
+relay) have an adapter in `ADAPTERS`. The tasks
 are shared tasks: every Celery app gets them when it is finalized, so this module needs
 no app at import.
 """
@@ -24,18 +25,17 @@ from creditworker.contract.errors import CreditError, ValidationFailed
 from creditworker.contract.operations import (
     ALLOCATE,
     ALLOCATE_DUE,
-    BATCH,
     BY_TASK,
-    DELETE_PLAN,
     OPERATIONS,
     PING,
     RELAY,
     Operation,
 )
 from creditworker.engine import CreditService, SubscriptionService
-from creditworker.settings import get_settings
+from creditworker.engine.handlers import Services, dispatch
 from creditworker.storage.database import is_transient
 from creditworker.worker import delivery
+from creditworker.worker.configured import settings_of
 from creditworker.worker.gather import GatheredTask
 
 _service: CreditService | None = None
@@ -43,11 +43,12 @@ _subscriptions: SubscriptionService | None = None
 
 
 def service() -> CreditService:
-    """The worker process's engine, created on first use (after the prefork pool forked)."""
+    """The worker process's engine, created on first use (after the prefork pool forked),
+    as the settings of the app it runs under say."""
     global _service
     if _service is None:
         _service = CreditService.from_settings(
-            on_events=lambda _count: current_app.send_task(RELAY.task)
+            settings_of(current_app), on_events=lambda _count: current_app.send_task(RELAY.task)
         )
     return _service
 
@@ -55,8 +56,25 @@ def service() -> CreditService:
 def subscriptions() -> SubscriptionService:
     global _subscriptions
     if _subscriptions is None:
-        _subscriptions = SubscriptionService(service(), chunk_size=get_settings().allocation_chunk_size)
+        settings = settings_of(current_app)
+        _subscriptions = SubscriptionService(service(), chunk_size=settings.allocation_chunk_size,
+                                             backfill=settings.allocation_backfill)
     return _subscriptions
+
+
+class _ProcessServices:
+    """The process's services (`engine.handlers.Services`), each made when first needed."""
+
+    @property
+    def credits(self) -> CreditService:
+        return service()
+
+    @property
+    def subscriptions(self) -> SubscriptionService:
+        return subscriptions()
+
+
+SERVICES: Services = _ProcessServices()
 
 
 def _dump(value: Any) -> Any:
@@ -65,19 +83,6 @@ def _dump(value: Any) -> Any:
     if isinstance(value, list):
         return [_dump(item) for item in value]
     return value
-
-
-def call_engine(operation: Operation, request: BaseModel, key: str) -> Any:
-    """The generic body: the engine method the registry names, with the fields the message
-    gave (so the engine's defaults apply, and an update changes only what was given)."""
-    assert operation.engine is not None
-    owner, method = operation.engine.split(".")
-    engine: Any = service() if owner == "credits" else subscriptions()
-    arguments = {name: getattr(request, name) for name in request.model_fields_set}
-    if operation.keyed:
-        arguments["idempotency_key"] = key
-    answer = getattr(engine, method)(**arguments)
-    return {operation.wrap: answer} if operation.wrap else answer
 
 
 def _handle(task: Task, operation: Operation, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +95,7 @@ def _handle(task: Task, operation: Operation, args: tuple[Any, ...], kwargs: dic
         request = parse(operation.request, kwargs)
         key = getattr(request, "idempotency_key", None) or f"task:{task.request.id}"
         adapter = ADAPTERS.get(operation.task)
-        answer = adapter(task, request, key) if adapter else call_engine(operation, request, key)
+        answer = adapter(task, request, key) if adapter else dispatch(SERVICES, operation, request, key)
         return {"ok": True, "result": _dump(answer)}
     except CreditError as exc:
         return {"ok": False, "error": exc.to_dict()}
@@ -99,11 +104,6 @@ def _handle(task: Task, operation: Operation, args: tuple[Any, ...], kwargs: dic
 
 
 # ---------------------------------------------------------------- adapters
-
-
-def _apply_batch(_task: Task, request: Any, key: str) -> Any:
-    """Many operations in one transaction; item i without a key is keyed `<key>:<i>`."""
-    return service().apply_batch(request.operations, default_keys=[f"{key}:{i}" for i in range(len(request.operations))])
 
 
 def _ping(_task: Task, _request: Any, _key: str) -> Any:
@@ -120,15 +120,6 @@ def _relay(task: Task, _request: Any, _key: str) -> Any:
         return {"published": publish_pending(service().engine, EventPublisher(connection))}
 
 
-def _delete_plan(_task: Task, request: Any, key: str) -> Any:
-    subscriptions().delete_plan(request.plan, idempotency_key=key)
-    return {"deleted": request.plan}
-
-
-def _allocate(_task: Task, request: Any, _key: str) -> Any:
-    return {"granted": subscriptions().allocate(request.subscription_ids, backfill=get_settings().allocation_backfill)}
-
-
 def _allocate_due(task: Task, _request: Any, _key: str) -> Any:
     """Beat's entry point: fan the due subscriptions out as chunk tasks over the workers.
 
@@ -143,14 +134,12 @@ def _allocate_due(task: Task, _request: Any, _key: str) -> Any:
 
 
 ADAPTERS: dict[str, Callable[[Task, Any, str], Any]] = {
-    BATCH.task: _apply_batch,
     PING.task: _ping,
     RELAY.task: _relay,
-    DELETE_PLAN.task: _delete_plan,
-    ALLOCATE.task: _allocate,
     ALLOCATE_DUE.task: _allocate_due,
 }
-"""The operations whose registry entry names no engine method."""
+"""The operations whose registry entry names no engine method: they need the Celery app
+or a broker connection. Every other one goes through the engine's one dispatch."""
 
 
 # ---------------------------------------------------------------- gathered messages

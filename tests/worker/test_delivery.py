@@ -27,24 +27,16 @@ def test_the_countdown_doubles_from_half_a_second_up_to_a_minute() -> None:
     assert max(delivery.backoff(30) for _ in range(50)) <= 90
 
 
-def test_a_lost_database_goes_back_to_the_broker_until_the_retries_are_spent(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CREDITWORKER_TASK_MAX_RETRIES", "3")
-    from creditworker.settings import get_settings
-
-    get_settings.cache_clear()
-    try:
-        refused = _connection_refused()
-        assert isinstance(delivery.decide(refused, 0), delivery.RetryLater)
-        assert isinstance(delivery.decide(refused, 2), delivery.RetryLater)
-        assert delivery.decide(refused, 3) is None
-    finally:
-        monkeypatch.undo()
-        get_settings.cache_clear()
+def test_a_lost_database_goes_back_to_the_broker_until_the_retries_are_spent() -> None:
+    refused = _connection_refused()
+    assert isinstance(delivery.decide(refused, 0, 3), delivery.RetryLater)
+    assert isinstance(delivery.decide(refused, 2, 3), delivery.RetryLater)
+    assert delivery.decide(refused, 3, 3) is None
 
 
 @pytest.mark.parametrize("error", [InsufficientCredits("no"), ValueError("a bug"), KeyError("x")])
 def test_refusals_and_bugs_are_never_retried(error: Exception) -> None:
-    assert delivery.decide(error, 0) is None
+    assert delivery.decide(error, 0, 8) is None
 
 
 def test_a_gathered_batch_whose_database_is_gone_goes_back_to_the_broker_at_once(redis_url: str) -> None:
