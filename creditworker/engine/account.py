@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Table
 from sqlalchemy.engine import Connection
 
 from creditworker.engine.rules import Account, Hold, Lot, draw_order
-from creditworker.storage import bulk
+from creditworker.storage.backends import backend_for
 from creditworker.storage.database import insert_if_absent
 from creditworker.storage.tables import Account as AccountRow
 from creditworker.storage.tables import Hold as HoldRow
@@ -39,7 +39,8 @@ def create_missing(connection: Connection, user_ids: Collection[str], at: dateti
     if not user_ids:
         return set()
     if existing is None:
-        existing = {row[0] for row in bulk.rows_where_in(connection, accounts_table, ("user_id",), "user_id", user_ids)}
+        existing = {row[0] for row in backend_for(connection).rows_where_in(
+            connection, accounts_table, ("user_id",), "user_id", user_ids)}
     return {
         user_id for user_id in sorted(set(user_ids) - existing)
         if insert_if_absent(connection, AccountRow, {
@@ -54,8 +55,8 @@ ACCOUNT_COLUMNS = ("user_id", "balance", "reserved", "low_credit_threshold", "lo
 
 def lock(connection: Connection, user_ids: Iterable[str]) -> dict[str, Account]:
     """The accounts that exist among `user_ids`, locked for the rest of the transaction."""
-    rows = bulk.rows_where_in(connection, accounts_table, ACCOUNT_COLUMNS, "user_id", set(user_ids),
-                              order_by="user_id", for_update=True)
+    rows = backend_for(connection).rows_where_in(connection, accounts_table, ACCOUNT_COLUMNS, "user_id",
+                                                 set(user_ids), order_by="user_id", for_update=True)
     return {row[0]: Account(row[0], row[1], row[2], row[3], bool(row[4]), row[5]) for row in rows}
 
 
@@ -88,24 +89,27 @@ def load_live_lots(connection: Connection, accounts: Iterable[Account],
     """Give each account its lots with credits left, in the draw-down order (one query).
 
     With `drawing` (at most how much each account's draws may take in this unit of work),
-    PostgreSQL sends only the lots that come first in the draw-down order until they cover
-    that much: the lots a draw can reach. Lots granted later in the unit of work only add
-    to what is there, so the prefix stays enough. Other databases send every live lot.
+    the backend may send only the lots a draw can reach (`Backend.drawable_lots`: the
+    psycopg2 path sends the prefix of the draw-down order that covers it). Lots granted
+    later in the unit of work only add to what is there, so the prefix stays enough.
 
-    In the same statement, PostgreSQL reads the operation rows of `operation_keys` and takes
-    `entry_ids` ids from the ledger's sequence and `lot_ids` from the lots' (after the
-    accounts' lock, so in the order their transactions hold it): round trips saved. None: it did not (other databases, or no
-    `drawing`); the caller reads the operations itself, and the writer gets ids as it inserts.
+    In the same statement that path reads the operation rows of `operation_keys` and takes
+    `entry_ids` ids from the ledger's sequence and `lot_ids` from the lots': round trips
+    saved. None: it did not (the Core path, or no `drawing`); the caller reads the
+    operations itself, and the writer gets ids as it inserts.
     """
     wanting = {account.user_id: account for account in accounts if not account.lots_loaded}
     for account in wanting.values():
         account.lots, account.lots_loaded = [], True
+    backend = backend_for(connection)
     prefetched: Prefetched | None = None
-    if drawing is not None and bulk.pg_arrays(connection):
-        rows, prefetched = _lots_prefix(connection, {user_id: max(0, drawing.get(user_id, 0)) for user_id in wanting},
-                                        operation_keys, entry_ids, lot_ids)
+    if drawing is not None:
+        needed = {user_id: max(0, drawing.get(user_id, 0)) for user_id in wanting}
+        rows, extra = backend.drawable_lots(connection, LOT_COLUMNS, lots_table, needed, operation_keys,
+                                            entry_ids, lot_ids)
+        prefetched = None if extra is None else Prefetched(*extra)
     elif wanting:
-        rows = bulk.rows_where_in(connection, lots_table, LOT_COLUMNS, "user_id", wanting, where="remaining > 0")
+        rows = backend.rows_where_in(connection, lots_table, LOT_COLUMNS, "user_id", wanting, where="remaining > 0")
     else:
         return None
     for row in rows:
@@ -116,64 +120,23 @@ def load_live_lots(connection: Connection, accounts: Iterable[Account],
     return prefetched
 
 
-_PREFIX = (
-    "SELECT {columns}, NULL::json, NULL::bigint[], NULL::bigint[] FROM (SELECT l.*, n.needed, sum(l.remaining) OVER"
-    " (PARTITION BY l.user_id ORDER BY l.priority, l.expires_at IS NULL, l.expires_at, l.id) - l.remaining"
-    " AS before FROM credit_lots l JOIN unnest(CAST(%(users)s AS text[]), CAST(%(needed)s AS bigint[]))"
-    " AS n(user_id, needed) ON l.user_id = n.user_id WHERE l.remaining > 0) x WHERE x.before < x.needed"
-    " UNION ALL SELECT {nulls}, (SELECT json_agg(json_build_array(o.idempotency_key, o.kind, o.fingerprint,"
-    " o.result)) FROM operations o WHERE o.idempotency_key = ANY(CAST(%(keys)s AS text[]))),"
-    " (SELECT array_agg(nextval('ledger_entries_id_seq')) FROM generate_series(1, %(entry_ids)s)),"
-    " (SELECT array_agg(nextval('credit_lots_id_seq')) FROM generate_series(1, %(lot_ids)s))"
-).format(columns=", ".join(LOT_COLUMNS), nulls=", ".join("NULL" for _ in LOT_COLUMNS))
-"""The lots in draw-down order (as `rules.draw_order` sorts them) whose credits before them
-do not cover what the account may draw; then one row whose lot columns are NULL, with the
-operation rows stored for the given keys (JSON), the new entry ids and the new lot ids."""
-
-
-def _lots_prefix(connection: Connection, needed: Mapping[str, int], operation_keys: Collection[str],
-                 entry_ids: int, lot_ids: int) -> tuple[list[tuple[object, ...]], Prefetched]:
-    users = sorted(user_id for user_id, amount in needed.items() if amount > 0)
-    rows = connection.exec_driver_sql(_PREFIX, {
-        "users": bulk.text_array(users), "needed": "{" + ",".join(str(needed[user]) for user in users) + "}",
-        "keys": bulk.text_array(sorted(set(operation_keys))), "entry_ids": entry_ids, "lot_ids": lot_ids,
-    }).fetchall()
-    lots = [(*row[:5], _utc(row[5]), row[6], _utc(row[7]), row[8]) for row in rows if row[0] is not None]
-    extra = next(row for row in rows if row[0] is None)
-    return lots, Prefetched([tuple(operation) for operation in extra[-3] or ()],  # type: ignore[misc]
-                            sorted(extra[-2] or ()), sorted(extra[-1] or ()))
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    return None if value is None else value.replace(tzinfo=timezone.utc)
-
-
 def load_lots(connection: Connection, lot_ids: Collection[int]) -> list[Lot]:
     """The given lots as they are now (read after their accounts were locked), in id order."""
-    return [_lot(row) for row in bulk.rows_where_in(connection, lots_table, LOT_COLUMNS, "id", lot_ids, order_by="id")]
+    return [_lot(row) for row in backend_for(connection).rows_where_in(
+        connection, lots_table, LOT_COLUMNS, "id", lot_ids, order_by="id")]
 
 
 def hold_owners(connection: Connection, hold_ids: Collection[str]) -> dict[str, str]:
     """The user of each existing hold, read before locking (to know which accounts to lock)."""
-    return {row[0]: row[1] for row in bulk.rows_where_in(connection, holds_table, ("id", "user_id"), "id", hold_ids)}
-
-
-_BEFORE_LOCK = (
-    "SELECT id, user_id FROM reservations WHERE id = ANY(CAST(%(holds)s AS text[]))"
-    " UNION ALL SELECT NULL, user_id FROM accounts WHERE user_id = ANY(CAST(%(users)s AS text[]))"
-)
+    return {row[0]: row[1] for row in backend_for(connection).rows_where_in(
+        connection, holds_table, ("id", "user_id"), "id", hold_ids)}
 
 
 def before_lock(connection: Connection, hold_ids: Collection[str], user_ids: Collection[str],
                 ) -> tuple[dict[str, str], set[str] | None]:
     """`hold_owners`, and which of `user_ids` have an account (for `create_missing`; None: not
-    read). PostgreSQL reads both in one statement when it needs both."""
-    if not hold_ids or not user_ids or not bulk.pg_arrays(connection):
-        return hold_owners(connection, hold_ids), None
-    rows = connection.exec_driver_sql(_BEFORE_LOCK, {
-        "holds": bulk.text_array(sorted(set(hold_ids))), "users": bulk.text_array(sorted(set(user_ids))),
-    }).fetchall()
-    return {row[0]: row[1] for row in rows if row[0] is not None}, {row[1] for row in rows if row[0] is None}
+    read). A backend may read both in one statement when it needs both."""
+    return backend_for(connection).owners_and_accounts(connection, holds_table, accounts_table, hold_ids, user_ids)
 
 
 HOLD_COLUMNS = ("id", "user_id", "amount", "status", "expires_at", "created_at", "idempotency_key",
@@ -182,5 +145,5 @@ HOLD_COLUMNS = ("id", "user_id", "amount", "status", "expires_at", "created_at",
 
 def load_holds(connection: Connection, hold_ids: Collection[str]) -> dict[str, Hold]:
     """The given holds as they are now (read after their accounts were locked)."""
-    return {row[0]: Hold(*row) for row in bulk.rows_where_in(  # type: ignore[arg-type]
+    return {row[0]: Hold(*row) for row in backend_for(connection).rows_where_in(  # type: ignore[arg-type]
         connection, holds_table, HOLD_COLUMNS, "id", hold_ids, order_by="id")}

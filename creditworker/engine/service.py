@@ -10,6 +10,7 @@ transaction. It knows nothing of Celery, HTTP or the CLI.
 from __future__ import annotations
 
 import uuid
+from functools import partial
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -291,12 +292,12 @@ class CreditService:
         on the first sweep after it ends (unless the commit consumed them).
         """
         at = aware(now)
-        return self._swept("expire_credits", "expired", sweeps.expire_lots(self, at), at)
+        return self._swept("expire_credits", "expired", sweeps.expire_lots(self.engine, partial(self.run, now=at), at), at)
 
     def release_stale_reservations(self, now: datetime | None = None) -> int:
         """Expire every active hold past its TTL; returns how many were released."""
         at = aware(now)
-        return self._swept("release_stale_reservations", "released", sweeps.expire_holds(self, at), at)
+        return self._swept("release_stale_reservations", "released", sweeps.expire_holds(self.engine, partial(self.run, now=at), at), at)
 
     def send_expiry_reminders(self, now: datetime | None = None) -> int:
         """Queue a credits.expiring event per lot entering a reminder window; returns how many.
@@ -306,7 +307,8 @@ class CreditService:
         and the 1-day one later. Each (lot, day) is sent once, however often this runs.
         """
         at = aware(now)
-        return self._swept("send_expiry_reminders", "reminded", sweeps.remind(self, at), at)
+        reminded = sweeps.remind(self.engine, partial(self.run, now=at), at, self.expiry_reminder_days)
+        return self._swept("send_expiry_reminders", "reminded", reminded, at)
 
     def record_sweep(self, operation: str, counts: Mapping[str, int], *, now: datetime | None = None) -> None:
         """Store a `system` ledger record of what a sweep run did (one that did nothing

@@ -63,7 +63,7 @@ from creditworker.contract.plans import (
 from creditworker.engine import rules
 from creditworker.engine.service import CreditService, aware
 from creditworker.engine.unit_of_work import UnitOfWork, new_event_id
-from creditworker.storage import bulk
+from creditworker.storage.backends import after, backend_for
 from creditworker.storage.tables import PlanRow, SubscriptionRow
 
 subscriptions_table = cast(Table, SubscriptionRow.__table__)
@@ -354,9 +354,9 @@ class SubscriptionService:
         a page never re-reads the rows of the pages before it."""
         at = aware(now)
         last = None
-        while rows := bulk.keyset_page(self.engine, select(*_DUE_KEY).where(
+        while rows := backend_for(self.engine).keyset_page(self.engine, select(*_DUE_KEY).where(
             subscriptions_table.c.status == ACTIVE, subscriptions_table.c.current_period_end <= at,
-            *bulk.after(_DUE_KEY, last),
+            *after(_DUE_KEY, last),
         ).order_by(*_DUE_KEY).limit(self.chunk_size)):
             last = rows[-1]
             yield [row[1] for row in rows]
@@ -374,10 +374,11 @@ class SubscriptionService:
 
         def decide(uow: UnitOfWork) -> int:
             session = uow.session
-            owners = bulk.rows_where_in(uow.connection, subscriptions_table, ("user_id",), "id", subscription_ids)
+            backend = backend_for(uow.connection)
+            owners = backend.rows_where_in(uow.connection, subscriptions_table, ("user_id",), "id", subscription_ids)
             uow.lock(row[0] for row in owners)
             rows = [  # re-read under the locks: what the scan saw may be stale
-                _PeriodRow(*row) for row in bulk.rows_where_in(
+                _PeriodRow(*row) for row in backend.rows_where_in(
                     uow.connection, subscriptions_table, _PeriodRow.__slots__, "id", subscription_ids, order_by="id")
             ]
             advances = [self._plan_advance(session, row, uow.at, backfill) for row in rows]

@@ -9,12 +9,13 @@ sweep holds locks over a whole table, and two sweeps running at once do each row
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from functools import partial
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from sqlalchemy import Table, select
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from creditworker.contract.credits import ReservationStatus
@@ -22,21 +23,21 @@ from creditworker.contract.events import CreditsExpired, CreditsExpiring, Reserv
 from creditworker.engine import account as accounts
 from creditworker.engine import rules
 from creditworker.engine.unit_of_work import UnitOfWork, new_event_id
-from creditworker.storage import bulk
+from creditworker.storage.backends import after, backend_for
 from creditworker.storage.tables import ExpiryReminder, Hold, Lot
 
 reminders_table = cast(Table, ExpiryReminder.__table__)
 
-if TYPE_CHECKING:
-    from creditworker.engine.service import CreditService
+RunChunk = Callable[[Callable[[UnitOfWork], int]], int]
+"""Runs one chunk's unit of work in its own transaction and writes what it decided (the
+service's `run`, at the sweep's time): a sweep is given it, not the service."""
 
 SWEEP_CHUNK = 1000
 """Rows a sweep handles per transaction, so no sweep holds locks over a whole table."""
 
 
-
-def _scan(service: CreditService, query: Any) -> list[Any]:
-    with Session(service.engine) as session:
+def _scan(engine: Engine, query: Any) -> list[Any]:
+    with Session(engine) as session:
         return list(session.scalars(query))
 
 
@@ -44,19 +45,19 @@ _LOT_KEY = (Lot.__table__.c.expires_at, Lot.__table__.c.id)
 """Sweeps over lots page through the (expires_at, id) index, each page after the last."""
 
 
-def expire_lots(service: CreditService, at: datetime) -> int:
+def expire_lots(engine: Engine, run: RunChunk, at: datetime) -> int:
     """Expire every lot past its expiry; returns the number of expiry entries written."""
     written = 0
     last = None
     while True:
-        rows = bulk.keyset_page(service.engine, select(Lot.expires_at, Lot.id, Lot.user_id)
-                               .where(Lot.expires_at <= at, Lot.remaining > 0, *bulk.after(_LOT_KEY, last))
+        rows = backend_for(engine).keyset_page(engine, select(Lot.expires_at, Lot.id, Lot.user_id)
+                               .where(Lot.expires_at <= at, Lot.remaining > 0, *after(_LOT_KEY, last))
                                .order_by(*_LOT_KEY).limit(SWEEP_CHUNK))
         if not rows:
             return written
         last = rows[-1][:2]
         owners = {row[2] for row in rows}  # a lot's owner never changes: the unlocked scan may read it
-        written += service.run(partial(_expire_lot_chunk, lot_ids=[row[1] for row in rows], owners=owners), now=at)
+        written += run(partial(_expire_lot_chunk, lot_ids=[row[1] for row in rows], owners=owners))
 
 
 def _expire_lot_chunk(uow: UnitOfWork, lot_ids: list[int], owners: set[str]) -> int:
@@ -76,19 +77,19 @@ def _expire_lot_chunk(uow: UnitOfWork, lot_ids: list[int], owners: set[str]) -> 
     return written
 
 
-def expire_holds(service: CreditService, at: datetime) -> int:
+def expire_holds(engine: Engine, run: RunChunk, at: datetime) -> int:
     """Expire every active hold past its TTL; returns how many were released."""
     released = 0
     after_id = ""
     while True:
-        hold_ids: list[str] = _scan(service, select(Hold.id)
+        hold_ids: list[str] = _scan(engine, select(Hold.id)
                                     .where(Hold.status == ReservationStatus.ACTIVE.value, Hold.expires_at <= at,
                                            Hold.id > after_id)
                                     .order_by(Hold.id).limit(SWEEP_CHUNK))
         if not hold_ids:
             return released
         after_id = hold_ids[-1]
-        released += service.run(partial(_expire_hold_chunk, hold_ids=hold_ids), now=at)
+        released += run(partial(_expire_hold_chunk, hold_ids=hold_ids))
 
 
 def _expire_hold_chunk(uow: UnitOfWork, hold_ids: list[str]) -> int:
@@ -107,22 +108,22 @@ def _expire_hold_chunk(uow: UnitOfWork, hold_ids: list[str]) -> int:
     return released
 
 
-def remind(service: CreditService, at: datetime) -> int:
-    """Queue a credits.expiring event per lot entering a reminder window; returns how many."""
-    days = service.expiry_reminder_days
+def remind(engine: Engine, run: RunChunk, at: datetime, days: Sequence[int]) -> int:
+    """Queue a credits.expiring event per lot entering a reminder window (`days` before its
+    expiry, ascending); returns how many."""
     if not days:
         return 0
     horizon = at + timedelta(days=days[-1])
     sent = 0
     last = (at, 2**62)  # after every lot that expires at `at` or before
     while True:
-        rows = bulk.keyset_page(service.engine, select(Lot.expires_at, Lot.id)
-                               .where(Lot.expires_at <= horizon, Lot.remaining > 0, *bulk.after(_LOT_KEY, last))
+        rows = backend_for(engine).keyset_page(engine, select(Lot.expires_at, Lot.id)
+                               .where(Lot.expires_at <= horizon, Lot.remaining > 0, *after(_LOT_KEY, last))
                                .order_by(*_LOT_KEY).limit(SWEEP_CHUNK))
         if not rows:
             return sent
         last = rows[-1]
-        sent += service.run(partial(_remind_chunk, lot_ids=[row[1] for row in rows], days=days), now=at)
+        sent += run(partial(_remind_chunk, lot_ids=[row[1] for row in rows], days=days))
 
 
 def _remind_chunk(uow: UnitOfWork, lot_ids: list[int], days: Sequence[int]) -> int:
@@ -131,7 +132,7 @@ def _remind_chunk(uow: UnitOfWork, lot_ids: list[int], days: Sequence[int]) -> i
         day = None if lot.expires_at is None or lot.remaining <= 0 else reminder_day(days, lot.expires_at - uow.at)
         if day is not None and lot.id is not None:
             due[(lot.id, day)] = lot
-    claimed = bulk.insert_absent(uow.connection, reminders_table, [
+    claimed = backend_for(uow.connection).insert_absent(uow.connection, reminders_table, [
         {"lot_id": lot_id, "days_before": day, "sent_at": uow.at} for lot_id, day in due
     ])
     for lot_id, day in sorted(claimed):

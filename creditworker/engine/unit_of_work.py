@@ -26,7 +26,7 @@ from creditworker.contract.events import CreditsLow, _Event
 from creditworker.engine import account as accounts
 from creditworker.engine.results import entry_row_record, referenced_entry
 from creditworker.engine.rules import Account, Hold, Posting, low_credit_crossing
-from creditworker.storage import bulk
+from creditworker.storage.backends import backend_for
 from creditworker.storage.tables import Entry, Operation
 
 ResultSource = Posting | dict[str, Any]
@@ -162,12 +162,14 @@ class UnitOfWork:
             wanted = set(keys)
             rows = [row for row in self.operations_read[1] if row[0] in wanted]
         else:
-            rows = bulk.rows_where_in(self.connection, operations_table,
-                                      ("idempotency_key", "kind", "fingerprint", "result"), "idempotency_key", keys)
+            rows = backend_for(self.connection).rows_where_in(
+                self.connection, operations_table, ("idempotency_key", "kind", "fingerprint", "result"),
+                "idempotency_key", keys)
         known = {row[0]: StoredOperation(row[1], row[2], row[3]) for row in rows}
         referencing = {entry_id: operation for operation in known.values()
                        if (entry_id := referenced_entry(operation.result)) is not None}
-        for row in bulk.rows_where_in(self.connection, entries_table, ENTRY_COLUMNS, "id", referencing):
+        for row in backend_for(self.connection).rows_where_in(self.connection, entries_table, ENTRY_COLUMNS, "id",
+                                                              referencing):
             referencing[row[0]].result = entry_row_record(row)
         return known
 

@@ -20,7 +20,7 @@ from creditworker.engine.account import accounts_table, holds_table, lots_table
 from creditworker.engine.rules import Hold, Lot, Posting
 from creditworker.engine.unit_of_work import OperationRecord, UnitOfWork
 from creditworker.records.outbox import event_row
-from creditworker.storage import bulk
+from creditworker.storage.backends import Json, Script, backend_for
 from creditworker.storage.tables import Entry, Operation, OutboxEvent
 from creditworker.storage.transaction import commit_with_next_statement
 
@@ -34,7 +34,7 @@ def write(uow: UnitOfWork) -> None:
 
     New lots go first (their ids are in the entries, the draws and the events), in a
     statement of their own unless the unit took their ids when it read; everything else is
-    one `bulk.Script`, which PostgreSQL gets in one round trip.
+    one backend `Script`, which the psycopg2 path sends in one round trip.
     """
     connection = uow.connection
     new_lots: dict[int, Lot] = {}
@@ -50,14 +50,15 @@ def write(uow: UnitOfWork) -> None:
             (changed_holds if posting.hold.stored else new_holds)[posting.hold.id] = posting.hold
 
     fresh = list(new_lots.values())
-    script = bulk.Script(connection)
+    backend = backend_for(connection)
+    script = backend.script(connection)
     if fresh and len(uow.lot_ids) >= len(fresh):  # ids taken when the unit read: the lots go in the script
         for lot, lot_id in zip(fresh, uow.lot_ids):
             lot.id = lot_id
         script.insert(lots_table, [{"id": lot.id, **_lot_row(lot)} for lot in fresh])
     else:
-        for lot, lot_id in zip(fresh, bulk.insert_returning_ids(connection, lots_table,
-                                                                [_lot_row(lot) for lot in fresh])):
+        for lot, lot_id in zip(fresh, backend.insert_returning_ids(connection, lots_table,
+                                                                   [_lot_row(lot) for lot in fresh])):
             lot.id = lot_id
     script.delete(accounts_table, "user_id", uow.dropped_accounts)
     script.insert(holds_table, [_hold_row(hold) for hold in new_holds.values()])
@@ -85,7 +86,7 @@ def write(uow: UnitOfWork) -> None:
         return
     position = {id(posting): index for index, posting in enumerate(uow.postings)}
     entry_ids = script.finish(
-        entries_table, [_entry_row(posting, script.pg) for posting in uow.postings],
+        entries_table, [_entry_row(posting) for posting in uow.postings],
         referencing=operations_table, reference="result", reference_key="entry_id",
         referencing_rows=[_operation_row(record, None if record.references_entry else record.source, at)
                           for record in uow.operations],
@@ -95,14 +96,14 @@ def write(uow: UnitOfWork) -> None:
         posting.id = entry_id
 
 
-def _finish_with_known_ids(uow: UnitOfWork, script: bulk.Script) -> None:
+def _finish_with_known_ids(uow: UnitOfWork, script: Script) -> None:
     """The entries get the ids the unit took from their sequence when it read (PostgreSQL):
     the script needs nothing back, so the transaction's COMMIT goes out with it."""
     for posting, entry_id in zip(uow.postings, uow.entry_ids):
         posting.id = entry_id
-    script.insert(entries_table, [{"id": posting.id, **_entry_row(posting, script.pg)} for posting in uow.postings])
+    script.insert(entries_table, [{"id": posting.id, **_entry_row(posting)} for posting in uow.postings])
     script.insert(operations_table, [
-        _operation_row(record, bulk.Json(f'{{"entry_id": {record.source.id}}}') if isinstance(record.source, Posting)
+        _operation_row(record, Json(f'{{"entry_id": {record.source.id}}}') if isinstance(record.source, Posting)
                        else record.source, uow.at)
         for record in uow.operations
     ])
@@ -115,24 +116,21 @@ def _operation_row(record: OperationRecord, result: Any, at: datetime) -> dict[s
             "user_id": record.user_id, "result": result, "created_at": at}
 
 
-def _entry_row(posting: Posting, pg: bool) -> dict[str, Any]:
+def _entry_row(posting: Posting) -> dict[str, Any]:
     return {"user_id": posting.user_id, "kind": posting.kind, "amount": posting.amount, "held": posting.held,
             "balance_after": posting.balance_after, "reserved_after": posting.reserved_after,
             "lot_id": posting.lot.id if posting.lot is not None else None,
             "reservation_id": posting.hold.id if posting.hold is not None else None,
-            "draws": (_draws_json if pg else _draws)(posting.draws), "description": posting.description, "metadata": posting.metadata,
+            "draws": _draws_json(posting.draws), "description": posting.description, "metadata": posting.metadata,
             "idempotency_key": posting.idempotency_key, "created_at": posting.created_at}
 
 
-def _draws(draws: list[tuple[Lot, int]]) -> list[dict[str, Any]] | None:
-    return [{"lot_id": lot.id, "amount": taken} for lot, taken in draws] or None
-
-
-def _draws_json(draws: list[tuple[Lot, int]]) -> bulk.Json | None:
-    """`_draws` as JSON text, as `json.dumps` writes it (for PostgreSQL's array literals)."""
+def _draws_json(draws: list[tuple[Lot, int]]) -> Json | None:
+    """`[{"lot_id": ..., "amount": ...}, ...]` as JSON text, as `json.dumps` writes it (the
+    psycopg2 path sends it as it is; the Core path parses it back for SQLAlchemy)."""
     if not draws:
         return None
-    return bulk.Json("[" + ", ".join(f'{{"lot_id": {lot.id}, "amount": {taken}}}' for lot, taken in draws) + "]")
+    return Json("[" + ", ".join(f'{{"lot_id": {lot.id}, "amount": {taken}}}' for lot, taken in draws) + "]")
 
 
 def _built(event: _Event | Callable[[], _Event]) -> _Event:

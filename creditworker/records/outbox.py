@@ -11,15 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select
-from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session
+from sqlalchemy import Table, func, select, update
+from sqlalchemy.engine import Connection, Engine
 
 from creditworker.contract.events import _Event
-from creditworker.storage.database import run_transaction
 from creditworker.storage.tables import OutboxEvent
+from creditworker.storage.transaction import run_transaction
+
+outbox_table = cast(Table, OutboxEvent.__table__)
 
 Publish = Callable[[str, dict[str, Any], str], None]
 """publish(routing_key, payload, event_id): raise to leave the event pending."""
@@ -46,39 +47,31 @@ def publish_pending(engine: Engine, publish: Publish, *, limit: int = 10_000) ->
     """
     published = 0
     while published < limit:
-        count = run_transaction(engine, lambda session: _publish_chunk(session, publish))
+        count = run_transaction(engine, lambda connection: _publish_chunk(connection, publish))
         published += count
         if count < RELAY_CHUNK:
             return published
     return published
 
 
-def _publish_chunk(session: Session, publish: Publish) -> int:
-    rows = list(
-        session.scalars(
-            select(OutboxEvent)
-            .where(OutboxEvent.published_at.is_(None))
-            .order_by(OutboxEvent.id)
-            .limit(RELAY_CHUNK)
-            .with_for_update(skip_locked=True)
-        )
-    )
-    now = datetime.now(timezone.utc)
+def _publish_chunk(connection: Connection, publish: Publish) -> int:
+    rows = connection.execute(
+        select(outbox_table.c.id, outbox_table.c.routing_key, outbox_table.c.payload, outbox_table.c.event_id)
+        .where(outbox_table.c.published_at.is_(None))
+        .order_by(outbox_table.c.id)
+        .limit(RELAY_CHUNK)
+        .with_for_update(skip_locked=True)
+    ).all()
     for row in rows:
         publish(row.routing_key, row.payload, row.event_id)
-        row.published_at = now
+    if rows:
+        connection.execute(update(outbox_table).where(outbox_table.c.id.in_([row.id for row in rows]))
+                           .values(published_at=datetime.now(timezone.utc)))
     return len(rows)
 
 
 def pending_count(engine: Engine) -> int:
-    from sqlalchemy import func
-
-    with Session(engine) as session:
-        return int(
-            session.scalar(
-                select(func.count()).select_from(OutboxEvent).where(
-                    OutboxEvent.published_at.is_(None)
-                )
-            )
-            or 0
-        )
+    with engine.connect() as connection:
+        return int(connection.scalar(
+            select(func.count()).select_from(outbox_table).where(outbox_table.c.published_at.is_(None))
+        ) or 0)

@@ -2,7 +2,8 @@
 
 The dialect differences of engines and transactions live here: how a write transaction
 takes its lock, how a row is created without a race, and which database errors are worth
-retrying. The set-based statements of the engine's writer have theirs in `bulk`.
+retrying. The set-based statements of the engine have theirs in `backends/`, the
+transaction runner in `transaction`.
 """
 
 from __future__ import annotations
@@ -194,7 +195,8 @@ def is_transient(exc: BaseException) -> bool:
 
 def rerun_on_conflict(attempt: Callable[[], T]) -> T:
     """Call `attempt` (one whole transaction) again on deadlocks, serialization failures and
-    unique-key races: the one place this policy lives (both transaction runners use it).
+    unique-key races: the one place this policy lives (`transaction.run_transaction`, the one
+    transaction runner, uses it).
 
     An IntegrityError is retried once because two requests racing for the same new
     idempotency key end that way; the rerun finds the winner's row and replays it.
@@ -212,20 +214,6 @@ def rerun_on_conflict(attempt: Callable[[], T]) -> T:
                 raise
             time.sleep(random.uniform(0, 0.005 * 2**number))
     raise AssertionError("unreachable")
-
-
-def run_transaction(engine: Engine, work: Callable[[Session], T]) -> T:
-    """Run `work` in one ORM session's transaction, rerun on conflicts (`rerun_on_conflict`).
-
-    `work` must be safe to rerun from scratch: everything it did is rolled back first.
-    """
-
-    def attempt() -> T:
-        with Session(engine, expire_on_commit=False, autoflush=False) as session:
-            with session.begin():
-                return work(session)
-
-    return rerun_on_conflict(attempt)
 
 
 def insert_if_absent(

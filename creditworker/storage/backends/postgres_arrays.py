@@ -1,0 +1,346 @@
+"""The PostgreSQL path through psycopg2: every table's rows in one statement over `unnest`.
+
+Each table's rows go as one array literal per column (`INSERT ... SELECT FROM unnest(...)`,
+`UPDATE ... FROM unnest(...)`): the statement's text never changes, so it is compiled once,
+and a thousand rows travel as a handful of array parameters instead of thousands of bound
+values (measured: see docs/benchmarks.md). A writer's statements are sent together, in one
+round trip, when its script finishes (they do not depend on each other's results).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Mapping, Sequence
+from datetime import datetime, timezone
+from functools import cache, lru_cache
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, Integer, Table
+from sqlalchemy.engine import Connection
+
+from creditworker.storage.backends.base import Json
+from creditworker.storage.backends.core import Core
+from creditworker.storage.tables import UtcDateTime
+
+
+class PostgresArrays(Core):
+    """Raw SQL with array literals, several statements in one round trip (`base.Backend`)."""
+
+    def script(self, connection: Connection) -> ArrayScript:  # type: ignore[override]
+        return ArrayScript(connection)
+
+    def insert_rows(self, connection: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+        if rows:
+            connection.exec_driver_sql(_insert(table, tuple(rows[0]), "", False), _arrays(table, rows, ""))
+
+    def insert_returning_ids(self, connection: Connection, table: Table,
+                             rows: Sequence[dict[str, Any]]) -> list[int]:
+        if not rows:
+            return []
+        # The sequence numbers the rows in the order the SELECT produces them (ORDER BY
+        # the array position): sorted, the returned ids are the ids of `rows` in order.
+        result = connection.exec_driver_sql(_insert(table, tuple(rows[0]), "", True), _arrays(table, rows, ""))
+        return sorted(row[0] for row in result)
+
+    def update_rows(self, connection: Connection, table: Table, key: str, rows: Sequence[dict[str, Any]]) -> None:
+        if rows:
+            columns = tuple(name for name in rows[0] if name != key)
+            connection.exec_driver_sql(_update(table, key, columns, ""), _arrays(table, rows, ""))
+
+    def rows_where_in(self, connection: Connection, table: Table, columns: tuple[str, ...], key: str,
+                      values: Collection[Any], *, where: str = "", order_by: str = "",
+                      for_update: bool = False) -> list[tuple[Any, ...]]:
+        """The values travel as one array literal (`key = ANY(...)`), and the statement text
+        is the same whatever their number."""
+        if not values:
+            return []
+        wanted = sorted(set(values))
+        rows = connection.exec_driver_sql(
+            _select(table, columns, key, where, order_by, for_update), _arrays(table, [{key: v} for v in wanted], "")
+        ).fetchall()
+        stamps = [index for index, name in enumerate(columns) if isinstance(table.c[name].type, UtcDateTime)]
+        if not stamps:
+            return [tuple(row) for row in rows]
+        result = []
+        for row in rows:
+            row = list(row)
+            for index in stamps:
+                if row[index] is not None:
+                    row[index] = row[index].replace(tzinfo=timezone.utc)
+            result.append(tuple(row))
+        return result
+
+    def drawable_lots(self, connection: Connection, columns: tuple[str, ...], lots: Table,
+                      needed: Mapping[str, int], operation_keys: Collection[str], entry_ids: int,
+                      lot_ids: int) -> tuple[list[tuple[Any, ...]], tuple[list[Any], list[int], list[int]] | None]:
+        """Only the lots that come first in the draw-down order until they cover what each
+        account may draw; in the same statement the operation rows of `operation_keys`,
+        and `entry_ids` and `lot_ids` new ids from the ledger's and the lots' sequences
+        (after the accounts' lock, so in the order their transactions hold it)."""
+        users = sorted(user_id for user_id, amount in needed.items() if amount > 0)
+        rows = connection.exec_driver_sql(_drawable_lots_sql(lots.name, columns), {
+            "users": text_array(users), "needed": "{" + ",".join(str(needed[user]) for user in users) + "}",
+            "keys": text_array(sorted(set(operation_keys))), "entry_ids": entry_ids, "lot_ids": lot_ids,
+        }).fetchall()
+        stamps = [index for index, name in enumerate(columns) if isinstance(lots.c[name].type, UtcDateTime)]
+        found = []
+        for row in rows:
+            if row[0] is None:
+                continue
+            lot = list(row[:-3])
+            for index in stamps:
+                lot[index] = _utc(lot[index])
+            found.append(tuple(lot))
+        extra = next(row for row in rows if row[0] is None)
+        return found, ([tuple(operation) for operation in extra[-3] or ()], sorted(extra[-2] or ()),
+                       sorted(extra[-1] or ()))
+
+    def owners_and_accounts(self, connection: Connection, holds: Table, accounts: Table,
+                            hold_ids: Collection[str], user_ids: Collection[str],
+                            ) -> tuple[dict[str, str], set[str] | None]:
+        """Both in one statement when both are wanted."""
+        if not hold_ids or not user_ids:
+            return super().owners_and_accounts(connection, holds, accounts, hold_ids, user_ids)
+        rows = connection.exec_driver_sql(_owners_and_accounts_sql(holds.name, accounts.name), {
+            "holds": text_array(sorted(set(hold_ids))), "users": text_array(sorted(set(user_ids))),
+        }).fetchall()
+        return {row[0]: row[1] for row in rows if row[0] is not None}, {row[1] for row in rows if row[0] is None}
+
+
+class ArrayScript:
+    """The writer's statements, sent together in one round trip when `finish` runs (which
+    returns the new ids of its own INSERT)."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.sql: list[str] = []
+        self.params: dict[str, str] = {}
+
+    def _add(self, sql: str, params: dict[str, str]) -> None:
+        self.sql.append(sql)
+        self.params.update(params)
+
+    def insert(self, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+        if rows:
+            prefix = f"s{len(self.sql)}_"
+            self._add(_insert(table, tuple(rows[0]), prefix, False), _arrays(table, rows, prefix))
+
+    def update(self, table: Table, key: str, rows: Sequence[dict[str, Any]]) -> None:
+        if rows:
+            prefix = f"s{len(self.sql)}_"
+            self._add(_update(table, key, tuple(name for name in rows[0] if name != key), prefix),
+                      _arrays(table, rows, prefix))
+
+    def delete(self, table: Table, key: str, values: Collection[Any]) -> None:
+        if values:
+            prefix = f"s{len(self.sql)}_"
+            self._add(f"DELETE FROM {table.name} WHERE {key} = ANY(CAST(%({prefix}{key})s AS {_pg_type(table, key)}[]))",
+                      _arrays(table, [{key: value} for value in sorted(values)], prefix))
+
+    def finish(self, table: Table, rows: Sequence[dict[str, Any]], *, referencing: Table | None = None,
+               referencing_rows: Sequence[dict[str, Any]] = (), reference: str = "", reference_key: str = "",
+               positions: Sequence[int | None] = ()) -> list[int]:
+        """All of it is one round trip: the pending statements, then one statement whose
+        data-modifying CTEs insert both tables (the referencing rows join the new ids)."""
+        ids: list[int] = []
+        if rows or referencing_rows:
+            sql, params = _insert_with_references(
+                table, rows, referencing, referencing_rows, reference, reference_key, positions,
+                f"s{len(self.sql)}_")
+            self._add(sql, params)
+        if self.sql:
+            result = self.connection.exec_driver_sql(";\n".join(self.sql), self.params)
+            if rows:
+                ids = sorted(row[0] for row in result)
+        self.sql, self.params = [], {}
+        return ids
+
+
+DRAW_ORDER = "l.priority, l.expires_at IS NULL, l.expires_at, l.id"
+"""The draw-down order of `rules.draw_order`, in SQL: the window below sends the prefix of
+lots a draw can reach, so both must sort alike (tests/engine/test_draw_order.py holds them
+equal on PostgreSQL; the rules sort in Python what this path sent and what a unit of work
+grants)."""
+
+
+@cache
+def _drawable_lots_sql(lots: str, columns: tuple[str, ...]) -> str:
+    """The lots in draw-down order whose credits before them do not cover what the account
+    may draw; then one row whose lot columns are NULL, with the operation rows stored for the
+    given keys (JSON), the new entry ids and the new lot ids."""
+    return (
+        f"SELECT {', '.join(columns)}, NULL::json, NULL::bigint[], NULL::bigint[] FROM (SELECT l.*, n.needed,"
+        f" sum(l.remaining) OVER (PARTITION BY l.user_id ORDER BY {DRAW_ORDER}) - l.remaining"
+        f" AS before FROM {lots} l JOIN unnest(CAST(%(users)s AS text[]), CAST(%(needed)s AS bigint[]))"
+        " AS n(user_id, needed) ON l.user_id = n.user_id WHERE l.remaining > 0) x WHERE x.before < x.needed"
+        f" UNION ALL SELECT {', '.join('NULL' for _ in columns)}, (SELECT json_agg(json_build_array("
+        "o.idempotency_key, o.kind, o.fingerprint, o.result)) FROM operations o"
+        " WHERE o.idempotency_key = ANY(CAST(%(keys)s AS text[]))),"
+        " (SELECT array_agg(nextval('ledger_entries_id_seq')) FROM generate_series(1, %(entry_ids)s)),"
+        f" (SELECT array_agg(nextval('{lots}_id_seq')) FROM generate_series(1, %(lot_ids)s))"
+    )
+
+
+@cache
+def _owners_and_accounts_sql(holds: str, accounts: str) -> str:
+    return (f"SELECT id, user_id FROM {holds} WHERE id = ANY(CAST(%(holds)s AS text[]))"
+            f" UNION ALL SELECT NULL, user_id FROM {accounts} WHERE user_id = ANY(CAST(%(users)s AS text[]))")
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.replace(tzinfo=timezone.utc)
+
+
+def _arrays(table: Table, rows: Sequence[dict[str, Any]], prefix: str) -> dict[str, str]:
+    """One PostgreSQL array literal per column (`{1,2}`, `{"a","b"}`), with the values each
+    column type would have sent: naive UTC timestamps, JSON as text.
+
+    A literal is one string that the server's array parser reads in C; a Python list would
+    go out as `ARRAY[...]` with one SQL constant per value, which the server must parse
+    and analyse one by one (measured: most of a 1,000-row INSERT's time).
+    """
+    arrays: dict[str, str] = {}
+    for name in rows[0]:
+        column_type = table.c[name].type
+        values = [row[name] for row in rows]
+        if isinstance(column_type, Integer):
+            array = "{" + ",".join("NULL" if value is None else str(int(value)) for value in values) + "}"
+        elif isinstance(column_type, Boolean):
+            array = "{" + ",".join("NULL" if value is None else "tf"[not value] for value in values) + "}"
+        elif isinstance(column_type, UtcDateTime):
+            array = text_array([_timestamp(value) for value in values])
+        elif isinstance(column_type, JSON):
+            array = text_array([None if value is None else _json(value) for value in values])
+        else:
+            array = text_array([None if value is None else str(value) for value in values])
+        arrays[prefix + name] = array
+    return arrays
+
+
+def _json(value: Any) -> str:
+    """JSON text; a value that is already JSON text (`Json`) goes as it is."""
+    return value if isinstance(value, Json) else json.dumps(value)
+
+
+@lru_cache(maxsize=256)
+def _timestamp(value: datetime | None) -> str | None:
+    """Naive UTC text (a batch's rows mostly share one timestamp: converted once)."""
+    return None if value is None else value.astimezone(timezone.utc).replace(tzinfo=None).isoformat()
+
+
+def text_array(values: list[str | None]) -> str:
+    """Text elements double-quoted, escaped one by one only when some value needs it."""
+    if not values:
+        return "{}"
+    if None not in values:
+        joined = "\x1f".join(values)  # type: ignore[arg-type]
+        if joined.count("\x1f") == len(values) - 1 and '"' not in joined and "\\" not in joined:
+            return '{"' + joined.replace("\x1f", '","') + '"}'
+    return "{" + ",".join("NULL" if value is None else _quoted(value) for value in values) + "}"
+
+
+def _quoted(value: str) -> str:
+    """An element of an array literal: double-quoted, with backslashes and quotes escaped."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _unnest(table: Table, names: tuple[str, ...], prefix: str) -> str:
+    return ", ".join(f"CAST(%({prefix}{name})s AS {_pg_type(table, name)}[])" for name in names)
+
+
+def _values(table: Table, names: tuple[str, ...]) -> str:
+    return ", ".join(f"v.{name}::json" if isinstance(table.c[name].type, JSON) else f"v.{name}" for name in names)
+
+
+@cache
+def _insert(table: Table, names: tuple[str, ...], prefix: str, returning_id: bool) -> str:
+    return (
+        f"INSERT INTO {table.name} ({', '.join(names)}) SELECT {_values(table, names)}"
+        f" FROM unnest({_unnest(table, names, prefix)}) WITH ORDINALITY AS v({', '.join(names)}, position)"
+        f" ORDER BY v.position" + (" RETURNING id" if returning_id else "")
+    )
+
+
+@cache
+def _update(table: Table, key: str, columns: tuple[str, ...], prefix: str) -> str:
+    names = (key, *columns)
+    assignments = ", ".join(f"{name} = v.{name}" for name in columns)
+    return (
+        f"UPDATE {table.name} SET {assignments} FROM unnest({_unnest(table, names, prefix)}) AS v({', '.join(names)})"
+        f" WHERE {table.name}.{key} = v.{key}"
+    )
+
+
+def _insert_with_references(
+    table: Table, rows: Sequence[dict[str, Any]], referencing: Table | None,
+    referencing_rows: Sequence[dict[str, Any]], reference: str, reference_key: str,
+    positions: Sequence[int | None], prefix: str,
+) -> tuple[str, dict[str, str]]:
+    """One statement: insert `rows` returning their ids (in order), and the referencing rows,
+    each referencing one of the new ids by position (1-based in SQL: `row_number()` over
+    the new ids, which the sequence gave out in the rows' order)."""
+    if referencing is None or not referencing_rows:
+        return _insert(table, tuple(rows[0]), prefix, True), _arrays(table, rows, prefix)
+    if not rows:
+        return (_insert(referencing, tuple(referencing_rows[0]), prefix, False),
+                _arrays(referencing, referencing_rows, prefix))
+    names = tuple(rows[0])
+    referencing_names = tuple(referencing_rows[0])
+    params = _arrays(table, rows, prefix + "e_")
+    params.update(_arrays(referencing, referencing_rows, prefix + "r_"))
+    params[prefix + "r_position"] = "{" + ",".join(
+        "NULL" if position is None else str(position + 1) for position in positions) + "}"
+    return _insert_referencing_sql(table, names, referencing, referencing_names, reference, reference_key,
+                                      prefix), params
+
+
+@cache
+def _insert_referencing_sql(table: Table, names: tuple[str, ...], referencing: Table,
+                               referencing_names: tuple[str, ...], reference: str, reference_key: str,
+                               prefix: str) -> str:
+    values = ", ".join(
+        f"COALESCE(v.{name}::json, json_build_object('{reference_key}', (SELECT ids FROM n)[v.entry]))"
+        if name == reference
+        else f"v.{name}::json" if isinstance(referencing.c[name].type, JSON) else f"v.{name}"
+        for name in referencing_names
+    )
+    unnest = _unnest(referencing, referencing_names, prefix + "r_")
+    return (
+        f"WITH e AS ({_insert(table, names, prefix + 'e_', True)}),"
+        f" n AS (SELECT array_agg(id ORDER BY id) AS ids FROM e),"
+        f" r AS (INSERT INTO {referencing.name} ({', '.join(referencing_names)}) SELECT {values}"
+        f" FROM unnest({unnest}, CAST(%({prefix}r_position)s AS bigint[])) WITH ORDINALITY"
+        f" AS v({', '.join(referencing_names)}, entry, position) ORDER BY v.position)"
+        f" SELECT id FROM e ORDER BY id"
+    )
+
+
+def _pg_type(table: Table, name: str) -> str:
+    column_type = table.c[name].type
+    if isinstance(column_type, UtcDateTime):
+        return "timestamp"
+    if isinstance(column_type, Boolean):
+        return "boolean"
+    if isinstance(column_type, Integer):  # BigInteger is an Integer
+        return "bigint"
+    return "text"
+
+
+KEYED_PLANS = "SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
+"""Sent with the lock that opens a write transaction on PostgreSQL: every later statement of
+the writer reads or changes rows by key (a thousand at most), so it must probe the indexes.
+The planner costs a hash join over the whole table as cheaper as soon as its statistics are
+stale or the table is some hundred thousand rows; measured, the expiry of 200,000 lots then
+read the whole lot table for every chunk of 1,000 (45 ms where the probes take 7)."""
+
+
+@cache
+def _select(table: Table, columns: tuple[str, ...], key: str, where: str, order_by: str, for_update: bool) -> str:
+    return (
+        (KEYED_PLANS + "; " if for_update else "")
+        + f"SELECT {', '.join(columns)} FROM {table.name}"
+        f" WHERE {key} = ANY(CAST(%({key})s AS {_pg_type(table, key)}[]))"
+        + (f" AND {where}" if where else "")
+        + (f" ORDER BY {order_by}" if order_by else "")
+        + (" FOR UPDATE" if for_update else "")
+    )
