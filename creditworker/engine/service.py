@@ -468,82 +468,54 @@ class CreditService:
         self, requests: Sequence[Request | CreditError], default_keys: Sequence[str] | None, at: datetime
     ) -> list[dict[str, Any] | CreditError]:
         """The one write path of the credit operations: each item's result record or error."""
-        given = [
-            (request.idempotency_key if isinstance(request, Request) else None)
-            or (default_keys[index] if default_keys else None)
-            for index, request in enumerate(requests)
-        ]
-        keys = [key or _fresh_key() for key in given]
-        chosen = [key for key, request in zip(given, requests)  # a fresh key cannot have been used
-                  if key is not None and isinstance(request, Request)]
-        fingerprints = [request.fingerprint() if isinstance(request, Request) else "" for request in requests]
-        valid = [request for request in requests if isinstance(request, Request)]
-        adding = {request.user_id for request in valid if isinstance(request, AddCredits)}
-        grants = sum(isinstance(request, AddCredits) for request in valid)
-        users = {request.user_id for request in valid if isinstance(request, (DeductCredits, ReserveCredits))}
-        hold_ids = {request.reservation_id for request in valid
-                    if isinstance(request, (CommitReservation, ReleaseReservation))}
-        deducted: dict[str, int] = {}
-        commits: list[CommitReservation] = []
-        for request in valid:
-            if isinstance(request, DeductCredits):
-                deducted[request.user_id] = deducted.get(request.user_id, 0) + request.amount
-            elif isinstance(request, CommitReservation):
-                commits.append(request)
-
-        def drawing(holds: Mapping[str, rules.Hold]) -> dict[str, int]:
-            """At most what each account's draws can take: its deducts and its commits' charges."""
-            most = dict(deducted)
-            for commit in commits:
-                hold = holds.get(commit.reservation_id)
-                if hold is not None:
-                    charged = hold.amount if commit.amount is None else commit.amount
-                    most[hold.user_id] = most.get(hold.user_id, 0) + charged
-            return most
-
-        def decide(uow: UnitOfWork) -> tuple[list[ResultSource | CreditError], list[tuple[Request, CreditError]]]:
-            unborn = uow.lock(users, creating=adding, hold_ids=hold_ids,
-                              with_lots=drawing if deducted or commits else False, operation_keys=chosen,
-                              entry_ids=len(valid), lot_ids=grants)
-            known = uow.known_operations(chosen)
-            results: list[ResultSource | CreditError | None] = [None] * len(requests)
-            refused: list[tuple[Request, CreditError]] = []
-            applied: dict[str, int] = {}  # key -> the item that applied it
-            for index, request in enumerate(requests):
-                if isinstance(request, CreditError):
-                    results[index] = request
-                    continue
-                key, fingerprint = keys[index], fingerprints[index]
-                try:
-                    if key in applied:  # the same key earlier in this batch
-                        first = applied[key]
-                        if fingerprints[first] != fingerprint:
-                            raise _key_conflict(key, type(requests[first]).__name__)
-                        results[index] = results[first]
-                        continue
-                    previous = known.get(key)
-                    if previous is not None:
-                        results[index] = _replay(previous, key, fingerprint)
-                    else:
-                        if isinstance(request, (DeductCredits, ReserveCredits)) and request.user_id in unborn:
-                            raise UnknownUser(f"no account for user {request.user_id!r}", user_id=request.user_id)
-                        source = self._decide(uow, request, key)
-                        results[index] = uow.record_operation(key, type(request).__name__, fingerprint, source).source
-                        if isinstance(request, AddCredits):
-                            unborn.discard(request.user_id)
-                except CreditError as exc:
-                    results[index] = exc
-                    refused.append((request, exc))
-                    continue
-                applied[key] = index
-            for user_id in unborn:  # no grant succeeded for them: the batch leaves no trace
-                uow.drop_account(user_id)
-            return [result for result in results if result is not None], refused
-
-        sources, refused = self.run(decide, now=at)
+        batch = _Batch(requests, default_keys)
+        sources, refused = self.run(partial(self._decide_batch, batch), now=at)
         self._log_errors([(type(request).__name__, request.model_dump(mode="json"), error)
                           for request, error in refused])
         return [entry_record(source) if isinstance(source, rules.Posting) else source for source in sources]
+
+    def _decide_batch(
+        self, batch: _Batch, uow: UnitOfWork,
+    ) -> tuple[list[ResultSource | CreditError], list[tuple[Request, CreditError]]]:
+        """Lock what the batch touches, then decide its items in order (one unit of work)."""
+        requests, keys, fingerprints = batch.requests, batch.keys, batch.fingerprints
+        unborn = uow.lock(batch.users, creating=batch.adding, hold_ids=batch.hold_ids,
+                          with_lots=batch.drawing if batch.deducted or batch.commits else False,
+                          operation_keys=batch.chosen, entry_ids=len(batch.valid), lot_ids=batch.grants)
+        known = uow.known_operations(batch.chosen)
+        results: list[ResultSource | CreditError | None] = [None] * len(requests)
+        refused: list[tuple[Request, CreditError]] = []
+        applied: dict[str, int] = {}  # key -> the item that applied it
+        for index, request in enumerate(requests):
+            if isinstance(request, CreditError):
+                results[index] = request
+                continue
+            key, fingerprint = keys[index], fingerprints[index]
+            try:
+                if key in applied:  # the same key earlier in this batch
+                    first = applied[key]
+                    if fingerprints[first] != fingerprint:
+                        raise _key_conflict(key, type(requests[first]).__name__)
+                    results[index] = results[first]
+                    continue
+                previous = known.get(key)
+                if previous is not None:
+                    results[index] = _replay(previous, key, fingerprint)
+                else:
+                    if isinstance(request, (DeductCredits, ReserveCredits)) and request.user_id in unborn:
+                        raise UnknownUser(f"no account for user {request.user_id!r}", user_id=request.user_id)
+                    source = self._decide(uow, request, key)
+                    results[index] = uow.record_operation(key, type(request).__name__, fingerprint, source).source
+                    if isinstance(request, AddCredits):
+                        unborn.discard(request.user_id)
+            except CreditError as exc:
+                results[index] = exc
+                refused.append((request, exc))
+                continue
+            applied[key] = index
+        for user_id in unborn:  # no grant succeeded for them: the batch leaves no trace
+            uow.drop_account(user_id)
+        return [result for result in results if result is not None], refused
 
     def _decide(self, uow: UnitOfWork, request: Request, key: str) -> ResultSource:
         """One credit operation, decided by the rules; its posting, or its reservation's record."""
@@ -626,6 +598,46 @@ class CreditService:
         if account is None:
             raise UnknownUser(f"no account for user {user_id!r}", user_id=user_id)
         return account
+
+
+class _Batch:
+    """What a batch's items need before its unit of work locks: keys, fingerprints, the
+    accounts and holds they touch, and how much each account's draws may take."""
+
+    def __init__(self, requests: Sequence[Request | CreditError], default_keys: Sequence[str] | None) -> None:
+        self.requests = requests
+        given = [
+            (request.idempotency_key if isinstance(request, Request) else None)
+            or (default_keys[index] if default_keys else None)
+            for index, request in enumerate(requests)
+        ]
+        self.keys = [key or _fresh_key() for key in given]
+        self.chosen = [key for key, request in zip(given, requests)  # a fresh key cannot have been used
+                       if key is not None and isinstance(request, Request)]
+        self.fingerprints = [request.fingerprint() if isinstance(request, Request) else "" for request in requests]
+        valid = self.valid = [request for request in requests if isinstance(request, Request)]
+        self.adding = {request.user_id for request in valid if isinstance(request, AddCredits)}
+        self.grants = sum(isinstance(request, AddCredits) for request in valid)
+        self.users = {request.user_id for request in valid if isinstance(request, (DeductCredits, ReserveCredits))}
+        self.hold_ids = {request.reservation_id for request in valid
+                         if isinstance(request, (CommitReservation, ReleaseReservation))}
+        self.deducted: dict[str, int] = {}
+        self.commits: list[CommitReservation] = []
+        for request in valid:
+            if isinstance(request, DeductCredits):
+                self.deducted[request.user_id] = self.deducted.get(request.user_id, 0) + request.amount
+            elif isinstance(request, CommitReservation):
+                self.commits.append(request)
+
+    def drawing(self, holds: Mapping[str, rules.Hold]) -> dict[str, int]:
+        """At most what each account's draws can take: its deducts and its commits' charges."""
+        most = dict(self.deducted)
+        for commit in self.commits:
+            hold = holds.get(commit.reservation_id)
+            if hold is not None:
+                charged = hold.amount if commit.amount is None else commit.amount
+                most[hold.user_id] = most.get(hold.user_id, 0) + charged
+        return most
 
 
 def embedded_tables(database: object) -> bool:
