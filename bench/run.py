@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,16 +43,16 @@ from sqlalchemy.engine import make_url
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from plain_celery import QUEUE as PLAIN_QUEUE  # noqa: E402
+from plain_celery import QUEUE as PLAIN_QUEUE
 
-from creditworker.contract.operations import DEDUCT, PING  # noqa: E402
-from creditworker.engine import CreditService, SubscriptionService  # noqa: E402
-from creditworker.records.audit import audit  # noqa: E402
-from creditworker.settings import Settings  # noqa: E402
-from creditworker.storage.database import make_engine  # noqa: E402
-from creditworker.storage.migrate import upgrade  # noqa: E402
-from creditworker.worker import commands  # noqa: E402
-from producers import CreditClient  # noqa: E402
+from creditworker.contract.operations import DEDUCT, PING
+from creditworker.engine import CreditService, SubscriptionService
+from creditworker.records.audit import audit
+from creditworker.settings import Settings
+from creditworker.storage.database import make_engine
+from creditworker.storage.migrate import upgrade
+from creditworker.worker import commands
+from producers import CreditClient
 
 POSTGRES = os.environ.get(
     "CREDITWORKER_BENCH_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -62,10 +62,10 @@ RABBITMQ = os.environ.get("CREDITWORKER_BENCH_RABBITMQ_URL", "amqp://guest:guest
 BENCH_DIR = Path(__file__).resolve().parent
 
 SIZES = {
-    "quick": dict(single=5000, batch_ops=5000, worker_batch_ops=5000, reserve_seconds=5,
-                  ledger=100_000, lots=5000, subscriptions=2000, memory_ops=10_000, hot_batches=20),
-    "full": dict(single=5000, batch_ops=200_000, worker_batch_ops=200_000, reserve_seconds=20,
-                 ledger=10_000_000, lots=1_000_000, subscriptions=100_000, memory_ops=1_000_000, hot_batches=100),
+    "quick": {"single": 5000, "batch_ops": 5000, "worker_batch_ops": 5000, "reserve_seconds": 5,
+                  "ledger": 100_000, "lots": 5000, "subscriptions": 2000, "memory_ops": 10_000, "hot_batches": 20},
+    "full": {"single": 5000, "batch_ops": 200_000, "worker_batch_ops": 200_000, "reserve_seconds": 20,
+                 "ledger": 10_000_000, "lots": 1_000_000, "subscriptions": 100_000, "memory_ops": 1_000_000, "hot_batches": 100},
 }
 
 console = Console()
@@ -170,7 +170,7 @@ def start_worker(command: list[str], env: dict[str, str], workdir: Path, name: s
     """Start `command` in its own process group; return it and its node name once it answers."""
     hostname = f"{name}-{os.getpid()}@bench"  # a name of its own: control commands go to it alone
     process = subprocess.Popen(
-        [*command, f"--hostname={hostname}"], env=env, cwd=workdir, stdout=open(workdir / f"{name}.log", "wb"),
+        [*command, f"--hostname={hostname}"], env=env, cwd=workdir, stdout=open(workdir / f"{name}.log", "wb"),  # noqa: SIM115 - the child's log
         stderr=subprocess.STDOUT, start_new_session=True,
     )
     deadline = time.monotonic() + 90
@@ -664,7 +664,7 @@ def expiry(database_url: str, lots: int) -> dict[str, float]:
     engine = make_engine(database_url)
     for label, count in (("tenth", lots // 10), ("full", lots)):
         prefix = f"exp-{label}-"
-        at = datetime.now(timezone.utc)  # each phase's own clock: the lots expired a minute before it
+        at = datetime.now(UTC)  # each phase's own clock: the lots expired a minute before it
         with engine.begin() as connection:
             connection.execute(text(
                 "INSERT INTO accounts (user_id, balance, reserved, low_credit_alerted, created_at, updated_at)"
@@ -682,7 +682,7 @@ def expiry(database_url: str, lots: int) -> dict[str, float]:
                 " ON l.user_id = a.user_id WHERE a.user_id LIKE :p || '%' AND a.balance > coalesce(l.s, 0)"),
                 {"p": prefix})
         service = CreditService(engine)
-        figures[f"expire_{label}_s"], expired = timed_result(lambda: service.expire_credits(now=at))
+        figures[f"expire_{label}_s"], expired = timed_result(lambda service=service, at=at: service.expire_credits(now=at))
         assert expired == count, (expired, count)
         with engine.begin() as connection:
             connection.execute(text("DELETE FROM credit_lots WHERE remaining = 0"))
@@ -698,7 +698,7 @@ def allocation(database_url: str, subscriptions: int) -> dict[str, float]:
     engine = make_engine(database_url)
     subs = SubscriptionService(CreditService(engine))
     for label, count in (("tenth", subscriptions // 10), ("full", subscriptions)):
-        at = datetime.now(timezone.utc)
+        at = datetime.now(UTC)
         plan = subs.create_plan(f"bench-{label}", 10, billing_period="daily")
         anchor = at - timedelta(days=1, minutes=5)
         with engine.begin() as connection:
@@ -713,7 +713,7 @@ def allocation(database_url: str, subscriptions: int) -> dict[str, float]:
                 " FROM generate_series(0, :n - 1) g"),
                 {"l": label, "n": count, "plan": plan.id, "anchor": anchor.replace(tzinfo=None),
                  "end": (anchor + timedelta(days=1)).replace(tzinfo=None)})
-        figures[f"allocate_{label}_s"], granted = timed_result(lambda: subs.allocate_due(now=at))
+        figures[f"allocate_{label}_s"], granted = timed_result(lambda subs=subs, at=at: subs.allocate_due(now=at))
         assert granted == count, (granted, count)
     figures["allocate_subscriptions"] = float(subscriptions)
     figures["allocate_growth_10x"] = figures["allocate_full_s"] / figures["allocate_tenth_s"]
@@ -825,7 +825,7 @@ def main() -> int:
     figures: dict[str, Any] = {
         "mode": "quick" if args.quick else "full",
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
-        "taken_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "taken_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     wanted = set(args.only or ["single", "batch", "batch1000", "mixed_batch", "worker_batch", "reserve", "balance",
                                "expiry", "allocation", "hot_account", "memory"])

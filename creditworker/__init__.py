@@ -21,7 +21,7 @@ _EXPORTS = {
     "app": "creditworker.worker.app",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)  # in alphabetical order, as written
 
 
 def __getattr__(name: str) -> Any:

@@ -8,7 +8,7 @@ crashes after publishing resends, so consumers drop ids they have already seen.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -88,15 +88,7 @@ class SubscriptionEnded(_Event):
 
 
 Event = Annotated[
-    Union[
-        CreditsLow,
-        CreditsExpiring,
-        CreditsExpired,
-        ReservationExpired,
-        SubscriptionAllocated,
-        SubscriptionChanged,
-        SubscriptionEnded,
-    ],
+    CreditsLow | CreditsExpiring | CreditsExpired | ReservationExpired | SubscriptionAllocated | SubscriptionChanged | SubscriptionEnded,
     Field(discriminator="type"),
 ]
 

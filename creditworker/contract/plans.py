@@ -49,7 +49,7 @@ PlanRef = Annotated[int | PlanName, Field(union_mode="left_to_right")]
 class CreatePlan(Request):
     name: PlanName
     credit_limit: CreditLimit
-    price: Price = Decimal("0")
+    price: Price = Decimal(0)
     currency: Currency = "USD"
     billing_period: BillingPeriod = BillingPeriod.MONTHLY
     validity_days: ValidityDays | None = None

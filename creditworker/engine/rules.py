@@ -10,7 +10,7 @@ writer turns them into SQL; this module is the one place that decides a balance.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from creditworker.contract.credits import MAX_BALANCE, EntryKind, OveragePolicy, ReservationStatus
@@ -18,7 +18,7 @@ from creditworker.contract.errors import InsufficientCredits, ReservationNotActi
 
 _NEW_LOT_ORDER = 2**62
 """Lots granted in this unit of work have no id yet; they are newer than every stored lot."""
-_NO_EXPIRY = datetime.min.replace(tzinfo=timezone.utc)
+_NO_EXPIRY = datetime.min.replace(tzinfo=UTC)
 """Stands in for a missing expiry in the sort key (the flag before it already sorts it last)."""
 
 

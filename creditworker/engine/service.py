@@ -10,9 +10,9 @@ transaction. It knows nothing of Celery, HTTP or the CLI.
 from __future__ import annotations
 
 import uuid
-from functools import partial
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
@@ -72,14 +72,14 @@ T = TypeVar("T")
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def aware(now: datetime | None) -> datetime:
     """`now`, or the current time; a naive datetime is taken as UTC."""
     if now is None:
         return utcnow()
-    return now.astimezone(timezone.utc) if now.tzinfo else now.replace(tzinfo=timezone.utc)
+    return now.astimezone(UTC) if now.tzinfo else now.replace(tzinfo=UTC)
 
 
 class CreditService:

@@ -108,7 +108,7 @@ class SubscriptionService:
         name: str,
         credit_limit: int,
         *,
-        price: Decimal | str | int = Decimal("0"),
+        price: Decimal | str | int = Decimal(0),
         currency: str = "USD",
         billing_period: str = "monthly",
         validity_days: int | None = None,
@@ -117,11 +117,11 @@ class SubscriptionService:
         now: datetime | None = None,
     ) -> Plan:
         """Create a plan; a repeat with the same key returns it, a new name clash raises."""
-        request = parse(CreatePlan, dict(
-            name=name, credit_limit=credit_limit, price=price, currency=currency,
-            billing_period=billing_period, validity_days=validity_days, active=active,
-            idempotency_key=idempotency_key,
-        ))
+        request = parse(CreatePlan, {
+            "name": name, "credit_limit": credit_limit, "price": price, "currency": currency,
+            "billing_period": billing_period, "validity_days": validity_days, "active": active,
+            "idempotency_key": idempotency_key,
+        })
 
         def operation(uow: UnitOfWork, _key: str) -> Plan:
             session, at = uow.session, uow.at
@@ -221,9 +221,9 @@ class SubscriptionService:
         idempotency_key: str | None = None,
         now: datetime | None = None,
     ) -> Subscription:
-        request = parse(AssignPlan, dict(
-            user_id=user_id, plan=plan, start_at=start_at, idempotency_key=idempotency_key
-        ))
+        request = parse(AssignPlan, {
+            "user_id": user_id, "plan": plan, "start_at": start_at, "idempotency_key": idempotency_key
+        })
 
         def operation(uow: UnitOfWork, key: str) -> Subscription:
             session, at = uow.session, uow.at
@@ -261,7 +261,7 @@ class SubscriptionService:
         idempotency_key: str | None = None,
         now: datetime | None = None,
     ) -> Subscription:
-        request = parse(ChangePlan, dict(user_id=user_id, plan=plan, idempotency_key=idempotency_key))
+        request = parse(ChangePlan, {"user_id": user_id, "plan": plan, "idempotency_key": idempotency_key})
 
         def operation(uow: UnitOfWork, key: str) -> Subscription:
             session, at = uow.session, uow.at
@@ -320,9 +320,9 @@ class SubscriptionService:
         idempotency_key: str | None = None,
         now: datetime | None = None,
     ) -> Subscription:
-        request = parse(RemovePlan, dict(
-            user_id=user_id, at_period_end=at_period_end, idempotency_key=idempotency_key
-        ))
+        request = parse(RemovePlan, {
+            "user_id": user_id, "at_period_end": at_period_end, "idempotency_key": idempotency_key
+        })
 
         def operation(uow: UnitOfWork, key: str) -> Subscription:
             session, at = uow.session, uow.at

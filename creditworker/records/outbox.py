@@ -10,7 +10,7 @@ knows nothing of brokers.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import Table, func, select, update
@@ -66,7 +66,7 @@ def _publish_chunk(connection: Connection, publish: Publish) -> int:
         publish(row.routing_key, row.payload, row.event_id)
     if rows:
         connection.execute(update(outbox_table).where(outbox_table.c.id.in_([row.id for row in rows]))
-                           .values(published_at=datetime.now(timezone.utc)))
+                           .values(published_at=datetime.now(UTC)))
     return len(rows)
 
 

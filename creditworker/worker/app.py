@@ -18,7 +18,7 @@ from typing import Any
 from celery import Celery
 
 from creditworker.contract.operations import RESERVE
-from creditworker.settings import (  # noqa: F401 - broker_kind: imported from here by the gateway
+from creditworker.settings import (
     Settings,
     broker_kind,
     broker_transport_options,

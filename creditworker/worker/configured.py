@@ -17,7 +17,7 @@ ATTRIBUTE = "creditworker_settings"
 
 def settings_of(app: Any) -> Settings:
     """The settings `app` was built from (an app not built by `make_celery` has none)."""
-    settings = getattr(app, ATTRIBUTE, None)
-    if not isinstance(settings, Settings):
+    settings: Settings | None = getattr(app, ATTRIBUTE, None)
+    if settings is None:
         raise RuntimeError(f"the Celery app {app.main!r} was not built by creditworker.worker.app.make_celery")
     return settings

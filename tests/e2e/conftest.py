@@ -60,7 +60,7 @@ class RunningWorker:
         return str(self.client.app.conf.result_backend)
 
     def start(self, command: list[str] | None = None) -> None:
-        log = open(self.log_path, "ab")
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child writes it for its whole life
         self.process = subprocess.Popen(
             command or commands.WORKER, env=self.env, cwd=self.workdir,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

@@ -6,7 +6,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -64,7 +64,8 @@ def stack(
             subprocess.Popen(
                 commands.beat_command(str(worker.workdir / f"beat-{n}.schedule")),
                 env=worker.env, cwd=worker.workdir,
-                stdout=open(worker.workdir / f"beat-{n}.log", "wb"), stderr=subprocess.STDOUT,
+                stdout=open(worker.workdir / f"beat-{n}.log", "wb"),  # noqa: SIM115 - beat's log
+                stderr=subprocess.STDOUT,
             )
             for n in range(2)
         ]
@@ -88,7 +89,7 @@ def test_scheduled_sweeps_expire_remind_and_publish_each_event_once(stack: dict[
     worker: RunningWorker = stack["worker"]
     broker: str = stack["broker"]
     service = worker.service
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for user in ("ann", "bob", "cid"):
         service.add_credits(user, 50, expires_at=now + timedelta(seconds=4))
         service.add_credits(user, 50, expires_at=now + timedelta(hours=12))

@@ -7,7 +7,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -47,7 +47,8 @@ def stack(
         wipe(worker.engine)
         beat = subprocess.Popen(
             commands.beat_command(str(worker.workdir / "beat.schedule")), env=worker.env,
-            cwd=worker.workdir, stdout=open(worker.workdir / "beat.log", "wb"), stderr=subprocess.STDOUT,
+            cwd=worker.workdir, stdout=open(worker.workdir / "beat.log", "wb"),  # noqa: SIM115 - beat's log
+            stderr=subprocess.STDOUT,
         )
         try:
             yield {"worker": worker, "broker": broker}
@@ -89,7 +90,7 @@ def test_a_daily_plan_is_allocated_on_schedule_once(stack: dict[str, Any]) -> No
     worker: RunningWorker = stack["worker"]
     client = worker.client
     client.create_plan("e2e-daily", 10, billing_period="daily").get()
-    start = datetime.now(timezone.utc) - DAY + timedelta(seconds=3)  # period 0 ends in 3 s
+    start = datetime.now(UTC) - DAY + timedelta(seconds=3)  # period 0 ends in 3 s
     sub = client.assign_plan("dora", "e2e-daily", start_at=start, idempotency_key="dora-signup").get()
     assert sub.period_index == 0 and grants(worker.engine, "dora") == [10]
 
@@ -106,7 +107,7 @@ def test_upgrade_mid_period_grants_the_prorated_difference(stack: dict[str, Any]
     client = worker.client
     client.create_plan("e2e-small", 100, billing_period="daily").get()
     pro = client.create_plan("e2e-big", 500, billing_period="daily").get()
-    client.assign_plan("ugo", "e2e-small", start_at=datetime.now(timezone.utc) - DAY / 2).get()
+    client.assign_plan("ugo", "e2e-small", start_at=datetime.now(UTC) - DAY / 2).get()
     changed = client.change_plan("ugo", "e2e-big").get()
     assert changed.plan_id == pro.id
     upgrade = grants(worker.engine, "ugo")[1]
@@ -119,7 +120,7 @@ def test_removal_at_period_end_ends_the_subscription_without_a_grant(stack: dict
     worker: RunningWorker = stack["worker"]
     client = worker.client
     client.create_plan("e2e-leaving", 10, billing_period="daily").get()
-    start = datetime.now(timezone.utc) - DAY + timedelta(seconds=3)
+    start = datetime.now(UTC) - DAY + timedelta(seconds=3)
     client.assign_plan("rex", "e2e-leaving", start_at=start).get()
     assert client.remove_plan("rex").get().cancel_at_period_end
     with pytest.raises(PlanInUse):
@@ -145,13 +146,13 @@ def test_allocation_sent_many_times_in_parallel_grants_each_period_once(stack: d
     client.create_plan("e2e-crowd", 3, billing_period="daily").get()
     # Period 0 ends 15 s from now: every assign must be applied before then (a loaded
     # machine took 6.5 s for the 60), or it starts in period 1 and gets no second grant.
-    start = datetime.now(timezone.utc) - DAY + timedelta(seconds=15)
+    start = datetime.now(UTC) - DAY + timedelta(seconds=15)
     users = [f"crowd-{n}" for n in range(60)]
     for user in users:
         client.assign_plan(user, "e2e-crowd", start_at=start)
     wait_for(lambda: all(len(grants(worker.engine, u)) == 1 for u in users))
-    assert datetime.now(timezone.utc) < start + DAY, "the assigns took longer than the margin"
-    time.sleep(max(0.0, (start + DAY - datetime.now(timezone.utc)).total_seconds()))
+    assert datetime.now(UTC) < start + DAY, "the assigns took longer than the margin"
+    time.sleep(max(0.0, (start + DAY - datetime.now(UTC)).total_seconds()))
 
     def fire() -> None:  # on top of beat's own runs
         client.app.send_task("creditworker.subscriptions.allocate_due").get(timeout=20)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from creditworker.contract.errors import (
 from creditworker.records.audit import audit
 from creditworker.storage.tables import Base, Lot
 
-NOW = datetime(2030, 6, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
 
 
 def snapshot(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:

@@ -11,7 +11,7 @@ the window sends are the prefix the rules would draw from.
 from __future__ import annotations
 
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import cast
 
 from sqlalchemy import Table
@@ -25,7 +25,7 @@ from creditworker.storage.tables import Account
 
 def test_the_sql_window_sends_the_prefix_of_the_rules_draw_order(pg_engine: Engine) -> None:
     generator = random.Random(26)
-    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
     users = [f"u{number}" for number in range(20)]
     accounts = cast(Table, Account.__table__)
     rows = []

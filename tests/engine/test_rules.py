@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -11,7 +11,7 @@ from creditworker.contract.errors import InsufficientCredits, ReservationNotActi
 from creditworker.engine import rules
 from creditworker.engine.results import entry_record, reservation_record
 
-NOW = datetime(2030, 6, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
 
 
 def account(balance: int = 0, reserved: int = 0, threshold: int | None = None) -> rules.Account:

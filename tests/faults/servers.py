@@ -152,7 +152,7 @@ class PrivateRabbitMQ:
         return f"amqp://guest:guest@127.0.0.1:{self.port}//"
 
     def _ctl(self, *args: str) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([self.ctl, "-n", self.node, *args], env=self.env, capture_output=True, timeout=120)
+        return subprocess.run([self.ctl, "-n", self.node, *args], env=self.env, capture_output=True, timeout=120, check=False)
 
     def start(self) -> None:
         subprocess.run([self.server, "-detached"], env=self.env, check=True, capture_output=True, timeout=60)

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -86,7 +86,7 @@ def applied_keys(engine: Engine) -> Counter[str]:
                 return Counter(
                     session.scalars(select(Entry.idempotency_key).where(Entry.idempotency_key.like("stream-%")))
                 )
-        except Exception:
+        except Exception:  # noqa: BLE001 - not up yet, whatever the error
             time.sleep(0.5)
     raise AssertionError("database unreachable after the fault")
 
@@ -117,7 +117,7 @@ def _decoded(raw: bytes) -> str:
         envelope = json.loads(raw)
         envelope = envelope[0] if isinstance(envelope, list) else envelope
         return base64.b64decode(envelope["body"]).decode()
-    except Exception:
+    except Exception:  # noqa: BLE001 - not a readable envelope
         return ""
 
 
@@ -159,7 +159,7 @@ def _check_exactly_once(
     assert set(keys.values()) == {1}, "an operation was applied twice"
     with Session(worker.engine) as session:
         assert all(balance >= 0 for balance in session.scalars(select(Account.balance)))
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         for hold in session.scalars(select(Hold)):
             assert hold.status != "active" or hold.expires_at > now
     assert audit(worker.engine).passed

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -17,7 +17,7 @@ from creditworker.contract.errors import InsufficientCredits
 from creditworker.records.outbox import pending_count, publish_pending
 from creditworker.storage.tables import Operation, OutboxEvent
 
-NOW = datetime(2030, 1, 10, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2030, 1, 10, 12, 0, tzinfo=UTC)
 
 
 def outbox(engine: Engine) -> list[tuple[str, dict[str, Any]]]:

@@ -9,7 +9,7 @@ must match the reference model, and the ledger invariants must hold in SQL.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -34,11 +34,11 @@ from creditworker.contract.errors import (
     ReservationNotActive,
     UnknownUser,
 )
-from creditworker.storage.tables import Account, Entry, Hold, Lot
+from creditworker.storage.tables import Account, Entry, Lot
 from tests.conftest import engine_for, wipe
 
 USERS = ["ann", "bob"]
-START = datetime(2031, 3, 1, tzinfo=timezone.utc)
+START = datetime(2031, 3, 1, tzinfo=UTC)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -26,7 +26,7 @@ from creditworker.records.audit import audit
 from creditworker.storage.tables import Lot, OutboxEvent
 from tests.engine.test_credits import snapshot
 
-T0 = datetime(2031, 1, 31, 10, 0, tzinfo=timezone.utc)
+T0 = datetime(2031, 1, 31, 10, 0, tzinfo=UTC)
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_plan_crud(subs: SubscriptionService) -> None:
     assert (basic.name, basic.credit_limit, basic.price, basic.currency) == ("basic", 100, Decimal("9.99"), "EUR")
     assert basic.billing_period == "monthly" and basic.validity_days == 40 and basic.active
     assert subs.get_plan("basic") == subs.get_plan(basic.id) == basic
-    pro = subs.create_plan("pro", 1000, price=Decimal("49"), billing_period="yearly", now=T0)
+    pro = subs.create_plan("pro", 1000, price=Decimal(49), billing_period="yearly", now=T0)
     assert [p.name for p in subs.list_plans()] == ["basic", "pro"]
 
     updated = subs.update_plan("pro", credit_limit=1200, name="pro-2", validity_days=None, now=T0)
@@ -167,7 +167,7 @@ def test_assign_grants_the_first_period_at_once(subs: SubscriptionService, servi
     subs.create_plan("monthly", 50)
     sub = subs.assign_plan("alice", "basic", now=T0)
     assert (sub.user_id, sub.status, sub.period_index) == ("alice", "active", 0)
-    assert (sub.current_period_start, sub.current_period_end) == (T0, datetime(2031, 2, 28, 10, tzinfo=timezone.utc))
+    assert (sub.current_period_start, sub.current_period_end) == (T0, datetime(2031, 2, 28, 10, tzinfo=UTC))
     assert service.get_user_credits_info("alice", now=T0).available == 100
     assert subscription_lots(subs.engine, "alice") == [(100, T0 + timedelta(days=10))]
 
@@ -282,23 +282,23 @@ def test_plan_limit_changes_apply_from_the_next_period(subs: SubscriptionService
 
 
 def test_upgrade_takes_effect_now_with_the_prorated_difference(subs: SubscriptionService, service: CreditService) -> None:
-    start = datetime(2031, 4, 1, tzinfo=timezone.utc)
+    start = datetime(2031, 4, 1, tzinfo=UTC)
     subs.create_plan("basic", 100)
     subs.create_plan("pro", 400)
     subs.assign_plan("alice", "basic", now=start)
     changed = subs.change_plan("alice", "pro", now=start + timedelta(days=10))  # 20 of 30 days left
     assert changed.plan_id == subs.get_plan("pro").id and changed.pending_plan_id is None
-    end = datetime(2031, 5, 1, tzinfo=timezone.utc)
+    end = datetime(2031, 5, 1, tzinfo=UTC)
     assert subscription_lots(subs.engine, "alice") == [(100, end), (200, end)]
     assert service.get_user_credits_info("alice", now=start).total == 300
     (event,) = events(subs.engine, "subscription.changed")
     assert event["credits_granted"] == 200 and event["new_plan_id"] == changed.plan_id
     subs.allocate_due(now=end)
-    assert subscription_lots(subs.engine, "alice")[-1] == (400, datetime(2031, 6, 1, tzinfo=timezone.utc))
+    assert subscription_lots(subs.engine, "alice")[-1] == (400, datetime(2031, 6, 1, tzinfo=UTC))
 
 
 def test_downgrade_takes_effect_at_the_next_period(subs: SubscriptionService) -> None:
-    start = datetime(2031, 4, 1, tzinfo=timezone.utc)
+    start = datetime(2031, 4, 1, tzinfo=UTC)
     subs.create_plan("pro", 400)
     basic = subs.create_plan("basic", 100)
     subs.assign_plan("alice", "pro", now=start)
@@ -307,23 +307,23 @@ def test_downgrade_takes_effect_at_the_next_period(subs: SubscriptionService) ->
     assert len(subscription_lots(subs.engine, "alice")) == 1
     (event,) = events(subs.engine, "subscription.changed")
     assert event["credits_granted"] == 0 and event["effective_at"].startswith("2031-05-01")
-    subs.allocate_due(now=datetime(2031, 5, 1, tzinfo=timezone.utc))
+    subs.allocate_due(now=datetime(2031, 5, 1, tzinfo=UTC))
     sub = subs.get_user_subscription("alice")
     assert (sub.plan_id, sub.pending_plan_id) == (basic.id, None)
     assert [lot[0] for lot in subscription_lots(subs.engine, "alice")] == [400, 100]
 
 
 def test_a_change_of_billing_period_starts_at_the_next_period(subs: SubscriptionService) -> None:
-    start = datetime(2031, 4, 1, tzinfo=timezone.utc)
+    start = datetime(2031, 4, 1, tzinfo=UTC)
     subs.create_plan("monthly", 100)
     yearly = subs.create_plan("yearly", 2000, billing_period="yearly")
     subs.assign_plan("alice", "monthly", now=start)
     assert subs.change_plan("alice", "yearly", now=start).pending_plan_id == yearly.id
-    may = datetime(2031, 5, 1, tzinfo=timezone.utc)
+    may = datetime(2031, 5, 1, tzinfo=UTC)
     subs.allocate_due(now=may + timedelta(hours=1))
     sub = subs.get_user_subscription("alice")
     assert (sub.plan_id, sub.anchor_at, sub.period_index) == (yearly.id, may, 0)
-    assert sub.current_period_end == datetime(2032, 5, 1, tzinfo=timezone.utc)
+    assert sub.current_period_end == datetime(2032, 5, 1, tzinfo=UTC)
     assert subscription_lots(subs.engine, "alice")[-1] == (2000, sub.current_period_end)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cache, lru_cache
 from typing import Any
 
@@ -66,7 +66,7 @@ class PostgresArrays(Core):
             row = list(row)
             for index in stamps:
                 if row[index] is not None:
-                    row[index] = row[index].replace(tzinfo=timezone.utc)
+                    row[index] = row[index].replace(tzinfo=UTC)
             result.append(tuple(row))
         return result
 
@@ -188,7 +188,7 @@ def _owners_and_accounts_sql(holds: str, accounts: str) -> str:
 
 
 def _utc(value: datetime | None) -> datetime | None:
-    return None if value is None else value.replace(tzinfo=timezone.utc)
+    return None if value is None else value.replace(tzinfo=UTC)
 
 
 def _arrays(table: Table, rows: Sequence[dict[str, Any]], prefix: str) -> dict[str, str]:
@@ -225,7 +225,7 @@ def _json(value: Any) -> str:
 @lru_cache(maxsize=256)
 def _timestamp(value: datetime | None) -> str | None:
     """Naive UTC text (a batch's rows mostly share one timestamp: converted once)."""
-    return None if value is None else value.astimezone(timezone.utc).replace(tzinfo=None).isoformat()
+    return None if value is None else value.astimezone(UTC).replace(tzinfo=None).isoformat()
 
 
 def text_array(values: list[str | None]) -> str:
