@@ -20,12 +20,22 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 AWAITING = {
-    "producers-reexport-client": "the client branch: http imports producers.aio and producers.client today",
+    "producers-reexport-client": "the client branch (http imports producers.aio, producers.client)",
 }
 """Contract id -> the branch whose moves make it hold."""
 
-DEEP = ["engine", "storage", "records", "notifications", "contract",
-        "worker/tasks.py", "worker/delivery.py", "worker/gather.py", "worker/intake.py", "worker/configured.py"]
+DEEP = [
+    "engine",
+    "storage",
+    "records",
+    "notifications",
+    "contract",
+    "worker/tasks.py",
+    "worker/delivery.py",
+    "worker/gather.py",
+    "worker/intake.py",
+    "worker/configured.py",
+]
 """Where no code reads the environment's settings: they are passed down from an edge."""
 
 
@@ -39,9 +49,18 @@ def _contract_ids() -> list[str]:
 def _lint_imports(*contracts: str) -> subprocess.CompletedProcess[str]:
     arguments = [arg for contract in contracts for arg in ("--contract", contract)]
     return subprocess.run(
-        [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command as c; sys.exit(c())",
-         "--no-cache", *arguments],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from importlinter.cli import lint_imports_command as c; sys.exit(c())",
+            "--no-cache",
+            *arguments,
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=False,
     )
 
 
@@ -56,7 +75,9 @@ def test_the_import_contracts_hold() -> None:
 def test_the_contracts_awaiting_another_branch_still_fail(contract: str) -> None:
     """When this fails, the branch landed: the contract leaves AWAITING and is enforced."""
     result = _lint_imports(contract)
-    assert result.returncode != 0, f"{contract} holds now: remove it from AWAITING ({AWAITING[contract]})"
+    assert result.returncode != 0, (
+        f"{contract} holds now: remove it from AWAITING ({AWAITING[contract]})"
+    )
 
 
 def _cycles(graph: grimp.ImportGraph) -> list[list[str]]:
@@ -81,7 +102,9 @@ def _cycles(graph: grimp.ImportGraph) -> list[list[str]]:
                     index[child] = low[child] = len(index)
                     stack.append(child)
                     on_stack.add(child)
-                    work.append((child, iter(sorted(graph.find_modules_directly_imported_by(child)))))
+                    work.append(
+                        (child, iter(sorted(graph.find_modules_directly_imported_by(child))))
+                    )
                 elif child in on_stack:
                     low[module] = min(low[module], index[child])
                 continue
@@ -127,13 +150,25 @@ def test_nothing_below_the_edges_reads_the_settings() -> None:
         path = ROOT / "creditworker" / room
         for source in sorted([path] if path.is_file() else path.rglob("*.py")):
             for node in ast.walk(ast.parse(source.read_text())):
-                name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+                name = (
+                    node.id
+                    if isinstance(node, ast.Name)
+                    else node.attr
+                    if isinstance(node, ast.Attribute)
+                    else None
+                )
                 if name == "get_settings":
                     readers.append(f"{source.relative_to(ROOT)}:{node.lineno}")
     assert readers == []
 
 
 def test_the_picture_in_docs_architecture_is_the_code() -> None:
-    result = subprocess.run([sys.executable, "docs/import_graph.py", "--check"], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "docs/import_graph.py", "--check"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr

@@ -71,13 +71,15 @@ SPECIAL: dict[str, Handler] = {BATCH.task: _apply_batch}
 
 HANDLERS: dict[str, Handler] = {
     operation.task: SPECIAL.get(operation.task) or _given_fields(operation)
-    for operation in OPERATIONS if operation.engine is not None
+    for operation in OPERATIONS
+    if operation.engine is not None
 }
 """Each operation the engine serves, by task name: its handler."""
 
 
-def handler_for(services: Services, operation: Operation, request: BaseModel,
-                key: str) -> tuple[Call, dict[str, Any]]:
+def handler_for(
+    services: Services, operation: Operation, request: BaseModel, key: str
+) -> tuple[Call, dict[str, Any]]:
     """The engine method that serves `operation` and its arguments, for an edge that calls
     it its own way (awaited on the async twin, or metered); `wrap` it what comes back."""
     handler = HANDLERS.get(operation.task)

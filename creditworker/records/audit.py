@@ -38,9 +38,17 @@ def audit(engine: Engine, *, allow_negative: bool = False) -> AuditReport:
     """Check every invariant; an empty `problems` list means the database is consistent."""
     report = AuditReport()
     with Session(engine) as session:
-        report.accounts_checked = int(session.scalar(select(func.count()).select_from(Account)) or 0)
-        for check in (_accounts_match_entries, _lots_match_balances, _lots_in_range, _holds_match_reserved,
-                      _hold_states, _entries_have_operations):
+        report.accounts_checked = int(
+            session.scalar(select(func.count()).select_from(Account)) or 0
+        )
+        for check in (
+            _accounts_match_entries,
+            _lots_match_balances,
+            _lots_in_range,
+            _holds_match_reserved,
+            _hold_states,
+            _entries_have_operations,
+        ):
             report.problems.extend(check(session, allow_negative))
     return report
 
@@ -56,16 +64,33 @@ def _accounts_match_entries(session: Session, allow_negative: bool) -> Iterator[
         .subquery()
     )
     rows = session.execute(
-        select(Account.user_id, Account.balance, Account.reserved, entry_sums.c.amount, entry_sums.c.held)
-        .outerjoin(entry_sums, entry_sums.c.user_id == Account.user_id)
+        select(
+            Account.user_id,
+            Account.balance,
+            Account.reserved,
+            entry_sums.c.amount,
+            entry_sums.c.held,
+        ).outerjoin(entry_sums, entry_sums.c.user_id == Account.user_id)
     ).all()
     for user_id, balance, reserved, amount, held in rows:
         if int(amount or 0) != balance:
-            yield Problem("entries_sum_to_balance", user_id, f"entries sum to {int(amount or 0)}, balance is {balance}")
+            yield Problem(
+                "entries_sum_to_balance",
+                user_id,
+                f"entries sum to {int(amount or 0)}, balance is {balance}",
+            )
         if int(held or 0) != reserved:
-            yield Problem("holds_sum_to_reserved", user_id, f"entry holds sum to {int(held or 0)}, reserved is {reserved}")
+            yield Problem(
+                "holds_sum_to_reserved",
+                user_id,
+                f"entry holds sum to {int(held or 0)}, reserved is {reserved}",
+            )
         if balance < 0 and not allow_negative:
-            yield Problem("no_negative_balance", user_id, f"balance is {balance} and the overage policy is reject")
+            yield Problem(
+                "no_negative_balance",
+                user_id,
+                f"balance is {balance} and the overage policy is reject",
+            )
         if reserved < 0:
             yield Problem("no_negative_reserved", user_id, f"reserved is {reserved}")
 
@@ -83,7 +108,11 @@ def _lots_match_balances(session: Session, _allow_negative: bool) -> Iterator[Pr
     ).all():
         expected = max(balance, 0)
         if int(remaining or 0) != expected:
-            yield Problem("lots_sum_to_balance", user_id, f"lots hold {int(remaining or 0)}, expected {expected}")
+            yield Problem(
+                "lots_sum_to_balance",
+                user_id,
+                f"lots hold {int(remaining or 0)}, expected {expected}",
+            )
 
 
 def _lots_in_range(session: Session, _allow_negative: bool) -> Iterator[Problem]:
@@ -92,7 +121,9 @@ def _lots_in_range(session: Session, _allow_negative: bool) -> Iterator[Problem]
             or_(Lot.remaining < 0, Lot.remaining > Lot.amount)
         )
     ).all():
-        yield Problem("lot_remaining_in_range", user_id, f"lot {lot_id} has {remaining} of {amount}")
+        yield Problem(
+            "lot_remaining_in_range", user_id, f"lot {lot_id} has {remaining} of {amount}"
+        )
 
 
 def _holds_match_reserved(session: Session, _allow_negative: bool) -> Iterator[Problem]:
@@ -108,7 +139,11 @@ def _holds_match_reserved(session: Session, _allow_negative: bool) -> Iterator[P
         )
     ).all():
         if int(held or 0) != reserved:
-            yield Problem("active_holds_sum_to_reserved", user_id, f"active holds {int(held or 0)}, reserved {reserved}")
+            yield Problem(
+                "active_holds_sum_to_reserved",
+                user_id,
+                f"active holds {int(held or 0)}, reserved {reserved}",
+            )
 
 
 def _hold_states(session: Session, _allow_negative: bool) -> Iterator[Problem]:
@@ -123,7 +158,11 @@ def _hold_states(session: Session, _allow_negative: bool) -> Iterator[Problem]:
             )
         )
     ).all():
-        yield Problem("reservation_state", user_id, f"reservation {hold_id} is {status!r} with an inconsistent final time")
+        yield Problem(
+            "reservation_state",
+            user_id,
+            f"reservation {hold_id} is {status!r} with an inconsistent final time",
+        )
 
 
 def _entries_have_operations(session: Session, _allow_negative: bool) -> Iterator[Problem]:

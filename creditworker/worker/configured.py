@@ -19,5 +19,7 @@ def settings_of(app: Any) -> Settings:
     """The settings `app` was built from (an app not built by `make_celery` has none)."""
     settings: Settings | None = getattr(app, ATTRIBUTE, None)
     if settings is None:
-        raise RuntimeError(f"the Celery app {app.main!r} was not built by creditworker.worker.app.make_celery")
+        raise RuntimeError(
+            f"the Celery app {app.main!r} was not built by creditworker.worker.app.make_celery"
+        )
     return settings

@@ -31,24 +31,55 @@ def test_the_sql_window_sends_the_prefix_of_the_rules_draw_order(pg_engine: Engi
     rows = []
     for user in users:
         for number in range(generator.randint(1, 8)):
-            expires = now + timedelta(days=generator.choice([1, 2, 2, 5])) if generator.random() < 0.7 else None
+            expires = (
+                now + timedelta(days=generator.choice([1, 2, 2, 5]))
+                if generator.random() < 0.7
+                else None
+            )
             remaining = generator.choice([0, 1, 3, 5])
-            rows.append({"user_id": user, "amount": 5, "remaining": remaining, "priority": generator.choice([0, 0, 1]),
-                         "expires_at": expires, "source": "purchase", "created_at": now,
-                         "idempotency_key": f"{user}-{number}"})
+            rows.append(
+                {
+                    "user_id": user,
+                    "amount": 5,
+                    "remaining": remaining,
+                    "priority": generator.choice([0, 0, 1]),
+                    "expires_at": expires,
+                    "source": "purchase",
+                    "created_at": now,
+                    "idempotency_key": f"{user}-{number}",
+                }
+            )
     generator.shuffle(rows)  # ids in no particular order against priority and expiry
     with pg_engine.begin() as connection:
-        connection.execute(accounts.insert(), [
-            {"user_id": user, "balance": 0, "reserved": 0, "low_credit_alerted": False, "created_at": now,
-             "updated_at": now} for user in users])
+        connection.execute(
+            accounts.insert(),
+            [
+                {
+                    "user_id": user,
+                    "balance": 0,
+                    "reserved": 0,
+                    "low_credit_alerted": False,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for user in users
+            ],
+        )
         connection.execute(lots_table.insert(), rows)
     backend = backend_for(pg_engine)
     with pg_engine.connect() as connection:
-        every = backend.rows_where_in(connection, lots_table, LOT_COLUMNS, "user_id", users, where="remaining > 0")
-        ordered = {user: sorted((_lot(row) for row in every if row[1] == user), key=draw_order) for user in users}
+        every = backend.rows_where_in(
+            connection, lots_table, LOT_COLUMNS, "user_id", users, where="remaining > 0"
+        )
+        ordered = {
+            user: sorted((_lot(row) for row in every if row[1] == user), key=draw_order)
+            for user in users
+        }
         for amount in range(1, 25):
             needed = {user: amount for user in users}
-            sent, _extra = backend.drawable_lots(connection, LOT_COLUMNS, lots_table, needed, (), 0, 0)
+            sent, _extra = backend.drawable_lots(
+                connection, LOT_COLUMNS, lots_table, needed, (), 0, 0
+            )
             for user in users:
                 prefix, before = [], 0
                 for lot in ordered[user]:
@@ -56,4 +87,7 @@ def test_the_sql_window_sends_the_prefix_of_the_rules_draw_order(pg_engine: Engi
                         break
                     prefix.append(lot.id)
                     before += lot.remaining
-                assert sorted(row[0] for row in sent if row[1] == user) == sorted(prefix), (user, amount)
+                assert sorted(row[0] for row in sent if row[1] == user) == sorted(prefix), (
+                    user,
+                    amount,
+                )

@@ -26,9 +26,17 @@ class Script(Protocol):
     def delete(self, table: Table, key: str, values: Collection[Any]) -> None:
         """Delete the rows whose `key` column is one of `values`."""
 
-    def finish(self, table: Table, rows: Sequence[dict[str, Any]], *, referencing: Table | None = None,
-               referencing_rows: Sequence[dict[str, Any]] = (), reference: str = "", reference_key: str = "",
-               positions: Sequence[int | None] = ()) -> list[int]:
+    def finish(
+        self,
+        table: Table,
+        rows: Sequence[dict[str, Any]],
+        *,
+        referencing: Table | None = None,
+        referencing_rows: Sequence[dict[str, Any]] = (),
+        reference: str = "",
+        reference_key: str = "",
+        positions: Sequence[int | None] = (),
+    ) -> list[int]:
         """Run what is pending, insert `rows` into `table` and return their new ids in order;
         then insert `referencing_rows` into `referencing`, where the row at `i` whose
         `positions[i]` is not None gets `{reference_key: the id of rows[positions[i]]}` as its
@@ -44,32 +52,55 @@ class Backend(Protocol):
     def script(self, connection: Connection) -> Script:
         """A writer's script on `connection` (`Json` values go to JSON columns as they are)."""
 
-    def insert_returning_ids(self, connection: Connection, table: Table,
-                             rows: Sequence[dict[str, Any]]) -> list[int]:
+    def insert_returning_ids(
+        self, connection: Connection, table: Table, rows: Sequence[dict[str, Any]]
+    ) -> list[int]:
         """Insert `rows` and return their new ids, in the order of `rows`."""
 
-    def insert_absent(self, connection: Connection, table: Table,
-                      rows: Sequence[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    def insert_absent(
+        self, connection: Connection, table: Table, rows: Sequence[dict[str, Any]]
+    ) -> list[tuple[Any, ...]]:
         """Insert the rows whose primary key is not taken yet; the keys this call inserted
         (of two callers racing for a key, exactly one gets it, and the other does not fail)."""
 
-    def rows_where_in(self, connection: Connection, table: Table, columns: tuple[str, ...], key: str,
-                      values: Collection[Any], *, where: str = "", order_by: str = "",
-                      for_update: bool = False) -> list[tuple[Any, ...]]:
+    def rows_where_in(
+        self,
+        connection: Connection,
+        table: Table,
+        columns: tuple[str, ...],
+        key: str,
+        values: Collection[Any],
+        *,
+        where: str = "",
+        order_by: str = "",
+        for_update: bool = False,
+    ) -> list[tuple[Any, ...]]:
         """`columns` of the rows whose `key` is one of `values` (and that meet the SQL
         condition `where`), as tuples."""
 
-    def drawable_lots(self, connection: Connection, columns: tuple[str, ...], lots: Table,
-                      needed: Mapping[str, int], operation_keys: Collection[str], entry_ids: int,
-                      lot_ids: int) -> tuple[list[tuple[Any, ...]], tuple[list[Any], list[int], list[int]] | None]:
+    def drawable_lots(
+        self,
+        connection: Connection,
+        columns: tuple[str, ...],
+        lots: Table,
+        needed: Mapping[str, int],
+        operation_keys: Collection[str],
+        entry_ids: int,
+        lot_ids: int,
+    ) -> tuple[list[tuple[Any, ...]], tuple[list[Any], list[int], list[int]] | None]:
         """The live lots (credits left) of the accounts in `needed` that a draw of at most
         `needed[user]` can reach, as `columns` tuples; and, if this path read them in the same
         statement, (the operation rows of `operation_keys`, `entry_ids` new ledger entry
         ids, `lot_ids` new lot ids), else None."""
 
-    def owners_and_accounts(self, connection: Connection, holds: Table, accounts: Table,
-                            hold_ids: Collection[str], user_ids: Collection[str],
-                            ) -> tuple[dict[str, str], set[str] | None]:
+    def owners_and_accounts(
+        self,
+        connection: Connection,
+        holds: Table,
+        accounts: Table,
+        hold_ids: Collection[str],
+        user_ids: Collection[str],
+    ) -> tuple[dict[str, str], set[str] | None]:
         """The user of each existing hold, and which of `user_ids` have an account (None:
         not read; the caller reads them when it needs them)."""
 

@@ -30,12 +30,15 @@ class Core:
     def script(self, connection: Connection) -> CoreScript:
         return CoreScript(self, connection)
 
-    def insert_rows(self, connection: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+    def insert_rows(
+        self, connection: Connection, table: Table, rows: Sequence[dict[str, Any]]
+    ) -> None:
         if rows:
             connection.execute(insert(table), _parsed_json(table, rows))
 
-    def insert_returning_ids(self, connection: Connection, table: Table,
-                             rows: Sequence[dict[str, Any]]) -> list[int]:
+    def insert_returning_ids(
+        self, connection: Connection, table: Table, rows: Sequence[dict[str, Any]]
+    ) -> list[int]:
         if not rows:
             return []
         if self.dialect == "sqlite":
@@ -48,42 +51,72 @@ class Core:
         statement = insert(table).returning(table.c.id, sort_by_parameter_order=True)
         return [row[0] for row in connection.execute(statement, _parsed_json(table, rows))]
 
-    def update_rows(self, connection: Connection, table: Table, key: str, rows: Sequence[dict[str, Any]]) -> None:
+    def update_rows(
+        self, connection: Connection, table: Table, key: str, rows: Sequence[dict[str, Any]]
+    ) -> None:
         """Set the columns named in `rows` on the row whose `key` column matches; one statement."""
         if not rows:
             return
         columns = tuple(name for name in rows[0] if name != key)
-        statement = update(table).where(table.c[key] == bindparam(f"_{key}")).values(
-            {name: bindparam(f"_{name}") for name in columns}
+        statement = (
+            update(table)
+            .where(table.c[key] == bindparam(f"_{key}"))
+            .values({name: bindparam(f"_{name}") for name in columns})
         )
-        connection.execute(statement, [{f"_{name}": value for name, value in row.items()}
-                                       for row in _parsed_json(table, rows)])
+        connection.execute(
+            statement,
+            [
+                {f"_{name}": value for name, value in row.items()}
+                for row in _parsed_json(table, rows)
+            ],
+        )
 
-    def delete_rows(self, connection: Connection, table: Table, key: str, values: Collection[Any]) -> None:
+    def delete_rows(
+        self, connection: Connection, table: Table, key: str, values: Collection[Any]
+    ) -> None:
         if values:
             connection.execute(delete(table).where(table.c[key].in_(sorted(values))))
 
-    def insert_absent(self, connection: Connection, table: Table,
-                      rows: Sequence[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    def insert_absent(
+        self, connection: Connection, table: Table, rows: Sequence[dict[str, Any]]
+    ) -> list[tuple[Any, ...]]:
         if not rows:
             return []
         key = list(table.primary_key.columns)
         if self.dialect in ("postgresql", "sqlite"):
-            statement = postgresql.insert(table) if self.dialect == "postgresql" else sqlite.insert(table)
-            claimed = connection.execute(statement.on_conflict_do_nothing().returning(*key), list(rows))
+            statement = (
+                postgresql.insert(table) if self.dialect == "postgresql" else sqlite.insert(table)
+            )
+            claimed = connection.execute(
+                statement.on_conflict_do_nothing().returning(*key), list(rows)
+            )
             return [tuple(row) for row in claimed]
         inserted = []  # MariaDB/MySQL: INSERT IGNORE reports a row count but no keys, so one by one
         for row in rows:
-            if connection.execute(mysql.insert(table).values(row).prefix_with("IGNORE")).rowcount == 1:
+            if (
+                connection.execute(mysql.insert(table).values(row).prefix_with("IGNORE")).rowcount
+                == 1
+            ):
                 inserted.append(tuple(row[column.name] for column in key))
         return inserted
 
-    def rows_where_in(self, connection: Connection, table: Table, columns: tuple[str, ...], key: str,
-                      values: Collection[Any], *, where: str = "", order_by: str = "",
-                      for_update: bool = False) -> list[tuple[Any, ...]]:
+    def rows_where_in(
+        self,
+        connection: Connection,
+        table: Table,
+        columns: tuple[str, ...],
+        key: str,
+        values: Collection[Any],
+        *,
+        where: str = "",
+        order_by: str = "",
+        for_update: bool = False,
+    ) -> list[tuple[Any, ...]]:
         if not values:
             return []
-        statement = select(*(table.c[name] for name in columns)).where(table.c[key].in_(sorted(set(values))))
+        statement = select(*(table.c[name] for name in columns)).where(
+            table.c[key].in_(sorted(set(values)))
+        )
         if where:
             statement = statement.where(text(where))
         if order_by:
@@ -92,17 +125,33 @@ class Core:
             statement = statement.with_for_update()
         return [tuple(row) for row in connection.execute(statement)]
 
-    def drawable_lots(self, connection: Connection, columns: tuple[str, ...], lots: Table,
-                      needed: Mapping[str, int], operation_keys: Collection[str], entry_ids: int,
-                      lot_ids: int) -> tuple[list[tuple[Any, ...]], tuple[list[Any], list[int], list[int]] | None]:
-        """Every live lot of the accounts (this path reads no prefix, and nothing else with them)."""
-        return self.rows_where_in(connection, lots, columns, "user_id", needed, where="remaining > 0"), None
+    def drawable_lots(
+        self,
+        connection: Connection,
+        columns: tuple[str, ...],
+        lots: Table,
+        needed: Mapping[str, int],
+        operation_keys: Collection[str],
+        entry_ids: int,
+        lot_ids: int,
+    ) -> tuple[list[tuple[Any, ...]], tuple[list[Any], list[int], list[int]] | None]:
+        """Every live lot of the accounts (no prefix here, and nothing read besides)."""
+        return self.rows_where_in(
+            connection, lots, columns, "user_id", needed, where="remaining > 0"
+        ), None
 
-    def owners_and_accounts(self, connection: Connection, holds: Table, accounts: Table,
-                            hold_ids: Collection[str], user_ids: Collection[str],
-                            ) -> tuple[dict[str, str], set[str] | None]:
-        return {row[0]: row[1] for row in self.rows_where_in(connection, holds, ("id", "user_id"), "id",
-                                                              hold_ids)}, None
+    def owners_and_accounts(
+        self,
+        connection: Connection,
+        holds: Table,
+        accounts: Table,
+        hold_ids: Collection[str],
+        user_ids: Collection[str],
+    ) -> tuple[dict[str, str], set[str] | None]:
+        return {
+            row[0]: row[1]
+            for row in self.rows_where_in(connection, holds, ("id", "user_id"), "id", hold_ids)
+        }, None
 
     def keyset_page(self, engine: Engine, query: Select[Any]) -> list[tuple[Any, ...]]:
         """On PostgreSQL (any driver) the page must walk its index in order: when the
@@ -132,15 +181,26 @@ class CoreScript:
     def delete(self, table: Table, key: str, values: Collection[Any]) -> None:
         self.backend.delete_rows(self.connection, table, key, values)
 
-    def finish(self, table: Table, rows: Sequence[dict[str, Any]], *, referencing: Table | None = None,
-               referencing_rows: Sequence[dict[str, Any]] = (), reference: str = "", reference_key: str = "",
-               positions: Sequence[int | None] = ()) -> list[int]:
+    def finish(
+        self,
+        table: Table,
+        rows: Sequence[dict[str, Any]],
+        *,
+        referencing: Table | None = None,
+        referencing_rows: Sequence[dict[str, Any]] = (),
+        reference: str = "",
+        reference_key: str = "",
+        positions: Sequence[int | None] = (),
+    ) -> list[int]:
         ids = self.backend.insert_returning_ids(self.connection, table, rows)
         if referencing is not None and referencing_rows:
-            self.insert(referencing, [
-                row if position is None else {**row, reference: {reference_key: ids[position]}}
-                for row, position in zip(referencing_rows, positions)
-            ])
+            self.insert(
+                referencing,
+                [
+                    row if position is None else {**row, reference: {reference_key: ids[position]}}
+                    for row, position in zip(referencing_rows, positions)
+                ],
+            )
         return ids
 
 
@@ -150,13 +210,21 @@ def _parsed_json(table: Table, rows: Sequence[dict[str, Any]]) -> list[dict[str,
     names = [name for name in rows[0] if isinstance(table.c[name].type, JSON)]
     if not any(isinstance(row[name], Json) for name in names for row in rows):
         return list(rows)
-    return [{**row, **{name: json.loads(row[name]) for name in names if isinstance(row[name], Json)}}
-            for row in rows]
+    return [
+        {**row, **{name: json.loads(row[name]) for name in names if isinstance(row[name], Json)}}
+        for row in rows
+    ]
 
 
-def after(columns: Sequence[ColumnElement[Any]], last: Sequence[Any] | None) -> list[ColumnElement[bool]]:
+def after(
+    columns: Sequence[ColumnElement[Any]], last: Sequence[Any] | None
+) -> list[ColumnElement[bool]]:
     """The condition of the next keyset page: `columns` (the index's order) after `last`."""
     if last is None:
         return []
-    return [tuple_(*columns) > tuple_(*(bindparam(None, value, type_=column.type)
-                                        for column, value in zip(columns, last)))]
+    return [
+        tuple_(*columns)
+        > tuple_(
+            *(bindparam(None, value, type_=column.type) for column, value in zip(columns, last))
+        )
+    ]

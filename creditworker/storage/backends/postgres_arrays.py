@@ -29,36 +29,59 @@ class PostgresArrays(Core):
     def script(self, connection: Connection) -> ArrayScript:  # type: ignore[override]
         return ArrayScript(connection)
 
-    def insert_rows(self, connection: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+    def insert_rows(
+        self, connection: Connection, table: Table, rows: Sequence[dict[str, Any]]
+    ) -> None:
         if rows:
-            connection.exec_driver_sql(_insert(table, tuple(rows[0]), "", False), _arrays(table, rows, ""))
+            connection.exec_driver_sql(
+                _insert(table, tuple(rows[0]), "", False), _arrays(table, rows, "")
+            )
 
-    def insert_returning_ids(self, connection: Connection, table: Table,
-                             rows: Sequence[dict[str, Any]]) -> list[int]:
+    def insert_returning_ids(
+        self, connection: Connection, table: Table, rows: Sequence[dict[str, Any]]
+    ) -> list[int]:
         if not rows:
             return []
         # The sequence numbers the rows in the order the SELECT produces them (ORDER BY
         # the array position): sorted, the returned ids are the ids of `rows` in order.
-        result = connection.exec_driver_sql(_insert(table, tuple(rows[0]), "", True), _arrays(table, rows, ""))
+        result = connection.exec_driver_sql(
+            _insert(table, tuple(rows[0]), "", True), _arrays(table, rows, "")
+        )
         return sorted(row[0] for row in result)
 
-    def update_rows(self, connection: Connection, table: Table, key: str, rows: Sequence[dict[str, Any]]) -> None:
+    def update_rows(
+        self, connection: Connection, table: Table, key: str, rows: Sequence[dict[str, Any]]
+    ) -> None:
         if rows:
             columns = tuple(name for name in rows[0] if name != key)
             connection.exec_driver_sql(_update(table, key, columns, ""), _arrays(table, rows, ""))
 
-    def rows_where_in(self, connection: Connection, table: Table, columns: tuple[str, ...], key: str,
-                      values: Collection[Any], *, where: str = "", order_by: str = "",
-                      for_update: bool = False) -> list[tuple[Any, ...]]:
+    def rows_where_in(
+        self,
+        connection: Connection,
+        table: Table,
+        columns: tuple[str, ...],
+        key: str,
+        values: Collection[Any],
+        *,
+        where: str = "",
+        order_by: str = "",
+        for_update: bool = False,
+    ) -> list[tuple[Any, ...]]:
         """The values travel as one array literal (`key = ANY(...)`), and the statement text
         is the same whatever their number."""
         if not values:
             return []
         wanted = sorted(set(values))
         rows = connection.exec_driver_sql(
-            _select(table, columns, key, where, order_by, for_update), _arrays(table, [{key: v} for v in wanted], "")
+            _select(table, columns, key, where, order_by, for_update),
+            _arrays(table, [{key: v} for v in wanted], ""),
         ).fetchall()
-        stamps = [index for index, name in enumerate(columns) if isinstance(table.c[name].type, UtcDateTime)]
+        stamps = [
+            index
+            for index, name in enumerate(columns)
+            if isinstance(table.c[name].type, UtcDateTime)
+        ]
         if not stamps:
             return [tuple(row) for row in rows]
         result = []
@@ -70,19 +93,36 @@ class PostgresArrays(Core):
             result.append(tuple(row))
         return result
 
-    def drawable_lots(self, connection: Connection, columns: tuple[str, ...], lots: Table,
-                      needed: Mapping[str, int], operation_keys: Collection[str], entry_ids: int,
-                      lot_ids: int) -> tuple[list[tuple[Any, ...]], tuple[list[Any], list[int], list[int]] | None]:
+    def drawable_lots(
+        self,
+        connection: Connection,
+        columns: tuple[str, ...],
+        lots: Table,
+        needed: Mapping[str, int],
+        operation_keys: Collection[str],
+        entry_ids: int,
+        lot_ids: int,
+    ) -> tuple[list[tuple[Any, ...]], tuple[list[Any], list[int], list[int]] | None]:
         """Only the lots that come first in the draw-down order until they cover what each
         account may draw; in the same statement the operation rows of `operation_keys`,
         and `entry_ids` and `lot_ids` new ids from the ledger's and the lots' sequences
         (after the accounts' lock, so in the order their transactions hold it)."""
         users = sorted(user_id for user_id, amount in needed.items() if amount > 0)
-        rows = connection.exec_driver_sql(_drawable_lots_sql(lots.name, columns), {
-            "users": text_array(users), "needed": "{" + ",".join(str(needed[user]) for user in users) + "}",
-            "keys": text_array(sorted(set(operation_keys))), "entry_ids": entry_ids, "lot_ids": lot_ids,
-        }).fetchall()
-        stamps = [index for index, name in enumerate(columns) if isinstance(lots.c[name].type, UtcDateTime)]
+        rows = connection.exec_driver_sql(
+            _drawable_lots_sql(lots.name, columns),
+            {
+                "users": text_array(users),
+                "needed": "{" + ",".join(str(needed[user]) for user in users) + "}",
+                "keys": text_array(sorted(set(operation_keys))),
+                "entry_ids": entry_ids,
+                "lot_ids": lot_ids,
+            },
+        ).fetchall()
+        stamps = [
+            index
+            for index, name in enumerate(columns)
+            if isinstance(lots.c[name].type, UtcDateTime)
+        ]
         found = []
         for row in rows:
             if row[0] is None:
@@ -92,19 +132,33 @@ class PostgresArrays(Core):
                 lot[index] = _utc(lot[index])
             found.append(tuple(lot))
         extra = next(row for row in rows if row[0] is None)
-        return found, ([tuple(operation) for operation in extra[-3] or ()], sorted(extra[-2] or ()),
-                       sorted(extra[-1] or ()))
+        return found, (
+            [tuple(operation) for operation in extra[-3] or ()],
+            sorted(extra[-2] or ()),
+            sorted(extra[-1] or ()),
+        )
 
-    def owners_and_accounts(self, connection: Connection, holds: Table, accounts: Table,
-                            hold_ids: Collection[str], user_ids: Collection[str],
-                            ) -> tuple[dict[str, str], set[str] | None]:
+    def owners_and_accounts(
+        self,
+        connection: Connection,
+        holds: Table,
+        accounts: Table,
+        hold_ids: Collection[str],
+        user_ids: Collection[str],
+    ) -> tuple[dict[str, str], set[str] | None]:
         """Both in one statement when both are wanted."""
         if not hold_ids or not user_ids:
             return super().owners_and_accounts(connection, holds, accounts, hold_ids, user_ids)
-        rows = connection.exec_driver_sql(_owners_and_accounts_sql(holds.name, accounts.name), {
-            "holds": text_array(sorted(set(hold_ids))), "users": text_array(sorted(set(user_ids))),
-        }).fetchall()
-        return {row[0]: row[1] for row in rows if row[0] is not None}, {row[1] for row in rows if row[0] is None}
+        rows = connection.exec_driver_sql(
+            _owners_and_accounts_sql(holds.name, accounts.name),
+            {
+                "holds": text_array(sorted(set(hold_ids))),
+                "users": text_array(sorted(set(user_ids))),
+            },
+        ).fetchall()
+        return {row[0]: row[1] for row in rows if row[0] is not None}, {
+            row[1] for row in rows if row[0] is None
+        }
 
 
 class ArrayScript:
@@ -128,25 +182,45 @@ class ArrayScript:
     def update(self, table: Table, key: str, rows: Sequence[dict[str, Any]]) -> None:
         if rows:
             prefix = f"s{len(self.sql)}_"
-            self._add(_update(table, key, tuple(name for name in rows[0] if name != key), prefix),
-                      _arrays(table, rows, prefix))
+            self._add(
+                _update(table, key, tuple(name for name in rows[0] if name != key), prefix),
+                _arrays(table, rows, prefix),
+            )
 
     def delete(self, table: Table, key: str, values: Collection[Any]) -> None:
         if values:
             prefix = f"s{len(self.sql)}_"
-            self._add(f"DELETE FROM {table.name} WHERE {key} = ANY(CAST(%({prefix}{key})s AS {_pg_type(table, key)}[]))",
-                      _arrays(table, [{key: value} for value in sorted(values)], prefix))
+            self._add(
+                f"DELETE FROM {table.name} WHERE {key}"
+                f" = ANY(CAST(%({prefix}{key})s AS {_pg_type(table, key)}[]))",
+                _arrays(table, [{key: value} for value in sorted(values)], prefix),
+            )
 
-    def finish(self, table: Table, rows: Sequence[dict[str, Any]], *, referencing: Table | None = None,
-               referencing_rows: Sequence[dict[str, Any]] = (), reference: str = "", reference_key: str = "",
-               positions: Sequence[int | None] = ()) -> list[int]:
+    def finish(
+        self,
+        table: Table,
+        rows: Sequence[dict[str, Any]],
+        *,
+        referencing: Table | None = None,
+        referencing_rows: Sequence[dict[str, Any]] = (),
+        reference: str = "",
+        reference_key: str = "",
+        positions: Sequence[int | None] = (),
+    ) -> list[int]:
         """All of it is one round trip: the pending statements, then one statement whose
         data-modifying CTEs insert both tables (the referencing rows join the new ids)."""
         ids: list[int] = []
         if rows or referencing_rows:
             sql, params = _insert_with_references(
-                table, rows, referencing, referencing_rows, reference, reference_key, positions,
-                f"s{len(self.sql)}_")
+                table,
+                rows,
+                referencing,
+                referencing_rows,
+                reference,
+                reference_key,
+                positions,
+                f"s{len(self.sql)}_",
+            )
             self._add(sql, params)
         if self.sql:
             result = self.connection.exec_driver_sql(";\n".join(self.sql), self.params)
@@ -169,22 +243,30 @@ def _drawable_lots_sql(lots: str, columns: tuple[str, ...]) -> str:
     may draw; then one row whose lot columns are NULL, with the operation rows stored for the
     given keys (JSON), the new entry ids and the new lot ids."""
     return (
-        f"SELECT {', '.join(columns)}, NULL::json, NULL::bigint[], NULL::bigint[] FROM (SELECT l.*, n.needed,"
+        f"SELECT {', '.join(columns)}, NULL::json, NULL::bigint[], NULL::bigint[]"
+        " FROM (SELECT l.*, n.needed,"
         f" sum(l.remaining) OVER (PARTITION BY l.user_id ORDER BY {DRAW_ORDER}) - l.remaining"
-        f" AS before FROM {lots} l JOIN unnest(CAST(%(users)s AS text[]), CAST(%(needed)s AS bigint[]))"
-        " AS n(user_id, needed) ON l.user_id = n.user_id WHERE l.remaining > 0) x WHERE x.before < x.needed"
-        f" UNION ALL SELECT {', '.join('NULL' for _ in columns)}, (SELECT json_agg(json_build_array("
+        f" AS before FROM {lots} l"
+        " JOIN unnest(CAST(%(users)s AS text[]), CAST(%(needed)s AS bigint[]))"
+        " AS n(user_id, needed) ON l.user_id = n.user_id WHERE l.remaining > 0) x"
+        " WHERE x.before < x.needed"
+        f" UNION ALL SELECT {', '.join('NULL' for _ in columns)},"
+        " (SELECT json_agg(json_build_array("
         "o.idempotency_key, o.kind, o.fingerprint, o.result)) FROM operations o"
         " WHERE o.idempotency_key = ANY(CAST(%(keys)s AS text[]))),"
-        " (SELECT array_agg(nextval('ledger_entries_id_seq')) FROM generate_series(1, %(entry_ids)s)),"
+        " (SELECT array_agg(nextval('ledger_entries_id_seq'))"
+        " FROM generate_series(1, %(entry_ids)s)),"
         f" (SELECT array_agg(nextval('{lots}_id_seq')) FROM generate_series(1, %(lot_ids)s))"
     )
 
 
 @cache
 def _owners_and_accounts_sql(holds: str, accounts: str) -> str:
-    return (f"SELECT id, user_id FROM {holds} WHERE id = ANY(CAST(%(holds)s AS text[]))"
-            f" UNION ALL SELECT NULL, user_id FROM {accounts} WHERE user_id = ANY(CAST(%(users)s AS text[]))")
+    return (
+        f"SELECT id, user_id FROM {holds} WHERE id = ANY(CAST(%(holds)s AS text[]))"
+        f" UNION ALL SELECT NULL, user_id FROM {accounts}"
+        " WHERE user_id = ANY(CAST(%(users)s AS text[]))"
+    )
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -204,9 +286,17 @@ def _arrays(table: Table, rows: Sequence[dict[str, Any]], prefix: str) -> dict[s
         column_type = table.c[name].type
         values = [row[name] for row in rows]
         if isinstance(column_type, Integer):
-            array = "{" + ",".join("NULL" if value is None else str(int(value)) for value in values) + "}"
+            array = (
+                "{"
+                + ",".join("NULL" if value is None else str(int(value)) for value in values)
+                + "}"
+            )
         elif isinstance(column_type, Boolean):
-            array = "{" + ",".join("NULL" if value is None else "tf"[not value] for value in values) + "}"
+            array = (
+                "{"
+                + ",".join("NULL" if value is None else "tf"[not value] for value in values)
+                + "}"
+            )
         elif isinstance(column_type, UtcDateTime):
             array = text_array([_timestamp(value) for value in values])
         elif isinstance(column_type, JSON):
@@ -249,14 +339,17 @@ def _unnest(table: Table, names: tuple[str, ...], prefix: str) -> str:
 
 
 def _values(table: Table, names: tuple[str, ...]) -> str:
-    return ", ".join(f"v.{name}::json" if isinstance(table.c[name].type, JSON) else f"v.{name}" for name in names)
+    return ", ".join(
+        f"v.{name}::json" if isinstance(table.c[name].type, JSON) else f"v.{name}" for name in names
+    )
 
 
 @cache
 def _insert(table: Table, names: tuple[str, ...], prefix: str, returning_id: bool) -> str:
     return (
         f"INSERT INTO {table.name} ({', '.join(names)}) SELECT {_values(table, names)}"
-        f" FROM unnest({_unnest(table, names, prefix)}) WITH ORDINALITY AS v({', '.join(names)}, position)"
+        f" FROM unnest({_unnest(table, names, prefix)})"
+        f" WITH ORDINALITY AS v({', '.join(names)}, position)"
         f" ORDER BY v.position" + (" RETURNING id" if returning_id else "")
     )
 
@@ -266,15 +359,21 @@ def _update(table: Table, key: str, columns: tuple[str, ...], prefix: str) -> st
     names = (key, *columns)
     assignments = ", ".join(f"{name} = v.{name}" for name in columns)
     return (
-        f"UPDATE {table.name} SET {assignments} FROM unnest({_unnest(table, names, prefix)}) AS v({', '.join(names)})"
+        f"UPDATE {table.name} SET {assignments}"
+        f" FROM unnest({_unnest(table, names, prefix)}) AS v({', '.join(names)})"
         f" WHERE {table.name}.{key} = v.{key}"
     )
 
 
 def _insert_with_references(
-    table: Table, rows: Sequence[dict[str, Any]], referencing: Table | None,
-    referencing_rows: Sequence[dict[str, Any]], reference: str, reference_key: str,
-    positions: Sequence[int | None], prefix: str,
+    table: Table,
+    rows: Sequence[dict[str, Any]],
+    referencing: Table | None,
+    referencing_rows: Sequence[dict[str, Any]],
+    reference: str,
+    reference_key: str,
+    positions: Sequence[int | None],
+    prefix: str,
 ) -> tuple[str, dict[str, str]]:
     """One statement: insert `rows` returning their ids (in order), and the referencing rows,
     each referencing one of the new ids by position (1-based in SQL: `row_number()` over
@@ -282,26 +381,41 @@ def _insert_with_references(
     if referencing is None or not referencing_rows:
         return _insert(table, tuple(rows[0]), prefix, True), _arrays(table, rows, prefix)
     if not rows:
-        return (_insert(referencing, tuple(referencing_rows[0]), prefix, False),
-                _arrays(referencing, referencing_rows, prefix))
+        return (
+            _insert(referencing, tuple(referencing_rows[0]), prefix, False),
+            _arrays(referencing, referencing_rows, prefix),
+        )
     names = tuple(rows[0])
     referencing_names = tuple(referencing_rows[0])
     params = _arrays(table, rows, prefix + "e_")
     params.update(_arrays(referencing, referencing_rows, prefix + "r_"))
-    params[prefix + "r_position"] = "{" + ",".join(
-        "NULL" if position is None else str(position + 1) for position in positions) + "}"
-    return _insert_referencing_sql(table, names, referencing, referencing_names, reference, reference_key,
-                                      prefix), params
+    params[prefix + "r_position"] = (
+        "{"
+        + ",".join("NULL" if position is None else str(position + 1) for position in positions)
+        + "}"
+    )
+    return _insert_referencing_sql(
+        table, names, referencing, referencing_names, reference, reference_key, prefix
+    ), params
 
 
 @cache
-def _insert_referencing_sql(table: Table, names: tuple[str, ...], referencing: Table,
-                               referencing_names: tuple[str, ...], reference: str, reference_key: str,
-                               prefix: str) -> str:
+def _insert_referencing_sql(
+    table: Table,
+    names: tuple[str, ...],
+    referencing: Table,
+    referencing_names: tuple[str, ...],
+    reference: str,
+    reference_key: str,
+    prefix: str,
+) -> str:
     values = ", ".join(
-        f"COALESCE(v.{name}::json, json_build_object('{reference_key}', (SELECT ids FROM n)[v.entry]))"
+        f"COALESCE(v.{name}::json,"
+        f" json_build_object('{reference_key}', (SELECT ids FROM n)[v.entry]))"
         if name == reference
-        else f"v.{name}::json" if isinstance(referencing.c[name].type, JSON) else f"v.{name}"
+        else f"v.{name}::json"
+        if isinstance(referencing.c[name].type, JSON)
+        else f"v.{name}"
         for name in referencing_names
     )
     unnest = _unnest(referencing, referencing_names, prefix + "r_")
@@ -326,7 +440,10 @@ def _pg_type(table: Table, name: str) -> str:
     return "text"
 
 
-KEYED_PLANS = "SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
+KEYED_PLANS = (
+    "SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off;"
+    " SET LOCAL enable_mergejoin = off"
+)
 """Sent with the lock that opens a write transaction on PostgreSQL: every later statement of
 the writer reads or changes rows by key (a thousand at most), so it must probe the indexes.
 The planner costs a hash join over the whole table as cheaper as soon as its statistics are
@@ -335,7 +452,9 @@ read the whole lot table for every chunk of 1,000 (45 ms where the probes take 7
 
 
 @cache
-def _select(table: Table, columns: tuple[str, ...], key: str, where: str, order_by: str, for_update: bool) -> str:
+def _select(
+    table: Table, columns: tuple[str, ...], key: str, where: str, order_by: str, for_update: bool
+) -> str:
     return (
         (KEYED_PLANS + "; " if for_update else "")
         + f"SELECT {', '.join(columns)} FROM {table.name}"
