@@ -21,7 +21,7 @@ _EXPORTS = {
     "app": "creditworker.worker.app",
 }
 
-__all__ = list(_EXPORTS)  # in alphabetical order, as written
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
