@@ -15,7 +15,7 @@ from creditworker.http.api.examples import TAGS
 from creditworker.http.api.routing import build_router
 from creditworker.http.auth import ApiKeyCheck, ApiKeyGuard, api_key_auth, configured_api_keys
 from creditworker.http.body_limit import BodyLimit
-from creditworker.http.console import create_console
+from creditworker.http.console.app import create_console
 from creditworker.http.responses import error_response, http_error_response
 from creditworker.settings import Settings, get_settings
 from producers.aio import AsyncCreditClient
