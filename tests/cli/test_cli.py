@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from typer.testing import CliRunner
 
 from creditworker import CreditService
-from creditworker.cli.root import app
+from creditworker.cli.app import app
 
 runner = CliRunner()
 

@@ -13,7 +13,7 @@ from sqlalchemy.engine import Engine
 from typer.testing import CliRunner
 
 from creditworker import CreditService, SubscriptionService
-from creditworker.cli.root import app
+from creditworker.cli.app import app
 from creditworker.contract.errors import InsufficientCredits
 from creditworker.storage.tables import Entry, Hold, Lot, Operation
 

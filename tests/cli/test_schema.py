@@ -10,7 +10,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from creditworker.cli.root import app
+from creditworker.cli.app import app
 from creditworker.storage.tables import Base
 
 runner = CliRunner()
