@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     arguments = parser.parse_args()
 
-    from run import Worker, bench_redis, fresh_database
+    from run import bench_redis, fresh_database, start_worker
 
     results: dict[str, Any] = {"cpus": os.cpu_count(), "seconds": arguments.seconds, "rates": {}}
     with tempfile.TemporaryDirectory() as directory, fresh_database() as database_url:
@@ -181,7 +181,7 @@ def main() -> None:
         with bench_redis(workdir) if "worker" in modes else _nothing() as redis_url:
             if redis_url is not None:
                 broker_url = redis_url
-                worker = Worker(database_url, broker_url, workdir)
+                worker = start_worker(database_url, broker_url, workdir)
             try:
                 for rate in arguments.rates:
                     by_mode = {mode: measure(mode, database_url, workdir, broker_url, rate, arguments.seconds)

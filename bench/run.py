@@ -18,17 +18,15 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,22 +35,20 @@ from celery import Celery
 from kombu import Connection
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from plain_celery import QUEUE as PLAIN_QUEUE  # noqa: E402
+from plain_celery import QUEUE as PLAIN_QUEUE
 
-from creditworker.contract.operations import DEDUCT, PING  # noqa: E402
-from creditworker.engine import CreditService, SubscriptionService  # noqa: E402
-from creditworker.records.audit import audit  # noqa: E402
-from creditworker.settings import Settings  # noqa: E402
-from creditworker.storage.database import make_engine  # noqa: E402
-from creditworker.storage.migrate import upgrade  # noqa: E402
-from creditworker.worker import commands  # noqa: E402
-from producers import CreditClient  # noqa: E402
+from creditworker.contract.operations import DEDUCT, PING
+from creditworker.engine import CreditService, SubscriptionService
+from creditworker.records.audit import audit
+from creditworker.storage.database import make_engine
+from creditworker.storage.migrate import upgrade
+from tests import harness
+from tests.harness import RunningWorker
 
 POSTGRES = os.environ.get(
     "CREDITWORKER_BENCH_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -62,10 +58,12 @@ RABBITMQ = os.environ.get("CREDITWORKER_BENCH_RABBITMQ_URL", "amqp://guest:guest
 BENCH_DIR = Path(__file__).resolve().parent
 
 SIZES = {
-    "quick": dict(single=5000, batch_ops=5000, worker_batch_ops=5000, reserve_seconds=5,
-                  ledger=100_000, lots=5000, subscriptions=2000, memory_ops=10_000, hot_batches=20),
-    "full": dict(single=5000, batch_ops=200_000, worker_batch_ops=200_000, reserve_seconds=20,
-                 ledger=10_000_000, lots=1_000_000, subscriptions=100_000, memory_ops=1_000_000, hot_batches=100),
+    "quick": {"single": 5000, "batch_ops": 5000, "worker_batch_ops": 5000, "reserve_seconds": 5,
+              "ledger": 100_000, "lots": 5000, "subscriptions": 2000, "memory_ops": 10_000,
+              "hot_batches": 20},
+    "full": {"single": 5000, "batch_ops": 200_000, "worker_batch_ops": 200_000,
+             "reserve_seconds": 20, "ledger": 10_000_000, "lots": 1_000_000,
+             "subscriptions": 100_000, "memory_ops": 1_000_000, "hot_batches": 100},
 }
 
 console = Console()
@@ -77,17 +75,9 @@ R = TypeVar("R")
 
 @contextmanager
 def fresh_database() -> Iterator[str]:
-    name = f"cw_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin = create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f"CREATE DATABASE {name}"))
-    url = make_url(POSTGRES).set(database=name).render_as_string(hide_password=False)
-    try:
+    """A database of this run's own on the bench PostgreSQL server, dropped at the end."""
+    with harness.fresh_database(POSTGRES, prefix="cw_bench") as url:
         yield url
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
 
 
 @contextmanager
@@ -102,94 +92,44 @@ def bench_redis(workdir: Path) -> Iterator[str]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("bench: no redis-server on PATH (or set CREDITWORKER_BENCH_REDIS_URL)")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
-    server = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-         "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    port = harness.free_port()
+    server = harness.start_redis_server(binary, port, str(workdir))
     try:
-        url = f"redis://127.0.0.1:{port}/0"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                redis.Redis.from_url(url).ping()
-                break
-            except redis.ConnectionError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        yield url
+        yield f"redis://127.0.0.1:{port}/0"
     finally:
         server.terminate()
         server.wait(30)
 
 
-class Worker:
+def start_worker(database_url: str, broker_url: str, workdir: Path,
+                 name: str = "worker") -> RunningWorker:
     """A real `celery worker` with the command line of `creditworker up` (prefork,
-    concurrency 2) on the bench database and the given broker (Redis by default)."""
+    concurrency 2) on the bench database and `broker_url`, started as the tests start
+    theirs (tests/harness.py), under a node name of its own: control commands go to it
+    alone."""
+    env = harness.worker_env(workdir, database_url, broker_url,
+                             CREDITWORKER_LEDGER_PATH=str(workdir / f"{name}-ledger.jsonl"))
+    worker = RunningWorker(env, workdir, make_engine(database_url), workdir / f"{name}.log",
+                           hostname=f"{name}-{os.getpid()}@bench", stop_timeout=60)
+    worker.start(timeout=90)
+    return worker
 
-    def __init__(self, database_url: str, broker_url: str, workdir: Path, name: str = "worker",
-                 command: list[str] | None = None, **extra_env: str) -> None:
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITWORKER_")}
-        self.env.update(
-            CREDITWORKER_DATABASE_URL=database_url, CREDITWORKER_BROKER_URL=broker_url,
-            CREDITWORKER_LEDGER_PATH=str(workdir / f"{name}-ledger.jsonl"),
-            CREDITWORKER_DATA_DIR=str(workdir / ".creditworker"), C_FORCE_ROOT="1", **extra_env,
-        )
-        self.client = CreditClient(
-            Settings(broker_url=broker_url, data_dir=str(workdir / ".creditworker"))
-        )
-        self.process, self.hostname = start_worker(
-            command or commands.WORKER, self.env, workdir, name, self.client.app
-        )
 
-    def rss_mib(self) -> float:
-        """Resident memory of the worker's processes (main and pool), in MiB."""
-        total = 0
-        for status in Path("/proc").glob("[0-9]*/status"):
-            try:
-                pid = int(status.parent.name)
-                if os.getpgid(pid) != self.process.pid:
-                    continue
-                for line in status.read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-            except (OSError, ValueError, ProcessLookupError):
+def rss_mib(worker: RunningWorker) -> float:
+    """Resident memory of the worker's processes (main and pool), in MiB."""
+    assert worker.process is not None
+    total = 0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            pid = int(status.parent.name)
+            if os.getpgid(pid) != worker.process.pid:
                 continue
-        return total / 1024
-
-    def stop(self) -> None:
-        stop_worker(self.process)
-
-
-def start_worker(command: list[str], env: dict[str, str], workdir: Path, name: str,
-                 app: Celery) -> tuple[subprocess.Popen[bytes], str]:
-    """Start `command` in its own process group; return it and its node name once it answers."""
-    hostname = f"{name}-{os.getpid()}@bench"  # a name of its own: control commands go to it alone
-    process = subprocess.Popen(
-        [*command, f"--hostname={hostname}"], env=env, cwd=workdir, stdout=open(workdir / f"{name}.log", "wb"),
-        stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    deadline = time.monotonic() + 90
-    while not app.control.ping(destination=[hostname], timeout=1.0):
-        if time.monotonic() > deadline or process.poll() is not None:
-            stop_worker(process)
-            raise RuntimeError((workdir / f"{name}.log").read_text()[-2000:])
-    return process, hostname
-
-
-def stop_worker(process: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(60)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
+            for line in status.read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except (OSError, ValueError, ProcessLookupError):
+            continue
+    return total / 1024
 
 
 def timed(work: Callable[[], Any]) -> float:
@@ -308,17 +248,24 @@ def plain_floor(broker_url: str, workdir: Path, n: int, label: str) -> tuple[Cal
     app.conf.task_default_queue = PLAIN_QUEUE
     depth = QueueDepth(broker_url, PLAIN_QUEUE)
     depth.purge()
-    process, hostname = start_worker(
-        ["celery", "-A", "plain_celery", "worker", "--pool=prefork", "--concurrency=2", "--loglevel=INFO"],
-        env, workdir, f"plain-{label}", app,
+    hostname = f"plain-{label}-{os.getpid()}@bench"
+    log_path = workdir / f"plain-{label}.log"
+    process = harness.launch(
+        ["celery", "-A", "plain_celery", "worker", "--pool=prefork", "--concurrency=2",
+         "--loglevel=INFO", f"--hostname={hostname}"], env, workdir, log_path,
     )
+    try:
+        harness.wait_until_answers(process, app, log_path, hostname=hostname, timeout=90)
+    except RuntimeError:
+        harness.stop_group(process, signal.SIGKILL)
+        raise
 
     def measure() -> float:
         return drain_rate(app, hostname, PLAIN_QUEUE, depth, n,
                           lambda _i: app.send_task("plain.noop"), lambda: depth() == 0)
 
     def stop() -> None:
-        stop_worker(process)
+        harness.stop_group(process, timeout=60)
         depth.close()
 
     for _ in range(200):  # warm up the pool
@@ -327,7 +274,7 @@ def plain_floor(broker_url: str, workdir: Path, n: int, label: str) -> tuple[Cal
     return measure, stop
 
 
-def single_operations(worker: Worker, service: CreditService, database_url: str, workdir: Path,
+def single_operations(worker: RunningWorker, service: CreditService, database_url: str, workdir: Path,
                       brokers: dict[str, str], n: int) -> dict[str, float]:
     """Single deducts against Celery's own floor, on each broker: a plain Celery app with
     one no-op task (bench/plain_celery.py) drains a pre-filled queue of `n` messages, then
@@ -353,7 +300,7 @@ def single_operations(worker: Worker, service: CreditService, database_url: str,
             plain_before = measure_plain()
         finally:
             stop_plain()
-        drain_worker = worker if broker == "redis" else Worker(database_url, url, workdir, name=f"worker-{broker}")
+        drain_worker = worker if broker == "redis" else start_worker(database_url, url, workdir, name=f"worker-{broker}")
         try:
             app = drain_worker.client.app
             depth = QueueDepth(url, "celery")
@@ -478,7 +425,7 @@ def batches_in_process(database_url: str, total: int, size: int = 100, mixed: bo
             f"{label}_checks_passed": float(passed and applied == total)}
 
 
-def batches_through_worker(worker: Worker, service: CreditService, total: int, size: int = 1000) -> dict[str, float]:
+def batches_through_worker(worker: RunningWorker, service: CreditService, total: int, size: int = 1000) -> dict[str, float]:
     users = [f"wbatch-{i}" for i in range(100)]
     service.apply_batch([{"op": "add", "user_id": u, "amount": 10**9} for u in users])
 
@@ -540,7 +487,7 @@ def p99_ms(latencies: list[float]) -> float:
 RESERVE_RATES = (50, 100, 200, 400)
 
 
-def reserve_latency(worker: Worker, service: CreditService, seconds: float,
+def reserve_latency(worker: RunningWorker, service: CreditService, seconds: float,
                     rates: tuple[int, ...] = RESERVE_RATES, plot: Path | None = None) -> dict[str, float]:
     """Reserve round trips (producer call to answer) at fixed rates, against no-op round
     trips (`creditworker.health.ping`, sent and awaited through the same producer path) at
@@ -664,7 +611,7 @@ def expiry(database_url: str, lots: int) -> dict[str, float]:
     engine = make_engine(database_url)
     for label, count in (("tenth", lots // 10), ("full", lots)):
         prefix = f"exp-{label}-"
-        at = datetime.now(timezone.utc)  # each phase's own clock: the lots expired a minute before it
+        at = datetime.now(UTC)  # each phase's own clock: the lots expired a minute before it
         with engine.begin() as connection:
             connection.execute(text(
                 "INSERT INTO accounts (user_id, balance, reserved, low_credit_alerted, created_at, updated_at)"
@@ -682,7 +629,7 @@ def expiry(database_url: str, lots: int) -> dict[str, float]:
                 " ON l.user_id = a.user_id WHERE a.user_id LIKE :p || '%' AND a.balance > coalesce(l.s, 0)"),
                 {"p": prefix})
         service = CreditService(engine)
-        figures[f"expire_{label}_s"], expired = timed_result(lambda: service.expire_credits(now=at))
+        figures[f"expire_{label}_s"], expired = timed_result(partial(service.expire_credits, now=at))
         assert expired == count, (expired, count)
         with engine.begin() as connection:
             connection.execute(text("DELETE FROM credit_lots WHERE remaining = 0"))
@@ -698,7 +645,7 @@ def allocation(database_url: str, subscriptions: int) -> dict[str, float]:
     engine = make_engine(database_url)
     subs = SubscriptionService(CreditService(engine))
     for label, count in (("tenth", subscriptions // 10), ("full", subscriptions)):
-        at = datetime.now(timezone.utc)
+        at = datetime.now(UTC)
         plan = subs.create_plan(f"bench-{label}", 10, billing_period="daily")
         anchor = at - timedelta(days=1, minutes=5)
         with engine.begin() as connection:
@@ -713,7 +660,7 @@ def allocation(database_url: str, subscriptions: int) -> dict[str, float]:
                 " FROM generate_series(0, :n - 1) g"),
                 {"l": label, "n": count, "plan": plan.id, "anchor": anchor.replace(tzinfo=None),
                  "end": (anchor + timedelta(days=1)).replace(tzinfo=None)})
-        figures[f"allocate_{label}_s"], granted = timed_result(lambda: subs.allocate_due(now=at))
+        figures[f"allocate_{label}_s"], granted = timed_result(partial(subs.allocate_due, now=at))
         assert granted == count, (granted, count)
     figures["allocate_subscriptions"] = float(subscriptions)
     figures["allocate_growth_10x"] = figures["allocate_full_s"] / figures["allocate_tenth_s"]
@@ -775,7 +722,7 @@ def hot_account(database_url: str, batches: int, processes: int = 4, size: int =
             "hot_account_checks_passed": float(passed and balance == 0)}
 
 
-def memory(worker: Worker, service: CreditService, operations: int, size: int = 1000) -> dict[str, float]:
+def memory(worker: RunningWorker, service: CreditService, operations: int, size: int = 1000) -> dict[str, float]:
     """Worker resident memory before and after `operations` deducts (sent as batches)."""
     users = [f"mem-{i}" for i in range(100)]
     service.apply_batch([{"op": "add", "user_id": u, "amount": 10**12} for u in users])
@@ -793,9 +740,9 @@ def memory(worker: Worker, service: CreditService, operations: int, size: int = 
             wait_all(handles)
 
     run(warm)
-    before = worker.rss_mib()
+    before = rss_mib(worker)
     run(operations)
-    after = worker.rss_mib()
+    after = rss_mib(worker)
     return {"memory_ops": float(operations), "worker_rss_mib_before": before,
             "worker_rss_mib_after": after, "worker_rss_growth_ratio": after / before}
 
@@ -803,32 +750,42 @@ def memory(worker: Worker, service: CreditService, operations: int, size: int = 
 # ---------------------------------------------------------------- main
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+STEPS = ("single", "batch", "batch1000", "mixed_batch", "worker_batch", "reserve", "balance",
+         "expiry", "allocation", "hot_account", "memory")
+
+
+def parse_arguments() -> tuple[argparse.Namespace, dict[str, Any]]:
+    """The command line, and the sizes it asks for."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes: under five minutes")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--plot", type=Path, default=BENCH_DIR / "results" / "reserve_latency.png",
                         help="where the reserve latency plot goes")
-    parser.add_argument("--only", nargs="*", help="run only these: single, batch, batch1000, mixed_batch, "
-                        "worker_batch, reserve, balance, expiry, allocation, hot_account, memory")
+    parser.add_argument("--only", nargs="*", help=f"run only these: {', '.join(STEPS)}")
     parser.add_argument("--size", nargs="*", default=[], metavar="NAME=N",
-                        help=f"override a size, e.g. lots=100000 (names: {', '.join(SIZES['full'])})")
+                        help="override a size, e.g. lots=100000 "
+                        f"(names: {', '.join(SIZES['full'])})")
     args = parser.parse_args()
-    sizes = dict(SIZES["quick" if args.quick else "full"])
+    sizes: dict[str, Any] = dict(SIZES["quick" if args.quick else "full"])
     for override in args.size:
         name, _, value = override.partition("=")
         if name not in sizes:
             parser.error(f"no size named {name!r}")
         sizes[name] = int(value) if name != "reserve_seconds" else float(value)
+    return args, sizes
+
+
+def main() -> int:
+    args, sizes = parse_arguments()
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Any] = {
         "mode": "quick" if args.quick else "full",
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
-        "taken_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "taken_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    wanted = set(args.only or ["single", "batch", "batch1000", "mixed_batch", "worker_batch", "reserve", "balance",
-                               "expiry", "allocation", "hot_account", "memory"])
+    wanted = set(args.only or STEPS)
     with (
         fresh_database() as database_url,
         tempfile.TemporaryDirectory() as workdir,
@@ -838,7 +795,7 @@ def main() -> int:
         upgrade(engine)
         service = CreditService(engine)
         needs_worker = bool(wanted & {"single", "worker_batch", "reserve", "memory"})
-        worker: Any = Worker(database_url, redis_url, Path(workdir)) if needs_worker else None
+        worker: Any = start_worker(database_url, redis_url, Path(workdir)) if needs_worker else None
         brokers = {"redis": redis_url}
         if "single" in wanted:
             if rabbitmq_reachable(RABBITMQ):
