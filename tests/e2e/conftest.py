@@ -25,7 +25,8 @@ pytestmark = pytest.mark.e2e
 
 
 def assert_each_deduct_applied_once(
-    worker: RunningWorker, operations: list[tuple[str, str, int]], accounts: list[str], starting: int
+    worker: RunningWorker, operations: list[tuple[str, str, int]], accounts: list[str],
+    starting: int,
 ) -> None:
     """Every (key, user, amount) deduct applied exactly once, each account's balance what it
     should be, and the audit passing: what a user checks after a fault."""
