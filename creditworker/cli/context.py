@@ -5,9 +5,9 @@ The callback (app.py) makes one `CommandContext` per run with `begin()`; a comma
 it with `current()`. (Not through click's context object: Typer 0.29 runs its own copy of
 click, so `click.get_current_context()` does not see Typer's; a context variable works with
 every version.) Settings are read on first use, not in the callback, so that `schema`
-and `--help` work in an environment whose settings do not validate. The engine and storage
-modules are imported inside the methods below: importing them at the top would load
-SQLAlchemy for every command, `--help` included (tests/cli/test_startup.py).
+and `--help` work in an environment whose settings do not validate. The settings, engine and
+storage modules are imported inside the methods below: importing the last two at the top would
+load SQLAlchemy for every command, `--help` included (tests/cli/test_startup.py).
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from creditworker.settings import Settings, get_settings
-
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
     from creditworker.engine import CreditService, SubscriptionService
     from creditworker.records.dead_letters import DeadLetterStore
+    from creditworker.settings import Settings
 
 
 @dataclass
@@ -33,6 +32,8 @@ class CommandContext:
 
     @cached_property
     def settings(self) -> Settings:
+        from creditworker.settings import get_settings
+
         return get_settings()
 
     @property
