@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import typer
 
-from creditworker.cli.root import OPERATION_COMMANDS, OperationCommand
-from creditworker.cli.root import app as cli_app
+from creditworker.cli.operations import OPERATION_COMMANDS, OperationCommand
+from creditworker.cli.app import app as cli_app
 from creditworker.contract.operations import (
     BY_REQUEST,
     BY_TASK,
