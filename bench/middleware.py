@@ -60,8 +60,8 @@ def create_app() -> Any:
     if mode == "inprocess-async":
         from creditworker import AsyncCreditService
 
-        app.add_middleware(CreditDeductionMiddleware, credit_service=AsyncCreditService(database_url),
-                           path_prefix="/api")
+        app.add_middleware(CreditDeductionMiddleware,
+                           credit_service=AsyncCreditService(database_url), path_prefix="/api")
     elif mode == "inprocess-sync":
         from creditworker import CreditService
 
@@ -69,7 +69,7 @@ def create_app() -> Any:
                            path_prefix="/api")
     elif mode == "worker":
         from creditworker.settings import Settings
-        from producers.aio import AsyncCreditClient
+        from producers import AsyncCreditClient
 
         client = AsyncCreditClient(Settings(broker_url=os.environ["BENCH_BROKER_URL"],
                                             data_dir=os.environ["BENCH_DATA_DIR"]))
@@ -77,21 +77,20 @@ def create_app() -> Any:
     return app
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def serve(
+    mode: str, database_url: str, workdir: Path, broker_url: str | None
+) -> tuple[subprocess.Popen[bytes], str]:
+    from tests.harness import free_port  # here: the served app (this module) stays lean
 
-
-def serve(mode: str, database_url: str, workdir: Path, broker_url: str | None) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
+    here = Path(__file__).resolve()
     env = {**os.environ, "BENCH_MODE": mode, "BENCH_DATABASE_URL": database_url,
            "BENCH_BROKER_URL": broker_url or "", "BENCH_DATA_DIR": str(workdir / ".creditworker"),
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)])}
+           "PYTHONPATH": os.pathsep.join([str(here.parents[1]), str(here.parent)])}
     with open(workdir / f"{mode}.log", "wb") as log:  # the child keeps its own descriptor
         process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "middleware:create_app", "--factory", "--port", str(port),
-             "--log-level", "warning", "--no-access-log"],
+            [sys.executable, "-m", "uvicorn", "middleware:create_app", "--factory",
+             "--port", str(port), "--log-level", "warning", "--no-access-log"],
             env=env, cwd=Path(__file__).resolve().parent, stdout=log, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
@@ -170,7 +169,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     arguments = parser.parse_args()
 
-    from run import Worker, bench_redis, fresh_database
+    from run import bench_redis, fresh_database, start_worker
 
     results: dict[str, Any] = {"cpus": os.cpu_count(), "seconds": arguments.seconds, "rates": {}}
     with tempfile.TemporaryDirectory() as directory, fresh_database() as database_url:
@@ -181,11 +180,14 @@ def main() -> None:
         with bench_redis(workdir) if "worker" in modes else _nothing() as redis_url:
             if redis_url is not None:
                 broker_url = redis_url
-                worker = Worker(database_url, broker_url, workdir)
+                worker = start_worker(database_url, broker_url, workdir)
             try:
                 for rate in arguments.rates:
-                    by_mode = {mode: measure(mode, database_url, workdir, broker_url, rate, arguments.seconds)
-                               for mode in modes}
+                    by_mode = {
+                        mode: measure(mode, database_url, workdir, broker_url, rate,
+                                      arguments.seconds)
+                        for mode in modes
+                    }
                     base = by_mode["baseline"]
                     for mode, figures in by_mode.items():
                         if mode != "baseline":
@@ -210,11 +212,13 @@ class _nothing:
 
 
 def _table(results: dict[str, Any]) -> None:
-    print(f"\n{'rate/s':>6} {'mode':<16} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8}  statuses")
+    print(f"\n{'rate/s':>6} {'mode':<16} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} "
+          f"{'+p99 ms':>8}  statuses")
     for rate, by_mode in results["rates"].items():
         for mode, figures in by_mode.items():
             print(f"{rate:>6} {mode:<16} {figures['p50_ms']:>8.2f} {figures['p99_ms']:>8.2f} "
-                  f"{figures.get('added_p50_ms', 0):>8.2f} {figures.get('added_p99_ms', 0):>8.2f}  {figures['statuses']}")
+                  f"{figures.get('added_p50_ms', 0):>8.2f} "
+                  f"{figures.get('added_p99_ms', 0):>8.2f}  {figures['statuses']}")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@
 Needs PostgreSQL (CREDITWORKER_BENCH_POSTGRES_URL, default the local server) and a
 `redis-server` on PATH. Each run creates a database of its own and drops it, starts a
 private Redis (or uses the one CREDITWORKER_BENCH_REDIS_URL names, and empties that
-database), and starts its own worker (the command line of `creditworker up`). Machines are noisy, so every
-figure that is compared is compared with a baseline taken in the same run, never with a
-number from another day. Not part of the test suite.
+database), and starts its own worker (the command line of `creditworker up`), all through
+the tests' harness (tests/harness.py). Machines are noisy, so every figure that is compared
+is compared with a baseline taken in the same run, never with a number from another day.
+Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -18,17 +19,15 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,8 +36,7 @@ from celery import Celery
 from kombu import Connection
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,11 +46,10 @@ from plain_celery import QUEUE as PLAIN_QUEUE
 from creditworker.contract.operations import DEDUCT, PING
 from creditworker.engine import CreditService, SubscriptionService
 from creditworker.records.audit import audit
-from creditworker.settings import Settings
 from creditworker.storage.database import make_engine
 from creditworker.storage.migrate import upgrade
-from creditworker.worker import commands
-from producers import CreditClient
+from tests import harness
+from tests.harness import RunningWorker
 
 POSTGRES = os.environ.get(
     "CREDITWORKER_BENCH_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -63,9 +60,11 @@ BENCH_DIR = Path(__file__).resolve().parent
 
 SIZES = {
     "quick": {"single": 5000, "batch_ops": 5000, "worker_batch_ops": 5000, "reserve_seconds": 5,
-                  "ledger": 100_000, "lots": 5000, "subscriptions": 2000, "memory_ops": 10_000, "hot_batches": 20},
-    "full": {"single": 5000, "batch_ops": 200_000, "worker_batch_ops": 200_000, "reserve_seconds": 20,
-                 "ledger": 10_000_000, "lots": 1_000_000, "subscriptions": 100_000, "memory_ops": 1_000_000, "hot_batches": 100},
+              "ledger": 100_000, "lots": 5000, "subscriptions": 2000, "memory_ops": 10_000,
+              "hot_batches": 20},
+    "full": {"single": 5000, "batch_ops": 200_000, "worker_batch_ops": 200_000,
+             "reserve_seconds": 20, "ledger": 10_000_000, "lots": 1_000_000,
+             "subscriptions": 100_000, "memory_ops": 1_000_000, "hot_batches": 100},
 }
 
 console = Console()
@@ -77,17 +76,9 @@ R = TypeVar("R")
 
 @contextmanager
 def fresh_database() -> Iterator[str]:
-    name = f"cw_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin = create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f"CREATE DATABASE {name}"))
-    url = make_url(POSTGRES).set(database=name).render_as_string(hide_password=False)
-    try:
+    """A database of this run's own on the bench PostgreSQL server, dropped at the end."""
+    with harness.fresh_database(POSTGRES, prefix="cw_bench") as url:
         yield url
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
 
 
 @contextmanager
@@ -102,94 +93,44 @@ def bench_redis(workdir: Path) -> Iterator[str]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("bench: no redis-server on PATH (or set CREDITWORKER_BENCH_REDIS_URL)")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
-    server = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
-         "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    port = harness.free_port()
+    server = harness.start_redis_server(binary, port, str(workdir))
     try:
-        url = f"redis://127.0.0.1:{port}/0"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                redis.Redis.from_url(url).ping()
-                break
-            except redis.ConnectionError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        yield url
+        yield f"redis://127.0.0.1:{port}/0"
     finally:
         server.terminate()
         server.wait(30)
 
 
-class Worker:
+def start_worker(database_url: str, broker_url: str, workdir: Path,
+                 name: str = "worker") -> RunningWorker:
     """A real `celery worker` with the command line of `creditworker up` (prefork,
-    concurrency 2) on the bench database and the given broker (Redis by default)."""
+    concurrency 2) on the bench database and `broker_url`, started as the tests start
+    theirs (tests/harness.py), under a node name of its own: control commands go to it
+    alone."""
+    env = harness.worker_env(workdir, database_url, broker_url,
+                             CREDITWORKER_LEDGER_PATH=str(workdir / f"{name}-ledger.jsonl"))
+    worker = RunningWorker(env, workdir, make_engine(database_url), workdir / f"{name}.log",
+                           hostname=f"{name}-{os.getpid()}@bench", stop_timeout=60)
+    worker.start(timeout=90)
+    return worker
 
-    def __init__(self, database_url: str, broker_url: str, workdir: Path, name: str = "worker",
-                 command: list[str] | None = None, **extra_env: str) -> None:
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITWORKER_")}
-        self.env.update(
-            CREDITWORKER_DATABASE_URL=database_url, CREDITWORKER_BROKER_URL=broker_url,
-            CREDITWORKER_LEDGER_PATH=str(workdir / f"{name}-ledger.jsonl"),
-            CREDITWORKER_DATA_DIR=str(workdir / ".creditworker"), C_FORCE_ROOT="1", **extra_env,
-        )
-        self.client = CreditClient(
-            Settings(broker_url=broker_url, data_dir=str(workdir / ".creditworker"))
-        )
-        self.process, self.hostname = start_worker(
-            command or commands.WORKER, self.env, workdir, name, self.client.app
-        )
 
-    def rss_mib(self) -> float:
-        """Resident memory of the worker's processes (main and pool), in MiB."""
-        total = 0
-        for status in Path("/proc").glob("[0-9]*/status"):
-            try:
-                pid = int(status.parent.name)
-                if os.getpgid(pid) != self.process.pid:
-                    continue
-                for line in status.read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-            except (OSError, ValueError, ProcessLookupError):
+def rss_mib(worker: RunningWorker) -> float:
+    """Resident memory of the worker's processes (main and pool), in MiB."""
+    assert worker.process is not None
+    total = 0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            pid = int(status.parent.name)
+            if os.getpgid(pid) != worker.process.pid:
                 continue
-        return total / 1024
-
-    def stop(self) -> None:
-        stop_worker(self.process)
-
-
-def start_worker(command: list[str], env: dict[str, str], workdir: Path, name: str,
-                 app: Celery) -> tuple[subprocess.Popen[bytes], str]:
-    """Start `command` in its own process group; return it and its node name once it answers."""
-    hostname = f"{name}-{os.getpid()}@bench"  # a name of its own: control commands go to it alone
-    process = subprocess.Popen(
-        [*command, f"--hostname={hostname}"], env=env, cwd=workdir, stdout=open(workdir / f"{name}.log", "wb"),  # noqa: SIM115 - the child's log
-        stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    deadline = time.monotonic() + 90
-    while not app.control.ping(destination=[hostname], timeout=1.0):
-        if time.monotonic() > deadline or process.poll() is not None:
-            stop_worker(process)
-            raise RuntimeError((workdir / f"{name}.log").read_text()[-2000:])
-    return process, hostname
-
-
-def stop_worker(process: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(60)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
+            for line in status.read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except (OSError, ValueError, ProcessLookupError):
+            continue
+    return total / 1024
 
 
 def timed(work: Callable[[], Any]) -> float:
@@ -232,7 +173,8 @@ class QueueDepth:
             return int(waiting) + int(unacked)
         assert self.connection is not None
         try:
-            _name, count, _consumers = self.connection.default_channel.queue_declare(self.queue, passive=True)
+            channel = self.connection.default_channel
+            _name, count, _consumers = channel.queue_declare(self.queue, passive=True)
         except Exception:  # noqa: BLE001 (not declared yet: nothing waits on it)
             self.connection.close()
             self.connection = Connection(self.connection.as_uri(include_password=True))
@@ -253,10 +195,6 @@ class QueueDepth:
     def close(self) -> None:
         if self.connection is not None:
             self.connection.close()
-
-
-def redis_database(url: str, db: int) -> str:
-    return f"{url.rsplit('/', 1)[0]}/{db}"
 
 
 def rabbitmq_reachable(url: str) -> bool:
@@ -298,7 +236,9 @@ def drain_rate(app: Celery, hostname: str, queue: str, depth: QueueDepth, n: int
     return min(filled, n) / (time.perf_counter() - start)
 
 
-def plain_floor(broker_url: str, workdir: Path, n: int, label: str) -> tuple[Callable[[], float], Callable[[], None]]:
+def plain_floor(
+    broker_url: str, workdir: Path, n: int, label: str
+) -> tuple[Callable[[], float], Callable[[], None]]:
     """A plain Celery worker (bench/plain_celery.py) on `broker_url`: a function that
     measures its drain rate, and one that stops it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITWORKER_")}
@@ -308,17 +248,24 @@ def plain_floor(broker_url: str, workdir: Path, n: int, label: str) -> tuple[Cal
     app.conf.task_default_queue = PLAIN_QUEUE
     depth = QueueDepth(broker_url, PLAIN_QUEUE)
     depth.purge()
-    process, hostname = start_worker(
-        ["celery", "-A", "plain_celery", "worker", "--pool=prefork", "--concurrency=2", "--loglevel=INFO"],
-        env, workdir, f"plain-{label}", app,
+    hostname = f"plain-{label}-{os.getpid()}@bench"
+    log_path = workdir / f"plain-{label}.log"
+    process = harness.launch(
+        ["celery", "-A", "plain_celery", "worker", "--pool=prefork", "--concurrency=2",
+         "--loglevel=INFO", f"--hostname={hostname}"], env, workdir, log_path,
     )
+    try:
+        harness.wait_until_answers(process, app, log_path, hostname=hostname, timeout=90)
+    except RuntimeError:
+        harness.stop_group(process, signal.SIGKILL)
+        raise
 
     def measure() -> float:
         return drain_rate(app, hostname, PLAIN_QUEUE, depth, n,
                           lambda _i: app.send_task("plain.noop"), lambda: depth() == 0)
 
     def stop() -> None:
-        stop_worker(process)
+        harness.stop_group(process, timeout=60)
         depth.close()
 
     for _ in range(200):  # warm up the pool
@@ -327,8 +274,8 @@ def plain_floor(broker_url: str, workdir: Path, n: int, label: str) -> tuple[Cal
     return measure, stop
 
 
-def single_operations(worker: Worker, service: CreditService, database_url: str, workdir: Path,
-                      brokers: dict[str, str], n: int) -> dict[str, float]:
+def single_operations(worker: RunningWorker, service: CreditService, database_url: str,
+                      workdir: Path, brokers: dict[str, str], n: int) -> dict[str, float]:
     """Single deducts against Celery's own floor, on each broker: a plain Celery app with
     one no-op task (bench/plain_celery.py) drains a pre-filled queue of `n` messages, then
     a worker started with the command line of `creditworker up` drains `n` pre-filled
@@ -344,24 +291,26 @@ def single_operations(worker: Worker, service: CreditService, database_url: str,
     def applied(prefix: str) -> int:
         with engine.connect() as connection:
             return int(connection.scalar(
-                text("SELECT count(*) FROM operations WHERE idempotency_key LIKE :p"), {"p": prefix + "%"}))
+                text("SELECT count(*) FROM operations WHERE idempotency_key LIKE :p"),
+                {"p": prefix + "%"}))
 
     for broker, url in brokers.items():
-        plain_url = redis_database(url, 1) if broker == "redis" else url  # a database of its own
+        plain_url = harness.redis_db(url, 1) if broker == "redis" else url  # a database of its own
         measure_plain, stop_plain = plain_floor(plain_url, workdir, n, broker)
         try:
             plain_before = measure_plain()
         finally:
             stop_plain()
-        drain_worker = worker if broker == "redis" else Worker(database_url, url, workdir, name=f"worker-{broker}")
+        drain_worker = worker if broker == "redis" else start_worker(
+            database_url, url, workdir, name=f"worker-{broker}")
         try:
             app = drain_worker.client.app
             depth = QueueDepth(url, "celery")
             prefix = f"drain-{broker}:"
 
             def send(i: int, prefix: str = prefix, app: Celery = app) -> None:
-                app.send_task(DEDUCT.task, kwargs={
-                    "user_id": users[i % len(users)], "amount": 1, "idempotency_key": f"{prefix}{i}"})
+                app.send_task(DEDUCT.task, kwargs={"user_id": users[i % len(users)], "amount": 1,
+                                                   "idempotency_key": f"{prefix}{i}"})
 
             warm = f"warm-{broker}:"
             for i in range(200):
@@ -404,7 +353,9 @@ def single_operations(worker: Worker, service: CreditService, database_url: str,
     return figures
 
 
-def batches_in_process(database_url: str, total: int, size: int = 100, mixed: bool = False) -> dict[str, float]:
+def batches_in_process(
+    database_url: str, total: int, size: int = 100, mixed: bool = False
+) -> dict[str, float]:
     """apply_batch on PostgreSQL against raw SQL doing the same balance updates: one
     statement per row (executemany, the baseline of the ratio), and one statement per
     batch (PostgreSQL's own ceiling, which no per-row ledger can reach).
@@ -417,7 +368,8 @@ def batches_in_process(database_url: str, total: int, size: int = 100, mixed: bo
     with engine.begin() as connection:
         connection.execute(text("DROP TABLE IF EXISTS bench_raw"))
         connection.execute(text("CREATE TABLE bench_raw (id int primary key, balance bigint)"))
-        connection.execute(text(f"INSERT INTO bench_raw SELECT g, 1000000000 FROM generate_series(0, {accounts - 1}) g"))
+        connection.execute(text("INSERT INTO bench_raw SELECT g, 1000000000"
+                                f" FROM generate_series(0, {accounts - 1}) g"))
     raw = engine.raw_connection()
 
     def raw_batches() -> None:
@@ -469,7 +421,8 @@ def batches_in_process(database_url: str, total: int, size: int = 100, mixed: bo
     engine_rate = total / timed(engine_batches)
     passed = audit(engine).passed
     with engine.connect() as connection:
-        applied = connection.scalar(text(f"SELECT count(*) FROM operations WHERE idempotency_key LIKE '{label}:%'"))
+        applied = connection.scalar(text(
+            f"SELECT count(*) FROM operations WHERE idempotency_key LIKE '{label}:%'"))
     engine.dispose()
     return {f"{label}_raw_sql_updates_per_s": raw_rate,
             f"{label}_raw_sql_one_statement_updates_per_s": one_statement_rate,
@@ -478,7 +431,9 @@ def batches_in_process(database_url: str, total: int, size: int = 100, mixed: bo
             f"{label}_checks_passed": float(passed and applied == total)}
 
 
-def batches_through_worker(worker: Worker, service: CreditService, total: int, size: int = 1000) -> dict[str, float]:
+def batches_through_worker(
+    worker: RunningWorker, service: CreditService, total: int, size: int = 1000
+) -> dict[str, float]:
     users = [f"wbatch-{i}" for i in range(100)]
     service.apply_batch([{"op": "add", "user_id": u, "amount": 10**9} for u in users])
 
@@ -526,11 +481,13 @@ def at_fixed_rate(call: Callable[[int], Any], seconds: float, rate: float) -> di
         thread.join()
     cpu_after = os.times()
     cpu = (cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system)
-    return {"latencies": sorted(latencies), "lateness": sorted(lateness), "cpu_s": cpu, "calls": len(threads)}
+    return {"latencies": sorted(latencies), "lateness": sorted(lateness), "cpu_s": cpu,
+            "calls": len(threads)}
 
 
 def percentile_ms(latencies: list[float], fraction: float) -> float:
-    return 1000 * latencies[min(len(latencies) - 1, max(0, int(len(latencies) * fraction + 0.5) - 1))]
+    rank = int(len(latencies) * fraction + 0.5) - 1
+    return 1000 * latencies[min(len(latencies) - 1, max(0, rank))]
 
 
 def p99_ms(latencies: list[float]) -> float:
@@ -540,8 +497,10 @@ def p99_ms(latencies: list[float]) -> float:
 RESERVE_RATES = (50, 100, 200, 400)
 
 
-def reserve_latency(worker: Worker, service: CreditService, seconds: float,
-                    rates: tuple[int, ...] = RESERVE_RATES, plot: Path | None = None) -> dict[str, float]:
+def reserve_latency(
+    worker: RunningWorker, service: CreditService, seconds: float,
+    rates: tuple[int, ...] = RESERVE_RATES, plot: Path | None = None,
+) -> dict[str, float]:
     """Reserve round trips (producer call to answer) at fixed rates, against no-op round
     trips (`creditworker.health.ping`, sent and awaited through the same producer path) at
     the same rates; and the producer's CPU per call, against the harness alone."""
@@ -568,8 +527,8 @@ def reserve_latency(worker: Worker, service: CreditService, seconds: float,
         reserve(i)
         noop(i)
     load = os.getloadavg()[0]  # the machine may be shared: say how busy it was
-    harness = at_fixed_rate(lambda _i: None, min(seconds, 5), 200)
-    figures: dict[str, float] = {"harness_cpu_ms_per_call": 1000 * harness["cpu_s"] / harness["calls"],
+    idle = at_fixed_rate(lambda _i: None, min(seconds, 5), 200)  # the harness alone
+    figures: dict[str, float] = {"harness_cpu_ms_per_call": 1000 * idle["cpu_s"] / idle["calls"],
                                  "reserve_step_load_average": load}
     rows: dict[str, dict[int, tuple[float, float]]] = {"no-op": {}, "reserve": {}}
     for rate in rates:
@@ -585,13 +544,15 @@ def reserve_latency(worker: Worker, service: CreditService, seconds: float,
             figures[f"{label}_harness_late_p99_ms_at_{rate}"] = p99_ms(run["lateness"])
             figures[f"{label}_producer_cpu_ms_per_call_at_{rate}"] = (
                 1000 * run["cpu_s"] / run["calls"] - figures["harness_cpu_ms_per_call"])
+            producer_cpu = figures[f"{label}_producer_cpu_ms_per_call_at_{rate}"]
             console.print(f"  {label} at {rate}/s: p50 {p50:,.1f} ms, p99 {p99:,.1f} ms "
                           f"(threads started late by p99 {p99_ms(run['lateness']):,.1f} ms; "
-                          f"producer CPU {figures[f'{label}_producer_cpu_ms_per_call_at_{rate}']:.2f} ms a call)")
+                          f"producer CPU {producer_cpu:.2f} ms a call)")
     depth.close()
     if 200 in rates:
         figures["reserve_p99_ms"] = figures["reserve_p99_ms_at_200"]
-        figures["reserve_vs_noop_p99_ratio"] = figures["reserve_p99_ms_at_200"] / figures["noop_p99_ms_at_200"]
+        figures["reserve_vs_noop_p99_ratio"] = (
+            figures["reserve_p99_ms_at_200"] / figures["noop_p99_ms_at_200"])
     if plot is not None:
         plot_latency(rows, plot, seconds, load)
     return figures
@@ -611,17 +572,20 @@ def plot_latency(rows: dict[str, dict[int, tuple[float, float]]], path: Path, se
     figure, axis = plt.subplots(figsize=(7, 4.2), dpi=110)
     for label, color in (("reserve", "tab:blue"), ("no-op", "tab:gray")):
         rates = sorted(rows[label])
-        axis.plot(rates, [rows[label][r][1] for r in rates], "o-", color=color, label=f"{label} p99")
-        axis.plot(rates, [rows[label][r][0] for r in rates], "o--", color=color, label=f"{label} p50")
-    axis.axhline(20, color="tab:red", linewidth=0.8, linestyle=":", label="target: p99 20 ms at 200/s")
+        axis.plot(rates, [rows[label][r][1] for r in rates], "o-", color=color,
+                  label=f"{label} p99")
+        axis.plot(rates, [rows[label][r][0] for r in rates], "o--", color=color,
+                  label=f"{label} p50")
+    axis.axhline(20, color="tab:red", linewidth=0.8, linestyle=":",
+                 label="target: p99 20 ms at 200/s")
     axis.set_xscale("log", base=2)
     axis.set_xticks(sorted(rows["reserve"]), [str(r) for r in sorted(rows["reserve"])])
     axis.set_yscale("log")
     axis.set_xlabel("round trips started per second (fixed rate, a thread per call)")
     axis.set_ylabel("producer call to answer (ms)")
-    axis.set_title(f"Reserve round trip, {seconds:g} s per rate: producer, Redis, worker (prefork 2)\n"
-                   f"and PostgreSQL on the same {os.cpu_count()} cores (load average {load:.1f} before)",
-                   fontsize=9)
+    axis.set_title(f"Reserve round trip, {seconds:g} s per rate: producer, Redis, worker "
+                   f"(prefork 2)\nand PostgreSQL on the same {os.cpu_count()} cores "
+                   f"(load average {load:.1f} before)", fontsize=9)
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -649,13 +613,15 @@ def balance_with_big_ledger(database_url: str, entries: int) -> dict[str, float]
         service.add_credits(user, 10**9)
         with engine.begin() as connection:
             connection.execute(text(
-                "INSERT INTO ledger_entries (user_id, kind, amount, held, balance_after, reserved_after,"
-                " idempotency_key, created_at) SELECT :user, 'deduct', -1, 0, 0, 0, 'fill:' || :user || g, now()"
+                "INSERT INTO ledger_entries (user_id, kind, amount, held, balance_after,"
+                " reserved_after, idempotency_key, created_at)"
+                " SELECT :user, 'deduct', -1, 0, 0, 0, 'fill:' || :user || g, now()"
                 " FROM generate_series(1, :n) g"), {"user": user, "n": count})
         figures[label] = read_ms(user)
     engine.dispose()
     return {"ledger_entries": float(entries), "balance_ms_1k_entries": figures["small"],
-            "balance_ms_big_ledger": figures["big"], "balance_big_vs_small_ratio": figures["big"] / figures["small"]}
+            "balance_ms_big_ledger": figures["big"],
+            "balance_big_vs_small_ratio": figures["big"] / figures["small"]}
 
 
 def expiry(database_url: str, lots: int) -> dict[str, float]:
@@ -667,22 +633,31 @@ def expiry(database_url: str, lots: int) -> dict[str, float]:
         at = datetime.now(UTC)  # each phase's own clock: the lots expired a minute before it
         with engine.begin() as connection:
             connection.execute(text(
-                "INSERT INTO accounts (user_id, balance, reserved, low_credit_alerted, created_at, updated_at)"
-                " SELECT :p || g, 10 * (:n / 1000 + 1), 0, false, now(), now() FROM generate_series(0, 999) g"),
+                "INSERT INTO accounts (user_id, balance, reserved, low_credit_alerted, created_at,"
+                " updated_at) SELECT :p || g, 10 * (:n / 1000 + 1), 0, false, now(), now()"
+                " FROM generate_series(0, 999) g"),
                 {"p": prefix, "n": count})
             connection.execute(text(
-                "INSERT INTO credit_lots (user_id, amount, remaining, source, priority, expires_at, created_at, idempotency_key)"
-                " SELECT :p || (g % 1000), 10, 10, 'purchase', 0, :expired, now(), 'lot:' || :p || g"
+                "INSERT INTO credit_lots (user_id, amount, remaining, source, priority, expires_at,"
+                " created_at, idempotency_key)"
+                " SELECT :p || (g % 1000), 10, 10, 'purchase', 0, :expired, now(),"
+                " 'lot:' || :p || g"
                 " FROM generate_series(0, :n - 1) g"),
-                {"p": prefix, "n": count, "expired": (at - timedelta(minutes=1)).replace(tzinfo=None)})
+                {"p": prefix, "n": count,
+                 "expired": (at - timedelta(minutes=1)).replace(tzinfo=None)})
             connection.execute(text(  # keep lots and balances consistent: top up the rest
-                "INSERT INTO credit_lots (user_id, amount, remaining, source, priority, created_at, idempotency_key)"
-                " SELECT a.user_id, a.balance - coalesce(l.s, 0), a.balance - coalesce(l.s, 0), 'purchase', 0, now(), 'fill:' || a.user_id"
-                " FROM accounts a LEFT JOIN (SELECT user_id, sum(remaining) s FROM credit_lots GROUP BY user_id) l"
-                " ON l.user_id = a.user_id WHERE a.user_id LIKE :p || '%' AND a.balance > coalesce(l.s, 0)"),
+                "INSERT INTO credit_lots (user_id, amount, remaining, source, priority, created_at,"
+                " idempotency_key)"
+                " SELECT a.user_id, a.balance - coalesce(l.s, 0), a.balance - coalesce(l.s, 0),"
+                " 'purchase', 0, now(), 'fill:' || a.user_id"
+                " FROM accounts a LEFT JOIN"
+                " (SELECT user_id, sum(remaining) s FROM credit_lots GROUP BY user_id) l"
+                " ON l.user_id = a.user_id"
+                " WHERE a.user_id LIKE :p || '%' AND a.balance > coalesce(l.s, 0)"),
                 {"p": prefix})
         service = CreditService(engine)
-        figures[f"expire_{label}_s"], expired = timed_result(lambda service=service, at=at: service.expire_credits(now=at))
+        expire = partial(service.expire_credits, now=at)
+        figures[f"expire_{label}_s"], expired = timed_result(expire)
         assert expired == count, (expired, count)
         with engine.begin() as connection:
             connection.execute(text("DELETE FROM credit_lots WHERE remaining = 0"))
@@ -703,17 +678,19 @@ def allocation(database_url: str, subscriptions: int) -> dict[str, float]:
         anchor = at - timedelta(days=1, minutes=5)
         with engine.begin() as connection:
             connection.execute(text(
-                "INSERT INTO accounts (user_id, balance, reserved, low_credit_alerted, created_at, updated_at)"
-                " SELECT 'sub-' || :l || g, 0, 0, false, now(), now() FROM generate_series(0, :n - 1) g"),
+                "INSERT INTO accounts (user_id, balance, reserved, low_credit_alerted, created_at,"
+                " updated_at) SELECT 'sub-' || :l || g, 0, 0, false, now(), now()"
+                " FROM generate_series(0, :n - 1) g"),
                 {"l": label, "n": count})
             connection.execute(text(
-                "INSERT INTO subscriptions (user_id, plan_id, status, anchor_at, period_index, current_period_start,"
-                " current_period_end, cancel_at_period_end, created_at, updated_at)"
-                " SELECT 'sub-' || :l || g, :plan, 'active', :anchor, 0, :anchor, :end, false, now(), now()"
+                "INSERT INTO subscriptions (user_id, plan_id, status, anchor_at, period_index,"
+                " current_period_start, current_period_end, cancel_at_period_end, created_at,"
+                " updated_at) SELECT 'sub-' || :l || g, :plan, 'active', :anchor, 0, :anchor,"
+                " :end, false, now(), now()"
                 " FROM generate_series(0, :n - 1) g"),
                 {"l": label, "n": count, "plan": plan.id, "anchor": anchor.replace(tzinfo=None),
                  "end": (anchor + timedelta(days=1)).replace(tzinfo=None)})
-        figures[f"allocate_{label}_s"], granted = timed_result(lambda subs=subs, at=at: subs.allocate_due(now=at))
+        figures[f"allocate_{label}_s"], granted = timed_result(partial(subs.allocate_due, now=at))
         assert granted == count, (granted, count)
     figures["allocate_subscriptions"] = float(subscriptions)
     figures["allocate_growth_10x"] = figures["allocate_full_s"] / figures["allocate_tenth_s"]
@@ -731,7 +708,8 @@ def _hot_account_process(database_url: str, user: str, process: int, batches: in
     for batch in range(batches):
         try:
             outcomes = service.apply_batch([
-                {"op": "deduct", "user_id": user, "amount": 1, "idempotency_key": f"hot:{process}:{batch}:{i}"}
+                {"op": "deduct", "user_id": user, "amount": 1,
+                 "idempotency_key": f"hot:{process}:{batch}:{i}"}
                 for i in range(size)
             ])
             refused += sum(not outcome.ok for outcome in outcomes)
@@ -741,7 +719,9 @@ def _hot_account_process(database_url: str, user: str, process: int, batches: in
     service.engine.dispose()
 
 
-def hot_account(database_url: str, batches: int, processes: int = 4, size: int = 100) -> dict[str, float]:
+def hot_account(
+    database_url: str, batches: int, processes: int = 4, size: int = 100
+) -> dict[str, float]:
     """`processes` processes, each applying `batches` batches of `size` deducts to one
     account at once: they serialise on its row lock; none may deadlock or fail. The time
     runs from the start signal to the last process's last batch. It runs before the steps
@@ -753,7 +733,8 @@ def hot_account(database_url: str, batches: int, processes: int = 4, size: int =
     CreditService(engine).add_credits(user, processes * batches * size)
     context = multiprocessing.get_context("spawn")
     start, results = context.Event(), context.Queue()
-    workers = [context.Process(target=_hot_account_process, args=(database_url, user, n, batches, size, start, results))
+    workers = [context.Process(target=_hot_account_process,
+                               args=(database_url, user, n, batches, size, start, results))
                for n in range(processes)]
     for worker in workers:
         worker.start()
@@ -775,7 +756,9 @@ def hot_account(database_url: str, batches: int, processes: int = 4, size: int =
             "hot_account_checks_passed": float(passed and balance == 0)}
 
 
-def memory(worker: Worker, service: CreditService, operations: int, size: int = 1000) -> dict[str, float]:
+def memory(
+    worker: RunningWorker, service: CreditService, operations: int, size: int = 1000
+) -> dict[str, float]:
     """Worker resident memory before and after `operations` deducts (sent as batches)."""
     users = [f"mem-{i}" for i in range(100)]
     service.apply_batch([{"op": "add", "user_id": u, "amount": 10**12} for u in users])
@@ -793,9 +776,9 @@ def memory(worker: Worker, service: CreditService, operations: int, size: int = 
             wait_all(handles)
 
     run(warm)
-    before = worker.rss_mib()
+    before = rss_mib(worker)
     run(operations)
-    after = worker.rss_mib()
+    after = rss_mib(worker)
     return {"memory_ops": float(operations), "worker_rss_mib_before": before,
             "worker_rss_mib_after": after, "worker_rss_growth_ratio": after / before}
 
@@ -803,32 +786,43 @@ def memory(worker: Worker, service: CreditService, operations: int, size: int = 
 # ---------------------------------------------------------------- main
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+STEPS = ("single", "batch", "batch1000", "mixed_batch", "worker_batch", "reserve", "balance",
+         "expiry", "allocation", "hot_account", "memory")
+
+
+def parse_arguments() -> tuple[argparse.Namespace, dict[str, Any]]:
+    """The command line, and the sizes it asks for."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes: under five minutes")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--plot", type=Path, default=BENCH_DIR / "results" / "reserve_latency.png",
                         help="where the reserve latency plot goes")
-    parser.add_argument("--only", nargs="*", help="run only these: single, batch, batch1000, mixed_batch, "
-                        "worker_batch, reserve, balance, expiry, allocation, hot_account, memory")
+    parser.add_argument("--only", nargs="*", help=f"run only these: {', '.join(STEPS)}")
     parser.add_argument("--size", nargs="*", default=[], metavar="NAME=N",
-                        help=f"override a size, e.g. lots=100000 (names: {', '.join(SIZES['full'])})")
+                        help="override a size, e.g. lots=100000 "
+                        f"(names: {', '.join(SIZES['full'])})")
     args = parser.parse_args()
-    sizes = dict(SIZES["quick" if args.quick else "full"])
+    sizes: dict[str, Any] = dict(SIZES["quick" if args.quick else "full"])
     for override in args.size:
         name, _, value = override.partition("=")
         if name not in sizes:
             parser.error(f"no size named {name!r}")
         sizes[name] = int(value) if name != "reserve_seconds" else float(value)
+    return args, sizes
+
+
+def main() -> int:
+    args, sizes = parse_arguments()
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Any] = {
         "mode": "quick" if args.quick else "full",
-        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, "
+                   f"Python {platform.python_version()}",
         "taken_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    wanted = set(args.only or ["single", "batch", "batch1000", "mixed_batch", "worker_batch", "reserve", "balance",
-                               "expiry", "allocation", "hot_account", "memory"])
+    wanted = set(args.only or STEPS)
     with (
         fresh_database() as database_url,
         tempfile.TemporaryDirectory() as workdir,
@@ -838,23 +832,28 @@ def main() -> int:
         upgrade(engine)
         service = CreditService(engine)
         needs_worker = bool(wanted & {"single", "worker_batch", "reserve", "memory"})
-        worker: Any = Worker(database_url, redis_url, Path(workdir)) if needs_worker else None
+        worker: Any = start_worker(database_url, redis_url, Path(workdir)) if needs_worker else None
         brokers = {"redis": redis_url}
         if "single" in wanted:
             if rabbitmq_reachable(RABBITMQ):
                 brokers["rabbitmq"] = RABBITMQ
             else:
-                console.print(f"RabbitMQ at {RABBITMQ} does not answer: the single-operation step runs on Redis only")
+                console.print(f"RabbitMQ at {RABBITMQ} does not answer: the single-operation "
+                              "step runs on Redis only")
         try:
             steps: list[tuple[str, Callable[[], dict[str, float]]]] = [
                 ("single", lambda: single_operations(worker, service, database_url, Path(workdir),
                                                      brokers, sizes["single"])),
                 ("batch", lambda: batches_in_process(database_url, sizes["batch_ops"])),
-                ("batch1000", lambda: batches_in_process(database_url, sizes["batch_ops"], size=1000)),
-                ("mixed_batch", lambda: batches_in_process(database_url, sizes["batch_ops"], mixed=True)),
+                ("batch1000",
+                 lambda: batches_in_process(database_url, sizes["batch_ops"], size=1000)),
+                ("mixed_batch",
+                 lambda: batches_in_process(database_url, sizes["batch_ops"], mixed=True)),
                 ("hot_account", lambda: hot_account(database_url, sizes["hot_batches"])),
-                ("worker_batch", lambda: batches_through_worker(worker, service, sizes["worker_batch_ops"])),
-                ("reserve", lambda: reserve_latency(worker, service, sizes["reserve_seconds"], plot=args.plot)),
+                ("worker_batch",
+                 lambda: batches_through_worker(worker, service, sizes["worker_batch_ops"])),
+                ("reserve", lambda: reserve_latency(worker, service, sizes["reserve_seconds"],
+                                                    plot=args.plot)),
                 ("balance", lambda: balance_with_big_ledger(database_url, sizes["ledger"])),
                 ("expiry", lambda: expiry(database_url, sizes["lots"])),
                 ("allocation", lambda: allocation(database_url, sizes["subscriptions"])),

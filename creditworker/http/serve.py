@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uvicorn
 
-from creditworker.http.gateway import create_app
+from creditworker.http.api.app import create_app
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000) -> None:

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from typer.testing import CliRunner
 
 from creditworker import CreditService
-from creditworker.cli.root import app
+from creditworker.cli.app import app
 
 runner = CliRunner()
 
@@ -30,7 +30,8 @@ def test_console_script_runs_the_quickstart_on_a_fresh_sqlite_file(tmp_path: Pat
            "CREDITWORKER_LEDGER_PATH": str(tmp_path / "ledger.jsonl")}
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["creditworker", *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+        return subprocess.run(["creditworker", *args], check=False, env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
 
     assert run("db", "upgrade").returncode == 0
     assert run("add", "alice", "100").returncode == 0
@@ -99,14 +100,16 @@ def test_audit_passes_then_names_a_tampered_account(engine: Engine, database_url
     report = json.loads(out)
     assert code == 1 and not report["passed"]
     assert {p["user_id"] for p in report["problems"]} == {"bob"}
-    assert {p["check"] for p in report["problems"]} >= {"entries_sum_to_balance", "lots_sum_to_balance"}
+    assert {p["check"] for p in report["problems"]} >= {"entries_sum_to_balance",
+                                                         "lots_sum_to_balance"}
 
 
 def test_schema_prints_ddl_per_dialect_and_json_schemas() -> None:
     for dialect in ("postgresql", "sqlite", "mysql"):
         result = runner.invoke(app, ["schema", "--dialect", dialect])
         assert result.exit_code == 0
-        for table in ("accounts", "credit_lots", "reservations", "ledger_entries", "operations", "outbox_events"):
+        for table in ("accounts", "credit_lots", "reservations", "ledger_entries", "operations",
+                      "outbox_events"):
             assert f"CREATE TABLE {table}" in result.stdout
     assert "utf8mb4_bin" in runner.invoke(app, ["schema", "--dialect", "mysql"]).stdout
     schemas = json.loads(runner.invoke(app, ["schema", "--json"]).stdout)
@@ -125,7 +128,8 @@ def test_schema_json_has_every_request_and_result_model_plans_and_batches_includ
 
 
 def test_module_entry_point_prints_help() -> None:
-    result = subprocess.run([sys.executable, "-m", "creditworker.cli", "--help"], capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run([sys.executable, "-m", "creditworker.cli", "--help"],
+                            check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "audit" in result.stdout
 
 
@@ -159,15 +163,20 @@ def test_plan_update_and_delete_repeated_with_a_key_answer_as_the_first_time(
     engine: Engine, database_url: str
 ) -> None:
     """The CLI offers the key the registry's plan writes take (it once had none for these)."""
-    assert cli(database_url, "plans", "create", "basic", "10", "--inactive", "--idempotency-key", "c-1")[0] == 0
-    first = cli(database_url, "plans", "update", "basic", "--price", "5", "--active", "--idempotency-key", "u-1", "--json")
-    again = cli(database_url, "plans", "update", "basic", "--price", "5", "--active", "--idempotency-key", "u-1", "--json")
+    created = cli(database_url, "plans", "create", "basic", "10", "--inactive",
+                  "--idempotency-key", "c-1")
+    assert created[0] == 0
+    update = ("plans", "update", "basic", "--price", "5", "--active", "--idempotency-key", "u-1")
+    first = cli(database_url, *update, "--json")
+    again = cli(database_url, *update, "--json")
     assert first[0] == again[0] == 0 and json.loads(first[1]) == json.loads(again[1])
     assert json.loads(first[1])["active"] and Decimal(json.loads(first[1])["price"]) == 5
-    code, _out, err = cli(database_url, "plans", "update", "basic", "--price", "6", "--idempotency-key", "u-1")
+    code, _out, err = cli(database_url, "plans", "update", "basic", "--price", "6",
+                          "--idempotency-key", "u-1")
     assert code == 2 and "error: idempotency_conflict:" in err
     for _ in range(2):
-        code, out, err = cli(database_url, "plans", "delete", "basic", "--idempotency-key", "d-1", "--json")
+        code, out, err = cli(database_url, "plans", "delete", "basic", "--idempotency-key", "d-1",
+                             "--json")
         assert (code, json.loads(out)) == (0, {"deleted": "basic"}), err
     assert cli(database_url, "plans", "delete", "basic")[0] == 2  # without the key: it is gone
 

@@ -13,7 +13,7 @@ from sqlalchemy.engine import Engine
 from typer.testing import CliRunner
 
 from creditworker import CreditService, SubscriptionService
-from creditworker.cli.root import app
+from creditworker.cli.app import app
 from creditworker.contract.errors import InsufficientCredits
 from creditworker.storage.tables import Entry, Hold, Lot, Operation
 
@@ -78,19 +78,24 @@ def test_sweeps_and_allocation_write_system_records_of_what_they_did(
     assert ledger_path.read_text().count('"record": "system"') == 4
 
 
-def test_the_ledger_command_lists_records_by_kind(service: CreditService, database_url: str) -> None:
+def test_the_ledger_command_lists_records_by_kind(
+    service: CreditService, database_url: str
+) -> None:
     service.add_credits("dave", 1, now=NOW)
     with pytest.raises(InsufficientCredits):
         service.deduct_credits("dave", 9)
     service.add_credits("dave", 1, expires_at=NOW + timedelta(hours=1), now=NOW)
     service.expire_credits(now=NOW + timedelta(days=1))
 
-    errors = runner.invoke(app, ["--database-url", database_url, "ledger", "--kind", "error", "--json"])
+    ledger = ["--database-url", database_url, "ledger"]
+    errors = runner.invoke(app, [*ledger, "--kind", "error", "--json"])
     assert errors.exit_code == 0, errors.output
-    assert [(r["kind"], r["code"]) for r in json.loads(errors.stdout)] == [("error", "insufficient_credits")]
-    system = runner.invoke(app, ["--database-url", database_url, "ledger", "--kind", "system"])
-    assert system.exit_code == 0 and "expire_credits" in system.stdout and "expired 1" in system.stdout
-    both = json.loads(runner.invoke(app, ["--database-url", database_url, "ledger", "--json"]).stdout)
+    assert [(r["kind"], r["code"]) for r in json.loads(errors.stdout)] == [
+        ("error", "insufficient_credits")]
+    system = runner.invoke(app, [*ledger, "--kind", "system"])
+    assert system.exit_code == 0 and "expire_credits" in system.stdout
+    assert "expired 1" in system.stdout
+    both = json.loads(runner.invoke(app, [*ledger, "--json"]).stdout)
     assert {r["kind"] for r in both} == {"error", "system"}
     bad = runner.invoke(app, ["--database-url", database_url, "ledger", "--kind", "nope"])
     assert bad.exit_code == 2 and "invalid_input" in bad.output

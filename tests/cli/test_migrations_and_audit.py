@@ -43,7 +43,8 @@ def test_downgrade_to_base_and_back(tmp_path: Path) -> None:
 TAMPERING = {
     "entries_sum_to_balance": "UPDATE accounts SET balance = balance + 1 WHERE user_id = 'bob'",
     "lots_sum_to_balance": "UPDATE credit_lots SET remaining = remaining - 1 WHERE user_id = 'bob'",
-    "active_holds_sum_to_reserved": "UPDATE reservations SET amount = amount + 1 WHERE user_id = 'bob'",
+    "active_holds_sum_to_reserved":
+        "UPDATE reservations SET amount = amount + 1 WHERE user_id = 'bob'",
     "reservation_state": "UPDATE reservations SET status = 'bogus' WHERE user_id = 'bob'",
     "entry_has_operation": "DELETE FROM operations WHERE user_id = 'bob' AND kind = 'AddCredits'",
 }

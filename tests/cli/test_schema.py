@@ -10,7 +10,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from creditworker.cli.root import app
+from creditworker.cli.app import app
 from creditworker.storage.tables import Base
 
 runner = CliRunner()
@@ -53,7 +53,8 @@ def test_python_m_creditworker_schema_runs_the_same_command() -> None:
                               (["--backend", "nosql"], "$jsonSchema"),
                               (["--json"], "SubmitBatch")):
         done = subprocess.run([sys.executable, "-m", "creditworker.cli.schema", *arguments],
-                              check=False, capture_output=True, text=True, env=environment, timeout=60)
+                              check=False, capture_output=True, text=True, env=environment,
+                              timeout=60)
         assert done.returncode == 0, done.stderr
         assert marker in done.stdout
 

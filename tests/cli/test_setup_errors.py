@@ -30,15 +30,19 @@ def one_line(done: subprocess.CompletedProcess[str]) -> str:
 
 @pytest.mark.parametrize("command", [["balance", "alice"], ["history", "alice"], ["audit"],
                                      ["plans", "list"], ["dead-letters", "list"]])
-def test_a_command_before_db_upgrade_says_so_and_creates_no_file(tmp_path: Path, command: list[str]) -> None:
+def test_a_command_before_db_upgrade_says_so_and_creates_no_file(
+    tmp_path: Path, command: list[str]
+) -> None:
     line = one_line(run(tmp_path, *command))
-    assert "no database file at sqlite:///creditworker.db" in line and "creditworker db upgrade" in line
+    assert "no database file at sqlite:///creditworker.db" in line
+    assert "creditworker db upgrade" in line
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_database_without_tables_says_run_db_upgrade(tmp_path: Path, postgres_url: str) -> None:
     name = services.unique_name("cw_empty")
-    admin = create_engine(make_url(postgres_url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    admin = create_engine(make_url(postgres_url).set(database="postgres"),
+                          isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(text(f"CREATE DATABASE {name}"))
     try:
@@ -62,7 +66,9 @@ def test_a_postgresql_database_that_does_not_exist_says_how_to_create_it(
     assert f"createdb -h {parsed.host} -p {parsed.port or 5432}" in line
 
 
-def test_a_mysql_database_that_does_not_exist_says_how_to_create_it(tmp_path: Path, mysql_url: str) -> None:
+def test_a_mysql_database_that_does_not_exist_says_how_to_create_it(
+    tmp_path: Path, mysql_url: str
+) -> None:
     url = make_url(mysql_url).set(database="cw_never_created").render_as_string(hide_password=False)
     line = one_line(run(tmp_path, "--database-url", url, "balance", "alice"))
     assert "MySQL database 'cw_never_created' does not exist" in line and "CREATE DATABASE" in line

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from creditworker.http.gateway import create_app
+from creditworker.http.api.app import create_app
 from creditworker.settings import Settings
 from creditworker.storage.database import make_engine
 from creditworker.storage.migrate import upgrade

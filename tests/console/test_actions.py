@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from creditworker import CreditService, SubscriptionService
-from creditworker.http.gateway import create_app
+from creditworker.http.api.app import create_app
 from creditworker.records.audit import audit
 from creditworker.settings import Settings
 from creditworker.storage.database import make_engine

@@ -1,139 +1,32 @@
-"""Real worker processes on real brokers, driven through the producer client."""
+"""Real worker processes on real brokers, driven through the producer client.
+
+The worker process itself (`RunningWorker`, `worker_env`, `redis_db`) is in tests/harness.py,
+shared with bench/; they are imported here too, where the test modules import them from.
+"""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy.engine import Engine
 
-from creditworker import CreditService
-from creditworker.settings import Settings
-from creditworker.worker import commands
 from creditworker.worker.app import make_celery
-from producers import CreditClient
 from tests.conftest import engine_for, wipe
+from tests.harness import RunningWorker, redis_db, worker_env
+
+__all__ = ["RunningWorker", "redis_db", "worker_env"]  # for the test modules that import them
 
 pytestmark = pytest.mark.e2e
 
 
-def redis_db(url: str, db: int) -> str:
-    base = url.rsplit("/", 1)[0] if url.count("/") > 2 else url
-    return f"{base}/{db}"
-
-
-@dataclass
-class RunningWorker:
-    """A `celery worker` process plus a client and an engine on the same database."""
-
-    env: dict[str, str]
-    workdir: Path
-    engine: Engine
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
-    settings: Settings = field(init=False)
-    client: CreditClient = field(init=False)
-    service: CreditService = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.settings = Settings(
-            broker_url=self.env["CREDITWORKER_BROKER_URL"],
-            result_backend=self.env.get("CREDITWORKER_RESULT_BACKEND"),
-            data_dir=str(self.workdir / ".creditworker"),
-        )
-        self.client = CreditClient(self.settings)
-        self.service = CreditService(self.engine)
-
-    @property
-    def broker_url(self) -> str:
-        return self.settings.broker_url
-
-    @property
-    def result_backend(self) -> str:
-        return str(self.client.app.conf.result_backend)
-
-    def start(self, command: list[str] | None = None) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child writes it for its whole life
-        self.process = subprocess.Popen(
-            command or commands.WORKER, env=self.env, cwd=self.workdir,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        self.wait_ready()
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        """Until the worker answers a ping. The worker exiting is the product's failure; the
-        test's own client failing to reach a broker that has just restarted is not, so that
-        is retried until the deadline (tests/faults restart the broker under the client)."""
-        deadline = time.monotonic() + timeout
-        client_error: Exception | None = None
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise RuntimeError(f"worker exited: {self.log_path.read_text()[-3000:]}")
-            try:
-                if self.client.app.control.ping(timeout=1.0):
-                    return
-            except Exception as exc:  # noqa: BLE001 (the harness's connection; see above)
-                client_error = exc
-                time.sleep(0.5)
-        raise RuntimeError(
-            f"worker not ready (the test's client last failed with {client_error!r}): "
-            f"{self.log_path.read_text()[-3000:]}"
-        )
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
-        if self.process is None:
-            return
-        try:
-            os.killpg(self.process.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-        self.process = None
-
-    def ensure_running(self) -> int:
-        """Restart the worker if it exited, as a process supervisor would; 1 if it did."""
-        if self.process is not None and self.process.poll() is not None:
-            self.process = None
-            self.start()
-            return 1
-        return 0
-
-    def kill(self) -> None:
-        """SIGKILL the whole worker, main process and pool children."""
-        self.stop(signal.SIGKILL)
-
-
-def worker_env(
-    workdir: Path, database_url: str, broker_url: str, **extra: str
-) -> dict[str, str]:
-    env = {
-        key: value for key, value in os.environ.items() if not key.startswith("CREDITWORKER_")
-    }
-    env.update(
-        CREDITWORKER_DATABASE_URL=database_url,
-        CREDITWORKER_BROKER_URL=broker_url,
-        CREDITWORKER_LEDGER_PATH=str(workdir / "ledger.jsonl"),
-        CREDITWORKER_DATA_DIR=str(workdir / ".creditworker"),
-        C_FORCE_ROOT="1",
-        **extra,
-    )
-    return env
-
-
 def assert_each_deduct_applied_once(
-    worker: RunningWorker, operations: list[tuple[str, str, int]], accounts: list[str], starting: int
+    worker: RunningWorker, operations: list[tuple[str, str, int]], accounts: list[str],
+    starting: int,
 ) -> None:
     """Every (key, user, amount) deduct applied exactly once, each account's balance what it
     should be, and the audit passing: what a user checks after a fault."""

@@ -1,7 +1,7 @@
 """The states a task stores on Celery's own path (`CREDITWORKER_GATHER_MAX=1`): a task
 stores only its outcome, except a reservation, which also stores STARTED before it runs.
 Its caller relies on that: with no STARTED at its deadline, it says the reservation was not
-applied and never will be (producers/client.py `_last_look`)."""
+applied and never will be (creditworker/client/handle.py `_last_look`)."""
 
 from __future__ import annotations
 

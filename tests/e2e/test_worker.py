@@ -14,6 +14,7 @@ import redis
 from celery.result import AsyncResult
 from kombu import Connection
 
+from creditworker.client import unwrap
 from creditworker.contract.errors import (
     IdempotencyConflict,
     InsufficientCredits,
@@ -24,7 +25,6 @@ from creditworker.contract.errors import (
     ValidationFailed,
 )
 from producers import AsyncCreditClient, CreditClient
-from producers.client import unwrap
 from tests.e2e.conftest import RunningWorker
 
 pytestmark = pytest.mark.e2e

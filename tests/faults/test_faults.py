@@ -27,10 +27,10 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from creditworker.client import TaskHandle
 from creditworker.contract.errors import CreditError
 from creditworker.records.audit import audit
 from creditworker.storage.tables import Account, Entry, Hold
-from producers.client import TaskHandle
 from tests.conftest import engine_for, wipe
 from tests.e2e.conftest import RunningWorker, _running, redis_db
 from tests.faults.servers import PrivatePostgres, PrivateRabbitMQ, PrivateRedis

@@ -22,8 +22,9 @@ from schemathesis.checks import not_a_server_error
 
 from creditworker.contract.errors import UnknownUser
 from creditworker.engine import SubscriptionService
+from creditworker.http.api.app import create_app
+from creditworker.http.api.routing import build_router
 from creditworker.http.auth import API_KEYS_VARIABLE
-from creditworker.http.gateway import build_router, create_app
 from creditworker.settings import Settings
 from producers.aio import AsyncCreditClient
 from tests.e2e.conftest import RunningWorker

@@ -13,7 +13,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from creditworker.http import gateway
+from creditworker.http.api import deps
 from creditworker.settings import get_settings
 
 
@@ -23,9 +23,9 @@ def configured_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
     path = tmp_path / "credits.db"
     monkeypatch.setenv("CREDITWORKER_DATABASE_URL", f"sqlite:///{path}")
     get_settings.cache_clear()
-    gateway._configured_credit_service.cache_clear()
+    deps.configured_credit_service.cache_clear()
     yield path
-    gateway._configured_credit_service.cache_clear()
+    deps.configured_credit_service.cache_clear()
     get_settings.cache_clear()
 
 

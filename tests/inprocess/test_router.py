@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 
 from creditworker import CreditService
 from creditworker.contract.operations import OPERATIONS
-from creditworker.http import build_router, gateway, get_credit_service, router
+from creditworker.http import build_router, get_credit_service, router
+from creditworker.http.api import deps
 from creditworker.settings import Settings, get_settings
 from producers.aio import AsyncCreditClient
 
@@ -107,7 +108,7 @@ def test_the_worker_mode_reads_from_the_configured_database_by_default(
 ) -> None:
     monkeypatch.setenv("CREDITWORKER_DATABASE_URL", f"sqlite:///{tmp_path / 'reads.db'}")
     get_settings.cache_clear()
-    gateway._configured_credit_service.cache_clear()
+    deps.configured_credit_service.cache_clear()
     try:
         CreditService(f"sqlite:///{tmp_path / 'reads.db'}").add_credits("reader", 2)
         app = FastAPI()
@@ -115,7 +116,7 @@ def test_the_worker_mode_reads_from_the_configured_database_by_default(
         with TestClient(app) as client:
             assert client.get("/credits/balance/reader").json()["total"] == 2
     finally:
-        gateway._configured_credit_service.cache_clear()
+        deps.configured_credit_service.cache_clear()
         get_settings.cache_clear()
 
 
@@ -124,7 +125,7 @@ def test_the_router_alone_uses_the_configured_database_and_makes_its_tables(
 ) -> None:
     monkeypatch.setenv("CREDITWORKER_DATABASE_URL", f"sqlite:///{tmp_path / 'app.db'}")
     get_settings.cache_clear()
-    gateway._configured_credit_service.cache_clear()
+    deps.configured_credit_service.cache_clear()
     try:
         app = FastAPI()
         app.include_router(router)
@@ -133,7 +134,7 @@ def test_the_router_alone_uses_the_configured_database_and_makes_its_tables(
             assert client.get("/credits/balance/a").json()["total"] == 3
         assert (tmp_path / "app.db").exists()
     finally:
-        gateway._configured_credit_service.cache_clear()
+        deps.configured_credit_service.cache_clear()
         get_settings.cache_clear()
 
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import typer
 
-from creditworker.cli.root import OPERATION_COMMANDS, OperationCommand
-from creditworker.cli.root import app as cli_app
+from creditworker.cli.app import app as cli_app
+from creditworker.cli.operations import OPERATION_COMMANDS, OperationCommand
 from creditworker.contract.operations import (
     BY_REQUEST,
     BY_TASK,
@@ -160,7 +160,7 @@ def test_each_async_producer_method_sends_its_operations_task(operation: Operati
 
 
 def test_the_gateway_serves_the_registry_routes() -> None:
-    from creditworker.http.gateway import build_router
+    from creditworker.http import build_router
 
     async def open_door() -> None:
         return None

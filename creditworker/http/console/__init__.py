@@ -1,5 +1,5 @@
 """The operator console: accounts, ledgers, plans and the system's health at `/console`."""
 
-from creditworker.http.console.routes import create_console
+from creditworker.http.console.app import create_console
 
 __all__ = ["create_console"]

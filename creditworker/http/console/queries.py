@@ -62,7 +62,9 @@ def recent_accounts(engine: Engine, limit: int = 20) -> list[dict[str, Any]]:
             .where(Account.user_id.in_(list(seen)))
         ).all()
     by_id = {row.user_id: dict(row._mapping) for row in rows}
-    return [{**by_id[user_id], "updated_at": at} for user_id, at in seen.items() if user_id in by_id]
+    return [
+        {**by_id[user_id], "updated_at": at} for user_id, at in seen.items() if user_id in by_id
+    ]
 
 
 def account_threshold(engine: Engine, user_id: str) -> int | None:
@@ -186,7 +188,9 @@ class DailyTotals:
     expired: int
 
 
-def daily_totals(engine: Engine, user_id: str, first_day: date, last_day: date) -> list[DailyTotals]:
+def daily_totals(
+    engine: Engine, user_id: str, first_day: date, last_day: date
+) -> list[DailyTotals]:
     """Credits granted, consumed and expired per UTC day, one GROUP BY on the database."""
     since = datetime.combine(first_day, datetime.min.time(), UTC)
     until = datetime.combine(last_day + timedelta(days=1), datetime.min.time(), UTC)

@@ -49,7 +49,9 @@ def ping_workers(app: Celery) -> dict[str, str]:
     answers: dict[str, str] = {}
     for reply in replies:
         for worker_name, answer in reply.items():
-            answers[worker_name] = answer.get("ok", str(answer)) if isinstance(answer, dict) else str(answer)
+            answers[worker_name] = (
+                answer.get("ok", str(answer)) if isinstance(answer, dict) else str(answer)
+            )
     return answers
 
 

@@ -1,0 +1,102 @@
+"""`creditworker balance | history | add | deduct`: one user's credits."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from creditworker.cli.operations import parse_amount, run, runs
+from creditworker.cli.output import JsonOption, KeyOption, console, print_json, table
+from creditworker.contract.operations import ADD, BALANCE, DEDUCT, HISTORY
+
+commands = typer.Typer()
+
+NOT_ON_THE_COMMAND_LINE = ("metadata",)
+"""A JSON object: for producers and the gateway."""
+
+
+def entry_table(entries: list[Any], title: str) -> Table:
+    shown = table(title, ("id", "kind", "amount", "held", "balance", "available", "key", "time"),
+                  right=("id", "amount", "held", "balance", "available"))
+    for entry in entries:
+        shown.add_row(
+            str(entry.id), entry.kind.value, str(entry.amount), str(entry.held),
+            str(entry.balance_after), str(entry.available_after), entry.idempotency_key,
+            entry.created_at.isoformat(timespec="seconds"),
+        )
+    return shown
+
+
+@runs(BALANCE, commands)
+def balance(user_id: str, as_json: JsonOption = False) -> None:
+    """Show a user's total, reserved, available and soon-expiring credits."""
+    info = run(BALANCE, locals())
+    if as_json:
+        print_json(info)
+        return
+    columns = ("total", "reserved", "available", f"expiring in {info.expiring_within_days} days")
+    shown = table(f"credits of {user_id}", columns, right=columns)
+    shown.add_row(str(info.total), str(info.reserved), str(info.available), str(info.expiring_soon))
+    console.print(shown)
+
+
+@runs(HISTORY, commands, renamed={"kind": "kinds"})
+def history(
+    user_id: str,
+    limit: Annotated[int, typer.Option(help="Entries per page.")] = 50,
+    before: Annotated[
+        int | None, typer.Option(help="Show entries older than this entry id.")
+    ] = None,
+    kind: Annotated[
+        list[str] | None, typer.Option(help="Only these kinds (repeatable).")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a user's ledger entries, newest first."""
+    entries = run(HISTORY, locals())
+    if as_json:
+        print_json(entries)
+    else:
+        console.print(entry_table(entries, f"history of {user_id}"))
+
+
+@runs(ADD, commands, left_out=NOT_ON_THE_COMMAND_LINE, negative_numbers=True)
+def add(
+    user_id: str,
+    amount: str,
+    expires_at: Annotated[
+        datetime | None, typer.Option(help="ISO time the lot expires (UTC if no zone).")
+    ] = None,
+    priority: Annotated[int | None, typer.Option(help="Draw-down priority, lower first.")] = None,
+    source: Annotated[
+        str, typer.Option(help="purchase, bonus, subscription or adjustment.")
+    ] = "purchase",
+    description: Annotated[str | None, typer.Option()] = None,
+    idempotency_key: KeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Grant credits to a user."""
+    entry = run(ADD, locals(), amount=parse_amount(amount))
+    if as_json:
+        print_json(entry)
+    else:
+        console.print(entry_table([entry], f"added {entry.amount} to {user_id}"))
+
+
+@runs(DEDUCT, commands, left_out=NOT_ON_THE_COMMAND_LINE, negative_numbers=True)
+def deduct(
+    user_id: str,
+    amount: str,
+    description: Annotated[str | None, typer.Option()] = None,
+    idempotency_key: KeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Consume credits now."""
+    entry = run(DEDUCT, locals(), amount=parse_amount(amount))
+    if as_json:
+        print_json(entry)
+    else:
+        console.print(entry_table([entry], f"deducted {-entry.amount} from {user_id}"))

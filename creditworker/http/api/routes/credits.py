@@ -1,0 +1,85 @@
+"""Grant and deduct credits; a user's balance, history and expiring lots."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from starlette.responses import JSONResponse
+
+from creditworker.contract.credits import (
+    MAX_HISTORY_PAGE,
+    MAX_WITHIN_DAYS,
+    AddCredits,
+    DeductCredits,
+    EntryKind,
+)
+from creditworker.contract.operations import ADD, BALANCE, DEDUCT, EXPIRING, HISTORY
+from creditworker.http.api import examples
+from creditworker.http.api.backends import json_answer
+from creditworker.http.api.bodies import HistoryPage, KeyHeader, UserIdPath, fields
+from creditworker.http.api.deps import Run, Wait
+from creditworker.http.api.examples import body_example
+from creditworker.http.api.routes import served
+
+router = APIRouter(tags=["credits"])
+
+
+@served(router, ADD, summary="Grant credits to a user", example=examples.ENTRY, errors=[409])
+async def add_credits(
+    body: Annotated[AddCredits, body_example("100 credits from a purchase", {
+        "user_id": "alice", "amount": 100, "source": "purchase", "description": "top-up",
+        "idempotency_key": "order-1001",
+    })],
+    run: Run, wait: Wait, idempotency_key: KeyHeader = None,
+) -> JSONResponse:
+    return await run.write(ADD, fields(body, idempotency_key), wait)
+
+
+@served(router, DEDUCT, summary="Deduct credits from a user",
+        example=examples.DEDUCT_ENTRY, errors=[402, 404, 409])
+async def deduct_credits(
+    body: Annotated[DeductCredits, body_example("Charge 30 credits for an export", {
+        "user_id": "alice", "amount": 30, "description": "report export",
+        "idempotency_key": "export-77",
+    })],
+    run: Run, wait: Wait, idempotency_key: KeyHeader = None,
+) -> JSONResponse:
+    return await run.write(DEDUCT, fields(body, idempotency_key), wait)
+
+
+@served(router, BALANCE, summary="A user's total, held and available credits",
+        example=examples.BALANCE, errors=[404])
+async def balance(user_id: UserIdPath, run: Run) -> JSONResponse:
+    return json_answer(await run.read(BALANCE, user_id))
+
+
+@served(router, HISTORY, summary="A user's ledger entries, newest first", model=HistoryPage,
+        example={"entries": [examples.DEDUCT_ENTRY, examples.ENTRY], "next_before": None},
+        errors=[404])
+async def history(
+    user_id: UserIdPath,
+    run: Run,
+    limit: Annotated[
+        int, Query(gt=0, le=MAX_HISTORY_PAGE, description="Entries per page (at most 1000).")
+    ] = 50,
+    before: Annotated[
+        int | None, Query(gt=0, description="Only entries with a smaller id.")
+    ] = None,
+    kind: Annotated[list[EntryKind] | None, Query(description="Only these kinds.")] = None,
+) -> JSONResponse:
+    entries = await run.read(HISTORY, user_id, limit=limit, before=before, kinds=kind)
+    next_before = entries[-1].id if entries and len(entries) == limit else None
+    return json_answer(HistoryPage(entries=entries, next_before=next_before))
+
+
+@served(router, EXPIRING, summary="Lots that expire soon, soonest first",
+        example=[examples.LOT], errors=[404])
+async def expiring(
+    user_id: UserIdPath,
+    run: Run,
+    within_days: Annotated[
+        int, Query(ge=0, le=MAX_WITHIN_DAYS, description="Horizon in days (0 to 3660).")
+    ] = 7,
+) -> JSONResponse:
+    return json_answer(await run.read(EXPIRING, user_id, within_days))

@@ -1,0 +1,166 @@
+"""Find an account; an account's balance, lots, holds, plan, chart and ledger; its CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from creditworker.contract.credits import EntryKind
+from creditworker.contract.errors import UnknownSubscription, UnknownUser, ValidationFailed
+from creditworker.http.console import queries
+from creditworker.http.console.chart import SERIES, daily_chart
+from creditworker.http.console.deps import Console, ConsoleDep
+from creditworker.http.console.forms import ledger_filter
+from creditworker.http.console.pages import DONE, Refused
+
+router = APIRouter()
+
+MAX_CHART_DAYS = 366
+CSV_COLUMNS = ["id", "created_at", "kind", "amount", "held", "balance_after", "reserved_after",
+               "lot_id", "reservation_id", "description", "idempotency_key"]
+
+
+@router.get("/")
+async def accounts(request: Request, console: ConsoleDep, q: str = "") -> Response:
+    prefix = q.strip()
+    if prefix:
+        found = await run_in_threadpool(queries.search_accounts, console.engine, prefix)
+    else:
+        found = await run_in_threadpool(queries.recent_accounts, console.engine)
+    return console.pages.render(request, "accounts.html", q=prefix, accounts=found)
+
+
+@router.get("/account")
+async def account(
+    request: Request, console: ConsoleDep, user_id: str, since: str = "", until: str = "",
+    before: int | None = None, after: int | None = None, days: int = 30, done: str = "",
+) -> Response:
+    wanted = ledger_filter(request, user_id, since, until)
+    days = min(max(days, 1), MAX_CHART_DAYS)
+    return await run_in_threadpool(
+        _account_page, console, request, user_id, wanted, before, after, days, done
+    )
+
+
+def _account_page(
+    console: Console, request: Request, user_id: str, wanted: queries.LedgerFilter,
+    before: int | None, after: int | None, days: int, done: str,
+) -> Response:
+    """The page, read and rendered in a worker thread (the reads block)."""
+    context = _account_context(console, request, user_id, wanted, before, after, days)
+    return console.pages.render(request, "account.html", done=DONE.get(done), **context)
+
+
+def _account_context(
+    console: Console, request: Request, user_id: str, wanted: queries.LedgerFilter,
+    before: int | None, after: int | None, days: int,
+) -> dict[str, Any]:
+    """What the account page shows; an unknown user gets the page with no balance."""
+    credits, subscriptions = console.credits, console.subscriptions
+    try:
+        info = credits.get_user_credits_info(user_id)
+    except UnknownUser:
+        info = None
+    except ValidationFailed as exc:
+        raise Refused(422, exc.message) from None
+    context: dict[str, Any] = {
+        "user_id": user_id, "info": info,
+        "kinds": [kind.value for kind in EntryKind], "filter": wanted,
+        "since": request.query_params.get("since", ""),
+        "until": request.query_params.get("until", ""),
+        "plans": subscriptions.list_plans(), "days": days,
+    }
+    if info is None:
+        return context
+    now = datetime.now(UTC)
+    totals = queries.daily_totals(
+        console.engine, user_id, now.date() - timedelta(days=days - 1), now.date()
+    )
+    context.update(
+        _holdings(console, user_id, now),
+        threshold=queries.account_threshold(console.engine, user_id),
+        default_threshold=credits.low_credit_threshold,
+        subscription=_subscription(console, user_id),
+        all_plans={plan.id: plan for plan in subscriptions.list_plans(include_inactive=True)},
+        page=queries.ledger_page(console.engine, wanted, before=before, after=after),
+        chart=daily_chart(totals), series=SERIES,
+        sums={name: sum(getattr(day, name) for day in totals) for name, _ in SERIES},
+        ledger_query=urlencode(
+            [("user_id", user_id)] + [("kind", kind) for kind in wanted.kinds]
+            + [("since", context["since"]), ("until", context["until"])]
+        ),
+    )
+    return context
+
+
+def _holdings(console: Console, user_id: str, now: datetime) -> dict[str, Any]:
+    """The account's live lots (which expire soon) and active holds (how long they last)."""
+    horizon = now + timedelta(days=console.credits.expiring_soon_days)
+    lots = queries.live_lots(console.engine, user_id)
+    for lot in lots:
+        lot["expiring_soon"] = lot["expires_at"] is not None and lot["expires_at"] <= horizon
+    holds = queries.active_holds(console.engine, user_id)
+    for hold in holds:
+        hold["ttl"] = _ttl(hold["expires_at"], now)
+    return {"lots": lots, "holds": holds}
+
+
+def _subscription(console: Console, user_id: str) -> Any:
+    try:
+        return console.subscriptions.get_user_subscription(user_id)
+    except (UnknownSubscription, UnknownUser):
+        return None
+
+
+@router.get("/account/ledger.csv")
+async def ledger_csv(
+    request: Request, console: ConsoleDep, user_id: str, since: str = "", until: str = ""
+) -> Response:
+    wanted = ledger_filter(request, user_id, since, until)
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:64] or "account"
+    period = f"-{since or 'start'}-{until or 'now'}" if since or until else ""
+    return StreamingResponse(
+        _csv_lines(console, wanted), media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="ledger-{name}{period}.csv"'},
+    )
+
+
+def _csv_lines(console: Console, wanted: queries.LedgerFilter) -> Iterator[str]:
+    """The CSV in chunks of 500 rows, so a large ledger streams."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(CSV_COLUMNS)
+    for count, row in enumerate(queries.ledger_rows(console.engine, wanted), 1):
+        row["created_at"] = row["created_at"].isoformat()
+        writer.writerow([_csv_cell(row[column]) for column in CSV_COLUMNS])
+        if count % 500 == 0:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
+
+
+def _csv_cell(value: Any) -> Any:
+    """A cell a spreadsheet shows as text, never runs as a formula (CSV injection)."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return "" if value is None else value
+
+
+def _ttl(expires_at: datetime, now: datetime) -> str:
+    seconds = int((expires_at - now).total_seconds())
+    if seconds <= 0:
+        return "expired"
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h {minutes}m" if hours else f"{minutes}m {seconds}s"
