@@ -7,6 +7,6 @@ reserve-then-deduct middleware, each in process (on an engine object) or through
 """
 
 from creditworker.http.gateway import build_router, get_credit_service, router
-from creditworker.http.middleware import CreditDeductionMiddleware
+from creditworker.http.metering.middleware import CreditDeductionMiddleware
 
 __all__ = ["CreditDeductionMiddleware", "build_router", "get_credit_service", "router"]

@@ -56,7 +56,7 @@ from creditworker.http.auth import (
 )
 from creditworker.http.body_limit import MAX_BODY_BYTES_VARIABLE, BodyLimit
 from creditworker.http.console import create_console
-from creditworker.http.meters import call_engine
+from creditworker.http.metering.meters import call_engine
 from creditworker.http.responses import (
     ErrorBody,
     credit_error_response,

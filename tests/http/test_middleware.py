@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.testclient import TestClient
 
 from creditworker.contract import EntryKind, LedgerEntry
-from creditworker.http.middleware import CreditDeductionMiddleware, idempotency_key
+from creditworker.http.metering.middleware import CreditDeductionMiddleware, idempotency_key
 from producers.aio import AsyncCreditClient
 from tests.e2e.conftest import RunningWorker
 

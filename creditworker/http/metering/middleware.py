@@ -43,7 +43,7 @@ from creditworker.errors import (
     UnknownUser,
     ValidationFailed,
 )
-from creditworker.http.meters import Meter, meter_for
+from creditworker.http.metering.meters import Meter, meter_for
 from creditworker.http.responses import credit_error_response, error_response
 from producers.client import DEFAULT_TIMEOUT
 
