@@ -122,18 +122,20 @@ def load(path: str | Path) -> Mapping[str, Any]:
     except (tomllib.TOMLDecodeError, ValueError) as exc:
         raise ValueError(f"rate card {file}: {exc}") from None
     if not isinstance(loaded, Mapping):
-        raise ValueError(f"rate card {file}: the top level must map model names to prices")
+        raise ValueError(f"rate card {file}: the top level must map model names to prices")  # noqa: TRY004
     return loaded
 
 
 def _checked_prices(model: str, prices: Any) -> dict[str, Fraction]:
     if not isinstance(prices, Mapping) or not prices:
-        raise ValueError(  # noqa: TRY004 (a bad card is a bad value, wherever it came from)f"rate card: {model!r} must map token kinds to credits per "
-                         f"{PER_TOKENS:,} tokens, not {prices!r}")
+        raise ValueError(
+            f"rate card: {model!r} must map token kinds to credits per {PER_TOKENS:,} tokens, "
+            f"not {prices!r}")
     checked: dict[str, Fraction] = {}
     for kind, price in prices.items():
         if isinstance(price, bool) or not isinstance(price, (int, float, str, Decimal)):
-            raise ValueError(  # noqa: TRY004f"rate card: {model!r} {kind!r} costs {price!r}, which is not a number")
+            raise ValueError(  # noqa: TRY004
+                f"rate card: {model!r} {kind!r} costs {price!r}, which is not a number")
         try:
             number = Decimal(price if isinstance(price, (int, Decimal)) else str(price).strip())
         except InvalidOperation:
