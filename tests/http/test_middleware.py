@@ -336,16 +336,18 @@ def test_an_openai_stream_through_the_workers_is_charged_exactly_its_usage_chunk
     usage = {"prompt_tokens": 40, "completion_tokens": 20, "total_tokens": 60,
              "prompt_tokens_details": {"cached_tokens": 20}}
     app = chat_app(gate, client=AsyncCreditClient(worker.settings), path_prefix="/v1", rate_card=CARD)
-    with served(app) as url, httpx.Client(base_url=url) as http:
-        with http.stream("POST", "/v1/chat/completions", json=chat(usage=usage),
-                         headers=headers(user, 20), timeout=60) as response:
-            lines = response.iter_lines()
-            assert "word0" in next(lines)  # unbuffered: the endpoint waits at the gate
-            assert balance(worker, user) == (100, 12)  # 20 tokens at the highest rate, 0.6
-            gate.event.set()
-            assert [line for line in lines if line][-1] == "data: [DONE]"
+    with (
+        served(app) as url, httpx.Client(base_url=url) as http,
+        http.stream("POST", "/v1/chat/completions", json=chat(usage=usage),
+                    headers=headers(user, 20), timeout=60) as response,
+    ):
+        lines = response.iter_lines()
+        assert "word0" in next(lines)  # unbuffered: the endpoint waits at the gate
+        assert balance(worker, user) == (100, 12)  # 20 tokens at the highest rate, 0.6
+        gate.event.set()
+        assert [line for line in lines if line][-1] == "data: [DONE]"
     # 20 prompt at 0.15 + 20 cached at 0.075 + 20 completion at 0.6 = 16.5: 17 credits
-    reserve, commit = entries(worker, user)
+    _reserve, commit = entries(worker, user)
     assert (commit.kind, commit.amount) == (EntryKind.COMMIT, -17)
     assert commit.metadata is not None and commit.metadata["response"] == "stream"
     assert balance(worker, user) == (83, 0)

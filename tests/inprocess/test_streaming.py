@@ -81,17 +81,19 @@ def test_an_openai_stream_passes_through_unbuffered_and_is_charged_its_usage_chu
     gate = Gate()
     usage = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100,
              "prompt_tokens_details": {"cached_tokens": 600}}
-    with served(app_with(credit_service, gate, rate_card=CARD)) as url, httpx.Client(base_url=url) as http:
-        with http.stream("POST", "/v1/chat/completions", json=chat(usage=usage),
-                         headers=headers(user, 100), timeout=30) as response:
-            assert response.status_code == 200
-            assert response.headers["content-type"].startswith("text/event-stream")
-            lines = response.iter_lines()
-            first = next(lines)  # the endpoint waits at the gate: only an unbuffered stream gets here
-            assert first.startswith("data: ") and "word0" in first
-            assert state(checks, user) == (1000, 60)  # 100 tokens held at the highest rate, 0.6
-            gate.event.set()
-            rest = list(lines)
+    with (
+        served(app_with(credit_service, gate, rate_card=CARD)) as url, httpx.Client(base_url=url) as http,
+        http.stream("POST", "/v1/chat/completions", json=chat(usage=usage),
+                    headers=headers(user, 100), timeout=30) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = response.iter_lines()
+        first = next(lines)  # the endpoint waits at the gate: only an unbuffered stream gets here
+        assert first.startswith("data: ") and "word0" in first
+        assert state(checks, user) == (1000, 60)  # 100 tokens held at the highest rate, 0.6
+        gate.event.set()
+        rest = list(lines)
     assert rest[-2:] == ["data: [DONE]", ""]
     # 400 prompt tokens at 0.15, 600 cached at 0.075, 100 completion at 0.6: 60 + 45 + 60
     (commit,) = settled(checks, user)
@@ -104,10 +106,12 @@ def test_an_openai_stream_passes_through_unbuffered_and_is_charged_its_usage_chu
 def test_an_ndjson_stream_is_charged_from_its_last_usage_line(
     credit_service: Any, checks: CreditService, user: str
 ) -> None:
-    with served(app_with(credit_service, rate_card=CARD)) as url, httpx.Client(base_url=url) as http:
-        with http.stream("POST", "/v1/chat/completions", json=chat(format="ndjson"),
-                         headers=headers(user), timeout=30) as response:
-            lines = [line for line in response.iter_lines() if line]
+    with (
+        served(app_with(credit_service, rate_card=CARD)) as url, httpx.Client(base_url=url) as http,
+        http.stream("POST", "/v1/chat/completions", json=chat(format="ndjson"),
+                    headers=headers(user), timeout=30) as response,
+    ):
+        lines = [line for line in response.iter_lines() if line]
     assert len(lines) == 4 and response.status_code == 200
     (commit,) = settled(checks, user)
     assert commit.amount == -9  # 9 prompt at 0.15 + 12 completion at 0.6 = 8.55, rounded up
@@ -132,12 +136,15 @@ def test_a_client_that_leaves_mid_stream_is_charged_the_usage_reported_so_far(
     credit_service: Any, checks: CreditService, user: str, policy: str, charged: int
 ) -> None:
     app = app_with(credit_service, rate_card=CARD, on_missing_usage=policy)
-    with served(app) as url, httpx.Client(base_url=url) as http:
-        with http.stream("POST", "/v1/chat/completions", json=chat(hang=400),
-                         headers=headers(user), timeout=30) as response:
-            for line in response.iter_lines():
-                if '"usage": {' in line:
-                    break  # the usage event came; the stream goes on for 20 s: leave now
+    with (
+        served(app) as url, httpx.Client(base_url=url) as http,
+        http.stream("POST", "/v1/chat/completions", json=chat(hang=400),
+                    headers=headers(user), timeout=30) as response,
+    ):
+        for line in response.iter_lines():
+            if '"usage": {' in line:
+                break  # the usage event came; the stream goes on for 20 s: leave now
+        response.close()
         (entry,) = settled(checks, user)
     assert entry.kind == EntryKind.COMMIT and entry.amount == -charged
     assert entry.metadata is not None and entry.metadata["cut_short"] is True
