@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, cast
 
-from sqlalchemy import Table
+from sqlalchemy import Table, bindparam, select
 from sqlalchemy.engine import Connection
 
+from creditworker.contract import ReservationStatus
 from creditworker.engine.rules import Account, Hold, Lot, draw_order
 from creditworker.storage import bulk
 from creditworker.storage.database import insert_if_absent
@@ -79,11 +80,14 @@ class Prefetched:
     """Ledger entry ids taken from their sequence for this transaction, ascending."""
     lot_ids: list[int]
     """Lot ids taken from their sequence for this transaction, ascending."""
+    stale_holds: list[Hold] | None
+    """The active holds past their TTL of the accounts asked for (None: none asked for)."""
 
 
 def load_live_lots(connection: Connection, accounts: Iterable[Account],
                    drawing: Mapping[str, int] | None = None, *,
                    operation_keys: Collection[str] = (), entry_ids: int = 0, lot_ids: int = 0,
+                   stale_at: datetime | None = None, stale_users: Collection[str] = (),
                    ) -> Prefetched | None:
     """Give each account its lots with credits left, in the draw-down order (one query).
 
@@ -96,6 +100,7 @@ def load_live_lots(connection: Connection, accounts: Iterable[Account],
     `entry_ids` ids from the ledger's sequence and `lot_ids` from the lots' (after the
     accounts' lock, so in the order their transactions hold it): round trips saved. None: it did not (other databases, or no
     `drawing`); the caller reads the operations itself, and the writer gets ids as it inserts.
+    With `stale_at`, it also reads the holds of `stale_users` past their TTL (`stale_holds`).
     """
     wanting = {account.user_id: account for account in accounts if not account.lots_loaded}
     for account in wanting.values():
@@ -103,7 +108,7 @@ def load_live_lots(connection: Connection, accounts: Iterable[Account],
     prefetched: Prefetched | None = None
     if drawing is not None and bulk.pg_arrays(connection):
         rows, prefetched = _lots_prefix(connection, {user_id: max(0, drawing.get(user_id, 0)) for user_id in wanting},
-                                        operation_keys, entry_ids, lot_ids)
+                                        operation_keys, entry_ids, lot_ids, stale_at, stale_users)
     elif wanting:
         rows = bulk.rows_where_in(connection, lots_table, LOT_COLUMNS, "user_id", wanting, where="remaining > 0")
     else:
@@ -117,31 +122,56 @@ def load_live_lots(connection: Connection, accounts: Iterable[Account],
 
 
 _PREFIX = (
-    "SELECT {columns}, NULL::json, NULL::bigint[], NULL::bigint[] FROM (SELECT l.*, n.needed, sum(l.remaining) OVER"
+    "SELECT {columns}, NULL::json, NULL::bigint[], NULL::bigint[], NULL::json FROM (SELECT l.*, n.needed, sum(l.remaining) OVER"
     " (PARTITION BY l.user_id ORDER BY l.priority, l.expires_at IS NULL, l.expires_at, l.id) - l.remaining"
     " AS before FROM credit_lots l JOIN unnest(CAST(%(users)s AS text[]), CAST(%(needed)s AS bigint[]))"
     " AS n(user_id, needed) ON l.user_id = n.user_id WHERE l.remaining > 0) x WHERE x.before < x.needed"
     " UNION ALL SELECT {nulls}, (SELECT json_agg(json_build_array(o.idempotency_key, o.kind, o.fingerprint,"
     " o.result)) FROM operations o WHERE o.idempotency_key = ANY(CAST(%(keys)s AS text[]))),"
     " (SELECT array_agg(nextval('ledger_entries_id_seq')) FROM generate_series(1, %(entry_ids)s)),"
-    " (SELECT array_agg(nextval('credit_lots_id_seq')) FROM generate_series(1, %(lot_ids)s))"
-).format(columns=", ".join(LOT_COLUMNS), nulls=", ".join("NULL" for _ in LOT_COLUMNS))
+    " (SELECT array_agg(nextval('credit_lots_id_seq')) FROM generate_series(1, %(lot_ids)s)),"
+    " (SELECT json_agg(json_build_array({hold_columns})) FROM reservations r"
+    " WHERE r.user_id = ANY(CAST(%(stale_users)s AS text[])) AND r.status = 'active'"
+    " AND r.expires_at <= CAST(%(stale_at)s AS timestamp))"
+).format(columns=", ".join(LOT_COLUMNS), nulls=", ".join("NULL" for _ in LOT_COLUMNS),
+         hold_columns=", ".join("r." + column for column in ("id", "user_id", "amount", "status", "expires_at",
+                                                            "created_at", "idempotency_key", "committed_amount",
+                                                            "finalized_at")))
 """The lots in draw-down order (as `rules.draw_order` sorts them) whose credits before them
 do not cover what the account may draw; then one row whose lot columns are NULL, with the
-operation rows stored for the given keys (JSON), the new entry ids and the new lot ids."""
+operation rows stored for the given keys (JSON), the new entry ids, the new lot ids and the
+given accounts' active holds past their TTL (JSON)."""
 
 
 def _lots_prefix(connection: Connection, needed: Mapping[str, int], operation_keys: Collection[str],
-                 entry_ids: int, lot_ids: int) -> tuple[list[tuple[object, ...]], Prefetched]:
+                 entry_ids: int, lot_ids: int, stale_at: datetime | None, stale_users: Collection[str],
+                 ) -> tuple[list[tuple[object, ...]], Prefetched]:
     users = sorted(user_id for user_id, amount in needed.items() if amount > 0)
+    asking = stale_at is not None and bool(stale_users)
     rows = connection.exec_driver_sql(_PREFIX, {
         "users": bulk.text_array(users), "needed": "{" + ",".join(str(needed[user]) for user in users) + "}",
         "keys": bulk.text_array(sorted(set(operation_keys))), "entry_ids": entry_ids, "lot_ids": lot_ids,
+        "stale_users": bulk.text_array(sorted(stale_users) if asking else []),
+        "stale_at": _naive(stale_at) if asking else None,
     }).fetchall()
     lots = [(*row[:5], _utc(row[5]), row[6], _utc(row[7]), row[8]) for row in rows if row[0] is not None]
     extra = next(row for row in rows if row[0] is None)
-    return lots, Prefetched([tuple(operation) for operation in extra[-3] or ()],  # type: ignore[misc]
-                            sorted(extra[-2] or ()), sorted(extra[-1] or ()))
+    stale = [_hold_from_json(hold) for hold in extra[-1] or ()] if asking else None
+    return lots, Prefetched([tuple(operation) for operation in extra[-4] or ()],  # type: ignore[misc]
+                            sorted(extra[-3] or ()), sorted(extra[-2] or ()), stale)
+
+
+def _naive(at: datetime) -> str:
+    return at.astimezone(timezone.utc).replace(tzinfo=None).isoformat()
+
+
+def _stamp(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+
+
+def _hold_from_json(row: list[Any]) -> Hold:
+    return Hold(row[0], row[1], row[2], row[3], _stamp(row[4]), _stamp(row[5]), row[6],  # type: ignore[arg-type]
+                row[7], _stamp(row[8]))
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -184,3 +214,20 @@ def load_holds(connection: Connection, hold_ids: Collection[str]) -> dict[str, H
     """The given holds as they are now (read after their accounts were locked)."""
     return {row[0]: Hold(*row) for row in bulk.rows_where_in(  # type: ignore[arg-type]
         connection, holds_table, HOLD_COLUMNS, "id", hold_ids, order_by="id")}
+
+
+_STALE_HOLDS = (
+    select(*(holds_table.c[column] for column in HOLD_COLUMNS))
+    .where(holds_table.c.user_id.in_(bindparam("users", expanding=True)),
+           holds_table.c.status == ReservationStatus.ACTIVE.value,
+           holds_table.c.expires_at <= bindparam("at", type_=holds_table.c.expires_at.type))
+    .order_by(holds_table.c.id)
+)
+
+
+def stale_holds(connection: Connection, user_ids: Collection[str], at: datetime) -> list[Hold]:
+    """The active holds of `user_ids` past their TTL at `at`, read after their accounts were
+    locked: they no longer count, and the unit of work releases them with their entries."""
+    if not user_ids:
+        return []
+    return [Hold(*row) for row in connection.execute(_STALE_HOLDS, {"users": sorted(user_ids), "at": at})]

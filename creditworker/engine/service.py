@@ -38,6 +38,7 @@ from creditworker.contract import (
     ReleaseReservation,
     Request,
     Reservation,
+    ReservationStatus,
     ReserveCredits,
     parse,
     parse_batch_item,
@@ -343,7 +344,8 @@ class CreditService:
         """Balance, held and available credits, and how many expire within `within_days`."""
         days = self.expiring_soon_days if within_days is None else within_days
         request = self._parse(GetExpiring, user_id=user_id, within_days=days)
-        horizon = aware(now) + timedelta(days=request.within_days)
+        at = aware(now)
+        horizon = at + timedelta(days=request.within_days)
         with Session(self.engine) as session:
             account = self._account(session, request.user_id)
             expiring = session.scalar(
@@ -351,11 +353,19 @@ class CreditService:
                     Lot.user_id == request.user_id, Lot.remaining > 0, Lot.expires_at <= horizon
                 )
             )
+            reserved = account.reserved
+            if reserved > 0:  # holds past their TTL no longer count, released or not yet
+                reserved -= int(session.scalar(
+                    select(func.coalesce(func.sum(Hold.amount), 0)).where(
+                        Hold.user_id == request.user_id, Hold.status == ReservationStatus.ACTIVE.value,
+                        Hold.expires_at <= at,
+                    )
+                ) or 0)
             return CreditsInfo(
                 user_id=account.user_id,
                 total=account.balance,
-                reserved=account.reserved,
-                available=account.balance - account.reserved,
+                reserved=reserved,
+                available=account.balance - reserved,
                 expiring_soon=int(expiring or 0),
                 expiring_within_days=request.within_days,
             )
@@ -505,7 +515,8 @@ class CreditService:
         def decide(uow: UnitOfWork) -> tuple[list[ResultSource | CreditError], list[tuple[Request, CreditError]]]:
             unborn = uow.lock(users, creating=adding, hold_ids=hold_ids,
                               with_lots=drawing if deducted or commits else False, operation_keys=chosen,
-                              entry_ids=len(valid), lot_ids=grants)
+                              entry_ids=len(valid), lot_ids=grants, stale_holds=True)
+            uow.expire_stale_holds()  # before the items: a hold past its TTL no longer counts
             known = uow.known_operations(chosen)
             results: list[ResultSource | CreditError | None] = [None] * len(requests)
             refused: list[tuple[Request, CreditError]] = []

@@ -22,10 +22,11 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from creditworker.engine import account as accounts
+from creditworker.engine import rules
 from creditworker.engine.results import entry_row_record, referenced_entry
 from creditworker.engine.rules import Account, Hold, Posting, low_credit_crossing
 from creditworker.errors import UnknownReservation, UnknownUser
-from creditworker.events import CreditsLow, _Event
+from creditworker.events import CreditsLow, ReservationExpired, _Event
 from creditworker.storage import bulk
 from creditworker.storage.tables import Entry, Operation
 
@@ -91,6 +92,8 @@ class UnitOfWork:
         self.lot_ids: list[int] = []
         """Lot ids `lock` took from their sequence, ascending: with enough of them, new lots
         go in the writer's statement instead of one of their own."""
+        self.stale_holds: list[Hold] = []
+        """The locked accounts' active holds past their TTL, when `lock` was asked for them."""
 
     @property
     def session(self) -> Session:
@@ -115,7 +118,8 @@ class UnitOfWork:
 
     def lock(self, user_ids: Iterable[str], *, creating: Collection[str] = (), hold_ids: Collection[str] = (),
              with_lots: bool | Callable[[Mapping[str, Hold]], Mapping[str, int]] = False,
-             operation_keys: Collection[str] = (), entry_ids: int = 0, lot_ids: int = 0) -> set[str]:
+             operation_keys: Collection[str] = (), entry_ids: int = 0, lot_ids: int = 0,
+             stale_holds: bool = False) -> set[str]:
         """Lock the accounts of `user_ids` and of the holds named, in one sorted query.
 
         Accounts for `creating` are created first where missing (returned: they exist for
@@ -126,20 +130,30 @@ class UnitOfWork:
         this unit of work, the lots that come first in the draw-down order until they
         cover that much (`account.load_live_lots`). Where that query can also read the
         operation rows of `operation_keys` and take `entry_ids` ledger ids and `lot_ids` lot
-        ids (PostgreSQL), it does, for `known_operations` and the writer.
+        ids (PostgreSQL), it does, for `known_operations` and the writer. `stale_holds` reads the
+        locked accounts' active holds past their TTL (in that query where it can) for
+        `expire_stale_holds`.
         """
         owners, existing = accounts.before_lock(self.connection, hold_ids, creating)
         created = accounts.create_missing(self.connection, creating, self.at, existing)
         locked = accounts.lock(self.connection, {*user_ids, *creating, *owners.values()})
         self.accounts.update(locked)
         self.holds.update(accounts.load_holds(self.connection, owners))
+        holding = [user_id for user_id, account in locked.items() if account.reserved > 0] if stale_holds else []
+        stale: list[Hold] | None = None
         if with_lots:
             read = accounts.load_live_lots(self.connection, locked.values(),
                                            None if with_lots is True else with_lots(self.holds),
-                                           operation_keys=operation_keys, entry_ids=entry_ids, lot_ids=lot_ids)
+                                           operation_keys=operation_keys, entry_ids=entry_ids, lot_ids=lot_ids,
+                                           stale_at=self.at, stale_users=holding)
             if read is not None:
                 self.operations_read = (frozenset(operation_keys), read.operations)
                 self.entry_ids, self.lot_ids = read.entry_ids, read.lot_ids
+                stale = read.stale_holds
+        if stale is None and holding:
+            stale = accounts.stale_holds(self.connection, holding, self.at)
+        for hold in stale or ():
+            self.stale_holds.append(self.holds.setdefault(hold.id, hold))
         return created
 
     def account(self, user_id: str) -> Account:
@@ -183,6 +197,23 @@ class UnitOfWork:
             self.emit(CreditsLow(event_id=new_event_id(), occurred_at=self.at, user_id=account.user_id,
                                  available=account.available, threshold=threshold))
         return posting
+
+    def expire_hold(self, hold: Hold) -> bool:
+        """Release a hold past its TTL with its `reservation_expired` entry and event (once:
+        a hold no longer active is left alone); whether it did."""
+        posting = rules.expire_hold(self.account(hold.user_id), hold, at=self.at)
+        if posting is None:
+            return False
+        self.post(posting)
+        self.record_system_operation(posting.idempotency_key, "ExpireReservation", hold.user_id)
+        self.emit(ReservationExpired(event_id=new_event_id(), occurred_at=self.at, user_id=hold.user_id,
+                                     reservation_id=hold.id, amount=hold.amount))
+        return True
+
+    def expire_stale_holds(self) -> int:
+        """Release the holds `lock` found past their TTL: an expired hold stops counting at the
+        next write on its account, whether or not a sweep runs. Returns how many."""
+        return sum(self.expire_hold(hold) for hold in self.stale_holds)
 
     def touch(self, account: Account) -> None:
         """An account changed without a posting (its threshold): the writer writes it."""

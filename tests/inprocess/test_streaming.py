@@ -309,6 +309,25 @@ def test_concurrent_requests_of_one_user_never_charge_more_than_the_user_had(
     assert set(statuses) <= {200, 402}
 
 
+def test_a_hold_that_outlives_its_ttl_stops_counting_and_the_usage_is_still_charged(
+    credit_service: Any, checks: CreditService
+) -> None:
+    """No beat here: the engine itself frees a hold past its TTL, at the next write."""
+    user = f"user-{uuid.uuid4().hex[:10]}"
+    checks.add_credits(user, 100)
+    app = app_with(credit_service, reservation_ttl_seconds=1)
+    with served(app) as url, httpx.Client(base_url=url) as http:
+        slow = http.post("/v1/chat/completions", json=chat(stream=False, sleep=1.5, usage={"total_tokens": 10}),
+                         headers=headers(user, 90), timeout=30)
+        assert slow.status_code == 200 and slow.headers["X-Credits-Deducted"] == "10"
+        assert state(checks, user) == (90, 0)
+        fast = http.post("/v1/chat/completions", json=chat(stream=False, usage={"total_tokens": 90}),
+                         headers=headers(user, 90), timeout=30)
+    assert fast.status_code == 200 and state(checks, user) == (0, 0)
+    kinds = [e.kind.value for e in reversed(checks.get_history(user))]
+    assert kinds == ["add", "reserve", "reservation_expired", "deduct", "reserve", "commit"]
+
+
 def run_all(call: Callable[[], None], count: int) -> None:
     threads = [threading.Thread(target=call) for _ in range(count)]
     for thread in threads:

@@ -59,7 +59,8 @@ def chat_app(gate: Gate | None = None, **middleware: Any) -> FastAPI:
     Test knobs in the body: `usage` (the usage object to report; default from the words),
     `answer_model` (the model the response names), `chunks`, `hang` (keep streaming slowly
     after the usage event, for a client that goes away), `state_usage` (set as
-    `request.state.credit_usage`), `format` (`sse` or `ndjson`), `status`.
+    `request.state.credit_usage`), `format` (`sse` or `ndjson`), `status`, `sleep` (seconds
+    before answering).
     """
     from creditworker.http.metering.middleware import CreditDeductionMiddleware
 
@@ -76,6 +77,8 @@ def chat_app(gate: Gate | None = None, **middleware: Any) -> FastAPI:
                                    "prompt_tokens_details": {"cached_tokens": 0}})
         if "state_usage" in body:
             request.state.credit_usage = body["state_usage"]
+        if body.get("sleep"):
+            await asyncio.sleep(body["sleep"])
         if body.get("status"):
             return JSONResponse({"error": {"message": "upstream failed"}}, status_code=body["status"])
         if not body.get("stream"):
