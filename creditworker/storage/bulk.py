@@ -186,10 +186,16 @@ def update_rows(connection: Connection, table: Table, key: str, rows: Sequence[d
     if pg_arrays(connection):
         connection.exec_driver_sql(_pg_update(table, key, columns, ""), _arrays(table, rows, ""))
         return
-    statement = update(table).where(table.c[key] == bindparam(f"_{key}")).values(
+    connection.execute(_core_update(table, key, columns),
+                       [{f"_{name}": value for name, value in row.items()} for row in rows])
+
+
+@cache
+def _core_update(table: Table, key: str, columns: tuple[str, ...]) -> Any:
+    """Built once: building a Core statement costs more than running a cached one."""
+    return update(table).where(table.c[key] == bindparam(f"_{key}")).values(
         {name: bindparam(f"_{name}") for name in columns}
     )
-    connection.execute(statement, [{f"_{name}": value for name, value in row.items()} for row in rows])
 
 
 def _arrays(table: Table, rows: Sequence[dict[str, Any]], prefix: str) -> dict[str, str]:
@@ -198,24 +204,52 @@ def _arrays(table: Table, rows: Sequence[dict[str, Any]], prefix: str) -> dict[s
 
     A literal is one string that the server's array parser reads in C; a Python list would
     go out as `ARRAY[...]` with one SQL constant per value, which the server must parse
-    and analyse one by one (measured: most of a 1,000-row INSERT's time).
+    and analyse one by one (measured: most of a 1,000-row INSERT's time). The converter of
+    each column is chosen once per table and columns (most writes are of one row, where
+    choosing it was most of the work).
     """
-    arrays: dict[str, str] = {}
-    for name in rows[0]:
+    names = tuple(rows[0])
+    return {prefix + name: convert([row[name] for row in rows])
+            for name, convert in zip(names, _converters(table, names))}
+
+
+@cache
+def _converters(table: Table, names: tuple[str, ...]) -> tuple[Any, ...]:
+    """For each column, the function from its values to its array literal."""
+    chosen = []
+    for name in names:
         column_type = table.c[name].type
-        values = [row[name] for row in rows]
-        if isinstance(column_type, Integer):
-            array = "{" + ",".join("NULL" if value is None else str(int(value)) for value in values) + "}"
-        elif isinstance(column_type, Boolean):
-            array = "{" + ",".join("NULL" if value is None else "tf"[not value] for value in values) + "}"
+        if isinstance(column_type, Boolean):  # before Integer: a Boolean is no Integer, but be sure
+            chosen.append(_boolean_array)
+        elif isinstance(column_type, Integer):
+            chosen.append(_integer_array)
         elif isinstance(column_type, UtcDateTime):
-            array = text_array([_timestamp(value) for value in values])
+            chosen.append(_timestamp_array)
         elif isinstance(column_type, JSON):
-            array = text_array([None if value is None else _json(value) for value in values])
+            chosen.append(_json_array)
         else:
-            array = text_array([None if value is None else str(value) for value in values])
-        arrays[prefix + name] = array
-    return arrays
+            chosen.append(_text_values_array)
+    return tuple(chosen)
+
+
+def _integer_array(values: list[Any]) -> str:
+    return "{" + ",".join("NULL" if value is None else str(int(value)) for value in values) + "}"
+
+
+def _boolean_array(values: list[Any]) -> str:
+    return "{" + ",".join("NULL" if value is None else "tf"[not value] for value in values) + "}"
+
+
+def _timestamp_array(values: list[Any]) -> str:
+    return text_array([_timestamp(value) for value in values])
+
+
+def _json_array(values: list[Any]) -> str:
+    return text_array([None if value is None else _json(value) for value in values])
+
+
+def _text_values_array(values: list[Any]) -> str:
+    return text_array([None if value is None else str(value) for value in values])
 
 
 def _json(value: Any) -> str:
@@ -358,14 +392,23 @@ def rows_where_in(
                     row[index] = row[index].replace(tzinfo=timezone.utc)
             result.append(tuple(row))
         return result
-    statement = select(*(table.c[name] for name in columns)).where(table.c[key].in_(wanted))
+    statement = _core_select(table, columns, key, where, order_by, for_update)
+    return [tuple(row) for row in connection.execute(statement, {"wanted": wanted})]
+
+
+@cache
+def _core_select(table: Table, columns: tuple[str, ...], key: str, where: str, order_by: str,
+                 for_update: bool) -> Any:
+    """Built once per shape (the values are an expanding parameter)."""
+    statement = select(*(table.c[name] for name in columns)).where(
+        table.c[key].in_(bindparam("wanted", expanding=True)))
     if where:
         statement = statement.where(text(where))
     if order_by:
         statement = statement.order_by(text(order_by))
     if for_update:
         statement = statement.with_for_update()
-    return [tuple(row) for row in connection.execute(statement)]
+    return statement
 
 
 KEYED_PLANS = "SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
