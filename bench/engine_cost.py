@@ -33,12 +33,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import psycopg2  # noqa: E402
-from sqlalchemy import create_engine, text  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
+import psycopg2
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
-from creditworker import AsyncCreditService, CreditService  # noqa: E402
-from creditworker.storage.migrate import upgrade  # noqa: E402
+from creditworker import AsyncCreditService, CreditService
+from creditworker.storage.migrate import upgrade
 
 POSTGRES = os.environ.get(
     "CREDITWORKER_BENCH_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
