@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, select
+from sqlalchemy import Table, and_, bindparam, or_, select
 from sqlalchemy.engine import Connection
 
 from creditworker.contract import ReservationStatus
@@ -231,3 +231,27 @@ def stale_holds(connection: Connection, user_ids: Collection[str], at: datetime)
     if not user_ids:
         return []
     return [Hold(*row) for row in connection.execute(_STALE_HOLDS, {"users": sorted(user_ids), "at": at})]
+
+
+_HOLDS_AND_STALE = (
+    select(*(holds_table.c[column] for column in HOLD_COLUMNS))
+    .where(or_(holds_table.c.id.in_(bindparam("ids", expanding=True)),
+               and_(holds_table.c.user_id.in_(bindparam("users", expanding=True)),
+                    holds_table.c.status == ReservationStatus.ACTIVE.value,
+                    holds_table.c.expires_at <= bindparam("at", type_=holds_table.c.expires_at.type))))
+    .order_by(holds_table.c.id)
+)
+
+
+def load_holds_and_stale(connection: Connection, hold_ids: Collection[str], user_ids: Collection[str],
+                         at: datetime) -> tuple[dict[str, Hold], list[Hold]]:
+    """`load_holds` and `stale_holds` in one statement: the named holds, and the active holds
+    of `user_ids` past their TTL (a hold may be both: it is one object)."""
+    if not hold_ids:
+        return {}, stale_holds(connection, user_ids, at)
+    named = set(hold_ids)
+    holds = [Hold(*row) for row in connection.execute(  # type: ignore[arg-type]
+        _HOLDS_AND_STALE, {"ids": sorted(named), "users": sorted(user_ids), "at": at})]
+    stale = [hold for hold in holds if hold.user_id in user_ids and hold.status == ReservationStatus.ACTIVE.value
+             and hold.expires_at <= at]
+    return {hold.id: hold for hold in holds if hold.id in named}, stale

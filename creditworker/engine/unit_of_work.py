@@ -138,9 +138,14 @@ class UnitOfWork:
         created = accounts.create_missing(self.connection, creating, self.at, existing)
         locked = accounts.lock(self.connection, {*user_ids, *creating, *owners.values()})
         self.accounts.update(locked)
-        self.holds.update(accounts.load_holds(self.connection, owners))
         holding = [user_id for user_id, account in locked.items() if account.reserved > 0] if stale_holds else []
         stale: list[Hold] | None = None
+        folded = callable(with_lots) and bulk.pg_arrays(self.connection)  # the lots' query reads them
+        if holding and not folded:
+            named, stale = accounts.load_holds_and_stale(self.connection, owners, holding, self.at)
+            self.holds.update(named)
+        else:
+            self.holds.update(accounts.load_holds(self.connection, owners))
         if with_lots:
             read = accounts.load_live_lots(self.connection, locked.values(),
                                            None if with_lots is True else with_lots(self.holds),
@@ -149,7 +154,8 @@ class UnitOfWork:
             if read is not None:
                 self.operations_read = (frozenset(operation_keys), read.operations)
                 self.entry_ids, self.lot_ids = read.entry_ids, read.lot_ids
-                stale = read.stale_holds
+                if read.stale_holds is not None:
+                    stale = read.stale_holds
         if stale is None and holding:
             stale = accounts.stale_holds(self.connection, holding, self.at)
         for hold in stale or ():
