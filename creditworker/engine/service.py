@@ -61,6 +61,7 @@ from creditworker.errors import (
     ValidationFailed,
 )
 from creditworker.ledger_file import LedgerFile
+from creditworker.storage import bulk
 from creditworker.storage.database import make_engine
 from creditworker.storage.tables import Account, Entry, Hold, Lot
 
@@ -496,6 +497,7 @@ class CreditService:
                     if isinstance(request, (CommitReservation, ReleaseReservation))}
         deducted: dict[str, int] = {}
         commits: list[CommitReservation] = []
+        reserving = any(isinstance(request, ReserveCredits) for request in valid)
         for request in valid:
             if isinstance(request, DeductCredits):
                 deducted[request.user_id] = deducted.get(request.user_id, 0) + request.amount
@@ -513,8 +515,11 @@ class CreditService:
             return most
 
         def decide(uow: UnitOfWork) -> tuple[list[ResultSource | CreditError], list[tuple[Request, CreditError]]]:
+            # On PostgreSQL a reserve reads through the lots' query too (drawing nothing): it also
+            # reads the operation rows, takes the entry ids and finds stale holds, a round trip less.
+            reading = deducted or commits or (reserving and bulk.pg_arrays(uow.connection))
             unborn = uow.lock(users, creating=adding, hold_ids=hold_ids,
-                              with_lots=drawing if deducted or commits else False, operation_keys=chosen,
+                              with_lots=drawing if reading else False, operation_keys=chosen,
                               entry_ids=len(valid), lot_ids=grants, stale_holds=True)
             uow.expire_stale_holds()  # before the items: a hold past its TTL no longer counts
             known = uow.known_operations(chosen)
