@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import Table, and_, bindparam, or_, select
 from sqlalchemy.engine import Connection
@@ -82,13 +82,15 @@ class Prefetched:
     """Lot ids taken from their sequence for this transaction, ascending."""
     stale_holds: list[Hold] | None
     """The active holds past their TTL of the accounts asked for (None: none asked for)."""
+    holds: list[Hold]
+    """The holds asked for by id, as they are after the lock."""
 
 
 def load_live_lots(connection: Connection, accounts: Iterable[Account],
                    drawing: Mapping[str, int] | None = None, *,
                    operation_keys: Collection[str] = (), entry_ids: int = 0, lot_ids: int = 0,
                    stale_at: datetime | None = None, stale_users: Collection[str] = (),
-                   ) -> Prefetched | None:
+                   hold_ids: Collection[str] = ()) -> Prefetched | None:
     """Give each account its lots with credits left, in the draw-down order (one query).
 
     With `drawing` (at most how much each account's draws may take in this unit of work),
@@ -100,7 +102,8 @@ def load_live_lots(connection: Connection, accounts: Iterable[Account],
     `entry_ids` ids from the ledger's sequence and `lot_ids` from the lots' (after the
     accounts' lock, so in the order their transactions hold it): round trips saved. None: it did not (other databases, or no
     `drawing`); the caller reads the operations itself, and the writer gets ids as it inserts.
-    With `stale_at`, it also reads the holds of `stale_users` past their TTL (`stale_holds`).
+    With `stale_at`, it also reads the holds of `stale_users` past their TTL (`stale_holds`),
+    and it reads the holds `hold_ids` names (`holds`).
     """
     wanting = {account.user_id: account for account in accounts if not account.lots_loaded}
     for account in wanting.values():
@@ -108,7 +111,7 @@ def load_live_lots(connection: Connection, accounts: Iterable[Account],
     prefetched: Prefetched | None = None
     if drawing is not None and bulk.pg_arrays(connection):
         rows, prefetched = _lots_prefix(connection, {user_id: max(0, drawing.get(user_id, 0)) for user_id in wanting},
-                                        operation_keys, entry_ids, lot_ids, stale_at, stale_users)
+                                        operation_keys, entry_ids, lot_ids, stale_at, stale_users, hold_ids)
     elif wanting:
         rows = bulk.rows_where_in(connection, lots_table, LOT_COLUMNS, "user_id", wanting, where="remaining > 0")
     else:
@@ -122,7 +125,7 @@ def load_live_lots(connection: Connection, accounts: Iterable[Account],
 
 
 _PREFIX = (
-    "SELECT {columns}, NULL::json, NULL::bigint[], NULL::bigint[], NULL::json FROM (SELECT l.*, n.needed, sum(l.remaining) OVER"
+    "SELECT {columns}, NULL::json, NULL::bigint[], NULL::bigint[], NULL::json, NULL::json FROM (SELECT l.*, n.needed, sum(l.remaining) OVER"
     " (PARTITION BY l.user_id ORDER BY l.priority, l.expires_at IS NULL, l.expires_at, l.id) - l.remaining"
     " AS before FROM credit_lots l JOIN unnest(CAST(%(users)s AS text[]), CAST(%(needed)s AS bigint[]))"
     " AS n(user_id, needed) ON l.user_id = n.user_id WHERE l.remaining > 0) x WHERE x.before < x.needed"
@@ -132,33 +135,37 @@ _PREFIX = (
     " (SELECT array_agg(nextval('credit_lots_id_seq')) FROM generate_series(1, %(lot_ids)s)),"
     " (SELECT json_agg(json_build_array({hold_columns})) FROM reservations r"
     " WHERE r.user_id = ANY(CAST(%(stale_users)s AS text[])) AND r.status = 'active'"
-    " AND r.expires_at <= CAST(%(stale_at)s AS timestamp))"
+    " AND r.expires_at <= CAST(%(stale_at)s AS timestamp)),"
+    " (SELECT json_agg(json_build_array({hold_columns})) FROM reservations r"
+    " WHERE r.id = ANY(CAST(%(hold_ids)s AS text[])))"
 ).format(columns=", ".join(LOT_COLUMNS), nulls=", ".join("NULL" for _ in LOT_COLUMNS),
          hold_columns=", ".join("r." + column for column in ("id", "user_id", "amount", "status", "expires_at",
                                                             "created_at", "idempotency_key", "committed_amount",
                                                             "finalized_at")))
 """The lots in draw-down order (as `rules.draw_order` sorts them) whose credits before them
 do not cover what the account may draw; then one row whose lot columns are NULL, with the
-operation rows stored for the given keys (JSON), the new entry ids, the new lot ids and the
-given accounts' active holds past their TTL (JSON)."""
+operation rows stored for the given keys (JSON), the new entry ids, the new lot ids, the
+given accounts' active holds past their TTL (JSON) and the holds named by id (JSON). Holds
+read here, after the accounts' lock, are as the lock holder left them."""
 
 
 def _lots_prefix(connection: Connection, needed: Mapping[str, int], operation_keys: Collection[str],
                  entry_ids: int, lot_ids: int, stale_at: datetime | None, stale_users: Collection[str],
-                 ) -> tuple[list[tuple[object, ...]], Prefetched]:
+                 hold_ids: Collection[str]) -> tuple[list[tuple[object, ...]], Prefetched]:
     users = sorted(user_id for user_id, amount in needed.items() if amount > 0)
     asking = stale_at is not None and bool(stale_users)
     rows = connection.exec_driver_sql(_PREFIX, {
         "users": bulk.text_array(users), "needed": "{" + ",".join(str(needed[user]) for user in users) + "}",
         "keys": bulk.text_array(sorted(set(operation_keys))), "entry_ids": entry_ids, "lot_ids": lot_ids,
         "stale_users": bulk.text_array(sorted(stale_users) if asking else []),
-        "stale_at": _naive(stale_at) if asking else None,
+        "stale_at": _naive(stale_at) if asking else None, "hold_ids": bulk.text_array(sorted(set(hold_ids))),
     }).fetchall()
     lots = [(*row[:5], _utc(row[5]), row[6], _utc(row[7]), row[8]) for row in rows if row[0] is not None]
     extra = next(row for row in rows if row[0] is None)
-    stale = [_hold_from_json(hold) for hold in extra[-1] or ()] if asking else None
-    return lots, Prefetched([tuple(operation) for operation in extra[-4] or ()],  # type: ignore[misc]
-                            sorted(extra[-3] or ()), sorted(extra[-2] or ()), stale)
+    stale = [_hold_from_json(hold) for hold in extra[-2] or ()] if asking else None
+    return lots, Prefetched([tuple(operation) for operation in extra[-5] or ()],  # type: ignore[misc]
+                            sorted(extra[-4] or ()), sorted(extra[-3] or ()), stale,
+                            [_hold_from_json(hold) for hold in extra[-1] or ()])
 
 
 def _naive(at: datetime) -> str:
@@ -183,19 +190,28 @@ def load_lots(connection: Connection, lot_ids: Collection[int]) -> list[Lot]:
     return [_lot(row) for row in bulk.rows_where_in(connection, lots_table, LOT_COLUMNS, "id", lot_ids, order_by="id")]
 
 
-def hold_owners(connection: Connection, hold_ids: Collection[str]) -> dict[str, str]:
-    """The user of each existing hold, read before locking (to know which accounts to lock)."""
-    return {row[0]: row[1] for row in bulk.rows_where_in(connection, holds_table, ("id", "user_id"), "id", hold_ids)}
+class HoldOwner(NamedTuple):
+    """Who a hold belongs to and how much it holds: neither ever changes, so they may be read
+    before the accounts are locked (to know which to lock, and how much a commit may draw)."""
+
+    user_id: str
+    amount: int
+
+
+def hold_owners(connection: Connection, hold_ids: Collection[str]) -> dict[str, HoldOwner]:
+    """The owner and amount of each existing hold, read before locking."""
+    return {row[0]: HoldOwner(row[1], row[2])
+            for row in bulk.rows_where_in(connection, holds_table, ("id", "user_id", "amount"), "id", hold_ids)}
 
 
 _BEFORE_LOCK = (
-    "SELECT id, user_id FROM reservations WHERE id = ANY(CAST(%(holds)s AS text[]))"
-    " UNION ALL SELECT NULL, user_id FROM accounts WHERE user_id = ANY(CAST(%(users)s AS text[]))"
+    "SELECT id, user_id, amount FROM reservations WHERE id = ANY(CAST(%(holds)s AS text[]))"
+    " UNION ALL SELECT NULL, user_id, NULL FROM accounts WHERE user_id = ANY(CAST(%(users)s AS text[]))"
 )
 
 
 def before_lock(connection: Connection, hold_ids: Collection[str], user_ids: Collection[str],
-                ) -> tuple[dict[str, str], set[str] | None]:
+                ) -> tuple[dict[str, HoldOwner], set[str] | None]:
     """`hold_owners`, and which of `user_ids` have an account (for `create_missing`; None: not
     read). PostgreSQL reads both in one statement when it needs both."""
     if not hold_ids or not user_ids or not bulk.pg_arrays(connection):
@@ -203,7 +219,8 @@ def before_lock(connection: Connection, hold_ids: Collection[str], user_ids: Col
     rows = connection.exec_driver_sql(_BEFORE_LOCK, {
         "holds": bulk.text_array(sorted(set(hold_ids))), "users": bulk.text_array(sorted(set(user_ids))),
     }).fetchall()
-    return {row[0]: row[1] for row in rows if row[0] is not None}, {row[1] for row in rows if row[0] is None}
+    return ({row[0]: HoldOwner(row[1], row[2]) for row in rows if row[0] is not None},
+            {row[1] for row in rows if row[0] is None})
 
 
 HOLD_COLUMNS = ("id", "user_id", "amount", "status", "expires_at", "created_at", "idempotency_key",

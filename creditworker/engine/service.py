@@ -44,6 +44,7 @@ from creditworker.contract import (
     parse_batch_item,
 )
 from creditworker.engine import rules, sweeps
+from creditworker.engine.account import HoldOwner
 from creditworker.engine.results import batch_outcome, entry_record, reservation_record
 from creditworker.engine.transaction import run_transaction
 from creditworker.engine.unit_of_work import (
@@ -504,7 +505,7 @@ class CreditService:
             elif isinstance(request, CommitReservation):
                 commits.append(request)
 
-        def drawing(holds: Mapping[str, rules.Hold]) -> dict[str, int]:
+        def drawing(holds: Mapping[str, HoldOwner]) -> dict[str, int]:
             """At most what each account's draws can take: its deducts and its commits' charges."""
             most = dict(deducted)
             for commit in commits:

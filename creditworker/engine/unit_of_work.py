@@ -117,7 +117,7 @@ class UnitOfWork:
     # ------------------------------------------------------------------ reading
 
     def lock(self, user_ids: Iterable[str], *, creating: Collection[str] = (), hold_ids: Collection[str] = (),
-             with_lots: bool | Callable[[Mapping[str, Hold]], Mapping[str, int]] = False,
+             with_lots: bool | Callable[[Mapping[str, accounts.HoldOwner]], Mapping[str, int]] = False,
              operation_keys: Collection[str] = (), entry_ids: int = 0, lot_ids: int = 0,
              stale_holds: bool = False) -> set[str]:
         """Lock the accounts of `user_ids` and of the holds named, in one sorted query.
@@ -126,9 +126,9 @@ class UnitOfWork:
         the other operations only once a grant to them succeeds). The named holds are
         re-read after the lock, since what was read before it may be stale. `with_lots`
         loads the live lots of the locked accounts, for draws: all of them, or, given a
-        function of the holds read that says how much each account may draw at most in
-        this unit of work, the lots that come first in the draw-down order until they
-        cover that much (`account.load_live_lots`). Where that query can also read the
+        function of the named holds' owners and amounts that says how much each account may
+        draw at most in this unit of work, the lots that come first in the draw-down order
+        until they cover that much (`account.load_live_lots`). Where that query can also read the
         operation rows of `operation_keys` and take `entry_ids` ledger ids and `lot_ids` lot
         ids (PostgreSQL), it does, for `known_operations` and the writer. `stale_holds` reads the
         locked accounts' active holds past their TTL (in that query where it can) for
@@ -136,24 +136,27 @@ class UnitOfWork:
         """
         owners, existing = accounts.before_lock(self.connection, hold_ids, creating)
         created = accounts.create_missing(self.connection, creating, self.at, existing)
-        locked = accounts.lock(self.connection, {*user_ids, *creating, *owners.values()})
+        locked = accounts.lock(self.connection, {*user_ids, *creating, *(owner.user_id for owner in owners.values())})
         self.accounts.update(locked)
         holding = [user_id for user_id, account in locked.items() if account.reserved > 0] if stale_holds else []
         stale: list[Hold] | None = None
-        folded = callable(with_lots) and bulk.pg_arrays(self.connection)  # the lots' query reads them
-        if holding and not folded:
+        folded = callable(with_lots) and bulk.pg_arrays(self.connection)  # the lots' query reads the holds
+        if folded:
+            pass
+        elif holding:
             named, stale = accounts.load_holds_and_stale(self.connection, owners, holding, self.at)
             self.holds.update(named)
         else:
             self.holds.update(accounts.load_holds(self.connection, owners))
         if with_lots:
             read = accounts.load_live_lots(self.connection, locked.values(),
-                                           None if with_lots is True else with_lots(self.holds),
+                                           None if with_lots is True else with_lots(owners),
                                            operation_keys=operation_keys, entry_ids=entry_ids, lot_ids=lot_ids,
-                                           stale_at=self.at, stale_users=holding)
+                                           stale_at=self.at, stale_users=holding, hold_ids=owners if folded else ())
             if read is not None:
                 self.operations_read = (frozenset(operation_keys), read.operations)
                 self.entry_ids, self.lot_ids = read.entry_ids, read.lot_ids
+                self.holds.update((hold.id, hold) for hold in read.holds)
                 if read.stale_holds is not None:
                     stale = read.stale_holds
         if stale is None and holding:
