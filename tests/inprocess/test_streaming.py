@@ -165,6 +165,25 @@ def test_a_client_that_leaves_before_any_usage_gets_the_policy(
     assert entry.kind == kind and state(checks, user) == (1000 - charged, 0)
 
 
+def test_a_stream_whose_usage_the_user_cannot_pay_is_charged_its_hold_never_free(
+    credit_service: Any, checks: CreditService, caplog: pytest.LogCaptureFixture
+) -> None:
+    user = f"user-{uuid.uuid4().hex[:10]}"
+    checks.add_credits(user, 100)
+    usage = {"prompt_tokens": 10, "completion_tokens": 1000}  # 601.5 credits: far above the 100
+    with (
+        served(app_with(credit_service, rate_card=CARD)) as url, httpx.Client(base_url=url) as http,
+        caplog.at_level(logging.ERROR),
+        http.stream("POST", "/v1/chat/completions", json=chat(usage=usage), headers=headers(user),
+                    timeout=30) as response,
+    ):
+        assert response.status_code == 200 and len([line for line in response.iter_lines() if line]) == 5
+    (commit,) = settled(checks, user)
+    assert commit.kind == EntryKind.COMMIT and commit.amount == -60  # the hold: 100 tokens at 0.6
+    assert state(checks, user) == (40, 0)
+    assert "charging its hold" in caplog.text
+
+
 # ------------------------------------------------------------------ where usage comes from
 
 
