@@ -1,6 +1,6 @@
 """What the metering middleware adds to a request: in process, and through the workers.
 
-    python bench/middleware.py [--seconds 20] [--rates 100 200] [--no-worker] [--json PATH]
+    python bench/middleware.py [--seconds 20] [--rates 100 200] [--no-worker] [--stream] [--json PATH]
 
 One FastAPI app (an endpoint that answers with its usage) is served by uvicorn in a process
 of its own, in turn: without the middleware (the baseline), with it in process on
@@ -9,7 +9,9 @@ through the workers (`AsyncCreditClient`, a worker started like bench/run.py's, 
 Redis). An open-loop client sends requests at a fixed rate (each one at its scheduled time,
 whether or not the earlier ones answered, so a slow server cannot slow the load down) and
 times each from its scheduled start. The added latency is the percentile with the middleware
-minus the same percentile of the baseline, measured in the same run.
+minus the same percentile of the baseline, measured in the same run. With `--stream` the
+endpoint answers as OpenAI streams (server-sent events, the usage in the last event) and the
+middleware prices it with a rate card; each request is timed until its last byte.
 
 Needs PostgreSQL (CREDITWORKER_BENCH_POSTGRES_URL, as bench/run.py) and, for the worker
 path, `redis-server` on PATH. Not part of the test suite.
@@ -46,34 +48,49 @@ MODES = ("baseline", "inprocess-async", "inprocess-sync", "worker")
 def create_app() -> Any:
     """The app for `uvicorn --factory`: BENCH_MODE says which middleware, if any."""
     from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
 
     from creditworker.http import CreditDeductionMiddleware
 
     mode = os.environ["BENCH_MODE"]
     database_url = os.environ["BENCH_DATABASE_URL"]
+    stream = os.environ.get("BENCH_STREAM") == "1"
     app = FastAPI()
+    options: dict[str, Any] = {"path_prefix": "/api"}
+    if stream:
+        options["rate_card"] = {"gpt-4o-mini": {"prompt_tokens": 150_000, "completion_tokens": 600_000}}
 
     @app.post("/api/answer")
-    async def answer() -> dict[str, Any]:
-        return {"answer": "42", "usage": {"total_tokens": 3}}
+    async def answer() -> Any:
+        if not stream:
+            return {"answer": "42", "usage": {"total_tokens": 3}}
+
+        async def events() -> Any:
+            for word in ("The", " answer", " is 42"):
+                chunk = {"object": "chat.completion.chunk", "model": "gpt-4o-mini", "usage": None,
+                         "choices": [{"index": 0, "delta": {"content": word}}]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+            usage = {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}
+            yield f"data: {json.dumps({'model': 'gpt-4o-mini', 'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     if mode == "inprocess-async":
         from creditworker import AsyncCreditService
 
-        app.add_middleware(CreditDeductionMiddleware,
-                           credit_service=AsyncCreditService(database_url), path_prefix="/api")
+        app.add_middleware(CreditDeductionMiddleware, credit_service=AsyncCreditService(database_url), **options)
     elif mode == "inprocess-sync":
         from creditworker import CreditService
 
-        app.add_middleware(CreditDeductionMiddleware, credit_service=CreditService(database_url),
-                           path_prefix="/api")
+        app.add_middleware(CreditDeductionMiddleware, credit_service=CreditService(database_url), **options)
     elif mode == "worker":
         from creditworker.settings import Settings
         from producers import AsyncCreditClient
 
         client = AsyncCreditClient(Settings(broker_url=os.environ["BENCH_BROKER_URL"],
                                             data_dir=os.environ["BENCH_DATA_DIR"]))
-        app.add_middleware(CreditDeductionMiddleware, client=client, path_prefix="/api")
+        app.add_middleware(CreditDeductionMiddleware, client=client, **options)
     return app
 
 
@@ -86,6 +103,7 @@ def serve(
     here = Path(__file__).resolve()
     env = {**os.environ, "BENCH_MODE": mode, "BENCH_DATABASE_URL": database_url,
            "BENCH_BROKER_URL": broker_url or "", "BENCH_DATA_DIR": str(workdir / ".creditworker"),
+           "BENCH_STREAM": os.environ.get("BENCH_STREAM", "0"),
            "PYTHONPATH": os.pathsep.join([str(here.parents[1]), str(here.parent)])}
     with open(workdir / f"{mode}.log", "wb") as log:  # the child keeps its own descriptor
         process = subprocess.Popen(
@@ -115,15 +133,21 @@ async def open_loop(url: str, rate: float, seconds: float, warmup: float = 2.0) 
 
     latencies: list[float] = []
     statuses: dict[int | str, int] = {}
-    limits = httpx.Limits(max_connections=500, max_keepalive_connections=500)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+    # Many small pools, not one big one: httpcore assigns pending requests to connections in
+    # time quadratic in what one pool has pending, and with hundreds pending the load
+    # generator itself fell behind (measured: it used the CPU, the server idled).
+    limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
+    clients = [httpx.AsyncClient(base_url=url, limits=limits, timeout=30) for _ in range(64)]
+    try:
 
         async def one(scheduled: float, index: int, counted: bool) -> None:
             await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
             headers = {"X-User-ID": f"bench-{index % USERS}", "X-Estimated-Tokens": "5",
                        "X-Request-ID": uuid.uuid4().hex}
+            client = clients[index % len(clients)]
             try:
-                status: int | str = (await client.post("/api/answer", headers=headers)).status_code
+                response = await client.post("/api/answer", headers=headers)  # read to its last byte
+                status: int | str = response.status_code
             except httpx.HTTPError as exc:  # counted, not fatal: an overloaded server drops some
                 status = type(exc).__name__
             if counted:
@@ -135,6 +159,9 @@ async def open_loop(url: str, rate: float, seconds: float, warmup: float = 2.0) 
         await asyncio.gather(*[
             one(start + i / rate, i, i >= warmup * rate) for i in range(total)
         ])
+    finally:
+        for client in clients:
+            await client.aclose()
     latencies.sort()
     return {
         "requests": len(latencies), "statuses": statuses,
@@ -166,16 +193,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--rates", type=float, nargs="+", default=[100, 200])
     parser.add_argument("--no-worker", action="store_true", help="skip the worker path")
+    parser.add_argument("--stream", action="store_true", help="a streamed endpoint priced by a rate card")
+    parser.add_argument("--modes", nargs="+", choices=MODES[1:], help="only these metered modes")
     parser.add_argument("--json", type=Path)
     arguments = parser.parse_args()
+    if arguments.stream:
+        os.environ["BENCH_STREAM"] = "1"
 
     from run import bench_redis, fresh_database, start_worker
 
-    results: dict[str, Any] = {"cpus": os.cpu_count(), "seconds": arguments.seconds, "rates": {}}
+    results: dict[str, Any] = {"cpus": os.cpu_count(), "seconds": arguments.seconds, "stream": arguments.stream,
+                               "load_average_before": os.getloadavg(), "rates": {}}
     with tempfile.TemporaryDirectory() as directory, fresh_database() as database_url:
         workdir = Path(directory)
         grant(database_url)
-        modes = [m for m in MODES if m != "worker" or not arguments.no_worker]
+        modes = [m for m in MODES if (m != "worker" or not arguments.no_worker)
+                 and (m == "baseline" or not arguments.modes or m in arguments.modes)]
         broker_url = worker = None
         with bench_redis(workdir) if "worker" in modes else _nothing() as redis_url:
             if redis_url is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from creditworker.http.middleware import CreditDeductionMiddleware
+from creditworker.http.metering.middleware import CreditDeductionMiddleware
 from producers.aio import AsyncCreditClient
 
 

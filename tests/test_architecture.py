@@ -1,10 +1,5 @@
 """The layers hold: import-linter's contracts (pyproject.toml), no import circle, settings
-read only at the edges, and docs/architecture.md's picture is the code's.
-
-Contracts that need another branch's moves are listed in AWAITING with what they wait
-for; they are expected to fail until it lands (once one holds, a test says so, and it
-leaves the list).
-"""
+read only at the edges, and docs/architecture.md's picture is the code's."""
 
 from __future__ import annotations
 
@@ -15,15 +10,8 @@ import sys
 from pathlib import Path
 
 import grimp
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-
-AWAITING = {
-    "producers-reexport-client": "http/api and http/middleware importing creditworker.client, "
-    "not producers.aio / producers.client (http's owner)",
-}
-"""Contract id -> the branch whose moves make it hold."""
 
 DEEP = [
     "engine",
@@ -66,19 +54,10 @@ def _lint_imports(*contracts: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_import_contracts_hold() -> None:
-    kept = [contract for contract in _contract_ids() if contract not in AWAITING]
+    kept = _contract_ids()
     result = _lint_imports(*kept)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"{len(kept)} kept, 0 broken" in result.stdout
-
-
-@pytest.mark.parametrize("contract", sorted(AWAITING))
-def test_the_contracts_awaiting_another_branch_still_fail(contract: str) -> None:
-    """When this fails, the branch landed: the contract leaves AWAITING and is enforced."""
-    result = _lint_imports(contract)
-    assert result.returncode != 0, (
-        f"{contract} holds now: remove it from AWAITING ({AWAITING[contract]})"
-    )
 
 
 def _cycles(graph: grimp.ImportGraph) -> list[list[str]]:

@@ -14,11 +14,12 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
-from sqlalchemy import Table
+from sqlalchemy import Table, and_, bindparam, or_, select
 from sqlalchemy.engine import Connection
 
+from creditworker.contract.credits import ReservationStatus
 from creditworker.engine.rules import Account, Hold, Lot, draw_order
 from creditworker.storage.backends import backend_for
 from creditworker.storage.database import insert_if_absent
@@ -80,12 +81,17 @@ class Prefetched:
     """Ledger entry ids taken from their sequence for this transaction, ascending."""
     lot_ids: list[int]
     """Lot ids taken from their sequence for this transaction, ascending."""
+    stale_holds: list[Hold] | None
+    """The active holds past their TTL of the accounts asked for (None: none asked for)."""
+    holds: list[Hold]
+    """The holds asked for by id, as they are after the lock."""
 
 
 def load_live_lots(connection: Connection, accounts: Iterable[Account],
                    drawing: Mapping[str, int] | None = None, *,
                    operation_keys: Collection[str] = (), entry_ids: int = 0, lot_ids: int = 0,
-                   ) -> Prefetched | None:
+                   stale_at: datetime | None = None, stale_users: Collection[str] = (),
+                   hold_ids: Collection[str] = ()) -> Prefetched | None:
     """Give each account its lots with credits left, in the draw-down order (one query).
 
     With `drawing` (at most how much each account's draws may take in this unit of work),
@@ -97,6 +103,8 @@ def load_live_lots(connection: Connection, accounts: Iterable[Account],
     `entry_ids` ids from the ledger's sequence and `lot_ids` from the lots': round trips
     saved. None: it did not (the Core path, or no `drawing`); the caller reads the
     operations itself, and the writer gets ids as it inserts.
+    With `stale_at`, that statement also reads the holds of `stale_users` past their TTL
+    (`stale_holds`) and the holds `hold_ids` names (`holds`).
     """
     wanting = {account.user_id: account for account in accounts if not account.lots_loaded}
     for account in wanting.values():
@@ -105,9 +113,14 @@ def load_live_lots(connection: Connection, accounts: Iterable[Account],
     prefetched: Prefetched | None = None
     if drawing is not None:
         needed = {user_id: max(0, drawing.get(user_id, 0)) for user_id in wanting}
-        rows, extra = backend.drawable_lots(connection, LOT_COLUMNS, lots_table, needed, operation_keys,
-                                            entry_ids, lot_ids)
-        prefetched = None if extra is None else Prefetched(*extra)
+        rows, folded = backend.drawable_lots(
+            connection, LOT_COLUMNS, lots_table, needed, operation_keys, entry_ids, lot_ids,
+            holds_table, HOLD_COLUMNS, stale_users if stale_at is not None else (), stale_at, hold_ids)
+        if folded is not None:
+            prefetched = Prefetched(
+                folded.operations, folded.entry_ids, folded.lot_ids,
+                None if folded.stale_holds is None else [Hold(*row) for row in folded.stale_holds],  # type: ignore[arg-type]
+                [Hold(*row) for row in folded.holds])  # type: ignore[arg-type]
     elif wanting:
         rows = backend.rows_where_in(connection, lots_table, LOT_COLUMNS, "user_id", wanting, where="remaining > 0")
     else:
@@ -126,17 +139,27 @@ def load_lots(connection: Connection, lot_ids: Collection[int]) -> list[Lot]:
         connection, lots_table, LOT_COLUMNS, "id", lot_ids, order_by="id")]
 
 
-def hold_owners(connection: Connection, hold_ids: Collection[str]) -> dict[str, str]:
-    """The user of each existing hold, read before locking (to know which accounts to lock)."""
-    return {row[0]: row[1] for row in backend_for(connection).rows_where_in(
-        connection, holds_table, ("id", "user_id"), "id", hold_ids)}
+class HoldOwner(NamedTuple):
+    """Who a hold belongs to and how much it holds: neither ever changes, so they may be read
+    before the accounts are locked (to know which to lock, and how much a commit may draw)."""
+
+    user_id: str
+    amount: int
+
+
+def hold_owners(connection: Connection, hold_ids: Collection[str]) -> dict[str, HoldOwner]:
+    """The owner and amount of each existing hold, read before locking."""
+    return {row[0]: HoldOwner(row[1], row[2]) for row in backend_for(connection).rows_where_in(
+        connection, holds_table, ("id", "user_id", "amount"), "id", hold_ids)}
 
 
 def before_lock(connection: Connection, hold_ids: Collection[str], user_ids: Collection[str],
-                ) -> tuple[dict[str, str], set[str] | None]:
+                ) -> tuple[dict[str, HoldOwner], set[str] | None]:
     """`hold_owners`, and which of `user_ids` have an account (for `create_missing`; None: not
     read). A backend may read both in one statement when it needs both."""
-    return backend_for(connection).owners_and_accounts(connection, holds_table, accounts_table, hold_ids, user_ids)
+    owners, existing = backend_for(connection).owners_and_accounts(
+        connection, holds_table, accounts_table, hold_ids, user_ids)
+    return {hold_id: HoldOwner(*owner) for hold_id, owner in owners.items()}, existing
 
 
 HOLD_COLUMNS = ("id", "user_id", "amount", "status", "expires_at", "created_at", "idempotency_key",
@@ -147,3 +170,44 @@ def load_holds(connection: Connection, hold_ids: Collection[str]) -> dict[str, H
     """The given holds as they are now (read after their accounts were locked)."""
     return {row[0]: Hold(*row) for row in backend_for(connection).rows_where_in(  # type: ignore[arg-type]
         connection, holds_table, HOLD_COLUMNS, "id", hold_ids, order_by="id")}
+
+
+_STALE_HOLDS = (
+    select(*(holds_table.c[column] for column in HOLD_COLUMNS))
+    .where(holds_table.c.user_id.in_(bindparam("users", expanding=True)),
+           holds_table.c.status == ReservationStatus.ACTIVE.value,
+           holds_table.c.expires_at <= bindparam("at", type_=holds_table.c.expires_at.type))
+    .order_by(holds_table.c.id)
+)
+
+
+def stale_holds(connection: Connection, user_ids: Collection[str], at: datetime) -> list[Hold]:
+    """The active holds of `user_ids` past their TTL at `at`, read after their accounts were
+    locked: they no longer count, and the unit of work releases them with their entries."""
+    if not user_ids:
+        return []
+    return [Hold(*row) for row in connection.execute(_STALE_HOLDS, {"users": sorted(user_ids), "at": at})]
+
+
+_HOLDS_AND_STALE = (
+    select(*(holds_table.c[column] for column in HOLD_COLUMNS))
+    .where(or_(holds_table.c.id.in_(bindparam("ids", expanding=True)),
+               and_(holds_table.c.user_id.in_(bindparam("users", expanding=True)),
+                    holds_table.c.status == ReservationStatus.ACTIVE.value,
+                    holds_table.c.expires_at <= bindparam("at", type_=holds_table.c.expires_at.type))))
+    .order_by(holds_table.c.id)
+)
+
+
+def load_holds_and_stale(connection: Connection, hold_ids: Collection[str], user_ids: Collection[str],
+                         at: datetime) -> tuple[dict[str, Hold], list[Hold]]:
+    """`load_holds` and `stale_holds` in one statement: the named holds, and the active holds
+    of `user_ids` past their TTL (a hold may be both: it is one object)."""
+    if not hold_ids:
+        return {}, stale_holds(connection, user_ids, at)
+    named = set(hold_ids)
+    holds = [Hold(*row) for row in connection.execute(  # type: ignore[arg-type]
+        _HOLDS_AND_STALE, {"ids": sorted(named), "users": sorted(user_ids), "at": at})]
+    stale = [hold for hold in holds if hold.user_id in user_ids and hold.status == ReservationStatus.ACTIVE.value
+             and hold.expires_at <= at]
+    return {hold.id: hold for hold in holds if hold.id in named}, stale

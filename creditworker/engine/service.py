@@ -38,6 +38,7 @@ from creditworker.contract.credits import (
     ReleaseReservation,
     Request,
     Reservation,
+    ReservationStatus,
     ReserveCredits,
     parse,
     parse_batch_item,
@@ -50,6 +51,7 @@ from creditworker.contract.errors import (
     ValidationFailed,
 )
 from creditworker.engine import rules, sweeps
+from creditworker.engine.account import HoldOwner
 from creditworker.engine.results import batch_outcome, entry_record, reservation_record
 from creditworker.engine.unit_of_work import (
     ResultSource,
@@ -342,7 +344,8 @@ class CreditService:
         """Balance, held and available credits, and how many expire within `within_days`."""
         days = self.expiring_soon_days if within_days is None else within_days
         request = self._parse(GetExpiring, user_id=user_id, within_days=days)
-        horizon = aware(now) + timedelta(days=request.within_days)
+        at = aware(now)
+        horizon = at + timedelta(days=request.within_days)
         with Session(self.engine) as session:
             account = self._account(session, request.user_id)
             expiring = session.scalar(
@@ -350,11 +353,19 @@ class CreditService:
                     Lot.user_id == request.user_id, Lot.remaining > 0, Lot.expires_at <= horizon
                 )
             )
+            reserved = account.reserved
+            if reserved > 0:  # holds past their TTL no longer count, released or not yet
+                reserved -= int(session.scalar(
+                    select(func.coalesce(func.sum(Hold.amount), 0)).where(
+                        Hold.user_id == request.user_id, Hold.status == ReservationStatus.ACTIVE.value,
+                        Hold.expires_at <= at,
+                    )
+                ) or 0)
             return CreditsInfo(
                 user_id=account.user_id,
                 total=account.balance,
-                reserved=account.reserved,
-                available=account.balance - account.reserved,
+                reserved=reserved,
+                available=account.balance - reserved,
                 expiring_soon=int(expiring or 0),
                 expiring_within_days=request.within_days,
             )
@@ -479,9 +490,13 @@ class CreditService:
     ) -> tuple[list[ResultSource | CreditError], list[tuple[Request, CreditError]]]:
         """Lock what the batch touches, then decide its items in order (one unit of work)."""
         requests, keys, fingerprints = batch.requests, batch.keys, batch.fingerprints
+        # Where the lots' query also reads the operation rows, takes the entry ids and finds
+        # stale holds (PostgreSQL), a reserve reads through it too (drawing nothing).
+        reading = batch.deducted or batch.commits or (batch.reserving and uow.backend.folds_reads)
         unborn = uow.lock(batch.users, creating=batch.adding, hold_ids=batch.hold_ids,
-                          with_lots=batch.drawing if batch.deducted or batch.commits else False,
-                          operation_keys=batch.chosen, entry_ids=len(batch.valid), lot_ids=batch.grants)
+                          with_lots=batch.drawing if reading else False, operation_keys=batch.chosen,
+                          entry_ids=len(batch.valid), lot_ids=batch.grants, stale_holds=True)
+        uow.expire_stale_holds()  # before the items: a hold past its TTL no longer counts
         known = uow.known_operations(batch.chosen)
         results: list[ResultSource | CreditError | None] = [None] * len(requests)
         refused: list[tuple[Request, CreditError]] = []
@@ -623,13 +638,14 @@ class _Batch:
                          if isinstance(request, (CommitReservation, ReleaseReservation))}
         self.deducted: dict[str, int] = {}
         self.commits: list[CommitReservation] = []
+        self.reserving = any(isinstance(request, ReserveCredits) for request in valid)
         for request in valid:
             if isinstance(request, DeductCredits):
                 self.deducted[request.user_id] = self.deducted.get(request.user_id, 0) + request.amount
             elif isinstance(request, CommitReservation):
                 self.commits.append(request)
 
-    def drawing(self, holds: Mapping[str, rules.Hold]) -> dict[str, int]:
+    def drawing(self, holds: Mapping[str, HoldOwner]) -> dict[str, int]:
         """At most what each account's draws can take: its deducts and its commits' charges."""
         most = dict(self.deducted)
         for commit in self.commits:

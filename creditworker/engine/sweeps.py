@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from creditworker.contract.credits import ReservationStatus
-from creditworker.contract.events import CreditsExpired, CreditsExpiring, ReservationExpired
+from creditworker.contract.events import CreditsExpired, CreditsExpiring
 from creditworker.engine import account as accounts
 from creditworker.engine import rules
 from creditworker.engine.unit_of_work import UnitOfWork, new_event_id
@@ -96,15 +96,7 @@ def _expire_hold_chunk(uow: UnitOfWork, hold_ids: list[str]) -> int:
     uow.lock((), hold_ids=hold_ids)
     released = 0
     for hold_id in sorted(uow.holds):
-        hold = uow.holds[hold_id]
-        posting = rules.expire_hold(uow.account(hold.user_id), hold, at=uow.at)
-        if posting is None:
-            continue
-        uow.post(posting)
-        uow.record_system_operation(posting.idempotency_key, "ExpireReservation", hold.user_id)
-        uow.emit(ReservationExpired(event_id=new_event_id(), occurred_at=uow.at, user_id=hold.user_id,
-                                    reservation_id=hold.id, amount=hold.amount))
-        released += 1
+        released += uow.expire_hold(uow.holds[hold_id])
     return released
 
 

@@ -22,8 +22,9 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from creditworker.contract.errors import UnknownReservation, UnknownUser
-from creditworker.contract.events import CreditsLow, _Event
+from creditworker.contract.events import CreditsLow, ReservationExpired, _Event
 from creditworker.engine import account as accounts
+from creditworker.engine import rules
 from creditworker.engine.results import entry_row_record, referenced_entry
 from creditworker.engine.rules import Account, Hold, Posting, low_credit_crossing
 from creditworker.storage.backends import backend_for
@@ -71,6 +72,7 @@ class UnitOfWork:
 
     def __init__(self, connection: Connection, at: datetime, *, low_credit_threshold: int | None = None) -> None:
         self.connection = connection
+        self.backend = backend_for(connection)
         self._session: Session | None = None
         self.at = at
         self.low_credit_threshold = low_credit_threshold
@@ -91,6 +93,8 @@ class UnitOfWork:
         self.lot_ids: list[int] = []
         """Lot ids `lock` took from their sequence, ascending: with enough of them, new lots
         go in the writer's statement instead of one of their own."""
+        self.stale_holds: list[Hold] = []
+        """The locked accounts' active holds past their TTL, when `lock` was asked for them."""
 
     @property
     def session(self) -> Session:
@@ -114,32 +118,52 @@ class UnitOfWork:
     # ------------------------------------------------------------------ reading
 
     def lock(self, user_ids: Iterable[str], *, creating: Collection[str] = (), hold_ids: Collection[str] = (),
-             with_lots: bool | Callable[[Mapping[str, Hold]], Mapping[str, int]] = False,
-             operation_keys: Collection[str] = (), entry_ids: int = 0, lot_ids: int = 0) -> set[str]:
+             with_lots: bool | Callable[[Mapping[str, accounts.HoldOwner]], Mapping[str, int]] = False,
+             operation_keys: Collection[str] = (), entry_ids: int = 0, lot_ids: int = 0,
+             stale_holds: bool = False) -> set[str]:
         """Lock the accounts of `user_ids` and of the holds named, in one sorted query.
 
         Accounts for `creating` are created first where missing (returned: they exist for
         the other operations only once a grant to them succeeds). The named holds are
         re-read after the lock, since what was read before it may be stale. `with_lots`
         loads the live lots of the locked accounts, for draws: all of them, or, given a
-        function of the holds read that says how much each account may draw at most in
-        this unit of work, the lots that come first in the draw-down order until they
-        cover that much (`account.load_live_lots`). Where that query can also read the
+        function of the named holds' owners and amounts that says how much each account may
+        draw at most in this unit of work, the lots that come first in the draw-down order
+        until they cover that much (`account.load_live_lots`). Where that query can also read the
         operation rows of `operation_keys` and take `entry_ids` ledger ids and `lot_ids` lot
-        ids (PostgreSQL), it does, for `known_operations` and the writer.
+        ids (PostgreSQL), it does, for `known_operations` and the writer. `stale_holds` reads the
+        locked accounts' active holds past their TTL (in that query where it can) for
+        `expire_stale_holds`.
         """
         owners, existing = accounts.before_lock(self.connection, hold_ids, creating)
         created = accounts.create_missing(self.connection, creating, self.at, existing)
-        locked = accounts.lock(self.connection, {*user_ids, *creating, *owners.values()})
+        locked = accounts.lock(self.connection, {*user_ids, *creating, *(owner.user_id for owner in owners.values())})
         self.accounts.update(locked)
-        self.holds.update(accounts.load_holds(self.connection, owners))
+        holding = [user_id for user_id, account in locked.items() if account.reserved > 0] if stale_holds else []
+        stale: list[Hold] | None = None
+        folded = callable(with_lots) and self.backend.folds_reads  # the lots' query reads the holds
+        if folded:
+            pass  # read below, with the lots
+        elif holding:
+            named, stale = accounts.load_holds_and_stale(self.connection, owners, holding, self.at)
+            self.holds.update(named)
+        else:
+            self.holds.update(accounts.load_holds(self.connection, owners))
         if with_lots:
             read = accounts.load_live_lots(self.connection, locked.values(),
-                                           None if with_lots is True else with_lots(self.holds),
-                                           operation_keys=operation_keys, entry_ids=entry_ids, lot_ids=lot_ids)
+                                           None if with_lots is True else with_lots(owners),
+                                           operation_keys=operation_keys, entry_ids=entry_ids, lot_ids=lot_ids,
+                                           stale_at=self.at, stale_users=holding, hold_ids=owners if folded else ())
             if read is not None:
                 self.operations_read = (frozenset(operation_keys), read.operations)
                 self.entry_ids, self.lot_ids = read.entry_ids, read.lot_ids
+                self.holds.update((hold.id, hold) for hold in read.holds)
+                if read.stale_holds is not None:
+                    stale = read.stale_holds
+        if stale is None and holding:
+            stale = accounts.stale_holds(self.connection, holding, self.at)
+        for hold in stale or ():
+            self.stale_holds.append(self.holds.setdefault(hold.id, hold))
         return created
 
     def account(self, user_id: str) -> Account:
@@ -162,13 +186,13 @@ class UnitOfWork:
             wanted = set(keys)
             rows = [row for row in self.operations_read[1] if row[0] in wanted]
         else:
-            rows = backend_for(self.connection).rows_where_in(
+            rows = self.backend.rows_where_in(
                 self.connection, operations_table, ("idempotency_key", "kind", "fingerprint", "result"),
                 "idempotency_key", keys)
         known = {row[0]: StoredOperation(row[1], row[2], row[3]) for row in rows}
         referencing = {entry_id: operation for operation in known.values()
                        if (entry_id := referenced_entry(operation.result)) is not None}
-        for row in backend_for(self.connection).rows_where_in(self.connection, entries_table, ENTRY_COLUMNS, "id",
+        for row in self.backend.rows_where_in(self.connection, entries_table, ENTRY_COLUMNS, "id",
                                                               referencing):
             referencing[row[0]].result = entry_row_record(row)
         return known
@@ -185,6 +209,23 @@ class UnitOfWork:
             self.emit(CreditsLow(event_id=new_event_id(), occurred_at=self.at, user_id=account.user_id,
                                  available=account.available, threshold=threshold))
         return posting
+
+    def expire_hold(self, hold: Hold) -> bool:
+        """Release a hold past its TTL with its `reservation_expired` entry and event (once:
+        a hold no longer active is left alone); whether it did."""
+        posting = rules.expire_hold(self.account(hold.user_id), hold, at=self.at)
+        if posting is None:
+            return False
+        self.post(posting)
+        self.record_system_operation(posting.idempotency_key, "ExpireReservation", hold.user_id)
+        self.emit(ReservationExpired(event_id=new_event_id(), occurred_at=self.at, user_id=hold.user_id,
+                                     reservation_id=hold.id, amount=hold.amount))
+        return True
+
+    def expire_stale_holds(self) -> int:
+        """Release the holds `lock` found past their TTL: an expired hold stops counting at the
+        next write on its account, whether or not a sweep runs. Returns how many."""
+        return sum(self.expire_hold(hold) for hold in self.stale_holds)
 
     def touch(self, account: Account) -> None:
         """An account changed without a posting (its threshold): the writer writes it."""

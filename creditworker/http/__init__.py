@@ -8,6 +8,6 @@ reserve-then-deduct middleware, each in process (on an engine object) or through
 
 from creditworker.http.api.deps import get_credit_service
 from creditworker.http.api.routing import build_router, router
-from creditworker.http.middleware import CreditDeductionMiddleware
+from creditworker.http.metering.middleware import CreditDeductionMiddleware
 
 __all__ = ["CreditDeductionMiddleware", "build_router", "get_credit_service", "router"]

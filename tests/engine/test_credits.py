@@ -156,18 +156,47 @@ def test_release_gives_the_hold_back(service: CreditService) -> None:
         service.commit_reservation(hold.id)
 
 
-def test_a_hold_past_its_ttl_cannot_be_committed_and_the_sweep_releases_it(service: CreditService) -> None:
+def test_a_hold_past_its_ttl_cannot_be_committed_and_that_write_releases_it(service: CreditService) -> None:
     service.add_credits("ann", 50, now=NOW)
     hold = service.reserve_credits("ann", 20, ttl_seconds=60, now=NOW)
     later = NOW + timedelta(seconds=61)
     with pytest.raises(ReservationNotActive) as refused:
         service.commit_reservation(hold.id, now=later)
     assert refused.value.details["status"] == "expired"
+    assert service.get_reservation(hold.id).status == "expired"
+    assert service.get_history("ann", limit=1)[0].kind == "reservation_expired"
+    assert service.release_stale_reservations(now=later) == 0
+    assert service.get_user_credits_info("ann").available == 50
+
+
+def test_the_sweep_releases_a_hold_past_its_ttl_once_when_no_write_came(service: CreditService) -> None:
+    service.add_credits("ann", 50, now=NOW)
+    hold = service.reserve_credits("ann", 20, ttl_seconds=60, now=NOW)
+    later = NOW + timedelta(seconds=61)
     assert service.release_stale_reservations(now=later) == 1
     assert service.release_stale_reservations(now=later) == 0
     assert service.get_reservation(hold.id).status == "expired"
-    assert service.get_user_credits_info("ann").available == 50
     assert service.get_history("ann", limit=1)[0].kind == "reservation_expired"
+
+
+def test_a_hold_past_its_ttl_stops_counting_at_once_and_the_next_write_releases_it(
+    service: CreditService,
+) -> None:
+    service.add_credits("ann", 50, now=NOW)
+    stale = service.reserve_credits("ann", 40, ttl_seconds=60, now=NOW)
+    fresh = service.reserve_credits("ann", 5, ttl_seconds=600, now=NOW)
+    later = NOW + timedelta(seconds=61)
+    before_any_write = service.get_user_credits_info("ann", now=later)
+    assert (before_any_write.reserved, before_any_write.available) == (5, 45)
+    assert service.get_reservation(stale.id).status == "active"  # not released yet: nothing wrote
+    again = service.reserve_credits("ann", 45, ttl_seconds=60, now=later)  # needs the stale hold's credits
+    assert service.get_reservation(stale.id).status == "expired"
+    kinds = [(e.kind.value, e.reservation_id) for e in reversed(service.get_history("ann", limit=2))]
+    assert kinds == [("reservation_expired", stale.id), ("reserve", again.id)]
+    assert service.get_reservation(fresh.id).status == "active"
+    info = service.get_user_credits_info("ann", now=later)
+    assert (info.total, info.reserved, info.available) == (50, 50, 0)
+    assert service.release_stale_reservations(now=later) == 0
 
 
 def test_expire_credits_takes_expired_lots_once(service: CreditService) -> None:

@@ -6,15 +6,17 @@ import uuid
 from collections import Counter
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.testclient import TestClient
 
 from creditworker.contract.credits import EntryKind, LedgerEntry
-from creditworker.http.middleware import CreditDeductionMiddleware, idempotency_key
+from creditworker.http.metering.middleware import CreditDeductionMiddleware, idempotency_key
 from producers.aio import AsyncCreditClient
 from tests.e2e.conftest import RunningWorker
+from tests.metering.serving import CARD, Gate, chat, chat_app, served
 
 pytestmark = pytest.mark.e2e
 
@@ -321,3 +323,31 @@ def test_request_ids_are_scoped_per_user(http: TestClient, worker: RunningWorker
     theirs = http.post("/v1/answer", json={"tokens": 6}, headers=headers(other, 10, "shared-id"))
     assert mine.status_code == theirs.status_code == 200
     assert balance(worker, user) == (95, 0) and balance(worker, other) == (94, 0)
+
+# ------------------------------------------------------------------ streamed AI traffic
+
+
+def test_an_openai_stream_through_the_workers_is_charged_exactly_its_usage_chunk(
+    worker: RunningWorker, user: str
+) -> None:
+    """A real server and a streaming client: the chunks come before the charge, and the
+    charge is exactly what the usage chunk costs on the rate card."""
+    gate = Gate()
+    usage = {"prompt_tokens": 40, "completion_tokens": 20, "total_tokens": 60,
+             "prompt_tokens_details": {"cached_tokens": 20}}
+    app = chat_app(gate, client=AsyncCreditClient(worker.settings), path_prefix="/v1", rate_card=CARD)
+    with (
+        served(app) as url, httpx.Client(base_url=url) as http,
+        http.stream("POST", "/v1/chat/completions", json=chat(usage=usage),
+                    headers=headers(user, 20), timeout=60) as response,
+    ):
+        lines = response.iter_lines()
+        assert "word0" in next(lines)  # unbuffered: the endpoint waits at the gate
+        assert balance(worker, user) == (100, 12)  # 20 tokens at the highest rate, 0.6
+        gate.event.set()
+        assert [line for line in lines if line][-1] == "data: [DONE]"
+    # 20 prompt at 0.15 + 20 cached at 0.075 + 20 completion at 0.6 = 16.5: 17 credits
+    _reserve, commit = entries(worker, user)
+    assert (commit.kind, commit.amount) == (EntryKind.COMMIT, -17)
+    assert commit.metadata is not None and commit.metadata["response"] == "stream"
+    assert balance(worker, user) == (83, 0)

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from creditworker import CreditService
 from creditworker.contract.credits import EntryKind
-from creditworker.http.middleware import CreditDeductionMiddleware
+from creditworker.http.metering.middleware import CreditDeductionMiddleware
 from tests.inprocess.conftest import sync_face
 
 

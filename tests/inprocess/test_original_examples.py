@@ -94,13 +94,13 @@ def test_the_automatic_credit_deduction_middleware(flavour: str) -> None:
 
 
 async def _grant(service: object, user_id: str, amount: int) -> None:
-    from creditworker.http.meters import call_engine
+    from creditworker.http.metering.meters import call_engine
 
     await call_engine(service, "add_credits", user_id, amount)
 
 
 async def _info(service: object, user_id: str) -> object:
-    from creditworker.http.meters import call_engine
+    from creditworker.http.metering.meters import call_engine
 
     return await call_engine(service, "get_user_credits_info", user_id)
 

@@ -3,7 +3,9 @@
 Hypothesis drives adds (with expiries and priorities), deducts, reservations, commits
 (below, at and above the hold), releases, clock moves, both sweeps, replays of a used key
 and conflicting reuse of a key. After every step each balance, hold and history length
-must match the reference model, and the ledger invariants must hold in SQL.
+must match the reference model, and the ledger invariants must hold in SQL. Every credit
+operation on an account first releases that account's holds past their TTL (each with its
+entry), whatever the operation's own outcome: the model does the same.
 """
 
 from __future__ import annotations
@@ -107,6 +109,15 @@ class EngineMachine(RuleBasedStateMachine):
     def _account(self, user: str) -> ModelAccount:
         return self.accounts.setdefault(user, ModelAccount())
 
+    def _expire_stale(self, user: str) -> None:
+        """What a write on `user`'s account does first: release its holds past their TTL."""
+        account = self.accounts.get(user)
+        for hold in self.holds_by_id.values():
+            if account is not None and hold.user == user and hold.active and hold.expires_at <= self.now:
+                hold.active = False
+                account.reserved -= hold.amount
+                account.entries += 1
+
     @initialize()
     def start(self) -> None:
         pass
@@ -124,6 +135,7 @@ class EngineMachine(RuleBasedStateMachine):
         key = self._key()
         expires_at = None if expires_in_hours is None else self.now + timedelta(hours=expires_in_hours)
         request = {"amount": amount, "expires_at": expires_at, "priority": priority}
+        self._expire_stale(user)
         entry = self.service.add_credits(
             user, amount, expires_at=expires_at, priority=priority, idempotency_key=key, now=self.now
         )
@@ -141,6 +153,7 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(user=st.sampled_from(USERS), amount=st.integers(1, 80))
     def deduct(self, user: str, amount: int) -> None:
         account = self.accounts.get(user)
+        self._expire_stale(user)
         try:
             entry = self.service.deduct_credits(user, amount, idempotency_key=self._key(), now=self.now)
         except UnknownUser:
@@ -163,6 +176,7 @@ class EngineMachine(RuleBasedStateMachine):
     )
     def reserve(self, user: str, amount: int, ttl_hours: int) -> ModelHold | None:
         account = self.accounts.get(user)
+        self._expire_stale(user)
         try:
             hold = self.service.reserve_credits(
                 user, amount, ttl_seconds=ttl_hours * 3600, idempotency_key=self._key(), now=self.now
@@ -186,12 +200,14 @@ class EngineMachine(RuleBasedStateMachine):
             return
         charged = hold.amount if use_held else max(0, hold.amount + delta)
         account = self.accounts[hold.user]
+        expired_before = not hold.active
+        self._expire_stale(hold.user)
         try:
             self.service.commit_reservation(
                 hold.id, None if use_held else charged, idempotency_key=self._key(), now=self.now
             )
         except ReservationNotActive:
-            assert not hold.active or hold.expires_at <= self.now
+            assert expired_before or hold.expires_at <= self.now
             return
         except InsufficientCredits:
             assert charged > account.available + hold.amount
@@ -207,10 +223,12 @@ class EngineMachine(RuleBasedStateMachine):
     def release(self, hold: ModelHold | None) -> None:
         if hold is None:
             return
+        expired_before = not hold.active
+        self._expire_stale(hold.user)
         try:
             self.service.release_reservation(hold.id, idempotency_key=self._key(), now=self.now)
         except ReservationNotActive:
-            assert not hold.active or hold.expires_at <= self.now
+            assert expired_before or hold.expires_at <= self.now
             return
         hold.active = False
         account = self.accounts[hold.user]
@@ -250,6 +268,7 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(used=used_keys)
     def replay_is_a_no_op(self, used: tuple[str, dict[str, Any]]) -> None:
         key, request = used
+        self._expire_stale(request["user"])
         entry = self.service.add_credits(
             request["user"], request["amount"], expires_at=request["expires_at"],
             priority=request["priority"], idempotency_key=key, now=self.now,
@@ -259,6 +278,7 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(used=used_keys)
     def conflicting_reuse_is_refused(self, used: tuple[str, dict[str, Any]]) -> None:
         key, request = used
+        self._expire_stale(request["user"])
         with pytest.raises(IdempotencyConflict):
             self.service.deduct_credits(request["user"], 1, idempotency_key=key, now=self.now)
 

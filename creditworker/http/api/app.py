@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request, Response
 from starlette.exceptions import HTTPException
 
 from creditworker import __version__
+from creditworker.client.aio import AsyncCreditClient
 from creditworker.engine import CreditService, SubscriptionService
 from creditworker.http.api.examples import TAGS
 from creditworker.http.api.routing import build_router
@@ -18,7 +19,6 @@ from creditworker.http.body_limit import BodyLimit
 from creditworker.http.console.app import create_console
 from creditworker.http.responses import error_response, http_error_response
 from creditworker.settings import Settings, get_settings
-from producers.aio import AsyncCreditClient
 
 
 async def _http_error(_request: Request, exc: Exception) -> Response:

@@ -18,13 +18,13 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic_core import to_jsonable_python
 from starlette.responses import JSONResponse
 
+from creditworker.client.aio import AsyncCreditClient, AsyncTaskHandle
+from creditworker.client.handle import DEFAULT_TIMEOUT, unwrap
 from creditworker.contract.errors import ServiceUnavailable
 from creditworker.contract.operations import CREATE_PLAN, DELETE_PLAN, RESERVE, Operation
 from creditworker.engine import SubscriptionService
 from creditworker.http.api.bodies import TaskAccepted
-from creditworker.http.meters import call_engine
-from producers.aio import AsyncCreditClient, AsyncTaskHandle
-from producers.client import DEFAULT_TIMEOUT, unwrap
+from creditworker.http.metering.meters import call_engine
 
 
 class Backend(Protocol):

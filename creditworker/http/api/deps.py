@@ -15,11 +15,11 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Header, Query, Request
 
+from creditworker.client.handle import DEFAULT_TIMEOUT
 from creditworker.engine import CreditService
 from creditworker.engine.service import embedded_tables
 from creditworker.http.api.backends import Backend, EngineBackend
 from creditworker.settings import get_settings
-from producers.client import DEFAULT_TIMEOUT
 
 MAX_WAIT_SECONDS = 60.0
 """The longest `Prefer: wait=N` honoured; a longer wait is cut to this."""

@@ -19,6 +19,7 @@ from fastapi.routing import APIRoute
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 
+from creditworker.client.aio import AsyncCreditClient
 from creditworker.contract.errors import CreditError, ServiceUnavailable
 from creditworker.contract.operations import OPERATIONS, RESERVE, Operation
 from creditworker.http.api.backends import EngineBackend, WorkerBackend, subscriptions_for
@@ -37,7 +38,6 @@ from creditworker.http.responses import (
     validation_error_response,
 )
 from creditworker.storage.database import is_transient
-from producers.aio import AsyncCreditClient
 
 
 class EnvelopeRoute(APIRoute):

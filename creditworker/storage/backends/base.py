@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any, Protocol
+from datetime import datetime
+from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy import Table
 from sqlalchemy.engine import Connection, Engine
@@ -12,6 +13,21 @@ from sqlalchemy.sql import Select
 
 class Json(str):
     """JSON text made by the caller (cheaper than a dict to dump), for a JSON column."""
+
+
+class Folded(NamedTuple):
+    """What a backend's lot query read besides the lots, in the same statement."""
+
+    operations: list[Any]
+    """The stored operation rows of the keys asked for: `(key, kind, fingerprint, result)`."""
+    entry_ids: list[int]
+    """New ledger entry ids taken from their sequence, ascending."""
+    lot_ids: list[int]
+    """New lot ids taken from their sequence, ascending."""
+    stale_holds: list[tuple[Any, ...]] | None
+    """The active holds past their TTL of the accounts asked for (None: none asked for)."""
+    holds: list[tuple[Any, ...]]
+    """The holds asked for by id, as they are after the accounts' lock."""
 
 
 class Script(Protocol):
@@ -78,6 +94,10 @@ class Backend(Protocol):
         """`columns` of the rows whose `key` is one of `values` (and that meet the SQL
         condition `where`), as tuples."""
 
+    folds_reads: bool
+    """Whether `drawable_lots` also reads, in its one statement, what a unit of work needs
+    besides the lots (`Folded`): worth calling even for a unit of work that draws nothing."""
+
     def drawable_lots(
         self,
         connection: Connection,
@@ -87,11 +107,17 @@ class Backend(Protocol):
         operation_keys: Collection[str],
         entry_ids: int,
         lot_ids: int,
-    ) -> tuple[list[tuple[Any, ...]], tuple[list[Any], list[int], list[int]] | None]:
+        holds: Table,
+        hold_columns: tuple[str, ...],
+        stale_users: Collection[str] = (),
+        stale_at: datetime | None = None,
+        hold_ids: Collection[str] = (),
+    ) -> tuple[list[tuple[Any, ...]], Folded | None]:
         """The live lots (credits left) of the accounts in `needed` that a draw of at most
         `needed[user]` can reach, as `columns` tuples; and, if this path read them in the same
-        statement, (the operation rows of `operation_keys`, `entry_ids` new ledger entry
-        ids, `lot_ids` new lot ids), else None."""
+        statement (`folds_reads`), the operation rows of `operation_keys`, `entry_ids` new
+        ledger entry ids, `lot_ids` new lot ids, the active holds of `stale_users` past their
+        TTL at `stale_at` and the holds `hold_ids` names (`hold_columns` tuples), else None."""
 
     def owners_and_accounts(
         self,
@@ -100,9 +126,9 @@ class Backend(Protocol):
         accounts: Table,
         hold_ids: Collection[str],
         user_ids: Collection[str],
-    ) -> tuple[dict[str, str], set[str] | None]:
-        """The user of each existing hold, and which of `user_ids` have an account (None:
-        not read; the caller reads them when it needs them)."""
+    ) -> tuple[dict[str, tuple[str, int]], set[str] | None]:
+        """The user and amount of each existing hold, and which of `user_ids` have an account
+        (None: not read; the caller reads them when it needs them)."""
 
     def keyset_page(self, engine: Engine, query: Select[Any]) -> list[tuple[Any, ...]]:
         """A page of a keyset scan, in a short transaction of its own, walking its index."""

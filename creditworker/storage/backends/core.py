@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Mapping, Sequence
+from datetime import datetime
+from functools import cache
 from typing import Any
 
 from sqlalchemy import JSON, Table, bindparam, delete, insert, select, text, tuple_, update
@@ -18,11 +20,13 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import ColumnElement, Select
 
-from creditworker.storage.backends.base import Json
+from creditworker.storage.backends.base import Folded, Json
 
 
 class Core:
     """The generic path (`base.Backend`), one SQLAlchemy Core statement at a time."""
+
+    folds_reads = False
 
     def __init__(self, dialect: str) -> None:
         self.dialect = dialect
@@ -58,13 +62,8 @@ class Core:
         if not rows:
             return
         columns = tuple(name for name in rows[0] if name != key)
-        statement = (
-            update(table)
-            .where(table.c[key] == bindparam(f"_{key}"))
-            .values({name: bindparam(f"_{name}") for name in columns})
-        )
         connection.execute(
-            statement,
+            _update_statement(table, key, columns),
             [
                 {f"_{name}": value for name, value in row.items()}
                 for row in _parsed_json(table, rows)
@@ -114,16 +113,8 @@ class Core:
     ) -> list[tuple[Any, ...]]:
         if not values:
             return []
-        statement = select(*(table.c[name] for name in columns)).where(
-            table.c[key].in_(sorted(set(values)))
-        )
-        if where:
-            statement = statement.where(text(where))
-        if order_by:
-            statement = statement.order_by(text(order_by))
-        if for_update:
-            statement = statement.with_for_update()
-        return [tuple(row) for row in connection.execute(statement)]
+        statement = _select_statement(table, columns, key, where, order_by, for_update)
+        return [tuple(row) for row in connection.execute(statement, {"wanted": sorted(set(values))})]
 
     def drawable_lots(
         self,
@@ -134,7 +125,12 @@ class Core:
         operation_keys: Collection[str],
         entry_ids: int,
         lot_ids: int,
-    ) -> tuple[list[tuple[Any, ...]], tuple[list[Any], list[int], list[int]] | None]:
+        holds: Table,
+        hold_columns: tuple[str, ...],
+        stale_users: Collection[str] = (),
+        stale_at: datetime | None = None,
+        hold_ids: Collection[str] = (),
+    ) -> tuple[list[tuple[Any, ...]], Folded | None]:
         """Every live lot of the accounts (no prefix here, and nothing read besides)."""
         return self.rows_where_in(
             connection, lots, columns, "user_id", needed, where="remaining > 0"
@@ -147,10 +143,12 @@ class Core:
         accounts: Table,
         hold_ids: Collection[str],
         user_ids: Collection[str],
-    ) -> tuple[dict[str, str], set[str] | None]:
+    ) -> tuple[dict[str, tuple[str, int]], set[str] | None]:
         return {
-            row[0]: row[1]
-            for row in self.rows_where_in(connection, holds, ("id", "user_id"), "id", hold_ids)
+            row[0]: (row[1], row[2])
+            for row in self.rows_where_in(
+                connection, holds, ("id", "user_id", "amount"), "id", hold_ids
+            )
         }, None
 
     def keyset_page(self, engine: Engine, query: Select[Any]) -> list[tuple[Any, ...]]:
@@ -163,6 +161,33 @@ class Core:
                 connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
                 connection.exec_driver_sql("SET LOCAL enable_bitmapscan = off")
             return [tuple(row) for row in connection.execute(query)]
+
+
+@cache
+def _update_statement(table: Table, key: str, columns: tuple[str, ...]) -> Any:
+    """Built once per shape: building a Core statement costs more than running a cached one."""
+    return (
+        update(table)
+        .where(table.c[key] == bindparam(f"_{key}"))
+        .values({name: bindparam(f"_{name}") for name in columns})
+    )
+
+
+@cache
+def _select_statement(
+    table: Table, columns: tuple[str, ...], key: str, where: str, order_by: str, for_update: bool
+) -> Any:
+    """Built once per shape (the values are an expanding parameter)."""
+    statement = select(*(table.c[name] for name in columns)).where(
+        table.c[key].in_(bindparam("wanted", expanding=True))
+    )
+    if where:
+        statement = statement.where(text(where))
+    if order_by:
+        statement = statement.order_by(text(order_by))
+    if for_update:
+        statement = statement.with_for_update()
+    return statement
 
 
 class CoreScript:

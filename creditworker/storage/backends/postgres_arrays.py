@@ -18,13 +18,15 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, Integer, Table
 from sqlalchemy.engine import Connection
 
-from creditworker.storage.backends.base import Json
+from creditworker.storage.backends.base import Folded, Json
 from creditworker.storage.backends.core import Core
 from creditworker.storage.tables import UtcDateTime
 
 
 class PostgresArrays(Core):
     """Raw SQL with array literals, several statements in one round trip (`base.Backend`)."""
+
+    folds_reads = True
 
     def script(self, connection: Connection) -> ArrayScript:  # type: ignore[override]
         return ArrayScript(connection)
@@ -102,40 +104,41 @@ class PostgresArrays(Core):
         operation_keys: Collection[str],
         entry_ids: int,
         lot_ids: int,
-    ) -> tuple[list[tuple[Any, ...]], tuple[list[Any], list[int], list[int]] | None]:
+        holds: Table,
+        hold_columns: tuple[str, ...],
+        stale_users: Collection[str] = (),
+        stale_at: datetime | None = None,
+        hold_ids: Collection[str] = (),
+    ) -> tuple[list[tuple[Any, ...]], Folded | None]:
         """Only the lots that come first in the draw-down order until they cover what each
         account may draw; in the same statement the operation rows of `operation_keys`,
-        and `entry_ids` and `lot_ids` new ids from the ledger's and the lots' sequences
-        (after the accounts' lock, so in the order their transactions hold it)."""
+        `entry_ids` and `lot_ids` new ids from the ledger's and the lots' sequences (after
+        the accounts' lock, so in the order their transactions hold it), the stale holds of
+        `stale_users` and the holds `hold_ids` names (as the lock holder left them)."""
         users = sorted(user_id for user_id, amount in needed.items() if amount > 0)
+        asking = stale_at is not None and bool(stale_users)
         rows = connection.exec_driver_sql(
-            _drawable_lots_sql(lots.name, columns),
+            _drawable_lots_sql(lots.name, columns, holds.name, hold_columns),
             {
                 "users": text_array(users),
                 "needed": "{" + ",".join(str(needed[user]) for user in users) + "}",
                 "keys": text_array(sorted(set(operation_keys))),
                 "entry_ids": entry_ids,
                 "lot_ids": lot_ids,
+                "stale_users": text_array(sorted(stale_users) if asking else []),
+                "stale_at": _timestamp(stale_at) if asking else None,
+                "hold_ids": text_array(sorted(set(hold_ids))),
             },
         ).fetchall()
-        stamps = [
-            index
-            for index, name in enumerate(columns)
-            if isinstance(lots.c[name].type, UtcDateTime)
-        ]
-        found = []
-        for row in rows:
-            if row[0] is None:
-                continue
-            lot = list(row[:-3])
-            for index in stamps:
-                lot[index] = _utc(lot[index])
-            found.append(tuple(lot))
+        found = [_aware(row[: len(columns)], lots, columns) for row in rows if row[0] is not None]
         extra = next(row for row in rows if row[0] is None)
-        return found, (
-            [tuple(operation) for operation in extra[-3] or ()],
-            sorted(extra[-2] or ()),
-            sorted(extra[-1] or ()),
+        stale = [_hold_from_json(hold, holds, hold_columns) for hold in extra[-2] or ()]
+        return found, Folded(
+            [tuple(operation) for operation in extra[-5] or ()],
+            sorted(extra[-4] or ()),
+            sorted(extra[-3] or ()),
+            stale if asking else None,
+            [_hold_from_json(hold, holds, hold_columns) for hold in extra[-1] or ()],
         )
 
     def owners_and_accounts(
@@ -145,7 +148,7 @@ class PostgresArrays(Core):
         accounts: Table,
         hold_ids: Collection[str],
         user_ids: Collection[str],
-    ) -> tuple[dict[str, str], set[str] | None]:
+    ) -> tuple[dict[str, tuple[str, int]], set[str] | None]:
         """Both in one statement when both are wanted."""
         if not hold_ids or not user_ids:
             return super().owners_and_accounts(connection, holds, accounts, hold_ids, user_ids)
@@ -156,7 +159,7 @@ class PostgresArrays(Core):
                 "users": text_array(sorted(set(user_ids))),
             },
         ).fetchall()
-        return {row[0]: row[1] for row in rows if row[0] is not None}, {
+        return {row[0]: (row[1], row[2]) for row in rows if row[0] is not None}, {
             row[1] for row in rows if row[0] is None
         }
 
@@ -238,12 +241,16 @@ grants)."""
 
 
 @cache
-def _drawable_lots_sql(lots: str, columns: tuple[str, ...]) -> str:
+def _drawable_lots_sql(lots: str, columns: tuple[str, ...], holds: str,
+                       hold_columns: tuple[str, ...]) -> str:
     """The lots in draw-down order whose credits before them do not cover what the account
     may draw; then one row whose lot columns are NULL, with the operation rows stored for the
-    given keys (JSON), the new entry ids and the new lot ids."""
+    given keys (JSON), the new entry ids, the new lot ids, the given accounts' active holds
+    past their TTL (JSON) and the holds named by id (JSON)."""
+    hold_array = "json_build_array(" + ", ".join("r." + name for name in hold_columns) + ")"
     return (
-        f"SELECT {', '.join(columns)}, NULL::json, NULL::bigint[], NULL::bigint[]"
+        f"SELECT {', '.join(columns)}, NULL::json, NULL::bigint[], NULL::bigint[],"
+        " NULL::json, NULL::json"
         " FROM (SELECT l.*, n.needed,"
         f" sum(l.remaining) OVER (PARTITION BY l.user_id ORDER BY {DRAW_ORDER}) - l.remaining"
         f" AS before FROM {lots} l"
@@ -256,17 +263,44 @@ def _drawable_lots_sql(lots: str, columns: tuple[str, ...]) -> str:
         " WHERE o.idempotency_key = ANY(CAST(%(keys)s AS text[]))),"
         " (SELECT array_agg(nextval('ledger_entries_id_seq'))"
         " FROM generate_series(1, %(entry_ids)s)),"
-        f" (SELECT array_agg(nextval('{lots}_id_seq')) FROM generate_series(1, %(lot_ids)s))"
+        f" (SELECT array_agg(nextval('{lots}_id_seq')) FROM generate_series(1, %(lot_ids)s)),"
+        f" (SELECT json_agg({hold_array}) FROM {holds} r"
+        " WHERE r.user_id = ANY(CAST(%(stale_users)s AS text[])) AND r.status = 'active'"
+        " AND r.expires_at <= CAST(%(stale_at)s AS timestamp)),"
+        f" (SELECT json_agg({hold_array}) FROM {holds} r"
+        " WHERE r.id = ANY(CAST(%(hold_ids)s AS text[])))"
     )
 
 
 @cache
 def _owners_and_accounts_sql(holds: str, accounts: str) -> str:
     return (
-        f"SELECT id, user_id FROM {holds} WHERE id = ANY(CAST(%(holds)s AS text[]))"
-        f" UNION ALL SELECT NULL, user_id FROM {accounts}"
+        f"SELECT id, user_id, amount FROM {holds} WHERE id = ANY(CAST(%(holds)s AS text[]))"
+        f" UNION ALL SELECT NULL, user_id, NULL FROM {accounts}"
         " WHERE user_id = ANY(CAST(%(users)s AS text[]))"
     )
+
+
+def _aware(row: Sequence[Any], table: Table, columns: tuple[str, ...]) -> tuple[Any, ...]:
+    """A row with its timestamp columns made aware UTC (the columns are stored naive UTC)."""
+    values = list(row)
+    for index in _stamp_positions(table, columns):
+        values[index] = _utc(values[index])
+    return tuple(values)
+
+
+@cache
+def _stamp_positions(table: Table, columns: tuple[str, ...]) -> tuple[int, ...]:
+    return tuple(index for index, name in enumerate(columns)
+                 if isinstance(table.c[name].type, UtcDateTime))
+
+
+def _hold_from_json(values: list[Any], table: Table, columns: tuple[str, ...]) -> tuple[Any, ...]:
+    """A hold row read as a JSON array: its timestamps come as naive UTC ISO text."""
+    for index in _stamp_positions(table, columns):
+        if values[index] is not None:
+            values[index] = datetime.fromisoformat(values[index]).replace(tzinfo=UTC)
+    return tuple(values)
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -281,30 +315,51 @@ def _arrays(table: Table, rows: Sequence[dict[str, Any]], prefix: str) -> dict[s
     go out as `ARRAY[...]` with one SQL constant per value, which the server must parse
     and analyse one by one (measured: most of a 1,000-row INSERT's time).
     """
-    arrays: dict[str, str] = {}
-    for name in rows[0]:
+    names = tuple(rows[0])
+    return {
+        prefix + name: convert([row[name] for row in rows])
+        for name, convert in zip(names, _converters(table, names))
+    }
+
+
+@cache
+def _converters(table: Table, names: tuple[str, ...]) -> tuple[Any, ...]:
+    """For each column, the function from its values to its array literal: chosen once per
+    table and columns (most writes are of one row, where choosing was most of the work)."""
+    chosen: list[Any] = []
+    for name in names:
         column_type = table.c[name].type
-        values = [row[name] for row in rows]
-        if isinstance(column_type, Integer):
-            array = (
-                "{"
-                + ",".join("NULL" if value is None else str(int(value)) for value in values)
-                + "}"
-            )
-        elif isinstance(column_type, Boolean):
-            array = (
-                "{"
-                + ",".join("NULL" if value is None else "tf"[not value] for value in values)
-                + "}"
-            )
+        if isinstance(column_type, Boolean):
+            chosen.append(_boolean_array)
+        elif isinstance(column_type, Integer):
+            chosen.append(_integer_array)
         elif isinstance(column_type, UtcDateTime):
-            array = text_array([_timestamp(value) for value in values])
+            chosen.append(_timestamp_array)
         elif isinstance(column_type, JSON):
-            array = text_array([None if value is None else _json(value) for value in values])
+            chosen.append(_json_array)
         else:
-            array = text_array([None if value is None else str(value) for value in values])
-        arrays[prefix + name] = array
-    return arrays
+            chosen.append(_text_values_array)
+    return tuple(chosen)
+
+
+def _integer_array(values: list[Any]) -> str:
+    return "{" + ",".join("NULL" if value is None else str(int(value)) for value in values) + "}"
+
+
+def _boolean_array(values: list[Any]) -> str:
+    return "{" + ",".join("NULL" if value is None else "tf"[not value] for value in values) + "}"
+
+
+def _timestamp_array(values: list[Any]) -> str:
+    return text_array([_timestamp(value) for value in values])
+
+
+def _json_array(values: list[Any]) -> str:
+    return text_array([None if value is None else _json(value) for value in values])
+
+
+def _text_values_array(values: list[Any]) -> str:
+    return text_array([None if value is None else str(value) for value in values])
 
 
 def _json(value: Any) -> str:

@@ -1,0 +1,228 @@
+"""What a metered request costs the engine in process: a reserve and its commit.
+
+    python bench/engine_cost.py [--requests 3000] [--rounds 3] [--profile PATH]
+
+The baseline is hand-written SQL doing the same two writes on the same PostgreSQL in the
+same run: per request, one transaction that checks `available`, raises `reserved`, inserts
+the hold, its ledger entry and its operation row; then one that settles the hold, draws the
+lot, lowers `balance` and `reserved`, inserts the commit's entry and its operation row. Each
+is one round trip (`BEGIN; ...; COMMIT` in one string over psycopg2), as short as such a
+write can be. The engine does the same through `CreditService` (sync) and
+`AsyncCreditService` (asyncpg), with idempotency keys and metadata as the middleware sends
+them. Figures per request (reserve + commit): CPU of this Python process
+(`time.process_time`), CPU of the PostgreSQL backends serving it (from /proc, the server is
+on this machine), and wall time. Rounds alternate so that a noisy neighbour hits all sides.
+
+Needs PostgreSQL (CREDITWORKER_BENCH_POSTGRES_URL, as bench/run.py). Not part of the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import psycopg2
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from creditworker import AsyncCreditService, CreditService
+from creditworker.storage.migrate import upgrade
+
+POSTGRES = os.environ.get(
+    "CREDITWORKER_BENCH_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+)
+USERS = 100
+HELD, CHARGED = 50, 23
+
+RESERVE_SQL = """BEGIN;
+WITH a AS (UPDATE accounts SET reserved = reserved + %(n)s, updated_at = now()
+           WHERE user_id = %(u)s AND balance - reserved >= %(n)s RETURNING balance, reserved),
+h AS (INSERT INTO reservations (id, user_id, amount, status, expires_at, created_at, idempotency_key)
+      SELECT %(id)s, %(u)s, %(n)s, 'active', now() + interval '60 seconds', now(), %(key)s FROM a),
+e AS (INSERT INTO ledger_entries (user_id, kind, amount, held, balance_after, reserved_after,
+                                  reservation_id, description, metadata, idempotency_key, created_at)
+      SELECT %(u)s, 'reserve', 0, %(n)s, a.balance, a.reserved, %(id)s, 'POST /api/answer',
+             %(meta)s::json, %(key)s, now() FROM a RETURNING id)
+INSERT INTO operations (idempotency_key, kind, fingerprint, user_id, result, created_at)
+SELECT %(key)s, 'ReserveCredits', %(fp)s, %(u)s, json_build_object('id', %(id)s, 'amount', %(n)s), now()
+FROM e;
+COMMIT"""
+
+COMMIT_SQL = """BEGIN;
+WITH h AS (UPDATE reservations SET status = 'committed', committed_amount = %(c)s, finalized_at = now()
+           WHERE id = %(id)s AND status = 'active' RETURNING user_id, amount),
+l AS (UPDATE credit_lots SET remaining = remaining - %(c)s WHERE id = %(lot)s AND remaining >= %(c)s),
+a AS (UPDATE accounts SET balance = balance - %(c)s, reserved = reserved - h.amount, updated_at = now()
+      FROM h WHERE accounts.user_id = h.user_id RETURNING balance, reserved, h.amount),
+e AS (INSERT INTO ledger_entries (user_id, kind, amount, held, balance_after, reserved_after,
+                                  reservation_id, draws, metadata, idempotency_key, created_at)
+      SELECT %(u)s, 'commit', -%(c)s, -a.amount, a.balance, a.reserved, %(id)s,
+             json_build_array(json_build_object('lot_id', %(lot)s, 'amount', %(c)s)),
+             %(meta)s::json, %(key)s, now() FROM a RETURNING id)
+INSERT INTO operations (idempotency_key, kind, fingerprint, user_id, result, created_at)
+SELECT %(key)s, 'CommitReservation', %(fp)s, %(u)s, json_build_object('entry_id', e.id), now() FROM e;
+COMMIT"""
+
+
+@contextmanager
+def fresh_database() -> Iterator[str]:
+    name = f"cw_cost_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin = create_engine(POSTGRES, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    url = make_url(POSTGRES).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+class ServerCpu:
+    """CPU seconds used by the PostgreSQL backends connected to one database (same machine)."""
+
+    def __init__(self, url: str) -> None:
+        self.database = make_url(url).database
+        self.admin = psycopg2.connect(make_url(POSTGRES).set(drivername="postgresql")
+                                      .render_as_string(hide_password=False))
+        self.admin.autocommit = True
+        self.ticks = os.sysconf("SC_CLK_TCK")
+
+    def seconds(self) -> dict[int, float]:
+        with self.admin.cursor() as cursor:
+            cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (self.database,))
+            pids = [row[0] for row in cursor.fetchall()]
+        used = {}
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            used[pid] = (int(fields[11]) + int(fields[12])) / self.ticks
+        return used
+
+    def between(self, before: dict[int, float], after: dict[int, float]) -> float:
+        return sum(after[pid] - before.get(pid, 0.0) for pid in after)
+
+
+def measure(name: str, run: Callable[[int], None], count: int, server: ServerCpu) -> dict[str, float]:
+    before_server = server.seconds()
+    cpu, wall = time.process_time(), time.perf_counter()
+    run(count)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    server_cpu = server.between(before_server, server.seconds())
+    return {"name": name, "client_cpu_ms": cpu / count * 1000, "server_cpu_ms": server_cpu / count * 1000,
+            "wall_ms": wall / count * 1000}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile", help="write a cProfile of the sync engine's requests here")
+    parser.add_argument("--json", help="write the figures here")
+    options = parser.parse_args()
+
+    with fresh_database() as url:
+        sync = CreditService(url)
+        upgrade(sync.engine)
+        users = [f"user-{index}" for index in range(USERS)]
+        lots = {user: sync.add_credits(user, 10**9).lot_id for user in users}
+        asynchronous = AsyncCreditService(url.replace("+psycopg2", "+asyncpg"))
+        raw = psycopg2.connect(make_url(url).set(drivername="postgresql").render_as_string(hide_password=False))
+        raw.autocommit = True
+        server = ServerCpu(url)
+        loop = asyncio.new_event_loop()
+        counter = iter(range(10**9))
+
+        def metadata() -> dict[str, Any]:
+            return {"request_id": uuid.uuid4().hex, "attempt": uuid.uuid4().hex}
+
+        def hand_written(count: int) -> None:
+            with raw.cursor() as cursor:
+                for _ in range(count):
+                    n = next(counter)
+                    user = users[n % USERS]
+                    hold_id, key = uuid.uuid4().hex, f"mw:{uuid.uuid4().hex}"
+                    cursor.execute(RESERVE_SQL, {"n": HELD, "u": user, "id": hold_id, "key": key + ":reserve",
+                                                 "meta": json.dumps(metadata()), "fp": key})
+                    cursor.execute(COMMIT_SQL, {"c": CHARGED, "id": hold_id, "lot": lots[user], "u": user,
+                                                "key": key + ":commit", "fp": key,
+                                                "meta": json.dumps({"request_id": key, "response": "json"})})
+
+        def engine_sync(count: int) -> None:
+            for _ in range(count):
+                n = next(counter)
+                user, key = users[n % USERS], f"mw:{uuid.uuid4().hex}"
+                hold = sync.reserve_credits(user, HELD, ttl_seconds=60, description="POST /api/answer",
+                                            metadata=metadata(), idempotency_key=key + ":reserve")
+                sync.commit_reservation(hold.id, CHARGED, metadata={"request_id": key, "response": "json"},
+                                        idempotency_key=key + ":commit")
+
+        async def engine_async_requests(count: int) -> None:
+            for _ in range(count):
+                n = next(counter)
+                user, key = users[n % USERS], f"mw:{uuid.uuid4().hex}"
+                hold = await asynchronous.reserve_credits(
+                    user, HELD, ttl_seconds=60, description="POST /api/answer", metadata=metadata(),
+                    idempotency_key=key + ":reserve")
+                await asynchronous.commit_reservation(
+                    hold.id, CHARGED, metadata={"request_id": key, "response": "json"},
+                    idempotency_key=key + ":commit")
+
+        def engine_async(count: int) -> None:
+            loop.run_until_complete(engine_async_requests(count))
+
+        sides = {"hand-written SQL": hand_written, "CreditService": engine_sync, "AsyncCreditService": engine_async}
+        for run in sides.values():
+            run(200)  # warm up: connections, compiled statements
+        results: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
+        for round_number in range(options.rounds):
+            for name, run in sides.items():
+                figures = measure(name, run, options.requests, server)
+                results[name].append(figures)
+                print(f"round {round_number + 1} {name:>20}: client CPU {figures['client_cpu_ms']:.3f} ms, "
+                      f"server CPU {figures['server_cpu_ms']:.3f} ms, wall {figures['wall_ms']:.3f} ms "
+                      f"per request (reserve + commit)", flush=True)
+        print()
+        summary = {}
+        for name, rounds in results.items():
+            summary[name] = {key: statistics.median(r[key] for r in rounds)
+                             for key in ("client_cpu_ms", "server_cpu_ms", "wall_ms")}
+            s = summary[name]
+            print(f"median {name:>20}: client CPU {s['client_cpu_ms']:.3f} ms, server CPU "
+                  f"{s['server_cpu_ms']:.3f} ms, wall {s['wall_ms']:.3f} ms")
+        base = summary["hand-written SQL"]
+        for name in ("CreditService", "AsyncCreditService"):
+            s = summary[name]
+            print(f"{name}: client CPU {s['client_cpu_ms'] - base['client_cpu_ms']:+.3f} ms over the baseline's, "
+                  f"server CPU x{s['server_cpu_ms'] / base['server_cpu_ms']:.2f}, wall x{s['wall_ms'] / base['wall_ms']:.2f}")
+        if options.profile:
+            import cProfile
+
+            cProfile.runctx("engine_sync(options.requests)", globals(), locals(), options.profile)
+            print(f"profile of {options.requests} sync requests: {options.profile}")
+        if options.json:
+            Path(options.json).write_text(json.dumps({"rounds": results, "median": summary}, indent=2))
+        loop.run_until_complete(asynchronous.dispose())
+        loop.close()
+        raw.close()
+        server.admin.close()
+        sync.engine.dispose()
+
+
+if __name__ == "__main__":
+    main()
