@@ -20,6 +20,8 @@ from typing import Any
 
 from kombu.transport import filesystem, redis
 
+from creditworker.worker.redis_take import TakingChannel
+
 UNREADABLE_HEADER = "x-creditworker-unreadable"
 """Set on a wrapped entry: why the transport could not read it."""
 
@@ -27,15 +29,19 @@ _UNREADABLE_ERRORS = (ValueError, TypeError, KeyError)
 """What kombu's JSON decoding and `Message` raise on an entry that is not an envelope."""
 
 
-def unreadable_envelope(raw: Any, reason: str, queue: str | None) -> dict[str, Any]:
-    """A kombu envelope that carries `raw` (as it arrived, where known) and `reason`."""
+def unreadable_envelope(
+    raw: Any, reason: str, queue: str | None, delivery_tag: str | None = None
+) -> dict[str, Any]:
+    """A kombu envelope that carries `raw` (as it arrived, where known) and `reason`; it
+    keeps `delivery_tag` when the entry had one, so that acknowledging the dead letter also
+    clears the unacknowledged record made under that tag (`redis_take`)."""
     if isinstance(raw, str):
         body = raw.encode("utf-8", "surrogateescape")
     elif isinstance(raw, bytes):
         body = raw
     else:
         body = json.dumps(raw, default=repr).encode("utf-8")
-    tag = str(uuid.uuid4())
+    tag = delivery_tag or str(uuid.uuid4())
     return {
         "body": base64.b64encode(body).decode("ascii"),
         "content-type": "application/octet-stream",
@@ -67,9 +73,16 @@ def _guarded(message_class: type) -> type:
                 _check_envelope(self)
             except _UNREADABLE_ERRORS as exc:
                 reason = f"not a kombu message envelope: {exc!r}"
-                super().__init__(unreadable_envelope(payload, reason, None), channel=channel, **kwargs)
+                envelope = unreadable_envelope(payload, reason, None, _delivery_tag(payload))
+                super().__init__(envelope, channel=channel, **kwargs)
 
     return GuardedMessage
+
+
+def _delivery_tag(payload: Any) -> str | None:
+    properties = payload.get("properties") if isinstance(payload, dict) else None
+    tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
+    return tag if isinstance(tag, str) else None
 
 
 def _check_envelope(message: Any) -> None:
@@ -91,7 +104,7 @@ class _GuardedChannel:
             return _unreadable(exc, queue)
 
 
-class GuardedRedisChannel(_GuardedChannel, redis.Channel):  # type: ignore[misc]
+class GuardedRedisChannel(_GuardedChannel, TakingChannel):  # type: ignore[misc]
     Message = _guarded(redis.Channel.Message)  # type: ignore[assignment]
     _client: Any = None
 
