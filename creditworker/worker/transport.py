@@ -122,6 +122,17 @@ class GuardedRedisChannel(_GuardedChannel, TakingChannel):  # type: ignore[misc]
             self._client = self._create_client()
         yield self._client
 
+    def _get_pool(self, asynchronous: bool = False) -> Any:
+        """kombu's, except on a channel whose connection was closed: a connection error (the
+        message stays unacknowledged in Redis and comes back after the visibility timeout)
+        instead of kombu's AttributeError on the closed connection's missing URL. After a
+        Redis restart, Celery closes the broken connection, and closing its channel restores
+        what the channel held, through a new pool; the AttributeError escaped Celery's
+        reconnect and stopped the worker ("Unrecoverable error", issue 24)."""
+        if self.connection is None or self.connection.client is None:
+            raise redis.get_redis_ConnectionError()("the broker connection was closed")
+        return super()._get_pool(asynchronous)
+
     def _brpop_read(self, **options: Any) -> Any:
         try:
             return super()._brpop_read(**options)
