@@ -6,7 +6,12 @@ the queue that is not one (bytes pushed by hand, a producer bug, an envelope wit
 "Unrecoverable error". These transports wrap such an entry in an envelope of their own,
 marked with `UNREADABLE_HEADER`, so that it reaches the worker's intake like any message
 and becomes a dead letter (`creditworker.worker.intake`). The Redis channel also reuses its
-client object (`conn_or_acquire`). The rest is kombu's code.
+client object (`conn_or_acquire`).
+
+Both also close kombu's gaps that lose a message when a worker dies: on Redis a message
+enters the unacknowledged set in the same atomic step that takes it off its queue
+(`redis_take`); on the embedded broker a taken message stays on disk until it is
+acknowledged (`filesystem_hold`). The rest is kombu's code.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 
 from kombu.transport import filesystem, redis
 
+from creditworker.worker.filesystem_hold import HoldingChannel
 from creditworker.worker.redis_take import TakingChannel
 
 UNREADABLE_HEADER = "x-creditworker-unreadable"
@@ -147,7 +153,7 @@ class GuardedRedisTransport(redis.Transport):  # type: ignore[misc]
     Channel = GuardedRedisChannel
 
 
-class GuardedFilesystemChannel(_GuardedChannel, filesystem.Channel):  # type: ignore[misc]
+class GuardedFilesystemChannel(_GuardedChannel, HoldingChannel):  # type: ignore[misc]
     Message = _guarded(filesystem.Channel.Message)  # type: ignore[assignment]
 
 
