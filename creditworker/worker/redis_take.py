@@ -47,7 +47,7 @@ for i = 1, #KEYS - 2 do
   local item = redis.call('RPOP', KEYS[i])
   if item then
     local ok, message = pcall(cjson.decode, item)
-    if ok and type(message) == 'table' and type(message.properties) == 'table' then
+    if ARGV[i + 1] == '1' and ok and type(message) == 'table' and type(message.properties) == 'table' then
       local tag, route = message.properties.delivery_tag, message.properties.delivery_info
       if type(tag) == 'string' and type(route) == 'table'
           and type(route.exchange) == 'string' and type(route.routing_key) == 'string' then
@@ -63,7 +63,8 @@ end
 return false
 """
 """KEYS: the lists to take from, in BRPOP's order, then `unacked_index` and `unacked`.
-ARGV[1]: the delivery time by the consumer's clock (kombu's scores and sweep use it).
+ARGV[1]: the delivery time by the consumer's clock (kombu's scores and sweep use it); then
+per list '1' if its messages are acknowledged (recorded), '0' if consumed without acks.
 Returns nil, or {list number, entry, delivery tag if recorded}. The unacked value is the
 entry's own text inside kombu's `[message, exchange, routing_key]`, never re-encoded."""
 
@@ -98,6 +99,7 @@ class TakingChannel(kombu_redis.Channel):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._taken: set[str] = set()  # recorded by the script, not yet through QoS.append
+        self._no_ack_queues: set[str] = set()  # consumed without acknowledgements: not recorded
         self._next_is_wait = False
         self._wait_turn = 0
         self._paused_until = 0.0
@@ -163,7 +165,23 @@ class TakingChannel(kombu_redis.Channel):  # type: ignore[misc]
             self._taken.add(bytes_to_str(reply[2]))
         self.connection._deliver(loads(bytes_to_str(reply[1])), queue)
 
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        if no_ack:
+            self._no_ack_queues.add(queue)
+        else:
+            self._no_ack_queues.discard(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
+
     # ------------------------------------------------------------ basic_get (no event loop)
+
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        if not no_ack or queue in self._no_ack_queues:
+            return super().basic_get(queue, no_ack, **kwargs)
+        self._no_ack_queues.add(queue)
+        try:
+            return super().basic_get(queue, no_ack, **kwargs)
+        finally:
+            self._no_ack_queues.discard(queue)
 
     def _get(self, queue: str) -> Any:
         with self.conn_or_acquire() as client:
@@ -180,9 +198,11 @@ class TakingChannel(kombu_redis.Channel):  # type: ignore[misc]
 
     def _take_command(self, queues: list[str]) -> tuple[Any, ...]:
         prefix = self.global_keyprefix
-        keys = [prefix + self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        pairs = [(queue, pri) for pri in self.priority_steps for queue in queues]
+        keys = [prefix + self._q_for_pri(queue, pri) for queue, pri in pairs]
         keys += [prefix + self.unacked_index_key, prefix + self.unacked_key]
-        return ("EVAL", self._take_script, len(keys), *keys, time())
+        recorded = ["1" if self.ack_emulation and queue not in self._no_ack_queues else "0" for queue, _ in pairs]
+        return ("EVAL", self._take_script, len(keys), *keys, time(), *recorded)
 
     def _wait_command(self, key: str, timeout: float) -> tuple[Any, ...]:
         if self._blmove:
