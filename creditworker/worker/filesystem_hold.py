@@ -122,7 +122,7 @@ class HoldingChannel(filesystem.Channel):  # type: ignore[misc]
 
     def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
         """kombu's, except that the file appears in the queue folder only once it is whole."""
-        filename = f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+        filename = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, filename)
         try:
             with open(f"{final}.part", "wb") as file:  # `.part`: not a queue's suffix
