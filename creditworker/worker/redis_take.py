@@ -75,7 +75,12 @@ the pop, is done)."""
 
 
 def server_version(client: Any) -> tuple[int, ...]:
-    version = str(client.info("server").get("redis_version", "0"))
+    """(major, minor) of the server; (0,) when it will not say (INFO renamed or refused), which
+    chooses the commands every Redis since 2.6 has."""
+    try:
+        version = str(client.info("server").get("redis_version", "0"))
+    except kombu_redis.redis.exceptions.ResponseError:
+        return (0,)
     return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
 
 
@@ -161,9 +166,22 @@ class TakingChannel(kombu_redis.Channel):  # type: ignore[misc]
     def _deliver_taken(self, reply: list[Any], queues: list[str]) -> None:
         queue = queues[(int(reply[0]) - 1) % len(queues)]
         self._queue_cycle.rotate(queue)
-        if len(reply) > 2:
-            self._taken.add(bytes_to_str(reply[2]))
-        self.connection._deliver(loads(bytes_to_str(reply[1])), queue)
+        self.connection._deliver(self._payload(reply), queue)
+
+    def _payload(self, reply: list[Any]) -> Any:
+        """The taken message; its delivery tag noted when the script recorded it. An entry
+        the script could read and Python cannot loses its record: the guarded transport
+        makes a dead letter of it under a tag of its own."""
+        tag = bytes_to_str(reply[2]) if len(reply) > 2 else None
+        try:
+            payload = loads(bytes_to_str(reply[1]))
+        except Exception:
+            if tag is not None:
+                self.qos._remove_from_indices(tag).execute()
+            raise
+        if tag is not None:
+            self._taken.add(tag)
+        return payload
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
         if no_ack:
@@ -190,9 +208,7 @@ class TakingChannel(kombu_redis.Channel):  # type: ignore[misc]
             self._maybe_update_queues_expire(client, queue)
         if not reply:
             raise kombu_redis.Empty()
-        if len(reply) > 2:
-            self._taken.add(bytes_to_str(reply[2]))
-        return loads(bytes_to_str(reply[1]))
+        return self._payload(reply)
 
     # ------------------------------------------------------------ commands
 
