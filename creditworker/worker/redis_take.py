@@ -4,7 +4,8 @@ kombu's Redis transport takes a message with BRPOP and records it as unacknowled
 `unacked` hash and the `unacked_index` zset) in a second round trip, from `QoS.append`. In
 between, the message is only in the consumer's socket buffer or memory: a worker killed
 there loses it, and nothing anywhere says it existed (issue 24: one deduct in about five
-kill runs; `tests/faults/test_worker_kills.py` places the kill there and lost it every run).
+kill runs; `tests/faults/test_worker_kills.py` places the kill there, and run against
+kombu's transport it lost that message).
 The same window is open for as long as a BRPOP reply waits unread while the consumer has no
 prefetch credit.
 
