@@ -154,13 +154,15 @@ class HoldingChannel(filesystem.Channel):  # type: ignore[misc]
             payload = file.read()
         try:
             message = loads(bytes_to_str(payload))
-            tag = message["properties"]["delivery_tag"]
-            if not isinstance(tag, str):
-                raise TypeError("no delivery tag")
         except Exception:
             os.unlink(held)  # unreadable: the worker makes a dead letter of it, as before
             raise
-        self._held[tag] = held
+        properties = message.get("properties") if isinstance(message, dict) else None
+        tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
+        if isinstance(tag, str):
+            self._held[tag] = held
+        else:
+            os.unlink(held)  # no tag to acknowledge it by: a dead letter, as before
         return message
 
     def _folder(self) -> str:
