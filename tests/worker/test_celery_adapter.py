@@ -219,3 +219,43 @@ def test_a_closed_redis_channel_raises_a_connection_error_not_an_attribute_error
     connection.collect()
     with pytest.raises(connection.connection_errors), channel.conn_or_acquire():
         pass
+
+
+@pytest.mark.parametrize("blmove", [True, False], ids=["BLMOVE", "BRPOPLPUSH (Redis < 6.2)"])
+def test_an_idle_consumer_gets_messages_on_every_queue_and_priority_and_acks_them(
+    redis_url: str, blmove: bool,
+) -> None:
+    """The take and the non-destructive wait that replace BRPOP (worker/redis_take.py): an idle
+    consumer of two queues, waiting on one list, still gets what arrives on the other queue
+    and on a priority list; an acknowledged message leaves no unacked record."""
+    import socket
+
+    import redis as redis_py
+    from kombu import Connection, Exchange, Queue
+
+    from creditworker.worker.transport import GuardedRedisTransport
+    from tests.e2e.conftest import redis_db
+
+    url = redis_db(redis_url, 10)
+    client = redis_py.Redis.from_url(url)
+    client.flushdb()
+    exchange = Exchange("idle", type="direct")
+    queues = [Queue(name, exchange, routing_key=name) for name in ("first", "second")]
+    received: list[int] = []
+
+    def on_message(body: dict[str, int], message: Any) -> None:
+        received.append(body["n"])
+        message.ack()
+
+    with Connection(url, transport=GuardedRedisTransport) as connection:
+        producer = connection.Producer()
+        connection.default_channel._blmove = blmove  # the wait command an older server gets
+        with connection.Consumer(queues, callbacks=[on_message]):
+            with pytest.raises(socket.timeout):
+                connection.drain_events(timeout=0.5)  # nothing queued: the consumer waits
+            producer.publish({"n": 1}, exchange=exchange, routing_key="second")
+            producer.publish({"n": 2}, exchange=exchange, routing_key="first", priority=9)
+            while len(received) < 2:
+                connection.drain_events(timeout=10)
+    assert sorted(received) == [1, 2]
+    assert not client.hlen("unacked") and not client.zcard("unacked_index")
