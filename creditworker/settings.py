@@ -122,6 +122,7 @@ def embedded_folders(settings: Settings) -> dict[str, Path]:
         "queue": root / "broker" / "queue",
         "processed": root / "broker" / "processed",
         "control": root / "broker" / "control",
+        "held": root / "broker" / "held",
         "results": root / "results",
     }
     for folder in folders.values():
@@ -171,6 +172,8 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
             "data_folder_out": str(folders["queue"]),
             "processed_folder": str(folders["processed"]),
             "control_folder": str(folders["control"]),
+            # What each worker took and has not acknowledged (worker/filesystem_hold.py).
+            "held_folder": str(folders["held"]),
             "store_processed": False,
             "polling_interval": 0.1,
         }

@@ -31,11 +31,9 @@ from typing import Any
 
 from celery import bootsteps
 
-logger = logging.getLogger(__name__)
+from creditworker.settings import HEARTBEATS_PER_TIMEOUT
 
-HEARTBEATS_PER_TIMEOUT = 6
-"""A live worker's messages are re-scored this many times per visibility timeout, so its
-main loop may stall for five sixths of the timeout before anything is redelivered early."""
+logger = logging.getLogger(__name__)
 
 
 def held_delivery_tags(qos: Any) -> list[str]:

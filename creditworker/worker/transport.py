@@ -6,7 +6,12 @@ the queue that is not one (bytes pushed by hand, a producer bug, an envelope wit
 "Unrecoverable error". These transports wrap such an entry in an envelope of their own,
 marked with `UNREADABLE_HEADER`, so that it reaches the worker's intake like any message
 and becomes a dead letter (`creditworker.worker.intake`). The Redis channel also reuses its
-client object (`conn_or_acquire`). The rest is kombu's code.
+client object (`conn_or_acquire`).
+
+Both also close kombu's gaps that lose a message when a worker dies: on Redis a message
+enters the unacknowledged set in the same atomic step that takes it off its queue
+(`redis_take`); on the embedded broker a taken message stays on disk until it is
+acknowledged (`filesystem_hold`). The rest is kombu's code.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from typing import Any
 
 from kombu.transport import filesystem, redis
 
+from creditworker.worker.filesystem_hold import HoldingChannel
+from creditworker.worker.redis_take import TakingChannel
+
 UNREADABLE_HEADER = "x-creditworker-unreadable"
 """Set on a wrapped entry: why the transport could not read it."""
 
@@ -27,15 +35,19 @@ _UNREADABLE_ERRORS = (ValueError, TypeError, KeyError)
 """What kombu's JSON decoding and `Message` raise on an entry that is not an envelope."""
 
 
-def unreadable_envelope(raw: Any, reason: str, queue: str | None) -> dict[str, Any]:
-    """A kombu envelope that carries `raw` (as it arrived, where known) and `reason`."""
+def unreadable_envelope(
+    raw: Any, reason: str, queue: str | None, delivery_tag: str | None = None
+) -> dict[str, Any]:
+    """A kombu envelope that carries `raw` (as it arrived, where known) and `reason`; it
+    keeps `delivery_tag` when the entry had one, so that acknowledging the dead letter also
+    clears the unacknowledged record made under that tag (`redis_take`)."""
     if isinstance(raw, str):
         body = raw.encode("utf-8", "surrogateescape")
     elif isinstance(raw, bytes):
         body = raw
     else:
         body = json.dumps(raw, default=repr).encode("utf-8")
-    tag = str(uuid.uuid4())
+    tag = delivery_tag or str(uuid.uuid4())
     return {
         "body": base64.b64encode(body).decode("ascii"),
         "content-type": "application/octet-stream",
@@ -67,9 +79,16 @@ def _guarded(message_class: type) -> type:
                 _check_envelope(self)
             except _UNREADABLE_ERRORS as exc:
                 reason = f"not a kombu message envelope: {exc!r}"
-                super().__init__(unreadable_envelope(payload, reason, None), channel=channel, **kwargs)
+                envelope = unreadable_envelope(payload, reason, None, _delivery_tag(payload))
+                super().__init__(envelope, channel=channel, **kwargs)
 
     return GuardedMessage
+
+
+def _delivery_tag(payload: Any) -> str | None:
+    properties = payload.get("properties") if isinstance(payload, dict) else None
+    tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
+    return tag if isinstance(tag, str) else None
 
 
 def _check_envelope(message: Any) -> None:
@@ -91,7 +110,7 @@ class _GuardedChannel:
             return _unreadable(exc, queue)
 
 
-class GuardedRedisChannel(_GuardedChannel, redis.Channel):  # type: ignore[misc]
+class GuardedRedisChannel(_GuardedChannel, TakingChannel):  # type: ignore[misc]
     Message = _guarded(redis.Channel.Message)  # type: ignore[assignment]
     _client: Any = None
 
@@ -109,6 +128,17 @@ class GuardedRedisChannel(_GuardedChannel, redis.Channel):  # type: ignore[misc]
             self._client = self._create_client()
         yield self._client
 
+    def _get_pool(self, asynchronous: bool = False) -> Any:
+        """kombu's, except on a channel whose connection was closed: a connection error (the
+        message stays unacknowledged in Redis and comes back after the visibility timeout)
+        instead of kombu's AttributeError on the closed connection's missing URL. After a
+        Redis restart, Celery closes the broken connection, and closing its channel restores
+        what the channel held, through a new pool; the AttributeError escaped Celery's
+        reconnect and stopped the worker ("Unrecoverable error", issue 24)."""
+        if self.connection is None or self.connection.client is None:
+            raise redis.get_redis_ConnectionError()("the broker connection was closed")
+        return super()._get_pool(asynchronous)
+
     def _brpop_read(self, **options: Any) -> Any:
         try:
             return super()._brpop_read(**options)
@@ -123,7 +153,7 @@ class GuardedRedisTransport(redis.Transport):  # type: ignore[misc]
     Channel = GuardedRedisChannel
 
 
-class GuardedFilesystemChannel(_GuardedChannel, filesystem.Channel):  # type: ignore[misc]
+class GuardedFilesystemChannel(_GuardedChannel, HoldingChannel):  # type: ignore[misc]
     Message = _guarded(filesystem.Channel.Message)  # type: ignore[assignment]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -15,8 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests import services
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def wait_port(port: int, timeout: float = 60) -> None:
@@ -84,8 +88,18 @@ class PrivatePostgres:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def documented_redis_options() -> list[str]:
+    """The persistence and eviction options of docker-compose.yml's Redis: what the fault
+    tests run is what the README tells operators to run."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    command: list[str] = compose["services"]["redis"]["command"]
+    assert command[0] == "redis-server"
+    return command[1:]
+
+
 class PrivateRedis:
-    """A redis-server with append-only persistence on a free port."""
+    """A redis-server with the documented persistence (`documented_redis_options`) on a free
+    port; `kill` SIGKILLs it, as a crash or the OOM killer would."""
 
     def __init__(self) -> None:
         self.binary = _need("redis-server")
@@ -101,8 +115,7 @@ class PrivateRedis:
     def start(self) -> None:
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.root),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "",
-             "--maxmemory-policy", "noeviction"],
+             "--save", "", *documented_redis_options()],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_port(self.port)
@@ -110,6 +123,12 @@ class PrivateRedis:
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()  # SIGTERM: redis flushes the AOF and exits
+            self.process.wait(30)
+            self.process = None
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
             self.process.wait(30)
             self.process = None
 
@@ -161,6 +180,18 @@ class PrivateRabbitMQ:
 
     def stop(self) -> None:
         self._ctl("stop")
+
+    def kill(self) -> None:
+        """SIGKILL the node's Erlang VM, as a crash or the OOM killer would."""
+        pid = int((self.root / "pid").read_text().strip())
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
 
     def cleanup(self) -> None:
         self.stop()

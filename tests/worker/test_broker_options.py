@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from creditworker import settings
 from creditworker.settings import Settings, broker_transport_options
-from creditworker.worker import redelivery
 
 
 def test_the_restore_sweep_runs_as_often_as_a_live_worker_rescores() -> None:
-    """Written in two places until worker/redelivery.py imports it from settings.py."""
-    assert redelivery.HEARTBEATS_PER_TIMEOUT == settings.HEARTBEATS_PER_TIMEOUT
     options = broker_transport_options(Settings(broker_url="redis://x", visibility_timeout_seconds=30))
-    assert options["unacked_restore_interval"] == 30 // redelivery.HEARTBEATS_PER_TIMEOUT
+    assert options["unacked_restore_interval"] == 30 // settings.HEARTBEATS_PER_TIMEOUT
 
 
 def test_the_worker_app_and_the_event_consumers_get_the_same_options() -> None:
