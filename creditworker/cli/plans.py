@@ -105,9 +105,9 @@ def plans_delete(
     plan: str, idempotency_key: KeyOption = None, as_json: JsonOption = False
 ) -> None:
     """Delete an unused plan; a plan users are on is deactivated instead (exit status 2)."""
-    current().subscription_service().delete_plan(plan_ref(plan), idempotency_key=idempotency_key)
+    deleted = current().subscription_service().delete_plan(plan_ref(plan), idempotency_key=idempotency_key)
     if as_json:
-        print_json({"deleted": plan})
+        print_json(deleted)
     else:
         console.print(f"deleted plan {plan}")
 

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse
 from creditworker.client.aio import AsyncCreditClient, AsyncTaskHandle
 from creditworker.client.handle import DEFAULT_TIMEOUT, unwrap
 from creditworker.contract.errors import ServiceUnavailable
-from creditworker.contract.operations import CREATE_PLAN, DELETE_PLAN, RESERVE, Operation
+from creditworker.contract.operations import CREATE_PLAN, RESERVE, Operation
 from creditworker.engine import SubscriptionService
 from creditworker.http.api.bodies import TaskAccepted
 from creditworker.http.metering.meters import call_engine
@@ -50,9 +50,6 @@ async def engine_call(
     services: tuple[Any, Any], operation: Operation, *args: Any, **kwargs: Any
 ) -> Any:
     """The engine method the registry names (`credits.x` or `subscriptions.x`)."""
-    if operation is DELETE_PLAN:  # the registry names no method: the task has an adapter
-        await call_engine(services[1], "delete_plan", *args, **kwargs)
-        return {"deleted": args[0] if args else kwargs["plan"]}
     assert operation.engine is not None
     owner, method = operation.engine.split(".")
     service = services[0] if owner == "credits" else services[1]
