@@ -54,7 +54,19 @@ class CommandContext:
     def subscription_service(self) -> SubscriptionService:
         from creditworker.engine import SubscriptionService
 
-        return SubscriptionService(self.credit_service())
+        return SubscriptionService(self.credit_service(),
+                                   chunk_size=self.settings.allocation_chunk_size,
+                                   backfill=self.settings.allocation_backfill)
+
+    @property
+    def credits(self) -> CreditService:
+        """`credit_service()` under the name the registry uses (`credits.<method>`)."""
+        return self.credit_service()
+
+    @property
+    def subscriptions(self) -> SubscriptionService:
+        """`subscription_service()` under the name the registry uses."""
+        return self.subscription_service()
 
     def dead_letters(self) -> DeadLetterStore:
         from creditworker.records.dead_letters import DeadLetterStore

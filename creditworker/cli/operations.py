@@ -73,11 +73,10 @@ def run(operation: Operation, given: dict[str, Any], **fields: Any) -> Any:
     arguments = {command.renamed.get(name, name): value for name, value in given.items()
                  if name != "as_json" and name not in command.cli_only}
     arguments.update(fields)
-    owner, method = operation.engine.split(".")
-    context = current()
-    engine = context.credit_service() if owner == "credits" else context.subscription_service()
     given_fields = {name: value for name, value in arguments.items() if value is not None}
-    return getattr(engine, method)(**given_fields)
+    from creditworker.engine.handlers import engine_method  # the engine loads on first use
+
+    return engine_method(current(), operation)(**given_fields)
 
 
 def parse_amount(amount: str) -> int:

@@ -46,16 +46,23 @@ Handler = Callable[[Services, BaseModel, str], tuple[Call, dict[str, Any]]]
 """(services, request, key) -> the engine method to call and its keyword arguments."""
 
 
+def engine_method(services: Services, operation: Operation) -> Call:
+    """The engine method the registry names for `operation` (`credits.x` or
+    `subscriptions.x`): the one place that reads the name, for every edge."""
+    if operation.engine is None:
+        raise LookupError(f"{operation.task} is not served by the engine: its edge has an adapter")
+    owner, method = operation.engine.split(".")
+    return getattr(getattr(services, owner), method)  # type: ignore[no-any-return]
+
+
 def _given_fields(operation: Operation) -> Handler:
     """The method the registry names, with the request's given fields (and the key)."""
-    assert operation.engine is not None
-    owner, method = operation.engine.split(".")
 
     def handler(services: Services, request: BaseModel, key: str) -> tuple[Call, dict[str, Any]]:
         arguments = {name: getattr(request, name) for name in request.model_fields_set}
         if operation.keyed:
             arguments["idempotency_key"] = key
-        return getattr(getattr(services, owner), method), arguments
+        return engine_method(services, operation), arguments
 
     return handler
 

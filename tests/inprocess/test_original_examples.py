@@ -96,13 +96,13 @@ def test_the_automatic_credit_deduction_middleware(flavour: str) -> None:
 async def _grant(service: object, user_id: str, amount: int) -> None:
     from creditworker.http.metering.meters import call_engine
 
-    await call_engine(service, "add_credits", user_id, amount)
+    await call_engine(service.add_credits, user_id, amount)
 
 
 async def _info(service: object, user_id: str) -> object:
     from creditworker.http.metering.meters import call_engine
 
-    return await call_engine(service, "get_user_credits_info", user_id)
+    return await call_engine(service.get_user_credits_info, user_id)
 
 
 def test_use_the_services_directly_async(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from creditworker.client.handle import DEFAULT_TIMEOUT, unwrap
 from creditworker.contract.errors import ServiceUnavailable
 from creditworker.contract.operations import CREATE_PLAN, RESERVE, Operation
 from creditworker.engine import SubscriptionService
+from creditworker.engine.handlers import BuiltServices, engine_method
 from creditworker.http.api.bodies import TaskAccepted
 from creditworker.http.metering.meters import call_engine
 
@@ -47,13 +48,10 @@ def status_of(operation: Operation) -> int:
 
 
 async def engine_call(
-    services: tuple[Any, Any], operation: Operation, *args: Any, **kwargs: Any
+    services: BuiltServices, operation: Operation, *args: Any, **kwargs: Any
 ) -> Any:
-    """The engine method the registry names (`credits.x` or `subscriptions.x`)."""
-    assert operation.engine is not None
-    owner, method = operation.engine.split(".")
-    service = services[0] if owner == "credits" else services[1]
-    return await call_engine(service, method, *args, **kwargs)
+    """The engine method the registry names, called (and awaited on the async twin)."""
+    return await call_engine(engine_method(services, operation), *args, **kwargs)
 
 
 async def _answer(
@@ -83,7 +81,7 @@ class WorkerBackend:
 
     def __init__(self, client: AsyncCreditClient, reads: Any, subscriptions: Any) -> None:
         self.client = client
-        self.services = (reads, subscriptions)
+        self.services = BuiltServices(reads, subscriptions)
 
     async def write(
         self, operation: Operation, fields: dict[str, Any], wait: float | None
@@ -114,7 +112,7 @@ class EngineBackend:
     """In process: every operation is one call of the engine, answered with its result."""
 
     def __init__(self, credits: Any) -> None:
-        self.services = (credits, subscriptions_for(credits))
+        self.services = BuiltServices(credits, subscriptions_for(credits))
 
     async def write(
         self, operation: Operation, fields: dict[str, Any], wait: float | None

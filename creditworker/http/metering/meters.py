@@ -27,9 +27,8 @@ class Meter(Protocol):
     async def deduct(self, user_id: str, amount: int, **fields: Any) -> LedgerEntry: ...
 
 
-async def call_engine(service: Any, method: str, *args: Any, **kwargs: Any) -> Any:
-    """`service.method(...)`: awaited if the engine is async, else in the thread pool."""
-    bound: Callable[..., Any] = getattr(service, method)
+async def call_engine(bound: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """An engine method called: awaited if the engine is async, else in the thread pool."""
     if inspect.iscoroutinefunction(bound):
         return await bound(*args, **kwargs)
     return await run_in_threadpool(bound, *args, **kwargs)
@@ -44,7 +43,7 @@ class EngineMeter:
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await call_engine(self.service, method, *args, **kwargs)
+            return await call_engine(getattr(self.service, method), *args, **kwargs)
         except DBAPIError as exc:
             if not is_transient(exc):
                 raise
