@@ -17,7 +17,17 @@ from typing import Annotated
 
 import typer
 
-from creditworker.cli import audit, credits, db, dead_letters, events, ledger, plans, running
+from creditworker.cli import (
+    audit,
+    credits,
+    db,
+    dead_letters,
+    events,
+    ledger,
+    plans,
+    reports,
+    running,
+)
 from creditworker.cli.context import begin
 from creditworker.cli.schema import schema
 
@@ -36,7 +46,7 @@ def _global(
 
 
 app.command()(schema)
-for top_level in (audit, credits, ledger, running):
+for top_level in (audit, credits, ledger, reports, running):
     app.add_typer(top_level.commands)
 app.add_typer(db.commands, name="db")
 app.add_typer(events.commands, name="events")

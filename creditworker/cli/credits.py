@@ -10,6 +10,7 @@ from rich.table import Table
 
 from creditworker.cli.operations import parse_amount, run, runs
 from creditworker.cli.output import JsonOption, KeyOption, console, print_json, table
+from creditworker.cli.reports import DATES
 from creditworker.contract.operations import ADD, BALANCE, DEDUCT, HISTORY
 
 commands = typer.Typer()
@@ -31,7 +32,14 @@ def entry_table(entries: list[Any], title: str) -> Table:
 
 
 @runs(BALANCE, commands)
-def balance(user_id: str, as_json: JsonOption = False) -> None:
+def balance(
+    user_id: str,
+    at: Annotated[
+        datetime | None,
+        typer.Option(formats=DATES, help="The balance as it was at this moment (UTC)."),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
     """Show a user's total, reserved, available and soon-expiring credits."""
     info = run(BALANCE, locals())
     if as_json:

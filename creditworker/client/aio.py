@@ -26,6 +26,7 @@ from creditworker.contract.credits import (
     CreditsInfo,
     LedgerEntry,
     Reservation,
+    UsagePeriod,
 )
 from creditworker.contract.plans import DeletedPlan, Plan, Subscription
 from creditworker.settings import Settings
@@ -124,8 +125,16 @@ class AsyncCreditClient:
     ) -> AsyncTaskHandle[LedgerEntry]:
         return await self._call("release_reservation", locals())
 
-    async def get_user_credits_info(self, user_id: str) -> AsyncTaskHandle[CreditsInfo]:
+    async def get_user_credits_info(
+        self, user_id: str, *, at: datetime | None = None
+    ) -> AsyncTaskHandle[CreditsInfo]:
         return await self._call("get_user_credits_info", locals())
+
+    async def get_usage(
+        self, user_id: str | None = None, *, start: datetime, end: datetime,
+        granularity: str = "day",
+    ) -> AsyncTaskHandle[list[UsagePeriod]]:
+        return await self._call("get_usage", locals())
 
     async def get_history(
         self, user_id: str, *, limit: int = 50, before: int | None = None,

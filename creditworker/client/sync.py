@@ -38,11 +38,13 @@ from creditworker.contract.credits import (
     GetExpiring,
     GetHistory,
     GetReservation,
+    GetUsage,
     LedgerEntry,
     ReleaseReservation,
     Reservation,
     ReserveCredits,
     SubmitBatch,
+    UsagePeriod,
     parse,
     parse_batch_item,
 )
@@ -206,8 +208,16 @@ class CreditClient:
     ) -> TaskHandle[LedgerEntry]:
         return self._call(ReleaseReservation, locals())
 
-    def get_user_credits_info(self, user_id: str) -> TaskHandle[CreditsInfo]:
+    def get_user_credits_info(
+        self, user_id: str, *, at: datetime | None = None
+    ) -> TaskHandle[CreditsInfo]:
         return self._call(GetCredits, locals())
+
+    def get_usage(
+        self, user_id: str | None = None, *, start: datetime, end: datetime,
+        granularity: str = "day",
+    ) -> TaskHandle[list[UsagePeriod]]:
+        return self._call(GetUsage, locals())
 
     def get_history(
         self,

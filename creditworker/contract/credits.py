@@ -14,7 +14,7 @@ import re
 import types
 import typing
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, TypeVar
 
@@ -26,6 +26,7 @@ from pydantic import (
     Strict,
     TypeAdapter,
     ValidationError,
+    model_validator,
 )
 
 from creditworker.contract.errors import ValidationFailed
@@ -43,6 +44,7 @@ MAX_RESERVATION_TTL_SECONDS = 7 * 24 * 3600
 MAX_PRIORITY = 1_000_000
 MAX_HISTORY_PAGE = 1000
 MAX_WITHIN_DAYS = 3660
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class CreditSource(StrEnum):
@@ -303,8 +305,41 @@ class ReleaseReservation(Request):
     reservation_id: ReservationId
 
 
+def _after_epoch(value: datetime) -> datetime:
+    if value < EPOCH:
+        raise ValueError("must not be before 1970-01-01T00:00:00Z")
+    return value
+
+
+Moment = Annotated[datetime, AfterValidator(_as_utc), AfterValidator(_after_epoch)]
+"""A moment a read asks about: naive is taken as UTC (as everywhere), before the epoch refused."""
+
+
 class GetCredits(_Message):
     user_id: UserId
+    at: Moment | None = None
+    """The balance as it was at this moment (None: now)."""
+
+
+class Granularity(StrEnum):
+    DAY = "day"
+    MONTH = "month"
+
+
+class GetUsage(_Message):
+    """Credits granted, consumed, expired, voided and refunded per period of [start, end);
+    one user's, or all accounts' together when `user_id` is None."""
+
+    start: Moment
+    end: Moment
+    granularity: Granularity = Granularity.DAY
+    user_id: UserId | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> GetUsage:
+        if self.start > self.end:
+            raise ValueError("start must not be after end")
+        return self
 
 
 class GetHistory(_Message):
@@ -386,6 +421,25 @@ class CreditsInfo(BaseModel):
     available: int
     expiring_soon: int
     expiring_within_days: int
+    at: datetime | None = None
+    """The moment of a balance read in the past (`expiring_soon` is then 0: not computed)."""
+
+
+class UsagePeriod(BaseModel):
+    """One period of a usage report: each column a positive number of credits.
+
+    `by_kind` is the signed sum of `amount` per entry kind in the period, every kind
+    included, so a kind the columns do not name yet still shows up."""
+
+    model_config = ConfigDict(frozen=True)
+
+    period: date
+    granted: int = 0
+    consumed: int = 0
+    expired: int = 0
+    voided: int = 0
+    refunded: int = 0
+    by_kind: dict[str, int] = Field(default_factory=dict)
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -29,12 +29,14 @@ from creditworker.contract.credits import (
     GetExpiring,
     GetHistory,
     GetReservation,
+    GetUsage,
     LedgerEntry,
     ReleaseReservation,
     Request,
     Reservation,
     ReserveCredits,
     SubmitBatch,
+    UsagePeriod,
 )
 from creditworker.contract.plans import (
     AllocateSubscriptions,
@@ -174,6 +176,10 @@ RESERVATION = Operation(
     "creditworker.credits.reservation", GetReservation, Reservation, "A reservation and its status",
     engine="credits.get_reservation", producer="get_reservation",
     route=_route("GET", "/reservations/{reservation_id}"))
+USAGE = Operation(
+    "creditworker.credits.usage", GetUsage, list[UsagePeriod],
+    "Credits granted, consumed, expired, voided, refunded per day or month (one user or all)",
+    engine="credits.get_usage", producer="get_usage", route=_route("GET", "/usage"), cli="usage")
 BATCH = Operation(
     "creditworker.credits.batch", SubmitBatch, list[BatchOutcome],
     "Up to 1,000 operations in one transaction, one outcome each",
@@ -242,7 +248,8 @@ ALLOCATE = Operation(
     engine="subscriptions.allocate", wrap="granted")
 
 OPERATIONS: tuple[Operation, ...] = (
-    ADD, DEDUCT, RESERVE, COMMIT, RELEASE, BALANCE, HISTORY, EXPIRING, RESERVATION, BATCH, PING, EXPIRE,
+    ADD, DEDUCT, RESERVE, COMMIT, RELEASE, BALANCE, HISTORY, EXPIRING, RESERVATION, USAGE, BATCH, PING,
+    EXPIRE,
     RELEASE_STALE, REMIND, RELAY, CREATE_PLAN, UPDATE_PLAN, DELETE_PLAN, GET_PLAN, LIST_PLANS,
     ASSIGN_PLAN, CHANGE_PLAN, REMOVE_PLAN, GET_SUBSCRIPTION, ALLOCATE_DUE, ALLOCATE,
 )

@@ -33,6 +33,7 @@ from creditworker.contract.credits import (
     GetExpiring,
     GetHistory,
     GetReservation,
+    GetUsage,
     LedgerEntry,
     OveragePolicy,
     ReleaseReservation,
@@ -40,6 +41,7 @@ from creditworker.contract.credits import (
     Reservation,
     ReservationStatus,
     ReserveCredits,
+    UsagePeriod,
     parse,
     parse_batch_item,
 )
@@ -50,7 +52,7 @@ from creditworker.contract.errors import (
     UnknownUser,
     ValidationFailed,
 )
-from creditworker.engine import rules, sweeps
+from creditworker.engine import reports, rules, sweeps
 from creditworker.engine.account import HoldOwner
 from creditworker.engine.results import batch_outcome, entry_record, reservation_record
 from creditworker.engine.unit_of_work import (
@@ -339,11 +341,15 @@ class CreditService:
         return ledger_records.read(self.engine, kind=kind, user_id=user_id, limit=limit, before=before)
 
     def get_user_credits_info(
-        self, user_id: str, *, within_days: int | None = None, now: datetime | None = None
+        self, user_id: str, *, within_days: int | None = None, at: datetime | None = None,
+        now: datetime | None = None,
     ) -> CreditsInfo:
-        """Balance, held and available credits, and how many expire within `within_days`."""
+        """Balance, held and available credits, and how many expire within `within_days`;
+        with `at`, the balance, held and available credits as they were at that moment."""
         days = self.expiring_soon_days if within_days is None else within_days
         request = self._parse(GetExpiring, user_id=user_id, within_days=days)
+        if at is not None:
+            return self._credits_info_at(self._parse(GetCredits, user_id=user_id, at=at), days)
         at = aware(now)
         horizon = at + timedelta(days=request.within_days)
         with Session(self.engine) as session:
@@ -369,6 +375,30 @@ class CreditService:
                 expiring_soon=int(expiring or 0),
                 expiring_within_days=request.within_days,
             )
+
+    def _credits_info_at(self, request: GetCredits, within_days: int) -> CreditsInfo:
+        assert request.at is not None
+        with Session(self.engine) as session:
+            self._account(session, request.user_id)
+            balance, reserved = reports.balance_at(session, request.user_id, request.at)
+        return CreditsInfo(
+            user_id=request.user_id, total=balance, reserved=reserved,
+            available=balance - reserved, expiring_soon=0, expiring_within_days=within_days,
+            at=request.at,
+        )
+
+    def get_usage(
+        self, user_id: str | None = None, *, start: datetime, end: datetime,
+        granularity: str = "day",
+    ) -> list[UsagePeriod]:
+        """Credits granted, consumed, expired, voided and refunded per day or month of
+        [start, end): one user's, or every account's together when `user_id` is None."""
+        request = self._parse(GetUsage, user_id=user_id, start=start, end=end, granularity=granularity)
+        with Session(self.engine) as session:
+            if request.user_id is not None:
+                self._account(session, request.user_id)
+            return reports.usage(session, request.user_id, request.start, request.end,
+                                 request.granularity)
 
     def get_history(
         self,

@@ -141,6 +141,7 @@ class Hold(Base):
     __tablename__ = "reservations"
     __table_args__ = (
         Index("ix_reservations_status_expires_at", "status", "expires_at"),
+        Index("ix_reservations_user_id_created_at", "user_id", "created_at"),
         CheckConstraint("amount > 0", name="amount_positive"),
         CheckConstraint("committed_amount IS NULL OR committed_amount >= 0", name="committed_amount_not_negative"),
     )
@@ -162,7 +163,10 @@ class Entry(Base):
     """An immutable ledger entry; the sum of `amount` per account is its balance."""
 
     __tablename__ = "ledger_entries"
-    __table_args__ = (Index("ix_ledger_entries_user_id_id", "user_id", "id"),)
+    __table_args__ = (
+        Index("ix_ledger_entries_user_id_id", "user_id", "id"),
+        Index("ix_ledger_entries_user_id_created_at_id", "user_id", "created_at", "id"),
+    )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     user_id: Mapped[str] = mapped_column(

@@ -116,6 +116,7 @@ def test_reserve_and_wait_takes_the_reserve_fields_and_a_timeout(client: type) -
 SAMPLES: dict[str, Any] = {
     "user_id": "ann", "amount": 5, "reservation_id": "r-1", "plan": "basic", "name": "basic",
     "credit_limit": 10, "operations": [{"op": "deduct", "user_id": "ann", "amount": 1}],
+    "start": "2026-01-01T00:00:00Z", "end": "2026-02-01T00:00:00Z",
 }
 
 

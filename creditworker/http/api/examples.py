@@ -48,6 +48,9 @@ RELEASE_ENTRY = {**COMMIT_ENTRY, "id": 45, "kind": "release", "amount": 0,
                  "idempotency_key": "chat-123:release"}
 BALANCE = {"user_id": "alice", "total": 70, "reserved": 20, "available": 50,
            "expiring_soon": 10, "expiring_within_days": 7}
+USAGE_PERIOD = {"period": "2025-01-01", "granted": 100, "consumed": 30, "expired": 0,
+                "voided": 0, "refunded": 0,
+                "by_kind": {"add": 100, "deduct": -30, "reserve": 0, "commit": 0}}
 LOT = {"id": 7, "user_id": "alice", "amount": 100, "remaining": 10, "source": "bonus",
        "priority": 0, "expires_at": "2025-01-05T00:00:00Z", "created_at": AT}
 PLAN = {"id": 3, "name": "pro", "credit_limit": 1000, "price": "19.9", "currency": "USD",

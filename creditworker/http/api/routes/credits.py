@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -13,8 +14,9 @@ from creditworker.contract.credits import (
     AddCredits,
     DeductCredits,
     EntryKind,
+    Granularity,
 )
-from creditworker.contract.operations import ADD, BALANCE, DEDUCT, EXPIRING, HISTORY
+from creditworker.contract.operations import ADD, BALANCE, DEDUCT, EXPIRING, HISTORY, USAGE
 from creditworker.http.api import examples
 from creditworker.http.api.backends import json_answer
 from creditworker.http.api.bodies import HistoryPage, KeyHeader, UserIdPath, fields
@@ -50,8 +52,31 @@ async def deduct_credits(
 
 @served(router, BALANCE, summary="A user's total, held and available credits",
         example=examples.BALANCE, errors=[404])
-async def balance(user_id: UserIdPath, run: Run) -> JSONResponse:
-    return json_answer(await run.read(BALANCE, user_id))
+async def balance(
+    user_id: UserIdPath,
+    run: Run,
+    at: Annotated[
+        datetime | None,
+        Query(description="The balance as it was at this moment (ISO 8601; without a zone, UTC)."),
+    ] = None,
+) -> JSONResponse:
+    return json_answer(await run.read(BALANCE, user_id, at=at))
+
+
+@served(router, USAGE, summary="Credits granted, consumed, expired, voided, refunded per period",
+        example=[examples.USAGE_PERIOD], errors=[404])
+async def usage(
+    run: Run,
+    start: Annotated[datetime, Query(description="First moment counted (ISO 8601, UTC).")],
+    end: Annotated[datetime, Query(description="First moment not counted.")],
+    granularity: Annotated[Granularity, Query(description="`day` or `month`.")] = Granularity.DAY,
+    user_id: Annotated[
+        str | None, Query(description="One user's usage; every account's without it.")
+    ] = None,
+) -> JSONResponse:
+    return json_answer(await run.read(
+        USAGE, user_id, start=start, end=end, granularity=granularity.value,
+    ))
 
 
 @served(router, HISTORY, summary="A user's ledger entries, newest first", model=HistoryPage,

@@ -1,0 +1,93 @@
+"""Reads over the ledger: a balance at any moment, and usage per period.
+
+Both read what the ledger already holds: every entry has `balance_after`, every hold its
+`created_at`, `finalized_at` and `expires_at`. Nothing here writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import date, datetime
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
+
+from creditworker.contract.credits import Granularity, UsagePeriod
+from creditworker.storage.reports import period_start
+from creditworker.storage.tables import Entry, Hold
+
+USAGE_COLUMNS: dict[str, str] = {
+    "add": "granted",
+    "deduct": "consumed",
+    "commit": "consumed",
+    "expire": "expired",
+    "void": "voided",
+    "voided": "voided",
+    "refund": "refunded",
+    "refunded": "refunded",
+}
+"""Which column of a usage report an entry kind counts in (as a positive number of credits);
+the one place to extend when the ledger gets a new kind. Kinds not named here (holds and
+their releases, which move no balance) still show in `UsagePeriod.by_kind`."""
+
+
+def balance_at(session: Session, user_id: str, at: datetime) -> tuple[int, int]:
+    """(balance, reserved) of an account at `at`.
+
+    The balance is `balance_after` of its last entry at or before `at` (one probe of the
+    `(user_id, created_at, id)` index); reserved is what its holds held then: created at or
+    before `at`, not yet committed or released, and not past their expiry (a hold past its
+    TTL stops counting at once, as in the engine's reads now)."""
+    balance = session.scalar(
+        select(Entry.balance_after)
+        .where(Entry.user_id == user_id, Entry.created_at <= at)
+        .order_by(Entry.created_at.desc(), Entry.id.desc())
+        .limit(1)
+    )
+    reserved = session.scalar(
+        select(func.coalesce(func.sum(Hold.amount), 0)).where(
+            Hold.user_id == user_id, Hold.created_at <= at, Hold.expires_at > at,
+            or_(Hold.finalized_at.is_(None), Hold.finalized_at > at),
+        )
+    )
+    return int(balance or 0), int(reserved or 0)
+
+
+def usage(
+    session: Session, user_id: str | None, start: datetime, end: datetime,
+    granularity: Granularity,
+) -> list[UsagePeriod]:
+    """Per period of [start, end), the signed sum of `amount` per entry kind, in one query
+    grouped by period and kind; one account's, or every account's when `user_id` is None."""
+    dialect = session.get_bind().dialect.name
+    window = select(
+        period_start(Entry.created_at, granularity, dialect).label("period"),
+        Entry.kind.label("kind"), Entry.amount.label("amount"),
+    ).where(Entry.created_at >= start, Entry.created_at < end)
+    if user_id is not None:
+        window = window.where(Entry.user_id == user_id)
+    rows = window.subquery()  # grouped outside, so the period is one expression on every dialect
+    totals = session.execute(
+        select(rows.c.period, rows.c.kind, func.sum(rows.c.amount))
+        .group_by(rows.c.period, rows.c.kind)
+        .order_by(rows.c.period, rows.c.kind)
+    )
+    return periods((str(period), kind, int(total)) for period, kind, total in totals)
+
+
+def periods(totals: Iterable[tuple[str, str, int]]) -> list[UsagePeriod]:
+    """Rows of (period as `YYYY-MM-DD`, kind, signed total) as one `UsagePeriod` each,
+    oldest first; only periods that have entries appear."""
+    by_period: dict[date, dict[str, int]] = {}
+    for period, kind, total in totals:
+        kinds = by_period.setdefault(date.fromisoformat(period[:10]), {})
+        kinds[kind] = kinds.get(kind, 0) + total
+    report = []
+    for period, kinds in sorted(by_period.items()):
+        columns: dict[str, int] = {}
+        for kind, total in kinds.items():
+            column = USAGE_COLUMNS.get(kind)
+            if column is not None:
+                columns[column] = columns.get(column, 0) + abs(total)
+        report.append(UsagePeriod(period=period, by_kind=kinds, **columns))
+    return report
