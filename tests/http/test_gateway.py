@@ -714,3 +714,31 @@ def test_every_route_has_a_tag_a_summary_and_an_example(app: FastAPI) -> None:
         assert operation.get("summary"), (method, path)
         text = json.dumps({"responses": operation.get("responses"), "body": operation.get("requestBody")})
         assert '"example' in text, (method, path, "no example")
+
+
+# ------------------------------------------------------------------ reports
+
+
+def test_a_balance_at_a_moment_and_a_usage_report_over_http_and_through_the_worker(
+    http: TestClient, worker: RunningWorker
+) -> None:
+    user = new_user()
+    start = datetime(2031, 3, 1, tzinfo=UTC)
+    worker.service.add_credits(user, 100, now=start)
+    worker.service.deduct_credits(user, 30, now=start + timedelta(days=1))
+    then = http.get(f"/credits/balance/{user}", params={"at": "2031-03-01T12:00:00"})  # naive: UTC
+    assert then.status_code == 200, then.text
+    assert (then.json()["total"], then.json()["at"]) == (100, "2031-03-01T12:00:00Z")
+    window = {"start": "2031-03-01T00:00:00Z", "end": "2031-04-01T00:00:00Z", "user_id": user}
+    report = http.get("/credits/usage", params={**window, "granularity": "month"})
+    assert report.status_code == 200, report.text
+    assert [(p["period"], p["granted"], p["consumed"]) for p in report.json()] == [("2031-03-01", 100, 30)]
+    (daily,) = [worker.client.get_usage(user, start=start, end=start + timedelta(days=1)).get(timeout=20)]
+    assert [(p.period.isoformat(), p.granted, p.consumed) for p in daily] == [("2031-03-01", 100, 0)]
+    backwards = http.get("/credits/usage", params={**window, "start": "2031-05-01T00:00:00Z"})
+    assert (backwards.status_code, error_code(backwards)) == (422, "invalid_input")
+    assert "start must not be after end" in backwards.json()["error"]["message"] + str(backwards.json())
+    weekly = http.get("/credits/usage", params={**window, "granularity": "week"})
+    assert (weekly.status_code, error_code(weekly)) == (422, "invalid_input")
+    nobody = http.get("/credits/usage", params={**window, "user_id": new_user()})
+    assert (nobody.status_code, error_code(nobody)) == (404, "unknown_user")
