@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,21 @@ def test_keys_replay_and_conflict_as_in_the_sync_engine(database_url: str) -> No
         hold = await credits.reserve_credits("bob", 4)
         assert (await credits.commit_reservation(hold.id, 3)).amount == -3
         assert [e.kind.value for e in await credits.get_history("bob")] == ["commit", "reserve", "add"]
+        await credits.dispose()
+
+    run(scenario())
+
+
+def test_reports_read_the_same_through_the_async_twin(database_url: str) -> None:
+    async def scenario() -> None:
+        credits = AsyncCreditService(database_url)
+        start = datetime(2030, 1, 1, tzinfo=UTC)
+        await credits.add_credits("dora", 10, now=start)
+        await credits.deduct_credits("dora", 4, now=start + timedelta(days=1))
+        assert (await credits.get_user_credits_info("dora", at=start)).total == 10
+        usage = await credits.get_usage("dora", start=start, end=start + timedelta(days=31),
+                                        granularity="month")
+        assert [(p.granted, p.consumed) for p in usage] == [(10, 4)]
         await credits.dispose()
 
     run(scenario())
