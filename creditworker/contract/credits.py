@@ -60,6 +60,8 @@ class EntryKind(StrEnum):
     RELEASE = "release"
     EXPIRE = "expire"
     RESERVATION_EXPIRED = "reservation_expired"
+    VOID = "void"
+    EXPIRY_CHANGED = "expiry_changed"
 
 
 class ReservationStatus(StrEnum):
@@ -301,6 +303,28 @@ class CommitReservation(Request):
 
 class ReleaseReservation(Request):
     reservation_id: ReservationId
+
+
+LotId = Annotated[int, Strict(), Field(gt=0)]
+Reason = Annotated[
+    str, Strict(), Field(min_length=1, max_length=MAX_DESCRIPTION_LENGTH), AfterValidator(_check_text)
+]
+"""Why a correction was made: `refund`, `chargeback`, `fraud`, `correction`, or free text."""
+
+
+class VoidLot(Request):
+    """Remove what is left of a grant (or `amount` of it); consumed credits stay consumed."""
+
+    lot_id: LotId
+    reason: Reason
+    amount: Amount | None = None
+
+
+class ChangeLotExpiry(Request):
+    """Move a grant's expiry; a moment already past expires what is left of it now."""
+
+    lot_id: LotId
+    expires_at: UtcDateTime
 
 
 class GetCredits(_Message):

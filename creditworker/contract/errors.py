@@ -54,6 +54,12 @@ class ReservationNotActive(CreditError):
     code = "reservation_not_active"
 
 
+class UnknownLot(CreditError):
+    """A correction names a lot (grant) that does not exist."""
+
+    code = "unknown_lot"
+
+
 class IdempotencyConflict(CreditError):
     """The idempotency key was already used for a different request."""
 
@@ -102,6 +108,7 @@ ERRORS_BY_CODE: dict[str, type[CreditError]] = {
         InsufficientCredits,
         UnknownUser,
         UnknownReservation,
+        UnknownLot,
         ReservationNotActive,
         IdempotencyConflict,
         UnknownPlan,

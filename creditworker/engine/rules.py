@@ -37,6 +37,8 @@ class Lot:
     idempotency_key: str
     age: int = 0
     """Orders equal lots oldest first: the id of a stored lot, a larger number for a new one."""
+    expiry_changed: bool = False
+    """True when a correction moved `expires_at` (the writer then writes it)."""
 
 
 def draw_order(lot: Lot) -> tuple[Any, ...]:
@@ -281,6 +283,42 @@ def expire(account: Account, lots: list[Lot], *, at: datetime) -> list[Posting]:
         lot.remaining -= taken
         unheld -= taken
         postings.append(_posting(account, EntryKind.EXPIRE, key, at, amount=-taken, lot=lot))
+    return postings
+
+
+def void(account: Account, lot: Lot, amount: int | None, *, reason: str, at: datetime,
+         key: str) -> Posting:
+    """Remove `amount` (None: all that is left) of a lot, a `void` entry with its reason.
+
+    Consumed credits stay consumed, and `available` never goes below zero: credits an active
+    hold backs cannot be voided away, so a void larger than what is free is refused.
+    """
+    wanted = lot.remaining if amount is None else amount
+    free = min(lot.remaining, max(0, account.available))
+    if wanted <= 0 or wanted > free:
+        raise InsufficientCredits(
+            f"lot {lot.id} has {free} credits free to void ({lot.remaining} left, "
+            f"{account.available} available to the account), {wanted} requested",
+            user_id=account.user_id, lot_id=lot.id, remaining=lot.remaining, free=free,
+            requested=wanted,
+        )
+    lot.remaining -= wanted
+    return _posting(account, EntryKind.VOID, key, at, amount=-wanted, lot=lot,
+                    metadata={"reason": reason})
+
+
+def change_expiry(account: Account, lot: Lot, expires_at: datetime, *, at: datetime,
+                  key: str) -> list[Posting]:
+    """Move a lot's expiry: an `expiry_changed` entry (no amount), then, for a moment already
+    past, the usual `expire` entry for what is left of it that no active hold backs."""
+    previous = lot.expires_at
+    lot.expires_at = expires_at
+    lot.expiry_changed = True
+    metadata = {"expires_at": expires_at.isoformat(),
+                "previous_expires_at": previous.isoformat() if previous is not None else None}
+    postings = [_posting(account, EntryKind.EXPIRY_CHANGED, key, at, lot=lot, metadata=metadata)]
+    if expires_at <= at:
+        postings.extend(expire(account, [lot], at=at))
     return postings
 
 

@@ -24,6 +24,7 @@ from creditworker.contract.credits import (
     MAX_USER_ID_LENGTH,
     AddCredits,
     BatchOutcome,
+    ChangeLotExpiry,
     CommitReservation,
     CreditLot,
     CreditsInfo,
@@ -40,24 +41,28 @@ from creditworker.contract.credits import (
     Reservation,
     ReservationStatus,
     ReserveCredits,
+    VoidLot,
     parse,
     parse_batch_item,
 )
 from creditworker.contract.errors import (
     CreditError,
     IdempotencyConflict,
+    UnknownLot,
     UnknownReservation,
     UnknownUser,
     ValidationFailed,
 )
+from creditworker.contract.events import CreditsExpired, CreditsExpiryChanged, CreditsVoided
 from creditworker.engine import rules, sweeps
-from creditworker.engine.account import HoldOwner
+from creditworker.engine.account import HoldOwner, load_lots
 from creditworker.engine.results import batch_outcome, entry_record, reservation_record
 from creditworker.engine.unit_of_work import (
     ResultSource,
     StoredOperation,
     UnitOfWork,
     collector_paused,
+    new_event_id,
 )
 from creditworker.engine.writer import write
 from creditworker.records import ledger_records
@@ -233,6 +238,97 @@ class CreditService:
         """Give held credits back to `available` without charging anything."""
         request = self._parse(ReleaseReservation, reservation_id=reservation_id, idempotency_key=idempotency_key)
         return self._apply_one(request, LedgerEntry, now)
+
+    # ------------------------------------------------------------------ corrections
+
+    def void_lot(
+        self,
+        lot_id: int,
+        *,
+        reason: str,
+        amount: int | None = None,
+        idempotency_key: str | None = None,
+        now: datetime | None = None,
+    ) -> LedgerEntry:
+        """Remove what is left of a grant (or `amount` of it) with a reason, as a `void` entry.
+
+        Consumed credits stay consumed; credits an active hold backs are not free to void."""
+        request = self._parse(VoidLot, lot_id=lot_id, reason=reason, amount=amount,
+                              idempotency_key=idempotency_key)
+
+        def decide(uow: UnitOfWork, lot: rules.Lot, key: str) -> rules.Posting:
+            posting = uow.post(rules.void(uow.account(lot.user_id), lot, request.amount,
+                                          reason=request.reason, at=uow.at, key=key))
+            assert lot.id is not None
+            uow.emit(CreditsVoided(event_id=new_event_id(), occurred_at=uow.at, user_id=lot.user_id,
+                                   lot_id=lot.id, amount=-posting.amount, reason=request.reason))
+            return posting
+
+        return self._correct_lot(request, decide, now)
+
+    def change_lot_expiry(
+        self,
+        lot_id: int,
+        expires_at: datetime,
+        *,
+        idempotency_key: str | None = None,
+        now: datetime | None = None,
+    ) -> LedgerEntry:
+        """Extend or shorten a grant (an `expiry_changed` entry); a moment already past expires
+        what is left of it now, with the usual `expire` entry and event."""
+        request = self._parse(ChangeLotExpiry, lot_id=lot_id, expires_at=expires_at,
+                              idempotency_key=idempotency_key)
+
+        def decide(uow: UnitOfWork, lot: rules.Lot, key: str) -> rules.Posting:
+            previous = lot.expires_at
+            changed, *expired = rules.change_expiry(uow.account(lot.user_id), lot, request.expires_at,
+                                                    at=uow.at, key=key)
+            uow.post(changed)
+            assert lot.id is not None
+            uow.emit(CreditsExpiryChanged(event_id=new_event_id(), occurred_at=uow.at, user_id=lot.user_id,
+                                          lot_id=lot.id, expires_at=request.expires_at,
+                                          previous_expires_at=previous))
+            for posting in expired:
+                uow.post(posting)
+                uow.record_system_operation(posting.idempotency_key, "ExpireLot", lot.user_id)
+                uow.emit(CreditsExpired(event_id=new_event_id(), occurred_at=uow.at, user_id=lot.user_id,
+                                        lot_id=lot.id, amount=-posting.amount))
+            return changed
+
+        return self._correct_lot(request, decide, now)
+
+    def _correct_lot(
+        self,
+        request: VoidLot | ChangeLotExpiry,
+        decide: Callable[[UnitOfWork, rules.Lot, str], rules.Posting],
+        now: datetime | None,
+    ) -> LedgerEntry:
+        """A correction of one lot, once per idempotency key: its owner's account is locked
+        and the lot re-read under the lock; the result is the correction's entry."""
+        key = request.idempotency_key or _fresh_key()
+        fingerprint = request.fingerprint()
+        operation = type(request).__name__
+
+        def work(uow: UnitOfWork) -> ResultSource:
+            found = load_lots(uow.connection, [request.lot_id])  # a lot's owner never changes
+            if not found:
+                raise UnknownLot(f"no lot {request.lot_id}", lot_id=request.lot_id)
+            uow.lock([found[0].user_id], stale_holds=True)
+            uow.expire_stale_holds()  # a hold past its TTL no longer keeps credits from a void
+            if request.idempotency_key is not None:
+                previous = uow.known_operations([key]).get(key)
+                if previous is not None:
+                    return _replay(previous, key, fingerprint)
+            (lot,) = load_lots(uow.connection, [request.lot_id])
+            posting = decide(uow, lot, key)
+            return uow.record_operation(key, operation, fingerprint, posting).source
+
+        try:
+            source = self.run(work, now=now)
+        except CreditError as exc:
+            self._log_error(operation, request.model_dump(mode="json"), exc)
+            raise
+        return LedgerEntry.model_validate(entry_record(source) if isinstance(source, rules.Posting) else source)
 
     def apply_batch(
         self,

@@ -70,6 +70,8 @@ def write(uow: UnitOfWork) -> None:
         for hold in changed_holds.values()
     ])
     script.update(lots_table, "id", [{"id": lot.id, "remaining": lot.remaining} for lot in changed_lots.values()])
+    script.update(lots_table, "id", [{"id": lot.id, "expires_at": lot.expires_at}
+                                     for lot in changed_lots.values() if lot.expiry_changed])
     at = uow.at
     script.update(accounts_table, "user_id", [
         {"user_id": account.user_id, "balance": account.balance, "reserved": account.reserved,
