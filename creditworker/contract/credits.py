@@ -61,6 +61,7 @@ class EntryKind(StrEnum):
     EXPIRE = "expire"
     RESERVATION_EXPIRED = "reservation_expired"
     VOID = "void"
+    REFUND = "refund"
     EXPIRY_CHANGED = "expiry_changed"
 
 
@@ -316,6 +317,14 @@ class VoidLot(Request):
     """Remove what is left of a grant (or `amount` of it); consumed credits stay consumed."""
 
     lot_id: LotId
+    reason: Reason
+    amount: Amount | None = None
+
+
+class RefundDeduction(Request):
+    """Give back all (or `amount`) of a deduction or commit to the lots it drew from."""
+
+    entry_id: Annotated[int, Strict(), Field(gt=0)]
     reason: Reason
     amount: Amount | None = None
 

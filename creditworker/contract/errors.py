@@ -60,6 +60,12 @@ class UnknownLot(CreditError):
     code = "unknown_lot"
 
 
+class UnknownEntry(CreditError):
+    """A refund names a ledger entry that does not exist."""
+
+    code = "unknown_entry"
+
+
 class IdempotencyConflict(CreditError):
     """The idempotency key was already used for a different request."""
 
@@ -109,6 +115,7 @@ ERRORS_BY_CODE: dict[str, type[CreditError]] = {
         UnknownUser,
         UnknownReservation,
         UnknownLot,
+        UnknownEntry,
         ReservationNotActive,
         IdempotencyConflict,
         UnknownPlan,

@@ -60,6 +60,16 @@ class CreditsVoided(_Event):
     reason: str
 
 
+class CreditsRefunded(_Event):
+    """A correction gave back (part of) a deduction or commit (`refund_deduction`)."""
+
+    type: Literal["credits.refunded"] = "credits.refunded"
+    entry_id: int
+    """The deduction or commit refunded."""
+    amount: int
+    reason: str
+
+
 class CreditsExpiryChanged(_Event):
     """A correction moved a lot's expiry (`change_lot_expiry`)."""
 
@@ -106,7 +116,7 @@ class SubscriptionEnded(_Event):
 
 
 Event = Annotated[
-    CreditsLow | CreditsExpiring | CreditsExpired | CreditsVoided | CreditsExpiryChanged | ReservationExpired | SubscriptionAllocated | SubscriptionChanged | SubscriptionEnded,
+    CreditsLow | CreditsExpiring | CreditsExpired | CreditsVoided | CreditsRefunded | CreditsExpiryChanged | ReservationExpired | SubscriptionAllocated | SubscriptionChanged | SubscriptionEnded,
     Field(discriminator="type"),
 ]
 
@@ -115,6 +125,7 @@ EVENT_TYPES: tuple[type[_Event], ...] = (
     CreditsExpiring,
     CreditsExpired,
     CreditsVoided,
+    CreditsRefunded,
     CreditsExpiryChanged,
     ReservationExpired,
     SubscriptionAllocated,

@@ -103,6 +103,8 @@ class Posting:
     id: int | None = None
     record: dict[str, Any] | None = None
     """The entry as JSON, built once after the writer gave it its id (see `results`)."""
+    refund_of: int | None = None
+    """On a `refund`: the entry it gives back."""
 
 
 def _posting(account: Account, kind: EntryKind, key: str, at: datetime, *, amount: int = 0,
@@ -319,6 +321,55 @@ def change_expiry(account: Account, lot: Lot, expires_at: datetime, *, at: datet
     postings = [_posting(account, EntryKind.EXPIRY_CHANGED, key, at, lot=lot, metadata=metadata)]
     if expires_at <= at:
         postings.extend(expire(account, [lot], at=at))
+    return postings
+
+
+def refund(account: Account, drawn: list[tuple[Lot, int]], refunded: int, amount: int | None, *,
+           entry_id: int, reason: str, at: datetime, key: str) -> list[Posting]:
+    """Give back `amount` (None: all that is left) of a deduction or commit that drew `drawn`
+    (its draws, in order) and of which `refunded` was already given back.
+
+    Refunds go back to the lots in the order the entry drew them, so the first `refunded`
+    credits of that order are the ones already returned: no lot gets back more than was
+    drawn from it, and no entry more than it drew. A debt (a negative balance from an
+    allowed overage) is paid off first, as a grant does. A lot that expired meanwhile gets
+    its credits back and they expire at once: an `expire` entry under the refund's key, and
+    the refund's metadata lists the lot under `expired_at_once`.
+    """
+    refundable = sum(taken for _lot, taken in drawn) - refunded
+    wanted = refundable if amount is None else amount
+    if wanted <= 0 or wanted > refundable:
+        raise ValidationFailed(
+            f"entry {entry_id} has {refundable} credits left to refund, {wanted} requested",
+            reason="refund_exceeds_charge", entry_id=entry_id, refundable=refundable, requested=wanted,
+        )
+    if account.balance + wanted > MAX_BALANCE:
+        raise ValidationFailed(f"the balance would exceed the maximum of {MAX_BALANCE}",
+                               user_id=account.user_id)
+    skip, left = refunded, wanted
+    to_lots = wanted - min(max(0, -account.balance), wanted)  # a debt is paid off first
+    gifts: list[tuple[Lot, int]] = []
+    for lot, taken in drawn:
+        room = taken - min(skip, taken)
+        skip -= taken - room
+        given = min(room, left)
+        left -= given
+        if given <= 0:
+            continue
+        credited = min(given, to_lots)
+        to_lots -= credited
+        if credited > 0:
+            lot.remaining += credited
+            gifts.append((lot, credited))
+    expired = [(lot, given) for lot, given in gifts if lot.expires_at is not None and lot.expires_at <= at]
+    metadata: dict[str, Any] = {"reason": reason, "refund_of": entry_id}
+    if expired:
+        metadata["expired_at_once"] = [{"lot_id": lot.id, "amount": given} for lot, given in expired]
+    postings = [_posting(account, EntryKind.REFUND, key, at, amount=wanted, draws=gifts, metadata=metadata)]
+    postings[0].refund_of = entry_id
+    for lot, given in expired:
+        lot.remaining -= given
+        postings.append(_posting(account, EntryKind.EXPIRE, key, at, amount=-given, lot=lot))
     return postings
 
 

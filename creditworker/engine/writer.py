@@ -124,7 +124,8 @@ def _entry_row(posting: Posting) -> dict[str, Any]:
             "lot_id": posting.lot.id if posting.lot is not None else None,
             "reservation_id": posting.hold.id if posting.hold is not None else None,
             "draws": _draws_json(posting.draws), "description": posting.description, "metadata": posting.metadata,
-            "idempotency_key": posting.idempotency_key, "created_at": posting.created_at}
+            "idempotency_key": posting.idempotency_key, "created_at": posting.created_at,
+            "refund_of": posting.refund_of}
 
 
 def _draws_json(draws: list[tuple[Lot, int]]) -> Json | None:
