@@ -17,7 +17,17 @@ from typing import Annotated
 
 import typer
 
-from creditworker.cli import audit, credits, db, dead_letters, events, ledger, plans, running
+from creditworker.cli import (
+    audit,
+    corrections,
+    credits,
+    db,
+    dead_letters,
+    events,
+    ledger,
+    plans,
+    running,
+)
 from creditworker.cli.context import begin
 from creditworker.cli.schema import schema
 
@@ -41,6 +51,7 @@ for top_level in (audit, credits, ledger, running):
 app.add_typer(db.commands, name="db")
 app.add_typer(events.commands, name="events")
 app.add_typer(plans.commands, name="plans")
+app.add_typer(corrections.commands, name="correct")
 app.add_typer(dead_letters.commands, name="dead-letters")
 
 

@@ -7,6 +7,7 @@ import asyncio
 import inspect
 import re
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,7 @@ def test_reserve_and_wait_takes_the_reserve_fields_and_a_timeout(client: type) -
 SAMPLES: dict[str, Any] = {
     "user_id": "ann", "amount": 5, "reservation_id": "r-1", "plan": "basic", "name": "basic",
     "credit_limit": 10, "operations": [{"op": "deduct", "user_id": "ann", "amount": 1}],
+    "lot_id": 7, "entry_id": 42, "reason": "refund", "expires_at": datetime(2030, 1, 1, tzinfo=UTC),
 }
 
 
