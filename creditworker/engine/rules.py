@@ -268,10 +268,12 @@ def expire_hold(account: Account, hold: Hold, *, at: datetime) -> Posting | None
                     held=-hold.amount, hold=hold)
 
 
-def expire(account: Account, lots: list[Lot], *, at: datetime) -> list[Posting]:
+def expire(account: Account, lots: list[Lot], *, at: datetime, key: str | None = None) -> list[Posting]:
     """Take what is left of expired lots (in id order), never the credits an active hold backs.
 
     Held credits expire on the first sweep after their hold ends, unless a commit drew them.
+    The sweep keys each entry by lot and remaining; a correction that expires a lot at once
+    gives its own `key` (a refund can raise `remaining` again, so that pair may recur).
     """
     postings: list[Posting] = []
     unheld = account.available
@@ -281,10 +283,10 @@ def expire(account: Account, lots: list[Lot], *, at: datetime) -> list[Posting]:
         taken = min(lot.remaining, unheld)
         if taken <= 0:
             continue
-        key = f"system:expire:{lot.id}:{lot.remaining}"
+        entry_key = key or f"system:expire:{lot.id}:{lot.remaining}"
         lot.remaining -= taken
         unheld -= taken
-        postings.append(_posting(account, EntryKind.EXPIRE, key, at, amount=-taken, lot=lot))
+        postings.append(_posting(account, EntryKind.EXPIRE, entry_key, at, amount=-taken, lot=lot))
     return postings
 
 
@@ -312,7 +314,7 @@ def void(account: Account, lot: Lot, amount: int | None, *, reason: str, at: dat
 def change_expiry(account: Account, lot: Lot, expires_at: datetime, *, at: datetime,
                   key: str) -> list[Posting]:
     """Move a lot's expiry: an `expiry_changed` entry (no amount), then, for a moment already
-    past, the usual `expire` entry for what is left of it that no active hold backs."""
+    past, an `expire` entry (under the same key) for what is left that no active hold backs."""
     previous = lot.expires_at
     lot.expires_at = expires_at
     lot.expiry_changed = True
@@ -320,7 +322,7 @@ def change_expiry(account: Account, lot: Lot, expires_at: datetime, *, at: datet
                 "previous_expires_at": previous.isoformat() if previous is not None else None}
     postings = [_posting(account, EntryKind.EXPIRY_CHANGED, key, at, lot=lot, metadata=metadata)]
     if expires_at <= at:
-        postings.extend(expire(account, [lot], at=at))
+        postings.extend(expire(account, [lot], at=at, key=key))
     return postings
 
 

@@ -299,7 +299,6 @@ class CreditService:
                                           previous_expires_at=previous))
             for posting in expired:
                 uow.post(posting)
-                uow.record_system_operation(posting.idempotency_key, "ExpireLot", lot.user_id)
                 uow.emit(CreditsExpired(event_id=new_event_id(), occurred_at=uow.at, user_id=lot.user_id,
                                         lot_id=lot.id, amount=-posting.amount))
             return changed
