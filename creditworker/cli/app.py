@@ -19,6 +19,7 @@ import typer
 
 from creditworker.cli import (
     audit,
+    corrections,
     credits,
     db,
     dead_letters,
@@ -51,6 +52,7 @@ for top_level in (audit, credits, ledger, reports, running):
 app.add_typer(db.commands, name="db")
 app.add_typer(events.commands, name="events")
 app.add_typer(plans.commands, name="plans")
+app.add_typer(corrections.commands, name="correct")
 app.add_typer(dead_letters.commands, name="dead-letters")
 
 

@@ -125,6 +125,21 @@ class AsyncCreditClient:
     ) -> AsyncTaskHandle[LedgerEntry]:
         return await self._call("release_reservation", locals())
 
+    async def void_lot(
+        self, lot_id: int, *, reason: str, amount: int | None = None, idempotency_key: str | None = None
+    ) -> AsyncTaskHandle[LedgerEntry]:
+        return await self._call("void_lot", locals())
+
+    async def refund_deduction(
+        self, entry_id: int, *, reason: str, amount: int | None = None, idempotency_key: str | None = None
+    ) -> AsyncTaskHandle[LedgerEntry]:
+        return await self._call("refund_deduction", locals())
+
+    async def change_lot_expiry(
+        self, lot_id: int, expires_at: datetime, *, idempotency_key: str | None = None
+    ) -> AsyncTaskHandle[LedgerEntry]:
+        return await self._call("change_lot_expiry", locals())
+
     async def get_user_credits_info(
         self, user_id: str, *, at: datetime | None = None
     ) -> AsyncTaskHandle[CreditsInfo]:

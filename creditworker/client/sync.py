@@ -30,6 +30,7 @@ from creditworker.client.handle import DEFAULT_TIMEOUT, TaskHandle, wait_deadlin
 from creditworker.contract.credits import (
     AddCredits,
     BatchOutcome,
+    ChangeLotExpiry,
     CommitReservation,
     CreditLot,
     CreditsInfo,
@@ -40,11 +41,13 @@ from creditworker.contract.credits import (
     GetReservation,
     GetUsage,
     LedgerEntry,
+    RefundDeduction,
     ReleaseReservation,
     Reservation,
     ReserveCredits,
     SubmitBatch,
     UsagePeriod,
+    VoidLot,
     parse,
     parse_batch_item,
 )
@@ -207,6 +210,21 @@ class CreditClient:
         self, reservation_id: str, *, idempotency_key: str | None = None
     ) -> TaskHandle[LedgerEntry]:
         return self._call(ReleaseReservation, locals())
+
+    def void_lot(
+        self, lot_id: int, *, reason: str, amount: int | None = None, idempotency_key: str | None = None
+    ) -> TaskHandle[LedgerEntry]:
+        return self._call(VoidLot, locals())
+
+    def refund_deduction(
+        self, entry_id: int, *, reason: str, amount: int | None = None, idempotency_key: str | None = None
+    ) -> TaskHandle[LedgerEntry]:
+        return self._call(RefundDeduction, locals())
+
+    def change_lot_expiry(
+        self, lot_id: int, expires_at: datetime, *, idempotency_key: str | None = None
+    ) -> TaskHandle[LedgerEntry]:
+        return self._call(ChangeLotExpiry, locals())
 
     def get_user_credits_info(
         self, user_id: str, *, at: datetime | None = None

@@ -62,6 +62,9 @@ class EntryKind(StrEnum):
     RELEASE = "release"
     EXPIRE = "expire"
     RESERVATION_EXPIRED = "reservation_expired"
+    VOID = "void"
+    REFUND = "refund"
+    EXPIRY_CHANGED = "expiry_changed"
 
 
 class ReservationStatus(StrEnum):
@@ -313,6 +316,34 @@ def _after_epoch(value: datetime) -> datetime:
 
 Moment = Annotated[datetime, AfterValidator(_as_utc), AfterValidator(_after_epoch)]
 """A moment a read asks about: naive is taken as UTC (as everywhere), before the epoch refused."""
+LotId = Annotated[int, Strict(), Field(gt=0)]
+Reason = Annotated[
+    str, Strict(), Field(min_length=1, max_length=MAX_DESCRIPTION_LENGTH), AfterValidator(_check_text)
+]
+"""Why a correction was made: `refund`, `chargeback`, `fraud`, `correction`, or free text."""
+
+
+class VoidLot(Request):
+    """Remove what is left of a grant (or `amount` of it); consumed credits stay consumed."""
+
+    lot_id: LotId
+    reason: Reason
+    amount: Amount | None = None
+
+
+class RefundDeduction(Request):
+    """Give back all (or `amount`) of a deduction or commit to the lots it drew from."""
+
+    entry_id: Annotated[int, Strict(), Field(gt=0)]
+    reason: Reason
+    amount: Amount | None = None
+
+
+class ChangeLotExpiry(Request):
+    """Move a grant's expiry; a moment already past expires what is left of it now."""
+
+    lot_id: LotId
+    expires_at: UtcDateTime
 
 
 class GetCredits(_Message):

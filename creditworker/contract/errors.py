@@ -54,6 +54,18 @@ class ReservationNotActive(CreditError):
     code = "reservation_not_active"
 
 
+class UnknownLot(CreditError):
+    """A correction names a lot (grant) that does not exist."""
+
+    code = "unknown_lot"
+
+
+class UnknownEntry(CreditError):
+    """A refund names a ledger entry that does not exist."""
+
+    code = "unknown_entry"
+
+
 class IdempotencyConflict(CreditError):
     """The idempotency key was already used for a different request."""
 
@@ -102,6 +114,8 @@ ERRORS_BY_CODE: dict[str, type[CreditError]] = {
         InsufficientCredits,
         UnknownUser,
         UnknownReservation,
+        UnknownLot,
+        UnknownEntry,
         ReservationNotActive,
         IdempotencyConflict,
         UnknownPlan,

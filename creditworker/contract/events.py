@@ -51,6 +51,34 @@ class CreditsExpired(_Event):
     amount: int
 
 
+class CreditsVoided(_Event):
+    """A correction removed credits of a lot (`void_lot`)."""
+
+    type: Literal["credits.voided"] = "credits.voided"
+    lot_id: int
+    amount: int
+    reason: str
+
+
+class CreditsRefunded(_Event):
+    """A correction gave back (part of) a deduction or commit (`refund_deduction`)."""
+
+    type: Literal["credits.refunded"] = "credits.refunded"
+    entry_id: int
+    """The deduction or commit refunded."""
+    amount: int
+    reason: str
+
+
+class CreditsExpiryChanged(_Event):
+    """A correction moved a lot's expiry (`change_lot_expiry`)."""
+
+    type: Literal["credits.expiry_changed"] = "credits.expiry_changed"
+    lot_id: int
+    expires_at: datetime
+    previous_expires_at: datetime | None
+
+
 class ReservationExpired(_Event):
     type: Literal["reservation.expired"] = "reservation.expired"
     reservation_id: str
@@ -88,7 +116,7 @@ class SubscriptionEnded(_Event):
 
 
 Event = Annotated[
-    CreditsLow | CreditsExpiring | CreditsExpired | ReservationExpired | SubscriptionAllocated | SubscriptionChanged | SubscriptionEnded,
+    CreditsLow | CreditsExpiring | CreditsExpired | CreditsVoided | CreditsRefunded | CreditsExpiryChanged | ReservationExpired | SubscriptionAllocated | SubscriptionChanged | SubscriptionEnded,
     Field(discriminator="type"),
 ]
 
@@ -96,6 +124,9 @@ EVENT_TYPES: tuple[type[_Event], ...] = (
     CreditsLow,
     CreditsExpiring,
     CreditsExpired,
+    CreditsVoided,
+    CreditsRefunded,
+    CreditsExpiryChanged,
     ReservationExpired,
     SubscriptionAllocated,
     SubscriptionChanged,

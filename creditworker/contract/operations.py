@@ -21,6 +21,7 @@ from typing_extensions import TypedDict, is_typeddict
 from creditworker.contract.credits import (
     AddCredits,
     BatchOutcome,
+    ChangeLotExpiry,
     CommitReservation,
     CreditLot,
     CreditsInfo,
@@ -31,12 +32,14 @@ from creditworker.contract.credits import (
     GetReservation,
     GetUsage,
     LedgerEntry,
+    RefundDeduction,
     ReleaseReservation,
     Request,
     Reservation,
     ReserveCredits,
     SubmitBatch,
     UsagePeriod,
+    VoidLot,
 )
 from creditworker.contract.plans import (
     AllocateSubscriptions,
@@ -160,6 +163,21 @@ RELEASE = Operation(
     "creditworker.credits.release", ReleaseReservation, LedgerEntry, "Give a hold back",
     engine="credits.release_reservation", gathered=True, producer="release_reservation",
     route=_route("POST", "/reservations/{reservation_id}/release"))
+VOID_LOT = Operation(
+    "creditworker.credits.void_lot", VoidLot, LedgerEntry,
+    "Remove what is left of a grant (or part), with a reason",
+    engine="credits.void_lot", producer="void_lot",
+    route=_route("POST", "/lots/{lot_id}/void"), cli="correct void")
+REFUND = Operation(
+    "creditworker.credits.refund", RefundDeduction, LedgerEntry,
+    "Give back a deduction or commit (or part) to the lots it drew",
+    engine="credits.refund_deduction", producer="refund_deduction",
+    route=_route("POST", "/entries/{entry_id}/refund"), cli="correct refund")
+CHANGE_EXPIRY = Operation(
+    "creditworker.credits.change_lot_expiry", ChangeLotExpiry, LedgerEntry,
+    "Extend or shorten a grant (a past moment expires it now)",
+    engine="credits.change_lot_expiry", producer="change_lot_expiry",
+    route=_route("POST", "/lots/{lot_id}/expiry"), cli="correct expiry")
 BALANCE = Operation(
     "creditworker.credits.balance", GetCredits, CreditsInfo, "A balance summary",
     engine="credits.get_user_credits_info", producer="get_user_credits_info",
@@ -248,8 +266,8 @@ ALLOCATE = Operation(
     engine="subscriptions.allocate", wrap="granted")
 
 OPERATIONS: tuple[Operation, ...] = (
-    ADD, DEDUCT, RESERVE, COMMIT, RELEASE, BALANCE, HISTORY, EXPIRING, RESERVATION, USAGE, BATCH, PING,
-    EXPIRE,
+    ADD, DEDUCT, RESERVE, COMMIT, RELEASE, VOID_LOT, REFUND, CHANGE_EXPIRY, BALANCE, HISTORY, EXPIRING,
+    RESERVATION, USAGE, BATCH, PING, EXPIRE,
     RELEASE_STALE, REMIND, RELAY, CREATE_PLAN, UPDATE_PLAN, DELETE_PLAN, GET_PLAN, LIST_PLANS,
     ASSIGN_PLAN, CHANGE_PLAN, REMOVE_PLAN, GET_SUBSCRIPTION, ALLOCATE_DUE, ALLOCATE,
 )

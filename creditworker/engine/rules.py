@@ -37,6 +37,8 @@ class Lot:
     idempotency_key: str
     age: int = 0
     """Orders equal lots oldest first: the id of a stored lot, a larger number for a new one."""
+    expiry_changed: bool = False
+    """True when a correction moved `expires_at` (the writer then writes it)."""
 
 
 def draw_order(lot: Lot) -> tuple[Any, ...]:
@@ -101,6 +103,8 @@ class Posting:
     id: int | None = None
     record: dict[str, Any] | None = None
     """The entry as JSON, built once after the writer gave it its id (see `results`)."""
+    refund_of: int | None = None
+    """On a `refund`: the entry it gives back."""
 
 
 def _posting(account: Account, kind: EntryKind, key: str, at: datetime, *, amount: int = 0,
@@ -264,10 +268,14 @@ def expire_hold(account: Account, hold: Hold, *, at: datetime) -> Posting | None
                     held=-hold.amount, hold=hold)
 
 
-def expire(account: Account, lots: list[Lot], *, at: datetime) -> list[Posting]:
+def expire(account: Account, lots: list[Lot], *, at: datetime, key: str | None = None) -> list[Posting]:
     """Take what is left of expired lots (in id order), never the credits an active hold backs.
 
     Held credits expire on the first sweep after their hold ends, unless a commit drew them.
+    The sweep keys each entry by lot, the sweep's moment and remaining: a refund can raise a
+    lot's `remaining` back to a figure it had, so lot and remaining alone may recur; one
+    sweep expires a lot once, and a second sweep at the same moment finds nothing left to
+    take. A correction that expires a lot at once gives its own `key`.
     """
     postings: list[Posting] = []
     unheld = account.available
@@ -277,10 +285,95 @@ def expire(account: Account, lots: list[Lot], *, at: datetime) -> list[Posting]:
         taken = min(lot.remaining, unheld)
         if taken <= 0:
             continue
-        key = f"system:expire:{lot.id}:{lot.remaining}"
+        entry_key = key or f"system:expire:{lot.id}:{at:%Y%m%dT%H%M%S%f}:{lot.remaining}"
         lot.remaining -= taken
         unheld -= taken
-        postings.append(_posting(account, EntryKind.EXPIRE, key, at, amount=-taken, lot=lot))
+        postings.append(_posting(account, EntryKind.EXPIRE, entry_key, at, amount=-taken, lot=lot))
+    return postings
+
+
+def void(account: Account, lot: Lot, amount: int | None, *, reason: str, at: datetime,
+         key: str) -> Posting:
+    """Remove `amount` (None: all that is left) of a lot, a `void` entry with its reason.
+
+    Consumed credits stay consumed, and `available` never goes below zero: credits an active
+    hold backs cannot be voided away, so a void larger than what is free is refused.
+    """
+    wanted = lot.remaining if amount is None else amount
+    free = min(lot.remaining, max(0, account.available))
+    if wanted <= 0 or wanted > free:
+        raise InsufficientCredits(
+            f"lot {lot.id} has {free} credits free to void ({lot.remaining} left, "
+            f"{account.available} available to the account), {wanted} requested",
+            user_id=account.user_id, lot_id=lot.id, remaining=lot.remaining, free=free,
+            requested=wanted,
+        )
+    lot.remaining -= wanted
+    return _posting(account, EntryKind.VOID, key, at, amount=-wanted, lot=lot,
+                    metadata={"reason": reason})
+
+
+def change_expiry(account: Account, lot: Lot, expires_at: datetime, *, at: datetime,
+                  key: str) -> list[Posting]:
+    """Move a lot's expiry: an `expiry_changed` entry (no amount), then, for a moment already
+    past, an `expire` entry (under the same key) for what is left that no active hold backs."""
+    previous = lot.expires_at
+    lot.expires_at = expires_at
+    lot.expiry_changed = True
+    metadata = {"expires_at": expires_at.isoformat(),
+                "previous_expires_at": previous.isoformat() if previous is not None else None}
+    postings = [_posting(account, EntryKind.EXPIRY_CHANGED, key, at, lot=lot, metadata=metadata)]
+    if expires_at <= at:
+        postings.extend(expire(account, [lot], at=at, key=key))
+    return postings
+
+
+def refund(account: Account, drawn: list[tuple[Lot, int]], refunded: int, amount: int | None, *,
+           entry_id: int, reason: str, at: datetime, key: str) -> list[Posting]:
+    """Give back `amount` (None: all that is left) of a deduction or commit that drew `drawn`
+    (its draws, in order) and of which `refunded` was already given back.
+
+    Refunds go back to the lots in the order the entry drew them, so the first `refunded`
+    credits of that order are the ones already returned: no lot gets back more than was
+    drawn from it, and no entry more than it drew. A debt (a negative balance from an
+    allowed overage) is paid off first, as a grant does. A lot that expired meanwhile gets
+    its credits back and they expire at once: an `expire` entry under the refund's key, and
+    the refund's metadata lists the lot under `expired_at_once`.
+    """
+    refundable = sum(taken for _lot, taken in drawn) - refunded
+    wanted = refundable if amount is None else amount
+    if wanted <= 0 or wanted > refundable:
+        raise ValidationFailed(
+            f"entry {entry_id} has {refundable} credits left to refund, {wanted} requested",
+            reason="refund_exceeds_charge", entry_id=entry_id, refundable=refundable, requested=wanted,
+        )
+    if account.balance + wanted > MAX_BALANCE:
+        raise ValidationFailed(f"the balance would exceed the maximum of {MAX_BALANCE}",
+                               user_id=account.user_id)
+    skip, left = refunded, wanted
+    to_lots = wanted - min(max(0, -account.balance), wanted)  # a debt is paid off first
+    gifts: list[tuple[Lot, int]] = []
+    for lot, taken in drawn:
+        room = taken - min(skip, taken)
+        skip -= taken - room
+        given = min(room, left)
+        left -= given
+        if given <= 0:
+            continue
+        credited = min(given, to_lots)
+        to_lots -= credited
+        if credited > 0:
+            lot.remaining += credited
+            gifts.append((lot, credited))
+    expired = [(lot, given) for lot, given in gifts if lot.expires_at is not None and lot.expires_at <= at]
+    metadata: dict[str, Any] = {"reason": reason, "refund_of": entry_id}
+    if expired:
+        metadata["expired_at_once"] = [{"lot_id": lot.id, "amount": given} for lot, given in expired]
+    postings = [_posting(account, EntryKind.REFUND, key, at, amount=wanted, draws=gifts, metadata=metadata)]
+    postings[0].refund_of = entry_id
+    for lot, given in expired:
+        lot.remaining -= given
+        postings.append(_posting(account, EntryKind.EXPIRE, key, at, amount=-given, lot=lot))
     return postings
 
 

@@ -9,14 +9,15 @@ transaction. It knows nothing of Celery, HTTP or the CLI.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from pydantic import BaseModel
-from sqlalchemy import func, select
+from sqlalchemy import Table, func, select
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session
 
@@ -24,6 +25,7 @@ from creditworker.contract.credits import (
     MAX_USER_ID_LENGTH,
     AddCredits,
     BatchOutcome,
+    ChangeLotExpiry,
     CommitReservation,
     CreditLot,
     CreditsInfo,
@@ -36,34 +38,46 @@ from creditworker.contract.credits import (
     GetUsage,
     LedgerEntry,
     OveragePolicy,
+    RefundDeduction,
     ReleaseReservation,
     Request,
     Reservation,
     ReservationStatus,
     ReserveCredits,
     UsagePeriod,
+    VoidLot,
     parse,
     parse_batch_item,
 )
 from creditworker.contract.errors import (
     CreditError,
     IdempotencyConflict,
+    UnknownEntry,
+    UnknownLot,
     UnknownReservation,
     UnknownUser,
     ValidationFailed,
 )
+from creditworker.contract.events import (
+    CreditsExpired,
+    CreditsExpiryChanged,
+    CreditsRefunded,
+    CreditsVoided,
+)
 from creditworker.engine import reports, rules, sweeps
-from creditworker.engine.account import HoldOwner
+from creditworker.engine.account import HoldOwner, load_lots
 from creditworker.engine.results import batch_outcome, entry_record, reservation_record
 from creditworker.engine.unit_of_work import (
     ResultSource,
     StoredOperation,
     UnitOfWork,
     collector_paused,
+    new_event_id,
 )
 from creditworker.engine.writer import write
 from creditworker.records import ledger_records
 from creditworker.records.ledger_file import LedgerFile
+from creditworker.storage.backends import backend_for
 from creditworker.storage.database import make_engine
 from creditworker.storage.tables import Account, Entry, Hold, Lot
 from creditworker.storage.transaction import run_transaction
@@ -235,6 +249,164 @@ class CreditService:
         """Give held credits back to `available` without charging anything."""
         request = self._parse(ReleaseReservation, reservation_id=reservation_id, idempotency_key=idempotency_key)
         return self._apply_one(request, LedgerEntry, now)
+
+    # ------------------------------------------------------------------ corrections
+
+    def void_lot(
+        self,
+        lot_id: int,
+        *,
+        reason: str,
+        amount: int | None = None,
+        idempotency_key: str | None = None,
+        now: datetime | None = None,
+    ) -> LedgerEntry:
+        """Remove what is left of a grant (or `amount` of it) with a reason, as a `void` entry.
+
+        Consumed credits stay consumed; credits an active hold backs are not free to void."""
+        request = self._parse(VoidLot, lot_id=lot_id, reason=reason, amount=amount,
+                              idempotency_key=idempotency_key)
+
+        def decide(uow: UnitOfWork, lot: rules.Lot, key: str) -> rules.Posting:
+            posting = uow.post(rules.void(uow.account(lot.user_id), lot, request.amount,
+                                          reason=request.reason, at=uow.at, key=key))
+            assert lot.id is not None
+            uow.emit(CreditsVoided(event_id=new_event_id(), occurred_at=uow.at, user_id=lot.user_id,
+                                   lot_id=lot.id, amount=-posting.amount, reason=request.reason))
+            return posting
+
+        return self._correct_lot(request, decide, now)
+
+    def change_lot_expiry(
+        self,
+        lot_id: int,
+        expires_at: datetime,
+        *,
+        idempotency_key: str | None = None,
+        now: datetime | None = None,
+    ) -> LedgerEntry:
+        """Extend or shorten a grant (an `expiry_changed` entry); a moment already past expires
+        what is left of it now, with the usual `expire` entry and event."""
+        request = self._parse(ChangeLotExpiry, lot_id=lot_id, expires_at=expires_at,
+                              idempotency_key=idempotency_key)
+
+        def decide(uow: UnitOfWork, lot: rules.Lot, key: str) -> rules.Posting:
+            previous = lot.expires_at
+            changed, *expired = rules.change_expiry(uow.account(lot.user_id), lot, request.expires_at,
+                                                    at=uow.at, key=key)
+            uow.post(changed)
+            assert lot.id is not None
+            uow.emit(CreditsExpiryChanged(event_id=new_event_id(), occurred_at=uow.at, user_id=lot.user_id,
+                                          lot_id=lot.id, expires_at=request.expires_at,
+                                          previous_expires_at=previous))
+            for posting in expired:
+                uow.post(posting)
+                uow.emit(CreditsExpired(event_id=new_event_id(), occurred_at=uow.at, user_id=lot.user_id,
+                                        lot_id=lot.id, amount=-posting.amount))
+            return changed
+
+        return self._correct_lot(request, decide, now)
+
+    def refund_deduction(
+        self,
+        entry_id: int,
+        *,
+        reason: str,
+        amount: int | None = None,
+        idempotency_key: str | None = None,
+        now: datetime | None = None,
+    ) -> LedgerEntry:
+        """Give back all (or `amount`) of a deduction or commit to the lots it drew from, as a
+        `refund` entry; never more than it drew, across all its refunds. A lot that expired
+        meanwhile gets its credits back and they expire at once (an `expire` entry)."""
+        request = self._parse(RefundDeduction, entry_id=entry_id, reason=reason, amount=amount,
+                              idempotency_key=idempotency_key)
+
+        def owner(connection: Connection) -> str:
+            row = _entry_for_refund(connection, request.entry_id)
+            if row is None:
+                raise UnknownEntry(f"no ledger entry {request.entry_id}", entry_id=request.entry_id)
+            return str(row[1])
+
+        def decide(uow: UnitOfWork, key: str) -> rules.Posting:
+            row = _entry_for_refund(uow.connection, request.entry_id)
+            assert row is not None
+            _id, user_id, kind, draws = row
+            if kind not in (EntryKind.DEDUCT.value, EntryKind.COMMIT.value):
+                raise ValidationFailed(
+                    f"entry {request.entry_id} is a {kind} entry: only a deduct or commit can be refunded",
+                    reason="not_refundable", entry_id=request.entry_id, kind=kind)
+            drawn = [(int(draw["lot_id"]), int(draw["amount"])) for draw in _json_list(draws)]
+            lots = {lot.id: lot for lot in load_lots(uow.connection, {lot_id for lot_id, _ in drawn})}
+            refunded = uow.connection.execute(
+                select(func.coalesce(func.sum(Entry.amount), 0))
+                .where(Entry.refund_of == request.entry_id, Entry.kind == EntryKind.REFUND.value)
+            ).scalar_one()
+            given, *expired = rules.refund(
+                uow.account(user_id), [(lots[lot_id], taken) for lot_id, taken in drawn], int(refunded),
+                request.amount, entry_id=request.entry_id, reason=request.reason, at=uow.at, key=key)
+            uow.post(given)
+            uow.emit(CreditsRefunded(event_id=new_event_id(), occurred_at=uow.at, user_id=user_id,
+                                     entry_id=request.entry_id, amount=given.amount, reason=request.reason))
+            for posting in expired:
+                uow.post(posting)
+                assert posting.lot is not None and posting.lot.id is not None
+                uow.emit(CreditsExpired(event_id=new_event_id(), occurred_at=uow.at, user_id=user_id,
+                                        lot_id=posting.lot.id, amount=-posting.amount))
+            return given
+
+        return self._correct(request, owner, decide, now)
+
+    def _correct_lot(
+        self,
+        request: VoidLot | ChangeLotExpiry,
+        decide: Callable[[UnitOfWork, rules.Lot, str], rules.Posting],
+        now: datetime | None,
+    ) -> LedgerEntry:
+        """A correction of one lot: the lot is re-read under its owner's lock."""
+
+        def owner(connection: Connection) -> str:
+            found = load_lots(connection, [request.lot_id])  # a lot's owner never changes
+            if not found:
+                raise UnknownLot(f"no lot {request.lot_id}", lot_id=request.lot_id)
+            return found[0].user_id
+
+        def decide_locked(uow: UnitOfWork, key: str) -> rules.Posting:
+            (lot,) = load_lots(uow.connection, [request.lot_id])
+            return decide(uow, lot, key)
+
+        return self._correct(request, owner, decide_locked, now)
+
+    def _correct(
+        self,
+        request: VoidLot | ChangeLotExpiry | RefundDeduction,
+        owner: Callable[[Connection], str],
+        decide: Callable[[UnitOfWork, str], rules.Posting],
+        now: datetime | None,
+    ) -> LedgerEntry:
+        """A correction, once per idempotency key: `owner` finds the account (or raises the
+        typed error of an unknown id), which is locked before `decide` reads what it changes;
+        the result is the correction's entry."""
+        key = request.idempotency_key or _fresh_key()
+        fingerprint = request.fingerprint()
+        operation = type(request).__name__
+
+        def work(uow: UnitOfWork) -> ResultSource:
+            uow.lock([owner(uow.connection)], stale_holds=True)
+            uow.expire_stale_holds()  # a hold past its TTL no longer keeps credits from a void
+            if request.idempotency_key is not None:
+                previous = uow.known_operations([key]).get(key)
+                if previous is not None:
+                    return _replay(previous, key, fingerprint)
+            posting = decide(uow, key)
+            return uow.record_operation(key, operation, fingerprint, posting).source
+
+        try:
+            source = self.run(work, now=now)
+        except CreditError as exc:
+            self._log_error(operation, request.model_dump(mode="json"), exc)
+            raise
+        return LedgerEntry.model_validate(entry_record(source) if isinstance(source, rules.Posting) else source)
 
     def apply_batch(
         self,
@@ -684,6 +856,20 @@ class _Batch:
                 charged = hold.amount if commit.amount is None else commit.amount
                 most[hold.user_id] = most.get(hold.user_id, 0) + charged
         return most
+
+
+def _entry_for_refund(connection: Connection, entry_id: int) -> tuple[Any, ...] | None:
+    """(id, user_id, kind, draws) of a ledger entry, or None."""
+    rows = backend_for(connection).rows_where_in(
+        connection, cast(Table, Entry.__table__), ("id", "user_id", "kind", "draws"), "id", [entry_id])
+    return tuple(rows[0]) if rows else None
+
+
+def _json_list(value: Any) -> list[dict[str, Any]]:
+    """A JSON column as the driver gave it: parsed already, or text (the raw array path)."""
+    if value is None:
+        return []
+    return list(json.loads(value) if isinstance(value, str | bytes) else value)
 
 
 def embedded_tables(database: object) -> bool:

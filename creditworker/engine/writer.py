@@ -70,6 +70,8 @@ def write(uow: UnitOfWork) -> None:
         for hold in changed_holds.values()
     ])
     script.update(lots_table, "id", [{"id": lot.id, "remaining": lot.remaining} for lot in changed_lots.values()])
+    script.update(lots_table, "id", [{"id": lot.id, "expires_at": lot.expires_at}
+                                     for lot in changed_lots.values() if lot.expiry_changed])
     at = uow.at
     script.update(accounts_table, "user_id", [
         {"user_id": account.user_id, "balance": account.balance, "reserved": account.reserved,
@@ -122,7 +124,8 @@ def _entry_row(posting: Posting) -> dict[str, Any]:
             "lot_id": posting.lot.id if posting.lot is not None else None,
             "reservation_id": posting.hold.id if posting.hold is not None else None,
             "draws": _draws_json(posting.draws), "description": posting.description, "metadata": posting.metadata,
-            "idempotency_key": posting.idempotency_key, "created_at": posting.created_at}
+            "idempotency_key": posting.idempotency_key, "created_at": posting.created_at,
+            "refund_of": posting.refund_of}
 
 
 def _draws_json(draws: list[tuple[Lot, int]]) -> Json | None:

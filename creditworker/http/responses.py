@@ -26,6 +26,8 @@ STATUS_BY_CODE: dict[str, int] = {
     "unknown_user": 404,
     "unknown_plan": 404,
     "unknown_reservation": 404,
+    "unknown_lot": 404,
+    "unknown_entry": 404,
     "unknown_subscription": 404,
     "idempotency_conflict": 409,
     "duplicate_plan": 409,

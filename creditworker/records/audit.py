@@ -48,6 +48,7 @@ def audit(engine: Engine, *, allow_negative: bool = False) -> AuditReport:
             _holds_match_reserved,
             _hold_states,
             _entries_have_operations,
+            _refunds_within_charge,
         ):
             report.problems.extend(check(session, allow_negative))
     return report
@@ -173,3 +174,21 @@ def _entries_have_operations(session: Session, _allow_negative: bool) -> Iterato
         .distinct()
     ).all():
         yield Problem("entry_has_operation", user_id, f"entry key {key!r} has no operation row")
+
+
+def _refunds_within_charge(session: Session, _allow_negative: bool) -> Iterator[Problem]:
+    """No deduction or commit is refunded above what it charged, across all its refunds."""
+    refunded = (
+        select(Entry.refund_of, func.sum(Entry.amount).label("refunded"))
+        .where(Entry.refund_of.is_not(None))
+        .group_by(Entry.refund_of)
+        .subquery()
+    )
+    for entry_id, user_id, amount, total in session.execute(
+        select(Entry.id, Entry.user_id, Entry.amount, refunded.c.refunded)
+        .join(refunded, refunded.c.refund_of == Entry.id)
+        .where(refunded.c.refunded > -Entry.amount)
+    ).all():
+        yield Problem(
+            "refund_within_charge", user_id, f"entry {entry_id} charged {-amount}, refunded {total}"
+        )

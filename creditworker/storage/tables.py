@@ -186,6 +186,8 @@ class Entry(Base):
     )
     idempotency_key: Mapped[str] = mapped_column(_identifier(MAX_KEY_LENGTH), index=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    refund_of: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
+    """On a `refund` entry: the deduction or commit it gives back (migration 0008)."""
 
 
 class Operation(Base):

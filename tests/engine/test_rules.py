@@ -167,7 +167,8 @@ def test_expiry_takes_expired_lots_in_id_order_but_never_held_credits() -> None:
     holder.reserved = 20
     postings = rules.expire(holder, holder.lots, at=NOW + timedelta(days=2))
     assert [(posting.lot.id if posting.lot else None, posting.amount) for posting in postings] == [(1, -25)]
-    assert postings[0].idempotency_key == "system:expire:1:30"
+    swept_at = NOW + timedelta(days=2)
+    assert postings[0].idempotency_key == f"system:expire:1:{swept_at:%Y%m%dT%H%M%S%f}:30"
     assert (holder.balance, remaining(holder)) == (20, {1: 5, 2: 10, 3: 5})
 
 
@@ -209,3 +210,50 @@ def test_a_batch_outcome_is_what_model_construct_makes() -> None:
         assert made.model_dump_json() == constructed.model_dump_json()
         assert repr(made) == repr(constructed)
         assert made.model_copy(update={"ok": not ok}).ok is not ok
+
+
+# ---------------------------------------------------------------- corrections
+
+
+def test_void_takes_at_most_what_is_left_and_free() -> None:
+    holder = with_lots(stored_lot(1, 50), stored_lot(2, 50))
+    held(holder, 70)  # 30 free on the account
+    with pytest.raises(InsufficientCredits):
+        rules.void(holder, holder.lots[0], None, reason="fraud", at=NOW, key="v")
+    assert remaining(holder) == {1: 50, 2: 50} and holder.balance == 100
+    posting = rules.void(holder, holder.lots[0], 30, reason="fraud", at=NOW, key="v")
+    assert (posting.kind, posting.amount, posting.metadata) == ("void", -30, {"reason": "fraud"})
+    assert remaining(holder) == {1: 20, 2: 50} and holder.available == 0
+
+
+def test_refund_goes_back_in_draw_order_after_what_was_already_refunded() -> None:
+    first, second = stored_lot(1, 0), stored_lot(2, 20, expires_in_days=-1)
+    first.amount = second.amount = 50
+    holder = with_lots(first, second)
+    drawn = [(first, 50), (second, 30)]
+    with pytest.raises(ValidationFailed):
+        rules.refund(holder, drawn, 60, 21, entry_id=9, reason="r", at=NOW, key="k")
+    given, expired = rules.refund(holder, drawn, 60, None, entry_id=9, reason="r", at=NOW, key="k")
+    assert [(lot.id, taken) for lot, taken in given.draws] == [(2, 20)]  # lot 1 got its 50 back already
+    assert given.refund_of == 9 and given.metadata == {
+        "reason": "r", "refund_of": 9, "expired_at_once": [{"lot_id": 2, "amount": 20}]}
+    assert (expired.kind, expired.amount, expired.idempotency_key) == ("expire", -20, "k")
+    assert remaining(holder) == {1: 0, 2: 20} and holder.balance == 20
+
+
+def test_expiry_moved_into_the_past_expires_what_no_hold_backs() -> None:
+    holder = with_lots(stored_lot(1, 50, expires_in_days=5))
+    held(holder, 20)
+    changed, expired = rules.change_expiry(holder, holder.lots[0], NOW - timedelta(hours=1), at=NOW, key="e")
+    assert (changed.kind, changed.amount, holder.lots[0].expiry_changed) == ("expiry_changed", 0, True)
+    assert (expired.amount, expired.idempotency_key, remaining(holder)) == (-30, "e", {1: 20})
+
+
+def test_a_lot_refunded_back_to_a_figure_it_had_gets_a_new_expiry_key() -> None:
+    holder = with_lots(stored_lot(1, 30, expires_in_days=1))
+    holder.reserved = 20
+    first = rules.expire(holder, holder.lots, at=NOW + timedelta(days=2))
+    holder.lots[0].remaining, holder.balance, holder.reserved = 30, 30, 0  # refunded back to 30
+    second = rules.expire(holder, holder.lots, at=NOW + timedelta(days=3))
+    assert [posting.amount for posting in first + second] == [-10, -30]
+    assert first[0].idempotency_key != second[0].idempotency_key

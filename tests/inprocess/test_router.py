@@ -81,6 +81,30 @@ def test_refusals_keep_their_status_and_envelope(http: TestClient) -> None:
     assert http.post("/credits/add", json={"user_id": user, "amount": -1}).status_code == 422
 
 
+def test_corrections_answer_with_their_entries_and_refusals_with_their_status(http: TestClient) -> None:
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    lot_id = http.post("/credits/add", json={"user_id": user, "amount": 100}).json()["lot_id"]
+    charge = http.post("/credits/deduct", json={"user_id": user, "amount": 30}).json()
+    refund = http.post(f"/credits/entries/{charge['id']}/refund", json={"reason": "failed", "amount": 10})
+    assert refund.status_code == 200, refund.text
+    assert (refund.json()["kind"], refund.json()["balance_after"]) == ("refund", 80)
+    moved = http.post(f"/credits/lots/{lot_id}/expiry", json={"expires_at": "2099-01-01T00:00:00Z"})
+    assert moved.status_code == 200 and moved.json()["kind"] == "expiry_changed"
+    voided = http.post(f"/credits/lots/{lot_id}/void", json={"reason": "chargeback", "amount": 5},
+                       headers={"Idempotency-Key": "void-1"})
+    assert voided.status_code == 200 and voided.json()["balance_after"] == 75
+    again = http.post(f"/credits/lots/{lot_id}/void", json={"reason": "chargeback", "amount": 5},
+                      headers={"Idempotency-Key": "void-1"})
+    assert again.json() == voided.json()
+    assert http.post(f"/credits/lots/{lot_id}/void", json={"reason": "x", "amount": 76}).status_code == 402
+    assert http.post("/credits/lots/999999/void", json={"reason": "x"}).json()["error"]["code"] == "unknown_lot"
+    assert http.post("/credits/entries/999999/refund", json={"reason": "x"}).status_code == 404
+    too_much = http.post(f"/credits/entries/{charge['id']}/refund", json={"reason": "x", "amount": 21})
+    assert too_much.status_code == 422
+    assert http.post(f"/credits/lots/{lot_id}/void", json={"reason": ""}).status_code == 422
+    assert http.get(f"/credits/balance/{user}").json()["total"] == 75
+
+
 def test_plans_and_subscriptions_answer_with_their_results(http: TestClient) -> None:
     name = f"pro-{uuid.uuid4().hex[:6]}"
     created = http.post("/credits/plans", json={"name": name, "credit_limit": 1000, "price": "19.90"})

@@ -1,8 +1,10 @@
 """Model-based test: random sequences of every engine operation against a simple reference.
 
 Hypothesis drives adds (with expiries and priorities), deducts, reservations, commits
-(below, at and above the hold), releases, clock moves, both sweeps, replays of a used key
-and conflicting reuse of a key. After every step each balance, hold and history length
+(below, at and above the hold), releases, clock moves, both sweeps, replays of a used key,
+conflicting reuse of a key, and the corrections: voids (all or part of a lot), refunds (all
+or part of a deduction or commit, also of lots expired since) and expiry changes (into the
+future or the past). After every step each balance, hold and history length
 must match the reference model, and the ledger invariants must hold in SQL. Every credit
 operation on an account first releases that account's holds past their TTL (each with its
 entry), whatever the operation's own outcome: the model does the same.
@@ -35,7 +37,9 @@ from creditworker.contract.errors import (
     InsufficientCredits,
     ReservationNotActive,
     UnknownUser,
+    ValidationFailed,
 )
+from creditworker.records.audit import audit
 from creditworker.storage.tables import Account, Entry, Lot
 from tests.conftest import engine_for, wipe
 
@@ -62,7 +66,9 @@ class ModelAccount:
     def available(self) -> int:
         return self.balance - self.reserved
 
-    def draw(self, amount: int) -> None:
+    def draw(self, amount: int) -> list[dict[str, int]]:
+        """Take `amount` in the draw-down order; the draws, as the entry lists them."""
+        draws = []
         order = sorted(
             (lot for lot in self.lots if lot.remaining > 0),
             key=lambda lot: (
@@ -74,8 +80,25 @@ class ModelAccount:
         )
         for lot in order:
             taken = min(lot.remaining, amount)
+            if taken <= 0:
+                break
             lot.remaining -= taken
             amount -= taken
+            draws.append({"lot_id": lot.id, "amount": taken})
+        return draws
+
+    def lot(self, index: int) -> ModelLot | None:
+        return self.lots[index % len(self.lots)] if self.lots else None
+
+
+@dataclass
+class ModelCharge:
+    """A deduction or commit, for refunds: the lots it drew and how much was given back."""
+
+    entry_id: int
+    user: str
+    draws: list[dict[str, int]]
+    refunded: int = 0
 
 
 @dataclass
@@ -101,6 +124,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.accounts: dict[str, ModelAccount] = {}
         self.key_counter = 0
         self.holds_by_id: dict[str, ModelHold] = {}
+        self.charges: list[ModelCharge] = []
 
     def _key(self) -> str:
         self.key_counter += 1
@@ -165,8 +189,9 @@ class EngineMachine(RuleBasedStateMachine):
         assert account is not None and amount <= account.available
         account.balance -= amount
         account.entries += 1
-        account.draw(amount)
-        assert entry.balance_after == account.balance
+        draws = account.draw(amount)
+        assert entry.balance_after == account.balance and entry.draws == draws
+        self.charges.append(ModelCharge(entry.id, user, draws))
 
     @rule(
         target=holds,
@@ -203,7 +228,7 @@ class EngineMachine(RuleBasedStateMachine):
         expired_before = not hold.active
         self._expire_stale(hold.user)
         try:
-            self.service.commit_reservation(
+            entry = self.service.commit_reservation(
                 hold.id, None if use_held else charged, idempotency_key=self._key(), now=self.now
             )
         except ReservationNotActive:
@@ -217,7 +242,9 @@ class EngineMachine(RuleBasedStateMachine):
         account.reserved -= hold.amount
         account.balance -= charged
         account.entries += 1
-        account.draw(charged)
+        draws = account.draw(charged)
+        assert entry.draws == draws
+        self.charges.append(ModelCharge(entry.id, hold.user, draws))
 
     @rule(hold=consumes(holds))
     def release(self, hold: ModelHold | None) -> None:
@@ -262,6 +289,80 @@ class EngineMachine(RuleBasedStateMachine):
                     continue
                 lot.remaining -= taken
                 unheld -= taken
+                account.balance -= taken
+                account.entries += 1
+
+    @rule(user=st.sampled_from(USERS), index=st.integers(0, 20), amount=st.none() | st.integers(1, 60))
+    def void(self, user: str, index: int, amount: int | None) -> None:
+        account = self.accounts.get(user)
+        lot = account.lot(index) if account is not None else None
+        if account is None or lot is None:
+            return
+        self._expire_stale(user)
+        wanted = lot.remaining if amount is None else amount
+        try:
+            entry = self.service.void_lot(lot.id, amount=amount, reason="fraud", idempotency_key=self._key(),
+                                          now=self.now)
+        except InsufficientCredits:
+            assert wanted <= 0 or wanted > min(lot.remaining, max(0, account.available))
+            return
+        assert 0 < wanted <= min(lot.remaining, account.available)
+        lot.remaining -= wanted
+        account.balance -= wanted
+        account.entries += 1
+        assert entry.balance_after == account.balance
+
+    @rule(index=st.integers(0, 20), amount=st.none() | st.integers(1, 60))
+    def refund(self, index: int, amount: int | None) -> None:
+        if not self.charges:
+            return
+        charge = self.charges[index % len(self.charges)]
+        account = self.accounts[charge.user]
+        self._expire_stale(charge.user)
+        refundable = sum(draw["amount"] for draw in charge.draws) - charge.refunded
+        wanted = refundable if amount is None else amount
+        try:
+            entry = self.service.refund_deduction(charge.entry_id, amount=amount, reason="refund",
+                                                  idempotency_key=self._key(), now=self.now)
+        except ValidationFailed:
+            assert wanted <= 0 or wanted > refundable
+            return
+        assert 0 < wanted <= refundable
+        skip, left = charge.refunded, wanted
+        charge.refunded += wanted
+        account.balance += wanted
+        account.entries += 1
+        lots = {lot.id: lot for lot in account.lots}
+        for draw in charge.draws:
+            room = draw["amount"] - min(skip, draw["amount"])
+            skip -= draw["amount"] - room
+            given = min(room, left)
+            left -= given
+            if given <= 0:
+                continue
+            lot = lots[draw["lot_id"]]
+            if lot.expires_at is not None and lot.expires_at <= self.now:  # reinstated, expired at once
+                account.balance -= given
+                account.entries += 1
+            else:
+                lot.remaining += given
+        assert entry.amount == wanted
+
+    @rule(user=st.sampled_from(USERS), index=st.integers(0, 20), hours=st.integers(-48, 72))
+    def change_expiry(self, user: str, index: int, hours: int) -> None:
+        account = self.accounts.get(user)
+        lot = account.lot(index) if account is not None else None
+        if account is None or lot is None:
+            return
+        self._expire_stale(user)
+        expires_at = self.now + timedelta(hours=hours)
+        self.service.change_lot_expiry(lot.id, expires_at, idempotency_key=self._key(), now=self.now)
+        lot.expires_at = expires_at
+        account.entries += 1
+        if expires_at <= self.now:
+            taken = min(lot.remaining, max(0, account.available))
+            if taken > 0:
+                lot.remaining -= taken
                 account.balance -= taken
                 account.entries += 1
 
@@ -310,6 +411,11 @@ class EngineMachine(RuleBasedStateMachine):
             assert int(lot_sums.get(user) or 0) == max(account.balance, 0)
             assert account.balance >= account.reserved >= 0
             assert [lot.remaining for lot in account.lots] == self._stored_lots(user)
+
+    @invariant()
+    def the_audit_passes(self) -> None:
+        report = audit(self.engine)
+        assert report.passed, report.problems
 
     def _stored_lots(self, user: str) -> list[int]:
         with Session(self.engine) as session:

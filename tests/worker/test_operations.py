@@ -7,6 +7,7 @@ import asyncio
 import inspect
 import re
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,7 @@ SAMPLES: dict[str, Any] = {
     "user_id": "ann", "amount": 5, "reservation_id": "r-1", "plan": "basic", "name": "basic",
     "credit_limit": 10, "operations": [{"op": "deduct", "user_id": "ann", "amount": 1}],
     "start": "2026-01-01T00:00:00Z", "end": "2026-02-01T00:00:00Z",
+    "lot_id": 7, "entry_id": 42, "reason": "refund", "expires_at": datetime(2030, 1, 1, tzinfo=UTC),
 }
 
 

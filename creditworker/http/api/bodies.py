@@ -16,11 +16,13 @@ from fastapi import Header, Path
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from creditworker.contract.credits import (
+    Amount,
     Description,
     IdempotencyKey,
     LedgerEntry,
     Metadata,
     NonNegativeAmount,
+    Reason,
     ReservationId,
     UserId,
     UtcDateTime,
@@ -45,6 +47,23 @@ class CommitBody(_Body):
 
 
 class ReleaseBody(_Body):
+    idempotency_key: IdempotencyKey | None = None
+
+
+class VoidBody(_Body):
+    reason: Reason
+    amount: Amount | None = Field(default=None, description="Credits to void; omitted: all that is left.")
+    idempotency_key: IdempotencyKey | None = None
+
+
+class RefundBody(_Body):
+    reason: Reason
+    amount: Amount | None = Field(default=None, description="Credits to give back; omitted: all that is left.")
+    idempotency_key: IdempotencyKey | None = None
+
+
+class ExpiryBody(_Body):
+    expires_at: UtcDateTime
     idempotency_key: IdempotencyKey | None = None
 
 
@@ -88,6 +107,8 @@ KeyHeader = Annotated[
 ]
 UserIdPath = Annotated[UserId, Path(description="A user id, percent-encoded (`/` as `%2F`).")]
 ReservationIdPath = Annotated[ReservationId, Path()]
+LotIdPath = Annotated[int, Path(gt=0, description="A lot (grant) id: `lot_id` of its `add` entry.")]
+EntryIdPath = Annotated[int, Path(gt=0, description="A ledger entry id (a deduct or commit).")]
 PlanPath = Annotated[PlanName, Path(description="A plan id or name, percent-encoded.")]
 
 

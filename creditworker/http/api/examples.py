@@ -20,6 +20,8 @@ TAGS = [
                                        "and poll operations that were queued."},
     {"name": "reservations", "description": "Hold credits before the work, then commit the "
                                             "actual amount or release the hold."},
+    {"name": "corrections", "description": "Void a grant, refund a deduction, move a grant's "
+                                           "expiry: each a new ledger entry."},
     {"name": "plans", "description": "Subscription plans: what a period grants, and its price."},
     {"name": "subscriptions", "description": "Which plan each user is on."},
 ]
@@ -46,6 +48,17 @@ COMMIT_ENTRY = {**ENTRY, "id": 44, "kind": "commit", "amount": -12, "held": -20,
 RELEASE_ENTRY = {**COMMIT_ENTRY, "id": 45, "kind": "release", "amount": 0,
                  "balance_after": 70, "available_after": 70, "draws": [],
                  "idempotency_key": "chat-123:release"}
+VOID_ENTRY = {**ENTRY, "id": 46, "kind": "void", "amount": -10, "balance_after": 60,
+              "available_after": 60, "description": None, "metadata": {"reason": "chargeback"},
+              "idempotency_key": "chargeback-1001"}
+REFUND_ENTRY = {**ENTRY, "id": 47, "kind": "refund", "amount": 30, "balance_after": 90,
+                "available_after": 90, "lot_id": None, "draws": [{"lot_id": 7, "amount": 30}],
+                "description": None, "metadata": {"reason": "failed export", "refund_of": 42},
+                "idempotency_key": "refund-export-77"}
+EXPIRY_ENTRY = {**ENTRY, "id": 48, "kind": "expiry_changed", "amount": 0, "description": None,
+                "metadata": {"expires_at": "2025-03-01T00:00:00+00:00",
+                             "previous_expires_at": "2025-01-05T00:00:00+00:00"},
+                "idempotency_key": "extend-7"}
 BALANCE = {"user_id": "alice", "total": 70, "reserved": 20, "available": 50,
            "expiring_soon": 10, "expiring_within_days": 7}
 USAGE_PERIOD = {"period": "2025-01-01", "granted": 100, "consumed": 30, "expired": 0,
@@ -65,7 +78,7 @@ TASK = {"task_id": "2b7e1516-28ae-4d2a-a6d2-3f1c5e8b9a10"}
 ERROR_DESCRIPTIONS = {
     401: "No valid API key (`unauthorized`).",
     402: "The available credits do not cover the amount (`insufficient_credits`).",
-    404: "No such user, reservation, plan or subscription (`unknown_*`).",
+    404: "No such user, reservation, lot, ledger entry, plan or subscription (`unknown_*`).",
     409: "Idempotency key reused for another request, plan name taken, plan in use, or "
          "reservation no longer active.",
     413: f"The body is larger than {MAX_BODY_BYTES_VARIABLE} (`content_too_large`).",

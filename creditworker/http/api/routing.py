@@ -30,7 +30,15 @@ from creditworker.http.api.deps import (
     serving_on,
 )
 from creditworker.http.api.examples import ROUTER_ERRORS, queued
-from creditworker.http.api.routes import PREFIX, credits, plans, reservations, subscriptions, tasks
+from creditworker.http.api.routes import (
+    PREFIX,
+    corrections,
+    credits,
+    plans,
+    reservations,
+    subscriptions,
+    tasks,
+)
 from creditworker.http.auth import AuthDependency
 from creditworker.http.responses import (
     credit_error_response,
@@ -68,7 +76,7 @@ class EnvelopeRoute(APIRoute):
 ROUTED: tuple[Operation, ...] = tuple(operation for operation in OPERATIONS if operation.route)
 """The operations the gateway serves, in registry order (a test checks each is served)."""
 
-RESOURCES = (credits.router, reservations.router, plans.router, subscriptions.router)
+RESOURCES = (credits.router, reservations.router, corrections.router, plans.router, subscriptions.router)
 
 
 def _registry_routes() -> list[tuple[Operation, APIRoute]]:

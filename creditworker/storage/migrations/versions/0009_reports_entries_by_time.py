@@ -4,16 +4,16 @@
 (`ledger_entries (user_id, created_at, id)`: one index probe, O(log n) of its entries) and
 the holds that were active then (`reservations (user_id, created_at)`).
 
-Revision ID: 0008_reports
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-12-04 18:15:00
 """
 from __future__ import annotations
 
 from alembic import op
 
-revision = '0008_reports'
-down_revision = '0007'
+revision = '0009'
+down_revision = '0008'
 branch_labels = None
 depends_on = None
 
