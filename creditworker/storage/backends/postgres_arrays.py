@@ -349,10 +349,25 @@ def _arrays(table: Table, rows: Sequence[dict[str, Any]], prefix: str) -> dict[s
     and analyse one by one (measured: most of a 1,000-row INSERT's time).
     """
     names = tuple(rows[0])
+    if len(rows) == 1:  # most writes: each value straight to its one-element literal
+        row = rows[0]
+        return {key: convert(row[name]) for key, name, convert in _single(table, names, prefix)}
     return {
         prefix + name: convert([row[name] for row in rows])
         for name, convert in zip(names, _converters(table, names))
     }
+
+
+@cache
+def _single(table: Table, names: tuple[str, ...], prefix: str) -> tuple[tuple[str, str, Any], ...]:
+    """For one row: each column's parameter name, and the function from its value to a
+    one-element array literal (a metered request writes rows one at a time; building
+    lists and joining them was a sixth of its CPU in the engine)."""
+    single = {_boolean_array: _one_boolean, _integer_array: _one_integer,
+              _timestamp_array: _one_timestamp, _json_array: _one_json,
+              _text_values_array: _one_text}
+    return tuple((prefix + name, name, single[convert])
+                 for name, convert in zip(names, _converters(table, names)))
 
 
 @cache
@@ -393,6 +408,26 @@ def _json_array(values: list[Any]) -> str:
 
 def _text_values_array(values: list[Any]) -> str:
     return text_array([None if value is None else str(value) for value in values])
+
+
+def _one_integer(value: Any) -> str:
+    return "{NULL}" if value is None else "{" + str(int(value)) + "}"
+
+
+def _one_boolean(value: Any) -> str:
+    return "{NULL}" if value is None else "{t}" if value else "{f}"
+
+
+def _one_timestamp(value: datetime | None) -> str:
+    return "{NULL}" if value is None else "{" + _quoted(_timestamp(value)) + "}"  # type: ignore[arg-type]
+
+
+def _one_json(value: Any) -> str:
+    return "{NULL}" if value is None else "{" + _quoted(_json(value)) + "}"
+
+
+def _one_text(value: Any) -> str:
+    return "{NULL}" if value is None else "{" + _quoted(str(value)) + "}"
 
 
 def _json(value: Any) -> str:
