@@ -151,6 +151,21 @@ class Core:
             )
         }, None
 
+    def lock_with_owners(
+        self,
+        connection: Connection,
+        accounts: Table,
+        columns: tuple[str, ...],
+        holds: Table,
+        user_ids: Collection[str],
+        hold_ids: Collection[str],
+    ) -> tuple[dict[str, tuple[str, int]], list[tuple[Any, ...]]]:
+        owners, _ = self.owners_and_accounts(connection, holds, accounts, hold_ids, ())
+        users = {*user_ids, *(user_id for user_id, _amount in owners.values())}
+        return owners, self.rows_where_in(
+            connection, accounts, columns, "user_id", users, order_by="user_id", for_update=True
+        )
+
     def keyset_page(self, engine: Engine, query: Select[Any]) -> list[tuple[Any, ...]]:
         """On PostgreSQL (any driver) the page must walk its index in order: when the
         planner's statistics say that few rows match (a table just filled, not analysed yet)

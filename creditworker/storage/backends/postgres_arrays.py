@@ -163,6 +163,30 @@ class PostgresArrays(Core):
         }
 
 
+    def lock_with_owners(
+        self,
+        connection: Connection,
+        accounts: Table,
+        columns: tuple[str, ...],
+        holds: Table,
+        user_ids: Collection[str],
+        hold_ids: Collection[str],
+    ) -> tuple[dict[str, tuple[str, int]], list[tuple[Any, ...]]]:
+        """One round trip: the holds' owners are read in the statement that locks the
+        accounts (a hold's owner never changes, so reading it there is reading it before)."""
+        rows = _run(
+            connection,
+            _lock_with_owners_sql(accounts, columns, holds.name),
+            {
+                "users": text_array(sorted(set(user_ids))),
+                "holds": text_array(sorted(set(hold_ids))),
+            },
+        )
+        width = len(columns)
+        owners = {row[width]: (row[width + 1], row[width + 2]) for row in rows if row[width] is not None}
+        return owners, [_aware(row[:width], accounts, columns) for row in rows if row[width] is None]
+
+
 class ArrayScript:
     """The writer's statements, sent together in one round trip when `finish` runs (which
     returns the new ids of its own INSERT)."""
@@ -302,6 +326,22 @@ def _drawable_lots_sql(lots: str, columns: tuple[str, ...], holds: str,
         " AND r.expires_at <= CAST(%(stale_at)s AS timestamp)),"
         f" (SELECT json_agg({hold_array}) FROM {holds} r"
         " WHERE r.id = ANY(CAST(%(hold_ids)s AS text[])))"
+    )
+
+
+@cache
+def _lock_with_owners_sql(accounts: Table, columns: tuple[str, ...], holds: str) -> str:
+    """The accounts locked in user order (a CTE with FOR UPDATE), then one row per hold
+    with its id, user and amount after the account columns (NULL there)."""
+    listed = ", ".join(columns)
+    return (
+        f"{KEYED_PLANS}; WITH o AS (SELECT id, user_id, amount FROM {holds}"
+        " WHERE id = ANY(CAST(%(holds)s AS text[]))),"
+        f" a AS (SELECT {listed} FROM {accounts.name} WHERE user_id = ANY("
+        "CAST(%(users)s AS text[]) || ARRAY(SELECT user_id FROM o))"
+        " ORDER BY user_id FOR UPDATE)"
+        f" SELECT {listed}, NULL::text, NULL::text, NULL::bigint FROM a"
+        f" UNION ALL SELECT {', '.join('NULL' for _ in columns)}, id, user_id, amount FROM o"
     )
 
 
