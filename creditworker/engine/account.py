@@ -61,6 +61,16 @@ def lock(connection: Connection, user_ids: Iterable[str]) -> dict[str, Account]:
     return {row[0]: Account(row[0], row[1], row[2], row[3], bool(row[4]), row[5]) for row in rows}
 
 
+def lock_with_owners(connection: Connection, user_ids: Iterable[str], hold_ids: Collection[str],
+                     ) -> tuple[dict[str, HoldOwner], dict[str, Account]]:
+    """`hold_owners`, and `lock` of `user_ids` and those owners: one round trip where the
+    backend can (a commit or release needs no read of its own before the lock)."""
+    owners, rows = backend_for(connection).lock_with_owners(
+        connection, accounts_table, ACCOUNT_COLUMNS, holds_table, set(user_ids), hold_ids)
+    return ({hold_id: HoldOwner(*owner) for hold_id, owner in owners.items()},
+            {row[0]: Account(row[0], row[1], row[2], row[3], bool(row[4]), row[5]) for row in rows})
+
+
 LOT_COLUMNS = ("id", "user_id", "amount", "remaining", "priority", "expires_at", "source", "created_at",
                "idempotency_key")
 

@@ -135,9 +135,14 @@ class UnitOfWork:
         locked accounts' active holds past their TTL (in that query where it can) for
         `expire_stale_holds`.
         """
-        owners, existing = accounts.before_lock(self.connection, hold_ids, creating)
-        created = accounts.create_missing(self.connection, creating, self.at, existing)
-        locked = accounts.lock(self.connection, {*user_ids, *creating, *(owner.user_id for owner in owners.values())})
+        if hold_ids and not creating:  # the holds' owners read with the lock
+            created: set[str] = set()
+            owners, locked = accounts.lock_with_owners(self.connection, user_ids, hold_ids)
+        else:
+            owners, existing = accounts.before_lock(self.connection, hold_ids, creating)
+            created = accounts.create_missing(self.connection, creating, self.at, existing)
+            locked = accounts.lock(self.connection,
+                                   {*user_ids, *creating, *(owner.user_id for owner in owners.values())})
         self.accounts.update(locked)
         holding = [user_id for user_id, account in locked.items() if account.reserved > 0] if stale_holds else []
         stale: list[Hold] | None = None

@@ -130,5 +130,17 @@ class Backend(Protocol):
         """The user and amount of each existing hold, and which of `user_ids` have an account
         (None: not read; the caller reads them when it needs them)."""
 
+    def lock_with_owners(
+        self,
+        connection: Connection,
+        accounts: Table,
+        columns: tuple[str, ...],
+        holds: Table,
+        user_ids: Collection[str],
+        hold_ids: Collection[str],
+    ) -> tuple[dict[str, tuple[str, int]], list[tuple[Any, ...]]]:
+        """The user and amount of each existing hold of `hold_ids`, and the accounts of
+        `user_ids` and of those holds' owners locked in user order (`columns` tuples)."""
+
     def keyset_page(self, engine: Engine, query: Select[Any]) -> list[tuple[Any, ...]]:
         """A page of a keyset scan, in a short transaction of its own, walking its index."""

@@ -15,7 +15,20 @@ from datetime import datetime
 from functools import cache
 from typing import Any
 
-from sqlalchemy import JSON, Table, bindparam, delete, insert, select, text, tuple_, update
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Table,
+    Text,
+    bindparam,
+    column,
+    delete,
+    insert,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import ColumnElement, Select
@@ -151,6 +164,33 @@ class Core:
             )
         }, None
 
+    def lock_with_owners(
+        self,
+        connection: Connection,
+        accounts: Table,
+        columns: tuple[str, ...],
+        holds: Table,
+        user_ids: Collection[str],
+        hold_ids: Collection[str],
+    ) -> tuple[dict[str, tuple[str, int]], list[tuple[Any, ...]]]:
+        if self.dialect == "postgresql" and hold_ids:  # one round trip, as on psycopg2
+            rows = connection.execute(
+                _lock_with_owners_statement(accounts, columns, holds),
+                {"users": sorted(set(user_ids)), "holds": sorted(set(hold_ids))},
+            ).all()
+            width = len(columns)
+            owners = {
+                row[width]: (row[width + 1], row[width + 2])
+                for row in rows
+                if row[width] is not None
+            }
+            return owners, [tuple(row[:width]) for row in rows if row[width] is None]
+        owners, _ = self.owners_and_accounts(connection, holds, accounts, hold_ids, ())
+        users = {*user_ids, *(user_id for user_id, _amount in owners.values())}
+        return owners, self.rows_where_in(
+            connection, accounts, columns, "user_id", users, order_by="user_id", for_update=True
+        )
+
     def keyset_page(self, engine: Engine, query: Select[Any]) -> list[tuple[Any, ...]]:
         """On PostgreSQL (any driver) the page must walk its index in order: when the
         planner's statistics say that few rows match (a table just filled, not analysed yet)
@@ -161,6 +201,34 @@ class Core:
                 connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
                 connection.exec_driver_sql("SET LOCAL enable_bitmapscan = off")
             return [tuple(row) for row in connection.execute(query)]
+
+
+@cache
+def _lock_with_owners_statement(accounts: Table, columns: tuple[str, ...], holds: Table) -> Any:
+    """PostgreSQL: the holds' owners read in the statement that locks the accounts in user
+    order (a CTE with FOR UPDATE), one row per hold after the account rows."""
+    listed = ", ".join(columns)
+    nulls = ", ".join("NULL" for _ in columns)
+    return (
+        text(
+            f"WITH o AS (SELECT id, user_id, amount FROM {holds.name} WHERE id = ANY(:holds)),"
+            f" a AS (SELECT {listed} FROM {accounts.name}"
+            " WHERE user_id = ANY(:users || ARRAY(SELECT user_id FROM o))"
+            " ORDER BY user_id FOR UPDATE)"
+            f" SELECT {listed}, CAST(NULL AS text), CAST(NULL AS text), CAST(NULL AS bigint) FROM a"
+            f" UNION ALL SELECT {nulls}, id, user_id, amount FROM o"
+        )
+        .bindparams(
+            bindparam("holds", type_=postgresql.ARRAY(Text)),
+            bindparam("users", type_=postgresql.ARRAY(Text)),
+        )
+        .columns(
+            *(accounts.c[name] for name in columns),
+            column("hold_id", Text),
+            column("hold_user_id", Text),
+            column("hold_amount", BigInteger),
+        )
+    )
 
 
 @cache

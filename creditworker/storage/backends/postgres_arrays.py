@@ -35,9 +35,7 @@ class PostgresArrays(Core):
         self, connection: Connection, table: Table, rows: Sequence[dict[str, Any]]
     ) -> None:
         if rows:
-            connection.exec_driver_sql(
-                _insert(table, tuple(rows[0]), "", False), _arrays(table, rows, "")
-            )
+            _run(connection, _insert(table, tuple(rows[0]), "", False), _arrays(table, rows, ""))
 
     def insert_returning_ids(
         self, connection: Connection, table: Table, rows: Sequence[dict[str, Any]]
@@ -46,9 +44,7 @@ class PostgresArrays(Core):
             return []
         # The sequence numbers the rows in the order the SELECT produces them (ORDER BY
         # the array position): sorted, the returned ids are the ids of `rows` in order.
-        result = connection.exec_driver_sql(
-            _insert(table, tuple(rows[0]), "", True), _arrays(table, rows, "")
-        )
+        result = _run(connection, _insert(table, tuple(rows[0]), "", True), _arrays(table, rows, ""))
         return sorted(row[0] for row in result)
 
     def update_rows(
@@ -56,7 +52,7 @@ class PostgresArrays(Core):
     ) -> None:
         if rows:
             columns = tuple(name for name in rows[0] if name != key)
-            connection.exec_driver_sql(_update(table, key, columns, ""), _arrays(table, rows, ""))
+            _run(connection, _update(table, key, columns, ""), _arrays(table, rows, ""))
 
     def rows_where_in(
         self,
@@ -75,10 +71,11 @@ class PostgresArrays(Core):
         if not values:
             return []
         wanted = sorted(set(values))
-        rows = connection.exec_driver_sql(
+        rows = _run(
+            connection,
             _select(table, columns, key, where, order_by, for_update),
             _arrays(table, [{key: v} for v in wanted], ""),
-        ).fetchall()
+        )
         stamps = [
             index
             for index, name in enumerate(columns)
@@ -117,7 +114,8 @@ class PostgresArrays(Core):
         `stale_users` and the holds `hold_ids` names (as the lock holder left them)."""
         users = sorted(user_id for user_id, amount in needed.items() if amount > 0)
         asking = stale_at is not None and bool(stale_users)
-        rows = connection.exec_driver_sql(
+        rows = _run(
+            connection,
             _drawable_lots_sql(lots.name, columns, holds.name, hold_columns),
             {
                 "users": text_array(users),
@@ -129,7 +127,7 @@ class PostgresArrays(Core):
                 "stale_at": _timestamp(stale_at) if asking else None,
                 "hold_ids": text_array(sorted(set(hold_ids))),
             },
-        ).fetchall()
+        )
         found = [_aware(row[: len(columns)], lots, columns) for row in rows if row[0] is not None]
         extra = next(row for row in rows if row[0] is None)
         stale = [_hold_from_json(hold, holds, hold_columns) for hold in extra[-2] or ()]
@@ -152,16 +150,41 @@ class PostgresArrays(Core):
         """Both in one statement when both are wanted."""
         if not hold_ids or not user_ids:
             return super().owners_and_accounts(connection, holds, accounts, hold_ids, user_ids)
-        rows = connection.exec_driver_sql(
+        rows = _run(
+            connection,
             _owners_and_accounts_sql(holds.name, accounts.name),
             {
                 "holds": text_array(sorted(set(hold_ids))),
                 "users": text_array(sorted(set(user_ids))),
             },
-        ).fetchall()
+        )
         return {row[0]: (row[1], row[2]) for row in rows if row[0] is not None}, {
             row[1] for row in rows if row[0] is None
         }
+
+
+    def lock_with_owners(
+        self,
+        connection: Connection,
+        accounts: Table,
+        columns: tuple[str, ...],
+        holds: Table,
+        user_ids: Collection[str],
+        hold_ids: Collection[str],
+    ) -> tuple[dict[str, tuple[str, int]], list[tuple[Any, ...]]]:
+        """One round trip: the holds' owners are read in the statement that locks the
+        accounts (a hold's owner never changes, so reading it there is reading it before)."""
+        rows = _run(
+            connection,
+            _lock_with_owners_sql(accounts, columns, holds.name),
+            {
+                "users": text_array(sorted(set(user_ids))),
+                "holds": text_array(sorted(set(hold_ids))),
+            },
+        )
+        width = len(columns)
+        owners = {row[width]: (row[width + 1], row[width + 2]) for row in rows if row[width] is not None}
+        return owners, [_aware(row[:width], accounts, columns) for row in rows if row[width] is None]
 
 
 class ArrayScript:
@@ -226,11 +249,45 @@ class ArrayScript:
             )
             self._add(sql, params)
         if self.sql:
-            result = self.connection.exec_driver_sql(";\n".join(self.sql), self.params)
+            result = _run(self.connection, ";\n".join(self.sql), self.params)
             if rows:
                 ids = sorted(row[0] for row in result)
         self.sql, self.params = [], {}
         return ids
+
+
+def _run(connection: Connection, statement: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """Run one statement on the psycopg2 cursor of `connection`; its rows (none for a
+    statement that returns none).
+
+    The statements here are fixed text whose results need no type processing, and
+    SQLAlchemy's per-statement machinery (execution context, result metadata, row
+    processors) was a quarter of the engine's CPU per metered request (profiled with
+    bench/engine_cost.py): the cursor is used directly. What a user of the engine can see
+    of SQLAlchemy stays: the connection's transaction begins as it would, the engine's
+    `before_cursor_execute`/`after_cursor_execute` listeners run (the transaction module's
+    folded BEGIN/COMMIT is one), and a driver error is raised as SQLAlchemy's wrapped
+    exception, invalidating the connection on a disconnect.
+    """
+    if not connection.in_transaction():
+        connection.begin()  # as SQLAlchemy's autobegin would
+    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        events = connection._has_events or connection.engine._has_events
+        if events:  # a listener's own exception goes out as it is, as SQLAlchemy lets it
+            for listener in connection.dispatch.before_cursor_execute:
+                statement, parameters = listener(connection, cursor, statement, parameters, None, False)
+        try:
+            cursor.execute(statement, parameters)
+            rows = cursor.fetchall() if cursor.description is not None else []
+        except BaseException as error:
+            connection._handle_dbapi_exception(error, statement, parameters, cursor, None)
+            raise  # not reached: the call above raises
+        if events:
+            connection.dispatch.after_cursor_execute(connection, cursor, statement, parameters, None, False)
+        return rows
+    finally:
+        cursor.close()
 
 
 DRAW_ORDER = "l.priority, l.expires_at IS NULL, l.expires_at, l.id"
@@ -269,6 +326,22 @@ def _drawable_lots_sql(lots: str, columns: tuple[str, ...], holds: str,
         " AND r.expires_at <= CAST(%(stale_at)s AS timestamp)),"
         f" (SELECT json_agg({hold_array}) FROM {holds} r"
         " WHERE r.id = ANY(CAST(%(hold_ids)s AS text[])))"
+    )
+
+
+@cache
+def _lock_with_owners_sql(accounts: Table, columns: tuple[str, ...], holds: str) -> str:
+    """The accounts locked in user order (a CTE with FOR UPDATE), then one row per hold
+    with its id, user and amount after the account columns (NULL there)."""
+    listed = ", ".join(columns)
+    return (
+        f"{KEYED_PLANS}; WITH o AS (SELECT id, user_id, amount FROM {holds}"
+        " WHERE id = ANY(CAST(%(holds)s AS text[]))),"
+        f" a AS (SELECT {listed} FROM {accounts.name} WHERE user_id = ANY("
+        "CAST(%(users)s AS text[]) || ARRAY(SELECT user_id FROM o))"
+        " ORDER BY user_id FOR UPDATE)"
+        f" SELECT {listed}, NULL::text, NULL::text, NULL::bigint FROM a"
+        f" UNION ALL SELECT {', '.join('NULL' for _ in columns)}, id, user_id, amount FROM o"
     )
 
 
@@ -316,10 +389,25 @@ def _arrays(table: Table, rows: Sequence[dict[str, Any]], prefix: str) -> dict[s
     and analyse one by one (measured: most of a 1,000-row INSERT's time).
     """
     names = tuple(rows[0])
+    if len(rows) == 1:  # most writes: each value straight to its one-element literal
+        row = rows[0]
+        return {key: convert(row[name]) for key, name, convert in _single(table, names, prefix)}
     return {
         prefix + name: convert([row[name] for row in rows])
         for name, convert in zip(names, _converters(table, names))
     }
+
+
+@cache
+def _single(table: Table, names: tuple[str, ...], prefix: str) -> tuple[tuple[str, str, Any], ...]:
+    """For one row: each column's parameter name, and the function from its value to a
+    one-element array literal (a metered request writes rows one at a time; building
+    lists and joining them was a sixth of its CPU in the engine)."""
+    single = {_boolean_array: _one_boolean, _integer_array: _one_integer,
+              _timestamp_array: _one_timestamp, _json_array: _one_json,
+              _text_values_array: _one_text}
+    return tuple((prefix + name, name, single[convert])
+                 for name, convert in zip(names, _converters(table, names)))
 
 
 @cache
@@ -360,6 +448,26 @@ def _json_array(values: list[Any]) -> str:
 
 def _text_values_array(values: list[Any]) -> str:
     return text_array([None if value is None else str(value) for value in values])
+
+
+def _one_integer(value: Any) -> str:
+    return "{NULL}" if value is None else "{" + str(int(value)) + "}"
+
+
+def _one_boolean(value: Any) -> str:
+    return "{NULL}" if value is None else "{t}" if value else "{f}"
+
+
+def _one_timestamp(value: datetime | None) -> str:
+    return "{NULL}" if value is None else "{" + _quoted(_timestamp(value)) + "}"  # type: ignore[arg-type]
+
+
+def _one_json(value: Any) -> str:
+    return "{NULL}" if value is None else "{" + _quoted(_json(value)) + "}"
+
+
+def _one_text(value: Any) -> str:
+    return "{NULL}" if value is None else "{" + _quoted(str(value)) + "}"
 
 
 def _json(value: Any) -> str:
