@@ -316,7 +316,9 @@ def _after_epoch(value: datetime) -> datetime:
 
 Moment = Annotated[datetime, AfterValidator(_as_utc), AfterValidator(_after_epoch)]
 """A moment a read asks about: naive is taken as UTC (as everywhere), before the epoch refused."""
-LotId = Annotated[int, Strict(), Field(gt=0)]
+RowId = Annotated[int, Strict(), Field(gt=0, le=2**63 - 1)]
+"""A lot or ledger entry id: the columns are BIGINT, so a larger id is no id at all."""
+LotId = RowId
 Reason = Annotated[
     str, Strict(), Field(min_length=1, max_length=MAX_DESCRIPTION_LENGTH), AfterValidator(_check_text)
 ]
@@ -334,7 +336,7 @@ class VoidLot(Request):
 class RefundDeduction(Request):
     """Give back all (or `amount`) of a deduction or commit to the lots it drew from."""
 
-    entry_id: Annotated[int, Strict(), Field(gt=0)]
+    entry_id: RowId
     reason: Reason
     amount: Amount | None = None
 

@@ -201,3 +201,13 @@ def test_change_of_an_unknown_lot_is_refused(service: CreditService, engine: Eng
     with pytest.raises(UnknownLot):
         service.change_lot_expiry(12345, NOW, now=NOW)
     assert snapshot(engine) == before
+
+
+def test_an_id_past_the_bigint_range_is_invalid_input_not_a_database_error(service: CreditService) -> None:
+    """Found by the gateway's fuzz test: such an id reached PostgreSQL and came back a 503."""
+    service.add_credits("ida", 10, idempotency_key="ida-grant")
+    with pytest.raises(ValidationFailed):
+        service.void_lot(2**63, reason="fraud")
+    with pytest.raises(ValidationFailed):
+        service.refund_deduction(2**63, reason="refund")
+    assert service.get_user_credits_info("ida").total == 10

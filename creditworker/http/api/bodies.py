@@ -107,8 +107,8 @@ KeyHeader = Annotated[
 ]
 UserIdPath = Annotated[UserId, Path(description="A user id, percent-encoded (`/` as `%2F`).")]
 ReservationIdPath = Annotated[ReservationId, Path()]
-LotIdPath = Annotated[int, Path(gt=0, description="A lot (grant) id: `lot_id` of its `add` entry.")]
-EntryIdPath = Annotated[int, Path(gt=0, description="A ledger entry id (a deduct or commit).")]
+LotIdPath = Annotated[int, Path(gt=0, le=2**63 - 1, description="A lot (grant) id: `lot_id` of its `add` entry.")]
+EntryIdPath = Annotated[int, Path(gt=0, le=2**63 - 1, description="A ledger entry id (a deduct or commit).")]
 PlanPath = Annotated[PlanName, Path(description="A plan id or name, percent-encoded.")]
 
 
