@@ -218,14 +218,6 @@ class RunningWorker:
         stop_group(self.process, sig, self.stop_timeout if timeout is None else timeout)
         self.process = None
 
-    def ensure_running(self) -> int:
-        """Restart the worker if it exited, as a process supervisor would; 1 if it did."""
-        if self.process is not None and self.process.poll() is not None:
-            self.process = None
-            self.start()
-            return 1
-        return 0
-
     def kill(self) -> None:
         """SIGKILL the whole worker, main process and pool children."""
         self.stop(signal.SIGKILL)

@@ -25,7 +25,7 @@ def events_tail(
 ) -> None:
     """Print events as JSON lines as they are published (from a private, temporary queue)."""
     from creditworker.notifications.exchange import tail
-    from creditworker.worker.app import broker_transport_options
+    from creditworker.settings import broker_transport_options
 
     settings = current().settings
     events = tail(key, timeout=timeout, broker_url=settings.broker_url,

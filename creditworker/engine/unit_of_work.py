@@ -147,13 +147,12 @@ class UnitOfWork:
         holding = [user_id for user_id, account in locked.items() if account.reserved > 0] if stale_holds else []
         stale: list[Hold] | None = None
         folded = callable(with_lots) and self.backend.folds_reads  # the lots' query reads the holds
-        if folded:
-            pass  # read below, with the lots
-        elif holding:
-            named, stale = accounts.load_holds_and_stale(self.connection, owners, holding, self.at)
-            self.holds.update(named)
-        else:
-            self.holds.update(accounts.load_holds(self.connection, owners))
+        if not folded:  # else the named and the stale holds come with the lots, below
+            if holding:
+                named, stale = accounts.load_holds_and_stale(self.connection, owners, holding, self.at)
+                self.holds.update(named)
+            else:
+                self.holds.update(accounts.load_holds(self.connection, owners))
         if with_lots:
             read = accounts.load_live_lots(self.connection, locked.values(),
                                            None if with_lots is True else with_lots(owners),

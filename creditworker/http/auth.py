@@ -25,8 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from creditworker.http.responses import refusal_before_body
-from creditworker.settings import Settings
-from creditworker.worker.app import broker_kind
+from creditworker.settings import Settings, broker_kind
 
 API_KEYS_VARIABLE = "CREDITWORKER_API_KEYS"
 

@@ -5,9 +5,10 @@ when it starts; a producer that builds this app sends tasks by name and never im
 storage stack.
 
 Nothing is built at import: `make_celery` builds an app for given settings, and the
-module attribute `app` (what `celery -A creditworker` finds) is built on first use. So a
-module that only needs `broker_kind` (the gateway's auth) creates no embedded-broker
-folders and reads no settings by importing this one.
+module attribute `app` (what `celery -A creditworker` finds) is built on first use, and
+importing this module creates no embedded-broker folders and reads no settings. What a
+broker URL implies (`broker_kind`, the transport options) lives in settings.py, for every
+layer that connects.
 """
 
 from __future__ import annotations

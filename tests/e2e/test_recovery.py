@@ -29,9 +29,8 @@ from sqlalchemy import func, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from creditworker.settings import Settings
+from creditworker.settings import Settings, broker_transport_options
 from creditworker.storage.tables import Entry
-from creditworker.worker.app import broker_transport_options
 from tests.conftest import wipe
 from tests.e2e.conftest import (
     RunningWorker,
