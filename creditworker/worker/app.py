@@ -73,7 +73,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": settings.task_sent_events,
         "task_track_started": settings.track_started,
         # A reservation's caller tells "not applied, never will be" from "may have been
-        # applied" by the STARTED state once its deadline passed (producers/client.py).
+        # applied" by the STARTED state once its deadline passed (creditworker/client/handle.py).
         # Gathered ones record it in `gather.run_gathered`; this covers those that take
         # Celery's own path (a retry, or gathering turned off).
         "task_annotations": {RESERVE.task: {"track_started": True}},
