@@ -7,8 +7,9 @@ same run: per request, one transaction that checks `available`, raises `reserved
 the hold, its ledger entry and its operation row; then one that settles the hold, draws the
 lot, lowers `balance` and `reserved`, inserts the commit's entry and its operation row. Each
 is one round trip (`BEGIN; ...; COMMIT` in one string over psycopg2), as short as such a
-write can be. The engine does the same through `CreditService` (sync) and
-`AsyncCreditService` (asyncpg), with idempotency keys and metadata as the middleware sends
+write can be. The engine does the same through `CreditService` (sync, over psycopg2 and over
+psycopg 3) and `AsyncCreditService` (psycopg 3 in asyncio mode; asyncpg too where it is
+installed, for comparison), with idempotency keys and metadata as the middleware sends
 them. Figures per request (reserve + commit): CPU of this Python process
 (`time.process_time`), CPU of the PostgreSQL backends serving it (from /proc, the server is
 on this machine), and wall time. Rounds alternate so that a noisy neighbour hits all sides.
@@ -141,7 +142,13 @@ def main() -> None:
         upgrade(sync.engine)
         users = [f"user-{index}" for index in range(USERS)]
         lots = {user: sync.add_credits(user, 10**9).lot_id for user in users}
-        asynchronous = AsyncCreditService(url.replace("+psycopg2", "+asyncpg"))
+        sync3 = CreditService(url.replace("+psycopg2", "+psycopg"))
+        asynchronous = AsyncCreditService(url.replace("+psycopg2", "+psycopg"))
+        try:
+            import asyncpg  # noqa: F401 - only to know whether the comparison can run
+            on_asyncpg: AsyncCreditService | None = AsyncCreditService(url.replace("+psycopg2", "+asyncpg"))
+        except ImportError:
+            on_asyncpg = None
         raw = psycopg2.connect(make_url(url).set(drivername="postgresql").render_as_string(hide_password=False))
         raw.autocommit = True
         server = ServerCpu(url)
@@ -163,7 +170,7 @@ def main() -> None:
                                                 "key": key + ":commit", "fp": key,
                                                 "meta": json.dumps({"request_id": key, "response": "json"})})
 
-        def engine_sync(count: int) -> None:
+        def engine_sync(count: int, sync: CreditService = sync) -> None:
             for _ in range(count):
                 n = next(counter)
                 user, key = users[n % USERS], f"mw:{uuid.uuid4().hex}"
@@ -172,7 +179,7 @@ def main() -> None:
                 sync.commit_reservation(hold.id, CHARGED, metadata={"request_id": key, "response": "json"},
                                         idempotency_key=key + ":commit")
 
-        async def engine_async_requests(count: int) -> None:
+        async def engine_async_requests(count: int, asynchronous: AsyncCreditService) -> None:
             for _ in range(count):
                 n = next(counter)
                 user, key = users[n % USERS], f"mw:{uuid.uuid4().hex}"
@@ -184,9 +191,14 @@ def main() -> None:
                     idempotency_key=key + ":commit")
 
         def engine_async(count: int) -> None:
-            loop.run_until_complete(engine_async_requests(count))
+            loop.run_until_complete(engine_async_requests(count, asynchronous))
 
-        sides = {"hand-written SQL": hand_written, "CreditService": engine_sync, "AsyncCreditService": engine_async}
+        sides = {"hand-written SQL": hand_written, "CreditService": engine_sync,
+                 "CreditService psycopg3": lambda count: engine_sync(count, sync3),
+                 "AsyncCreditService": engine_async}
+        if on_asyncpg is not None:
+            sides["Async on asyncpg"] = lambda count: loop.run_until_complete(
+                engine_async_requests(count, on_asyncpg))
         for run in sides.values():
             run(200)  # warm up: connections, compiled statements
         results: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
@@ -206,7 +218,7 @@ def main() -> None:
             print(f"median {name:>20}: client CPU {s['client_cpu_ms']:.3f} ms, server CPU "
                   f"{s['server_cpu_ms']:.3f} ms, wall {s['wall_ms']:.3f} ms")
         base = summary["hand-written SQL"]
-        for name in ("CreditService", "AsyncCreditService"):
+        for name in list(sides)[1:]:
             s = summary[name]
             print(f"{name}: client CPU {s['client_cpu_ms'] - base['client_cpu_ms']:+.3f} ms over the baseline's, "
                   f"server CPU x{s['server_cpu_ms'] / base['server_cpu_ms']:.2f}, wall x{s['wall_ms'] / base['wall_ms']:.2f}")
@@ -220,6 +232,9 @@ def main() -> None:
         if options.json:
             Path(options.json).write_text(json.dumps({"rounds": results, "median": summary}, indent=2))
         loop.run_until_complete(asynchronous.dispose())
+        if on_asyncpg is not None:
+            loop.run_until_complete(on_asyncpg.dispose())
+        sync3.engine.dispose()
         loop.close()
         raw.close()
         server.admin.close()

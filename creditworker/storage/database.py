@@ -41,13 +41,14 @@ def make_engine(url: str, **engine_options: Any) -> Engine:
     return engine
 
 
-ASYNC_DRIVERS = {"postgresql": "asyncpg", "sqlite": "aiosqlite"}
+ASYNC_DRIVERS = {"postgresql": "psycopg", "sqlite": "aiosqlite"}
 """The asyncio driver each backend gets when a URL names none (or a sync one)."""
 
 
 def make_async_engine(url: str, **engine_options: Any) -> Any:
     """An `AsyncEngine` with the same tuning as `make_engine`, on the backend's asyncio
-    driver (`postgresql://` becomes `postgresql+asyncpg://`, `sqlite://` `sqlite+aiosqlite://`).
+    driver (`postgresql://` and `postgresql+psycopg2://` become `postgresql+psycopg://`, psycopg 3
+    in asyncio mode, `sqlite://` `sqlite+aiosqlite://`).
 
     Its `sync_engine` carries the same event hooks, so the engine's sync transaction code
     runs over it unchanged (see engine/async_service.py)."""
@@ -55,7 +56,7 @@ def make_async_engine(url: str, **engine_options: Any) -> Any:
 
     parsed = make_url(url)
     backend = parsed.get_backend_name()
-    if parsed.get_driver_name() not in ("asyncpg", "aiosqlite", "aiomysql", "asyncmy"):
+    if parsed.get_driver_name() not in ("psycopg", "asyncpg", "aiosqlite", "aiomysql", "asyncmy"):
         if backend not in ASYNC_DRIVERS:
             raise ValueError(f"no asyncio driver known for {backend}; name one in the URL")
         parsed = parsed.set(drivername=f"{backend}+{ASYNC_DRIVERS[backend]}")
@@ -173,8 +174,8 @@ def is_retryable_conflict(exc: BaseException) -> bool:
     if not isinstance(exc, DBAPIError) or isinstance(exc, IntegrityError):
         return False
     orig = exc.orig
-    if getattr(orig, "pgcode", None) in _RETRYABLE_SQLSTATES:
-        return True
+    if (getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)) in _RETRYABLE_SQLSTATES:
+        return True  # psycopg2 names the SQLSTATE `pgcode`, psycopg 3 `sqlstate`
     args = getattr(orig, "args", ())
     if args and isinstance(args[0], int) and args[0] in _RETRYABLE_MYSQL_ERRNOS:
         return True
@@ -234,5 +235,7 @@ def insert_if_absent(
         statement = mysql.insert(table).values(values).prefix_with("IGNORE")
     else:
         raise NotImplementedError(f"no insert-if-absent for the {backend} dialect")
-    result = session.execute(statement)
+    # An INSERT's rowcount is read before the cursor closes only when asked (psycopg 3 forgets
+    # it then: sqlalchemy/sqlalchemy#10974).
+    result = session.execute(statement.execution_options(preserve_rowcount=True))
     return bool(getattr(result, "rowcount", 0) == 1)

@@ -1,8 +1,8 @@
 """The engine's transactions: one Core connection, and on PostgreSQL no round trip for BEGIN.
 
-psycopg2 opens a transaction with a `BEGIN` of its own, a round trip before the first
-statement (one of the five a batch of deducts made). Here the connection runs in autocommit
-mode, where psycopg2 sends nothing of its own, and the engine opens the transaction itself:
+psycopg2 and psycopg 3 open a transaction with a `BEGIN` of their own, a round trip before
+the first statement (one of the five a batch of deducts made). Here the connection runs in
+autocommit mode, where the driver sends nothing of its own, and the engine opens the transaction itself:
 `BEGIN` goes out as the first words of the transaction's first statement, whichever that is
 (the lock, a hold's owner, an ORM query of the subscriptions), and `COMMIT` after `work`
 returned, or as the last words of the statement that `commit_with_next_statement` names
@@ -45,7 +45,7 @@ def run_transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
 
     `work` must be safe to rerun from scratch: everything it did is rolled back first.
     """
-    fold = engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg2"
+    fold = engine.dialect.name == "postgresql" and engine.dialect.driver in ("psycopg2", "psycopg")
     if fold:
         _fold_begin(engine)
     return rerun_on_conflict(lambda: _folded(engine, work) if fold else _plain(engine, work))
@@ -59,11 +59,11 @@ def _plain(engine: Engine, work: Callable[[Connection], T]) -> T:
 def _folded(engine: Engine, work: Callable[[Connection], T]) -> T:
     with engine.connect() as connection:
         dbapi_connection: Any = connection.connection.dbapi_connection
-        level = _autocommit(dbapi_connection)
+        level = _autocommit(dbapi_connection, connection.dialect.driver)
         info = connection.info
         info[_STATE] = _PENDING
         try:
-            with connection.begin():  # SQLAlchemy's own bookkeeping: psycopg2 sends nothing for it
+            with connection.begin():  # SQLAlchemy's own bookkeeping: the driver sends nothing for it
                 value = work(connection)
                 if info[_STATE] in (_OPEN, _COMMIT_NEXT):  # BEGIN went out, COMMIT did not
                     info[_STATE] = None
@@ -71,7 +71,7 @@ def _folded(engine: Engine, work: Callable[[Connection], T]) -> T:
             return value
         finally:
             info.pop(_STATE, None)
-            _end_open_transaction(connection, dbapi_connection, level)
+            _end_open_transaction(connection, dbapi_connection, level, connection.dialect.driver)
 
 
 def commit_with_next_statement(connection: Connection) -> bool:
@@ -85,31 +85,39 @@ def commit_with_next_statement(connection: Connection) -> bool:
     return True
 
 
-def _autocommit(dbapi_connection: Any) -> Any:
-    """Switch psycopg2 to autocommit mode without a round trip; returns what to restore.
+def _autocommit(dbapi_connection: Any, driver: str) -> Any:
+    """Switch the driver to autocommit mode without a round trip; returns what to restore.
 
-    Not SQLAlchemy's AUTOCOMMIT isolation level, nor psycopg2's `autocommit` alone: leaving
-    autocommit mode with an isolation level set (the engine sets READ COMMITTED) makes
-    psycopg2 send `SET default_transaction_isolation TO DEFAULT`. Outside autocommit mode it
-    only notes a level (for its next BEGIN), so the level is cleared first and restored
-    after; the engine's own BEGIN names it."""
-    level = dbapi_connection.isolation_level
-    dbapi_connection.isolation_level = None
+    psycopg 3 only flips a flag. For psycopg2 it is not SQLAlchemy's AUTOCOMMIT isolation
+    level, nor psycopg2's `autocommit` alone: leaving autocommit mode with an isolation level
+    set (the engine sets READ COMMITTED) makes psycopg2 send `SET
+    default_transaction_isolation TO DEFAULT`. Outside autocommit mode it only notes a level
+    (for its next BEGIN), so the level is cleared first and restored after; the engine's own
+    BEGIN names it."""
+    level = None
+    if driver == "psycopg2":
+        level = dbapi_connection.isolation_level
+        dbapi_connection.isolation_level = None
     dbapi_connection.autocommit = True
     return level
 
 
-def _end_open_transaction(connection: Connection, dbapi_connection: Any, level: Any) -> None:
-    """Roll back what a failure left open and hand psycopg2 its transactions back; a
+def _end_open_transaction(connection: Connection, dbapi_connection: Any, level: Any, driver: str) -> None:
+    """Roll back what a failure left open and hand the driver its transactions back; a
     connection that cannot is not reused."""
-    if connection.invalidated or dbapi_connection.closed:
+    driver_connection: Any = connection.connection.driver_connection if not connection.invalidated else None
+    if driver_connection is None or driver_connection.closed:
         return
     try:
-        if dbapi_connection.info.transaction_status != 0:  # not psycopg2.extensions.TRANSACTION_STATUS_IDLE
-            with dbapi_connection.cursor() as cursor:
+        if driver_connection.info.transaction_status != 0:  # not TRANSACTION_STATUS_IDLE (both drivers)
+            cursor = dbapi_connection.cursor()
+            try:
                 cursor.execute("ROLLBACK")
+            finally:
+                cursor.close()
         dbapi_connection.autocommit = False
-        dbapi_connection.isolation_level = level
+        if driver == "psycopg2":
+            dbapi_connection.isolation_level = level
     except Exception:  # noqa: BLE001 - whatever went wrong, the connection must not go back as it is
         connection.invalidate()
 
@@ -136,7 +144,24 @@ def _fold_begin(engine: Engine) -> None:
                     raise RuntimeError("COMMIT cannot ride on an executemany")
                 cursor.execute(BEGIN)
                 begin = False
+            elif _binds_on_server(connection, cursor):
+                # psycopg 3's own cursor takes one command with parameters, and of several
+                # without them answers with the first's result: BEGIN goes alone, and COMMIT
+                # after `work` (see `_folded`).
+                if begin:
+                    cursor.execute(BEGIN)
+                begin = commit = False
             connection.info[_STATE] = _COMMITTED if commit else _OPEN
             return (BEGIN if begin else "") + statement + (COMMIT if commit else ""), parameters
 
         _folding.add(engine)
+
+
+def _binds_on_server(connection: Connection, cursor: Any) -> bool:
+    """psycopg 3's own cursors bind on the server; the engine's scripts use its client-side
+    cursor (storage/backends/postgres_arrays.py), which takes several statements."""
+    if connection.dialect.driver != "psycopg":
+        return False
+    import psycopg
+
+    return not isinstance(cursor, psycopg.ClientCursor | psycopg.AsyncClientCursor)

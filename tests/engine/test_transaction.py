@@ -15,6 +15,7 @@ from creditworker import CreditService
 from creditworker.engine.unit_of_work import UnitOfWork
 from creditworker.records.audit import audit
 from creditworker.storage.transaction import BEGIN, COMMIT
+from tests.conftest import engine_for, wipe
 from tests.engine.test_writer import counted_statements
 
 NEW_ACCOUNT = ("INSERT INTO accounts (user_id, balance, reserved, low_credit_alerted, overdraft_limit, created_at,"
@@ -27,7 +28,7 @@ def accounts_named(engine: Engine, user: str) -> int:
 
 
 def assert_pool_connection_is_plain(engine: Engine) -> None:
-    """The next user of the pool gets a connection in psycopg2's own transactions."""
+    """The next user of the pool gets a connection in the driver's own transactions."""
     with engine.connect() as connection:
         dbapi: Any = connection.connection.dbapi_connection
         assert dbapi.autocommit is False
@@ -37,7 +38,18 @@ def assert_pool_connection_is_plain(engine: Engine) -> None:
     assert accounts_named(engine, "not-committed") == 0
 
 
-def test_a_batch_of_deducts_is_three_statements_begin_and_commit_included(pg_engine: Engine) -> None:
+@pytest.fixture(params=["psycopg2", "psycopg"])
+def pg_engine_of_each_driver(request: pytest.FixtureRequest, postgres_url: str,
+                             migrated_engines: dict[str, Engine]) -> Engine:
+    """PostgreSQL through psycopg2, then through psycopg 3 (whose own cursor binds on the
+    server and takes one command: the engine's scripts use its client-side cursor)."""
+    migrated = engine_for(postgres_url.replace("+psycopg2", f"+{request.param}"), migrated_engines)
+    wipe(migrated)
+    return migrated
+
+
+def test_a_batch_of_deducts_is_three_statements_begin_and_commit_included(pg_engine_of_each_driver: Engine) -> None:
+    pg_engine = pg_engine_of_each_driver
     service = CreditService(pg_engine)
     service.apply_batch([{"op": "add", "user_id": f"t{n}", "amount": 100} for n in range(5)])
     with counted_statements(pg_engine) as statements:

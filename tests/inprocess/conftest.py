@@ -14,7 +14,9 @@ from creditworker import CreditService
 from creditworker.engine.async_service import AsyncCreditService
 from tests.conftest import engine_for, wipe
 
-KINDS = ["sync-sqlite", "sync-postgres", "async-sqlite", "async-postgres"]
+KINDS = ["sync-sqlite", "sync-postgres", "sync-psycopg3", "async-sqlite", "async-postgres"]
+"""`sync-postgres` runs psycopg2, `sync-psycopg3` psycopg 3; the async engine on PostgreSQL
+runs psycopg 3 in asyncio mode."""
 
 
 @pytest.fixture(params=KINDS)
@@ -29,9 +31,11 @@ def credit_service(
 ) -> Iterator[Any]:
     """A `CreditService` or `AsyncCreditService`; SQLite ones make their own tables."""
     mode, backend = engine_kind.split("-")
-    if backend == "postgres":
+    if backend in ("postgres", "psycopg3"):
         url: str = request.getfixturevalue("postgres_url")
         wipe(engine_for(url, migrated_engines))
+        if backend == "psycopg3":
+            url = url.replace("+psycopg2", "+psycopg")
     else:
         url = f"sqlite:///{tmp_path / 'credits.db'}"
     if mode == "sync":
@@ -48,5 +52,5 @@ def credit_service(
 def sync_face(service: Any) -> CreditService:
     """The sync engine over the same database, for checks in a test's own thread."""
     return service if isinstance(service, CreditService) else CreditService(
-        str(service.async_engine.url).replace("+asyncpg", "+psycopg2").replace("+aiosqlite", "")
+        str(service.async_engine.url).replace("+psycopg", "+psycopg2").replace("+aiosqlite", "")
     )

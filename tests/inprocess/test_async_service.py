@@ -1,4 +1,4 @@
-"""AsyncCreditService: the sync engine's methods, awaitable, on asyncpg and aiosqlite."""
+"""AsyncCreditService: the sync engine's methods, awaitable, on psycopg 3 (asyncio) and aiosqlite."""
 
 from __future__ import annotations
 

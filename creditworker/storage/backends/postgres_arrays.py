@@ -1,4 +1,5 @@
-"""The PostgreSQL path through psycopg2: every table's rows in one statement over `unnest`.
+"""The PostgreSQL path (psycopg2, or psycopg 3 sync and asyncio): every table's rows in one
+statement over `unnest`.
 
 Each table's rows go as one array literal per column (`INSERT ... SELECT FROM unnest(...)`,
 `UPDATE ... FROM unnest(...)`): the statement's text never changes, so it is compiled once,
@@ -17,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import JSON, Boolean, Integer, Table
 from sqlalchemy.engine import Connection
+from sqlalchemy.util import await_only
 
 from creditworker.storage.backends.base import Folded, Json
 from creditworker.storage.backends.core import Core
@@ -257,8 +259,8 @@ class ArrayScript:
 
 
 def _run(connection: Connection, statement: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
-    """Run one statement on the psycopg2 cursor of `connection`; its rows (none for a
-    statement that returns none).
+    """Run one statement (or several, `;`-separated) on the driver's cursor of `connection`;
+    the rows of the last one (none for a statement that returns none).
 
     The statements here are fixed text whose results need no type processing, and
     SQLAlchemy's per-statement machinery (execution context, result metadata, row
@@ -271,23 +273,79 @@ def _run(connection: Connection, statement: str, parameters: dict[str, Any]) -> 
     """
     if not connection.in_transaction():
         connection.begin()  # as SQLAlchemy's autobegin would
-    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    script = _script_cursor(connection)
     try:
         events = connection._has_events or connection.engine._has_events
         if events:  # a listener's own exception goes out as it is, as SQLAlchemy lets it
             for listener in connection.dispatch.before_cursor_execute:
-                statement, parameters = listener(connection, cursor, statement, parameters, None, False)
+                statement, parameters = listener(connection, script.cursor, statement, parameters, None, False)
         try:
-            cursor.execute(statement, parameters)
-            rows = cursor.fetchall() if cursor.description is not None else []
+            rows = script.run(statement, parameters)
         except BaseException as error:
-            connection._handle_dbapi_exception(error, statement, parameters, cursor, None)
+            connection._handle_dbapi_exception(error, statement, parameters, script.cursor, None)
             raise  # not reached: the call above raises
         if events:
-            connection.dispatch.after_cursor_execute(connection, cursor, statement, parameters, None, False)
+            connection.dispatch.after_cursor_execute(connection, script.cursor, statement, parameters, None, False)
         return rows
     finally:
-        cursor.close()
+        script.close()
+
+
+class _Psycopg2Script:
+    """psycopg2 binds on the client and answers a multi-statement text with its last result."""
+
+    def __init__(self, dbapi_connection: Any) -> None:
+        self.cursor = dbapi_connection.cursor()
+
+    def run(self, statement: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
+        self.cursor.execute(statement, parameters)
+        return self.cursor.fetchall() if self.cursor.description is not None else []
+
+    def close(self) -> None:
+        self.cursor.close()
+
+
+class _Psycopg3Script:
+    """psycopg 3 binds on the server by default, which takes one statement per round trip; a
+    `ClientCursor` binds on the client as psycopg2 does, so a script stays one round trip. Its
+    results come first to last: `nextset` walks to the last. Under `AsyncCreditService` the
+    driver's connection is psycopg's `AsyncConnection`, awaited from SQLAlchemy's greenlet."""
+
+    def __init__(self, driver_connection: Any, is_async: bool) -> None:
+        import psycopg
+
+        self.is_async = is_async
+        cursor_class = psycopg.AsyncClientCursor if is_async else psycopg.ClientCursor
+        self.cursor = cursor_class(driver_connection)
+
+    def run(self, statement: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
+        if self.is_async:
+            return await_only(self._run_async(statement, parameters))
+        cursor = self.cursor
+        cursor.execute(statement, parameters)
+        while cursor.nextset():
+            pass
+        return cursor.fetchall() if cursor.description is not None else []
+
+    async def _run_async(self, statement: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
+        cursor = self.cursor
+        await cursor.execute(statement, parameters)
+        while cursor.nextset():
+            pass
+        return await cursor.fetchall() if cursor.description is not None else []
+
+    def close(self) -> None:
+        if self.is_async:
+            await_only(self.cursor.close())
+        else:
+            self.cursor.close()
+
+
+def _script_cursor(connection: Connection) -> _Psycopg2Script | _Psycopg3Script:
+    pooled = connection.connection
+    if connection.dialect.driver == "psycopg":
+        return _Psycopg3Script(pooled.driver_connection, connection.dialect.is_async)
+    return _Psycopg2Script(pooled.dbapi_connection)
 
 
 DRAW_ORDER = "l.priority, l.expires_at IS NULL, l.expires_at, l.id"
