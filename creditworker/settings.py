@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     `result_extended`): larger result writes, for tools that read them from the backend."""
     allocation_backfill: bool = False
     """After downtime, also grant missed periods whose credits would still be valid."""
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    """The worker's Prometheus endpoint (off unless a port is given); the gateway serves
+    /metrics on its own port (creditworker/metrics/)."""
+    metrics_address: str = "127.0.0.1"
+    """Where the worker's metrics endpoint listens (`0.0.0.0` in a container)."""
 
     @field_validator("ledger_path")
     @classmethod

@@ -17,8 +17,10 @@ from functools import cache
 from typing import Any
 
 from celery import Celery
+from celery.signals import celeryd_init
 
 from creditworker.contract.operations import RESERVE
+from creditworker.metrics.exposition import prepare_worker_metrics
 from creditworker.settings import (
     Settings,
     broker_kind,
@@ -26,7 +28,7 @@ from creditworker.settings import (
     get_settings,
     result_backend_url,
 )
-from creditworker.worker.configured import ATTRIBUTE
+from creditworker.worker.configured import ATTRIBUTE, settings_of
 from creditworker.worker.redelivery import UnackedHeartbeat
 from creditworker.worker.transport import TRANSPORTS
 
@@ -102,8 +104,21 @@ def make_celery(settings: Settings | None = None) -> Celery:
     celery = Celery("creditworker", include=TASK_MODULES)
     celery.conf.update(celery_config(settings))
     celery.steps["consumer"].add(UnackedHeartbeat)
+    # By name: only a worker imports it (and only one with CREDITWORKER_METRICS_PORT serves).
+    celery.steps["worker"].add("creditworker.worker.metrics_endpoint:MetricsEndpoint")
     setattr(celery, ATTRIBUTE, settings)  # what tasks, delivery, gather and intake read
     return celery
+
+
+def _metrics_directory(sender: Any = None, instance: Any = None, **_kwargs: Any) -> None:
+    """Before a worker with CREDITWORKER_METRICS_PORT forks its pool: the pool's processes
+    must write their metrics where the endpoint reads them (worker/metrics_endpoint.py)."""
+    app = getattr(instance, "app", None)
+    if app is not None and getattr(app, ATTRIBUTE, None) is not None and settings_of(app).metrics_port is not None:
+        prepare_worker_metrics()
+
+
+celeryd_init.connect(_metrics_directory, weak=False, dispatch_uid="creditworker.metrics.directory")
 
 
 @cache

@@ -14,10 +14,12 @@ no app at import.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 from celery import Task, current_app, shared_task
+from celery.exceptions import Retry
 from pydantic import BaseModel
 
 from creditworker.contract.credits import BatchOutcome, Request, parse
@@ -33,6 +35,7 @@ from creditworker.contract.operations import (
 )
 from creditworker.engine import CreditService, SubscriptionService
 from creditworker.engine.handlers import Services, dispatch
+from creditworker.metrics import instruments
 from creditworker.storage.database import is_transient
 from creditworker.worker import delivery
 from creditworker.worker.configured import settings_of
@@ -95,12 +98,31 @@ def _handle(task: Task, operation: Operation, args: tuple[Any, ...], kwargs: dic
         request = parse(operation.request, kwargs)
         key = getattr(request, "idempotency_key", None) or f"task:{task.request.id}"
         adapter = ADAPTERS.get(operation.task)
+        started = time.perf_counter()
         answer = adapter(task, request, key) if adapter else dispatch(SERVICES, operation, request, key)
+        instruments.record_engine_time("operation", time.perf_counter() - started)
+        instruments.record_operation(_label(operation.task), instruments.APPLIED)
+        if operation.periodic is not None:
+            instruments.record_sweep_success(operation.periodic.entry)
         return {"ok": True, "result": _dump(answer)}
     except CreditError as exc:
+        instruments.record_operation(_label(operation.task), exc.code)
         return {"ok": False, "error": exc.to_dict()}
     except Exception as exc:  # noqa: BLE001 (retried if transient, else raised: `delivery`)
-        delivery.retry_single(task, exc)
+        try:
+            delivery.retry_single(task, exc)
+        except Retry:
+            instruments.record_operation(_label(operation.task), "retried")
+            raise
+        except BaseException:
+            instruments.record_operation(_label(operation.task), "failed")
+            raise
+
+
+def _label(task_name: str) -> str:
+    """An operation's metric label: its task name without the package's prefix."""
+    return task_name.removeprefix("creditworker.")
+
 
 
 # ---------------------------------------------------------------- adapters
@@ -174,11 +196,23 @@ def apply_gathered(
         requests.append(request)
         keys.append(request.idempotency_key or f"task:{entry['id']}")
         places.append(place)
-    for place, outcome in zip(places, _batch_envelopes(requests, keys)):
+    started = time.perf_counter()
+    envelopes = _batch_envelopes(requests, keys)
+    if requests:
+        instruments.record_batch(len(requests), time.perf_counter() - started)
+    for place, outcome in zip(places, envelopes):
         if isinstance(outcome, BaseException):
             outcome = delivery.retry_gathered(task_for or current_app.tasks.__getitem__, entries[place], outcome)
         outcomes[place] = outcome
+    for entry, outcome in zip(entries, outcomes):
+        instruments.record_operation(_label(entry["task"]), _outcome_label(outcome))
     return outcomes
+
+
+def _outcome_label(outcome: dict[str, Any] | BaseException) -> str:
+    if isinstance(outcome, BaseException):
+        return "retried" if isinstance(outcome, Retry) else "failed"  # `retry_gathered` decided
+    return instruments.APPLIED if outcome.get("ok") else str((outcome.get("error") or {}).get("code"))
 
 
 def _batch_envelopes(requests: list[Request], keys: list[str]) -> list[dict[str, Any] | BaseException]:

@@ -17,8 +17,10 @@ from creditworker.http.api.routing import build_router
 from creditworker.http.auth import ApiKeyCheck, ApiKeyGuard, api_key_auth, configured_api_keys
 from creditworker.http.body_limit import BodyLimit
 from creditworker.http.console.app import create_console
+from creditworker.http.metrics import metrics_router
 from creditworker.http.responses import error_response, http_error_response
 from creditworker.settings import Settings, get_settings
+from creditworker.worker.app import make_celery
 
 
 async def _http_error(_request: Request, exc: Exception) -> Response:
@@ -42,11 +44,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_tags=TAGS,
     )
     api_keys = configured_api_keys(settings)
-    router = build_router(
-        AsyncCreditClient(settings), reads, SubscriptionService(reads),
-        api_key_auth(api_keys, broker_url=settings.broker_url),
-    )
+    auth = api_key_auth(api_keys, broker_url=settings.broker_url)
+    router = build_router(AsyncCreditClient(settings), reads, SubscriptionService(reads), auth)
     app.include_router(router)
+    app.include_router(metrics_router(reads.engine, make_celery(settings), auth,
+                                      expiring_days=settings.expiring_soon_days))
     app.mount("/console", create_console(settings, reads))
     # Unknown routes and wrong methods never reach a route, so the app shapes them.
     app.add_exception_handler(HTTPException, _http_error)

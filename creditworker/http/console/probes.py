@@ -7,7 +7,6 @@ short connection timeout, and the page waits for it at most `PROBE_SECONDS`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,7 +18,6 @@ from sqlalchemy.engine import Engine
 from creditworker.records.audit import AuditReport, audit
 
 PROBE_SECONDS = 3.0
-CONNECT_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -53,34 +51,6 @@ def ping_workers(app: Celery) -> dict[str, str]:
                 answer.get("ok", str(answer)) if isinstance(answer, dict) else str(answer)
             )
     return answers
-
-
-def queue_depths(app: Celery) -> dict[str, int | None]:
-    """Messages waiting in each of the app's queues (None: the broker does not know it)."""
-    names = sorted(app.amqp.queues.keys()) or [app.conf.task_default_queue]
-    transport_options = {
-        **(app.conf.broker_transport_options or {}),
-        "socket_timeout": CONNECT_SECONDS, "socket_connect_timeout": CONNECT_SECONDS,
-    }
-    depths: dict[str, int | None] = {}
-    with app.connection_for_read(
-        connect_timeout=CONNECT_SECONDS, transport_options=transport_options
-    ) as connection:
-        connection.ensure_connection(max_retries=1, timeout=CONNECT_SECONDS)
-        for name in names:
-            channel = connection.channel()
-            try:
-                declared = channel.queue_declare(queue=name, passive=True)
-                depths[name] = int(declared.message_count)
-            except Exception:  # noqa: BLE001 - a queue the broker does not know
-                # kombu's virtual transports (Redis, the embedded one) drop an empty queue's
-                # key, so a passive declare fails on an empty queue: count it there instead.
-                size = getattr(channel, "_size", None)
-                depths[name] = int(size(name)) if size is not None else None
-            finally:
-                with contextlib.suppress(Exception):  # closed by the broker after a miss
-                    channel.close()
-    return depths
 
 
 @dataclass

@@ -14,7 +14,8 @@ from creditworker.http.console import queries
 from creditworker.http.console.deps import ConsoleDep
 from creditworker.http.console.forms import posted_form
 from creditworker.http.console.pages import DONE, redirect
-from creditworker.http.console.probes import bounded, ping_workers, queue_depths
+from creditworker.http.console.probes import bounded, ping_workers
+from creditworker.metrics.state import queue_depths
 
 router = APIRouter(prefix="/system")
 
