@@ -37,6 +37,7 @@ DONE = {
     "grant": "Credits granted.", "adjust": "Balance adjusted.", "release": "Hold released.",
     "threshold": "Low-credit threshold set.", "plan": "Plan set.",
     "plan-created": "Plan created.", "plan-updated": "Plan updated.", "audit": "Audit finished.",
+    "void": "Grant voided.", "refund": "Charge refunded.", "expiry": "Expiry changed.",
 }
 """The notice a page shows after an action redirected to it with `done=<name>`."""
 
