@@ -8,8 +8,9 @@ the hold, its ledger entry and its operation row; then one that settles the hold
 lot, lowers `balance` and `reserved`, inserts the commit's entry and its operation row. Each
 is one round trip (`BEGIN; ...; COMMIT` in one string over psycopg2), as short as such a
 write can be. The engine does the same through `CreditService` (sync, over psycopg2 and over
-psycopg 3) and `AsyncCreditService` (psycopg 3 in asyncio mode; asyncpg too where it is
-installed, for comparison), with idempotency keys and metadata as the middleware sends
+psycopg 3), `AsyncCreditService` (the sync engine in its thread pool) and, where greenlet and
+asyncpg are installed, the greenlet bridge it replaced (bench/greenlet_bridge.py), with
+idempotency keys and metadata as the middleware sends
 them. Figures per request (reserve + commit): CPU of this Python process
 (`time.process_time`), CPU of the PostgreSQL backends serving it (from /proc, the server is
 on this machine), and wall time. Rounds alternate so that a noisy neighbour hits all sides.
@@ -38,6 +39,7 @@ import psycopg2
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from bench import greenlet_bridge
 from creditworker import AsyncCreditService, CreditService
 from creditworker.storage.migrate import upgrade
 
@@ -143,12 +145,8 @@ def main() -> None:
         users = [f"user-{index}" for index in range(USERS)]
         lots = {user: sync.add_credits(user, 10**9).lot_id for user in users}
         sync3 = CreditService(url.replace("+psycopg2", "+psycopg"))
-        asynchronous = AsyncCreditService(url.replace("+psycopg2", "+psycopg"))
-        try:
-            import asyncpg  # noqa: F401 - only to know whether the comparison can run
-            on_asyncpg: AsyncCreditService | None = AsyncCreditService(url.replace("+psycopg2", "+asyncpg"))
-        except ImportError:
-            on_asyncpg = None
+        asynchronous = AsyncCreditService(url)
+        on_asyncpg = greenlet_bridge.GreenletBridge(url) if greenlet_bridge.available() else None
         raw = psycopg2.connect(make_url(url).set(drivername="postgresql").render_as_string(hide_password=False))
         raw.autocommit = True
         server = ServerCpu(url)
@@ -179,7 +177,7 @@ def main() -> None:
                 sync.commit_reservation(hold.id, CHARGED, metadata={"request_id": key, "response": "json"},
                                         idempotency_key=key + ":commit")
 
-        async def engine_async_requests(count: int, asynchronous: AsyncCreditService) -> None:
+        async def engine_async_requests(count: int, asynchronous: Any) -> None:
             for _ in range(count):
                 n = next(counter)
                 user, key = users[n % USERS], f"mw:{uuid.uuid4().hex}"
@@ -197,7 +195,7 @@ def main() -> None:
                  "CreditService psycopg3": lambda count: engine_sync(count, sync3),
                  "AsyncCreditService": engine_async}
         if on_asyncpg is not None:
-            sides["Async on asyncpg"] = lambda count: loop.run_until_complete(
+            sides["greenlet bridge, asyncpg"] = lambda count: loop.run_until_complete(
                 engine_async_requests(count, on_asyncpg))
         for run in sides.values():
             run(200)  # warm up: connections, compiled statements

@@ -1,5 +1,7 @@
 """The async engine's latency under an open loop: reserve-and-commit pairs started at a fixed
-rate, each timed from its scheduled start, on psycopg 3 and on asyncpg in turns.
+rate, each timed from its scheduled start; `AsyncCreditService` (the sync engine in its
+thread pool) and, where greenlet and asyncpg are installed, the greenlet bridge it replaced
+(bench/greenlet_bridge.py), in turns.
 
     python bench/engine_open_loop.py [--rate 100] [--seconds 5] [--rounds 2]
 
@@ -15,10 +17,13 @@ import asyncio
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import greenlet_bridge
 from bench.engine_cost import fresh_database
 from creditworker import AsyncCreditService, CreditService
 from creditworker.storage.migrate import upgrade
@@ -26,7 +31,7 @@ from creditworker.storage.migrate import upgrade
 USERS = 50
 
 
-async def open_loop(service: AsyncCreditService, rate: float, seconds: float) -> dict[str, float]:
+async def open_loop(service: Any, rate: float, seconds: float) -> dict[str, float]:
     async def pair(number: int, due: float) -> float:
         hold = await service.reserve_credits(f"user-{number % USERS}", 10, ttl_seconds=60, metadata={"n": number},
                                              idempotency_key=f"{uuid.uuid4().hex}:reserve")
@@ -61,16 +66,18 @@ def main() -> None:
         for number in range(USERS):
             sync.add_credits(f"user-{number}", 10**9)
         sync.engine.dispose()
+        sides: dict[str, Callable[[], Any]] = {"thread pool": lambda: AsyncCreditService(url)}
+        if greenlet_bridge.available():
+            sides["greenlet bridge, asyncpg"] = lambda: greenlet_bridge.GreenletBridge(url)
         for round_number in range(options.rounds):
-            for driver in ("psycopg", "asyncpg"):
-                service = AsyncCreditService(url.replace("+psycopg2", f"+{driver}"))
-                figures = asyncio.run(_measure(service, options.rate, options.seconds))
-                print(f"round {round_number + 1} {driver:>8}: p50 {figures['p50_ms']:.1f} ms, p99 "
+            for name, make in sides.items():
+                figures = asyncio.run(_measure(make(), options.rate, options.seconds))
+                print(f"round {round_number + 1} {name:>24}: p50 {figures['p50_ms']:.1f} ms, p99 "
                       f"{figures['p99_ms']:.1f} ms, max {figures['max_ms']:.0f} ms, CPU {figures['cpu_ms']:.2f} ms "
                       f"a pair ({options.rate:g} pairs/s for {options.seconds:g} s)", flush=True)
 
 
-async def _measure(service: AsyncCreditService, rate: float, seconds: float) -> dict[str, float]:
+async def _measure(service: Any, rate: float, seconds: float) -> dict[str, float]:
     try:
         return await open_loop(service, rate, seconds)
     finally:

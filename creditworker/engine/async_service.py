@@ -1,39 +1,40 @@
-"""AsyncCreditService and AsyncSubscriptionService: the engine, awaitable, on asyncio drivers.
+"""AsyncCreditService and AsyncSubscriptionService: the engine, awaitable.
 
 There is one implementation of the rules, the unit of work and the writer: the sync one.
-The async services run it over SQLAlchemy's asyncio engine (asyncpg for PostgreSQL,
-aiosqlite for SQLite) the way SQLAlchemy's own `AsyncSession.run_sync` does: the sync code
-runs in a greenlet, and each of its database calls awaits the driver on the event loop.
-So every method is the sync method, with the same signature, awaited; nothing blocks the
-loop but the sync code's own CPU time (and the few milliseconds a retried deadlock sleeps).
+The async services run it in a thread pool of their own, one thread per call in flight, on
+the sync engine's connections: the event loop only awaits the thread, so neither the
+engine's CPU nor its round trips to the database stall the other requests on the loop. Every
+method is the sync method, with the same signature, awaited.
+
+Measured against running the same code in SQLAlchemy's greenlet bridge over an asyncio
+driver (`bench/engine_open_loop.py`, docs/benchmarks.md): each round trip there was a stall
+of the loop, and under an open loop of reserve-and-commit pairs the tail grew to hundreds of
+milliseconds where the thread pool's stayed in tens, at less CPU per request.
+
+A call whose awaiting task is cancelled runs to its end in its thread (a transaction is not
+cut in the middle); its idempotency key makes a retry of it safe.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.engine import Engine, make_url
 
 from creditworker.contract.credits import OveragePolicy
-from creditworker.engine.service import CreditService, embedded_tables
+from creditworker.engine.service import CreditService
 from creditworker.engine.subscriptions import SubscriptionService
-from creditworker.storage.database import make_async_engine
 
 T = TypeVar("T")
 
-
-async def run_sync(engine: AsyncEngine, call: Callable[[], T]) -> T:
-    """Run sync engine code with `engine.sync_engine`'s IO awaited on this event loop.
-
-    `AsyncSession.run_sync` enters SQLAlchemy's greenlet bridge without checking out a
-    connection; the sync code then opens its own sessions on `sync_engine`, as it does on
-    a sync engine (its retries included)."""
-    async with AsyncSession(engine) as session:
-        return await session.run_sync(lambda _session: call())
+SYNC_DRIVERS = {"asyncpg": "psycopg2", "aiosqlite": "pysqlite", "aiomysql": "pymysql", "asyncmy": "pymysql"}
+"""A URL written for an asyncio driver gets the sync driver of the same database."""
 
 
 def public_methods(cls: type) -> list[str]:
@@ -42,12 +43,20 @@ def public_methods(cls: type) -> list[str]:
             if not name.startswith("_") and name not in ("from_settings",)]
 
 
+def sync_url(url: str) -> str:
+    """`url` with a sync driver where it names an asyncio one."""
+    parsed = make_url(url)
+    driver = SYNC_DRIVERS.get(parsed.get_driver_name())
+    if driver is None:
+        return url
+    return parsed.set(drivername=f"{parsed.get_backend_name()}+{driver}").render_as_string(hide_password=False)
+
+
 def _awaitable(name: str, sync_method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(sync_method)
     async def method(self: _AsyncTwin, *args: Any, **kwargs: Any) -> Any:
-        await self._ready()
         bound = getattr(self.sync, name)
-        return await run_sync(self.async_engine, lambda: bound(*args, **kwargs))
+        return await self._in_thread(lambda: bound(*args, **kwargs))
 
     return method
 
@@ -56,8 +65,8 @@ class _AsyncTwin:
     """Gives a subclass an awaitable twin of each public method of `sync_class`."""
 
     sync_class: type
-    async_engine: AsyncEngine
     sync: Any
+    executor: ThreadPoolExecutor
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -65,18 +74,21 @@ class _AsyncTwin:
             if name not in cls.__dict__:
                 setattr(cls, name, _awaitable(name, getattr(cls.sync_class, name)))
 
-    async def _ready(self) -> None:
-        return None
+    async def _in_thread(self, call: Callable[[], T]) -> T:
+        """`call()` in the pool's thread, with the caller's context variables."""
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self.executor, context.run, call)
 
 
 class AsyncCreditService(_AsyncTwin):
     """`CreditService`, awaitable: `await credits.add_credits("alice", 100)`.
 
-    `database` is a URL (`postgresql://...`, `sqlite:///file.db`, `sqlite://` in memory;
-    the asyncio driver is chosen for it) or an `AsyncEngine`. The options are
-    `CreditService`'s, `create_tables` included (default: only for SQLite URLs; the tables
-    are made on the first call). `sync` is the sync engine over the same connections, for
-    code that is not async (`SubscriptionService(credits.sync)`).
+    `database` is a URL (`postgresql://...`, `sqlite:///file.db`, `sqlite://` in memory; one
+    naming an asyncio driver gets the same database's sync driver) or a sync `Engine`. The
+    options are `CreditService`'s, `create_tables` included (default: only for SQLite URLs,
+    whose tables are made when the service is built, as `CreditService` does). `sync` is the sync engine itself, for code that
+    is not async (`SubscriptionService(credits.sync)`). Calls run in a thread pool as large as
+    the engine's connection pool, so a call never waits in a thread for a connection.
     """
 
     sync_class = CreditService
@@ -84,7 +96,7 @@ class AsyncCreditService(_AsyncTwin):
 
     def __init__(
         self,
-        database: str | AsyncEngine,
+        database: str | Engine,
         *,
         ledger_path: str | None = None,
         overage_policy: OveragePolicy | str = OveragePolicy.REJECT,
@@ -94,53 +106,42 @@ class AsyncCreditService(_AsyncTwin):
         on_events: Callable[[int], None] | None = None,
         create_tables: bool | None = None,
     ) -> None:
-        self.async_engine = make_async_engine(database) if isinstance(database, str) else database
         self.sync = CreditService(
-            self.async_engine.sync_engine, ledger_path=ledger_path, overage_policy=overage_policy,
-            expiring_soon_days=expiring_soon_days, low_credit_threshold=low_credit_threshold,
-            expiry_reminder_days=expiry_reminder_days, on_events=on_events, create_tables=False,
+            sync_url(database) if isinstance(database, str) else database, ledger_path=ledger_path,
+            overage_policy=overage_policy, expiring_soon_days=expiring_soon_days,
+            low_credit_threshold=low_credit_threshold, expiry_reminder_days=expiry_reminder_days,
+            on_events=on_events, create_tables=create_tables,
         )
-        wanted = embedded_tables(database) if create_tables is None else create_tables
-        self._tables: asyncio.Lock | None = asyncio.Lock() if wanted else None
+        pool: Any = self.sync.engine.pool
+        # As many threads as the pool has connections (its overflow is named only privately).
+        threads = max(1, int(pool.size()) + max(0, int(getattr(pool, "_max_overflow", 0))))
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="creditworker")
 
     @property
-    def engine(self) -> Any:
-        """The sync face of the asyncio engine (what `CreditService.engine` is)."""
+    def engine(self) -> Engine:
+        """The engine the calls run on (what `CreditService.engine` is)."""
         return self.sync.engine
-
-    async def _ready(self) -> None:
-        """Migrate on the first call when asked to (the constructor cannot await)."""
-        if self._tables is None:
-            return
-        async with self._tables:
-            if self._tables is None:
-                return
-            from creditworker.storage.migrate import upgrade
-
-            await run_sync(self.async_engine, lambda: upgrade(self.sync.engine))
-            self._tables = None
 
     async def create_tables(self) -> None:
         """Migrate the database to the newest schema now (safe when it is there)."""
-        if self._tables is None:
-            self._tables = asyncio.Lock()
-        await self._ready()
+        from creditworker.storage.migrate import upgrade
+
+        await self._in_thread(lambda: upgrade(self.sync.engine))
 
     async def dispose(self) -> None:
-        """Close the pooled connections."""
-        await self.async_engine.dispose()
+        """Close the pooled connections (after the calls in flight end)."""
+        await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown)
+        self.sync.engine.dispose()
 
 
 class AsyncSubscriptionService(_AsyncTwin):
-    """`SubscriptionService`, awaitable, over an `AsyncCreditService`."""
+    """`SubscriptionService`, awaitable, over an `AsyncCreditService` (and its threads)."""
 
     sync_class = SubscriptionService
     sync: SubscriptionService
 
     def __init__(self, credits: AsyncCreditService, **options: Any) -> None:
         self.credits = credits
-        self.async_engine = credits.async_engine
+        self.executor = credits.executor
         self.sync = SubscriptionService(credits.sync, **options)
 
-    async def _ready(self) -> None:
-        await self.credits._ready()

@@ -20,7 +20,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
+from sqlalchemy.pool import QueuePool
 
 from creditworker.storage.tables import Base
 
@@ -41,49 +41,22 @@ def make_engine(url: str, **engine_options: Any) -> Engine:
     return engine
 
 
-ASYNC_DRIVERS = {"postgresql": "psycopg", "sqlite": "aiosqlite"}
-"""The asyncio driver each backend gets when a URL names none (or a sync one)."""
-
-
-def make_async_engine(url: str, **engine_options: Any) -> Any:
-    """An `AsyncEngine` with the same tuning as `make_engine`, on the backend's asyncio
-    driver (`postgresql://` and `postgresql+psycopg2://` become `postgresql+psycopg://`, psycopg 3
-    in asyncio mode, `sqlite://` `sqlite+aiosqlite://`).
-
-    Its `sync_engine` carries the same event hooks, so the engine's sync transaction code
-    runs over it unchanged (see engine/async_service.py)."""
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    parsed = make_url(url)
-    backend = parsed.get_backend_name()
-    if parsed.get_driver_name() not in ("psycopg", "asyncpg", "aiosqlite", "aiomysql", "asyncmy"):
-        if backend not in ASYNC_DRIVERS:
-            raise ValueError(f"no asyncio driver known for {backend}; name one in the URL")
-        parsed = parsed.set(drivername=f"{backend}+{ASYNC_DRIVERS[backend]}")
-    parsed, options = _engine_options(parsed, is_async=True)
-    options.pop("future", None)
-    options.update(engine_options)
-    engine = create_async_engine(parsed, **options)
-    _tune(engine.sync_engine, engine_options)
-    return engine
-
-
 def is_memory_sqlite(url: URL) -> bool:
     """`sqlite://` or `sqlite:///:memory:`: a database that lives (and dies) with one connection."""
     return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
-def _engine_options(parsed: URL, is_async: bool = False) -> tuple[URL, dict[str, Any]]:
+def _engine_options(parsed: URL) -> tuple[URL, dict[str, Any]]:
     backend = parsed.get_backend_name()
     options: dict[str, Any] = {"future": True}
     if backend == "sqlite":
         options["connect_args"] = {"check_same_thread": False, "timeout": 30}
         if is_memory_sqlite(parsed):
             # Every session must see the same in-memory database, so there is one connection;
-            # a pool of one (not StaticPool, which hands the same connection to two threads or
-            # tasks at once) makes concurrent sessions take turns with it.
+            # a pool of one (not StaticPool, which hands the same connection to two threads at
+            # once) makes concurrent sessions take turns with it.
             options.update(pool_size=1, max_overflow=0)
-            options["poolclass"] = AsyncAdaptedQueuePool if is_async else QueuePool
+            options["poolclass"] = QueuePool
     else:
         options["isolation_level"] = "READ COMMITTED"
     if parsed.get_driver_name() == "psycopg2":

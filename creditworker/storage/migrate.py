@@ -40,8 +40,7 @@ def foreign_keys_checked_after(connection: Connection) -> Iterator[None]:
     if connection.dialect.name != "sqlite":
         yield
         return
-    # The DB-API connection (for aiosqlite, SQLAlchemy's adapter of it), so that the same
-    # code runs under the asyncio engine's `sync_engine`.
+    # The DB-API connection itself: the pragma goes to the driver, outside SQLAlchemy.
     cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     cursor.execute("PRAGMA foreign_keys=OFF")
     try:

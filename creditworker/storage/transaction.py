@@ -164,4 +164,4 @@ def _binds_on_server(connection: Connection, cursor: Any) -> bool:
         return False
     import psycopg
 
-    return not isinstance(cursor, psycopg.ClientCursor | psycopg.AsyncClientCursor)
+    return not isinstance(cursor, psycopg.ClientCursor)

@@ -51,6 +51,4 @@ def credit_service(
 
 def sync_face(service: Any) -> CreditService:
     """The sync engine over the same database, for checks in a test's own thread."""
-    return service if isinstance(service, CreditService) else CreditService(
-        str(service.async_engine.url).replace("+psycopg", "+psycopg2").replace("+aiosqlite", "")
-    )
+    return service if isinstance(service, CreditService) else service.sync

@@ -1,4 +1,4 @@
-"""AsyncCreditService: the sync engine's methods, awaitable, on psycopg 3 (asyncio) and aiosqlite."""
+"""AsyncCreditService: the sync engine's methods, awaitable, in its thread pool, on PostgreSQL and SQLite."""
 
 from __future__ import annotations
 
@@ -145,12 +145,13 @@ def test_a_server_database_is_not_migrated_unless_asked(postgres_server_url: str
         admin.dispose()
 
 
-def test_an_async_engine_of_ones_own_is_used_as_given(tmp_path: Path) -> None:
-    from creditworker.storage.database import make_async_engine
+def test_an_engine_of_ones_own_is_used_as_given(tmp_path: Path) -> None:
+    from creditworker.storage.database import make_engine
 
     async def scenario() -> int:
-        engine = make_async_engine(f"sqlite:///{tmp_path / 'own.db'}")
+        engine = make_engine(f"sqlite:///{tmp_path / 'own.db'}")
         bare = AsyncCreditService(engine)  # an engine object: its tables are its owner's business
+        assert bare.engine is engine
         await bare.create_tables()
         await bare.add_credits("erin", 4)
         available = (await bare.get_user_credits_info("erin")).available

@@ -131,7 +131,6 @@ def subscriptions_for(credits: Any) -> Any:
     """The subscription service over an engine object, made once per engine."""
     service = _SUBSCRIPTIONS.get(credits)
     if service is None:
-        # Lazy: the async engine needs the optional `asyncio` extra (SQLAlchemy's greenlet).
         from creditworker.engine.async_service import AsyncCreditService, AsyncSubscriptionService
 
         service = (AsyncSubscriptionService(credits) if isinstance(credits, AsyncCreditService)

@@ -1,12 +1,10 @@
 """The two storage paths of the engine, side by side behind one protocol, chosen once.
 
-- `postgres_arrays.PostgresArrays`: PostgreSQL through psycopg2 or psycopg 3 (sync, and
-  asyncio under `AsyncCreditService`). Raw SQL over one array
+- `postgres_arrays.PostgresArrays`: PostgreSQL through psycopg2 or psycopg 3. Raw SQL over one array
   literal per column (`unnest`), statement texts that never change, and a writer's
   statements sent together in one round trip.
 - `core.Core`: SQLAlchemy Core, for every other database and driver (SQLite, MariaDB/MySQL,
-  PostgreSQL through asyncpg, which prepares each statement and takes no multi-statement
-  text).
+  PostgreSQL through another driver).
 
 `backend_for(connection)` is the one place that chooses (by dialect and driver, once per
 pair); the engine calls the backend's methods and never asks which one it has. A new path

@@ -1,5 +1,5 @@
-"""The PostgreSQL path (psycopg2, or psycopg 3 sync and asyncio): every table's rows in one
-statement over `unnest`.
+"""The PostgreSQL path (psycopg2 or psycopg 3): every table's rows in one statement over
+`unnest`.
 
 Each table's rows go as one array literal per column (`INSERT ... SELECT FROM unnest(...)`,
 `UPDATE ... FROM unnest(...)`): the statement's text never changes, so it is compiled once,
@@ -18,7 +18,6 @@ from typing import Any
 
 from sqlalchemy import JSON, Boolean, Integer, Table
 from sqlalchemy.engine import Connection
-from sqlalchemy.util import await_only
 
 from creditworker.storage.backends.base import Folded, Json
 from creditworker.storage.backends.core import Core
@@ -308,43 +307,28 @@ class _Psycopg2Script:
 class _Psycopg3Script:
     """psycopg 3 binds on the server by default, which takes one statement per round trip; a
     `ClientCursor` binds on the client as psycopg2 does, so a script stays one round trip. Its
-    results come first to last: `nextset` walks to the last. Under `AsyncCreditService` the
-    driver's connection is psycopg's `AsyncConnection`, awaited from SQLAlchemy's greenlet."""
+    results come first to last: `nextset` walks to the last."""
 
-    def __init__(self, driver_connection: Any, is_async: bool) -> None:
+    def __init__(self, driver_connection: Any) -> None:
         import psycopg
 
-        self.is_async = is_async
-        cursor_class = psycopg.AsyncClientCursor if is_async else psycopg.ClientCursor
-        self.cursor = cursor_class(driver_connection)
+        self.cursor = psycopg.ClientCursor(driver_connection)
 
     def run(self, statement: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
-        if self.is_async:
-            return await_only(self._run_async(statement, parameters))
         cursor = self.cursor
         cursor.execute(statement, parameters)
         while cursor.nextset():
             pass
         return cursor.fetchall() if cursor.description is not None else []
 
-    async def _run_async(self, statement: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
-        cursor = self.cursor
-        await cursor.execute(statement, parameters)
-        while cursor.nextset():
-            pass
-        return await cursor.fetchall() if cursor.description is not None else []
-
     def close(self) -> None:
-        if self.is_async:
-            await_only(self.cursor.close())
-        else:
-            self.cursor.close()
+        self.cursor.close()
 
 
 def _script_cursor(connection: Connection) -> _Psycopg2Script | _Psycopg3Script:
     pooled = connection.connection
     if connection.dialect.driver == "psycopg":
-        return _Psycopg3Script(pooled.driver_connection, connection.dialect.is_async)
+        return _Psycopg3Script(pooled.driver_connection)
     return _Psycopg2Script(pooled.dbapi_connection)
 
 
