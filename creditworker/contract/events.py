@@ -18,12 +18,17 @@ EXCHANGE = "creditworker.events"
 SCHEMA_VERSION = 1
 
 
-class _Event(BaseModel):
+class _SystemEvent(BaseModel):
+    """An event about the service itself, not about one account (no `user_id`)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     event_id: str
     version: int = SCHEMA_VERSION
     occurred_at: datetime
+
+
+class _Event(_SystemEvent):
     user_id: str
 
 
@@ -115,12 +120,22 @@ class SubscriptionEnded(_Event):
     plan_id: int
 
 
+class WebhookEndpointDisabled(_SystemEvent):
+    """A webhook endpoint was turned off: it answered 410 Gone, or it failed for a whole
+    retry schedule (docs/webhooks.md)."""
+
+    type: Literal["webhooks.endpoint_disabled"] = "webhooks.endpoint_disabled"
+    endpoint_id: int
+    url: str
+    reason: str
+
+
 Event = Annotated[
-    CreditsLow | CreditsExpiring | CreditsExpired | CreditsVoided | CreditsRefunded | CreditsExpiryChanged | ReservationExpired | SubscriptionAllocated | SubscriptionChanged | SubscriptionEnded,
+    WebhookEndpointDisabled | CreditsLow | CreditsExpiring | CreditsExpired | CreditsVoided | CreditsRefunded | CreditsExpiryChanged | ReservationExpired | SubscriptionAllocated | SubscriptionChanged | SubscriptionEnded,
     Field(discriminator="type"),
 ]
 
-EVENT_TYPES: tuple[type[_Event], ...] = (
+EVENT_TYPES: tuple[type[_SystemEvent], ...] = (
     CreditsLow,
     CreditsExpiring,
     CreditsExpired,
@@ -131,6 +146,7 @@ EVENT_TYPES: tuple[type[_Event], ...] = (
     SubscriptionAllocated,
     SubscriptionChanged,
     SubscriptionEnded,
+    WebhookEndpointDisabled,
 )
 ROUTING_KEYS: tuple[str, ...] = tuple(
     str(cls.model_fields["type"].default) for cls in EVENT_TYPES
@@ -139,9 +155,9 @@ ROUTING_KEYS: tuple[str, ...] = tuple(
 _EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(Event)
 
 
-def parse_event(payload: dict[str, Any]) -> _Event:
+def parse_event(payload: dict[str, Any]) -> _SystemEvent:
     """Validate a received event payload into its model (raises pydantic's ValidationError)."""
-    event: _Event = _EVENT_ADAPTER.validate_python(payload)
+    event: _SystemEvent = _EVENT_ADAPTER.validate_python(payload)
     return event
 
 
