@@ -28,6 +28,7 @@ from creditworker.cli import (
     plans,
     reports,
     running,
+    webhooks,
 )
 from creditworker.cli.context import begin
 from creditworker.cli.schema import schema
@@ -54,6 +55,7 @@ app.add_typer(events.commands, name="events")
 app.add_typer(plans.commands, name="plans")
 app.add_typer(corrections.commands, name="correct")
 app.add_typer(dead_letters.commands, name="dead-letters")
+app.add_typer(webhooks.commands, name="webhooks")
 
 
 def main() -> None:

@@ -96,8 +96,8 @@ class WebhookService:
 
     def register(self, request: CreateWebhookEndpoint) -> WebhookEndpointWithSecret:
         """Check, then store an endpoint with a fresh secret; the answer shows the secret once."""
-        url = addresses.checked_url(request.url, allow_private=self.options.allow_private)
         patterns = checked_patterns(request.events)
+        url = addresses.checked_url(request.url, allow_private=self.options.allow_private)
         secret = signing.new_secret()
         at = _now()
         row = store.create_endpoint(self.engine, url=url, event_patterns=patterns,
@@ -115,10 +115,10 @@ class WebhookService:
     def update(self, endpoint_id: int, request: UpdateWebhookEndpoint) -> WebhookEndpoint:
         """Change the given fields; enabling clears why it was disabled."""
         changes: dict[str, Any] = {}
-        if request.url is not None:
-            changes["url"] = addresses.checked_url(request.url, allow_private=self.options.allow_private)
         if request.events is not None:
             changes["event_patterns"] = checked_patterns(request.events)
+        if request.url is not None:
+            changes["url"] = addresses.checked_url(request.url, allow_private=self.options.allow_private)
         if "description" in request.model_fields_set:
             changes["description"] = _description(request.description)
         if request.enabled is not None:
