@@ -18,6 +18,7 @@ from creditworker.http.auth import ApiKeyCheck, ApiKeyGuard, api_key_auth, confi
 from creditworker.http.body_limit import BodyLimit
 from creditworker.http.console.app import create_console
 from creditworker.http.responses import error_response, http_error_response
+from creditworker.notifications.webhooks.service import WebhookOptions, WebhookService
 from creditworker.settings import Settings, get_settings
 
 
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         api_key_auth(api_keys, broker_url=settings.broker_url),
     )
     app.include_router(router)
+    app.state.webhooks = WebhookService(reads.engine, WebhookOptions.from_settings(settings))
     app.mount("/console", create_console(settings, reads))
     # Unknown routes and wrong methods never reach a route, so the app shapes them.
     app.add_exception_handler(HTTPException, _http_error)

@@ -38,6 +38,7 @@ from creditworker.http.api.routes import (
     reservations,
     subscriptions,
     tasks,
+    webhooks,
 )
 from creditworker.http.auth import AuthDependency
 from creditworker.http.responses import (
@@ -157,6 +158,9 @@ def build_router(
         for route in tasks.router.routes:
             assert isinstance(route, APIRoute)
             _add(router, route)
+    for route in webhooks.router.routes:  # configuration, not operations: no registry entry
+        assert isinstance(route, APIRoute)
+        _add(router, route)
     return router
 
 
