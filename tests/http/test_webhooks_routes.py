@@ -90,3 +90,40 @@ def test_bad_input_is_a_clear_error_and_stores_nothing(engine: Engine, database_
     assert TestClient(http.app).get("/credits/webhooks").status_code == 401
     with engine.connect() as connection:
         assert connection.scalar(select(func.count()).select_from(WebhookEndpointRow)) == 0
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_no_webhook_route_answers_a_server_error_and_each_is_documented(
+    engine: Engine, database_url: str, tmp_path: Path
+) -> None:
+    """Schemathesis cases for the webhook routes (the gateway's own test covers the rest)."""
+    import json
+
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+
+    app = gateway(database_url, tmp_path, allow_private=False).app
+    document = app.openapi()
+    ours = {path: methods for path, methods in document["paths"].items() if path.startswith("/credits/webhooks")}
+    assert len([method for methods in ours.values() for method in methods]) == 9
+    for path, methods in ours.items():
+        for method, operation in methods.items():
+            assert operation.get("tags") == ["webhooks"] and operation.get("summary"), (method, path)
+            text = json.dumps({"responses": operation.get("responses"), "body": operation.get("requestBody")})
+            assert '"example' in text, (method, path)
+    config = schemathesis.config.SchemathesisConfig.from_dict(
+        {"generation": {"max-examples": 25}, "phases": {"stateful": {"enabled": False}}})
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=config)
+    operations = [result.ok() for result in schema.get_all_operations()
+                  if result.ok().path.startswith("/credits/webhooks")]
+    assert len(operations) == 9
+    for operation in operations:
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+        def no_server_error(case: object) -> None:
+            case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"},  # type: ignore[attr-defined]
+                                   checks=[not_a_server_error])
+
+        no_server_error()

@@ -21,6 +21,8 @@ from creditworker.contract.webhooks import MAX_URL_LENGTH
 def checked_url(url: str, *, allow_private: bool) -> str:
     """`url` stripped, or `InvalidWebhookUrl` saying why it may not be used."""
     url = url.strip()
+    if any(ord(character) < 0x21 or ord(character) == 0x7F for character in url):
+        raise InvalidWebhookUrl("a webhook URL may not contain spaces or control characters")
     if len(url) > MAX_URL_LENGTH:
         raise InvalidWebhookUrl(f"a webhook URL is at most {MAX_URL_LENGTH} characters", length=len(url))
     try:
@@ -45,7 +47,7 @@ def check_host(host: str, port: int) -> None:
     that is not public."""
     try:
         found = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError) as exc:
+    except (OSError, UnicodeError, ValueError) as exc:
         raise InvalidWebhookUrl(f"the host {host!r} does not resolve: {exc}", host=host) from None
     for *_rest, sockaddr in found:
         address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])

@@ -254,7 +254,12 @@ class WebhookService:
 
 
 def _description(description: str | None) -> str | None:
-    return (description or "").strip() or None
+    """Stripped; None when blank. Control characters other than newlines and tabs are refused
+    (PostgreSQL cannot store a NUL, and a log line should read as one)."""
+    description = (description or "").strip()
+    if any(ord(character) < 0x20 and character not in "\n\t" for character in description):
+        raise ValidationFailed("a description may not contain control characters")
+    return description or None
 
 
 def _disabled_event(endpoint_id: int, url: str, reason: str) -> dict[str, Any]:
