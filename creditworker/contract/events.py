@@ -40,6 +40,24 @@ class CreditsLow(_Event):
     threshold: int
 
 
+class CreditsDepleted(_Event):
+    """`available` reached zero or went below (once per crossing, until recovered)."""
+
+    type: Literal["credits.depleted"] = "credits.depleted"
+    available: int
+    credit_type: str = "credits"
+
+
+class CreditsRecovered(_Event):
+    """`available` is back at or above the low threshold (above zero where none is set),
+    after `credits.low` or `credits.depleted` fired."""
+
+    type: Literal["credits.recovered"] = "credits.recovered"
+    available: int
+    threshold: int | None
+    credit_type: str = "credits"
+
+
 class CreditsExpiring(_Event):
     """A reminder that a lot expires within `days_before` days (once per lot and day)."""
 
@@ -131,12 +149,14 @@ class WebhookEndpointDisabled(_SystemEvent):
 
 
 Event = Annotated[
-    WebhookEndpointDisabled | CreditsLow | CreditsExpiring | CreditsExpired | CreditsVoided | CreditsRefunded | CreditsExpiryChanged | ReservationExpired | SubscriptionAllocated | SubscriptionChanged | SubscriptionEnded,
+    WebhookEndpointDisabled | CreditsLow | CreditsDepleted | CreditsRecovered | CreditsExpiring | CreditsExpired | CreditsVoided | CreditsRefunded | CreditsExpiryChanged | ReservationExpired | SubscriptionAllocated | SubscriptionChanged | SubscriptionEnded,
     Field(discriminator="type"),
 ]
 
 EVENT_TYPES: tuple[type[_SystemEvent], ...] = (
     CreditsLow,
+    CreditsDepleted,
+    CreditsRecovered,
     CreditsExpiring,
     CreditsExpired,
     CreditsVoided,

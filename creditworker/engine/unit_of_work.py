@@ -22,9 +22,15 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from creditworker.contract.errors import UnknownReservation, UnknownUser
-from creditworker.contract.events import CreditsLow, ReservationExpired, _Event
+from creditworker.contract.events import (
+    CreditsDepleted,
+    CreditsLow,
+    CreditsRecovered,
+    ReservationExpired,
+    _Event,
+)
 from creditworker.engine import account as accounts
-from creditworker.engine import rules
+from creditworker.engine import alerts, rules
 from creditworker.engine.results import entry_row_record, referenced_entry
 from creditworker.engine.rules import Account, Hold, Posting, low_credit_crossing
 from creditworker.storage.backends import backend_for
@@ -208,11 +214,27 @@ class UnitOfWork:
         self.postings.append(posting)
         account = self.accounts[posting.user_id]
         self.touched[account.user_id] = account
+        was_low = account.low_credit_alerted
         threshold = low_credit_crossing(account, self.low_credit_threshold)
         if threshold is not None:
             self.emit(CreditsLow(event_id=new_event_id(), occurred_at=self.at, user_id=account.user_id,
                                  available=account.available, threshold=threshold))
+        self._alert_crossings(posting, account, was_low)
         return posting
+
+    def _alert_crossings(self, posting: Posting, account: Account, was_low: bool) -> None:
+        """`credits.depleted` and `credits.recovered` (engine/alerts.py)."""
+        low_threshold = account.low_credit_threshold
+        if low_threshold is None:
+            low_threshold = self.low_credit_threshold
+        for crossing in alerts.crossings(posting, account, threshold=low_threshold, was_low=was_low):
+            if crossing is alerts.Crossing.DEPLETED:
+                self.emit(CreditsDepleted(event_id=new_event_id(), occurred_at=self.at, user_id=account.user_id,
+                                          available=account.available))
+            else:
+                self.emit(CreditsRecovered(event_id=new_event_id(), occurred_at=self.at, user_id=account.user_id,
+                                           available=account.available,
+                                           threshold=low_threshold if low_threshold else None))
 
     def expire_hold(self, hold: Hold) -> bool:
         """Release a hold past its TTL with its `reservation_expired` entry and event (once:
