@@ -94,11 +94,15 @@ def queue_events(engine: Any, count: int) -> float:
     return time.perf_counter() - started
 
 
+CONCURRENCY = [16]
+
+
 def run_sender(url: str, count: int) -> tuple[float, list[bytes]]:
     with harness.fresh_database(POSTGRES, prefix="cw_bench_hooks") as database_url:
         engine = make_engine(database_url)
         upgrade(engine)
-        hooks = WebhookService(engine, WebhookOptions(allow_private=True, timeout_seconds=5, batch_size=500))
+        hooks = WebhookService(engine, WebhookOptions(allow_private=True, timeout_seconds=5, batch_size=500,
+                                                        concurrency=CONCURRENCY[0]))
         hooks.register(CreateWebhookEndpoint(url=url))
         fan_out_seconds = queue_events(engine, count)
         started = time.perf_counter()
@@ -127,12 +131,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=16, help="The sender's threads.")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help="Write the figures here too.")
     arguments = parser.parse_args()
     if arguments.serve:
         serve(arguments.serve)
         return
+    CONCURRENCY[0] = arguments.concurrency
     receiver, url = start_receiver()
     figures: list[dict[str, float]] = []
     try:

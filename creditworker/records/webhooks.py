@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, delete, func, insert, select, update
+from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from creditworker.contract.webhooks import (
@@ -226,37 +226,43 @@ def record_outcomes(
     schedule ran out disables it when nothing succeeded there since that delivery was queued.
     """
     def work(connection: Connection) -> list[int]:
-        succeeded_endpoints: set[int] = set()
-        to_disable: dict[int, str] = {}
-        for outcome in outcomes:
-            claimed = outcome.claimed
-            run_attempts = claimed.run_attempts + 1
-            final = outcome.outcome != "failed"
-            status = {"succeeded": "succeeded", "failed": "pending"}.get(outcome.outcome, "failed")
-            held = connection.execute(
-                update(deliveries_table)
-                .where(deliveries_table.c.id == claimed.delivery_id, deliveries_table.c.claim_token == claimed.claim_token)
-                .values(status=status, attempts=deliveries_table.c.attempts + 1, run_attempts=run_attempts,
-                        next_attempt_at=None if final else outcome.next_attempt_at, claim_token=None,
-                        last_response_status=outcome.response_status, updated_at=at)
-            ).rowcount > 0
-            connection.execute(insert(attempts_table).values(
-                delivery_id=claimed.delivery_id, endpoint_id=claimed.endpoint_id, attempt=claimed.attempts + 1,
-                outcome=outcome.outcome, response_status=outcome.response_status,
-                response_body=(outcome.response_body or None) and outcome.response_body[:MAX_STORED_RESPONSE],
-                error=outcome.error, duration_ms=outcome.duration_ms, attempted_at=at))
-            if not held:
-                continue
-            if outcome.outcome == "succeeded":
-                succeeded_endpoints.add(claimed.endpoint_id)
-            elif outcome.outcome == "gone":
-                to_disable[claimed.endpoint_id] = "the endpoint answered 410 Gone"
-            elif outcome.outcome == "exhausted":
-                last_success = connection.scalar(select(endpoints_table.c.last_success_at)
-                                                 .where(endpoints_table.c.id == claimed.endpoint_id))
-                if claimed.endpoint_id not in succeeded_endpoints and (
-                        last_success is None or last_success < claimed.run_started_at):
-                    to_disable.setdefault(claimed.endpoint_id, "every attempt failed for the whole retry schedule")
+        still_claimed = {tuple(row) for row in connection.execute(
+            select(deliveries_table.c.id, deliveries_table.c.claim_token)
+            .where(deliveries_table.c.id.in_(sorted({outcome.claimed.delivery_id for outcome in outcomes})))
+            .with_for_update())}
+        held = [outcome for outcome in outcomes
+                if (outcome.claimed.delivery_id, outcome.claimed.claim_token) in still_claimed]
+        if held:
+            connection.execute(
+                update(deliveries_table).where(deliveries_table.c.id == bindparam("b_id"))
+                .values(status=bindparam("b_status"), attempts=deliveries_table.c.attempts + 1,
+                        run_attempts=bindparam("b_run_attempts"), next_attempt_at=bindparam("b_next"),
+                        claim_token=None, last_response_status=bindparam("b_code"), updated_at=at),
+                [{"b_id": outcome.claimed.delivery_id, "b_status": _STATUS[outcome.outcome],
+                  "b_run_attempts": outcome.claimed.run_attempts + 1,
+                  "b_next": outcome.next_attempt_at if outcome.outcome == "failed" else None,
+                  "b_code": outcome.response_status} for outcome in held])
+        connection.execute(insert(attempts_table), [
+            {"delivery_id": outcome.claimed.delivery_id, "endpoint_id": outcome.claimed.endpoint_id,
+             "attempt": outcome.claimed.attempts + 1, "outcome": outcome.outcome,
+             "response_status": outcome.response_status,
+             "response_body": (outcome.response_body or None) and outcome.response_body[:MAX_STORED_RESPONSE],
+             "error": outcome.error, "duration_ms": outcome.duration_ms, "attempted_at": at}
+            for outcome in outcomes])
+        succeeded_endpoints = {outcome.claimed.endpoint_id for outcome in held if outcome.outcome == "succeeded"}
+        to_disable: dict[int, str] = {outcome.claimed.endpoint_id: "the endpoint answered 410 Gone"
+                                      for outcome in held if outcome.outcome == "gone"}
+        exhausted = [outcome for outcome in held if outcome.outcome == "exhausted"
+                     and outcome.claimed.endpoint_id not in succeeded_endpoints]
+        if exhausted:
+            last_success = dict(connection.execute(
+                select(endpoints_table.c.id, endpoints_table.c.last_success_at)
+                .where(endpoints_table.c.id.in_(sorted({o.claimed.endpoint_id for o in exhausted})))).all())
+            for outcome in exhausted:
+                succeeded_at = last_success.get(outcome.claimed.endpoint_id)
+                if succeeded_at is None or succeeded_at < outcome.claimed.run_started_at:
+                    to_disable.setdefault(outcome.claimed.endpoint_id,
+                                          "every attempt failed for the whole retry schedule")
         if succeeded_endpoints:
             connection.execute(update(endpoints_table).where(endpoints_table.c.id.in_(sorted(succeeded_endpoints)))
                                .values(last_success_at=at))
@@ -268,6 +274,9 @@ def record_outcomes(
                 disabled.append(endpoint_id)
         return disabled
     return run_transaction(engine, work)
+
+
+_STATUS = {"succeeded": "succeeded", "failed": "pending", "exhausted": "failed", "gone": "failed"}
 
 
 def _disable(connection: Connection, endpoint_id: int, reason: str, at: datetime) -> str | None:
