@@ -28,8 +28,22 @@ class _SystemEvent(BaseModel):
     occurred_at: datetime
 
 
+class AccountSnapshot(BaseModel):
+    """An account's totals as the transaction that wrote the event left them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    balance: int
+    reserved: int
+    available: int
+    credit_type: str = "credits"
+
+
 class _Event(_SystemEvent):
     user_id: str
+    account: AccountSnapshot | None = None
+    """The account after the change (whole, not a delta: events can be delivered out of
+    order); None for an event written without its account locked."""
 
 
 class CreditsLow(_Event):

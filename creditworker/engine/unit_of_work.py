@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from creditworker.contract.errors import UnknownReservation, UnknownUser
 from creditworker.contract.events import (
+    AccountSnapshot,
     CreditsDepleted,
     CreditsLow,
     CreditsRecovered,
@@ -258,8 +259,16 @@ class UnitOfWork:
         self.touched[account.user_id] = account
 
     def emit(self, event: _Event | Callable[[], _Event]) -> None:
-        """Queue an event for the outbox; a callable builds it once the writer gave out ids."""
-        self.events.append(event)
+        """Queue an event for the outbox; it is built when the writer writes (after every
+        decision, once ids are given out), with its account's totals as the unit left them."""
+        self.events.append(lambda: self._with_account(event if isinstance(event, _Event) else event()))
+
+    def _with_account(self, event: _Event) -> _Event:
+        account = self.accounts.get(event.user_id)
+        if account is None or event.account is not None:
+            return event
+        return event.model_copy(update={"account": AccountSnapshot(
+            balance=account.balance, reserved=account.reserved, available=account.available)})
 
     def record_operation(self, key: str, kind: str, fingerprint: str, source: ResultSource) -> OperationRecord:
         user_id = source.user_id if isinstance(source, Posting) else source.get("user_id")

@@ -106,9 +106,10 @@ def fan_out(connection: Connection, events: Sequence[Any], at: datetime) -> int:
     """Queue a delivery of each event (`routing_key`, `payload`, `event_id`) for every enabled
     endpoint whose patterns match it; returns how many were queued.
 
-    The body is built now, in Standard Webhooks' shape (`type`, `timestamp`, `data`), with
-    the account's snapshot read in this transaction: deliveries may arrive out of order, so
-    each carries the whole balance as it stood after its change, not only a delta.
+    The body is built now, in Standard Webhooks' shape (`type`, `timestamp`, `data`).
+    Deliveries may arrive out of order, so each carries the account's whole balance: the
+    event's own snapshot (written with the change), or for an event written without one,
+    the account as this transaction reads it.
     """
     endpoints = connection.execute(
         select(endpoints_table.c.id, endpoints_table.c.event_patterns).where(endpoints_table.c.enabled.is_(True))
@@ -121,13 +122,13 @@ def fan_out(connection: Connection, events: Sequence[Any], at: datetime) -> int:
     wanted = [(event, ids) for event, ids in wanted if ids]
     if not wanted:
         return 0
-    snapshots = _snapshots(connection, {str(event.payload.get("user_id")) for event, _ids in wanted
-                                        if event.payload.get("user_id")}, at)
+    snapshots = _snapshots(connection, {str(event.payload["user_id"]) for event, _ids in wanted
+                                        if event.payload.get("user_id") and not event.payload.get("account")})
     rows = []
     for event, endpoint_ids in wanted:
         data = dict(event.payload)
         user_id = data.get("user_id")
-        if user_id:
+        if user_id and not data.get("account"):
             data["account"] = snapshots.get(str(user_id))
         body = {"type": event.routing_key, "timestamp": data.get("occurred_at"), "data": data}
         rows.extend({"endpoint_id": endpoint_id, "event_id": event.event_id, "event_type": event.routing_key,
@@ -138,15 +139,15 @@ def fan_out(connection: Connection, events: Sequence[Any], at: datetime) -> int:
     return len(rows)
 
 
-def _snapshots(connection: Connection, user_ids: set[str], at: datetime) -> dict[str, dict[str, Any]]:
+def _snapshots(connection: Connection, user_ids: set[str]) -> dict[str, dict[str, Any]]:
     if not user_ids:
         return {}
     found = connection.execute(
         select(accounts_table.c.user_id, accounts_table.c.balance, accounts_table.c.reserved)
         .where(accounts_table.c.user_id.in_(sorted(user_ids)))
     ).all()
-    return {row.user_id: {"user_id": row.user_id, "balance": row.balance, "reserved": row.reserved,
-                          "available": row.balance - row.reserved, "as_of": at.isoformat()}
+    return {row.user_id: {"balance": row.balance, "reserved": row.reserved,
+                          "available": row.balance - row.reserved, "credit_type": "credits"}
             for row in found}
 
 

@@ -80,14 +80,32 @@ def test_registered_endpoint_receives_signed_events_with_the_account_snapshot(
     payload = verify(endpoint.secret, received)
     assert payload["type"] == "credits.low"
     assert payload["data"]["available"] == 5
-    assert payload["data"]["account"] == {"user_id": "ann", "balance": 5, "reserved": 0, "available": 5,
-                                          "as_of": payload["data"]["account"]["as_of"]}
+    assert payload["data"]["account"] == {"balance": 5, "reserved": 0, "available": 5, "credit_type": "credits"}
     with engine.connect() as connection:
         event_id = connection.scalar(select(OutboxEvent.event_id))
     assert received.headers["webhook-id"] == event_id
     [delivery] = hooks.deliveries(endpoint.id)
     assert (delivery.status, delivery.attempts, delivery.last_response_status) == ("succeeded", 1, 204)
     assert hooks.delivery(delivery.id).log[0].outcome == "succeeded"  # type: ignore[index]
+
+
+def test_each_delivery_carries_the_account_as_its_own_change_left_it(
+    engine: Engine, hooks: WebhookService, receiver: Receiver
+) -> None:
+    """Two changes before the relay runs: each event has its own snapshot, not the latest."""
+    endpoint = hooks.register(CreateWebhookEndpoint(url=receiver.url, events=["credits.low", "credits.depleted"]))
+    credits = CreditService(engine, low_credit_threshold=10)
+    credits.add_credits("ann", 30)
+    credits.reserve_credits("ann", 22)  # 8 available: low
+    credits.deduct_credits("ann", 8)  # 0 available: depleted
+    relay(engine)
+    hooks.deliver_due()
+    snapshots = {verify(endpoint.secret, received)["type"]: verify(endpoint.secret, received)["data"]["account"]
+                 for received in receiver.received}
+    assert snapshots == {
+        "credits.low": {"balance": 30, "reserved": 22, "available": 8, "credit_type": "credits"},
+        "credits.depleted": {"balance": 22, "reserved": 22, "available": 0, "credit_type": "credits"},
+    }
 
 
 def test_an_endpoint_gets_only_the_events_its_patterns_match(
