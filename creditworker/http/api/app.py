@@ -13,7 +13,7 @@ from creditworker import __version__
 from creditworker.client.aio import AsyncCreditClient
 from creditworker.engine import CreditService, SubscriptionService
 from creditworker.http.api.examples import TAGS
-from creditworker.http.api.routing import build_router
+from creditworker.http.api.routing import build_router, build_webhooks_router
 from creditworker.http.auth import ApiKeyCheck, ApiKeyGuard, api_key_auth, configured_api_keys
 from creditworker.http.body_limit import BodyLimit
 from creditworker.http.console.app import create_console
@@ -43,11 +43,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_tags=TAGS,
     )
     api_keys = configured_api_keys(settings)
-    router = build_router(
-        AsyncCreditClient(settings), reads, SubscriptionService(reads),
-        api_key_auth(api_keys, broker_url=settings.broker_url),
-    )
+    auth = api_key_auth(api_keys, broker_url=settings.broker_url)
+    router = build_router(AsyncCreditClient(settings), reads, SubscriptionService(reads), auth)
     app.include_router(router)
+    app.include_router(build_webhooks_router(auth))
     app.state.webhooks = WebhookService(reads.engine, WebhookOptions.from_settings(settings))
     app.mount("/console", create_console(settings, reads))
     # Unknown routes and wrong methods never reach a route, so the app shapes them.
