@@ -155,3 +155,24 @@ def test_a_receiver_answering_410_has_its_endpoint_disabled_and_announced(worker
     finally:
         receiver.stop()
 
+
+
+def test_a_slow_receiver_never_holds_back_the_others(worker: RunningWorker) -> None:
+    slow, fast = Receiver(), Receiver()
+    slow.delay_seconds = 6  # longer than the workers' 2 s timeout
+    try:
+        slow_endpoint = hooks(worker).register(CreateWebhookEndpoint(url=slow.url))
+        hooks(worker).register(CreateWebhookEndpoint(url=fast.url))
+        users = [f"slow-{n}" for n in range(4)]
+        started = time.monotonic()
+        cross_low_threshold(worker, users)
+        expected = event_ids(worker.engine)
+        wait_for(lambda: set(fast.ids()) >= expected, 30, "every event at the fast receiver")
+        assert time.monotonic() - started < 30
+        wait_for(lambda: all(d.attempts >= 1 for d in hooks(worker).deliveries(slow_endpoint.id)), 30,
+                 "the slow receiver's first attempts")
+        logs = [hooks(worker).delivery(d.id).log or [] for d in hooks(worker).deliveries(slow_endpoint.id)]
+        assert all(log[0].error and "timed out" in log[0].error and log[0].duration_ms < 4000 for log in logs)
+    finally:
+        slow.stop()
+        fast.stop()
