@@ -223,7 +223,7 @@ def record_outcomes(
     disabled. `disabled_event(endpoint_id, url, reason)` gives the outbox row announcing it.
 
     An outcome whose claim was lost (its lease ran out and another sender took the delivery)
-    is logged but changes nothing else. A 410 disables its endpoint at once; a delivery whose
+    is logged but changes nothing else; one whose endpoint was removed meanwhile is dropped. A 410 disables its endpoint at once; a delivery whose
     schedule ran out disables it when nothing succeeded there since that delivery was queued.
     """
     def work(connection: Connection) -> list[int]:
@@ -233,6 +233,7 @@ def record_outcomes(
             .with_for_update())}
         held = [outcome for outcome in outcomes
                 if (outcome.claimed.delivery_id, outcome.claimed.claim_token) in still_claimed]
+        existing = {delivery_id for delivery_id, _token in still_claimed}  # not removed meanwhile
         if held:
             connection.execute(
                 update(deliveries_table).where(deliveries_table.c.id == bindparam("b_id"))
@@ -243,13 +244,15 @@ def record_outcomes(
                   "b_run_attempts": outcome.claimed.run_attempts + 1,
                   "b_next": outcome.next_attempt_at if outcome.outcome == "failed" else None,
                   "b_code": outcome.response_status} for outcome in held])
-        connection.execute(insert(attempts_table), [
-            {"delivery_id": outcome.claimed.delivery_id, "endpoint_id": outcome.claimed.endpoint_id,
-             "attempt": outcome.claimed.attempts + 1, "outcome": outcome.outcome,
-             "response_status": outcome.response_status,
-             "response_body": (outcome.response_body or None) and outcome.response_body[:MAX_STORED_RESPONSE],
-             "error": outcome.error, "duration_ms": outcome.duration_ms, "attempted_at": at}
-            for outcome in outcomes])
+        logged = [outcome for outcome in outcomes if outcome.claimed.delivery_id in existing]
+        if logged:
+            connection.execute(insert(attempts_table), [
+                {"delivery_id": outcome.claimed.delivery_id, "endpoint_id": outcome.claimed.endpoint_id,
+                 "attempt": outcome.claimed.attempts + 1, "outcome": outcome.outcome,
+                 "response_status": outcome.response_status,
+                 "response_body": (outcome.response_body or None) and outcome.response_body[:MAX_STORED_RESPONSE],
+                 "error": outcome.error, "duration_ms": outcome.duration_ms, "attempted_at": at}
+                for outcome in logged])
         succeeded_endpoints = {outcome.claimed.endpoint_id for outcome in held if outcome.outcome == "succeeded"}
         to_disable: dict[int, str] = {outcome.claimed.endpoint_id: "the endpoint answered 410 Gone"
                                       for outcome in held if outcome.outcome == "gone"}

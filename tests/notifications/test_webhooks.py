@@ -344,3 +344,28 @@ def test_the_log_is_forgotten_after_the_retention_period(engine: Engine, receive
     assert forgetful.purge() == 1
     with engine.connect() as connection:
         assert connection.scalar(select(func.count()).select_from(WebhookDeliveryRow)) == 0
+
+
+def test_an_endpoint_removed_while_its_deliveries_are_in_flight_loses_nothing_else(
+    engine: Engine, receiver: Receiver
+) -> None:
+    from datetime import timedelta
+
+    from creditworker.notifications.webhooks import sending
+    from creditworker.records import webhooks as store
+
+    hooks = WebhookService(engine, FAST)
+    gone = hooks.register(CreateWebhookEndpoint(url=receiver.url))
+    kept = hooks.register(CreateWebhookEndpoint(url=receiver.url))
+    credits = CreditService(engine, low_credit_threshold=10)
+    credits.add_credits("ann", 30)
+    credits.deduct_credits("ann", 25)
+    relay(engine)
+    claimed = store.claim_due(engine, datetime.now(UTC), limit=10, lease=timedelta(minutes=1))
+    assert len(claimed) == 2
+    hooks.remove(gone.id)
+    outcomes = [hooks._decide(delivery, sending.Response(204, "", None, 3), datetime.now(UTC))
+                for delivery in claimed]
+    assert store.record_outcomes(engine, outcomes, datetime.now(UTC), lambda *_args: {}) == []
+    [delivery] = hooks.deliveries(kept.id)
+    assert (delivery.status, delivery.attempts) == ("succeeded", 1)
