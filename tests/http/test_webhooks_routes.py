@@ -92,7 +92,7 @@ def test_bad_input_is_a_clear_error_and_stores_nothing(engine: Engine, database_
         assert connection.scalar(select(func.count()).select_from(WebhookEndpointRow)) == 0
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("database_url", ["sqlite", "postgres"], indirect=True)
 def test_no_webhook_route_answers_a_server_error_and_each_is_documented(
     engine: Engine, database_url: str, tmp_path: Path
 ) -> None:

@@ -23,6 +23,10 @@ def checked_url(url: str, *, allow_private: bool) -> str:
     url = url.strip()
     if any(ord(character) < 0x21 or ord(character) == 0x7F for character in url):
         raise InvalidWebhookUrl("a webhook URL may not contain spaces or control characters")
+    try:
+        url.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidWebhookUrl("a webhook URL must be valid Unicode text") from None
     if len(url) > MAX_URL_LENGTH:
         raise InvalidWebhookUrl(f"a webhook URL is at most {MAX_URL_LENGTH} characters", length=len(url))
     try:

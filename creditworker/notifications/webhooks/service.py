@@ -259,6 +259,10 @@ def _description(description: str | None) -> str | None:
     description = (description or "").strip()
     if any(ord(character) < 0x20 and character not in "\n\t" for character in description):
         raise ValidationFailed("a description may not contain control characters")
+    try:
+        description.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationFailed("a description must be valid Unicode text (no lone surrogates)") from None
     return description or None
 
 
