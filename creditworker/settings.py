@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     """Allow endpoint URLs on loopback, link-local and private addresses (development, tests)."""
     webhooks_timeout_seconds: float = Field(default=5, gt=0, le=60)
     webhooks_retry_delays_seconds: list[float] = Field(
-        default_factory=lambda: [5, 300, 1800, 7200, 18000, 36000, 36000])
+        default_factory=lambda: [5, 300, 1800, 7200, 18000, 36000, 36000], max_length=100)
     """The delays after each failed attempt (jittered by up to 20%); when they run out the
     delivery has failed."""
     webhooks_rotation_grace_seconds: float = Field(default=24 * 3600, ge=0)
@@ -97,6 +97,13 @@ class Settings(BaseSettings):
     """How often beat runs the sender (due retries); new events wake it at once."""
     webhooks_batch_size: int = Field(default=100, ge=1, le=1000)
     webhooks_concurrency: int = Field(default=16, ge=1, le=256)
+
+    @field_validator("webhooks_retry_delays_seconds")
+    @classmethod
+    def _delays_not_negative(cls, delays: list[float]) -> list[float]:
+        if any(delay < 0 for delay in delays):
+            raise ValueError("a retry delay cannot be negative")
+        return delays
 
     @field_validator("ledger_path")
     @classmethod

@@ -54,8 +54,16 @@ class WebhookOptions:
     log_retention_days: float = 30
     batch_size: int = 100
     concurrency: int = 16
-    lease_seconds: float = field(default=0)
-    """How long a sender holds what it took; 0: four times the timeout, at least a minute."""
+    lease_seconds: float = 0
+    """How long a sender holds what it took; 0: long enough for a whole batch of posts that
+    all run into their timeouts (`lease`)."""
+
+    @property
+    def lease(self) -> float:
+        if self.lease_seconds:
+            return self.lease_seconds
+        rounds = -(-self.batch_size // self.concurrency)
+        return max(60.0, 3 * self.timeout_seconds * rounds + 30)
 
     @classmethod
     def from_settings(cls, settings: Any) -> WebhookOptions:
@@ -201,8 +209,8 @@ class WebhookService:
 
     def _deliver_batch(self, http: Any, pool: ThreadPoolExecutor) -> DeliveryRound:
         options = self.options
-        lease = options.lease_seconds or max(60.0, 4 * options.timeout_seconds)
-        claimed = store.claim_due(self.engine, _now(), limit=options.batch_size, lease=timedelta(seconds=lease))
+        claimed = store.claim_due(self.engine, _now(), limit=options.batch_size,
+                                  lease=timedelta(seconds=options.lease))
         if not claimed:
             return DeliveryRound()
         refused_hosts = self._refused_hosts(claimed)
