@@ -176,3 +176,24 @@ def test_a_slow_receiver_never_holds_back_the_others(worker: RunningWorker) -> N
     finally:
         slow.stop()
         fast.stop()
+
+
+def test_low_depleted_and_recovered_reach_a_receiver_signed_with_the_account_each_left(
+    worker: RunningWorker,
+) -> None:
+    receiver = Receiver()
+    try:
+        endpoint = hooks(worker).register(CreateWebhookEndpoint(url=receiver.url, events=["credits.*"]))
+        worker.client.add_credits("alerts", 30).get(timeout=30)
+        worker.client.deduct_credits("alerts", 25).get(timeout=30)  # 5: low (threshold 10)
+        worker.client.deduct_credits("alerts", 5).get(timeout=30)  # 0: depleted
+        worker.client.add_credits("alerts", 40).get(timeout=30)  # 40: recovered
+        wait_for(lambda: len(receiver.received) >= 3, 30, "three alerts")
+        time.sleep(1)
+        seen = {}
+        for received in receiver.received:
+            payload = Webhook(endpoint.secret).verify(received.body, received.headers)
+            seen[payload["type"]] = payload["data"]["account"]["available"]
+        assert seen == {"credits.low": 5, "credits.depleted": 0, "credits.recovered": 40}
+    finally:
+        receiver.stop()
