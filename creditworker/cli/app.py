@@ -18,6 +18,7 @@ from typing import Annotated
 import typer
 
 from creditworker.cli import (
+    alerts,
     audit,
     corrections,
     credits,
@@ -56,6 +57,7 @@ app.add_typer(plans.commands, name="plans")
 app.add_typer(corrections.commands, name="correct")
 app.add_typer(dead_letters.commands, name="dead-letters")
 app.add_typer(webhooks.commands, name="webhooks")
+app.add_typer(alerts.commands, name="alerts")
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from sqlalchemy import Table
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from creditworker.contract.credits import EntryKind
 from creditworker.contract.errors import UnknownReservation, UnknownUser
 from creditworker.contract.events import (
     AccountSnapshot,
@@ -31,7 +32,7 @@ from creditworker.contract.events import (
     _Event,
 )
 from creditworker.engine import account as accounts
-from creditworker.engine import alerts, rules
+from creditworker.engine import alerts, rules, thresholds
 from creditworker.engine.results import entry_row_record, referenced_entry
 from creditworker.engine.rules import Account, Hold, Posting, low_credit_crossing
 from creditworker.storage.backends import backend_for
@@ -100,6 +101,8 @@ class UnitOfWork:
         self.lot_ids: list[int] = []
         """Lot ids `lock` took from their sequence, ascending: with enough of them, new lots
         go in the writer's statement instead of one of their own."""
+        self._percent_rules: dict[str, int] | None = None
+        """Low thresholds as a percentage of the last grant, read on the first grant."""
         self.stale_holds: list[Hold] = []
         """The locked accounts' active holds past their TTL, when `lock` was asked for them."""
 
@@ -215,6 +218,8 @@ class UnitOfWork:
         self.postings.append(posting)
         account = self.accounts[posting.user_id]
         self.touched[account.user_id] = account
+        if posting.kind == EntryKind.ADD and posting.amount > 0:
+            self._follow_percent_rule(account, posting.amount)
         was_low = account.low_credit_alerted
         threshold = low_credit_crossing(account, self.low_credit_threshold)
         if threshold is not None:
@@ -222,6 +227,15 @@ class UnitOfWork:
                                  available=account.available, threshold=threshold))
         self._alert_crossings(posting, account, was_low)
         return posting
+
+    def _follow_percent_rule(self, account: Account, granted: int) -> None:
+        """A grant moves a threshold set as a percentage of the last grant (engine/thresholds.py);
+        the rules are read on the first grant of the unit of work, for every account it locked."""
+        if self._percent_rules is None:
+            self._percent_rules = thresholds.percent_rules(self.connection, list(self.accounts))
+        percent = self._percent_rules.get(account.user_id)
+        if percent is not None:
+            account.low_credit_threshold = thresholds.from_percent(percent, granted)
 
     def _alert_crossings(self, posting: Posting, account: Account, was_low: bool) -> None:
         """`credits.depleted` and `credits.recovered` (engine/alerts.py)."""

@@ -396,3 +396,23 @@ class WebhookAttemptRow(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     duration_ms: Mapped[int] = mapped_column(Integer)
     attempted_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+
+
+class CreditAlertRuleRow(Base):
+    """A low-credit threshold as a percentage of the account's last grant, per credit type.
+
+    The engine turns it into the account's absolute threshold at each grant (and when the
+    rule is set, from the newest lot), so evaluating alerts reads nothing more.
+    """
+
+    __tablename__ = "credit_alert_rules"
+    __table_args__ = (
+        CheckConstraint("low_threshold_percent > 0 AND low_threshold_percent <= 100", name="percent_in_range"),
+    )
+
+    user_id: Mapped[str] = mapped_column(
+        _identifier(MAX_USER_ID_LENGTH), ForeignKey("accounts.user_id"), primary_key=True)
+    credit_type: Mapped[str] = mapped_column(_identifier(32), primary_key=True, default="credits",
+                                             server_default="credits")
+    low_threshold_percent: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -75,3 +75,15 @@ def test_bad_endpoints_are_refused_with_a_clear_error_and_nothing_stored(engine:
     assert code == 2 and "unknown_event_pattern" in err
     code, out, _ = cli(database_url, "webhooks", "list", "--json")
     assert json.loads(out) == []
+
+
+def test_alert_thresholds_from_the_command_line(engine: Engine, database_url: str) -> None:
+    assert cli(database_url, "add", "ann", "200")[0] == 0
+    code, out, err = cli(database_url, "alerts", "threshold", "ann", "--percent", "25")
+    assert code == 0 and "25% of the last grant, now 50" in out, err
+    code, out, _ = cli(database_url, "alerts", "threshold", "ann", "--amount", "10")
+    assert code == 0 and "ann: 10" in out
+    code, _, err = cli(database_url, "alerts", "threshold", "ann", "--amount", "10", "--percent", "5")
+    assert code == 2 and "exactly one" in err
+    code, _, err = cli(database_url, "alerts", "threshold", "nobody", "--percent", "5")
+    assert code == 2 and "unknown_user" in err

@@ -100,3 +100,35 @@ def test_each_alert_fires_once_per_crossing_under_concurrent_deducts(pg_engine: 
     for thread in threads:
         thread.join()
     assert kinds(pg_engine) == ["credits.low", "credits.depleted", "credits.recovered"]
+
+
+def test_a_threshold_as_a_percentage_of_the_last_grant_follows_each_grant(engine: Engine) -> None:
+    from creditworker.engine.thresholds import set_low_threshold_percent
+
+    credits = CreditService(engine)
+    credits.add_credits("ann", 100)
+    assert set_low_threshold_percent(credits, "ann", 20) == 20  # 20% of the newest grant
+    credits.deduct_credits("ann", 81)  # 19 < 20: low
+    credits.add_credits("ann", 1000)  # threshold 200; 1,019 available: recovered
+    credits.deduct_credits("ann", 870)  # 149 < 200: low again
+    assert kinds(engine) == ["credits.low", "credits.recovered", "credits.low"]
+    low = [payload for key, payload in alerts(engine) if key == "credits.low"]
+    assert [(event["available"], event["threshold"]) for event in low] == [(19, 20), (149, 200)]
+    credits.set_low_credit_threshold("ann", 10)  # absolute again: the rule is gone
+    credits.add_credits("ann", 5000)
+    credits.deduct_credits("ann", 5145)  # 4 < 10
+    assert [payload["threshold"] for key, payload in alerts(engine) if key == "credits.low"][-1] == 10
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_percentage_outside_1_to_100_is_refused_and_changes_nothing(engine: Engine) -> None:
+    from creditworker.contract.errors import ValidationFailed
+    from creditworker.engine.thresholds import set_low_threshold_percent
+
+    credits = CreditService(engine)
+    credits.add_credits("ann", 100)
+    for percent in (0, 101, -5, True):
+        with pytest.raises(ValidationFailed):
+            set_low_threshold_percent(credits, "ann", percent)  # type: ignore[arg-type]
+    credits.deduct_credits("ann", 99)
+    assert kinds(engine) == []

@@ -1,4 +1,4 @@
-"""webhooks: endpoints, deliveries and their attempts (issue 28)
+"""webhooks: endpoints, deliveries and their attempts; alert rules (issue 28)
 
 New tables only. A delivery is one event for one endpoint (unique per pair, so a relay
 that fans a chunk out twice queues nothing twice); its attempts are the log.
@@ -84,7 +84,19 @@ def upgrade() -> None:
 
 
 
+    op.create_table('credit_alert_rules',
+    sa.Column('user_id', sa.String(length=128).with_variant(mysql.VARCHAR(charset='utf8mb4', collation='utf8mb4_bin', length=128), 'mariadb').with_variant(mysql.VARCHAR(charset='utf8mb4', collation='utf8mb4_bin', length=128), 'mysql'), nullable=False),
+    sa.Column('credit_type', sa.String(length=32).with_variant(mysql.VARCHAR(charset='utf8mb4', collation='utf8mb4_bin', length=32), 'mariadb').with_variant(mysql.VARCHAR(charset='utf8mb4', collation='utf8mb4_bin', length=32), 'mysql'), server_default='credits', nullable=False),
+    sa.Column('low_threshold_percent', sa.Integer(), nullable=False),
+    sa.Column('updated_at', creditworker.storage.tables.UtcDateTime(), nullable=False),
+    sa.CheckConstraint('low_threshold_percent > 0 AND low_threshold_percent <= 100', name=op.f('ck_credit_alert_rules_percent_in_range')),
+    sa.ForeignKeyConstraint(['user_id'], ['accounts.user_id'], name=op.f('fk_credit_alert_rules_user_id_accounts')),
+    sa.PrimaryKeyConstraint('user_id', 'credit_type', name=op.f('pk_credit_alert_rules'))
+    )
+
+
 def downgrade() -> None:
+    op.drop_table('credit_alert_rules')
     with op.batch_alter_table('webhook_attempts', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_webhook_attempts_endpoint_id'))
         batch_op.drop_index('ix_webhook_attempts_delivery_id_id')
