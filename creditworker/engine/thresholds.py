@@ -8,9 +8,9 @@ only by one that grants.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from datetime import datetime
-from typing import TYPE_CHECKING, cast
+from typing import Any, Protocol, cast
 
 from sqlalchemy import Table, delete, insert, select, update
 from sqlalchemy.engine import Connection
@@ -18,13 +18,15 @@ from sqlalchemy.engine import Connection
 from creditworker.contract.errors import ValidationFailed
 from creditworker.storage.tables import CreditAlertRuleRow, Lot
 
-if TYPE_CHECKING:
-    from creditworker.engine.service import CreditService
-    from creditworker.engine.unit_of_work import UnitOfWork
-
 rules_table = cast(Table, CreditAlertRuleRow.__table__)
 lots_table = cast(Table, Lot.__table__)
 DEFAULT_TYPE = "credits"
+
+
+class RunsUnits(Protocol):
+    """`CreditService` as this module uses it (not imported: the service imports this module)."""
+
+    def run(self, decide: Callable[[Any], Any], *, now: datetime | None = None) -> Any: ...
 
 
 def from_percent(percent: int, grant: int) -> int:
@@ -47,13 +49,13 @@ def drop_rule(connection: Connection, user_id: str) -> None:
                                                  rules_table.c.credit_type == DEFAULT_TYPE))
 
 
-def set_low_threshold_percent(service: CreditService, user_id: str, percent: int | None) -> int | None:
+def set_low_threshold_percent(service: RunsUnits, user_id: str, percent: int | None) -> int | None:
     """Make the account's low threshold `percent` of its last grant (None: drop the rule and
     the threshold, so the service default applies); returns the threshold it now has."""
     if percent is not None and (isinstance(percent, bool) or not isinstance(percent, int) or not 0 < percent <= 100):
         raise ValidationFailed("percent must be a whole number from 1 to 100, or None", percent=percent)
 
-    def decide(uow: UnitOfWork) -> int | None:
+    def decide(uow: Any) -> int | None:  # a UnitOfWork
         uow.lock([user_id])
         account = uow.account(user_id)
         _store_rule(uow.connection, user_id, percent, uow.at)
