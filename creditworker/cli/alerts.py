@@ -30,7 +30,7 @@ def alerts_threshold(
     credits = current().credit_service()
     if percent is not None:
         threshold = set_low_threshold_percent(credits, user_id, percent)
-        shown = "none yet (no grant)" if threshold is None else str(threshold)
+        shown = str(threshold) if threshold else "none until the first grant"
         print(f"{user_id}: {percent}% of the last grant, now {shown}")
         return
     credits.set_low_credit_threshold(user_id, amount)

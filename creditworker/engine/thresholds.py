@@ -2,8 +2,8 @@
 
 A rule is turned into the account's absolute `low_credit_threshold` whenever a grant lands
 (and when the rule is set, from the account's newest lot), so that evaluating alerts on
-every deduct reads nothing more than it did. The rules are read once per unit of work, and
-only by one that grants.
+every deduct reads nothing more than it did. The rules are read once per unit of work, only
+by one that grants to an account that has a threshold of its own.
 """
 
 from __future__ import annotations
@@ -51,7 +51,11 @@ def drop_rule(connection: Connection, user_id: str) -> None:
 
 def set_low_threshold_percent(service: RunsUnits, user_id: str, percent: int | None) -> int | None:
     """Make the account's low threshold `percent` of its last grant (None: drop the rule and
-    the threshold, so the service default applies); returns the threshold it now has."""
+    the threshold, so the service default applies); returns the threshold it now has (0
+    before any grant).
+
+    An account with a rule always has a threshold (0 until its first grant): a grant to an
+    account without one needs no look at the rules (`UnitOfWork`)."""
     if percent is not None and (isinstance(percent, bool) or not isinstance(percent, int) or not 0 < percent <= 100):
         raise ValidationFailed("percent must be a whole number from 1 to 100, or None", percent=percent)
 
@@ -63,7 +67,7 @@ def set_low_threshold_percent(service: RunsUnits, user_id: str, percent: int | N
         if percent is not None:
             newest = uow.connection.scalar(select(lots_table.c.amount).where(lots_table.c.user_id == user_id)
                                            .order_by(lots_table.c.id.desc()).limit(1))
-            threshold = from_percent(percent, int(newest)) if newest else None
+            threshold = from_percent(percent, int(newest)) if newest else 0  # 0: off until a grant
         account.low_credit_threshold = threshold
         account.low_credit_alerted = False
         uow.touch(account)

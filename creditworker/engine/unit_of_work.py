@@ -218,7 +218,7 @@ class UnitOfWork:
         self.postings.append(posting)
         account = self.accounts[posting.user_id]
         self.touched[account.user_id] = account
-        if posting.kind == EntryKind.ADD and posting.amount > 0:
+        if posting.kind == EntryKind.ADD and posting.amount > 0 and account.low_credit_threshold is not None:
             self._follow_percent_rule(account, posting.amount)
         was_low = account.low_credit_alerted
         threshold = low_credit_crossing(account, self.low_credit_threshold)
@@ -230,9 +230,11 @@ class UnitOfWork:
 
     def _follow_percent_rule(self, account: Account, granted: int) -> None:
         """A grant moves a threshold set as a percentage of the last grant (engine/thresholds.py);
-        the rules are read on the first grant of the unit of work, for every account it locked."""
-        if self._percent_rules is None:
-            self._percent_rules = thresholds.percent_rules(self.connection, list(self.accounts))
+        the rules are read on the first such grant of the unit of work, for the accounts it locked."""
+        if self._percent_rules is None:  # only accounts with a threshold of their own may have a rule
+            self._percent_rules = thresholds.percent_rules(
+                self.connection, [user_id for user_id, locked in self.accounts.items()
+                                  if locked.low_credit_threshold is not None])
         percent = self._percent_rules.get(account.user_id)
         if percent is not None:
             account.low_credit_threshold = thresholds.from_percent(percent, granted)

@@ -132,3 +132,16 @@ def test_a_percentage_outside_1_to_100_is_refused_and_changes_nothing(engine: En
             set_low_threshold_percent(credits, "ann", percent)  # type: ignore[arg-type]
     credits.deduct_credits("ann", 99)
     assert kinds(engine) == []
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_percentage_replaces_the_service_default_and_follows_the_next_grant(engine: Engine) -> None:
+    from creditworker.engine.thresholds import set_low_threshold_percent
+
+    credits = CreditService(engine, low_credit_threshold=1000)  # the default no longer applies
+    credits.add_credits("ann", 1)
+    credits.deduct_credits("ann", 1)
+    assert set_low_threshold_percent(credits, "ann", 50) == 1  # 50% of the newest lot (1), rounded up
+    credits.add_credits("ann", 40)  # threshold 20
+    credits.deduct_credits("ann", 21)  # 19 < 20: low
+    assert [payload["threshold"] for key, payload in alerts(engine) if key == "credits.low"][-1] == 20
