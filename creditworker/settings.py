@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from creditworker.contract.credits import OveragePolicy
@@ -85,6 +85,30 @@ class Settings(BaseSettings):
     /metrics on its own port (creditworker/metrics/)."""
     metrics_address: str = "127.0.0.1"
     """Where the worker's metrics endpoint listens (`0.0.0.0` in a container)."""
+
+    # ---- webhooks (docs/webhooks.md)
+    webhooks_secret_key: SecretStr | None = None
+    """Seals the endpoints' signing secrets in the database; unset, they are stored as is."""
+    webhooks_allow_private: bool = False
+    """Allow endpoint URLs on loopback, link-local and private addresses (development, tests)."""
+    webhooks_timeout_seconds: float = Field(default=5, gt=0, le=60)
+    webhooks_retry_delays_seconds: list[float] = Field(
+        default_factory=lambda: [5, 300, 1800, 7200, 18000, 36000, 36000], max_length=100)
+    """The delays after each failed attempt (jittered by up to 20%); when they run out the
+    delivery has failed."""
+    webhooks_rotation_grace_seconds: float = Field(default=24 * 3600, ge=0)
+    webhooks_log_retention_days: float = Field(default=30, gt=0)
+    webhooks_interval_seconds: float = Field(default=5, gt=0)
+    """How often beat runs the sender (due retries); new events wake it at once."""
+    webhooks_batch_size: int = Field(default=100, ge=1, le=1000)
+    webhooks_concurrency: int = Field(default=16, ge=1, le=256)
+
+    @field_validator("webhooks_retry_delays_seconds")
+    @classmethod
+    def _delays_not_negative(cls, delays: list[float]) -> list[float]:
+        if any(delay < 0 for delay in delays):
+            raise ValueError("a retry delay cannot be negative")
+        return delays
 
     @field_validator("ledger_path")
     @classmethod

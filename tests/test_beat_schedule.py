@@ -15,7 +15,7 @@ def test_every_entry_runs_a_registered_task_at_its_interval() -> None:
     assert set(schedule) == {entry for entry, _task, _setting in PERIODIC_TASKS}
     assert {
         "expire-credits", "release-stale-reservations", "send-expiry-reminders", "relay-events",
-        "allocate-subscriptions",
+        "allocate-subscriptions", "deliver-webhooks",
     } == set(schedule)
     for entry in schedule.values():
         assert entry["task"] in BY_TASK

@@ -18,6 +18,7 @@ from typing import Annotated
 import typer
 
 from creditworker.cli import (
+    alerts,
     audit,
     corrections,
     credits,
@@ -28,6 +29,7 @@ from creditworker.cli import (
     plans,
     reports,
     running,
+    webhooks,
 )
 from creditworker.cli.context import begin
 from creditworker.cli.schema import schema
@@ -54,6 +56,8 @@ app.add_typer(events.commands, name="events")
 app.add_typer(plans.commands, name="plans")
 app.add_typer(corrections.commands, name="correct")
 app.add_typer(dead_letters.commands, name="dead-letters")
+app.add_typer(webhooks.commands, name="webhooks")
+app.add_typer(alerts.commands, name="alerts")
 
 
 def main() -> None:

@@ -106,6 +106,36 @@ class ServiceUnavailable(CreditError):
     code = "service_unavailable"
 
 
+# ---------------------------------------------------------------- webhooks (issue 28)
+
+
+class InvalidWebhookUrl(ValidationFailed):
+    """A webhook URL that is not http(s), too long, or resolves where deliveries may not go
+    (loopback, link-local or private, unless CREDITWORKER_WEBHOOKS_ALLOW_PRIVATE=1)."""
+
+    code = "invalid_webhook_url"
+
+
+class UnknownEventPattern(ValidationFailed):
+    """An event pattern that matches no event type creditworker publishes."""
+
+    code = "unknown_event_pattern"
+
+
+class UnknownWebhookEndpoint(CreditError):
+    code = "unknown_webhook_endpoint"
+
+
+class UnknownWebhookDelivery(CreditError):
+    code = "unknown_webhook_delivery"
+
+
+class WebhookSecretUnreadable(CreditError):
+    """A stored signing secret is sealed and the key setting is missing or another one."""
+
+    code = "webhook_secret_unreadable"
+
+
 ERRORS_BY_CODE: dict[str, type[CreditError]] = {
     cls.code: cls
     for cls in (
@@ -125,6 +155,11 @@ ERRORS_BY_CODE: dict[str, type[CreditError]] = {
         UnknownOperation,
         ServiceUnavailable,
         DatabaseNotReady,
+        InvalidWebhookUrl,
+        UnknownEventPattern,
+        UnknownWebhookEndpoint,
+        UnknownWebhookDelivery,
+        WebhookSecretUnreadable,
     )
 }
 

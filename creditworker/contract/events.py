@@ -18,13 +18,32 @@ EXCHANGE = "creditworker.events"
 SCHEMA_VERSION = 1
 
 
-class _Event(BaseModel):
+class _SystemEvent(BaseModel):
+    """An event about the service itself, not about one account (no `user_id`)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     event_id: str
     version: int = SCHEMA_VERSION
     occurred_at: datetime
+
+
+class AccountSnapshot(BaseModel):
+    """An account's totals as the transaction that wrote the event left them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    balance: int
+    reserved: int
+    available: int
+    credit_type: str = "credits"
+
+
+class _Event(_SystemEvent):
     user_id: str
+    account: AccountSnapshot | None = None
+    """The account after the change (whole, not a delta: events can be delivered out of
+    order); None for an event written without its account locked."""
 
 
 class CreditsLow(_Event):
@@ -33,6 +52,24 @@ class CreditsLow(_Event):
     type: Literal["credits.low"] = "credits.low"
     available: int
     threshold: int
+
+
+class CreditsDepleted(_Event):
+    """`available` reached zero or went below (once per crossing, until recovered)."""
+
+    type: Literal["credits.depleted"] = "credits.depleted"
+    available: int
+    credit_type: str = "credits"
+
+
+class CreditsRecovered(_Event):
+    """`available` is back at or above the low threshold (above zero where none is set),
+    after `credits.low` or `credits.depleted` fired."""
+
+    type: Literal["credits.recovered"] = "credits.recovered"
+    available: int
+    threshold: int | None
+    credit_type: str = "credits"
 
 
 class CreditsExpiring(_Event):
@@ -115,13 +152,25 @@ class SubscriptionEnded(_Event):
     plan_id: int
 
 
+class WebhookEndpointDisabled(_SystemEvent):
+    """A webhook endpoint was turned off: it answered 410 Gone, or it failed for a whole
+    retry schedule (docs/webhooks.md)."""
+
+    type: Literal["webhooks.endpoint_disabled"] = "webhooks.endpoint_disabled"
+    endpoint_id: int
+    url: str
+    reason: str
+
+
 Event = Annotated[
-    CreditsLow | CreditsExpiring | CreditsExpired | CreditsVoided | CreditsRefunded | CreditsExpiryChanged | ReservationExpired | SubscriptionAllocated | SubscriptionChanged | SubscriptionEnded,
+    WebhookEndpointDisabled | CreditsLow | CreditsDepleted | CreditsRecovered | CreditsExpiring | CreditsExpired | CreditsVoided | CreditsRefunded | CreditsExpiryChanged | ReservationExpired | SubscriptionAllocated | SubscriptionChanged | SubscriptionEnded,
     Field(discriminator="type"),
 ]
 
-EVENT_TYPES: tuple[type[_Event], ...] = (
+EVENT_TYPES: tuple[type[_SystemEvent], ...] = (
     CreditsLow,
+    CreditsDepleted,
+    CreditsRecovered,
     CreditsExpiring,
     CreditsExpired,
     CreditsVoided,
@@ -131,6 +180,7 @@ EVENT_TYPES: tuple[type[_Event], ...] = (
     SubscriptionAllocated,
     SubscriptionChanged,
     SubscriptionEnded,
+    WebhookEndpointDisabled,
 )
 ROUTING_KEYS: tuple[str, ...] = tuple(
     str(cls.model_fields["type"].default) for cls in EVENT_TYPES
@@ -139,9 +189,9 @@ ROUTING_KEYS: tuple[str, ...] = tuple(
 _EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(Event)
 
 
-def parse_event(payload: dict[str, Any]) -> _Event:
+def parse_event(payload: dict[str, Any]) -> _SystemEvent:
     """Validate a received event payload into its model (raises pydantic's ValidationError)."""
-    event: _Event = _EVENT_ADAPTER.validate_python(payload)
+    event: _SystemEvent = _EVENT_ADAPTER.validate_python(payload)
     return event
 
 

@@ -84,6 +84,14 @@ class Published(TypedDict):
     published: int
 
 
+class Delivered(TypedDict):
+    sent: int
+    succeeded: int
+    failed: int
+    disabled_endpoints: list[int]
+    purged: int
+
+
 class Granted(TypedDict):
     granted: int
 
@@ -220,6 +228,10 @@ RELAY = Operation(
     "creditworker.events.relay", NoArguments, Published,
     "Publish pending events (beat, and after each change that wrote events)",
     periodic=Periodic("relay-events", "relay_interval_seconds"))
+DELIVER_WEBHOOKS = Operation(
+    "creditworker.webhooks.deliver", NoArguments, Delivered,
+    "Send due webhook deliveries (beat for retries, and after the relay queued new ones)",
+    periodic=Periodic("deliver-webhooks", "webhooks_interval_seconds"))
 CREATE_PLAN = Operation(
     "creditworker.plans.create", CreatePlan, Plan, "Create a plan",
     engine="subscriptions.create_plan", producer="create_plan",
@@ -268,7 +280,7 @@ ALLOCATE = Operation(
 OPERATIONS: tuple[Operation, ...] = (
     ADD, DEDUCT, RESERVE, COMMIT, RELEASE, VOID_LOT, REFUND, CHANGE_EXPIRY, BALANCE, HISTORY, EXPIRING,
     RESERVATION, USAGE, BATCH, PING, EXPIRE,
-    RELEASE_STALE, REMIND, RELAY, CREATE_PLAN, UPDATE_PLAN, DELETE_PLAN, GET_PLAN, LIST_PLANS,
+    RELEASE_STALE, REMIND, RELAY, DELIVER_WEBHOOKS, CREATE_PLAN, UPDATE_PLAN, DELETE_PLAN, GET_PLAN, LIST_PLANS,
     ASSIGN_PLAN, CHANGE_PLAN, REMOVE_PLAN, GET_SUBSCRIPTION, ALLOCATE_DUE, ALLOCATE,
 )
 BY_TASK: dict[str, Operation] = {operation.task: operation for operation in OPERATIONS}

@@ -64,7 +64,7 @@ from creditworker.contract.events import (
     CreditsRefunded,
     CreditsVoided,
 )
-from creditworker.engine import reports, rules, sweeps
+from creditworker.engine import reports, rules, sweeps, thresholds
 from creditworker.engine.account import HoldOwner, load_lots
 from creditworker.engine.results import batch_outcome, entry_record, reservation_record
 from creditworker.engine.unit_of_work import (
@@ -454,6 +454,7 @@ class CreditService:
             account = uow.account(request.user_id)
             account.low_credit_threshold = threshold
             account.low_credit_alerted = False
+            thresholds.drop_rule(uow.connection, request.user_id)  # a percentage rule no longer applies
             uow.touch(account)
 
         self.run(decide)

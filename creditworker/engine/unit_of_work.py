@@ -21,10 +21,18 @@ from sqlalchemy import Table
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from creditworker.contract.credits import EntryKind
 from creditworker.contract.errors import UnknownReservation, UnknownUser
-from creditworker.contract.events import CreditsLow, ReservationExpired, _Event
+from creditworker.contract.events import (
+    AccountSnapshot,
+    CreditsDepleted,
+    CreditsLow,
+    CreditsRecovered,
+    ReservationExpired,
+    _Event,
+)
 from creditworker.engine import account as accounts
-from creditworker.engine import rules
+from creditworker.engine import alerts, rules, thresholds
 from creditworker.engine.results import entry_row_record, referenced_entry
 from creditworker.engine.rules import Account, Hold, Posting, low_credit_crossing
 from creditworker.storage.backends import backend_for
@@ -93,6 +101,8 @@ class UnitOfWork:
         self.lot_ids: list[int] = []
         """Lot ids `lock` took from their sequence, ascending: with enough of them, new lots
         go in the writer's statement instead of one of their own."""
+        self._percent_rules: dict[str, int] | None = None
+        """Low thresholds as a percentage of the last grant, read on the first grant."""
         self.stale_holds: list[Hold] = []
         """The locked accounts' active holds past their TTL, when `lock` was asked for them."""
 
@@ -208,11 +218,40 @@ class UnitOfWork:
         self.postings.append(posting)
         account = self.accounts[posting.user_id]
         self.touched[account.user_id] = account
+        if posting.kind == EntryKind.ADD and posting.amount > 0 and account.low_credit_threshold is not None:
+            self._follow_percent_rule(account, posting.amount)
+        was_low = account.low_credit_alerted
         threshold = low_credit_crossing(account, self.low_credit_threshold)
         if threshold is not None:
             self.emit(CreditsLow(event_id=new_event_id(), occurred_at=self.at, user_id=account.user_id,
                                  available=account.available, threshold=threshold))
+        self._alert_crossings(posting, account, was_low)
         return posting
+
+    def _follow_percent_rule(self, account: Account, granted: int) -> None:
+        """A grant moves a threshold set as a percentage of the last grant (engine/thresholds.py);
+        the rules are read on the first such grant of the unit of work, for the accounts it locked."""
+        if self._percent_rules is None:  # only accounts with a threshold of their own may have a rule
+            self._percent_rules = thresholds.percent_rules(
+                self.connection, [user_id for user_id, locked in self.accounts.items()
+                                  if locked.low_credit_threshold is not None])
+        percent = self._percent_rules.get(account.user_id)
+        if percent is not None:
+            account.low_credit_threshold = thresholds.from_percent(percent, granted)
+
+    def _alert_crossings(self, posting: Posting, account: Account, was_low: bool) -> None:
+        """`credits.depleted` and `credits.recovered` (engine/alerts.py)."""
+        low_threshold = account.low_credit_threshold
+        if low_threshold is None:
+            low_threshold = self.low_credit_threshold
+        for crossing in alerts.crossings(posting, account, threshold=low_threshold, was_low=was_low):
+            if crossing is alerts.Crossing.DEPLETED:
+                self.emit(CreditsDepleted(event_id=new_event_id(), occurred_at=self.at, user_id=account.user_id,
+                                          available=account.available))
+            else:
+                self.emit(CreditsRecovered(event_id=new_event_id(), occurred_at=self.at, user_id=account.user_id,
+                                           available=account.available,
+                                           threshold=low_threshold if low_threshold else None))
 
     def expire_hold(self, hold: Hold) -> bool:
         """Release a hold past its TTL with its `reservation_expired` entry and event (once:
@@ -236,8 +275,16 @@ class UnitOfWork:
         self.touched[account.user_id] = account
 
     def emit(self, event: _Event | Callable[[], _Event]) -> None:
-        """Queue an event for the outbox; a callable builds it once the writer gave out ids."""
-        self.events.append(event)
+        """Queue an event for the outbox; it is built when the writer writes (after every
+        decision, once ids are given out), with its account's totals as the unit left them."""
+        self.events.append(lambda: self._with_account(event if isinstance(event, _Event) else event()))
+
+    def _with_account(self, event: _Event) -> _Event:
+        account = self.accounts.get(event.user_id)
+        if account is None or event.account is not None:
+            return event
+        return event.model_copy(update={"account": AccountSnapshot(
+            balance=account.balance, reserved=account.reserved, available=account.available)})
 
     def record_operation(self, key: str, kind: str, fingerprint: str, source: ResultSource) -> OperationRecord:
         user_id = source.user_id if isinstance(source, Posting) else source.get("user_id")

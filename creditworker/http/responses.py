@@ -34,6 +34,10 @@ STATUS_BY_CODE: dict[str, int] = {
     "plan_in_use": 409,
     "reservation_not_active": 409,
     "service_unavailable": 503,
+    "invalid_webhook_url": 422,
+    "unknown_event_pattern": 422,
+    "unknown_webhook_endpoint": 404,
+    "unknown_webhook_delivery": 404,
 }
 """Any other `CreditError` is a refused request: 400."""
 

@@ -16,7 +16,7 @@ from typing import Any, cast
 from sqlalchemy import Table, func, select, update
 from sqlalchemy.engine import Connection, Engine
 
-from creditworker.contract.events import _Event
+from creditworker.contract.events import _SystemEvent
 from creditworker.storage.tables import OutboxEvent
 from creditworker.storage.transaction import run_transaction
 
@@ -25,10 +25,15 @@ outbox_table = cast(Table, OutboxEvent.__table__)
 Publish = Callable[[str, dict[str, Any], str], None]
 """publish(routing_key, payload, event_id): raise to leave the event pending."""
 
+AlsoWith = Callable[[Connection, list[Any]], None]
+"""also(connection, rows): more work on the published rows (`id`, `routing_key`, `payload`,
+`event_id`) in the transaction that marks them published, such as queueing their webhook
+deliveries: both happen, or neither does."""
+
 RELAY_CHUNK = 200
 
 
-def event_row(event: _Event) -> dict[str, Any]:
+def event_row(event: _SystemEvent) -> dict[str, Any]:
     """The outbox row of `event`, for the caller's transaction to insert."""
     return {
         "event_id": event.event_id,
@@ -39,7 +44,7 @@ def event_row(event: _Event) -> dict[str, Any]:
     }
 
 
-def publish_pending(engine: Engine, publish: Publish, *, limit: int = 10_000) -> int:
+def publish_pending(engine: Engine, publish: Publish, *, limit: int = 10_000, also: AlsoWith | None = None) -> int:
     """Publish pending events oldest first, in chunks; returns how many were published.
 
     Rows are claimed with `FOR UPDATE SKIP LOCKED` where the database has it, so two
@@ -47,14 +52,14 @@ def publish_pending(engine: Engine, publish: Publish, *, limit: int = 10_000) ->
     """
     published = 0
     while published < limit:
-        count = run_transaction(engine, lambda connection: _publish_chunk(connection, publish))
+        count = run_transaction(engine, lambda connection: _publish_chunk(connection, publish, also))
         published += count
         if count < RELAY_CHUNK:
             return published
     return published
 
 
-def _publish_chunk(connection: Connection, publish: Publish) -> int:
+def _publish_chunk(connection: Connection, publish: Publish, also: AlsoWith | None = None) -> int:
     rows = connection.execute(
         select(outbox_table.c.id, outbox_table.c.routing_key, outbox_table.c.payload, outbox_table.c.event_id)
         .where(outbox_table.c.published_at.is_(None))
@@ -64,6 +69,8 @@ def _publish_chunk(connection: Connection, publish: Publish) -> int:
     ).all()
     for row in rows:
         publish(row.routing_key, row.payload, row.event_id)
+    if rows and also is not None:
+        also(connection, list(rows))
     if rows:
         connection.execute(update(outbox_table).where(outbox_table.c.id.in_([row.id for row in rows]))
                            .values(published_at=datetime.now(UTC)))

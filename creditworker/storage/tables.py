@@ -317,3 +317,102 @@ class LedgerRecordRow(Base):
     message: Mapped[str | None] = mapped_column(Text, nullable=True)
     details: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+# ---------------------------------------------------------------- webhooks (issue 28)
+
+
+class WebhookEndpointRow(Base):
+    """A receiver of signed webhooks: where to post, which event patterns it wants.
+
+    `secret` holds the signing secret as `records.webhooks` stores it: sealed with the key
+    setting when one is given (`fernet:...`), else as is (`plain:whsec_...`). During a
+    rotation `previous_secret` signs too, until `previous_secret_expires_at`.
+    """
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    url: Mapped[str] = mapped_column(Text)
+    description: Mapped[str | None] = mapped_column(Text, nullable=True)
+    event_patterns: Mapped[list[str]] = mapped_column(JSON)
+    secret: Mapped[str] = mapped_column(Text)
+    previous_secret: Mapped[str | None] = mapped_column(Text, nullable=True)
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    disabled_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    disabled_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    last_success_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class WebhookDeliveryRow(Base):
+    """One event for one endpoint, until it succeeded or its retry schedule ran out.
+
+    `next_attempt_at` is when a sender may take it next (a sender's claim moves it past its
+    lease, so a sender that died gives it back); None once final. `run_attempts` counts the
+    attempts since it was queued or replayed and picks the next delay of the schedule.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_endpoint_id_id", "endpoint_id", "id"),
+        Index("uq_webhook_deliveries_endpoint_id_event_id", "endpoint_id", "event_id", unique=True),
+        CheckConstraint("status IN ('pending', 'succeeded', 'failed')", name="status"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    endpoint_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("webhook_endpoints.id", ondelete="CASCADE"))
+    event_id: Mapped[str] = mapped_column(_identifier(64))
+    event_type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    run_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    run_started_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    claim_token: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    last_response_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+
+
+class WebhookAttemptRow(Base):
+    """One HTTP attempt of a delivery: the log an operator reads (and replays from)."""
+
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (Index("ix_webhook_attempts_delivery_id_id", "delivery_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("webhook_deliveries.id", ondelete="CASCADE"))
+    endpoint_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(16))
+    """`succeeded`, `failed` (will retry), `exhausted` (schedule ran out) or `gone` (410)."""
+    response_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    response_body: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    attempted_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+
+
+class CreditAlertRuleRow(Base):
+    """A low-credit threshold as a percentage of the account's last grant, per credit type.
+
+    The engine turns it into the account's absolute threshold at each grant (and when the
+    rule is set, from the newest lot), so evaluating alerts reads nothing more.
+    """
+
+    __tablename__ = "credit_alert_rules"
+    __table_args__ = (
+        CheckConstraint("low_threshold_percent > 0 AND low_threshold_percent <= 100", name="percent_in_range"),
+    )
+
+    user_id: Mapped[str] = mapped_column(
+        _identifier(MAX_USER_ID_LENGTH), ForeignKey("accounts.user_id"), primary_key=True)
+    credit_type: Mapped[str] = mapped_column(_identifier(32), primary_key=True, default="credits",
+                                             server_default="credits")
+    low_threshold_percent: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import Task, current_app, shared_task
@@ -28,6 +29,7 @@ from creditworker.contract.operations import (
     ALLOCATE,
     ALLOCATE_DUE,
     BY_TASK,
+    DELIVER_WEBHOOKS,
     OPERATIONS,
     PING,
     RELAY,
@@ -134,12 +136,42 @@ def _ping(_task: Task, _request: Any, _key: str) -> Any:
 
 
 def _relay(task: Task, _request: Any, _key: str) -> Any:
-    """Publish pending outbox rows to the events exchange."""
+    """Publish pending outbox rows to the events exchange, queueing their webhook
+    deliveries in the same transaction; wake the sender if it queued any."""
     from creditworker.notifications.exchange import EventPublisher
     from creditworker.records.outbox import publish_pending
+    from creditworker.records.webhooks import fan_out
+
+    queued = 0
+
+    def queue_webhooks(connection: Any, rows: list[Any]) -> None:
+        nonlocal queued
+        queued += fan_out(connection, rows, datetime.now(UTC))
 
     with task.app.connection_for_write() as connection:
-        return {"published": publish_pending(service().engine, EventPublisher(connection))}
+        published = publish_pending(service().engine, EventPublisher(connection), also=queue_webhooks)
+    if queued:
+        task.app.send_task(DELIVER_WEBHOOKS.task)
+    return {"published": published}
+
+
+_webhooks: Any = None
+
+
+def webhooks() -> Any:
+    """The worker process's webhooks service, made on first use."""
+    global _webhooks
+    if _webhooks is None:
+        from creditworker.notifications.webhooks.service import WebhookOptions, WebhookService
+
+        _webhooks = WebhookService(service().engine, WebhookOptions.from_settings(settings_of(current_app)))
+    return _webhooks
+
+
+def _deliver_webhooks(_task: Task, _request: Any, _key: str) -> Any:
+    """Send due webhook deliveries; forget the log past its retention."""
+    done = webhooks().deliver_due()
+    return {**done.as_dict(), "purged": webhooks().purge()}
 
 
 def _allocate_due(task: Task, _request: Any, _key: str) -> Any:
@@ -158,6 +190,7 @@ def _allocate_due(task: Task, _request: Any, _key: str) -> Any:
 ADAPTERS: dict[str, Callable[[Task, Any, str], Any]] = {
     PING.task: _ping,
     RELAY.task: _relay,
+    DELIVER_WEBHOOKS.task: _deliver_webhooks,
     ALLOCATE_DUE.task: _allocate_due,
 }
 """The operations whose registry entry names no engine method: they need the Celery app

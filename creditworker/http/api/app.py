@@ -13,12 +13,13 @@ from creditworker import __version__
 from creditworker.client.aio import AsyncCreditClient
 from creditworker.engine import CreditService, SubscriptionService
 from creditworker.http.api.examples import TAGS
-from creditworker.http.api.routing import build_router
+from creditworker.http.api.routing import build_router, build_webhooks_router
 from creditworker.http.auth import ApiKeyCheck, ApiKeyGuard, api_key_auth, configured_api_keys
 from creditworker.http.body_limit import BodyLimit
 from creditworker.http.console.app import create_console
 from creditworker.http.metrics import metrics_router
 from creditworker.http.responses import error_response, http_error_response
+from creditworker.notifications.webhooks.service import WebhookOptions, WebhookService
 from creditworker.settings import Settings, get_settings
 from creditworker.worker.app import make_celery
 
@@ -49,6 +50,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(metrics_router(reads.engine, make_celery(settings), auth,
                                       expiring_days=settings.expiring_soon_days))
+    app.include_router(build_webhooks_router(auth))
+    app.state.webhooks = WebhookService(reads.engine, WebhookOptions.from_settings(settings))
     app.mount("/console", create_console(settings, reads))
     # Unknown routes and wrong methods never reach a route, so the app shapes them.
     app.add_exception_handler(HTTPException, _http_error)

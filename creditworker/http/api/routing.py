@@ -38,6 +38,7 @@ from creditworker.http.api.routes import (
     reservations,
     subscriptions,
     tasks,
+    webhooks,
 )
 from creditworker.http.auth import AuthDependency
 from creditworker.http.responses import (
@@ -157,6 +158,17 @@ def build_router(
         for route in tasks.router.routes:
             assert isinstance(route, APIRoute)
             _add(router, route)
+    return router
+
+
+def build_webhooks_router(auth: AuthDependency | None = None) -> APIRouter:
+    """`/credits/webhooks`: configuration and the delivery log, not operations of the
+    registry, so a router of their own (the gateway includes it; routes/webhooks.py)."""
+    router = APIRouter(prefix=PREFIX, route_class=EnvelopeRoute, dependencies=[Depends(auth or no_auth)],
+                       responses=dict(ROUTER_ERRORS))
+    for route in webhooks.router.routes:
+        assert isinstance(route, APIRoute)
+        _add(router, route)
     return router
 
 

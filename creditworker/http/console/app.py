@@ -23,8 +23,17 @@ from creditworker.http.console.access import ConsoleAccess
 from creditworker.http.console.deps import Console, console_of
 from creditworker.http.console.pages import HERE, Pages, Refused, redirect
 from creditworker.http.console.probes import AuditResult
-from creditworker.http.console.routes import accounts, actions, corrections, login, plans, system
+from creditworker.http.console.routes import (
+    accounts,
+    actions,
+    corrections,
+    login,
+    plans,
+    system,
+    webhooks,
+)
 from creditworker.http.responses import STATUS_BY_CODE
+from creditworker.notifications.webhooks.service import WebhookOptions, WebhookService
 from creditworker.records.dead_letters import DeadLetterStore
 from creditworker.settings import Settings
 from creditworker.worker.app import make_celery
@@ -51,7 +60,8 @@ def create_console(settings: Settings, credits: CreditService) -> FastAPI:
     app.add_exception_handler(Refused, _refused)
     app.add_exception_handler(CreditError, _engine_refused)
     app.add_exception_handler(HTTPException, _http_error)
-    for area in (login, accounts, actions, corrections, plans, system):
+    app.state.webhooks = WebhookService(credits.engine, WebhookOptions.from_settings(settings))
+    for area in (login, accounts, actions, corrections, plans, system, webhooks):
         app.include_router(area.router)
     return app
 
