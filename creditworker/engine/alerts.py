@@ -5,8 +5,8 @@ Pure, like `rules`: a posting says the account's totals after it and what it cha
 are serialised by its row lock, so each crossing is seen by exactly one transaction and
 fires once, however many deducts race (tests/engine/test_alerts.py runs them in threads on
 PostgreSQL). `credits.low` keeps its flag on the account (`rules.low_credit_crossing`);
-`credits.recovered` fires when that flag clears, that is when `available` is back at or
-above the low threshold. For an account with no threshold the same flag remembers a
+`credits.recovered` fires when that flag clears, that is when `available` is back above the
+low threshold. For an account with no threshold the same flag remembers a
 depletion, and clears (with `credits.recovered`) once `available` is above zero again: a
 new account's first grant recovers nothing.
 """

@@ -378,17 +378,18 @@ def refund(account: Account, drawn: list[tuple[Lot, int]], refunded: int, amount
 
 
 def low_credit_crossing(account: Account, default_threshold: int | None) -> int | None:
-    """The threshold `available` just crossed below (once per crossing), else None.
+    """The threshold `available` just reached or crossed going down (once per crossing:
+    it was above, it is now at or below), else None.
 
-    Being at or above the threshold re-arms it; the account's own threshold overrides the
-    service default, and a threshold of None or 0 is off.
+    Being above the threshold again re-arms it (and is `credits.recovered`); the account's
+    own threshold overrides the service default, and a threshold of None or 0 is off.
     """
     threshold = account.low_credit_threshold
     if threshold is None:
         threshold = default_threshold
     if threshold is None or threshold <= 0:
         return None
-    if account.available < threshold:
+    if account.available <= threshold:
         if not account.low_credit_alerted:
             account.low_credit_alerted = True
             return threshold

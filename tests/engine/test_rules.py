@@ -172,13 +172,16 @@ def test_expiry_takes_expired_lots_in_id_order_but_never_held_credits() -> None:
     assert (holder.balance, remaining(holder)) == (20, {1: 5, 2: 10, 3: 5})
 
 
-def test_low_credit_fires_once_per_crossing_and_rearms_at_the_threshold() -> None:
+def test_low_credit_fires_once_per_crossing_at_or_below_and_rearms_above_the_threshold() -> None:
     holder = account(balance=30, threshold=10)
     assert rules.low_credit_crossing(holder, None) is None
-    holder.balance = 5
+    holder.balance = 10  # at the threshold: low
     assert rules.low_credit_crossing(holder, None) == 10
-    assert rules.low_credit_crossing(holder, None) is None
+    holder.balance = 5
+    assert rules.low_credit_crossing(holder, None) is None  # still low: no second alert
     holder.balance = 10
+    assert rules.low_credit_crossing(holder, None) is None and holder.low_credit_alerted
+    holder.balance = 11  # above: re-armed (and recovered)
     assert rules.low_credit_crossing(holder, None) is None and not holder.low_credit_alerted
     holder.balance = 4
     assert rules.low_credit_crossing(holder, None) == 10
