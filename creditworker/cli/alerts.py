@@ -21,7 +21,7 @@ def alerts_threshold(
     percent: Annotated[int | None, typer.Option(min=1, max=100, help="A percentage of the last grant.")] = None,
     default: Annotated[bool, typer.Option("--default", help="Back to the service default.")] = False,
 ) -> None:
-    """Set the low-credit threshold: `credits.low` below it, `credits.recovered` back at it."""
+    """Set the low-credit threshold: `credits.low` at or below it, `credits.recovered` back above."""
     from creditworker.contract.errors import ValidationFailed
     from creditworker.engine.thresholds import set_low_threshold_percent
 

@@ -102,3 +102,17 @@ def test_ledger_pages_filters_and_csv_export(console: tuple[TestClient, CreditSe
     rows = list(csv.DictReader(io.StringIO(export.text)))
     assert len(rows) == 41 and {row["created_at"][:10] for row in rows} == {yesterday}
     assert rows[1]["description"] == "'=cmd|calc"  # never a formula in a spreadsheet
+
+
+def test_the_low_threshold_can_be_a_percentage_of_the_last_grant(
+    console: tuple[TestClient, CreditService],
+) -> None:
+    http, credits = console
+    page = "/console/account?user_id=vera"
+    credits.add_credits("vera", 200)
+    assert form_post(http, page, "/actions/threshold", percent="10", reason="pilot") == 303
+    assert 'id="threshold">20' in http.get(page).text.replace("\n", "")
+    credits.add_credits("vera", 50)  # the rule follows the last grant
+    assert 'id="threshold">5<' in http.get(page).text.replace("\n", "")
+    assert form_post(http, page, "/actions/threshold", percent="101", reason="too much") == 422
+    assert form_post(http, page, "/actions/threshold", threshold="5", percent="10", reason="both") == 422

@@ -66,3 +66,4 @@ def test_bad_corrections_are_refused_and_change_nothing(console: tuple[TestClien
     assert credits.get_user_credits_info("vera").total == 70
     assert [entry.kind for entry in credits.get_history("vera")] == ["deduct", "add"]
     assert http.get(PAGE).status_code == 200
+

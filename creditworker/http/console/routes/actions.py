@@ -8,6 +8,7 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
+from creditworker.engine.thresholds import set_low_threshold_percent
 from creditworker.http.console import forms
 from creditworker.http.console.deps import ConsoleDep
 from creditworker.http.console.pages import Refused, redirect
@@ -77,9 +78,16 @@ async def threshold(request: Request, console: ConsoleDep) -> Response:
     fields = await forms.posted_form(request)
     user_id, reason = forms.text(fields, "user_id"), forms.reason(fields)
     value = forms.optional_integer(fields, "threshold")
+    percent = forms.optional_integer(fields, "percent")
+    if value is not None and percent is not None:
+        raise Refused(422, "give a threshold in credits or a percentage of the last grant, not both")
     # Setting a value is idempotent by nature: a second submit sets the same value.
-    await run_in_threadpool(console.credits.set_low_credit_threshold, user_id, value)
-    log_action(request, f"threshold {value}", user_id, reason)
+    if percent is not None:
+        await run_in_threadpool(set_low_threshold_percent, console.credits, user_id, percent)
+        log_action(request, f"threshold {percent}% of the last grant", user_id, reason)
+    else:
+        await run_in_threadpool(console.credits.set_low_credit_threshold, user_id, value)
+        log_action(request, f"threshold {value}", user_id, reason)
     return redirect(request, "/account", user_id=user_id, done="threshold")
 
 
