@@ -4,8 +4,10 @@ for development and tests).
 
 A webhook URL is chosen by whoever registers it, and the worker posts to it from inside the
 network: without this check it could reach the database, a cloud metadata service
-(169.254.169.254) or an admin port on loopback. Checked at registration and again before
-each batch of sends (a name can be re-pointed after it was registered).
+(169.254.169.254) or an admin port on loopback. Checked at registration, again before each
+batch of sends (a name can be re-pointed after it was registered), and at every connection:
+`public_addresses` is what the sender connects to (sending.py), so a name that resolves to a
+public address for the check and to a private one a moment later (DNS rebinding) is refused.
 """
 
 from __future__ import annotations
@@ -49,10 +51,16 @@ def checked_url(url: str, *, allow_private: bool) -> str:
 def check_host(host: str, port: int) -> None:
     """Raise `InvalidWebhookUrl` if `host` does not resolve, or resolves to any address
     that is not public."""
+    public_addresses(host, port)
+
+
+def public_addresses(host: str, port: int) -> list[str]:
+    """The addresses `host` resolves to, all public, or `InvalidWebhookUrl`."""
     try:
         found = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
     except (OSError, UnicodeError, ValueError) as exc:
         raise InvalidWebhookUrl(f"the host {host!r} does not resolve: {exc}", host=host) from None
+    addresses = []
     for *_rest, sockaddr in found:
         address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
         if not address.is_global or address.is_multicast:
@@ -60,3 +68,5 @@ def check_host(host: str, port: int) -> None:
                 f"the host {host!r} resolves to {address}, a loopback, link-local or private address;"
                 " set CREDITWORKER_WEBHOOKS_ALLOW_PRIVATE=1 to allow it (development and tests only)",
                 host=host, address=str(address))
+        addresses.append(str(address))
+    return addresses

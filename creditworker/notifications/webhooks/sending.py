@@ -1,7 +1,8 @@
 """One HTTP POST to a receiver, bounded in every direction.
 
 Short timeouts (a slow receiver never holds a sender for long), no redirects followed (a
-redirect could lead to an address the URL check refused), and the response body read up to
+redirect could lead to an address the URL check refused), a connection only to an address
+checked as it is made (unless private addresses are allowed), and the response body read up to
 `MAX_RESPONSE_BYTES` (a receiver that sends a huge body costs nothing). Any outcome, garbage
 included, comes back as a `Response`, never as an exception.
 """
@@ -10,8 +11,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
+import httpcore
 import httpx
+
+from creditworker.contract.errors import InvalidWebhookUrl
+from creditworker.notifications.webhooks.addresses import public_addresses
 
 MAX_RESPONSE_BYTES = 4096
 
@@ -25,13 +31,49 @@ class Response:
     duration_ms: int
 
 
-def client(timeout_seconds: float) -> httpx.Client:
+LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+
+
+class _PublicOnly(httpcore.NetworkBackend):
+    """Connects to the address it resolved and checked itself, never to what the name
+    resolves to a moment later: the Host header and TLS's server name stay the URL's."""
+
+    def __init__(self) -> None:
+        self.backend = httpcore.SyncBackend()
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                    local_address: str | None = None, socket_options: Any = None) -> httpcore.NetworkStream:
+        try:
+            address = public_addresses(host, port)[0]
+        except InvalidWebhookUrl as exc:
+            raise httpcore.ConnectError(exc.message) from None
+        return self.backend.connect_tcp(address, port, timeout=timeout, local_address=local_address,
+                                        socket_options=socket_options)
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Any = None) -> httpcore.NetworkStream:
+        raise httpcore.ConnectError("a webhook never goes to a unix socket")
+
+    def sleep(self, seconds: float) -> None:
+        self.backend.sleep(seconds)
+
+
+def client(timeout_seconds: float, *, allow_private: bool = False) -> httpx.Client:
     """A client for many sends: keep-alive connections, no redirects, no proxies from the
-    environment (a delivery goes where its URL says)."""
+    environment (a delivery goes where its URL says), and unless `allow_private`, each new
+    connection made to a public address checked as it is made."""
+    transport = httpx.HTTPTransport(limits=LIMITS, trust_env=False)
+    if not allow_private:
+        # httpx does not take a network backend; its pool is rebuilt here with one
+        # (tests/notifications/test_webhooks_pinning.py fails if httpx stops using it).
+        transport._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=LIMITS.max_connections, max_keepalive_connections=LIMITS.max_keepalive_connections,
+            keepalive_expiry=LIMITS.keepalive_expiry, network_backend=_PublicOnly(),
+        )
     return httpx.Client(
         timeout=httpx.Timeout(timeout_seconds, connect=min(timeout_seconds, 3.0)),
-        follow_redirects=False, trust_env=False,
-        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+        follow_redirects=False, trust_env=False, transport=transport,
         headers={"user-agent": "creditworker-webhooks/1"},
     )
 

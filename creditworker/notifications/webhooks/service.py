@@ -197,7 +197,7 @@ class WebhookService:
     def deliver_due(self, *, max_rounds: int = 1000) -> DeliveryRound:
         """Send what is due, batch after batch, until nothing is due (or `max_rounds`)."""
         total = DeliveryRound()
-        with sending.client(self.options.timeout_seconds) as http, \
+        with sending.client(self.options.timeout_seconds, allow_private=self.options.allow_private) as http, \
                 ThreadPoolExecutor(max_workers=self.options.concurrency) as pool:
             for _round in range(max_rounds):
                 done = self._deliver_batch(http, pool)
