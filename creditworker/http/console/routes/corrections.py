@@ -8,11 +8,14 @@ form's token, so a form sent twice corrects once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
+from creditworker.contract.credits import LedgerEntry
 from creditworker.http.console import forms
 from creditworker.http.console.deps import ConsoleDep
 from creditworker.http.console.pages import Refused, redirect
@@ -23,30 +26,26 @@ router = APIRouter(prefix="/actions")
 
 @router.post("/void")
 async def void(request: Request, console: ConsoleDep) -> Response:
-    fields = await forms.posted_form(request)
-    reason = forms.reason(fields)
-    lot_id = forms.integer(fields, "lot_id")
-    amount = forms.optional_integer(fields, "amount")
-    entry = await run_in_threadpool(
-        console.credits.void_lot, lot_id, amount=amount, reason=reason,
-        idempotency_key=forms.idempotency_key(fields, "void"),
-    )
-    log_action(request, f"void lot {lot_id} ({'all' if amount is None else amount})", entry.user_id, reason)
-    return redirect(request, "/account", user_id=entry.user_id, done="void")
+    return await _take_back(request, console.credits.void_lot, "lot_id", "void")
 
 
 @router.post("/refund")
 async def refund(request: Request, console: ConsoleDep) -> Response:
+    return await _take_back(request, console.credits.refund_deduction, "entry_id", "refund")
+
+
+async def _take_back(request: Request, correction: Callable[..., LedgerEntry], id_field: str, done: str) -> Response:
+    """A void (of a lot) or a refund (of an entry): all of it, or `amount` of it."""
     fields = await forms.posted_form(request)
     reason = forms.reason(fields)
-    entry_id = forms.integer(fields, "entry_id")
+    target = forms.integer(fields, id_field)
     amount = forms.optional_integer(fields, "amount")
     entry = await run_in_threadpool(
-        console.credits.refund_deduction, entry_id, amount=amount, reason=reason,
-        idempotency_key=forms.idempotency_key(fields, "refund"),
+        correction, target, amount=amount, reason=reason, idempotency_key=forms.idempotency_key(fields, done),
     )
-    log_action(request, f"refund entry {entry_id} ({'all' if amount is None else amount})", entry.user_id, reason)
-    return redirect(request, "/account", user_id=entry.user_id, done="refund")
+    whole = "all" if amount is None else amount
+    log_action(request, f"{done} {id_field.removesuffix('_id')} {target} ({whole})", entry.user_id, reason)
+    return redirect(request, "/account", user_id=entry.user_id, done=done)
 
 
 @router.post("/expiry")
