@@ -28,4 +28,11 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'creditworker' has no attribute {name!r}")
-    return getattr(import_module(module), name)
+    try:
+        return getattr(import_module(module), name)
+    except ImportError as exc:
+        if module != "creditworker.engine.async_service":
+            raise
+        # SQLAlchemy's own message names its extra, which installs no driver (aiosqlite, asyncpg)
+        raise ImportError(f"{name} needs greenlet, aiosqlite and asyncpg: "
+                          "pip install 'creditworker[asyncio]'") from exc

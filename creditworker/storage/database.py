@@ -17,11 +17,16 @@ from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.dialects import mysql, postgresql, sqlite
-from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 
+from creditworker.storage.drivers import (
+    naming_the_driver,
+    require_asyncio_support,
+    resolve_database_url,
+)
 from creditworker.storage.tables import Base
 
 T = TypeVar("T")
@@ -34,9 +39,11 @@ MAX_TRANSACTION_ATTEMPTS = 8
 
 def make_engine(url: str, **engine_options: Any) -> Engine:
     """Create an engine tuned for short write transactions on one account at a time."""
-    parsed, options = _engine_options(make_url(url))
-    options.update(engine_options)
-    engine = create_engine(parsed, **options)
+    parsed = resolve_database_url(url)
+    with naming_the_driver(parsed):
+        parsed, options = _engine_options(parsed)
+        options.update(engine_options)
+        engine = create_engine(parsed, **options)
     _tune(engine, engine_options)
     return engine
 
@@ -53,7 +60,8 @@ def make_async_engine(url: str, **engine_options: Any) -> Any:
     runs over it unchanged (see engine/async_service.py)."""
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    parsed = make_url(url)
+    parsed = resolve_database_url(url)
+    require_asyncio_support(parsed)
     backend = parsed.get_backend_name()
     if parsed.get_driver_name() not in ("asyncpg", "aiosqlite", "aiomysql", "asyncmy"):
         if backend not in ASYNC_DRIVERS:
@@ -62,7 +70,8 @@ def make_async_engine(url: str, **engine_options: Any) -> Any:
     parsed, options = _engine_options(parsed, is_async=True)
     options.pop("future", None)
     options.update(engine_options)
-    engine = create_async_engine(parsed, **options)
+    with naming_the_driver(parsed):
+        engine = create_async_engine(parsed, **options)
     _tune(engine.sync_engine, engine_options)
     return engine
 
