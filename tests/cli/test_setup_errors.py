@@ -188,3 +188,13 @@ def test_the_async_service_without_greenlet_names_the_extra(tmp_path: Path) -> N
     done = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.stdout.strip().endswith("pip install 'creditworker[asyncio]'"), done.stderr
+
+
+@pytest.mark.parametrize("scheme", ["amqp://guest:s3cret@", "redis://:s3cret@"])
+def test_up_with_a_broker_that_is_down_says_what_to_check(tmp_path: Path, scheme: str) -> None:
+    port = services.free_port()
+    url = f"{scheme}127.0.0.1:{port}/"
+    line = one_error_line(run_with(tmp_path, {"CREDITWORKER_BROKER_URL": url}, "up"))
+    assert line.startswith("error: service_unavailable: cannot reach the broker ")
+    assert f"127.0.0.1:{port}" in line and "s3cret" not in line
+    assert "CREDITWORKER_BROKER_URL" in line
