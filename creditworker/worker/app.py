@@ -17,6 +17,7 @@ from functools import cache
 from typing import Any
 
 from celery import Celery
+from celery.signals import beat_init, worker_init
 
 from creditworker.contract.operations import RESERVE
 from creditworker.settings import (
@@ -104,6 +105,16 @@ def make_celery(settings: Settings | None = None) -> Celery:
     celery.steps["consumer"].add(UnackedHeartbeat)
     setattr(celery, ATTRIBUTE, settings)  # what tasks, delivery, gather and intake read
     return celery
+
+
+def _quiet_logs(**_signal: Any) -> None:
+    from creditworker.worker import quiet_logs
+
+    quiet_logs.install()
+
+
+worker_init.connect(_quiet_logs, weak=False)
+beat_init.connect(_quiet_logs, weak=False)
 
 
 @cache

@@ -160,6 +160,13 @@ class GuardedFilesystemChannel(_GuardedChannel, HoldingChannel):  # type: ignore
 class GuardedFilesystemTransport(filesystem.Transport):  # type: ignore[misc]
     Channel = GuardedFilesystemChannel
 
+    @property
+    def default_connection_params(self) -> dict[str, Any]:
+        """No default host: folders have none, and kombu warns "No hostname was supplied"
+        each time it copies a connection whose URL names none (`filesystem://`) when the
+        transport offers one."""
+        return {"port": self.default_port}
+
 
 TRANSPORTS = {
     "redis": "creditworker.worker.transport:GuardedRedisTransport",
