@@ -67,6 +67,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Every message is checked before Celery reads it; one it cannot read becomes a
         # dead letter instead of stopping the worker (creditworker/worker/intake.py).
         "worker_consumer": "creditworker.worker.intake:GuardedConsumer",
+        # Prefork, with a timeout thread that does not hold up the exit (worker/pool.py).
+        "worker_pool": "creditworker.worker.pool:TaskPool",
         # Monitoring costs broker messages and result writes per task, so each part is a
         # setting, off by default. Flower still lists every task with its state: it sends
         # `enable_events` to the workers, which then send task events until they restart.

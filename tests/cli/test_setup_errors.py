@@ -127,8 +127,8 @@ def test_up_on_a_missing_database_or_a_wrong_port_is_one_line(
 @pytest.mark.parametrize(("url", "expected"), [
     ("creditworker", "error: bad_database_url: 'creditworker' is not a database URL"),
     ("mongodb://127.0.0.1/x", "'mongodb' in mongodb://127.0.0.1/x is no database kind"),
-    ("postgresql+pg8000://u:pw@127.0.0.1/x", "driver pg8000 for postgresql+pg8000://u:***@"
-                                              "127.0.0.1/x is not installed: pip install pg8000"),
+    ("postgresql+pg8000://u:pw@127.0.0.1/x", ("driver pg8000 for postgresql+pg8000://u:***@"
+                                               "127.0.0.1/x is not installed: pip install pg8000")),
 ])
 def test_a_url_that_cannot_work_is_one_line_that_says_what_to_write(
     tmp_path: Path, command: list[str], url: str, expected: str
