@@ -35,7 +35,8 @@ from creditworker.cli.context import begin, current
 from creditworker.cli.schema import schema
 from creditworker.cli.setup_errors import DEBUG_VARIABLE, debugging, describe
 
-app = typer.Typer(help="Credit and subscription management.", no_args_is_help=True)
+app = typer.Typer(help="Credit and subscription management.", no_args_is_help=True,
+                  rich_markup_mode=None, add_completion=False)
 
 
 @app.callback()
@@ -56,14 +57,17 @@ def _global(
     begin(database_url)
 
 
-app.command()(schema)
-for top_level in (audit, credits, ledger, reports, running):
+# The order of `--help`: running the system first, then one account, then the rest.
+for top_level in (running, credits, audit, ledger, reports):
     app.add_typer(top_level.commands)
 app.add_typer(db.commands, name="db")
 app.add_typer(events.commands, name="events")
 app.add_typer(plans.commands, name="plans")
 app.add_typer(corrections.commands, name="correct")
 app.add_typer(dead_letters.commands, name="dead-letters")
+_last = typer.Typer()  # a command of the app itself would be listed before every group's
+_last.command()(schema)
+app.add_typer(_last)
 
 
 def main() -> None:

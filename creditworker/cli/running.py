@@ -50,7 +50,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
 ) -> None:
-    """Run the HTTP gateway (needs the http extra: pip install 'creditworker\\[http]')."""
+    """Run the HTTP gateway (needs the http extra: pip install 'creditworker[http]')."""
     try:
         from creditworker.http.serve import serve as run_gateway
     except ImportError as exc:
