@@ -20,7 +20,7 @@ from creditworker.contract.errors import UnknownSubscription, UnknownUser, Valid
 from creditworker.http.console import queries
 from creditworker.http.console.chart import SERIES, daily_chart
 from creditworker.http.console.deps import Console, ConsoleDep
-from creditworker.http.console.forms import ledger_filter
+from creditworker.http.console.forms import ledger_filter, search
 from creditworker.http.console.pages import DONE, Refused
 
 router = APIRouter()
@@ -32,7 +32,7 @@ CSV_COLUMNS = ["id", "created_at", "kind", "amount", "held", "balance_after", "r
 
 @router.get("/")
 async def accounts(request: Request, console: ConsoleDep, q: str = "") -> Response:
-    prefix = q.strip()
+    prefix = search(q)
     if prefix:
         found = await run_in_threadpool(queries.search_accounts, console.engine, prefix)
     else:
