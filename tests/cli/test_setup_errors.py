@@ -198,3 +198,21 @@ def test_up_with_a_broker_that_is_down_says_what_to_check(tmp_path: Path, scheme
     assert line.startswith("error: service_unavailable: cannot reach the broker ")
     assert f"127.0.0.1:{port}" in line and "s3cret" not in line
     assert "CREDITWORKER_BROKER_URL" in line
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("creditworker", "'creditworker' is not a database URL"),
+    ("postgresql+pg8000://postgres@127.0.0.1/x", "pip install pg8000"),
+])
+def test_a_worker_with_a_database_url_that_cannot_work_exits_with_one_line(
+    tmp_path: Path, url: str, expected: str
+) -> None:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CREDITWORKER_")}
+    env.update(CREDITWORKER_DATABASE_URL=url, C_FORCE_ROOT="1")
+    done = subprocess.run([sys.executable, "-m", "celery", "-A", "creditworker", "worker",
+                           "--concurrency=1"], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    ours = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and expected in ours[0]
+    assert "Traceback" not in done.stdout + done.stderr
