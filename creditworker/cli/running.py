@@ -57,4 +57,13 @@ def serve(
         print(f"error: the HTTP gateway needs the http extra ({exc.name} is missing)",
               file=sys.stderr)
         raise typer.Exit(2) from None
+    from creditworker.cli.context import current
+    from creditworker.contract.errors import DatabaseNotReady
+    from creditworker.worker.startup import database_problem
+
+    problem, fatal = database_problem(current().database_url)
+    if fatal:
+        raise DatabaseNotReady(str(problem))  # one line (setup_errors.py)
+    if problem is not None:  # reads answer 503 until it does; writes go to the workers
+        print(f"creditworker serve: warning: {problem}", file=sys.stderr, flush=True)
     run_gateway(host, port)

@@ -108,6 +108,13 @@ def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+def test_serve_on_a_missing_database_is_one_line(tmp_path: Path, postgres_server_url: str) -> None:
+    missing = make_url(postgres_server_url).set(database="cw_never_created")
+    env = {"CREDITWORKER_DATABASE_URL": missing.render_as_string(hide_password=False)}
+    line = one_error_line(run_with(tmp_path, env, "serve", "--port", str(services.free_port())))
+    assert "PostgreSQL database 'cw_never_created' does not exist" in line
+
+
 @pytest.mark.parametrize("command", [["up"], ["balance", "alice"], ["db", "upgrade"]])
 def test_up_on_a_missing_database_or_a_wrong_port_is_one_line(
     tmp_path: Path, postgres_server_url: str, command: list[str]
