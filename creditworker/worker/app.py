@@ -117,16 +117,6 @@ def _quiet_logs(**_signal: Any) -> None:
 
 worker_init.connect(_quiet_logs, weak=False)
 
-
-def _check_database(sender: Any = None, **_signal: Any) -> None:
-    from creditworker.worker.configured import settings_of
-    from creditworker.worker.startup import check_database
-
-    app = getattr(sender, "app", None)
-    check_database(settings_of(app) if app is not None else get_settings())
-
-
-worker_init.connect(_check_database, weak=False)
 beat_init.connect(_quiet_logs, weak=False)
 
 

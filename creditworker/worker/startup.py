@@ -13,12 +13,26 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
+
+from celery.signals import worker_init
 
 from creditworker.settings import Settings
 
 logger = logging.getLogger(__name__)
 NEVER_WORKS = ("does not exist on",)
 """What a `DatabaseNotReady` message says when only a person can fix it (create the database)."""
+
+
+@worker_init.connect(weak=False)
+def _check_at_worker_init(sender: Any = None, **_signal: Any) -> None:
+    """Connected when the worker imports its tasks (tasks.py imports this module); the
+    producers, which build the same app, never load the storage stack."""
+    from creditworker.worker.configured import settings_of
+
+    app = getattr(sender, "app", None)
+    if app is not None and getattr(app, "main", None) == "creditworker":
+        check_database(settings_of(app))
 
 
 def check_database(settings: Settings) -> None:

@@ -34,7 +34,7 @@ from creditworker.contract.operations import (
 from creditworker.engine import CreditService, SubscriptionService
 from creditworker.engine.handlers import Services, dispatch
 from creditworker.storage.database import is_transient
-from creditworker.worker import delivery
+from creditworker.worker import delivery, startup  # noqa: F401 (startup: its worker_init check)
 from creditworker.worker.configured import settings_of
 from creditworker.worker.gather import GatheredTask
 
