@@ -58,6 +58,16 @@ class Settings(BaseSettings):
     """Bearer keys the HTTP gateway accepts, comma-separated (see the README's gateway section)."""
     http_max_body_bytes: int = Field(default=1024 * 1024, ge=1)
     """The largest request body the HTTP gateway reads; a larger one is refused with 413."""
+    celery_tasks_allowed: str = ""
+    """Celery's built-in tasks (`celery.map`, `celery.chord_unlock`, ...) the workers run,
+    comma-separated; by default none: a message for one is a dead letter, since whoever can
+    write to the broker could otherwise make the workers run them. `celery.backend_cleanup`
+    runs where beat schedules it itself (the embedded result backend, which cannot expire
+    results on its own)."""
+    broker_connect_timeout_seconds: float = Field(default=2.0, gt=0, le=300)
+    """How long a producer (the Python clients, the HTTP gateway) tries to reach the broker or
+    the result backend before it reports it unreachable (`service_unavailable`, naming the
+    URL). Workers keep retrying their broker for as long as it takes."""
     gather_max: int = Field(default=100, ge=1, le=1000)
     """Single operations a worker gathers into one transaction at most; 1 turns gathering off."""
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)

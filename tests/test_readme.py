@@ -1,4 +1,6 @@
-"""Every example in README.md runs as written, in order, in one fresh directory.
+"""Every example in README.md, then in each page of docs/, runs as written, in order, in one
+fresh directory (the README's background processes still running, as for a reader who goes
+on to the docs).
 
 A fenced `bash` or `python` block is an example. An HTML comment on the line before it says
 how to run it: `<!-- readme: background wait-for="ready" -->` (a command that keeps running:
@@ -31,7 +33,14 @@ from tests.e2e.conftest import redis_db
 
 pytestmark = pytest.mark.e2e
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOC_PAGES = [ROOT / "docs" / f"{name}.md" for name in (
+    "worker", "http", "console", "subscriptions", "notifications", "engine", "cli",
+    "reliability", "security", "architecture", "benchmarks")]
+"""The docs in the order a reader meets them from the README; every page is listed
+(test_every_docs_page_is_run_by_the_runner)."""
+NODE_PRODUCER = "node producers/node/"
 BLOCK = re.compile(r"(?:<!-- readme: (?P<directive>[^\n]*?) -->\n)?```(?P<lang>bash|python)\n(?P<code>.*?)```", re.DOTALL)
 PIP_INSTALL = re.compile(r"^pip install [^&\n]*(?:&& )?", re.MULTILINE)
 README_POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/credits"
@@ -47,13 +56,15 @@ class Example:
     line: int
     options: dict[str, str] = field(default_factory=dict)
 
+    page: Path = README
+
     @property
     def name(self) -> str:
-        return f"README.md line {self.line}"
+        return f"{self.page.relative_to(ROOT)} line {self.line}"
 
 
-def examples() -> list[Example]:
-    source = README.read_text()
+def examples(page: Path = README) -> list[Example]:
+    source = page.read_text()
     found = []
     for match in BLOCK.finditer(source):
         options: dict[str, str] = {}
@@ -61,16 +72,23 @@ def examples() -> list[Example]:
             key, _, value = word.partition("=")
             options[key] = value
         line = source.count("\n", 0, match.start("code"))
-        found.append(Example(match.group("lang"), match.group("code"), line, options))
+        found.append(Example(match.group("lang"), match.group("code"), line, options, page))
     return found
+
+
+def all_examples() -> list[Example]:
+    return [example for page in [README, *DOC_PAGES] for example in examples(page)]
 
 
 def test_the_readme_has_examples_and_only_known_directives() -> None:
     known = {"background", "wait-for", "postgres-redis", "expect", "skip"}
-    found = examples()
-    assert len(found) >= 8
-    for example in found:
+    assert len(examples()) >= 8
+    for example in all_examples():
         assert set(example.options) <= known, example.name
+
+
+def test_every_docs_page_is_run_by_the_runner() -> None:
+    assert sorted(DOC_PAGES) == sorted((ROOT / "docs").glob("*.md"))
 
 
 @pytest.fixture
@@ -99,7 +117,7 @@ def test_every_readme_example_runs_as_written(
     }
     background: list[tuple[Example, subprocess.Popen[bytes], Path]] = []
     try:
-        for example in examples():
+        for example in all_examples():
             if "skip" in example.options:
                 continue
             started = time.monotonic()
@@ -110,17 +128,23 @@ def test_every_readme_example_runs_as_written(
                     code = code.replace(readme_text, test_text)
                 workdir = tmp_path / "postgres-redis"
                 workdir.mkdir(exist_ok=True)
+            code = code.replace(NODE_PRODUCER, f"node {ROOT / 'producers' / 'node'}/")
+            run_env = env
+            if "postgres-redis" in example.options and example.page != README:
+                # a docs page read after the README: the reader exported these for the workers
+                run_env = {**env, "CREDITWORKER_DATABASE_URL": readme_postgres,
+                           "CREDITWORKER_BROKER_URL": broker}
             argv = ["bash", "-euo", "pipefail", "-c", code] if example.lang == "bash" \
                 else [sys.executable, "-c", code]
             if "background" in example.options:
                 log = workdir / f"background-{example.line}.log"
-                process = subprocess.Popen(argv, cwd=workdir, env=env, stdout=open(log, "wb"),  # noqa: SIM115 - the log
+                process = subprocess.Popen(argv, cwd=workdir, env=run_env, stdout=open(log, "wb"),  # noqa: SIM115 - the log
                                            stderr=subprocess.STDOUT, start_new_session=True)
                 background.append((example, process, log))
                 _await(example, process, log, example.options.get("wait-for"))
                 print(f"{example.name}: ready in {time.monotonic() - started:.1f} s")
                 continue
-            done = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=120, check=False)
+            done = subprocess.run(argv, cwd=workdir, env=run_env, capture_output=True, text=True, timeout=120, check=False)
             output = done.stdout + done.stderr
             assert done.returncode == 0, f"{example.name} exited {done.returncode}:\n{output[-3000:]}"
             assert example.options.get("expect", "") in output, f"{example.name} printed:\n{output[-3000:]}"

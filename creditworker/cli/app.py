@@ -13,6 +13,8 @@ of its group, registered here. No module imported here imports SQLAlchemy, so `-
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Annotated
 
 import typer
@@ -31,10 +33,12 @@ from creditworker.cli import (
     running,
     webhooks,
 )
-from creditworker.cli.context import begin
+from creditworker.cli.context import begin, current
 from creditworker.cli.schema import schema
+from creditworker.cli.setup_errors import DEBUG_VARIABLE, debugging, describe
 
-app = typer.Typer(help="Credit and subscription management.", no_args_is_help=True)
+app = typer.Typer(help="Credit and subscription management.", no_args_is_help=True,
+                  rich_markup_mode=None, add_completion=False)
 
 
 @app.callback()
@@ -44,12 +48,19 @@ def _global(
         typer.Option("--database-url", envvar="CREDITWORKER_DATABASE_URL",
                      help="SQLAlchemy database URL."),
     ] = None,
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", envvar="CREDITWORKER_DEBUG",
+                     help="Show the traceback of a failure, not just its one-line message."),
+    ] = False,
 ) -> None:
+    if debug:
+        os.environ[DEBUG_VARIABLE] = "1"  # the children of `up` and `serve` see it too
     begin(database_url)
 
 
-app.command()(schema)
-for top_level in (audit, credits, ledger, reports, running):
+# The order of `--help`: running the system first, then one account, then the rest.
+for top_level in (running, credits, audit, ledger, reports):
     app.add_typer(top_level.commands)
 app.add_typer(db.commands, name="db")
 app.add_typer(events.commands, name="events")
@@ -58,10 +69,28 @@ app.add_typer(corrections.commands, name="correct")
 app.add_typer(dead_letters.commands, name="dead-letters")
 app.add_typer(webhooks.commands, name="webhooks")
 app.add_typer(alerts.commands, name="alerts")
+_last = typer.Typer()  # a command of the app itself would be listed before every group's
+_last.command()(schema)
+app.add_typer(_last)
 
 
 def main() -> None:
-    app()
+    """The `creditworker` command: a setup failure is one line (setup_errors.py)."""
+    try:
+        app()
+    except Exception as exc:
+        line = None if debugging() else describe(exc, _database_url())
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _database_url() -> str | None:
+    try:
+        return current().database_url
+    except Exception:  # noqa: BLE001 (the settings themselves failed to validate)
+        return None
 
 
 if __name__ == "__main__":

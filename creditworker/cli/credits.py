@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import sys
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
@@ -11,6 +12,7 @@ from rich.table import Table
 from creditworker.cli.operations import parse_amount, run, runs
 from creditworker.cli.output import JsonOption, KeyOption, console, print_json, table
 from creditworker.cli.reports import DATES
+from creditworker.contract.errors import CreditError
 from creditworker.contract.operations import ADD, BALANCE, DEDUCT, HISTORY
 
 commands = typer.Typer()
@@ -71,10 +73,34 @@ def history(
         console.print(entry_table(entries, f"history of {user_id}"))
 
 
+def _amount(value: str) -> int:
+    try:
+        return parse_amount(value)
+    except CreditError as exc:  # as `reports_errors` says it: the command has not started
+        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+        raise typer.Exit(2) from None
+
+
+AmountArgument = Annotated[
+    int, typer.Argument(parser=_amount, show_default=False, help="Credits, a whole number.")
+]
+"""Parsed by `parse_amount`, not click, so that `-5` and `1.5` get the engine's own error."""
+
+
+def applied_title(entry: Any, started: datetime, fresh: str) -> str:
+    """The table's title: what happened, or that an earlier run with the same key already
+    did it (the engine replays the first result and changes nothing)."""
+    if entry.created_at < started:
+        when = entry.created_at.isoformat(timespec="seconds")
+        return (f"already applied at {when} (key {entry.idempotency_key}): nothing new; "
+                f"the first result was: {fresh}")
+    return fresh
+
+
 @runs(ADD, commands, left_out=NOT_ON_THE_COMMAND_LINE, negative_numbers=True)
 def add(
     user_id: str,
-    amount: str,
+    amount: AmountArgument,
     expires_at: Annotated[
         datetime | None, typer.Option(help="ISO time the lot expires (UTC if no zone).")
     ] = None,
@@ -87,24 +113,30 @@ def add(
     as_json: JsonOption = False,
 ) -> None:
     """Grant credits to a user."""
-    entry = run(ADD, locals(), amount=parse_amount(amount))
+    given = dict(locals())
+    started = datetime.now(UTC)
+    entry = run(ADD, given)
     if as_json:
         print_json(entry)
     else:
-        console.print(entry_table([entry], f"added {entry.amount} to {user_id}"))
+        title = applied_title(entry, started, f"added {entry.amount} to {user_id}")
+        console.print(entry_table([entry], title))
 
 
 @runs(DEDUCT, commands, left_out=NOT_ON_THE_COMMAND_LINE, negative_numbers=True)
 def deduct(
     user_id: str,
-    amount: str,
+    amount: AmountArgument,
     description: Annotated[str | None, typer.Option()] = None,
     idempotency_key: KeyOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Consume credits now."""
-    entry = run(DEDUCT, locals(), amount=parse_amount(amount))
+    given = dict(locals())
+    started = datetime.now(UTC)
+    entry = run(DEDUCT, given)
     if as_json:
         print_json(entry)
     else:
-        console.print(entry_table([entry], f"deducted {-entry.amount} from {user_id}"))
+        title = applied_title(entry, started, f"deducted {-entry.amount} from {user_id}")
+        console.print(entry_table([entry], title))

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from creditworker.cli.context import current
 from creditworker.cli.operations import parse_amount, plan_ref, run, runs
-from creditworker.cli.output import JsonOption, KeyOption, console, print_json, table
+from creditworker.cli.output import JsonOption, KeyOption, console, money, print_json, table
 from creditworker.contract.operations import (
     ALLOCATE_DUE,
     ASSIGN_PLAN,
@@ -32,7 +32,7 @@ def plans_table(plans: list[Any], title: str) -> Table:
         shown.add_row(
             str(plan.id), plan.name, str(plan.credit_limit), plan.billing_period.value,
             f"{plan.validity_days} days" if plan.validity_days else "period",
-            f"{plan.price} {plan.currency}", "yes" if plan.active else "no",
+            money(plan.price, plan.currency), "yes" if plan.active else "no",
         )
     return shown
 

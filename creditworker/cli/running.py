@@ -50,11 +50,22 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
 ) -> None:
-    """Run the HTTP gateway (needs the http extra: pip install 'creditworker\\[http]')."""
+    """Run the HTTP gateway (needs the http extra: pip install 'creditworker[http]')."""
     try:
         from creditworker.http.serve import serve as run_gateway
     except ImportError as exc:
         print(f"error: the HTTP gateway needs the http extra ({exc.name} is missing)",
               file=sys.stderr)
         raise typer.Exit(2) from None
+    from creditworker.cli.context import current
+    from creditworker.contract.errors import DatabaseNotReady
+    from creditworker.storage.drivers import resolve_database_url
+    from creditworker.worker.startup import database_problem
+
+    resolve_database_url(current().database_url)  # no URL at all: the bad_database_url line
+    problem, fatal = database_problem(current().database_url)
+    if fatal:
+        raise DatabaseNotReady(str(problem))  # one line (setup_errors.py)
+    if problem is not None:  # reads answer 503 until it does; writes go to the workers
+        print(f"creditworker serve: warning: {problem}", file=sys.stderr, flush=True)
     run_gateway(host, port)

@@ -58,8 +58,11 @@ class Answers:
     whose replies go to a queue per thread) keep Celery's `get`.
     """
 
-    def __init__(self, app: Celery) -> None:
+    def __init__(self, app: Celery, subscribe_timeout: float = SUBSCRIBE_TIMEOUT) -> None:
         self.app = app
+        self.subscribe_timeout = subscribe_timeout
+        self.last_failure: Exception | None = None
+        """Why the last subscription failed (named when a call gives up waiting for one)."""
         backend = app.backend
         self.enabled = isinstance(backend, RedisBackend)
         self._lock = threading.Lock()
@@ -113,8 +116,13 @@ class Answers:
                         target=self._read, name="creditworker-answers", daemon=True
                     )
                     self._reader.start()
-        if not self._subscribed.wait(SUBSCRIBE_TIMEOUT):
-            raise RuntimeError("could not subscribe to task results in the Redis result backend")
+        if not self._subscribed.wait(self.subscribe_timeout):
+            from kombu.utils.url import maybe_sanitize_url
+
+            where = maybe_sanitize_url(self.app.conf.result_backend or "")
+            why = f" ({self.last_failure})" if self.last_failure else ""
+            raise RuntimeError(f"cannot reach the Redis result backend {where} within "
+                               f"{self.subscribe_timeout:g} s{why}")
 
     def _read(self) -> None:
         backend = self.app.backend
@@ -135,6 +143,7 @@ class Answers:
                     elif message["type"] == "pmessage":
                         self._deliver(message["channel"][skip:].decode(), message["data"])
                     elif message["type"] == "psubscribe":
+                        self.last_failure = None
                         self._subscribed.set()
                     if resync.is_set():
                         resync.clear()
@@ -142,6 +151,7 @@ class Answers:
             except Exception as exc:  # noqa: BLE001 (subscribe again below; every waiting call is re-read)
                 log = logger.warning if failures == 0 else logger.debug  # once per outage
                 log("reading task results failed (%r); subscribing again", exc)
+                self.last_failure = exc
                 resync.set()
                 failures += 1
                 time.sleep(min(5.0, 0.25 * 2**failures))

@@ -23,6 +23,7 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
+from kombu.utils.url import maybe_sanitize_url
 from pydantic import BaseModel
 
 from creditworker.client.answers import Answers
@@ -75,19 +76,36 @@ TASKS: dict[type[BaseModel], str] = {
 """The task that serves each request model, from the registry (contract/operations.py)."""
 
 
+def fail_fast(app: Celery, timeout: float) -> None:
+    """A producer's app gives up on an unreachable broker within `timeout` seconds.
+
+    kombu's defaults retry a refused connection for several seconds on each of Celery's
+    publish retries, and the caller (often a web request) waits for all of them. A worker's
+    app keeps the defaults: it should wait for its broker to come back."""
+    options = dict(app.conf.broker_transport_options or {})
+    options.update(max_retries=100, interval_start=0, interval_step=0.2, interval_max=0.5,
+                   connect_retries_timeout=timeout)
+    app.conf.broker_transport_options = options
+    app.conf.broker_connection_timeout = timeout
+    app.conf.task_publish_retry_policy = {
+        "max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+
+
 class CreditClient:
     """Sends credit operations to the workers through the configured broker."""
 
     def __init__(self, settings: Settings | None = None, *, app: Celery | None = None) -> None:
+        settings = settings or get_settings()
         if app is None:
             from creditworker.worker.app import make_celery
 
-            app = make_celery(settings or get_settings())
+            app = make_celery(settings)
+            fail_fast(app, settings.broker_connect_timeout_seconds)
         self.app = app
         # Create the result backend now: a shared (Redis) one would otherwise be created
         # by every thread whose first call races the others. It connects only when used.
         app.backend  # noqa: B018 (the property creates it)
-        self._answers = Answers(app)
+        self._answers = Answers(app, subscribe_timeout=settings.broker_connect_timeout_seconds)
 
     def _call(self, model: type[BaseModel], arguments: dict[str, Any]) -> TaskHandle[Any]:
         """A typed method's arguments (its `locals()`) validated into `model` and sent."""
@@ -109,7 +127,9 @@ class CreditClient:
             try:
                 return self.app.send_task(name, kwargs=kwargs, task_id=task_id)
             except OperationalError as exc:
-                raise ServiceUnavailable(f"the broker did not accept the task: {exc}") from exc
+                raise ServiceUnavailable(
+                    f"cannot reach the broker {maybe_sanitize_url(self.app.conf.broker_url)} ({exc}): "
+                    "check that it runs there, or set CREDITWORKER_BROKER_URL") from exc
             except RuntimeError as exc:  # Celery gave up reconnecting to the result backend
                 raise ServiceUnavailable(f"the result backend is unreachable: {exc}") from exc
 

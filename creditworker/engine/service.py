@@ -22,6 +22,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session
 
 from creditworker.contract.credits import (
+    MAX_METADATA_DEPTH,
     MAX_USER_ID_LENGTH,
     AddCredits,
     BatchOutcome,
@@ -46,6 +47,7 @@ from creditworker.contract.credits import (
     ReserveCredits,
     UsagePeriod,
     VoidLot,
+    nesting_depth,
     parse,
     parse_batch_item,
 )
@@ -899,8 +901,12 @@ def _key_conflict(key: str, operation: str) -> IdempotencyConflict:
 
 
 def _jsonable(request: dict[str, Any]) -> dict[str, Any]:
+    """A refused request as the ledger records it; a value nested too deep to encode is
+    recorded as a note (it was refused for that)."""
     return {
-        key: value.isoformat() if isinstance(value, datetime) else value
+        key: value.isoformat() if isinstance(value, datetime)
+        else f"(nested deeper than {MAX_METADATA_DEPTH}: not recorded)"
+        if nesting_depth(value) > MAX_METADATA_DEPTH else value
         for key, value in request.items()
     }
 

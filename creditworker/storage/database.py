@@ -17,11 +17,15 @@ from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.dialects import mysql, postgresql, sqlite
-from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import QueuePool
 
+from creditworker.storage.drivers import (
+    naming_the_driver,
+    resolve_database_url,
+)
 from creditworker.storage.tables import Base
 
 T = TypeVar("T")
@@ -34,9 +38,11 @@ MAX_TRANSACTION_ATTEMPTS = 8
 
 def make_engine(url: str, **engine_options: Any) -> Engine:
     """Create an engine tuned for short write transactions on one account at a time."""
-    parsed, options = _engine_options(make_url(url))
-    options.update(engine_options)
-    engine = create_engine(parsed, **options)
+    parsed = resolve_database_url(url)
+    with naming_the_driver(parsed):
+        parsed, options = _engine_options(parsed)
+        options.update(engine_options)
+        engine = create_engine(parsed, **options)
     _tune(engine, engine_options)
     return engine
 

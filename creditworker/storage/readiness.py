@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import DBAPIError
 
 from creditworker.contract.errors import DatabaseNotReady
 from creditworker.storage.database import make_engine
+from creditworker.storage.drivers import resolve_database_url
 from creditworker.storage.migrate import current_revision, head_revision
 
 UPGRADE = "run `creditworker db upgrade` (or `creditworker up`, which does it)"
@@ -22,7 +23,7 @@ UPGRADE = "run `creditworker db upgrade` (or `creditworker up`, which does it)"
 
 def ready_engine(url: str) -> Engine:
     """An engine on `url`, whose schema is at the newest migration."""
-    parsed = make_url(url)
+    parsed = resolve_database_url(url)
     shown = parsed.render_as_string(hide_password=True)
     on_disk = parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
     if on_disk and not Path(str(parsed.database)).exists():

@@ -17,7 +17,7 @@ from functools import cache
 from typing import Any
 
 from celery import Celery
-from celery.signals import celeryd_init
+from celery.signals import beat_init, celeryd_init, worker_init
 
 from creditworker.contract.operations import RESERVE
 from creditworker.metrics.exposition import prepare_worker_metrics
@@ -68,6 +68,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Every message is checked before Celery reads it; one it cannot read becomes a
         # dead letter instead of stopping the worker (creditworker/worker/intake.py).
         "worker_consumer": "creditworker.worker.intake:GuardedConsumer",
+        # Prefork, with a timeout thread that does not hold up the exit (worker/pool.py).
+        "worker_pool": "creditworker.worker.pool:TaskPool",
         # Monitoring costs broker messages and result writes per task, so each part is a
         # setting, off by default. Flower still lists every task with its state: it sends
         # `enable_events` to the workers, which then send task events until they restart.
@@ -119,6 +121,17 @@ def _metrics_directory(sender: Any = None, instance: Any = None, **_kwargs: Any)
 
 
 celeryd_init.connect(_metrics_directory, weak=False, dispatch_uid="creditworker.metrics.directory")
+
+
+def _quiet_logs(**_signal: Any) -> None:
+    from creditworker.worker import quiet_logs
+
+    quiet_logs.install()
+
+
+worker_init.connect(_quiet_logs, weak=False)
+
+beat_init.connect(_quiet_logs, weak=False)
 
 
 @cache

@@ -41,6 +41,22 @@ OPTIONAL_TEXT_HEADERS = ("root_id", "parent_id", "group", "argsrepr", "kwargsrep
 EMBED_KEYS = ("callbacks", "errbacks", "chain", "chord")
 
 
+CELERY_BUILTIN_PREFIX = "celery."
+
+
+def runnable_tasks(app: Any, registered: Container[str] | Any) -> frozenset[str]:
+    """The registered tasks the worker runs: the project's own, and those of Celery's
+    built-ins (`celery.*`: map, starmap, chunks, chord_unlock, backend_cleanup, ...) that the
+    settings allow. Beat schedules `celery.backend_cleanup` itself where the result backend
+    cannot expire results (the embedded one): that one is allowed there."""
+    settings = settings_of(app)
+    allowed = {name.strip() for name in settings.celery_tasks_allowed.split(",") if name.strip()}
+    if not app.backend.supports_autoexpire:
+        allowed.add("celery.backend_cleanup")
+    return frozenset(name for name in registered
+                     if not name.startswith(CELERY_BUILTIN_PREFIX) or name in allowed)
+
+
 def malformation(message: Any, tasks: Container[str], max_bytes: int) -> str | None:
     """Why `message` is not a well-formed protocol-2 task message for one of `tasks`,
     or None when it is."""
@@ -56,6 +72,9 @@ def malformation(message: Any, tasks: Container[str], max_bytes: int) -> str | N
     if not isinstance(task_id, str) or not task_id:
         return "no task id header, or one that is not a string"
     if task not in tasks:
+        if task.startswith(CELERY_BUILTIN_PREFIX):
+            return (f"Celery's built-in task {task[:200]!r} is not run here "
+                    "(CREDITWORKER_CELERY_TASKS_ALLOWED enables one)")
         return f"unknown task {task[:200]!r}"
     size = len(message.body or b"")
     if size > max_bytes:
@@ -128,9 +147,10 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         handle = super().create_task_handler(*args, **kwargs)
         max_bytes = settings_of(self.app).max_message_bytes
         connection_errors = tuple(self.connection_errors or ())
+        runnable = runnable_tasks(self.app, self.strategies)
 
         def on_task_received(message: Any) -> Any:
-            problem = malformation(message, self.strategies, max_bytes)
+            problem = malformation(message, runnable, max_bytes)
             if problem is not None:
                 return self.dead_letter(message, problem)
             try:

@@ -50,6 +50,8 @@ STARTUP_SECONDS = 30.0
 FLOWER_USER = "admin"
 """The user of the password `up --flower` generates when no FLOWER_BASIC_AUTH is given."""
 
+_BROKER_LOST = "Cannot connect to "
+"""What Celery logs each time it retries a broker it cannot reach."""
 _PR_SET_PDEATHSIG = 1
 _LONGEST_LINE = 65536
 _LOGGED_ERROR = re.compile(
@@ -157,6 +159,7 @@ class Child:
         os.set_blocking(self.output.fileno(), False)
         self.started_at = time.monotonic()
         self.last_error = LastError()
+        self.told_broker_lost = False
         self._partial = b""
 
     def forward(self, out: Callable[[bytes], None]) -> bool:
@@ -177,7 +180,12 @@ class Child:
         prefix = f"{self.program.name:<6} | ".encode()
         for line in lines:
             out(prefix + line + b"\n")
-            self.last_error.feed(line.decode(errors="replace"))
+            text = line.decode(errors="replace")
+            self.last_error.feed(text)
+            if not self.told_broker_lost and _BROKER_LOST in text:
+                self.told_broker_lost = True
+                _warn(f"{self.program.name} lost the broker and keeps retrying it: check that "
+                      "the broker runs and that CREDITWORKER_BROKER_URL names it")
         return bool(chunk)
 
     def drain(self, out: Callable[[bytes], None]) -> None:
@@ -347,6 +355,25 @@ def flower_program(options: FlowerOptions) -> tuple[Program, str]:
     return program, f"{where}, {login}"
 
 
+def check_broker(settings: Settings) -> None:
+    """A broker that does not answer at start is a setup error, said in one line: the worker
+    would otherwise retry it a hundred times, printing only kombu's "Trying again"."""
+    if broker_kind(settings.broker_url) == "filesystem":
+        return
+    from kombu import Connection
+
+    from creditworker.contract.errors import ServiceUnavailable
+
+    timeout = settings.broker_connect_timeout_seconds
+    with Connection(settings.broker_url, connect_timeout=timeout) as connection:
+        try:
+            connection.ensure_connection(max_retries=1, timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 (kombu raises the transport's own errors)
+            raise ServiceUnavailable(
+                f"cannot reach the broker {_without_password(settings.broker_url)} ({exc}): "
+                "start it, or point CREDITWORKER_BROKER_URL at it") from None
+
+
 def run_up(settings: Settings, flower: FlowerOptions | None = None) -> int:
     """Migrate, print what runs where, supervise until Ctrl-C; the exit code of `up`.
     `settings`: what the command read (the children read the same environment)."""
@@ -356,6 +383,7 @@ def run_up(settings: Settings, flower: FlowerOptions | None = None) -> int:
     engine = make_engine(settings.database_url)
     upgrade(engine)
     engine.dispose()
+    check_broker(settings)
     data_dir = Path(settings.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
 

@@ -39,7 +39,7 @@ from creditworker.engine import CreditService, SubscriptionService
 from creditworker.engine.handlers import Services, dispatch
 from creditworker.metrics import instruments
 from creditworker.storage.database import is_transient
-from creditworker.worker import delivery
+from creditworker.worker import delivery, startup  # noqa: F401 (startup: its worker_init check)
 from creditworker.worker.configured import settings_of
 from creditworker.worker.gather import GatheredTask
 
@@ -283,6 +283,9 @@ def _task_body(operation: Operation) -> Callable[..., dict[str, Any]]:
 TASKS: dict[str, Any] = {
     operation.task: shared_task(
         name=operation.task, bind=True, base=GatheredCreditTask if operation.gathered else Task,
+        # The relay runs every few seconds: its task events would bury the user's tasks in
+        # Flower. It logs what it publishes (worker/quiet_logs.py) instead.
+        send_events=operation.task != RELAY.task,
     )(_task_body(operation))
     for operation in OPERATIONS
 }

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -157,8 +158,35 @@ class GuardedFilesystemChannel(_GuardedChannel, HoldingChannel):  # type: ignore
     Message = _guarded(filesystem.Channel.Message)  # type: ignore[assignment]
 
 
+STOP_CHECK_SECONDS = 0.25
+"""How often an idle embedded worker checks whether it was asked to stop."""
+
+
 class GuardedFilesystemTransport(filesystem.Transport):  # type: ignore[misc]
     Channel = GuardedFilesystemChannel
+
+    def drain_events(self, connection: Any, timeout: float | None = None) -> Any:
+        """kombu's, in slices of a quarter second: Celery's blocking loop (this transport has
+        no event loop) drains for 2 s at a time and sees a stop request only between drains,
+        so an idle worker took seconds to begin its warm shutdown."""
+        from celery.worker import state
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = STOP_CHECK_SECONDS if deadline is None else deadline - time.monotonic()
+            try:
+                return super().drain_events(connection, timeout=max(0.0, min(STOP_CHECK_SECONDS, remaining)))
+            except TimeoutError:
+                stopping = state.should_stop is not None or state.should_terminate is not None
+                if stopping or (deadline is not None and time.monotonic() >= deadline):
+                    raise
+
+    @property
+    def default_connection_params(self) -> dict[str, Any]:
+        """No default host: folders have none, and kombu warns "No hostname was supplied"
+        each time it copies a connection whose URL names none (`filesystem://`) when the
+        transport offers one."""
+        return {"port": self.default_port}
 
 
 TRANSPORTS = {

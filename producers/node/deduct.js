@@ -2,7 +2,8 @@
 // A producer in another language: enqueue creditworker.credits.deduct by speaking
 // Celery's message protocol v2 to Redis directly, with no dependency beyond Node itself.
 //
-//   node deduct.js --redis redis://127.0.0.1:6379/0 --user alice --amount 5 [--key K] [--wait SECONDS]
+//   node deduct.js [--redis redis://127.0.0.1:6379/0] --user alice --amount 5 [--key K] [--wait SECONDS]
+//   (--redis defaults to CREDITWORKER_BROKER_URL, the workers' broker, Redis database included)
 //
 // Prints the task id; with --wait, polls the result backend and prints the result JSON.
 // Exit codes: 0 ok, 1 the worker refused the operation (error result), 2 timeout or I/O error.
@@ -104,7 +105,8 @@ async function main() {
   const kwargs = { user_id: args.user, amount: Number(args.amount) };
   if (args.key) kwargs.idempotency_key = args.key;
   if (args.description) kwargs.description = args.description;
-  const redis = new Redis(args.redis);
+  // the workers' broker, Redis database included, unless told otherwise
+  const redis = new Redis(args.redis || process.env.CREDITWORKER_BROKER_URL || 'redis://127.0.0.1:6379/0');
   await redis.connect();
   const { id, envelope } = celeryMessage(TASK, kwargs, args.queue);
   // kombu consumes with BRPOP, so LPUSH keeps the queue first-in first-out.

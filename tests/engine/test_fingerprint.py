@@ -73,7 +73,9 @@ def test_plan_requests_keep_their_fingerprint() -> None:
 
 
 text = st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=12)
-identifiers = text.map(str.strip).filter(bool)
+# ids and keys refuse format characters (Cf) too; descriptions and metadata keep them
+identifiers = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Cf")), max_size=12).map(
+    str.strip).filter(bool)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False) | text,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3), max_leaves=8)

@@ -18,7 +18,7 @@ def receiver() -> Iterator[tuple[int, list[str]]]:
     received: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+        def do_POST(self) -> None:
             received.append(self.path)
             self.send_response(204)
             self.end_headers()

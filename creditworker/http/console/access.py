@@ -6,6 +6,12 @@ restart and work across gateway replicas, and removing a key from the configurat
 its sessions. With no key configured the console follows the gateway's rule: open on the
 embedded broker only (a single laptop), closed on a shared one.
 
+A session cookie names a random session id, signed with the rest: logging out revokes that
+id in this process, so the cookie stops working at once even if someone kept a copy (a
+revocation lives in memory until the session would have expired; with several gateway
+replicas behind one address, the one that served the logout knows of it). Failed logins are
+throttled per client address and for all clients together (`LoginThrottle`).
+
 Every form carries a CSRF token equal to a random cookie (double submit; the cookie is
 HttpOnly and SameSite=Strict, so another site can neither read nor send it), and a
 request whose Origin header names another host is refused as well.
@@ -16,9 +22,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
 import time
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from fastapi.security.utils import get_authorization_scheme_param
@@ -52,6 +60,10 @@ class ConsoleAccess:
     def __init__(self, api_keys: Sequence[str], *, broker_url: str) -> None:
         self.check = ApiKeyCheck(api_keys, broker_url=broker_url)
         self.keys_by_id = {key_id(key): key for key in self.check.keys}
+        self.throttle = LoginThrottle()
+        self._revoked: dict[str, int] = {}
+        """Session ids logged out, with when the session would have expired anyway."""
+        self._revoked_lock = threading.Lock()
 
     @property
     def open(self) -> bool:
@@ -86,23 +98,110 @@ class ConsoleAccess:
             return None
         expires = int(time.time()) + SESSION_SECONDS
         identity = key_id(matched)
-        return f"{identity}.{expires}.{_signature(matched, identity, expires)}"
+        session_id = secrets.token_urlsafe(16)
+        signature = _signature(matched, identity, expires, session_id)
+        return f"{identity}.{expires}.{session_id}.{signature}"
+
+    def logout(self, cookie: str | None) -> None:
+        """Revoke the session of `cookie` (if it is a valid one) in this process."""
+        parts = self._valid_session(cookie)
+        if parts is None:
+            return
+        _identity, expires, session_id = parts
+        now = time.time()
+        with self._revoked_lock:
+            self._revoked = {sid: until for sid, until in self._revoked.items() if until >= now}
+            self._revoked[session_id] = expires
 
     def _session(self, cookie: str | None) -> Operator | None:
-        if not cookie or cookie.count(".") != 2:
+        parts = self._valid_session(cookie)
+        if parts is None or parts[2] in self._revoked:
             return None
-        identity, expires_text, signature = cookie.split(".")
+        return Operator(key_id=parts[0], via="session")
+
+    def _valid_session(self, cookie: str | None) -> tuple[str, int, str] | None:
+        """(key id, expiry, session id) of a cookie this server signed and that has not
+        expired; None for any other."""
+        if not cookie or cookie.count(".") != 3:
+            return None
+        identity, expires_text, session_id, signature = cookie.split(".")
         key = self.keys_by_id.get(identity)
         if key is None or not expires_text.isdigit() or int(expires_text) < time.time():
             return None
-        if not hmac.compare_digest(signature, _signature(key, identity, int(expires_text))):
+        if not hmac.compare_digest(signature, _signature(key, identity, int(expires_text), session_id)):
             return None
-        return Operator(key_id=identity, via="session")
+        return identity, int(expires_text), session_id
 
 
-def _signature(key: bytes, identity: str, expires: int) -> str:
-    message = f"creditworker-console-session|{identity}|{expires}".encode()
+def _signature(key: bytes, identity: str, expires: int, session_id: str) -> str:
+    message = f"creditworker-console-session|{identity}|{expires}|{session_id}".encode()
     return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+FREE_FAILURES = 5
+"""Failed logins a client may make within FAILURE_WINDOW_SECONDS before it must wait."""
+FAILURE_WINDOW_SECONDS = 300.0
+LONGEST_WAIT_SECONDS = 60.0
+FAILED_LOGIN_DELAY_SECONDS = 0.5
+"""Every failed login is answered this much later: guessing from one connection is slow."""
+ALL_CLIENTS_FREE_FAILURES = 100
+"""Failed logins from all clients together within the window before each further failure is
+answered later still (a guesser spread over many addresses), up to LONGEST_WAIT_SECONDS.
+It only slows failures: a right key is never refused for what other clients did."""
+TRACKED_CLIENTS = 10_000
+
+
+@dataclass
+class LoginThrottle:
+    """Failed console logins, per client address and for all clients together.
+
+    A client with more than FREE_FAILURES failures in the window waits 1, 2, 4 ... seconds
+    (at most LONGEST_WAIT_SECONDS) before its next attempt is even checked: during the wait
+    every attempt, a right key included, is answered 429 with the time left. Only that
+    address waits; a success clears it. Failures from all clients together only make the
+    failed answers slower, so nobody can lock others out."""
+
+    failures: dict[str, deque[float]] = field(default_factory=dict)
+    everyone: deque[float] = field(default_factory=deque)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def wait_seconds(self, client: str, now: float | None = None) -> float:
+        """How long `client` must wait before its next attempt is checked (0: at once)."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            recent = self._recent(self.failures.get(client), now)
+            extra = len(recent) - FREE_FAILURES
+            if extra < 0:
+                return 0.0
+            allowed_at = recent[-1] + min(2.0 ** extra, LONGEST_WAIT_SECONDS)
+            return max(0.0, allowed_at - now)
+
+    def failed(self, client: str, now: float | None = None) -> float:
+        """Record a failure of `client`; how long its answer should be delayed."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            if client not in self.failures and len(self.failures) >= TRACKED_CLIENTS:
+                self.failures.pop(next(iter(self.failures)))  # the oldest tracked client
+            recent = self.failures.setdefault(client, deque())
+            recent.append(now)
+            self._recent(recent, now)
+            self.everyone.append(now)
+            crowd = len(self._recent(self.everyone, now)) - ALL_CLIENTS_FREE_FAILURES
+        if crowd <= 0:
+            return FAILED_LOGIN_DELAY_SECONDS
+        return min(FAILED_LOGIN_DELAY_SECONDS * 2.0 ** min(crowd, 10), LONGEST_WAIT_SECONDS)
+
+    def succeeded(self, client: str) -> None:
+        with self.lock:
+            self.failures.pop(client, None)
+
+    @staticmethod
+    def _recent(times: deque[float] | None, now: float) -> deque[float]:
+        if times is None:
+            return deque()
+        while times and now - times[0] > FAILURE_WINDOW_SECONDS:
+            times.popleft()
+        return times
 
 
 def cookie_path(request: Request) -> str:

@@ -11,11 +11,13 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI
 from kombu.utils.url import maybe_sanitize_url
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 
+from creditworker.client.sync import fail_fast
 from creditworker.contract.errors import CreditError
 from creditworker.engine import CreditService, SubscriptionService
 from creditworker.http.auth import configured_api_keys
@@ -33,6 +35,7 @@ from creditworker.http.console.routes import (
     webhooks,
 )
 from creditworker.http.responses import STATUS_BY_CODE
+from creditworker.metrics.state import CONNECT_SECONDS
 from creditworker.notifications.webhooks.service import WebhookOptions, WebhookService
 from creditworker.records.dead_letters import DeadLetterStore
 from creditworker.settings import Settings
@@ -45,12 +48,14 @@ def create_console(settings: Settings, credits: CreditService) -> FastAPI:
     """The console as an app to mount at `/console` in the gateway."""
     access = ConsoleAccess(configured_api_keys(settings), broker_url=settings.broker_url)
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    celery_app = make_celery(settings)
+    fail_fast(celery_app, min(settings.broker_connect_timeout_seconds, CONNECT_SECONDS))
     app.state.console = Console(
         credits=credits,
         subscriptions=SubscriptionService(credits),
         dead_letters=DeadLetterStore(credits.engine),
         access=access,
-        celery_app=make_celery(settings),
+        celery_app=celery_app,
         broker=maybe_sanitize_url(settings.broker_url),
         last_audit=AuditResult(),
         pages=Pages(open_console=access.open),
@@ -60,6 +65,7 @@ def create_console(settings: Settings, credits: CreditService) -> FastAPI:
     app.add_exception_handler(Refused, _refused)
     app.add_exception_handler(CreditError, _engine_refused)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(DBAPIError, _database_down)
     app.state.webhooks = WebhookService(credits.engine, WebhookOptions.from_settings(settings))
     for area in (login, accounts, actions, corrections, plans, system, webhooks):
         app.include_router(area.router)
@@ -101,6 +107,22 @@ async def _engine_refused(request: Request, exc: Exception) -> Response:
     return console_of(request).pages.render(
         request, "error.html", status, message=exc.message, code=exc.code
     )
+
+
+async def _database_down(request: Request, exc: Exception) -> Response:
+    """A database that does not answer is a 503 page that says so (the API's answer too),
+    not a bare 500."""
+    assert isinstance(exc, DBAPIError)
+    console = console_of(request)
+    where = console.engine.url.render_as_string(hide_password=True)
+    detail = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else type(exc.orig).__name__
+    response = console.pages.render(
+        request, "error.html", 503, code="service_unavailable",
+        message=f"The database {where} does not answer ({detail}). Check that it runs; "
+                "this page works again as soon as it does.",
+    )
+    response.headers["Retry-After"] = "5"
+    return response
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -10,9 +10,10 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import parse_qsl
 
+from pydantic import TypeAdapter, ValidationError
 from starlette.requests import Request
 
-from creditworker.contract.credits import MAX_DESCRIPTION_LENGTH, EntryKind
+from creditworker.contract.credits import MAX_DESCRIPTION_LENGTH, EntryKind, UserId
 from creditworker.http.console import queries
 from creditworker.http.console.access import CSRF_FIELD, Operator, csrf_refusal
 from creditworker.http.console.pages import Refused
@@ -109,12 +110,39 @@ def kinds(values: list[str]) -> list[str]:
 
 def ledger_filter(request: Request, user_id: str, since: str, until: str) -> queries.LedgerFilter:
     """The ledger entries a page or an export asks for: kinds, and whole UTC days."""
+    user(user_id)
     first, last = day(since), day(until)
+    try:
+        end = datetime.combine(last + timedelta(days=1), datetime.min.time(), UTC) if last else None
+    except OverflowError:
+        raise Refused(422, f"{until!r} is past the last day the ledger can be filtered to") from None
     return queries.LedgerFilter(
         user_id, kinds(request.query_params.getlist("kind")),
-        datetime.combine(first, datetime.min.time(), UTC) if first else None,
-        datetime.combine(last + timedelta(days=1), datetime.min.time(), UTC) if last else None,
+        datetime.combine(first, datetime.min.time(), UTC) if first else None, end,
     )
+
+
+_USER_ID: TypeAdapter[str] = TypeAdapter(UserId)
+
+
+def user(user_id: str) -> str:
+    """A user id as the engine accepts it, or 422 saying why."""
+    try:
+        return _USER_ID.validate_python(user_id)
+    except ValidationError as exc:
+        problem = exc.errors(include_url=False, include_input=False)[0]["msg"]
+        raise Refused(422, f"user id {user_id!r}: {problem}") from None
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def search(text_given: str) -> str:
+    """A search prefix: any text but control characters (a NUL cannot even reach
+    PostgreSQL)."""
+    if _CONTROL.search(text_given):
+        raise Refused(422, "the search must not contain control characters")
+    return text_given.strip()
 
 
 def plan_ref(value: str) -> int | str:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter
-from fastapi.concurrency import run_in_threadpool
+from fastapi.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -20,7 +20,7 @@ from creditworker.contract.errors import UnknownSubscription, UnknownUser, Valid
 from creditworker.http.console import queries
 from creditworker.http.console.chart import SERIES, daily_chart
 from creditworker.http.console.deps import Console, ConsoleDep
-from creditworker.http.console.forms import ledger_filter
+from creditworker.http.console.forms import ledger_filter, search
 from creditworker.http.console.pages import DONE, Refused
 
 router = APIRouter()
@@ -32,7 +32,7 @@ CSV_COLUMNS = ["id", "created_at", "kind", "amount", "held", "balance_after", "r
 
 @router.get("/")
 async def accounts(request: Request, console: ConsoleDep, q: str = "") -> Response:
-    prefix = q.strip()
+    prefix = search(q)
     if prefix:
         found = await run_in_threadpool(queries.search_accounts, console.engine, prefix)
     else:
@@ -129,10 +129,21 @@ async def ledger_csv(
     wanted = ledger_filter(request, user_id, since, until)
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:64] or "account"
     period = f"-{since or 'start'}-{until or 'now'}" if since or until else ""
+    lines = _csv_lines(console, wanted)
+    # The first chunk is read before the answer starts: a database that does not answer is
+    # then a 503 page, not a connection reset halfway through a download.
+    first = await run_in_threadpool(next, lines)
     return StreamingResponse(
-        _csv_lines(console, wanted), media_type="text/csv; charset=utf-8",
+        chain([first], iterate_in_threadpool(lines)), media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="ledger-{name}{period}.csv"'},
     )
+
+
+async def chain(first: list[str], rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    for chunk in first:
+        yield chunk
+    async for chunk in rest:
+        yield chunk
 
 
 def _csv_lines(console: Console, wanted: queries.LedgerFilter) -> Iterator[str]:
