@@ -45,6 +45,11 @@ MAX_PRIORITY = 1_000_000
 MAX_HISTORY_PAGE = 1000
 MAX_WITHIN_DAYS = 3660
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+DEFAULT_CREDIT_TYPE = "credits"
+"""The credit type of a request that names none, and of every row stored before types."""
+MAX_CREDIT_TYPE_LENGTH = 32
+CREDIT_TYPE_PATTERN = r"^[a-z][a-z0-9_]*$"
+"""A credit type is a short lower-case identifier (`credits`, `images`, `api_tokens`)."""
 
 
 class CreditSource(StrEnum):
@@ -143,6 +148,10 @@ Description = Annotated[
 Metadata = Annotated[dict[str, Any], AfterValidator(_check_metadata)]
 UtcDateTime = Annotated[datetime, AfterValidator(_as_utc)]
 Priority = Annotated[int, Strict(), Field(ge=-MAX_PRIORITY, le=MAX_PRIORITY)]
+CreditType = Annotated[
+    str, Strict(), Field(min_length=1, max_length=MAX_CREDIT_TYPE_LENGTH, pattern=CREDIT_TYPE_PATTERN)
+]
+"""Which kind of credit an operation moves; kinds never mix (see docs/credit-types.md)."""
 ReservationId = Annotated[
     str, Strict(), Field(min_length=1, max_length=64), AfterValidator(_check_identifier)
 ]
@@ -158,6 +167,9 @@ class Request(_Message):
     NOT_FINGERPRINTED: ClassVar[frozenset[str]] = frozenset({"idempotency_key"})
     """Fields that say when or how a request was sent, not what it asks: a retry with the
     same key may carry other values and is still the same request."""
+    OMITTED_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset({"credit_type"})
+    """Fields added after requests were stored: at their default they are left out of the
+    fingerprint, so a request stored before them keeps its fingerprint (a retry replays)."""
 
     idempotency_key: IdempotencyKey | None = None
 
@@ -171,12 +183,17 @@ class Request(_Message):
         fields = _plain_fields(type(self))
         if fields is None:
             body = self.model_dump(mode="json", exclude=set(self.NOT_FINGERPRINTED))
+            for name in self.OMITTED_AT_DEFAULT & body.keys():
+                if body[name] == type(self).model_fields[name].default:
+                    del body[name]
             canonical = _CANONICAL.encode({"op": type(self).__name__, **body})
         else:
             values = self.__dict__
             parts = []
             for name, head, convert in fields:
                 value = type(self).__name__ if name is None else values[name]
+                if value == DEFAULT_CREDIT_TYPE and name == "credit_type":
+                    continue
                 if value is None:
                     parts.append(head + "null")
                 elif convert is _TEXT:
@@ -270,6 +287,7 @@ class AddCredits(Request):
     source: CreditSource = CreditSource.PURCHASE
     description: Description | None = None
     metadata: Metadata | None = None
+    credit_type: CreditType = DEFAULT_CREDIT_TYPE
 
 
 class DeductCredits(Request):
@@ -277,6 +295,7 @@ class DeductCredits(Request):
     amount: Amount
     description: Description | None = None
     metadata: Metadata | None = None
+    credit_type: CreditType = DEFAULT_CREDIT_TYPE
 
 
 class ReserveCredits(Request):
@@ -295,6 +314,7 @@ class ReserveCredits(Request):
     deadline: UtcDateTime | None = None
     """When the caller stops waiting: the engine refuses the reservation after it, and a
     reservation that reaches it later is not applied (`invalid_input`, `applied: false`)."""
+    credit_type: CreditType = DEFAULT_CREDIT_TYPE
 
 
 class CommitReservation(Request):
@@ -352,6 +372,8 @@ class GetCredits(_Message):
     user_id: UserId
     at: Moment | None = None
     """The balance as it was at this moment (None: now)."""
+    credit_type: CreditType | None = None
+    """One credit type's balance (None: the default type's, with `by_type` for all)."""
 
 
 class Granularity(StrEnum):
@@ -389,6 +411,7 @@ class GetReservation(_Message):
 class GetExpiring(_Message):
     user_id: UserId
     within_days: Annotated[int, Strict(), Field(ge=0, le=MAX_WITHIN_DAYS)] = 7
+    credit_type: CreditType | None = None
 
 
 class LedgerEntry(BaseModel):
@@ -415,6 +438,7 @@ class LedgerEntry(BaseModel):
     metadata: dict[str, Any] | None = None
     idempotency_key: str
     created_at: datetime
+    credit_type: str = DEFAULT_CREDIT_TYPE
 
 
 class Reservation(BaseModel):
@@ -428,6 +452,7 @@ class Reservation(BaseModel):
     created_at: datetime
     committed_amount: int | None = None
     idempotency_key: str
+    credit_type: str = DEFAULT_CREDIT_TYPE
 
 
 class CreditLot(BaseModel):
@@ -441,6 +466,17 @@ class CreditLot(BaseModel):
     priority: int
     expires_at: datetime | None
     created_at: datetime
+    credit_type: str = DEFAULT_CREDIT_TYPE
+
+
+class TypeTotals(BaseModel):
+    """One credit type's totals in a `CreditsInfo`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    total: int
+    reserved: int
+    available: int
 
 
 class CreditsInfo(BaseModel):
@@ -456,6 +492,10 @@ class CreditsInfo(BaseModel):
     expiring_within_days: int
     at: datetime | None = None
     """The moment of a balance read in the past (`expiring_soon` is then 0: not computed)."""
+    credit_type: str = DEFAULT_CREDIT_TYPE
+    """The type the totals above are of."""
+    by_type: dict[str, TypeTotals] | None = None
+    """Every type the account holds, when no type was asked for (None when one was)."""
 
 
 class UsagePeriod(BaseModel):

@@ -22,14 +22,17 @@ from sqlalchemy.engine import Connection
 from creditworker.contract.credits import ReservationStatus
 from creditworker.engine.rules import Account, Hold, Lot, draw_order
 from creditworker.storage.backends import backend_for
+from creditworker.storage.backends.core import DEFAULT_TYPE_LIVE
 from creditworker.storage.database import insert_if_absent
 from creditworker.storage.tables import Account as AccountRow
 from creditworker.storage.tables import Hold as HoldRow
 from creditworker.storage.tables import Lot as LotRow
+from creditworker.storage.tables import TypeBalance
 
 accounts_table = cast(Table, AccountRow.__table__)
 lots_table = cast(Table, LotRow.__table__)
 holds_table = cast(Table, HoldRow.__table__)
+balances_table = cast(Table, TypeBalance.__table__)
 
 
 def create_missing(connection: Connection, user_ids: Collection[str], at: datetime,
@@ -72,7 +75,8 @@ def lock_with_owners(connection: Connection, user_ids: Iterable[str], hold_ids: 
 
 
 LOT_COLUMNS = ("id", "user_id", "amount", "remaining", "priority", "expires_at", "source", "created_at",
-               "idempotency_key")
+               "idempotency_key", "credit_type")
+
 
 
 def _lot(row: tuple[object, ...]) -> Lot:
@@ -132,7 +136,7 @@ def load_live_lots(connection: Connection, accounts: Iterable[Account],
                 None if folded.stale_holds is None else [Hold(*row) for row in folded.stale_holds],  # type: ignore[arg-type]
                 [Hold(*row) for row in folded.holds])  # type: ignore[arg-type]
     elif wanting:
-        rows = backend.rows_where_in(connection, lots_table, LOT_COLUMNS, "user_id", wanting, where="remaining > 0")
+        rows = backend.rows_where_in(connection, lots_table, LOT_COLUMNS, "user_id", wanting, where=DEFAULT_TYPE_LIVE)
     else:
         return None
     for row in rows:
@@ -173,7 +177,7 @@ def before_lock(connection: Connection, hold_ids: Collection[str], user_ids: Col
 
 
 HOLD_COLUMNS = ("id", "user_id", "amount", "status", "expires_at", "created_at", "idempotency_key",
-                "committed_amount", "finalized_at")
+                "committed_amount", "finalized_at", "credit_type")
 
 
 def load_holds(connection: Connection, hold_ids: Collection[str]) -> dict[str, Hold]:
@@ -221,3 +225,29 @@ def load_holds_and_stale(connection: Connection, hold_ids: Collection[str], user
     stale = [hold for hold in holds if hold.user_id in user_ids and hold.status == ReservationStatus.ACTIVE.value
              and hold.expires_at <= at]
     return {hold.id: hold for hold in holds if hold.id in named}, stale
+
+
+_TYPE_BALANCE = (
+    select(balances_table.c.balance, balances_table.c.reserved, balances_table.c.overdraft_limit)
+    .where(balances_table.c.user_id == bindparam("user_id"),
+           balances_table.c.credit_type == bindparam("credit_type"))
+)
+_TYPE_LOTS = (
+    select(*(lots_table.c[column] for column in LOT_COLUMNS))
+    .where(lots_table.c.user_id == bindparam("user_id"), lots_table.c.credit_type == bindparam("credit_type"),
+           lots_table.c.remaining > 0)
+)
+
+
+def load_typed(connection: Connection, parent: Account, credit_type: str) -> Account:
+    """`parent`'s totals in another credit type, with that type's live lots: read under the
+    lock `parent` (the `accounts` row) holds, which every writer of the type's rows takes.
+    A type the account never held starts at zero (`stored` False: the writer inserts it)."""
+    parameters = {"user_id": parent.user_id, "credit_type": credit_type}
+    row = connection.execute(_TYPE_BALANCE, parameters).first()
+    balance, reserved, overdraft_limit = row or (0, 0, 0)
+    account = Account(parent.user_id, balance, reserved, None, False, overdraft_limit,
+                      credit_type=credit_type, stored=row is not None)
+    account.lots = sorted((_lot(tuple(lot)) for lot in connection.execute(_TYPE_LOTS, parameters)), key=draw_order)
+    account.lots_loaded = True
+    return account

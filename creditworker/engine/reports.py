@@ -12,7 +12,7 @@ from datetime import date, datetime
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from creditworker.contract.credits import Granularity, UsagePeriod
+from creditworker.contract.credits import DEFAULT_CREDIT_TYPE, Granularity, UsagePeriod
 from creditworker.storage.reports import period_start
 from creditworker.storage.tables import Entry, Hold
 
@@ -31,8 +31,9 @@ the one place to extend when the ledger gets a new kind. Kinds not named here (h
 their releases, which move no balance) still show in `UsagePeriod.by_kind`."""
 
 
-def balance_at(session: Session, user_id: str, at: datetime) -> tuple[int, int]:
-    """(balance, reserved) of an account at `at`.
+def balance_at(session: Session, user_id: str, at: datetime,
+               credit_type: str = DEFAULT_CREDIT_TYPE) -> tuple[int, int]:
+    """(balance, reserved) of an account's `credit_type` at `at`.
 
     The balance is `balance_after` of its last entry at or before `at` (one probe of the
     `(user_id, created_at, id)` index); reserved is what its holds held then: created at or
@@ -40,13 +41,14 @@ def balance_at(session: Session, user_id: str, at: datetime) -> tuple[int, int]:
     TTL stops counting at once, as in the engine's reads now)."""
     balance = session.scalar(
         select(Entry.balance_after)
-        .where(Entry.user_id == user_id, Entry.created_at <= at)
+        .where(Entry.user_id == user_id, Entry.created_at <= at, Entry.credit_type == credit_type)
         .order_by(Entry.created_at.desc(), Entry.id.desc())
         .limit(1)
     )
     reserved = session.scalar(
         select(func.coalesce(func.sum(Hold.amount), 0)).where(
-            Hold.user_id == user_id, Hold.created_at <= at, Hold.expires_at > at,
+            Hold.user_id == user_id, Hold.credit_type == credit_type, Hold.created_at <= at,
+            Hold.expires_at > at,
             or_(Hold.finalized_at.is_(None), Hold.finalized_at > at),
         )
     )

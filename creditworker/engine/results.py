@@ -45,6 +45,7 @@ def entry_record(posting: Posting) -> dict[str, Any]:
         "metadata": posting.metadata,
         "idempotency_key": posting.idempotency_key,
         "created_at": iso(posting.created_at),
+        "credit_type": posting.credit_type,
     }
     return posting.record
 
@@ -60,7 +61,7 @@ def entry_row_record(row: tuple[Any, ...]) -> dict[str, Any]:
     """A stored ledger entry (its columns in the order of `unit_of_work.ENTRY_COLUMNS`) in
     the shape of `entry_record`."""
     (entry_id, user_id, kind, amount, held, balance_after, reserved_after, lot_id, reservation_id, draws,
-     description, metadata, idempotency_key, created_at) = row
+     description, metadata, idempotency_key, created_at, credit_type) = row
     return {
         "id": entry_id,
         "user_id": user_id,
@@ -77,6 +78,7 @@ def entry_row_record(row: tuple[Any, ...]) -> dict[str, Any]:
         "metadata": metadata,
         "idempotency_key": idempotency_key,
         "created_at": iso(created_at),
+        "credit_type": credit_type,
     }
 
 
@@ -91,6 +93,7 @@ def reservation_record(hold: Hold) -> dict[str, Any]:
         "created_at": iso(hold.created_at),
         "committed_amount": hold.committed_amount,
         "idempotency_key": hold.idempotency_key,
+        "credit_type": hold.credit_type,
     }
 
 

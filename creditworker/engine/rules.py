@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from creditworker.contract.credits import MAX_BALANCE, EntryKind, OveragePolicy, ReservationStatus
+from creditworker.contract.credits import (
+    DEFAULT_CREDIT_TYPE,
+    MAX_BALANCE,
+    EntryKind,
+    OveragePolicy,
+    ReservationStatus,
+)
 from creditworker.contract.errors import InsufficientCredits, ReservationNotActive, ValidationFailed
 
 _NEW_LOT_ORDER = 2**62
@@ -35,6 +41,7 @@ class Lot:
     source: str
     created_at: datetime
     idempotency_key: str
+    credit_type: str = DEFAULT_CREDIT_TYPE
     age: int = 0
     """Orders equal lots oldest first: the id of a stored lot, a larger number for a new one."""
     expiry_changed: bool = False
@@ -59,13 +66,15 @@ class Hold:
     idempotency_key: str
     committed_amount: int | None = None
     finalized_at: datetime | None = None
+    credit_type: str = DEFAULT_CREDIT_TYPE
     stored: bool = True
     """False for a hold made in this unit of work (the writer inserts it, not updates it)."""
 
 
 @dataclass(slots=True, eq=False)
 class Account:
-    """One user's totals, with the live lots loaded with it (in draw-down order)."""
+    """One user's totals in one credit type, with that type's live lots loaded with it (in
+    draw-down order). Types never mix: every rule works on one type's account."""
 
     user_id: str
     balance: int
@@ -77,6 +86,9 @@ class Account:
     lots: list[Lot] = field(default_factory=list)
     lots_loaded: bool = False
     """True when `lots` holds every live lot, so that the account may be drawn from."""
+    credit_type: str = DEFAULT_CREDIT_TYPE
+    stored: bool = True
+    """False for another type's totals not stored yet (the writer inserts their row)."""
 
     @property
     def available(self) -> int:
@@ -105,6 +117,7 @@ class Posting:
     """The entry as JSON, built once after the writer gave it its id (see `results`)."""
     refund_of: int | None = None
     """On a `refund`: the entry it gives back."""
+    credit_type: str = DEFAULT_CREDIT_TYPE
 
 
 def _posting(account: Account, kind: EntryKind, key: str, at: datetime, *, amount: int = 0,
@@ -113,13 +126,14 @@ def _posting(account: Account, kind: EntryKind, key: str, at: datetime, *, amoun
     account.balance += amount
     account.reserved += held
     return Posting(account.user_id, kind.value, amount, held, account.balance, account.reserved,
-                   key, at, **details)
+                   key, at, credit_type=account.credit_type, **details)
 
 
 def _insufficient(account: Account, amount: int) -> InsufficientCredits:
+    typed = {} if account.credit_type == DEFAULT_CREDIT_TYPE else {"credit_type": account.credit_type}
     return InsufficientCredits(
-        f"user {account.user_id!r} has {account.available} credits available, {amount} requested",
-        user_id=account.user_id, available=account.available, requested=amount,
+        f"user {account.user_id!r} has {account.available} {account.credit_type} available, {amount} requested",
+        user_id=account.user_id, available=account.available, requested=amount, **typed,
     )
 
 
@@ -137,7 +151,7 @@ def grant(account: Account, amount: int, *, at: datetime, key: str, expires_at: 
         raise ValidationFailed("expires_at must be in the future", user_id=account.user_id)
     debt = max(0, -account.balance)
     lot = Lot(None, account.user_id, amount, amount - min(debt, amount), priority, expires_at,
-              source, at, key, age=_NEW_LOT_ORDER + len(account.lots))
+              source, at, key, account.credit_type, age=_NEW_LOT_ORDER + len(account.lots))
     if account.lots_loaded:
         account.lots.append(lot)
         account.lots.sort(key=draw_order)
@@ -208,7 +222,7 @@ def hold(account: Account, amount: int, *, hold_id: str, at: datetime, expires_a
     if amount > account.available:
         raise _insufficient(account, amount)
     new = Hold(hold_id, account.user_id, amount, ReservationStatus.ACTIVE.value,
-               expires_at, at, key, stored=False)
+               expires_at, at, key, credit_type=account.credit_type, stored=False)
     return _posting(account, EntryKind.RESERVE, key, at, held=amount, hold=new,
                     description=description, metadata=metadata)
 

@@ -62,12 +62,13 @@ def expire_lots(engine: Engine, run: RunChunk, at: datetime) -> int:
 
 def _expire_lot_chunk(uow: UnitOfWork, lot_ids: list[int], owners: set[str]) -> int:
     uow.lock(owners)
-    by_user: dict[str, list[rules.Lot]] = defaultdict(list)
+    by_account: dict[tuple[str, str], list[rules.Lot]] = defaultdict(list)
     for lot in accounts.load_lots(uow.connection, lot_ids):
-        by_user[lot.user_id].append(lot)
+        by_account[(lot.user_id, lot.credit_type)].append(lot)
     written = 0
-    for user_id in sorted(by_user):
-        for posting in rules.expire(uow.account(user_id), by_user[user_id], at=uow.at):
+    for user_id, credit_type in sorted(by_account):
+        for posting in rules.expire(uow.account(user_id, credit_type), by_account[(user_id, credit_type)],
+                                    at=uow.at):
             uow.post(posting)
             uow.record_system_operation(posting.idempotency_key, "ExpireLot", user_id)
             assert posting.lot is not None and posting.lot.id is not None

@@ -21,6 +21,7 @@ from sqlalchemy import Table
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from creditworker.contract.credits import DEFAULT_CREDIT_TYPE
 from creditworker.contract.errors import UnknownReservation, UnknownUser
 from creditworker.contract.events import CreditsLow, ReservationExpired, _Event
 from creditworker.engine import account as accounts
@@ -63,7 +64,8 @@ class OperationRecord:
 operations_table = cast(Table, Operation.__table__)
 entries_table = cast(Table, Entry.__table__)
 ENTRY_COLUMNS = ("id", "user_id", "kind", "amount", "held", "balance_after", "reserved_after", "lot_id",
-                 "reservation_id", "draws", "description", "metadata", "idempotency_key", "created_at")
+                 "reservation_id", "draws", "description", "metadata", "idempotency_key", "created_at",
+                 "credit_type")
 """The columns `entry_row_record` reads, in its order."""
 
 
@@ -82,6 +84,9 @@ class UnitOfWork:
         self.operations: list[OperationRecord] = []
         self.events: list[_Event | Callable[[], _Event]] = []
         self.touched: dict[str, Account] = {}
+        self.typed: dict[tuple[str, str], Account] = {}
+        """The locked accounts' totals in other credit types, read when first asked for."""
+        self.touched_typed: dict[tuple[str, str], Account] = {}
         self.dropped_accounts: set[str] = set()
         self.row_updates: dict[tuple[Table, str], list[dict[str, Any]]] = {}
         self.commit_hooks: list[Callable[[], None]] = []
@@ -170,12 +175,18 @@ class UnitOfWork:
             self.stale_holds.append(self.holds.setdefault(hold.id, hold))
         return created
 
-    def account(self, user_id: str) -> Account:
-        """A locked account, or `UnknownUser`."""
+    def account(self, user_id: str, credit_type: str = DEFAULT_CREDIT_TYPE) -> Account:
+        """A locked account's totals in `credit_type` (with that type's live lots, for another
+        type than the default, read here on first use), or `UnknownUser`."""
         account = self.accounts.get(user_id)
         if account is None:
             raise UnknownUser(f"no account for user {user_id!r}", user_id=user_id)
-        return account
+        if credit_type == DEFAULT_CREDIT_TYPE:
+            return account
+        typed = self.typed.get((user_id, credit_type))
+        if typed is None:
+            typed = self.typed[(user_id, credit_type)] = accounts.load_typed(self.connection, account, credit_type)
+        return typed
 
     def hold(self, reservation_id: str) -> Hold:
         """A hold named to `lock`, or `UnknownReservation`."""
@@ -206,6 +217,10 @@ class UnitOfWork:
     def post(self, posting: Posting) -> Posting:
         """Collect a rule's posting; a crossing below the low-credit threshold adds its event."""
         self.postings.append(posting)
+        if posting.credit_type != DEFAULT_CREDIT_TYPE:  # no low-credit threshold on other types (yet)
+            self.touched_typed[(posting.user_id, posting.credit_type)] = self.typed[
+                (posting.user_id, posting.credit_type)]
+            return posting
         account = self.accounts[posting.user_id]
         self.touched[account.user_id] = account
         threshold = low_credit_crossing(account, self.low_credit_threshold)
@@ -217,7 +232,7 @@ class UnitOfWork:
     def expire_hold(self, hold: Hold) -> bool:
         """Release a hold past its TTL with its `reservation_expired` entry and event (once:
         a hold no longer active is left alone); whether it did."""
-        posting = rules.expire_hold(self.account(hold.user_id), hold, at=self.at)
+        posting = rules.expire_hold(self.account(hold.user_id, hold.credit_type), hold, at=self.at)
         if posting is None:
             return False
         self.post(posting)
@@ -254,6 +269,9 @@ class UnitOfWork:
         self.dropped_accounts.add(user_id)
         self.accounts.pop(user_id, None)
         self.touched.pop(user_id, None)
+        for typed in [typed for typed in self.typed if typed[0] == user_id]:
+            self.typed.pop(typed)
+            self.touched_typed.pop(typed, None)
 
     def update_rows(self, table: Table, key: str, rows: list[dict[str, Any]]) -> None:
         """Rows of another table (a subscription's period) for the writer to update with the

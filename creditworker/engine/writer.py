@@ -13,11 +13,12 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table
+from sqlalchemy import Table, and_, bindparam, insert, update
+from sqlalchemy.engine import Connection
 
 from creditworker.contract.events import _Event
-from creditworker.engine.account import accounts_table, holds_table, lots_table
-from creditworker.engine.rules import Hold, Lot, Posting
+from creditworker.engine.account import accounts_table, balances_table, holds_table, lots_table
+from creditworker.engine.rules import Account, Hold, Lot, Posting
 from creditworker.engine.unit_of_work import OperationRecord, UnitOfWork
 from creditworker.records.outbox import event_row
 from creditworker.storage.backends import Json, Script, backend_for
@@ -73,6 +74,8 @@ def write(uow: UnitOfWork) -> None:
     script.update(lots_table, "id", [{"id": lot.id, "expires_at": lot.expires_at}
                                      for lot in changed_lots.values() if lot.expiry_changed])
     at = uow.at
+    if uow.touched_typed:
+        _write_typed(connection, list(uow.touched_typed.values()), at)
     script.update(accounts_table, "user_id", [
         {"user_id": account.user_id, "balance": account.balance, "reserved": account.reserved,
          "low_credit_threshold": account.low_credit_threshold,
@@ -125,7 +128,7 @@ def _entry_row(posting: Posting) -> dict[str, Any]:
             "reservation_id": posting.hold.id if posting.hold is not None else None,
             "draws": _draws_json(posting.draws), "description": posting.description, "metadata": posting.metadata,
             "idempotency_key": posting.idempotency_key, "created_at": posting.created_at,
-            "refund_of": posting.refund_of}
+            "refund_of": posting.refund_of, "credit_type": posting.credit_type}
 
 
 def _draws_json(draws: list[tuple[Lot, int]]) -> Json | None:
@@ -143,10 +146,43 @@ def _built(event: _Event | Callable[[], _Event]) -> _Event:
 def _lot_row(lot: Lot) -> dict[str, Any]:
     return {"user_id": lot.user_id, "amount": lot.amount, "remaining": lot.remaining, "source": lot.source,
             "priority": lot.priority, "expires_at": lot.expires_at, "created_at": lot.created_at,
-            "idempotency_key": lot.idempotency_key}
+            "idempotency_key": lot.idempotency_key, "credit_type": lot.credit_type}
 
 
 def _hold_row(hold: Hold) -> dict[str, Any]:
     return {"id": hold.id, "user_id": hold.user_id, "amount": hold.amount, "status": hold.status,
             "expires_at": hold.expires_at, "created_at": hold.created_at, "finalized_at": hold.finalized_at,
-            "committed_amount": hold.committed_amount, "idempotency_key": hold.idempotency_key}
+            "committed_amount": hold.committed_amount, "idempotency_key": hold.idempotency_key,
+            "credit_type": hold.credit_type}
+
+
+_UPDATE_TYPED = (
+    update(balances_table)
+    .where(and_(balances_table.c.user_id == bindparam("key_user_id"),
+                balances_table.c.credit_type == bindparam("key_credit_type")))
+    .values(balance=bindparam("balance"), reserved=bindparam("reserved"),
+            overdraft_limit=bindparam("overdraft_limit"), updated_at=bindparam("updated_at"))
+)
+
+
+def _write_typed(connection: Connection, accounts: list[Account], at: datetime) -> None:
+    """The totals of credit types other than the default (`credit_balances`): a statement of
+    their own, run at once, only by units of work that moved such a type (the default type's
+    path writes nothing more than before types existed)."""
+    new = [account for account in accounts if not account.stored]
+    if new:
+        connection.execute(insert(balances_table), [
+            {"user_id": account.user_id, "credit_type": account.credit_type, "balance": account.balance,
+             "reserved": account.reserved, "overdraft_limit": account.overdraft_limit,
+             "created_at": at, "updated_at": at}
+            for account in new
+        ])
+        for account in new:
+            account.stored = True
+    changed = [account for account in accounts if account not in new]
+    if changed:
+        connection.execute(_UPDATE_TYPED, [
+            {"key_user_id": account.user_id, "key_credit_type": account.credit_type, "balance": account.balance,
+             "reserved": account.reserved, "overdraft_limit": account.overdraft_limit, "updated_at": at}
+            for account in changed
+        ])

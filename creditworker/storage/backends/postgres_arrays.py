@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, Integer, Table
 from sqlalchemy.engine import Connection
 
+from creditworker.contract.credits import DEFAULT_CREDIT_TYPE
 from creditworker.storage.backends.base import Folded, Json
 from creditworker.storage.backends.core import Core
 from creditworker.storage.tables import UtcDateTime
@@ -300,8 +301,8 @@ grants)."""
 @cache
 def _drawable_lots_sql(lots: str, columns: tuple[str, ...], holds: str,
                        hold_columns: tuple[str, ...]) -> str:
-    """The lots in draw-down order whose credits before them do not cover what the account
-    may draw; then one row whose lot columns are NULL, with the operation rows stored for the
+    """The lots of the default credit type in draw-down order whose credits before them do
+    not cover what the account may draw; then one row whose lot columns are NULL, with the operation rows stored for the
     given keys (JSON), the new entry ids, the new lot ids, the given accounts' active holds
     past their TTL (JSON) and the holds named by id (JSON)."""
     hold_array = "json_build_array(" + ", ".join("r." + name for name in hold_columns) + ")"
@@ -312,7 +313,8 @@ def _drawable_lots_sql(lots: str, columns: tuple[str, ...], holds: str,
         f" sum(l.remaining) OVER (PARTITION BY l.user_id ORDER BY {DRAW_ORDER}) - l.remaining"
         f" AS before FROM {lots} l"
         " JOIN unnest(CAST(%(users)s AS text[]), CAST(%(needed)s AS bigint[]))"
-        " AS n(user_id, needed) ON l.user_id = n.user_id WHERE l.remaining > 0) x"
+        " AS n(user_id, needed) ON l.user_id = n.user_id"
+        f" WHERE l.remaining > 0 AND l.credit_type = '{DEFAULT_CREDIT_TYPE}') x"
         " WHERE x.before < x.needed"
         f" UNION ALL SELECT {', '.join('NULL' for _ in columns)},"
         " (SELECT json_agg(json_build_array("
