@@ -11,12 +11,17 @@ from rich.table import Table
 from creditworker.cli.operations import parse_amount, run, runs
 from creditworker.cli.output import JsonOption, KeyOption, console, print_json, table
 from creditworker.cli.reports import DATES
+from creditworker.contract.credits import DEFAULT_CREDIT_TYPE
 from creditworker.contract.operations import ADD, BALANCE, DEDUCT, HISTORY
 
 commands = typer.Typer()
 
 NOT_ON_THE_COMMAND_LINE = ("metadata",)
 """A JSON object: for producers and the gateway."""
+
+CreditTypeOption = Annotated[
+    str, typer.Option("--credit-type", help="Which kind of credit (types never mix).")
+]
 
 
 def entry_table(entries: list[Any], title: str) -> Table:
@@ -38,6 +43,9 @@ def balance(
         datetime | None,
         typer.Option(formats=DATES, help="The balance as it was at this moment (UTC)."),
     ] = None,
+    credit_type: Annotated[
+        str | None, typer.Option("--credit-type", help="One credit type (default: every type).")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Show a user's total, reserved, available and soon-expiring credits."""
@@ -46,9 +54,15 @@ def balance(
         print_json(info)
         return
     columns = ("total", "reserved", "available", f"expiring in {info.expiring_within_days} days")
-    shown = table(f"credits of {user_id}", columns, right=columns)
+    shown = table(f"{info.credit_type} of {user_id}", columns, right=columns)
     shown.add_row(str(info.total), str(info.reserved), str(info.available), str(info.expiring_soon))
     console.print(shown)
+    if info.by_type is not None and len(info.by_type) > 1:
+        columns = ("total", "reserved", "available")
+        types = table(f"every credit type of {user_id}", ("type", *columns), right=columns)
+        for name, totals in info.by_type.items():
+            types.add_row(name, str(totals.total), str(totals.reserved), str(totals.available))
+        console.print(types)
 
 
 @runs(HISTORY, commands, renamed={"kind": "kinds"})
@@ -84,6 +98,7 @@ def add(
     ] = "purchase",
     description: Annotated[str | None, typer.Option()] = None,
     idempotency_key: KeyOption = None,
+    credit_type: CreditTypeOption = DEFAULT_CREDIT_TYPE,
     as_json: JsonOption = False,
 ) -> None:
     """Grant credits to a user."""
@@ -100,6 +115,7 @@ def deduct(
     amount: str,
     description: Annotated[str | None, typer.Option()] = None,
     idempotency_key: KeyOption = None,
+    credit_type: CreditTypeOption = DEFAULT_CREDIT_TYPE,
     as_json: JsonOption = False,
 ) -> None:
     """Consume credits now."""

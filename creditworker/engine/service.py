@@ -622,18 +622,19 @@ class CreditService:
             return [entry_model(row) for row in session.scalars(query)]
 
     def get_expiring_credits(
-        self, user_id: str, within_days: int = 7, *, now: datetime | None = None
+        self, user_id: str, within_days: int = 7, *, credit_type: str | None = None,
+        now: datetime | None = None,
     ) -> list[CreditLot]:
-        """Lots with credits left that expire within `within_days`, soonest first."""
-        request = self._parse(GetExpiring, user_id=user_id, within_days=within_days)
+        """Lots with credits left that expire within `within_days`, soonest first (of
+        `credit_type` only, or of every type)."""
+        request = self._parse(GetExpiring, user_id=user_id, within_days=within_days, credit_type=credit_type)
         horizon = aware(now) + timedelta(days=request.within_days)
+        query = select(Lot).where(Lot.user_id == request.user_id, Lot.remaining > 0, Lot.expires_at <= horizon)
+        if request.credit_type is not None:
+            query = query.where(Lot.credit_type == request.credit_type)
         with Session(self.engine) as session:
             self._account(session, request.user_id)
-            lots = session.scalars(
-                select(Lot)
-                .where(Lot.user_id == request.user_id, Lot.remaining > 0, Lot.expires_at <= horizon)
-                .order_by(Lot.expires_at, Lot.id)
-            )
+            lots = session.scalars(query.order_by(Lot.expires_at, Lot.id))
             return [CreditLot.model_validate(lot, from_attributes=True) for lot in lots]
 
     def get_reservation(self, reservation_id: str) -> Reservation:
