@@ -94,7 +94,7 @@ def add(
     ] = None,
     priority: Annotated[int | None, typer.Option(help="Draw-down priority, lower first.")] = None,
     source: Annotated[
-        str, typer.Option(help="purchase, bonus, subscription or adjustment.")
+        str, typer.Option(help="purchase, bonus, subscription, adjustment or promotional.")
     ] = "purchase",
     description: Annotated[str | None, typer.Option()] = None,
     idempotency_key: KeyOption = None,

@@ -57,6 +57,12 @@ class CreditSource(StrEnum):
     BONUS = "bonus"
     SUBSCRIPTION = "subscription"
     ADJUSTMENT = "adjustment"
+    PROMOTIONAL = "promotional"
+
+
+PROMOTIONAL_SOURCES: frozenset[str] = frozenset({CreditSource.BONUS.value, CreditSource.PROMOTIONAL.value})
+"""Sources of credits given away rather than paid for: at equal priority and expiry, a draw
+takes them before paid ones (the one list; docs/credit-types.md)."""
 
 
 class EntryKind(StrEnum):

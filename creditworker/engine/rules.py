@@ -16,6 +16,7 @@ from typing import Any
 from creditworker.contract.credits import (
     DEFAULT_CREDIT_TYPE,
     MAX_BALANCE,
+    PROMOTIONAL_SOURCES,
     EntryKind,
     OveragePolicy,
     ReservationStatus,
@@ -49,8 +50,10 @@ class Lot:
 
 
 def draw_order(lot: Lot) -> tuple[Any, ...]:
-    """The draw-down order: lowest priority value, soonest expiry (none last), oldest."""
-    return (lot.priority, lot.expires_at is None, lot.expires_at or _NO_EXPIRY, lot.age)
+    """The draw-down order: lowest priority value, soonest expiry (none last), promotional
+    before paid (`PROMOTIONAL_SOURCES`), oldest."""
+    return (lot.priority, lot.expires_at is None, lot.expires_at or _NO_EXPIRY,
+            lot.source not in PROMOTIONAL_SOURCES, lot.age)
 
 
 @dataclass(slots=True, eq=False)

@@ -158,3 +158,16 @@ def test_corrections_act_on_the_lots_own_type(service: CreditService, engine: En
     voided = service.void_lot(grant.lot_id, reason="refund", amount=3, now=NOW)
     assert (voided.credit_type, voided.balance_after) == ("images", 7)
     assert service.get_user_credits_info("ivy").total == 10
+
+
+def test_promotional_credits_are_drawn_before_paid_ones_at_equal_priority_and_expiry(
+        service: CreditService, engine: Engine) -> None:
+    ends = NOW + timedelta(days=30)
+    service.add_credits("jo", 10, source="purchase", expires_at=ends, now=NOW)
+    service.add_credits("jo", 10, source="bonus", expires_at=ends, now=NOW)
+    service.add_credits("jo", 10, source="promotional", now=NOW)  # no expiry: drawn after both
+    service.add_credits("jo", 10, source="purchase", priority=-1, now=NOW)  # a lower priority comes first
+    service.deduct_credits("jo", 25, now=NOW)
+    assert remaining(engine, "jo") == {"credits": [5, 0, 10, 0]}
+    service.deduct_credits("jo", 10, now=NOW)
+    assert remaining(engine, "jo") == {"credits": [0, 0, 5, 0]}

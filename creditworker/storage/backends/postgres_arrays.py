@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, Integer, Table
 from sqlalchemy.engine import Connection
 
-from creditworker.contract.credits import DEFAULT_CREDIT_TYPE
+from creditworker.contract.credits import DEFAULT_CREDIT_TYPE, PROMOTIONAL_SOURCES
 from creditworker.storage.backends.base import Folded, Json
 from creditworker.storage.backends.core import Core
 from creditworker.storage.tables import UtcDateTime
@@ -291,7 +291,10 @@ def _run(connection: Connection, statement: str, parameters: dict[str, Any]) -> 
         cursor.close()
 
 
-DRAW_ORDER = "l.priority, l.expires_at IS NULL, l.expires_at, l.id"
+DRAW_ORDER = (
+    "l.priority, l.expires_at IS NULL, l.expires_at, l.source NOT IN ("
+    + ", ".join(f"'{source}'" for source in sorted(PROMOTIONAL_SOURCES)) + "), l.id"
+)
 """The draw-down order of `rules.draw_order`, in SQL: the window below sends the prefix of
 lots a draw can reach, so both must sort alike (tests/engine/test_draw_order.py holds them
 equal on PostgreSQL; the rules sort in Python what this path sent and what a unit of work
