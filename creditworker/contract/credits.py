@@ -15,6 +15,7 @@ import types
 import typing
 from collections.abc import Callable
 from datetime import UTC, date, datetime
+from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, TypeVar
 
@@ -173,7 +174,7 @@ class Request(_Message):
     NOT_FINGERPRINTED: ClassVar[frozenset[str]] = frozenset({"idempotency_key"})
     """Fields that say when or how a request was sent, not what it asks: a retry with the
     same key may carry other values and is still the same request."""
-    OMITTED_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset({"credit_type"})
+    OMITTED_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset({"credit_type", "effective_at", "cost_basis"})
     """Fields added after requests were stored: at their default they are left out of the
     fingerprint, so a request stored before them keeps its fingerprint (a retry replays)."""
 
@@ -198,7 +199,7 @@ class Request(_Message):
             parts = []
             for name, head, convert in fields:
                 value = type(self).__name__ if name is None else values[name]
-                if value == DEFAULT_CREDIT_TYPE and name == "credit_type":
+                if name in self.OMITTED_AT_DEFAULT and value == type(self).model_fields[name].default:
                     continue
                 if value is None:
                     parts.append(head + "null")
@@ -294,6 +295,16 @@ class AddCredits(Request):
     description: Description | None = None
     metadata: Metadata | None = None
     credit_type: CreditType = DEFAULT_CREDIT_TYPE
+    effective_at: Moment | None = None
+    """Until this moment the grant is pending: shown, counted in the total, not spendable."""
+    cost_basis: CostBasis | None = None
+    """What was paid per credit, carried onto every draw of the lot (usage values it)."""
+
+    @model_validator(mode="after")
+    def _effective_before_expiry(self) -> AddCredits:
+        if self.effective_at is not None and self.expires_at is not None and self.expires_at <= self.effective_at:
+            raise ValueError("expires_at must be after effective_at")
+        return self
 
 
 class DeductCredits(Request):
@@ -321,6 +332,13 @@ class ReserveCredits(Request):
     """When the caller stops waiting: the engine refuses the reservation after it, and a
     reservation that reaches it later is not applied (`invalid_input`, `applied: false`)."""
     credit_type: CreditType = DEFAULT_CREDIT_TYPE
+
+
+class CostBasis(_Message):
+    """The price paid per credit of a grant: a decimal amount and an ISO 4217 currency."""
+
+    amount: Annotated[Decimal, Field(ge=0, max_digits=24, decimal_places=12, allow_inf_nan=False)]
+    currency: Annotated[str, Strict(), Field(pattern=r"^[A-Z]{3}$")]
 
 
 class CommitReservation(Request):
@@ -439,7 +457,9 @@ class LedgerEntry(BaseModel):
     available_after: int
     lot_id: int | None = None
     reservation_id: str | None = None
-    draws: list[dict[str, int]] = Field(default_factory=list)
+    draws: list[dict[str, Any]] = Field(default_factory=list)
+    """`{"lot_id", "amount"}` per lot drawn, with `unit_cost` (decimal text) and `currency`
+    when the lot has a cost basis."""
     description: str | None = None
     metadata: dict[str, Any] | None = None
     idempotency_key: str
@@ -473,6 +493,8 @@ class CreditLot(BaseModel):
     expires_at: datetime | None
     created_at: datetime
     credit_type: str = DEFAULT_CREDIT_TYPE
+    effective_at: datetime | None = None
+    cost_basis: CostBasis | None = None
 
 
 class TypeTotals(BaseModel):
@@ -483,6 +505,7 @@ class TypeTotals(BaseModel):
     total: int
     reserved: int
     available: int
+    pending: int = 0
 
 
 class CreditsInfo(BaseModel):
@@ -500,6 +523,8 @@ class CreditsInfo(BaseModel):
     """The moment of a balance read in the past (`expiring_soon` is then 0: not computed)."""
     credit_type: str = DEFAULT_CREDIT_TYPE
     """The type the totals above are of."""
+    pending: int = 0
+    """Granted credits not effective yet: in `total`, not in `available`."""
     by_type: dict[str, TypeTotals] | None = None
     """Every type the account holds, when no type was asked for (None when one was)."""
 
@@ -519,6 +544,9 @@ class UsagePeriod(BaseModel):
     voided: int = 0
     refunded: int = 0
     by_kind: dict[str, int] = Field(default_factory=dict)
+    consumed_cost: dict[str, Decimal] = Field(default_factory=dict)
+    """What the consumed credits cost, per currency, from their lots' cost basis (refunds
+    taken off); credits of lots without one are not in it."""
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import Table, and_, bindparam, or_, select
+from sqlalchemy import Table, and_, bindparam, func, or_, select
 from sqlalchemy.engine import Connection
 
-from creditworker.contract.credits import ReservationStatus
-from creditworker.engine.rules import Account, Hold, Lot, draw_order
+from creditworker.contract.credits import DEFAULT_CREDIT_TYPE, ReservationStatus
+from creditworker.engine.rules import Account, Hold, Lot, draw_order, is_pending
 from creditworker.storage.backends import backend_for
 from creditworker.storage.backends.core import DEFAULT_TYPE_LIVE
 from creditworker.storage.database import insert_if_absent
@@ -54,14 +54,19 @@ def create_missing(connection: Connection, user_ids: Collection[str], at: dateti
     }
 
 
-ACCOUNT_COLUMNS = ("user_id", "balance", "reserved", "low_credit_threshold", "low_credit_alerted", "overdraft_limit")
+ACCOUNT_COLUMNS = ("user_id", "balance", "reserved", "low_credit_threshold", "low_credit_alerted", "overdraft_limit",
+                   "pending_until")
 
 
 def lock(connection: Connection, user_ids: Iterable[str]) -> dict[str, Account]:
     """The accounts that exist among `user_ids`, locked for the rest of the transaction."""
     rows = backend_for(connection).rows_where_in(connection, accounts_table, ACCOUNT_COLUMNS, "user_id",
                                                  set(user_ids), order_by="user_id", for_update=True)
-    return {row[0]: Account(row[0], row[1], row[2], row[3], bool(row[4]), row[5]) for row in rows}
+    return {row[0]: _account(row) for row in rows}
+
+
+def _account(row: tuple[Any, ...]) -> Account:
+    return Account(row[0], row[1], row[2], row[3], bool(row[4]), row[5], pending_until=row[6])
 
 
 def lock_with_owners(connection: Connection, user_ids: Iterable[str], hold_ids: Collection[str],
@@ -71,11 +76,11 @@ def lock_with_owners(connection: Connection, user_ids: Iterable[str], hold_ids: 
     owners, rows = backend_for(connection).lock_with_owners(
         connection, accounts_table, ACCOUNT_COLUMNS, holds_table, set(user_ids), hold_ids)
     return ({hold_id: HoldOwner(*owner) for hold_id, owner in owners.items()},
-            {row[0]: Account(row[0], row[1], row[2], row[3], bool(row[4]), row[5]) for row in rows})
+            {row[0]: _account(row) for row in rows})
 
 
 LOT_COLUMNS = ("id", "user_id", "amount", "remaining", "priority", "expires_at", "source", "created_at",
-               "idempotency_key", "credit_type")
+               "idempotency_key", "credit_type", "effective_at", "cost_basis_amount", "cost_basis_currency")
 
 
 
@@ -228,7 +233,8 @@ def load_holds_and_stale(connection: Connection, hold_ids: Collection[str], user
 
 
 _TYPE_BALANCE = (
-    select(balances_table.c.balance, balances_table.c.reserved, balances_table.c.overdraft_limit)
+    select(balances_table.c.balance, balances_table.c.reserved, balances_table.c.overdraft_limit,
+           balances_table.c.pending_until)
     .where(balances_table.c.user_id == bindparam("user_id"),
            balances_table.c.credit_type == bindparam("credit_type"))
 )
@@ -239,15 +245,38 @@ _TYPE_LOTS = (
 )
 
 
-def load_typed(connection: Connection, parent: Account, credit_type: str) -> Account:
+def load_typed(connection: Connection, parent: Account, credit_type: str, at: datetime) -> Account:
     """`parent`'s totals in another credit type, with that type's live lots: read under the
     lock `parent` (the `accounts` row) holds, which every writer of the type's rows takes.
     A type the account never held starts at zero (`stored` False: the writer inserts it)."""
     parameters = {"user_id": parent.user_id, "credit_type": credit_type}
     row = connection.execute(_TYPE_BALANCE, parameters).first()
-    balance, reserved, overdraft_limit = row or (0, 0, 0)
+    balance, reserved, overdraft_limit, pending_until = row or (0, 0, 0, None)
     account = Account(parent.user_id, balance, reserved, None, False, overdraft_limit,
-                      credit_type=credit_type, stored=row is not None)
+                      credit_type=credit_type, stored=row is not None, pending_until=pending_until)
     account.lots = sorted((_lot(tuple(lot)) for lot in connection.execute(_TYPE_LOTS, parameters)), key=draw_order)
     account.lots_loaded = True
+    account.pending = sum(lot.remaining for lot in account.lots if is_pending(lot, at))
     return account
+
+
+_PENDING = (
+    select(lots_table.c.user_id, func.sum(lots_table.c.remaining))
+    .where(lots_table.c.user_id.in_(bindparam("users", expanding=True)),
+           lots_table.c.credit_type == DEFAULT_CREDIT_TYPE, lots_table.c.remaining > 0,
+           lots_table.c.effective_at > bindparam("at", type_=lots_table.c.effective_at.type))
+    .group_by(lots_table.c.user_id)
+)
+
+
+def count_pending(connection: Connection, accounts: Collection[Account], at: datetime) -> None:
+    """Set `pending` of locked accounts whose `pending_until` is still ahead of `at` (only
+    they can have a grant not yet effective; the others read nothing here)."""
+    waiting = {account.user_id: account for account in accounts
+               if account.pending_until is not None and account.pending_until > at}
+    if not waiting:
+        return
+    for account in waiting.values():
+        account.pending = 0
+    for user_id, pending in connection.execute(_PENDING, {"users": sorted(waiting), "at": at}):
+        waiting[user_id].pending = int(pending or 0)

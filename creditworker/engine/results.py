@@ -10,11 +10,12 @@ change, so a replay rebuilds the same dict from the row, and the operation row s
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from functools import lru_cache
 from typing import Any
 
 from creditworker.contract.credits import BatchOutcome
-from creditworker.engine.rules import Hold, Posting
+from creditworker.engine.rules import Hold, Lot, Posting
 
 
 @lru_cache(maxsize=256)
@@ -40,7 +41,8 @@ def entry_record(posting: Posting) -> dict[str, Any]:
         "available_after": posting.balance_after - posting.reserved_after,
         "lot_id": posting.lot.id if posting.lot is not None else None,
         "reservation_id": posting.hold.id if posting.hold is not None else None,
-        "draws": [{"lot_id": lot.id, "amount": taken} for lot, taken in posting.draws],
+        "draws": [{"lot_id": lot.id, "amount": taken} if lot.unit_cost is None else draw_record(lot, taken)
+                  for lot, taken in posting.draws],
         "description": posting.description,
         "metadata": posting.metadata,
         "idempotency_key": posting.idempotency_key,
@@ -48,6 +50,19 @@ def entry_record(posting: Posting) -> dict[str, Any]:
         "credit_type": posting.credit_type,
     }
     return posting.record
+
+
+def draw_record(lot: Lot, taken: int) -> dict[str, Any]:
+    """A draw from a lot with a cost basis: the basis travels with it (decimal as text)."""
+    assert lot.unit_cost is not None
+    return {"lot_id": lot.id, "amount": taken, "unit_cost": decimal_text(lot.unit_cost), "currency": lot.currency}
+
+
+def decimal_text(value: Decimal) -> str:
+    """A decimal as plain text without trailing zeros (`0.010000000000` read back from a
+    NUMERIC column is `0.01`, as it was given)."""
+    text = format(value, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def referenced_entry(stored: dict[str, Any]) -> int | None:

@@ -28,6 +28,7 @@ from creditworker.contract.credits import (
     BatchOutcome,
     ChangeLotExpiry,
     CommitReservation,
+    CostBasis,
     CreditLot,
     CreditsInfo,
     DeductCredits,
@@ -174,14 +175,18 @@ class CreditService:
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
         credit_type: str = DEFAULT_CREDIT_TYPE,
+        effective_at: datetime | None = None,
+        cost_basis: CostBasis | Mapping[str, Any] | None = None,
         now: datetime | None = None,
     ) -> LedgerEntry:
         """Grant a lot of credits of `credit_type`; a negative balance (from an overage) of
-        that type is paid off first."""
+        that type is paid off first. A grant `effective_at` a later moment is pending until
+        then (in the total, not spendable; no job flips it). `cost_basis` (`{"amount":
+        Decimal, "currency": "USD"}`) is the price per credit, carried onto every draw."""
         request = self._parse(
             AddCredits, user_id=user_id, amount=amount, expires_at=expires_at, priority=priority,
             source=source, description=description, metadata=metadata, idempotency_key=idempotency_key,
-            credit_type=credit_type,
+            credit_type=credit_type, effective_at=effective_at, cost_basis=cost_basis,
         )
         return self._apply_one(request, LedgerEntry, now)
 
@@ -541,8 +546,15 @@ class CreditService:
         with Session(self.engine) as session:
             account = self._account(session, request.user_id)
             totals = {DEFAULT_CREDIT_TYPE: (account.balance, account.reserved)}
-            totals.update((row.credit_type, (row.balance, row.reserved)) for row in session.scalars(
-                select(TypeBalance).where(TypeBalance.user_id == request.user_id)))
+            waiting = account.pending_until is not None and account.pending_until > at
+            for row in session.scalars(select(TypeBalance).where(TypeBalance.user_id == request.user_id)):
+                totals[row.credit_type] = (row.balance, row.reserved)
+                waiting = waiting or (row.pending_until is not None and row.pending_until > at)
+            pending = dict(session.execute(  # grants not effective yet: in the total, not available
+                select(Lot.credit_type, func.sum(Lot.remaining)).where(
+                    Lot.user_id == request.user_id, Lot.remaining > 0, Lot.effective_at > at,
+                ).group_by(Lot.credit_type)
+            ).all()) if waiting else {}
             # holds past their TTL no longer count, released or not yet
             stale = dict(session.execute(
                 select(Hold.credit_type, func.sum(Hold.amount)).where(
@@ -558,7 +570,9 @@ class CreditService:
             )
             by_type = {
                 name: TypeTotals(total=balance, reserved=reserved - int(stale.get(name) or 0),
-                                      available=balance - reserved + int(stale.get(name) or 0))
+                                 available=balance - reserved + int(stale.get(name) or 0)
+                                 - int(pending.get(name) or 0),
+                                 pending=int(pending.get(name) or 0))
                 for name, (balance, reserved) in sorted(totals.items())
             }
             figures = by_type.get(asked) or TypeTotals(total=0, reserved=0, available=0)
@@ -570,6 +584,7 @@ class CreditService:
                 expiring_soon=int(expiring or 0),
                 expiring_within_days=request.within_days,
                 credit_type=asked,
+                pending=figures.pending,
                 by_type=by_type if request.credit_type is None else None,
             )
 
@@ -773,7 +788,9 @@ class CreditService:
                 uow.account(request.user_id, request.credit_type), request.amount, at=at, key=key,
                 expires_at=request.expires_at,
                 priority=request.priority or 0, source=request.source.value, description=request.description,
-                metadata=request.metadata,
+                metadata=request.metadata, effective_at=request.effective_at,
+                unit_cost=request.cost_basis.amount if request.cost_basis else None,
+                currency=request.cost_basis.currency if request.cost_basis else None,
             ))
         if isinstance(request, ReserveCredits):
             account = uow.account(request.user_id, request.credit_type)  # locked since the unit of work began

@@ -149,6 +149,9 @@ class UnitOfWork:
             locked = accounts.lock(self.connection,
                                    {*user_ids, *creating, *(owner.user_id for owner in owners.values())})
         self.accounts.update(locked)
+        if callable(with_lots) and any(account.pending_until is not None and account.pending_until > self.at
+                                       for account in locked.values()):
+            with_lots = True  # a prefix of the draw-down order may be a pending lot: read them all
         holding = [user_id for user_id, account in locked.items() if account.reserved > 0] if stale_holds else []
         stale: list[Hold] | None = None
         folded = callable(with_lots) and self.backend.folds_reads  # the lots' query reads the holds
@@ -171,6 +174,7 @@ class UnitOfWork:
                     stale = read.stale_holds
         if stale is None and holding:
             stale = accounts.stale_holds(self.connection, holding, self.at)
+        accounts.count_pending(self.connection, locked.values(), self.at)
         for hold in stale or ():
             self.stale_holds.append(self.holds.setdefault(hold.id, hold))
         return created
@@ -185,7 +189,8 @@ class UnitOfWork:
             return account
         typed = self.typed.get((user_id, credit_type))
         if typed is None:
-            typed = self.typed[(user_id, credit_type)] = accounts.load_typed(self.connection, account, credit_type)
+            typed = self.typed[(user_id, credit_type)] = accounts.load_typed(self.connection, account, credit_type,
+                                                                             self.at)
         return typed
 
     def hold(self, reservation_id: str) -> Hold:
@@ -226,7 +231,7 @@ class UnitOfWork:
         threshold = low_credit_crossing(account, self.low_credit_threshold)
         if threshold is not None:
             self.emit(CreditsLow(event_id=new_event_id(), occurred_at=self.at, user_id=account.user_id,
-                                 available=account.available, threshold=threshold))
+                                 available=account.spendable, threshold=threshold))
         return posting
 
     def expire_hold(self, hold: Hold) -> bool:

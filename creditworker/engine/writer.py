@@ -9,6 +9,7 @@ id), outbox events. A single operation is a unit of one; a batch of a thousand t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, cast
@@ -18,6 +19,7 @@ from sqlalchemy.engine import Connection
 
 from creditworker.contract.events import _Event
 from creditworker.engine.account import accounts_table, balances_table, holds_table, lots_table
+from creditworker.engine.results import draw_record
 from creditworker.engine.rules import Account, Hold, Lot, Posting
 from creditworker.engine.unit_of_work import OperationRecord, UnitOfWork
 from creditworker.records.outbox import event_row
@@ -80,7 +82,7 @@ def write(uow: UnitOfWork) -> None:
         {"user_id": account.user_id, "balance": account.balance, "reserved": account.reserved,
          "low_credit_threshold": account.low_credit_threshold,
          "low_credit_alerted": account.low_credit_alerted, "overdraft_limit": account.overdraft_limit,
-         "updated_at": at}
+         "pending_until": account.pending_until, "updated_at": at}
         for account in uow.touched.values()
     ])
     script.insert(outbox_table, [event_row(_built(event)) for event in uow.events])
@@ -136,7 +138,8 @@ def _draws_json(draws: list[tuple[Lot, int]]) -> Json | None:
     psycopg2 path sends it as it is; the Core path parses it back for SQLAlchemy)."""
     if not draws:
         return None
-    return Json("[" + ", ".join(f'{{"lot_id": {lot.id}, "amount": {taken}}}' for lot, taken in draws) + "]")
+    return Json("[" + ", ".join(f'{{"lot_id": {lot.id}, "amount": {taken}}}' if lot.unit_cost is None
+                                else json.dumps(draw_record(lot, taken)) for lot, taken in draws) + "]")
 
 
 def _built(event: _Event | Callable[[], _Event]) -> _Event:
@@ -146,7 +149,8 @@ def _built(event: _Event | Callable[[], _Event]) -> _Event:
 def _lot_row(lot: Lot) -> dict[str, Any]:
     return {"user_id": lot.user_id, "amount": lot.amount, "remaining": lot.remaining, "source": lot.source,
             "priority": lot.priority, "expires_at": lot.expires_at, "created_at": lot.created_at,
-            "idempotency_key": lot.idempotency_key, "credit_type": lot.credit_type}
+            "idempotency_key": lot.idempotency_key, "credit_type": lot.credit_type,
+            "effective_at": lot.effective_at, "cost_basis_amount": lot.unit_cost, "cost_basis_currency": lot.currency}
 
 
 def _hold_row(hold: Hold) -> dict[str, Any]:
@@ -161,7 +165,8 @@ _UPDATE_TYPED = (
     .where(and_(balances_table.c.user_id == bindparam("key_user_id"),
                 balances_table.c.credit_type == bindparam("key_credit_type")))
     .values(balance=bindparam("balance"), reserved=bindparam("reserved"),
-            overdraft_limit=bindparam("overdraft_limit"), updated_at=bindparam("updated_at"))
+            overdraft_limit=bindparam("overdraft_limit"), pending_until=bindparam("pending_until"),
+            updated_at=bindparam("updated_at"))
 )
 
 
@@ -174,7 +179,7 @@ def _write_typed(connection: Connection, accounts: list[Account], at: datetime) 
         connection.execute(insert(balances_table), [
             {"user_id": account.user_id, "credit_type": account.credit_type, "balance": account.balance,
              "reserved": account.reserved, "overdraft_limit": account.overdraft_limit,
-             "created_at": at, "updated_at": at}
+             "pending_until": account.pending_until, "created_at": at, "updated_at": at}
             for account in new
         ])
         for account in new:
@@ -183,6 +188,7 @@ def _write_typed(connection: Connection, accounts: list[Account], at: datetime) 
     if changed:
         connection.execute(_UPDATE_TYPED, [
             {"key_user_id": account.user_id, "key_credit_type": account.credit_type, "balance": account.balance,
-             "reserved": account.reserved, "overdraft_limit": account.overdraft_limit, "updated_at": at}
+             "reserved": account.reserved, "overdraft_limit": account.overdraft_limit,
+             "pending_until": account.pending_until, "updated_at": at}
             for account in changed
         ])

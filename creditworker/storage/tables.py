@@ -108,6 +108,9 @@ class Account(Base):
     """Set when a credits.low event fired; cleared when available is back at the threshold."""
     overdraft_limit: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     """How far below zero `available` may go: 0 unless an allowed overage made a debt."""
+    pending_until: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    """The latest `effective_at` of the default type's grants (migration 0010): until then
+    a write reads the account's pending lots; after it, nothing is pending and no job ran."""
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
@@ -138,6 +141,7 @@ class TypeBalance(Base):
     balance: Mapped[int] = mapped_column(BigInteger, default=0)
     reserved: Mapped[int] = mapped_column(BigInteger, default=0)
     overdraft_limit: Mapped[int] = mapped_column(BigInteger, default=0)
+    pending_until: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
@@ -169,6 +173,11 @@ class Lot(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     idempotency_key: Mapped[str] = mapped_column(_identifier(MAX_KEY_LENGTH))
     credit_type: Mapped[str] = _credit_type()
+    effective_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    """Before this moment the lot is pending: counted in the balance, not spendable."""
+    cost_basis_amount: Mapped[Decimal | None] = mapped_column(Numeric(24, 12), nullable=True)
+    """What was paid per credit of this lot (in `cost_basis_currency`), carried onto draws."""
+    cost_basis_currency: Mapped[str | None] = mapped_column(String(3), nullable=True)
 
 
 class Hold(Base):

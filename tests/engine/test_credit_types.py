@@ -4,6 +4,7 @@ type, and types never mix (a deduct of `images` never draws `credits`)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -171,3 +172,75 @@ def test_promotional_credits_are_drawn_before_paid_ones_at_equal_priority_and_ex
     assert remaining(engine, "jo") == {"credits": [5, 0, 10, 0]}
     service.deduct_credits("jo", 10, now=NOW)
     assert remaining(engine, "jo") == {"credits": [0, 0, 5, 0]}
+
+
+# ---------------------------------------------------------------- grant attributes
+
+
+def test_a_grant_effective_later_is_pending_until_its_moment_with_no_job(
+        service: CreditService, engine: Engine) -> None:
+    monday = NOW + timedelta(days=3)
+    service.add_credits("kim", 10, now=NOW)
+    service.add_credits("kim", 50, effective_at=monday, source="promotional", now=NOW)
+    info = service.get_user_credits_info("kim", now=NOW)
+    assert (info.total, info.pending, info.available) == (60, 50, 10)
+    assert info.by_type is not None and info.by_type["credits"].pending == 50
+    with pytest.raises(InsufficientCredits) as refused:
+        service.deduct_credits("kim", 11, now=NOW)
+    assert (refused.value.details["available"], refused.value.details["pending"]) == (10, 50)
+    with pytest.raises(InsufficientCredits):
+        service.reserve_credits("kim", 11, now=NOW)
+    service.deduct_credits("kim", 10, now=NOW)  # draws the effective lot only
+    assert remaining(engine, "kim") == {"credits": [0, 50]}
+    after = monday + timedelta(seconds=1)
+    info = service.get_user_credits_info("kim", now=after)
+    assert (info.total, info.pending, info.available) == (50, 0, 50)
+    service.deduct_credits("kim", 20, now=after)
+    assert remaining(engine, "kim") == {"credits": [0, 30]}
+
+
+def test_a_pending_grant_of_another_type_and_in_a_batch(service: CreditService, engine: Engine) -> None:
+    later = NOW + timedelta(hours=1)
+    outcomes = service.apply_batch([
+        {"op": "add", "user_id": "lee", "amount": 5, "credit_type": "images"},
+        {"op": "add", "user_id": "lee", "amount": 7, "credit_type": "images", "effective_at": later.isoformat()},
+        {"op": "deduct", "user_id": "lee", "amount": 6, "credit_type": "images"},
+        {"op": "deduct", "user_id": "lee", "amount": 5, "credit_type": "images"},
+    ], now=NOW)
+    assert [outcome.ok for outcome in outcomes] == [True, True, False, True]
+    images = service.get_user_credits_info("lee", credit_type="images", now=NOW)
+    assert (images.total, images.pending, images.available) == (7, 7, 0)
+    service.deduct_credits("lee", 7, credit_type="images", now=later)
+    assert remaining(engine, "lee") == {"images": [0, 0]}
+
+
+def test_a_pending_lot_can_be_voided_and_bad_grant_attributes_change_nothing(
+        service: CreditService, engine: Engine) -> None:
+    service.add_credits("max", 4, now=NOW)
+    grant = service.add_credits("max", 9, effective_at=NOW + timedelta(days=1), now=NOW)
+    assert grant.lot_id is not None
+    service.void_lot(grant.lot_id, reason="refund", now=NOW)
+    assert service.get_user_credits_info("max", now=NOW).pending == 0
+    for bad in ({"effective_at": datetime(1969, 12, 31, tzinfo=UTC)},
+                {"cost_basis": {"amount": "0.01", "currency": "usd"}},
+                {"cost_basis": {"amount": "0.01", "currency": "EURO"}},
+                {"cost_basis": {"amount": "-1", "currency": "USD"}},
+                {"effective_at": NOW + timedelta(days=2), "expires_at": NOW + timedelta(days=1)}):
+        with pytest.raises(ValidationFailed) as refused:
+            service.add_credits("max", 1, now=NOW, **bad)  # type: ignore[arg-type]
+        assert refused.value.code == "invalid_input"
+    assert remaining(engine, "max") == {"credits": [4, 0]}
+
+
+def test_the_cost_basis_is_kept_on_the_lot_and_carried_onto_each_draw(
+        service: CreditService, engine: Engine) -> None:
+    service.add_credits("nia", 100, cost_basis={"amount": Decimal("0.02"), "currency": "USD"}, priority=0,
+                        now=NOW)
+    service.add_credits("nia", 100, source="bonus", priority=1, now=NOW)  # free credits, drawn after
+    entry = service.deduct_credits("nia", 120, now=NOW)
+    assert [(draw["amount"], draw.get("unit_cost"), draw.get("currency")) for draw in entry.draws] == [
+        (100, "0.02", "USD"), (20, None, None)]
+    with Session(engine) as session:
+        lot = session.scalars(select(Lot).where(Lot.user_id == "nia").order_by(Lot.id)).first()
+    assert lot is not None and (lot.cost_basis_amount, lot.cost_basis_currency) == (Decimal("0.02"), "USD")
+    assert service.get_history("nia", kinds=["deduct"])[0].draws == entry.draws

@@ -54,8 +54,9 @@ PINNED = [
 def model_dump_fingerprint(request: Request) -> str:
     """The fingerprint as it was computed before (and still is, for models of other fields)."""
     body = request.model_dump(mode="json", exclude=set(request.NOT_FINGERPRINTED))
-    if body.get("credit_type") == "credits":  # a field added later, left out at its default
-        del body["credit_type"]
+    for name, default in (("credit_type", "credits"), ("effective_at", None), ("cost_basis", None)):
+        if name in body and body[name] == default:  # fields added later, left out at their default
+            del body[name]
     canonical = json.dumps({"op": type(request).__name__, **body}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from functools import cache, lru_cache
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Integer, Table
+from sqlalchemy import JSON, Boolean, Integer, Numeric, Table
 from sqlalchemy.engine import Connection
 
 from creditworker.contract.credits import DEFAULT_CREDIT_TYPE, PROMOTIONAL_SOURCES
@@ -605,6 +605,8 @@ def _pg_type(table: Table, name: str) -> str:
         return "boolean"
     if isinstance(column_type, Integer):  # BigInteger is an Integer
         return "bigint"
+    if isinstance(column_type, Numeric):  # sent as text, like the others
+        return "numeric"
     return "text"
 
 
