@@ -151,7 +151,7 @@ class AsyncCreditClient:
 
     async def get_usage(
         self, user_id: str | None = None, *, start: datetime, end: datetime,
-        granularity: str = "day",
+        granularity: str = "day", credit_type: str | None = None,
     ) -> AsyncTaskHandle[list[UsagePeriod]]:
         return await self._call("get_usage", locals())
 

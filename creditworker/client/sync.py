@@ -240,7 +240,7 @@ class CreditClient:
 
     def get_usage(
         self, user_id: str | None = None, *, start: datetime, end: datetime,
-        granularity: str = "day",
+        granularity: str = "day", credit_type: str | None = None,
     ) -> TaskHandle[list[UsagePeriod]]:
         return self._call(GetUsage, locals())
 

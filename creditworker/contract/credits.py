@@ -413,6 +413,8 @@ class GetUsage(_Message):
     end: Moment
     granularity: Granularity = Granularity.DAY
     user_id: UserId | None = None
+    credit_type: CreditType | None = None
+    """One credit type's usage (None: every type's together)."""
 
     @model_validator(mode="after")
     def _ordered(self) -> GetUsage:

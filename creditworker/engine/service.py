@@ -602,16 +602,18 @@ class CreditService:
 
     def get_usage(
         self, user_id: str | None = None, *, start: datetime, end: datetime,
-        granularity: str = "day",
+        granularity: str = "day", credit_type: str | None = None,
     ) -> list[UsagePeriod]:
-        """Credits granted, consumed, expired, voided and refunded per day or month of
-        [start, end): one user's, or every account's together when `user_id` is None."""
-        request = self._parse(GetUsage, user_id=user_id, start=start, end=end, granularity=granularity)
+        """Credits granted, consumed (and what they cost, from their lots' cost basis),
+        expired, voided and refunded per day or month of [start, end): one user's, or every
+        account's together when `user_id` is None; of one credit type, or of all."""
+        request = self._parse(GetUsage, user_id=user_id, start=start, end=end, granularity=granularity,
+                              credit_type=credit_type)
         with Session(self.engine) as session:
             if request.user_id is not None:
                 self._account(session, request.user_id)
             return reports.usage(session, request.user_id, request.start, request.end,
-                                 request.granularity)
+                                 request.granularity, request.credit_type)
 
     def get_history(
         self,

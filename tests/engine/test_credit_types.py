@@ -244,3 +244,17 @@ def test_the_cost_basis_is_kept_on_the_lot_and_carried_onto_each_draw(
         lot = session.scalars(select(Lot).where(Lot.user_id == "nia").order_by(Lot.id)).first()
     assert lot is not None and (lot.cost_basis_amount, lot.cost_basis_currency) == (Decimal("0.02"), "USD")
     assert service.get_history("nia", kinds=["deduct"])[0].draws == entry.draws
+
+
+def test_usage_values_consumption_with_the_cost_basis_per_type(service: CreditService) -> None:
+    service.add_credits("oli", 100, cost_basis={"amount": "0.02", "currency": "USD"}, now=NOW)
+    service.add_credits("oli", 10, credit_type="images", cost_basis={"amount": "0.5", "currency": "EUR"}, now=NOW)
+    spent = service.deduct_credits("oli", 30, now=NOW)
+    service.refund_deduction(spent.id, amount=10, reason="correction", now=NOW)
+    service.deduct_credits("oli", 4, credit_type="images", now=NOW)
+    window = {"start": NOW - timedelta(days=1), "end": NOW + timedelta(days=1)}
+    (every,) = service.get_usage("oli", **window)
+    assert (every.consumed, every.refunded, every.consumed_cost) == (
+        34, 10, {"USD": Decimal("0.40"), "EUR": Decimal("2.0")})
+    (images,) = service.get_usage("oli", credit_type="images", **window)
+    assert (images.granted, images.consumed, images.consumed_cost) == (10, 4, {"EUR": Decimal("2.0")})

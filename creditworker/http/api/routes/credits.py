@@ -79,9 +79,10 @@ async def usage(
     user_id: Annotated[
         str | None, Query(description="One user's usage; every account's without it.")
     ] = None,
+    credit_type: Annotated[str | None, Query(description="One credit type's usage (default: every type).")] = None,
 ) -> JSONResponse:
     return json_answer(await run.read(
-        USAGE, user_id, start=start, end=end, granularity=granularity.value,
+        USAGE, user_id, start=start, end=end, granularity=granularity.value, credit_type=credit_type,
     ))
 
 
