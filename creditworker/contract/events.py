@@ -27,7 +27,13 @@ class _Event(BaseModel):
     user_id: str
 
 
-class CreditsLow(_Event):
+class _CreditEvent(_Event):
+    """An event about one credit type of an account (the default type's unless it says)."""
+
+    credit_type: str = "credits"
+
+
+class CreditsLow(_CreditEvent):
     """The available balance crossed below the account's threshold (once per crossing)."""
 
     type: Literal["credits.low"] = "credits.low"
@@ -35,7 +41,7 @@ class CreditsLow(_Event):
     threshold: int
 
 
-class CreditsExpiring(_Event):
+class CreditsExpiring(_CreditEvent):
     """A reminder that a lot expires within `days_before` days (once per lot and day)."""
 
     type: Literal["credits.expiring"] = "credits.expiring"
@@ -45,13 +51,13 @@ class CreditsExpiring(_Event):
     days_before: int
 
 
-class CreditsExpired(_Event):
+class CreditsExpired(_CreditEvent):
     type: Literal["credits.expired"] = "credits.expired"
     lot_id: int
     amount: int
 
 
-class CreditsVoided(_Event):
+class CreditsVoided(_CreditEvent):
     """A correction removed credits of a lot (`void_lot`)."""
 
     type: Literal["credits.voided"] = "credits.voided"
@@ -60,7 +66,7 @@ class CreditsVoided(_Event):
     reason: str
 
 
-class CreditsRefunded(_Event):
+class CreditsRefunded(_CreditEvent):
     """A correction gave back (part of) a deduction or commit (`refund_deduction`)."""
 
     type: Literal["credits.refunded"] = "credits.refunded"
@@ -70,7 +76,7 @@ class CreditsRefunded(_Event):
     reason: str
 
 
-class CreditsExpiryChanged(_Event):
+class CreditsExpiryChanged(_CreditEvent):
     """A correction moved a lot's expiry (`change_lot_expiry`)."""
 
     type: Literal["credits.expiry_changed"] = "credits.expiry_changed"
@@ -79,7 +85,7 @@ class CreditsExpiryChanged(_Event):
     previous_expires_at: datetime | None
 
 
-class ReservationExpired(_Event):
+class ReservationExpired(_CreditEvent):
     type: Literal["reservation.expired"] = "reservation.expired"
     reservation_id: str
     amount: int

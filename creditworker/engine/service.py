@@ -286,7 +286,8 @@ class CreditService:
                                           reason=request.reason, at=uow.at, key=key))
             assert lot.id is not None
             uow.emit(CreditsVoided(event_id=new_event_id(), occurred_at=uow.at, user_id=lot.user_id,
-                                   lot_id=lot.id, amount=-posting.amount, reason=request.reason))
+                                   lot_id=lot.id, amount=-posting.amount, reason=request.reason,
+                                   credit_type=lot.credit_type))
             return posting
 
         return self._correct_lot(request, decide, now)
@@ -312,11 +313,11 @@ class CreditService:
             assert lot.id is not None
             uow.emit(CreditsExpiryChanged(event_id=new_event_id(), occurred_at=uow.at, user_id=lot.user_id,
                                           lot_id=lot.id, expires_at=request.expires_at,
-                                          previous_expires_at=previous))
+                                          previous_expires_at=previous, credit_type=lot.credit_type))
             for posting in expired:
                 uow.post(posting)
                 uow.emit(CreditsExpired(event_id=new_event_id(), occurred_at=uow.at, user_id=lot.user_id,
-                                        lot_id=lot.id, amount=-posting.amount))
+                                        lot_id=lot.id, amount=-posting.amount, credit_type=lot.credit_type))
             return changed
 
         return self._correct_lot(request, decide, now)
@@ -361,12 +362,13 @@ class CreditService:
                 request.amount, entry_id=request.entry_id, reason=request.reason, at=uow.at, key=key)
             uow.post(given)
             uow.emit(CreditsRefunded(event_id=new_event_id(), occurred_at=uow.at, user_id=user_id,
-                                     entry_id=request.entry_id, amount=given.amount, reason=request.reason))
+                                     entry_id=request.entry_id, amount=given.amount, reason=request.reason,
+                                     credit_type=credit_type))
             for posting in expired:
                 uow.post(posting)
                 assert posting.lot is not None and posting.lot.id is not None
                 uow.emit(CreditsExpired(event_id=new_event_id(), occurred_at=uow.at, user_id=user_id,
-                                        lot_id=posting.lot.id, amount=-posting.amount))
+                                        lot_id=posting.lot.id, amount=-posting.amount, credit_type=credit_type))
             return given
 
         return self._correct(request, owner, decide, now)

@@ -73,7 +73,7 @@ def _expire_lot_chunk(uow: UnitOfWork, lot_ids: list[int], owners: set[str]) -> 
             uow.record_system_operation(posting.idempotency_key, "ExpireLot", user_id)
             assert posting.lot is not None and posting.lot.id is not None
             uow.emit(CreditsExpired(event_id=new_event_id(), occurred_at=uow.at, user_id=user_id,
-                                    lot_id=posting.lot.id, amount=-posting.amount))
+                                    lot_id=posting.lot.id, amount=-posting.amount, credit_type=credit_type))
             written += 1
     return written
 
@@ -132,7 +132,8 @@ def _remind_chunk(uow: UnitOfWork, lot_ids: list[int], days: Sequence[int]) -> i
         lot = due[(lot_id, day)]
         assert lot.expires_at is not None
         uow.emit(CreditsExpiring(event_id=new_event_id(), occurred_at=uow.at, user_id=lot.user_id, lot_id=lot_id,
-                                 remaining=lot.remaining, expires_at=lot.expires_at, days_before=day))
+                                 remaining=lot.remaining, expires_at=lot.expires_at, days_before=day,
+                                 credit_type=lot.credit_type))
     return len(claimed)
 
 

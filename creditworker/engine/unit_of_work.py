@@ -243,7 +243,7 @@ class UnitOfWork:
         self.post(posting)
         self.record_system_operation(posting.idempotency_key, "ExpireReservation", hold.user_id)
         self.emit(ReservationExpired(event_id=new_event_id(), occurred_at=self.at, user_id=hold.user_id,
-                                     reservation_id=hold.id, amount=hold.amount))
+                                     reservation_id=hold.id, amount=hold.amount, credit_type=hold.credit_type))
         return True
 
     def expire_stale_holds(self) -> int:

@@ -258,3 +258,21 @@ def test_usage_values_consumption_with_the_cost_basis_per_type(service: CreditSe
         34, 10, {"USD": Decimal("0.40"), "EUR": Decimal("2.0")})
     (images,) = service.get_usage("oli", credit_type="images", **window)
     assert (images.granted, images.consumed, images.consumed_cost) == (10, 4, {"EUR": Decimal("2.0")})
+
+
+def test_events_on_the_notification_exchange_carry_their_credit_type(service: CreditService, engine: Engine) -> None:
+    from creditworker.contract.events import parse_event
+    from creditworker.storage.tables import OutboxEvent
+
+    service.add_credits("pat", 5, credit_type="images", expires_at=NOW + timedelta(days=1), now=NOW)
+    service.add_credits("pat", 5, expires_at=NOW + timedelta(days=1), now=NOW)
+    service.reserve_credits("pat", 1, credit_type="images", ttl_seconds=60, now=NOW)
+    later = NOW + timedelta(days=2)
+    service.release_stale_reservations(now=later)
+    service.expire_credits(now=later)
+    with Session(engine) as session:
+        payloads = list(session.scalars(select(OutboxEvent.payload).order_by(OutboxEvent.id)))
+    sent = sorted((event["type"], event["credit_type"]) for event in payloads if event["user_id"] == "pat")
+    assert sent == [("credits.expired", "credits"), ("credits.expired", "images"), ("reservation.expired", "images")]
+    assert all(parse_event(event).credit_type in ("credits", "images") for event in payloads  # type: ignore[attr-defined]
+               if event["user_id"] == "pat")
