@@ -200,12 +200,15 @@ _STALE_HOLDS = (
 )
 
 
-def stale_holds(connection: Connection, user_ids: Collection[str], at: datetime) -> list[Hold]:
-    """The active holds of `user_ids` past their TTL at `at`, read after their accounts were
-    locked: they no longer count, and the unit of work releases them with their entries."""
+def stale_holds(connection: Connection, user_ids: Collection[str], at: datetime,
+                credit_type: str | None = None) -> list[Hold]:
+    """The active holds of `user_ids` (of `credit_type`, or of every type) past their TTL at
+    `at`, read after their accounts were locked: they no longer count, and the unit of work
+    releases them with their entries."""
     if not user_ids:
         return []
-    return [Hold(*row) for row in connection.execute(_STALE_HOLDS, {"users": sorted(user_ids), "at": at})]
+    found = [Hold(*row) for row in connection.execute(_STALE_HOLDS, {"users": sorted(user_ids), "at": at})]
+    return found if credit_type is None else [hold for hold in found if hold.credit_type == credit_type]
 
 
 _HOLDS_AND_STALE = (

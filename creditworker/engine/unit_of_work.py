@@ -99,6 +99,8 @@ class UnitOfWork:
         """Lot ids `lock` took from their sequence, ascending: with enough of them, new lots
         go in the writer's statement instead of one of their own."""
         self.stale_holds: list[Hold] = []
+        self.releases_stale = False
+        """`lock` was asked for stale holds: another type's are released when it is loaded."""
         """The locked accounts' active holds past their TTL, when `lock` was asked for them."""
 
     @property
@@ -175,8 +177,10 @@ class UnitOfWork:
         if stale is None and holding:
             stale = accounts.stale_holds(self.connection, holding, self.at)
         accounts.count_pending(self.connection, locked.values(), self.at)
+        self.releases_stale = stale_holds
         for hold in stale or ():
-            self.stale_holds.append(self.holds.setdefault(hold.id, hold))
+            if hold.credit_type == DEFAULT_CREDIT_TYPE:  # another type's: when that type is loaded
+                self.stale_holds.append(self.holds.setdefault(hold.id, hold))
         return created
 
     def account(self, user_id: str, credit_type: str = DEFAULT_CREDIT_TYPE) -> Account:
@@ -191,6 +195,9 @@ class UnitOfWork:
         if typed is None:
             typed = self.typed[(user_id, credit_type)] = accounts.load_typed(self.connection, account, credit_type,
                                                                              self.at)
+            if self.releases_stale and typed.reserved > 0:  # as `lock` does for the default type
+                for hold in accounts.stale_holds(self.connection, [user_id], self.at, credit_type):
+                    self.expire_hold(self.holds.setdefault(hold.id, hold))
         return typed
 
     def hold(self, reservation_id: str) -> Hold:
