@@ -235,32 +235,46 @@ def load_holds_and_stale(connection: Connection, hold_ids: Collection[str], user
     return {hold.id: hold for hold in holds if hold.id in named}, stale
 
 
-_TYPE_BALANCE = (
-    select(balances_table.c.balance, balances_table.c.reserved, balances_table.c.overdraft_limit,
-           balances_table.c.pending_until)
-    .where(balances_table.c.user_id == bindparam("user_id"),
-           balances_table.c.credit_type == bindparam("credit_type"))
+_TYPE_BALANCES = (
+    select(balances_table.c.user_id, balances_table.c.credit_type, balances_table.c.balance,
+           balances_table.c.reserved, balances_table.c.overdraft_limit, balances_table.c.pending_until)
+    .where(balances_table.c.user_id.in_(bindparam("users", expanding=True)),
+           balances_table.c.credit_type.in_(bindparam("types", expanding=True)))
 )
 _TYPE_LOTS = (
     select(*(lots_table.c[column] for column in LOT_COLUMNS))
-    .where(lots_table.c.user_id == bindparam("user_id"), lots_table.c.credit_type == bindparam("credit_type"),
-           lots_table.c.remaining > 0)
+    .where(lots_table.c.user_id.in_(bindparam("users", expanding=True)),
+           lots_table.c.credit_type.in_(bindparam("types", expanding=True)), lots_table.c.remaining > 0)
 )
 
 
-def load_typed(connection: Connection, parent: Account, credit_type: str, at: datetime) -> Account:
-    """`parent`'s totals in another credit type, with that type's live lots: read under the
-    lock `parent` (the `accounts` row) holds, which every writer of the type's rows takes.
-    A type the account never held starts at zero (`stored` False: the writer inserts it)."""
-    parameters = {"user_id": parent.user_id, "credit_type": credit_type}
-    row = connection.execute(_TYPE_BALANCE, parameters).first()
-    balance, reserved, overdraft_limit, pending_until = row or (0, 0, 0, None)
-    account = Account(parent.user_id, balance, reserved, None, False, overdraft_limit,
-                      credit_type=credit_type, stored=row is not None, pending_until=pending_until)
-    account.lots = sorted((_lot(tuple(lot)) for lot in connection.execute(_TYPE_LOTS, parameters)), key=draw_order)
-    account.lots_loaded = True
-    account.pending = sum(lot.remaining for lot in account.lots if is_pending(lot, at))
-    return account
+def load_typed(connection: Connection, pairs: Collection[tuple[str, str]], at: datetime) -> list[Account]:
+    """Accounts' totals in other credit types than the default, with those types' live lots,
+    for the (user id, type) pairs given (two queries): read under the lock their `accounts`
+    rows hold, which every writer of their rows takes. A type an account never held starts
+    at zero (`stored` False: the writer inserts its row)."""
+    parameters = {"users": sorted({user_id for user_id, _type in pairs}),
+                  "types": sorted({credit_type for _user, credit_type in pairs})}
+    found: dict[tuple[str, str], Account] = {}
+    for user_id, credit_type, balance, reserved, overdraft_limit, pending_until in connection.execute(
+            _TYPE_BALANCES, parameters):
+        if (user_id, credit_type) in pairs:
+            found[(user_id, credit_type)] = Account(user_id, balance, reserved, None, False, overdraft_limit,
+                                                    credit_type=credit_type, pending_until=pending_until)
+    for user_id, credit_type in pairs:
+        if (user_id, credit_type) not in found:
+            found[(user_id, credit_type)] = Account(user_id, 0, 0, None, False, credit_type=credit_type,
+                                                    stored=False)
+    for account in found.values():
+        account.lots, account.lots_loaded = [], True
+    for row in connection.execute(_TYPE_LOTS, parameters):
+        account = found.get((row[1], row[9]))  # user_id, credit_type
+        if account is not None:
+            account.lots.append(_lot(tuple(row)))
+    for account in found.values():
+        account.lots.sort(key=draw_order)
+        account.pending = sum(lot.remaining for lot in account.lots if is_pending(lot, at))
+    return list(found.values())
 
 
 _PENDING = (

@@ -745,6 +745,8 @@ class CreditService:
                           with_lots=batch.drawing if reading else False, operation_keys=batch.chosen,
                           entry_ids=len(batch.valid), lot_ids=batch.grants, stale_holds=True)
         uow.expire_stale_holds()  # before the items: a hold past its TTL no longer counts
+        if batch.typed:
+            uow.load_types(batch.typed)
         known = uow.known_operations(batch.chosen)
         results: list[ResultSource | CreditError | None] = [None] * len(requests)
         refused: list[tuple[Request, CreditError]] = []
@@ -892,6 +894,10 @@ class _Batch:
         self.deducted: dict[str, int] = {}
         self.commits: list[CommitReservation] = []
         self.reserving = any(isinstance(request, ReserveCredits) for request in valid)
+        self.typed = {(request.user_id, request.credit_type) for request in valid
+                      if isinstance(request, (AddCredits, DeductCredits, ReserveCredits))
+                      and request.credit_type != DEFAULT_CREDIT_TYPE}
+        """The (user, credit type) pairs of other types than the default, read up front."""
         for request in valid:
             if isinstance(request, DeductCredits):
                 if request.credit_type == DEFAULT_CREDIT_TYPE:  # another type's lots come with its totals

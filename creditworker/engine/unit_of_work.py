@@ -193,12 +193,28 @@ class UnitOfWork:
             return account
         typed = self.typed.get((user_id, credit_type))
         if typed is None:
-            typed = self.typed[(user_id, credit_type)] = accounts.load_typed(self.connection, account, credit_type,
-                                                                             self.at)
-            if self.releases_stale and typed.reserved > 0:  # as `lock` does for the default type
-                for hold in accounts.stale_holds(self.connection, [user_id], self.at, credit_type):
-                    self.expire_hold(self.holds.setdefault(hold.id, hold))
+            self.load_types([(user_id, credit_type)])
+            typed = self.typed[(user_id, credit_type)]
         return typed
+
+    def load_types(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Read the locked accounts' totals and live lots in other credit types than the
+        default, for the (user id, type) pairs given (two queries for all of them: a batch
+        names its pairs up front). A write releases their holds past the TTL, as `lock`
+        does for the default type."""
+        wanted = sorted({(user_id, credit_type) for user_id, credit_type in pairs
+                         if credit_type != DEFAULT_CREDIT_TYPE and user_id in self.accounts
+                         and (user_id, credit_type) not in self.typed})
+        if not wanted:
+            return
+        loaded = accounts.load_typed(self.connection, wanted, self.at)
+        self.typed.update(((typed.user_id, typed.credit_type), typed) for typed in loaded)
+        holding = [typed for typed in loaded if typed.reserved > 0] if self.releases_stale else []
+        if holding:
+            types = {(typed.user_id, typed.credit_type) for typed in holding}
+            for hold in accounts.stale_holds(self.connection, {user_id for user_id, _type in types}, self.at):
+                if (hold.user_id, hold.credit_type) in types:
+                    self.expire_hold(self.holds.setdefault(hold.id, hold))
 
     def hold(self, reservation_id: str) -> Hold:
         """A hold named to `lock`, or `UnknownReservation`."""
