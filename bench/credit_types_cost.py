@@ -6,7 +6,9 @@ change), in the same run, on the same PostgreSQL.
 Each measurement is a child process that imports `creditworker` from one tree (its
 PYTHONPATH), migrates a database of its own with that tree's migrations, grants 100 accounts
 a large balance and times, in process: batches of 1,000 deducts (`apply_batch`, one
-transaction each) and single deducts (`deduct_credits`, one transaction each). Children
+transaction each) and single deducts (`deduct_credits`, one transaction each), as a rate
+(wall clock: the database's time in it) and as the process's CPU time per deduct (the
+Python side; steadier on a shared machine). Children
 run in turn, round after round (baseline, this tree's default type, this tree's `images`
 type), so the machine's drift touches all alike; the figure compared is the median of the
 rounds, and the ratio is against the baseline's median. Not part of the test suite.
@@ -45,18 +47,21 @@ def child(database_url: str, credit_type: str | None, batches: int, singles: int
         assert all(outcome.ok for outcome in outcomes)
 
     batch(-1)  # warm: statements compiled, caches filled
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for round_ in range(batches):
         batch(round_)
     batched = batches * 1000 / (time.perf_counter() - started)
+    batched_cpu = (time.process_time() - cpu) / (batches * 1000) * 1e6
     for i in range(50):
         service.deduct_credits(users[i % ACCOUNTS], 1, idempotency_key=f"warm:{i}", **typed)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for i in range(singles):
         service.deduct_credits(users[i % ACCOUNTS], 1, idempotency_key=f"s:{i}", **typed)
     single = singles / (time.perf_counter() - started)
+    single_cpu = (time.process_time() - cpu) / singles * 1e6
     service.engine.dispose()
-    return {"batched_deducts_per_s": batched, "single_deducts_per_s": single}
+    return {"batched_deducts_per_s": batched, "single_deducts_per_s": single,
+            "batched_deduct_cpu_us": batched_cpu, "single_deduct_cpu_us": single_cpu}
 
 
 def measure(tree: Path, credit_type: str | None, batches: int, singles: int) -> dict[str, float]:
@@ -96,7 +101,8 @@ def main() -> int:
         for name, found in figures.items()
     }
     for name in ("types_default", "types_images"):
-        for metric in ("batched_deducts_per_s", "single_deducts_per_s"):
+        for metric in ("batched_deducts_per_s", "single_deducts_per_s", "batched_deduct_cpu_us",
+                       "single_deduct_cpu_us"):
             medians[f"{name}_{metric}_vs_baseline_ratio"] = medians[name][metric] / medians["baseline"][metric]
     print(json.dumps(medians, indent=2))
     if arguments.json:
