@@ -197,9 +197,9 @@ class Request(_Message):
         else:
             values = self.__dict__
             parts = []
-            for name, head, convert in fields:
+            for name, head, convert, omitted in fields:
                 value = type(self).__name__ if name is None else values[name]
-                if name in self.OMITTED_AT_DEFAULT and value == type(self).model_fields[name].default:
+                if omitted is not _KEPT and value == omitted:
                     continue
                 if value is None:
                     parts.append(head + "null")
@@ -239,18 +239,26 @@ _TEXT: Callable[[Any], Any] = str
 _json_text: Callable[[str], str] = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
 
+_KEPT = object()
+"""In `_plain_fields`: the field is in the fingerprint whatever its value."""
+
+
 @functools.cache
-def _plain_fields(model: type[BaseModel]) -> tuple[tuple[str | None, str, Callable[[Any], Any] | None], ...] | None:
+def _plain_fields(
+    model: type[BaseModel],
+) -> tuple[tuple[str | None, str, Callable[[Any], Any] | None, Any], ...] | None:
     """The canonical JSON of `model`'s fingerprint, field by field in key order: the field
     (None: the `op`, the class name), its `"key":` text, and how to turn its value into the
     JSON value `model_dump(mode="json")` gives (None for an int, `_TEXT` for text). None when
     a field's type is not one of the plain ones known here (the fingerprint then calls
-    `model_dump`)."""
+    `model_dump`). The last item of each is the default at which the field is left out
+    (`Request.OMITTED_AT_DEFAULT`), or `_KEPT`."""
     decorators = model.__pydantic_decorators__
     if decorators.field_serializers or decorators.model_serializers:
         return None
     excluded = getattr(model, "NOT_FINGERPRINTED", frozenset())
-    fields: list[tuple[str | None, str, Callable[[Any], Any] | None]] = [(None, '"op":', _TEXT)]
+    omitted = getattr(model, "OMITTED_AT_DEFAULT", frozenset())
+    fields: list[tuple[str | None, str, Callable[[Any], Any] | None, Any]] = [(None, '"op":', _TEXT, _KEPT)]
     for name, field in model.model_fields.items():
         if name in excluded:
             continue
@@ -259,7 +267,7 @@ def _plain_fields(model: type[BaseModel]) -> tuple[tuple[str | None, str, Callab
         convert = _converter(field.annotation, field.metadata)
         if convert is False or not name.isidentifier() or not name.isascii():
             return None
-        fields.append((name, f'"{name}":', convert))  # type: ignore[arg-type]
+        fields.append((name, f'"{name}":', convert, field.default if name in omitted else _KEPT))  # type: ignore[arg-type]
     return tuple(sorted(fields, key=lambda field: field[0] or "op"))
 
 

@@ -53,18 +53,19 @@ def write(uow: UnitOfWork) -> None:
             (changed_holds if posting.hold.stored else new_holds)[posting.hold.id] = posting.hold
 
     fresh = list(new_lots.values())
+    typed = bool(uow.touched_typed)  # else every row is of the default type: the column's default
     backend = backend_for(connection)
     script = backend.script(connection)
     if fresh and len(uow.lot_ids) >= len(fresh):  # ids taken when the unit read: the lots go in the script
         for lot, lot_id in zip(fresh, uow.lot_ids):
             lot.id = lot_id
-        script.insert(lots_table, [{"id": lot.id, **_lot_row(lot)} for lot in fresh])
+        script.insert(lots_table, [{"id": lot.id, **_lot_row(lot, typed)} for lot in fresh])
     else:
         for lot, lot_id in zip(fresh, backend.insert_returning_ids(connection, lots_table,
-                                                                   [_lot_row(lot) for lot in fresh])):
+                                                                   [_lot_row(lot, typed) for lot in fresh])):
             lot.id = lot_id
     script.delete(accounts_table, "user_id", uow.dropped_accounts)
-    script.insert(holds_table, [_hold_row(hold) for hold in new_holds.values()])
+    script.insert(holds_table, [_hold_row(hold, typed) for hold in new_holds.values()])
     for hold in new_holds.values():
         hold.stored = True
     script.update(holds_table, "id", [
@@ -93,7 +94,7 @@ def write(uow: UnitOfWork) -> None:
         return
     position = {id(posting): index for index, posting in enumerate(uow.postings)}
     entry_ids = script.finish(
-        entries_table, [_entry_row(posting) for posting in uow.postings],
+        entries_table, [_entry_row(posting, typed) for posting in uow.postings],
         referencing=operations_table, reference="result", reference_key="entry_id",
         referencing_rows=[_operation_row(record, None if record.references_entry else record.source, at)
                           for record in uow.operations],
@@ -106,9 +107,10 @@ def write(uow: UnitOfWork) -> None:
 def _finish_with_known_ids(uow: UnitOfWork, script: Script) -> None:
     """The entries get the ids the unit took from their sequence when it read (PostgreSQL):
     the script needs nothing back, so the transaction's COMMIT goes out with it."""
+    typed = bool(uow.touched_typed)
     for posting, entry_id in zip(uow.postings, uow.entry_ids):
         posting.id = entry_id
-    script.insert(entries_table, [{"id": posting.id, **_entry_row(posting)} for posting in uow.postings])
+    script.insert(entries_table, [{"id": posting.id, **_entry_row(posting, typed)} for posting in uow.postings])
     script.insert(operations_table, [
         _operation_row(record, Json(f'{{"entry_id": {record.source.id}}}') if isinstance(record.source, Posting)
                        else record.source, uow.at)
@@ -123,14 +125,19 @@ def _operation_row(record: OperationRecord, result: Any, at: datetime) -> dict[s
             "user_id": record.user_id, "result": result, "created_at": at}
 
 
-def _entry_row(posting: Posting) -> dict[str, Any]:
-    return {"user_id": posting.user_id, "kind": posting.kind, "amount": posting.amount, "held": posting.held,
+def _entry_row(posting: Posting, typed: bool) -> dict[str, Any]:
+    """The entry's row; `credit_type` only when the unit moved another type than the default
+    (all rows of one statement name the same columns; left out, the column's default applies)."""
+    row = {"user_id": posting.user_id, "kind": posting.kind, "amount": posting.amount, "held": posting.held,
             "balance_after": posting.balance_after, "reserved_after": posting.reserved_after,
             "lot_id": posting.lot.id if posting.lot is not None else None,
             "reservation_id": posting.hold.id if posting.hold is not None else None,
             "draws": _draws_json(posting.draws), "description": posting.description, "metadata": posting.metadata,
             "idempotency_key": posting.idempotency_key, "created_at": posting.created_at,
-            "refund_of": posting.refund_of, "credit_type": posting.credit_type}
+            "refund_of": posting.refund_of}
+    if typed:
+        row["credit_type"] = posting.credit_type
+    return row
 
 
 def _draws_json(draws: list[tuple[Lot, int]]) -> Json | None:
@@ -146,18 +153,23 @@ def _built(event: _Event | Callable[[], _Event]) -> _Event:
     return event if isinstance(event, _Event) else event()
 
 
-def _lot_row(lot: Lot) -> dict[str, Any]:
-    return {"user_id": lot.user_id, "amount": lot.amount, "remaining": lot.remaining, "source": lot.source,
-            "priority": lot.priority, "expires_at": lot.expires_at, "created_at": lot.created_at,
-            "idempotency_key": lot.idempotency_key, "credit_type": lot.credit_type,
-            "effective_at": lot.effective_at, "cost_basis_amount": lot.unit_cost, "cost_basis_currency": lot.currency}
+def _lot_row(lot: Lot, typed: bool) -> dict[str, Any]:
+    row = {"user_id": lot.user_id, "amount": lot.amount, "remaining": lot.remaining, "source": lot.source,
+           "priority": lot.priority, "expires_at": lot.expires_at, "created_at": lot.created_at,
+           "idempotency_key": lot.idempotency_key, "effective_at": lot.effective_at,
+           "cost_basis_amount": lot.unit_cost, "cost_basis_currency": lot.currency}
+    if typed:
+        row["credit_type"] = lot.credit_type
+    return row
 
 
-def _hold_row(hold: Hold) -> dict[str, Any]:
-    return {"id": hold.id, "user_id": hold.user_id, "amount": hold.amount, "status": hold.status,
-            "expires_at": hold.expires_at, "created_at": hold.created_at, "finalized_at": hold.finalized_at,
-            "committed_amount": hold.committed_amount, "idempotency_key": hold.idempotency_key,
-            "credit_type": hold.credit_type}
+def _hold_row(hold: Hold, typed: bool) -> dict[str, Any]:
+    row = {"id": hold.id, "user_id": hold.user_id, "amount": hold.amount, "status": hold.status,
+           "expires_at": hold.expires_at, "created_at": hold.created_at, "finalized_at": hold.finalized_at,
+           "committed_amount": hold.committed_amount, "idempotency_key": hold.idempotency_key}
+    if typed:
+        row["credit_type"] = hold.credit_type
+    return row
 
 
 _UPDATE_TYPED = (
