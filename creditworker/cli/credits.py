@@ -24,6 +24,14 @@ CreditTypeOption = Annotated[
 ]
 
 
+def parse_cost_basis(given: str | None) -> dict[str, str] | None:
+    """`'0.02 USD'` as the contract's cost basis (the engine checks both parts)."""
+    if given is None:
+        return None
+    amount, _space, currency = given.strip().partition(" ")
+    return {"amount": amount, "currency": currency.strip()}
+
+
 def entry_table(entries: list[Any], title: str) -> Table:
     shown = table(title, ("id", "kind", "amount", "held", "balance", "available", "key", "time"),
                   right=("id", "amount", "held", "balance", "available"))
@@ -99,10 +107,16 @@ def add(
     description: Annotated[str | None, typer.Option()] = None,
     idempotency_key: KeyOption = None,
     credit_type: CreditTypeOption = DEFAULT_CREDIT_TYPE,
+    effective_at: Annotated[
+        datetime | None, typer.Option(help="ISO time the lot becomes spendable (pending until then).")
+    ] = None,
+    cost_basis: Annotated[
+        str | None, typer.Option(help="Price paid per credit and its currency, e.g. '0.02 USD'.")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Grant credits to a user."""
-    entry = run(ADD, locals(), amount=parse_amount(amount))
+    entry = run(ADD, locals(), amount=parse_amount(amount), cost_basis=parse_cost_basis(cost_basis))
     if as_json:
         print_json(entry)
     else:

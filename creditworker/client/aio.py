@@ -23,6 +23,7 @@ from creditworker.client.sync import CreditClient
 from creditworker.contract.credits import (
     DEFAULT_CREDIT_TYPE,
     BatchOutcome,
+    CostBasis,
     CreditLot,
     CreditsInfo,
     LedgerEntry,
@@ -82,7 +83,8 @@ class AsyncCreditClient:
         self, user_id: str, amount: int, *, expires_at: datetime | None = None,
         priority: int | None = None, source: str = "purchase", description: str | None = None,
         metadata: dict[str, Any] | None = None, idempotency_key: str | None = None,
-        credit_type: str = DEFAULT_CREDIT_TYPE,
+        credit_type: str = DEFAULT_CREDIT_TYPE, effective_at: datetime | None = None,
+        cost_basis: CostBasis | dict[str, Any] | None = None,
     ) -> AsyncTaskHandle[LedgerEntry]:
         return await self._call("add_credits", locals())
 

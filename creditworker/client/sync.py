@@ -33,6 +33,7 @@ from creditworker.contract.credits import (
     BatchOutcome,
     ChangeLotExpiry,
     CommitReservation,
+    CostBasis,
     CreditLot,
     CreditsInfo,
     DeductCredits,
@@ -140,6 +141,8 @@ class CreditClient:
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
         credit_type: str = DEFAULT_CREDIT_TYPE,
+        effective_at: datetime | None = None,
+        cost_basis: CostBasis | dict[str, Any] | None = None,
     ) -> TaskHandle[LedgerEntry]:
         return self._call(AddCredits, locals())
 

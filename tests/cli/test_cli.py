@@ -70,6 +70,13 @@ def test_credit_type_option_on_add_deduct_and_balance(engine: Engine, database_u
     code, out, err = cli(database_url, "add", "tia", "1", "--credit-type", "Bad Type")
     assert code == 2 and "invalid_input" in out + err
     assert CreditService(engine).get_user_credits_info("tia").total == 50
+    code, out, err = cli(database_url, "add", "tia", "5", "--effective-at", "2099-01-01T00:00:00",
+                         "--cost-basis", "0.02 USD", "--json")
+    assert code == 0, out + err
+    info = CreditService(engine).get_user_credits_info("tia")
+    assert (info.total, info.pending, info.available) == (55, 5, 50)
+    code, out, err = cli(database_url, "add", "tia", "5", "--cost-basis", "0.02 dollars")
+    assert code == 2 and "invalid_input" in out + err
 
 
 @pytest.mark.parametrize(

@@ -768,3 +768,12 @@ def test_credit_types_over_http_and_through_the_worker_never_mix(http: TestClien
     assert (bad_query.status_code, error_code(bad_query)) == (422, "invalid_input")
     assert worker.client.get_user_credits_info(user, credit_type="images").get(timeout=20).total == 0
     assert worker.service.get_user_credits_info(user).total == 10
+    later = http.post("/credits/add?wait=true", json={
+        "user_id": user, "amount": 7, "effective_at": "2099-01-01T00:00:00Z",
+        "cost_basis": {"amount": "0.05", "currency": "EUR"}})
+    assert later.status_code == 200, later.text
+    pending = http.get(f"/credits/balance/{user}").json()
+    assert (pending["total"], pending["pending"], pending["available"]) == (17, 7, 10)
+    bad_currency = http.post("/credits/add?wait=true", json={
+        "user_id": user, "amount": 1, "cost_basis": {"amount": "0.05", "currency": "euro"}})
+    assert (bad_currency.status_code, error_code(bad_currency)) == (422, "invalid_input")
