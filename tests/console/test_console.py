@@ -104,7 +104,7 @@ def test_the_account_page_shows_each_credit_type_and_pending_credits(server: Con
     user_id = new_user("types")
     credits = server.credits
     credits.add_credits(user_id, 300)
-    credits.add_credits(user_id, 40, credit_type="images")
+    credits.add_credits(user_id, 40, credit_type="images", cost_basis={"amount": "0.050", "currency": "EUR"})
     credits.add_credits(user_id, 25, effective_at=datetime(2099, 1, 1, tzinfo=UTC))
     credits.reserve_credits(user_id, 15, credit_type="images", ttl_seconds=600)
     log_in(page, server, f"/account?user_id={quote(user_id)}")
@@ -114,6 +114,9 @@ def test_the_account_page_shows_each_credit_type_and_pending_credits(server: Con
             for row in page.locator("#credit-types tbody tr").all()}
     assert [cell.replace(",", "") for cell in rows["images"]] == ["images", "40", "15", "25", "0"]
     assert [cell.replace(",", "") for cell in rows["credits"]] == ["credits", "325", "0", "300", "25"]
+    lots = page.locator("#lots tbody tr").all_inner_texts()
+    assert any("images" in lot and "0.05 EUR" in lot for lot in lots), lots
+    assert any("pending until" in lot for lot in lots), lots
 
 
 def test_grant_through_the_form_adds_one_ledger_entry(

@@ -78,7 +78,8 @@ def live_lots(engine: Engine, user_id: str, limit: int = 100) -> list[dict[str, 
     """Lots with credits left, in draw-down order (the (user_id, remaining) index)."""
     query = (
         select(Lot.id, Lot.amount, Lot.remaining, Lot.source, Lot.priority, Lot.expires_at,
-               Lot.created_at)
+               Lot.created_at, Lot.credit_type, Lot.effective_at, Lot.cost_basis_amount,
+               Lot.cost_basis_currency)
         .where(Lot.user_id == user_id, Lot.remaining > 0)
         .order_by(Lot.priority, Lot.expires_at.is_(None), Lot.expires_at, Lot.id)
         .limit(limit)
