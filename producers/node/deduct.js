@@ -2,7 +2,7 @@
 // A producer in another language: enqueue creditworker.credits.deduct by speaking
 // Celery's message protocol v2 to Redis directly, with no dependency beyond Node itself.
 //
-//   node deduct.js --redis redis://127.0.0.1:6379/0 --user alice --amount 5 [--key K] [--wait SECONDS]
+//   node deduct.js --redis redis://127.0.0.1:6379/0 --user alice --amount 5 [--key K] [--wait SECONDS] [--credit-type T]
 //
 // Prints the task id; with --wait, polls the result backend and prints the result JSON.
 // Exit codes: 0 ok, 1 the worker refused the operation (error result), 2 timeout or I/O error.
@@ -104,6 +104,7 @@ async function main() {
   const kwargs = { user_id: args.user, amount: Number(args.amount) };
   if (args.key) kwargs.idempotency_key = args.key;
   if (args.description) kwargs.description = args.description;
+  if (args['credit-type']) kwargs.credit_type = args['credit-type'];
   const redis = new Redis(args.redis);
   await redis.connect();
   const { id, envelope } = celeryMessage(TASK, kwargs, args.queue);
