@@ -276,3 +276,20 @@ def test_events_on_the_notification_exchange_carry_their_credit_type(service: Cr
     assert sent == [("credits.expired", "credits"), ("credits.expired", "images"), ("reservation.expired", "images")]
     assert all(parse_event(event).credit_type in ("credits", "images") for event in payloads  # type: ignore[attr-defined]
                if event["user_id"] == "pat")
+
+
+def test_a_pending_grant_pays_a_debt_off_at_once_and_no_debt_is_made_beside_pending_credits(
+        engine: Engine) -> None:
+    service = CreditService(engine, overage_policy="allow_negative")
+    service.add_credits("quin", 10, now=NOW)
+    hold = service.reserve_credits("quin", 10, now=NOW)
+    service.commit_reservation(hold.id, 14, now=NOW)  # 4 of debt
+    service.add_credits("quin", 20, effective_at=NOW + timedelta(days=1), now=NOW)
+    info = service.get_user_credits_info("quin", now=NOW)
+    assert (info.total, info.pending, info.available) == (16, 16, 0)
+    hold = service.reserve_credits("quin", 1, now=NOW + timedelta(days=2))
+    assert hold.amount == 1
+    service.add_credits("quin", 5, effective_at=NOW + timedelta(days=9), now=NOW + timedelta(days=2))
+    with pytest.raises(InsufficientCredits):  # above what is spendable, with credits pending
+        service.commit_reservation(hold.id, 30, now=NOW + timedelta(days=2))
+    assert service.get_user_credits_info("quin", now=NOW + timedelta(days=2)).total == 21
