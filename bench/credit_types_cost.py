@@ -1,7 +1,10 @@
 """What credit types cost a deduct: this tree against a baseline tree (main before the
 change), in the same run, on the same PostgreSQL.
 
-    python bench/credit_types_cost.py [--baseline /work/main] [--rounds 3] [--json PATH]
+    python bench/credit_types_cost.py [--baseline TREE] [--rounds 3] [--json PATH]
+
+TREE is a checkout of the code before the change (`git archive <commit> | tar -x -C TREE`
+gives one that does not move while the benchmark runs; default /work/main).
 
 Each measurement is a child process that imports `creditworker` from one tree (its
 PYTHONPATH), migrates a database of its own with that tree's migrations, grants 100 accounts
