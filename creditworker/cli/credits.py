@@ -12,6 +12,7 @@ from rich.table import Table
 from creditworker.cli.operations import parse_amount, run, runs
 from creditworker.cli.output import JsonOption, KeyOption, console, print_json, table
 from creditworker.cli.reports import DATES
+from creditworker.contract.credits import DEFAULT_CREDIT_TYPE
 from creditworker.contract.errors import CreditError
 from creditworker.contract.operations import ADD, BALANCE, DEDUCT, HISTORY
 
@@ -19,6 +20,18 @@ commands = typer.Typer()
 
 NOT_ON_THE_COMMAND_LINE = ("metadata",)
 """A JSON object: for producers and the gateway."""
+
+CreditTypeOption = Annotated[
+    str, typer.Option("--credit-type", help="Which kind of credit (types never mix).")
+]
+
+
+def parse_cost_basis(given: str | None) -> dict[str, str] | None:
+    """`'0.02 USD'` as the contract's cost basis (the engine checks both parts)."""
+    if given is None:
+        return None
+    amount, _space, currency = given.strip().partition(" ")
+    return {"amount": amount, "currency": currency.strip()}
 
 
 def entry_table(entries: list[Any], title: str) -> Table:
@@ -40,6 +53,9 @@ def balance(
         datetime | None,
         typer.Option(formats=DATES, help="The balance as it was at this moment (UTC)."),
     ] = None,
+    credit_type: Annotated[
+        str | None, typer.Option("--credit-type", help="One credit type (default: every type).")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Show a user's total, reserved, available and soon-expiring credits."""
@@ -48,9 +64,15 @@ def balance(
         print_json(info)
         return
     columns = ("total", "reserved", "available", f"expiring in {info.expiring_within_days} days")
-    shown = table(f"credits of {user_id}", columns, right=columns)
+    shown = table(f"{info.credit_type} of {user_id}", columns, right=columns)
     shown.add_row(str(info.total), str(info.reserved), str(info.available), str(info.expiring_soon))
     console.print(shown)
+    if info.by_type is not None and len(info.by_type) > 1:
+        columns = ("total", "reserved", "available")
+        types = table(f"every credit type of {user_id}", ("type", *columns), right=columns)
+        for name, totals in info.by_type.items():
+            types.add_row(name, str(totals.total), str(totals.reserved), str(totals.available))
+        console.print(types)
 
 
 @runs(HISTORY, commands, renamed={"kind": "kinds"})
@@ -106,16 +128,23 @@ def add(
     ] = None,
     priority: Annotated[int | None, typer.Option(help="Draw-down priority, lower first.")] = None,
     source: Annotated[
-        str, typer.Option(help="purchase, bonus, subscription or adjustment.")
+        str, typer.Option(help="purchase, bonus, subscription, adjustment or promotional.")
     ] = "purchase",
     description: Annotated[str | None, typer.Option()] = None,
     idempotency_key: KeyOption = None,
+    credit_type: CreditTypeOption = DEFAULT_CREDIT_TYPE,
+    effective_at: Annotated[
+        datetime | None, typer.Option(help="ISO time the lot becomes spendable (pending until then).")
+    ] = None,
+    cost_basis: Annotated[
+        str | None, typer.Option(help="Price paid per credit and its currency, e.g. '0.02 USD'.")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Grant credits to a user."""
     given = dict(locals())
     started = datetime.now(UTC)
-    entry = run(ADD, given)
+    entry = run(ADD, given, cost_basis=parse_cost_basis(cost_basis))
     if as_json:
         print_json(entry)
     else:
@@ -129,6 +158,7 @@ def deduct(
     amount: AmountArgument,
     description: Annotated[str | None, typer.Option()] = None,
     idempotency_key: KeyOption = None,
+    credit_type: CreditTypeOption = DEFAULT_CREDIT_TYPE,
     as_json: JsonOption = False,
 ) -> None:
     """Consume credits now."""

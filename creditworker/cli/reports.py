@@ -16,7 +16,7 @@ from creditworker.contract.operations import USAGE
 
 commands = typer.Typer()
 
-CSV_COLUMNS = ("period", "granted", "consumed", "expired", "voided", "refunded")
+CSV_COLUMNS = ("period", "granted", "consumed", "expired", "voided", "refunded", "consumed_cost")
 DATES = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S%z"]
 
 
@@ -28,6 +28,9 @@ def usage(
     user: Annotated[
         str | None, typer.Option(help="One user's usage; every account's without it.")
     ] = None,
+    credit_type: Annotated[
+        str | None, typer.Option("--credit-type", help="One credit type (default: every type).")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Print usage per period of [START, END) as CSV (one row per period with entries)."""
@@ -38,4 +41,5 @@ def usage(
     writer = csv.writer(sys.stdout, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for period in periods:
-        writer.writerow([period.period.isoformat(), *(getattr(period, c) for c in CSV_COLUMNS[1:])])
+        cost = "; ".join(f"{amount} {currency}" for currency, amount in sorted(period.consumed_cost.items()))
+        writer.writerow([period.period.isoformat(), *(getattr(period, c) for c in CSV_COLUMNS[1:-1]), cost])

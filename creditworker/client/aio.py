@@ -21,7 +21,9 @@ from celery import Celery
 from creditworker.client.handle import DEFAULT_TIMEOUT, TaskHandle, wait_deadline
 from creditworker.client.sync import CreditClient
 from creditworker.contract.credits import (
+    DEFAULT_CREDIT_TYPE,
     BatchOutcome,
+    CostBasis,
     CreditLot,
     CreditsInfo,
     LedgerEntry,
@@ -81,12 +83,15 @@ class AsyncCreditClient:
         self, user_id: str, amount: int, *, expires_at: datetime | None = None,
         priority: int | None = None, source: str = "purchase", description: str | None = None,
         metadata: dict[str, Any] | None = None, idempotency_key: str | None = None,
+        credit_type: str = DEFAULT_CREDIT_TYPE, effective_at: datetime | None = None,
+        cost_basis: CostBasis | dict[str, Any] | None = None,
     ) -> AsyncTaskHandle[LedgerEntry]:
         return await self._call("add_credits", locals())
 
     async def deduct_credits(
         self, user_id: str, amount: int, *, description: str | None = None,
         metadata: dict[str, Any] | None = None, idempotency_key: str | None = None,
+        credit_type: str = DEFAULT_CREDIT_TYPE,
     ) -> AsyncTaskHandle[LedgerEntry]:
         return await self._call("deduct_credits", locals())
 
@@ -94,7 +99,7 @@ class AsyncCreditClient:
         self, user_id: str, amount: int, *, ttl_seconds: int | None = None,
         description: str | None = None, metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None, requested_at: datetime | None = None,
-        deadline: datetime | None = None,
+        deadline: datetime | None = None, credit_type: str = DEFAULT_CREDIT_TYPE,
     ) -> AsyncTaskHandle[Reservation]:
         """As `CreditClient.submit_reserve`: enqueue without waiting."""
         arguments = {**locals(), "requested_at": requested_at or datetime.now(UTC)}
@@ -104,13 +109,14 @@ class AsyncCreditClient:
         self, user_id: str, amount: int, *, ttl_seconds: int | None = None,
         description: str | None = None, metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None, requested_at: datetime | None = None,
-        deadline: datetime | None = None, timeout: float = DEFAULT_TIMEOUT,
+        deadline: datetime | None = None, credit_type: str = DEFAULT_CREDIT_TYPE,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> Reservation:
         """As `CreditClient.reserve_credits`: never applied after this call stops waiting."""
         handle = await self.submit_reserve(
             user_id, amount, ttl_seconds=ttl_seconds, description=description, metadata=metadata,
             idempotency_key=idempotency_key, requested_at=requested_at,
-            deadline=wait_deadline(timeout, deadline),
+            deadline=wait_deadline(timeout, deadline), credit_type=credit_type,
         )
         return await handle.get(timeout)
 
@@ -141,13 +147,13 @@ class AsyncCreditClient:
         return await self._call("change_lot_expiry", locals())
 
     async def get_user_credits_info(
-        self, user_id: str, *, at: datetime | None = None
+        self, user_id: str, *, at: datetime | None = None, credit_type: str | None = None
     ) -> AsyncTaskHandle[CreditsInfo]:
         return await self._call("get_user_credits_info", locals())
 
     async def get_usage(
         self, user_id: str | None = None, *, start: datetime, end: datetime,
-        granularity: str = "day",
+        granularity: str = "day", credit_type: str | None = None,
     ) -> AsyncTaskHandle[list[UsagePeriod]]:
         return await self._call("get_usage", locals())
 
@@ -158,7 +164,7 @@ class AsyncCreditClient:
         return await self._call("get_history", locals())
 
     async def get_expiring_credits(
-        self, user_id: str, within_days: int = 7
+        self, user_id: str, within_days: int = 7, *, credit_type: str | None = None
     ) -> AsyncTaskHandle[list[CreditLot]]:
         return await self._call("get_expiring_credits", locals())
 

@@ -29,10 +29,12 @@ from pydantic import BaseModel
 from creditworker.client.answers import Answers
 from creditworker.client.handle import DEFAULT_TIMEOUT, TaskHandle, wait_deadline
 from creditworker.contract.credits import (
+    DEFAULT_CREDIT_TYPE,
     AddCredits,
     BatchOutcome,
     ChangeLotExpiry,
     CommitReservation,
+    CostBasis,
     CreditLot,
     CreditsInfo,
     DeductCredits,
@@ -121,6 +123,8 @@ class CreditClient:
         deadline: datetime | None = getattr(request, "deadline", None)
         parse_result = operation.results.validate_python
         kwargs = request.model_dump(mode="json", exclude_none=True)
+        if kwargs.get("credit_type") == DEFAULT_CREDIT_TYPE:  # a worker from before types reads it too
+            del kwargs["credit_type"]
         name, task_id = operation.task, self._answers.task_id()
 
         def publish() -> AsyncResult:
@@ -156,6 +160,9 @@ class CreditClient:
         description: str | None = None,
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        credit_type: str = DEFAULT_CREDIT_TYPE,
+        effective_at: datetime | None = None,
+        cost_basis: CostBasis | dict[str, Any] | None = None,
     ) -> TaskHandle[LedgerEntry]:
         return self._call(AddCredits, locals())
 
@@ -167,6 +174,7 @@ class CreditClient:
         description: str | None = None,
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        credit_type: str = DEFAULT_CREDIT_TYPE,
     ) -> TaskHandle[LedgerEntry]:
         return self._call(DeductCredits, locals())
 
@@ -181,6 +189,7 @@ class CreditClient:
         idempotency_key: str | None = None,
         requested_at: datetime | None = None,
         deadline: datetime | None = None,
+        credit_type: str = DEFAULT_CREDIT_TYPE,
     ) -> TaskHandle[Reservation]:
         """Enqueue a reservation without waiting (the async client builds on this).
 
@@ -202,6 +211,7 @@ class CreditClient:
         idempotency_key: str | None = None,
         requested_at: datetime | None = None,
         deadline: datetime | None = None,
+        credit_type: str = DEFAULT_CREDIT_TYPE,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> Reservation:
         """Reserve and wait for the reservation (raises the typed error if refused).
@@ -212,7 +222,7 @@ class CreditClient:
         return self.submit_reserve(
             user_id, amount, ttl_seconds=ttl_seconds, description=description,
             metadata=metadata, idempotency_key=idempotency_key, requested_at=requested_at,
-            deadline=wait_deadline(timeout, deadline),
+            deadline=wait_deadline(timeout, deadline), credit_type=credit_type,
         ).get(timeout)
 
     def commit_reservation(
@@ -247,13 +257,13 @@ class CreditClient:
         return self._call(ChangeLotExpiry, locals())
 
     def get_user_credits_info(
-        self, user_id: str, *, at: datetime | None = None
+        self, user_id: str, *, at: datetime | None = None, credit_type: str | None = None
     ) -> TaskHandle[CreditsInfo]:
         return self._call(GetCredits, locals())
 
     def get_usage(
         self, user_id: str | None = None, *, start: datetime, end: datetime,
-        granularity: str = "day",
+        granularity: str = "day", credit_type: str | None = None,
     ) -> TaskHandle[list[UsagePeriod]]:
         return self._call(GetUsage, locals())
 
@@ -269,7 +279,7 @@ class CreditClient:
         return self._call(GetHistory, arguments)
 
     def get_expiring_credits(
-        self, user_id: str, within_days: int = 7
+        self, user_id: str, within_days: int = 7, *, credit_type: str | None = None
     ) -> TaskHandle[list[CreditLot]]:
         return self._call(GetExpiring, locals())
 

@@ -15,6 +15,7 @@ import types
 import typing
 from collections.abc import Callable
 from datetime import UTC, date, datetime
+from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, TypeVar
 
@@ -48,6 +49,11 @@ MAX_PRIORITY = 1_000_000
 MAX_HISTORY_PAGE = 1000
 MAX_WITHIN_DAYS = 3660
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+DEFAULT_CREDIT_TYPE = "credits"
+"""The credit type of a request that names none, and of every row stored before types."""
+MAX_CREDIT_TYPE_LENGTH = 32
+CREDIT_TYPE_PATTERN = r"^[a-z][a-z0-9_]*$"
+"""A credit type is a short lower-case identifier (`credits`, `images`, `api_tokens`)."""
 
 
 class CreditSource(StrEnum):
@@ -55,6 +61,12 @@ class CreditSource(StrEnum):
     BONUS = "bonus"
     SUBSCRIPTION = "subscription"
     ADJUSTMENT = "adjustment"
+    PROMOTIONAL = "promotional"
+
+
+PROMOTIONAL_SOURCES: frozenset[str] = frozenset({CreditSource.BONUS.value, CreditSource.PROMOTIONAL.value})
+"""Sources of credits given away rather than paid for: at equal priority and expiry, a draw
+takes them before paid ones (the one list; docs/credit-types.md)."""
 
 
 class EntryKind(StrEnum):
@@ -180,6 +192,10 @@ Description = Annotated[
 Metadata = Annotated[dict[str, Any], AfterValidator(_check_metadata)]
 UtcDateTime = Annotated[datetime, AfterValidator(_as_utc)]
 Priority = Annotated[int, Strict(), Field(ge=-MAX_PRIORITY, le=MAX_PRIORITY)]
+CreditType = Annotated[
+    str, Strict(), Field(min_length=1, max_length=MAX_CREDIT_TYPE_LENGTH, pattern=CREDIT_TYPE_PATTERN)
+]
+"""Which kind of credit an operation moves; kinds never mix (see docs/credit-types.md)."""
 ReservationId = Annotated[
     str, Strict(), Field(min_length=1, max_length=64), AfterValidator(_check_identifier)
 ]
@@ -195,6 +211,9 @@ class Request(_Message):
     NOT_FINGERPRINTED: ClassVar[frozenset[str]] = frozenset({"idempotency_key"})
     """Fields that say when or how a request was sent, not what it asks: a retry with the
     same key may carry other values and is still the same request."""
+    OMITTED_AT_DEFAULT: ClassVar[frozenset[str]] = frozenset({"credit_type", "effective_at", "cost_basis"})
+    """Fields added after requests were stored: at their default they are left out of the
+    fingerprint, so a request stored before them keeps its fingerprint (a retry replays)."""
 
     idempotency_key: IdempotencyKey | None = None
 
@@ -208,12 +227,17 @@ class Request(_Message):
         fields = _plain_fields(type(self))
         if fields is None:
             body = self.model_dump(mode="json", exclude=set(self.NOT_FINGERPRINTED))
+            for name in self.OMITTED_AT_DEFAULT & body.keys():
+                if body[name] == type(self).model_fields[name].default:
+                    del body[name]
             canonical = _CANONICAL.encode({"op": type(self).__name__, **body})
         else:
             values = self.__dict__
             parts = []
-            for name, head, convert in fields:
+            for name, head, convert, omitted in fields:
                 value = type(self).__name__ if name is None else values[name]
+                if omitted is not _KEPT and value == omitted:
+                    continue
                 if value is None:
                     parts.append(head + "null")
                 elif convert is _TEXT:
@@ -252,18 +276,26 @@ _TEXT: Callable[[Any], Any] = str
 _json_text: Callable[[str], str] = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
 
+_KEPT = object()
+"""In `_plain_fields`: the field is in the fingerprint whatever its value."""
+
+
 @functools.cache
-def _plain_fields(model: type[BaseModel]) -> tuple[tuple[str | None, str, Callable[[Any], Any] | None], ...] | None:
+def _plain_fields(
+    model: type[BaseModel],
+) -> tuple[tuple[str | None, str, Callable[[Any], Any] | None, Any], ...] | None:
     """The canonical JSON of `model`'s fingerprint, field by field in key order: the field
     (None: the `op`, the class name), its `"key":` text, and how to turn its value into the
     JSON value `model_dump(mode="json")` gives (None for an int, `_TEXT` for text). None when
     a field's type is not one of the plain ones known here (the fingerprint then calls
-    `model_dump`)."""
+    `model_dump`). The last item of each is the default at which the field is left out
+    (`Request.OMITTED_AT_DEFAULT`), or `_KEPT`."""
     decorators = model.__pydantic_decorators__
     if decorators.field_serializers or decorators.model_serializers:
         return None
     excluded = getattr(model, "NOT_FINGERPRINTED", frozenset())
-    fields: list[tuple[str | None, str, Callable[[Any], Any] | None]] = [(None, '"op":', _TEXT)]
+    omitted = getattr(model, "OMITTED_AT_DEFAULT", frozenset())
+    fields: list[tuple[str | None, str, Callable[[Any], Any] | None, Any]] = [(None, '"op":', _TEXT, _KEPT)]
     for name, field in model.model_fields.items():
         if name in excluded:
             continue
@@ -272,7 +304,7 @@ def _plain_fields(model: type[BaseModel]) -> tuple[tuple[str | None, str, Callab
         convert = _converter(field.annotation, field.metadata)
         if convert is False or not name.isidentifier() or not name.isascii():
             return None
-        fields.append((name, f'"{name}":', convert))  # type: ignore[arg-type]
+        fields.append((name, f'"{name}":', convert, field.default if name in omitted else _KEPT))  # type: ignore[arg-type]
     return tuple(sorted(fields, key=lambda field: field[0] or "op"))
 
 
@@ -307,6 +339,17 @@ class AddCredits(Request):
     source: CreditSource = CreditSource.PURCHASE
     description: Description | None = None
     metadata: Metadata | None = None
+    credit_type: CreditType = DEFAULT_CREDIT_TYPE
+    effective_at: Moment | None = None
+    """Until this moment the grant is pending: shown, counted in the total, not spendable."""
+    cost_basis: CostBasis | None = None
+    """What was paid per credit, carried onto every draw of the lot (usage values it)."""
+
+    @model_validator(mode="after")
+    def _effective_before_expiry(self) -> AddCredits:
+        if self.effective_at is not None and self.expires_at is not None and self.expires_at <= self.effective_at:
+            raise ValueError("expires_at must be after effective_at")
+        return self
 
 
 class DeductCredits(Request):
@@ -314,6 +357,7 @@ class DeductCredits(Request):
     amount: Amount
     description: Description | None = None
     metadata: Metadata | None = None
+    credit_type: CreditType = DEFAULT_CREDIT_TYPE
 
 
 class ReserveCredits(Request):
@@ -332,6 +376,14 @@ class ReserveCredits(Request):
     deadline: UtcDateTime | None = None
     """When the caller stops waiting: the engine refuses the reservation after it, and a
     reservation that reaches it later is not applied (`invalid_input`, `applied: false`)."""
+    credit_type: CreditType = DEFAULT_CREDIT_TYPE
+
+
+class CostBasis(_Message):
+    """The price paid per credit of a grant: a decimal amount and an ISO 4217 currency."""
+
+    amount: Annotated[Decimal, Field(ge=0, max_digits=24, decimal_places=12, allow_inf_nan=False)]
+    currency: Annotated[str, Strict(), Field(pattern=r"^[A-Z]{3}$")]
 
 
 class CommitReservation(Request):
@@ -389,6 +441,8 @@ class GetCredits(_Message):
     user_id: UserId
     at: Moment | None = None
     """The balance as it was at this moment (None: now)."""
+    credit_type: CreditType | None = None
+    """One credit type's balance (None: the default type's, with `by_type` for all)."""
 
 
 class Granularity(StrEnum):
@@ -404,6 +458,8 @@ class GetUsage(_Message):
     end: Moment
     granularity: Granularity = Granularity.DAY
     user_id: UserId | None = None
+    credit_type: CreditType | None = None
+    """One credit type's usage (None: every type's together)."""
 
     @model_validator(mode="after")
     def _ordered(self) -> GetUsage:
@@ -426,6 +482,7 @@ class GetReservation(_Message):
 class GetExpiring(_Message):
     user_id: UserId
     within_days: Annotated[int, Strict(), Field(ge=0, le=MAX_WITHIN_DAYS)] = 7
+    credit_type: CreditType | None = None
 
 
 class LedgerEntry(BaseModel):
@@ -447,11 +504,14 @@ class LedgerEntry(BaseModel):
     available_after: int
     lot_id: int | None = None
     reservation_id: str | None = None
-    draws: list[dict[str, int]] = Field(default_factory=list)
+    draws: list[dict[str, Any]] = Field(default_factory=list)
+    """`{"lot_id", "amount"}` per lot drawn, with `unit_cost` (decimal text) and `currency`
+    when the lot has a cost basis."""
     description: str | None = None
     metadata: dict[str, Any] | None = None
     idempotency_key: str
     created_at: datetime
+    credit_type: str = DEFAULT_CREDIT_TYPE
 
 
 class Reservation(BaseModel):
@@ -465,6 +525,7 @@ class Reservation(BaseModel):
     created_at: datetime
     committed_amount: int | None = None
     idempotency_key: str
+    credit_type: str = DEFAULT_CREDIT_TYPE
 
 
 class CreditLot(BaseModel):
@@ -478,6 +539,20 @@ class CreditLot(BaseModel):
     priority: int
     expires_at: datetime | None
     created_at: datetime
+    credit_type: str = DEFAULT_CREDIT_TYPE
+    effective_at: datetime | None = None
+    cost_basis: CostBasis | None = None
+
+
+class TypeTotals(BaseModel):
+    """One credit type's totals in a `CreditsInfo`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    total: int
+    reserved: int
+    available: int
+    pending: int = 0
 
 
 class CreditsInfo(BaseModel):
@@ -493,6 +568,12 @@ class CreditsInfo(BaseModel):
     expiring_within_days: int
     at: datetime | None = None
     """The moment of a balance read in the past (`expiring_soon` is then 0: not computed)."""
+    credit_type: str = DEFAULT_CREDIT_TYPE
+    """The type the totals above are of."""
+    pending: int = 0
+    """Granted credits not effective yet: in `total`, not in `available`."""
+    by_type: dict[str, TypeTotals] | None = None
+    """Every type the account holds, when no type was asked for (None when one was)."""
 
 
 class UsagePeriod(BaseModel):
@@ -510,6 +591,9 @@ class UsagePeriod(BaseModel):
     voided: int = 0
     refunded: int = 0
     by_kind: dict[str, int] = Field(default_factory=dict)
+    consumed_cost: dict[str, Decimal] = Field(default_factory=dict)
+    """What the consumed credits cost, per currency, from their lots' cost basis (refunds
+    taken off); credits of lots without one are not in it."""
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -46,33 +46,38 @@ class _Event(_SystemEvent):
     order); None for an event written without its account locked."""
 
 
-class CreditsLow(_Event):
-    """The available balance crossed below the account's threshold (once per crossing)."""
+class _CreditEvent(_Event):
+    """An event about one credit type of an account (the default type's unless it says)."""
+
+    credit_type: str = "credits"
+
+
+class CreditsLow(_CreditEvent):
+    """The available balance reached or crossed below the account's threshold (once per
+    crossing: above before, at or below after)."""
 
     type: Literal["credits.low"] = "credits.low"
     available: int
     threshold: int
 
 
-class CreditsDepleted(_Event):
+class CreditsDepleted(_CreditEvent):
     """`available` reached zero or went below (once per crossing, until recovered)."""
 
     type: Literal["credits.depleted"] = "credits.depleted"
     available: int
-    credit_type: str = "credits"
 
 
-class CreditsRecovered(_Event):
-    """`available` is back at or above the low threshold (above zero where none is set),
-    after `credits.low` or `credits.depleted` fired."""
+class CreditsRecovered(_CreditEvent):
+    """`available` is back above the low threshold (above zero where none is set), after
+    `credits.low` or `credits.depleted` fired."""
 
     type: Literal["credits.recovered"] = "credits.recovered"
     available: int
     threshold: int | None
-    credit_type: str = "credits"
 
 
-class CreditsExpiring(_Event):
+class CreditsExpiring(_CreditEvent):
     """A reminder that a lot expires within `days_before` days (once per lot and day)."""
 
     type: Literal["credits.expiring"] = "credits.expiring"
@@ -82,13 +87,13 @@ class CreditsExpiring(_Event):
     days_before: int
 
 
-class CreditsExpired(_Event):
+class CreditsExpired(_CreditEvent):
     type: Literal["credits.expired"] = "credits.expired"
     lot_id: int
     amount: int
 
 
-class CreditsVoided(_Event):
+class CreditsVoided(_CreditEvent):
     """A correction removed credits of a lot (`void_lot`)."""
 
     type: Literal["credits.voided"] = "credits.voided"
@@ -97,7 +102,7 @@ class CreditsVoided(_Event):
     reason: str
 
 
-class CreditsRefunded(_Event):
+class CreditsRefunded(_CreditEvent):
     """A correction gave back (part of) a deduction or commit (`refund_deduction`)."""
 
     type: Literal["credits.refunded"] = "credits.refunded"
@@ -107,7 +112,7 @@ class CreditsRefunded(_Event):
     reason: str
 
 
-class CreditsExpiryChanged(_Event):
+class CreditsExpiryChanged(_CreditEvent):
     """A correction moved a lot's expiry (`change_lot_expiry`)."""
 
     type: Literal["credits.expiry_changed"] = "credits.expiry_changed"
@@ -116,7 +121,7 @@ class CreditsExpiryChanged(_Event):
     previous_expires_at: datetime | None
 
 
-class ReservationExpired(_Event):
+class ReservationExpired(_CreditEvent):
     type: Literal["reservation.expired"] = "reservation.expired"
     reservation_id: str
     amount: int

@@ -16,20 +16,23 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import Table, and_, bindparam, or_, select
+from sqlalchemy import Table, and_, bindparam, func, or_, select
 from sqlalchemy.engine import Connection
 
-from creditworker.contract.credits import ReservationStatus
-from creditworker.engine.rules import Account, Hold, Lot, draw_order
+from creditworker.contract.credits import DEFAULT_CREDIT_TYPE, ReservationStatus
+from creditworker.engine.rules import Account, Hold, Lot, draw_order, is_pending
 from creditworker.storage.backends import backend_for
+from creditworker.storage.backends.core import DEFAULT_TYPE_LIVE
 from creditworker.storage.database import insert_if_absent
 from creditworker.storage.tables import Account as AccountRow
 from creditworker.storage.tables import Hold as HoldRow
 from creditworker.storage.tables import Lot as LotRow
+from creditworker.storage.tables import TypeBalance
 
 accounts_table = cast(Table, AccountRow.__table__)
 lots_table = cast(Table, LotRow.__table__)
 holds_table = cast(Table, HoldRow.__table__)
+balances_table = cast(Table, TypeBalance.__table__)
 
 
 def create_missing(connection: Connection, user_ids: Collection[str], at: datetime,
@@ -51,14 +54,19 @@ def create_missing(connection: Connection, user_ids: Collection[str], at: dateti
     }
 
 
-ACCOUNT_COLUMNS = ("user_id", "balance", "reserved", "low_credit_threshold", "low_credit_alerted", "overdraft_limit")
+ACCOUNT_COLUMNS = ("user_id", "balance", "reserved", "low_credit_threshold", "low_credit_alerted", "overdraft_limit",
+                   "pending_until")
 
 
 def lock(connection: Connection, user_ids: Iterable[str]) -> dict[str, Account]:
     """The accounts that exist among `user_ids`, locked for the rest of the transaction."""
     rows = backend_for(connection).rows_where_in(connection, accounts_table, ACCOUNT_COLUMNS, "user_id",
                                                  set(user_ids), order_by="user_id", for_update=True)
-    return {row[0]: Account(row[0], row[1], row[2], row[3], bool(row[4]), row[5]) for row in rows}
+    return {row[0]: _account(row) for row in rows}
+
+
+def _account(row: tuple[Any, ...]) -> Account:
+    return Account(row[0], row[1], row[2], row[3], bool(row[4]), row[5], pending_until=row[6])
 
 
 def lock_with_owners(connection: Connection, user_ids: Iterable[str], hold_ids: Collection[str],
@@ -68,11 +76,12 @@ def lock_with_owners(connection: Connection, user_ids: Iterable[str], hold_ids: 
     owners, rows = backend_for(connection).lock_with_owners(
         connection, accounts_table, ACCOUNT_COLUMNS, holds_table, set(user_ids), hold_ids)
     return ({hold_id: HoldOwner(*owner) for hold_id, owner in owners.items()},
-            {row[0]: Account(row[0], row[1], row[2], row[3], bool(row[4]), row[5]) for row in rows})
+            {row[0]: _account(row) for row in rows})
 
 
 LOT_COLUMNS = ("id", "user_id", "amount", "remaining", "priority", "expires_at", "source", "created_at",
-               "idempotency_key")
+               "idempotency_key", "credit_type", "effective_at", "cost_basis_amount", "cost_basis_currency")
+
 
 
 def _lot(row: tuple[object, ...]) -> Lot:
@@ -132,7 +141,7 @@ def load_live_lots(connection: Connection, accounts: Iterable[Account],
                 None if folded.stale_holds is None else [Hold(*row) for row in folded.stale_holds],  # type: ignore[arg-type]
                 [Hold(*row) for row in folded.holds])  # type: ignore[arg-type]
     elif wanting:
-        rows = backend.rows_where_in(connection, lots_table, LOT_COLUMNS, "user_id", wanting, where="remaining > 0")
+        rows = backend.rows_where_in(connection, lots_table, LOT_COLUMNS, "user_id", wanting, where=DEFAULT_TYPE_LIVE)
     else:
         return None
     for row in rows:
@@ -173,7 +182,7 @@ def before_lock(connection: Connection, hold_ids: Collection[str], user_ids: Col
 
 
 HOLD_COLUMNS = ("id", "user_id", "amount", "status", "expires_at", "created_at", "idempotency_key",
-                "committed_amount", "finalized_at")
+                "committed_amount", "finalized_at", "credit_type")
 
 
 def load_holds(connection: Connection, hold_ids: Collection[str]) -> dict[str, Hold]:
@@ -191,12 +200,15 @@ _STALE_HOLDS = (
 )
 
 
-def stale_holds(connection: Connection, user_ids: Collection[str], at: datetime) -> list[Hold]:
-    """The active holds of `user_ids` past their TTL at `at`, read after their accounts were
-    locked: they no longer count, and the unit of work releases them with their entries."""
+def stale_holds(connection: Connection, user_ids: Collection[str], at: datetime,
+                credit_type: str | None = None) -> list[Hold]:
+    """The active holds of `user_ids` (of `credit_type`, or of every type) past their TTL at
+    `at`, read after their accounts were locked: they no longer count, and the unit of work
+    releases them with their entries."""
     if not user_ids:
         return []
-    return [Hold(*row) for row in connection.execute(_STALE_HOLDS, {"users": sorted(user_ids), "at": at})]
+    found = [Hold(*row) for row in connection.execute(_STALE_HOLDS, {"users": sorted(user_ids), "at": at})]
+    return found if credit_type is None else [hold for hold in found if hold.credit_type == credit_type]
 
 
 _HOLDS_AND_STALE = (
@@ -221,3 +233,67 @@ def load_holds_and_stale(connection: Connection, hold_ids: Collection[str], user
     stale = [hold for hold in holds if hold.user_id in user_ids and hold.status == ReservationStatus.ACTIVE.value
              and hold.expires_at <= at]
     return {hold.id: hold for hold in holds if hold.id in named}, stale
+
+
+_TYPE_BALANCES = (
+    select(balances_table.c.user_id, balances_table.c.credit_type, balances_table.c.balance,
+           balances_table.c.reserved, balances_table.c.overdraft_limit, balances_table.c.pending_until)
+    .where(balances_table.c.user_id.in_(bindparam("users", expanding=True)),
+           balances_table.c.credit_type.in_(bindparam("types", expanding=True)))
+)
+_TYPE_LOTS = (
+    select(*(lots_table.c[column] for column in LOT_COLUMNS))
+    .where(lots_table.c.user_id.in_(bindparam("users", expanding=True)),
+           lots_table.c.credit_type.in_(bindparam("types", expanding=True)), lots_table.c.remaining > 0)
+)
+
+
+def load_typed(connection: Connection, pairs: Collection[tuple[str, str]], at: datetime) -> list[Account]:
+    """Accounts' totals in other credit types than the default, with those types' live lots,
+    for the (user id, type) pairs given (two queries): read under the lock their `accounts`
+    rows hold, which every writer of their rows takes. A type an account never held starts
+    at zero (`stored` False: the writer inserts its row)."""
+    parameters = {"users": sorted({user_id for user_id, _type in pairs}),
+                  "types": sorted({credit_type for _user, credit_type in pairs})}
+    found: dict[tuple[str, str], Account] = {}
+    for user_id, credit_type, balance, reserved, overdraft_limit, pending_until in connection.execute(
+            _TYPE_BALANCES, parameters):
+        if (user_id, credit_type) in pairs:
+            found[(user_id, credit_type)] = Account(user_id, balance, reserved, None, False, overdraft_limit,
+                                                    credit_type=credit_type, pending_until=pending_until)
+    for user_id, credit_type in pairs:
+        if (user_id, credit_type) not in found:
+            found[(user_id, credit_type)] = Account(user_id, 0, 0, None, False, credit_type=credit_type,
+                                                    stored=False)
+    for account in found.values():
+        account.lots, account.lots_loaded = [], True
+    for row in connection.execute(_TYPE_LOTS, parameters):
+        account = found.get((row[1], row[9]))  # user_id, credit_type
+        if account is not None:
+            account.lots.append(_lot(tuple(row)))
+    for account in found.values():
+        account.lots.sort(key=draw_order)
+        account.pending = sum(lot.remaining for lot in account.lots if is_pending(lot, at))
+    return list(found.values())
+
+
+_PENDING = (
+    select(lots_table.c.user_id, func.sum(lots_table.c.remaining))
+    .where(lots_table.c.user_id.in_(bindparam("users", expanding=True)),
+           lots_table.c.credit_type == DEFAULT_CREDIT_TYPE, lots_table.c.remaining > 0,
+           lots_table.c.effective_at > bindparam("at", type_=lots_table.c.effective_at.type))
+    .group_by(lots_table.c.user_id)
+)
+
+
+def count_pending(connection: Connection, accounts: Collection[Account], at: datetime) -> None:
+    """Set `pending` of locked accounts whose `pending_until` is still ahead of `at` (only
+    they can have a grant not yet effective; the others read nothing here)."""
+    waiting = {account.user_id: account for account in accounts
+               if account.pending_until is not None and account.pending_until > at}
+    if not waiting:
+        return
+    for account in waiting.values():
+        account.pending = 0
+    for user_id, pending in connection.execute(_PENDING, {"users": sorted(waiting), "at": at}):
+        waiting[user_id].pending = int(pending or 0)

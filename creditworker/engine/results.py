@@ -10,11 +10,12 @@ change, so a replay rebuilds the same dict from the row, and the operation row s
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from functools import lru_cache
 from typing import Any
 
 from creditworker.contract.credits import BatchOutcome
-from creditworker.engine.rules import Hold, Posting
+from creditworker.engine.rules import Hold, Lot, Posting
 
 
 @lru_cache(maxsize=256)
@@ -40,13 +41,28 @@ def entry_record(posting: Posting) -> dict[str, Any]:
         "available_after": posting.balance_after - posting.reserved_after,
         "lot_id": posting.lot.id if posting.lot is not None else None,
         "reservation_id": posting.hold.id if posting.hold is not None else None,
-        "draws": [{"lot_id": lot.id, "amount": taken} for lot, taken in posting.draws],
+        "draws": [{"lot_id": lot.id, "amount": taken} if lot.unit_cost is None else draw_record(lot, taken)
+                  for lot, taken in posting.draws],
         "description": posting.description,
         "metadata": posting.metadata,
         "idempotency_key": posting.idempotency_key,
         "created_at": iso(posting.created_at),
+        "credit_type": posting.credit_type,
     }
     return posting.record
+
+
+def draw_record(lot: Lot, taken: int) -> dict[str, Any]:
+    """A draw from a lot with a cost basis: the basis travels with it (decimal as text)."""
+    assert lot.unit_cost is not None
+    return {"lot_id": lot.id, "amount": taken, "unit_cost": decimal_text(lot.unit_cost), "currency": lot.currency}
+
+
+def decimal_text(value: Decimal) -> str:
+    """A decimal as plain text without trailing zeros (`0.010000000000` read back from a
+    NUMERIC column is `0.01`, as it was given)."""
+    text = format(value, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def referenced_entry(stored: dict[str, Any]) -> int | None:
@@ -60,7 +76,7 @@ def entry_row_record(row: tuple[Any, ...]) -> dict[str, Any]:
     """A stored ledger entry (its columns in the order of `unit_of_work.ENTRY_COLUMNS`) in
     the shape of `entry_record`."""
     (entry_id, user_id, kind, amount, held, balance_after, reserved_after, lot_id, reservation_id, draws,
-     description, metadata, idempotency_key, created_at) = row
+     description, metadata, idempotency_key, created_at, credit_type) = row
     return {
         "id": entry_id,
         "user_id": user_id,
@@ -77,6 +93,7 @@ def entry_row_record(row: tuple[Any, ...]) -> dict[str, Any]:
         "metadata": metadata,
         "idempotency_key": idempotency_key,
         "created_at": iso(created_at),
+        "credit_type": credit_type,
     }
 
 
@@ -91,6 +108,7 @@ def reservation_record(hold: Hold) -> dict[str, Any]:
         "created_at": iso(hold.created_at),
         "committed_amount": hold.committed_amount,
         "idempotency_key": hold.idempotency_key,
+        "credit_type": hold.credit_type,
     }
 
 

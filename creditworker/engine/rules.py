@@ -11,9 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
-from creditworker.contract.credits import MAX_BALANCE, EntryKind, OveragePolicy, ReservationStatus
+from creditworker.contract.credits import (
+    DEFAULT_CREDIT_TYPE,
+    MAX_BALANCE,
+    PROMOTIONAL_SOURCES,
+    EntryKind,
+    OveragePolicy,
+    ReservationStatus,
+)
 from creditworker.contract.errors import InsufficientCredits, ReservationNotActive, ValidationFailed
 
 _NEW_LOT_ORDER = 2**62
@@ -35,6 +43,12 @@ class Lot:
     source: str
     created_at: datetime
     idempotency_key: str
+    credit_type: str = DEFAULT_CREDIT_TYPE
+    effective_at: datetime | None = None
+    """Before this moment the lot is pending: in the balance, never drawn."""
+    unit_cost: Decimal | None = None
+    """The cost basis per credit (in `currency`), carried onto every draw of the lot."""
+    currency: str | None = None
     age: int = 0
     """Orders equal lots oldest first: the id of a stored lot, a larger number for a new one."""
     expiry_changed: bool = False
@@ -42,8 +56,10 @@ class Lot:
 
 
 def draw_order(lot: Lot) -> tuple[Any, ...]:
-    """The draw-down order: lowest priority value, soonest expiry (none last), oldest."""
-    return (lot.priority, lot.expires_at is None, lot.expires_at or _NO_EXPIRY, lot.age)
+    """The draw-down order: lowest priority value, soonest expiry (none last), promotional
+    before paid (`PROMOTIONAL_SOURCES`), oldest."""
+    return (lot.priority, lot.expires_at is None, lot.expires_at or _NO_EXPIRY,
+            lot.source not in PROMOTIONAL_SOURCES, lot.age)
 
 
 @dataclass(slots=True, eq=False)
@@ -59,13 +75,15 @@ class Hold:
     idempotency_key: str
     committed_amount: int | None = None
     finalized_at: datetime | None = None
+    credit_type: str = DEFAULT_CREDIT_TYPE
     stored: bool = True
     """False for a hold made in this unit of work (the writer inserts it, not updates it)."""
 
 
 @dataclass(slots=True, eq=False)
 class Account:
-    """One user's totals, with the live lots loaded with it (in draw-down order)."""
+    """One user's totals in one credit type, with that type's live lots loaded with it (in
+    draw-down order). Types never mix: every rule works on one type's account."""
 
     user_id: str
     balance: int
@@ -77,10 +95,27 @@ class Account:
     lots: list[Lot] = field(default_factory=list)
     lots_loaded: bool = False
     """True when `lots` holds every live lot, so that the account may be drawn from."""
+    credit_type: str = DEFAULT_CREDIT_TYPE
+    stored: bool = True
+    """False for another type's totals not stored yet (the writer inserts their row)."""
+    pending_until: datetime | None = None
+    """The latest `effective_at` of the account's grants (stored; see `pending`)."""
+    pending: int = 0
+    """What its lots not yet effective hold: read when `pending_until` is still ahead."""
 
     @property
     def available(self) -> int:
+        """What the stored totals say (the CHECK constraints hold it to the overdraft)."""
         return self.balance - self.reserved
+
+    @property
+    def spendable(self) -> int:
+        """What a deduct, hold or commit may take now: `available` without pending grants."""
+        return self.balance - self.reserved - self.pending
+
+
+def is_pending(lot: Lot, at: datetime) -> bool:
+    return lot.effective_at is not None and lot.effective_at > at
 
 
 @dataclass(slots=True, eq=False)
@@ -105,6 +140,7 @@ class Posting:
     """The entry as JSON, built once after the writer gave it its id (see `results`)."""
     refund_of: int | None = None
     """On a `refund`: the entry it gives back."""
+    credit_type: str = DEFAULT_CREDIT_TYPE
 
 
 def _posting(account: Account, kind: EntryKind, key: str, at: datetime, *, amount: int = 0,
@@ -113,13 +149,16 @@ def _posting(account: Account, kind: EntryKind, key: str, at: datetime, *, amoun
     account.balance += amount
     account.reserved += held
     return Posting(account.user_id, kind.value, amount, held, account.balance, account.reserved,
-                   key, at, **details)
+                   key, at, credit_type=account.credit_type, **details)
 
 
 def _insufficient(account: Account, amount: int) -> InsufficientCredits:
+    extra: dict[str, Any] = {} if account.credit_type == DEFAULT_CREDIT_TYPE else {"credit_type": account.credit_type}
+    if account.pending:
+        extra["pending"] = account.pending
     return InsufficientCredits(
-        f"user {account.user_id!r} has {account.available} credits available, {amount} requested",
-        user_id=account.user_id, available=account.available, requested=amount,
+        f"user {account.user_id!r} has {account.spendable} {account.credit_type} available, {amount} requested",
+        user_id=account.user_id, available=account.spendable, requested=amount, **extra,
     )
 
 
@@ -128,8 +167,10 @@ def _insufficient(account: Account, amount: int) -> InsufficientCredits:
 
 def grant(account: Account, amount: int, *, at: datetime, key: str, expires_at: datetime | None = None,
           priority: int = 0, source: str = "purchase", description: str | None = None,
-          metadata: dict[str, Any] | None = None) -> Posting:
-    """A new lot; a negative balance (from an overage) is paid off from it first."""
+          metadata: dict[str, Any] | None = None, effective_at: datetime | None = None,
+          unit_cost: Decimal | None = None, currency: str | None = None) -> Posting:
+    """A new lot; a negative balance (from an overage) is paid off from it first. A lot
+    effective later is pending until then: in the balance, not spendable."""
     if account.balance + amount > MAX_BALANCE:
         raise ValidationFailed(f"the balance would exceed the maximum of {MAX_BALANCE}",
                                user_id=account.user_id)
@@ -137,7 +178,12 @@ def grant(account: Account, amount: int, *, at: datetime, key: str, expires_at: 
         raise ValidationFailed("expires_at must be in the future", user_id=account.user_id)
     debt = max(0, -account.balance)
     lot = Lot(None, account.user_id, amount, amount - min(debt, amount), priority, expires_at,
-              source, at, key, age=_NEW_LOT_ORDER + len(account.lots))
+              source, at, key, account.credit_type, effective_at, unit_cost, currency,
+              age=_NEW_LOT_ORDER + len(account.lots))
+    if is_pending(lot, at):
+        assert effective_at is not None
+        account.pending += lot.remaining
+        account.pending_until = max(account.pending_until or effective_at, effective_at)
     if account.lots_loaded:
         account.lots.append(lot)
         account.lots.sort(key=draw_order)
@@ -145,15 +191,15 @@ def grant(account: Account, amount: int, *, at: datetime, key: str, expires_at: 
                     description=description, metadata=metadata)
 
 
-def draw(account: Account, amount: int) -> list[tuple[Lot, int]]:
-    """Take `amount` from the live lots in the draw-down order."""
+def draw(account: Account, amount: int, at: datetime) -> list[tuple[Lot, int]]:
+    """Take `amount` from the live lots in the draw-down order (pending lots are skipped)."""
     assert account.lots_loaded, f"account {account.user_id!r} was loaded without its lots"
     draws: list[tuple[Lot, int]] = []
     left = amount
     for lot in account.lots:
         if left <= 0:
             break
-        if lot.remaining <= 0:
+        if lot.remaining <= 0 or (lot.effective_at is not None and lot.effective_at > at):
             continue
         taken = min(lot.remaining, left)
         lot.remaining -= taken
@@ -166,10 +212,10 @@ def draw(account: Account, amount: int) -> list[tuple[Lot, int]]:
 
 def deduct(account: Account, amount: int, *, at: datetime, key: str, description: str | None = None,
            metadata: dict[str, Any] | None = None) -> Posting:
-    """Consume credits now; refused when `available` cannot cover them."""
-    if amount > account.available:
+    """Consume credits now; refused when what is spendable cannot cover them."""
+    if amount > account.spendable:
         raise _insufficient(account, amount)
-    draws = draw(account, amount)
+    draws = draw(account, amount, at)
     return _posting(account, EntryKind.DEDUCT, key, at, amount=-amount, draws=draws,
                     description=description, metadata=metadata)
 
@@ -205,10 +251,10 @@ def hold_expiry(at: datetime, *, checked_at: datetime, ttl_seconds: int, request
 def hold(account: Account, amount: int, *, hold_id: str, at: datetime, expires_at: datetime, key: str,
          description: str | None = None, metadata: dict[str, Any] | None = None) -> Posting:
     """Hold credits out of `available` until `expires_at`; the posting carries the new hold."""
-    if amount > account.available:
+    if amount > account.spendable:
         raise _insufficient(account, amount)
     new = Hold(hold_id, account.user_id, amount, ReservationStatus.ACTIVE.value,
-               expires_at, at, key, stored=False)
+               expires_at, at, key, credit_type=account.credit_type, stored=False)
     return _posting(account, EntryKind.RESERVE, key, at, held=amount, hold=new,
                     description=description, metadata=metadata)
 
@@ -237,13 +283,13 @@ def settle(account: Account, hold: Hold, charged: int | None, *, policy: Overage
     """
     require_active(hold, at)
     charged = hold.amount if charged is None else charged
-    covered = account.available + hold.amount
-    if charged > covered and policy is OveragePolicy.REJECT:
+    covered = account.spendable + hold.amount
+    if charged > covered and (policy is OveragePolicy.REJECT or account.pending):  # no debt beside pending credits
         raise InsufficientCredits(
             f"commit of {charged} exceeds the {hold.amount} held plus {covered - hold.amount} available",
             reservation_id=hold.id, user_id=hold.user_id, available=covered, requested=charged,
         )
-    draws = draw(account, max(0, min(charged, account.balance)))
+    draws = draw(account, max(0, min(charged, account.balance - account.pending)), at)
     _finish(hold, ReservationStatus.COMMITTED, at)
     hold.committed_amount = charged
     posting = _posting(account, EntryKind.COMMIT, key, at, amount=-charged, held=-hold.amount, hold=hold,
@@ -278,16 +324,20 @@ def expire(account: Account, lots: list[Lot], *, at: datetime, key: str | None =
     take. A correction that expires a lot at once gives its own `key`.
     """
     postings: list[Posting] = []
-    unheld = account.available
+    unheld = account.spendable
     for lot in sorted(lots, key=lambda lot: lot.age):
         if lot.expires_at is None or lot.expires_at > at:
             continue
-        taken = min(lot.remaining, unheld)
+        pending = is_pending(lot, at)  # no hold rests on a pending lot
+        taken = lot.remaining if pending else min(lot.remaining, unheld)
         if taken <= 0:
             continue
         entry_key = key or f"system:expire:{lot.id}:{at:%Y%m%dT%H%M%S%f}:{lot.remaining}"
         lot.remaining -= taken
-        unheld -= taken
+        if pending:
+            account.pending -= taken
+        else:
+            unheld -= taken
         postings.append(_posting(account, EntryKind.EXPIRE, entry_key, at, amount=-taken, lot=lot))
     return postings
 
@@ -300,15 +350,18 @@ def void(account: Account, lot: Lot, amount: int | None, *, reason: str, at: dat
     hold backs cannot be voided away, so a void larger than what is free is refused.
     """
     wanted = lot.remaining if amount is None else amount
-    free = min(lot.remaining, max(0, account.available))
+    pending = is_pending(lot, at)  # no hold rests on a pending lot
+    free = lot.remaining if pending else min(lot.remaining, max(0, account.spendable))
     if wanted <= 0 or wanted > free:
         raise InsufficientCredits(
             f"lot {lot.id} has {free} credits free to void ({lot.remaining} left, "
-            f"{account.available} available to the account), {wanted} requested",
+            f"{account.spendable} available to the account), {wanted} requested",
             user_id=account.user_id, lot_id=lot.id, remaining=lot.remaining, free=free,
             requested=wanted,
         )
     lot.remaining -= wanted
+    if pending:
+        account.pending -= wanted
     return _posting(account, EntryKind.VOID, key, at, amount=-wanted, lot=lot,
                     metadata={"reason": reason})
 
@@ -389,7 +442,7 @@ def low_credit_crossing(account: Account, default_threshold: int | None) -> int 
         threshold = default_threshold
     if threshold is None or threshold <= 0:
         return None
-    if account.available <= threshold:
+    if account.spendable <= threshold:
         if not account.low_credit_alerted:
             account.low_credit_alerted = True
             return threshold

@@ -22,12 +22,14 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session
 
 from creditworker.contract.credits import (
+    DEFAULT_CREDIT_TYPE,
     MAX_METADATA_DEPTH,
     MAX_USER_ID_LENGTH,
     AddCredits,
     BatchOutcome,
     ChangeLotExpiry,
     CommitReservation,
+    CostBasis,
     CreditLot,
     CreditsInfo,
     DeductCredits,
@@ -45,6 +47,7 @@ from creditworker.contract.credits import (
     Reservation,
     ReservationStatus,
     ReserveCredits,
+    TypeTotals,
     UsagePeriod,
     VoidLot,
     nesting_depth,
@@ -81,7 +84,7 @@ from creditworker.records import ledger_records
 from creditworker.records.ledger_file import LedgerFile
 from creditworker.storage.backends import backend_for
 from creditworker.storage.database import make_engine
-from creditworker.storage.tables import Account, Entry, Hold, Lot
+from creditworker.storage.tables import Account, Entry, Hold, Lot, TypeBalance
 from creditworker.storage.transaction import run_transaction
 
 if TYPE_CHECKING:
@@ -173,12 +176,19 @@ class CreditService:
         description: str | None = None,
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        credit_type: str = DEFAULT_CREDIT_TYPE,
+        effective_at: datetime | None = None,
+        cost_basis: CostBasis | Mapping[str, Any] | None = None,
         now: datetime | None = None,
     ) -> LedgerEntry:
-        """Grant a lot of credits; a negative balance (from an overage) is paid off first."""
+        """Grant a lot of credits of `credit_type`; a negative balance (from an overage) of
+        that type is paid off first. A grant `effective_at` a later moment is pending until
+        then (in the total, not spendable; no job flips it). `cost_basis` (`{"amount":
+        Decimal, "currency": "USD"}`) is the price per credit, carried onto every draw."""
         request = self._parse(
             AddCredits, user_id=user_id, amount=amount, expires_at=expires_at, priority=priority,
             source=source, description=description, metadata=metadata, idempotency_key=idempotency_key,
+            credit_type=credit_type, effective_at=effective_at, cost_basis=cost_basis,
         )
         return self._apply_one(request, LedgerEntry, now)
 
@@ -190,12 +200,14 @@ class CreditService:
         description: str | None = None,
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        credit_type: str = DEFAULT_CREDIT_TYPE,
         now: datetime | None = None,
     ) -> LedgerEntry:
-        """Consume credits now, drawing lots by priority, then soonest expiry, then age."""
+        """Consume credits of `credit_type` now, drawing that type's lots by priority, then
+        soonest expiry, then age (never another type's)."""
         request = self._parse(
             DeductCredits, user_id=user_id, amount=amount, description=description, metadata=metadata,
-            idempotency_key=idempotency_key,
+            idempotency_key=idempotency_key, credit_type=credit_type,
         )
         return self._apply_one(request, LedgerEntry, now)
 
@@ -210,6 +222,7 @@ class CreditService:
         idempotency_key: str | None = None,
         requested_at: datetime | None = None,
         deadline: datetime | None = None,
+        credit_type: str = DEFAULT_CREDIT_TYPE,
         now: datetime | None = None,
     ) -> Reservation:
         """Hold credits out of `available` until committed, released or past their TTL.
@@ -219,6 +232,7 @@ class CreditService:
         fields: dict[str, Any] = {
             "user_id": user_id, "amount": amount, "description": description, "metadata": metadata,
             "idempotency_key": idempotency_key, "requested_at": requested_at, "deadline": deadline,
+            "credit_type": credit_type,
         }
         if ttl_seconds is not None:
             fields["ttl_seconds"] = ttl_seconds
@@ -270,11 +284,12 @@ class CreditService:
                               idempotency_key=idempotency_key)
 
         def decide(uow: UnitOfWork, lot: rules.Lot, key: str) -> rules.Posting:
-            posting = uow.post(rules.void(uow.account(lot.user_id), lot, request.amount,
+            posting = uow.post(rules.void(uow.account(lot.user_id, lot.credit_type), lot, request.amount,
                                           reason=request.reason, at=uow.at, key=key))
             assert lot.id is not None
             uow.emit(CreditsVoided(event_id=new_event_id(), occurred_at=uow.at, user_id=lot.user_id,
-                                   lot_id=lot.id, amount=-posting.amount, reason=request.reason))
+                                   lot_id=lot.id, amount=-posting.amount, reason=request.reason,
+                                   credit_type=lot.credit_type))
             return posting
 
         return self._correct_lot(request, decide, now)
@@ -294,17 +309,17 @@ class CreditService:
 
         def decide(uow: UnitOfWork, lot: rules.Lot, key: str) -> rules.Posting:
             previous = lot.expires_at
-            changed, *expired = rules.change_expiry(uow.account(lot.user_id), lot, request.expires_at,
+            changed, *expired = rules.change_expiry(uow.account(lot.user_id, lot.credit_type), lot, request.expires_at,
                                                     at=uow.at, key=key)
             uow.post(changed)
             assert lot.id is not None
             uow.emit(CreditsExpiryChanged(event_id=new_event_id(), occurred_at=uow.at, user_id=lot.user_id,
                                           lot_id=lot.id, expires_at=request.expires_at,
-                                          previous_expires_at=previous))
+                                          previous_expires_at=previous, credit_type=lot.credit_type))
             for posting in expired:
                 uow.post(posting)
                 uow.emit(CreditsExpired(event_id=new_event_id(), occurred_at=uow.at, user_id=lot.user_id,
-                                        lot_id=lot.id, amount=-posting.amount))
+                                        lot_id=lot.id, amount=-posting.amount, credit_type=lot.credit_type))
             return changed
 
         return self._correct_lot(request, decide, now)
@@ -333,7 +348,7 @@ class CreditService:
         def decide(uow: UnitOfWork, key: str) -> rules.Posting:
             row = _entry_for_refund(uow.connection, request.entry_id)
             assert row is not None
-            _id, user_id, kind, draws = row
+            _id, user_id, kind, draws, credit_type = row
             if kind not in (EntryKind.DEDUCT.value, EntryKind.COMMIT.value):
                 raise ValidationFailed(
                     f"entry {request.entry_id} is a {kind} entry: only a deduct or commit can be refunded",
@@ -345,16 +360,17 @@ class CreditService:
                 .where(Entry.refund_of == request.entry_id, Entry.kind == EntryKind.REFUND.value)
             ).scalar_one()
             given, *expired = rules.refund(
-                uow.account(user_id), [(lots[lot_id], taken) for lot_id, taken in drawn], int(refunded),
+                uow.account(user_id, credit_type), [(lots[lot_id], taken) for lot_id, taken in drawn], int(refunded),
                 request.amount, entry_id=request.entry_id, reason=request.reason, at=uow.at, key=key)
             uow.post(given)
             uow.emit(CreditsRefunded(event_id=new_event_id(), occurred_at=uow.at, user_id=user_id,
-                                     entry_id=request.entry_id, amount=given.amount, reason=request.reason))
+                                     entry_id=request.entry_id, amount=given.amount, reason=request.reason,
+                                     credit_type=credit_type))
             for posting in expired:
                 uow.post(posting)
                 assert posting.lot is not None and posting.lot.id is not None
                 uow.emit(CreditsExpired(event_id=new_event_id(), occurred_at=uow.at, user_id=user_id,
-                                        lot_id=posting.lot.id, amount=-posting.amount))
+                                        lot_id=posting.lot.id, amount=-posting.amount, credit_type=credit_type))
             return given
 
         return self._correct(request, owner, decide, now)
@@ -517,63 +533,92 @@ class CreditService:
 
     def get_user_credits_info(
         self, user_id: str, *, within_days: int | None = None, at: datetime | None = None,
-        now: datetime | None = None,
+        credit_type: str | None = None, now: datetime | None = None,
     ) -> CreditsInfo:
         """Balance, held and available credits, and how many expire within `within_days`;
-        with `at`, the balance, held and available credits as they were at that moment."""
+        with `at`, the balance, held and available credits as they were at that moment.
+
+        With `credit_type`, that type's figures; without, the default type's, and `by_type`
+        with the totals of every type the account holds."""
         days = self.expiring_soon_days if within_days is None else within_days
-        request = self._parse(GetExpiring, user_id=user_id, within_days=days)
+        request = self._parse(GetExpiring, user_id=user_id, within_days=days, credit_type=credit_type)
         if at is not None:
-            return self._credits_info_at(self._parse(GetCredits, user_id=user_id, at=at), days)
+            return self._credits_info_at(
+                self._parse(GetCredits, user_id=user_id, at=at, credit_type=credit_type), days)
+        asked = request.credit_type or DEFAULT_CREDIT_TYPE
         at = aware(now)
         horizon = at + timedelta(days=request.within_days)
         with Session(self.engine) as session:
             account = self._account(session, request.user_id)
+            totals = {DEFAULT_CREDIT_TYPE: (account.balance, account.reserved)}
+            waiting = account.pending_until is not None and account.pending_until > at
+            for row in session.scalars(select(TypeBalance).where(TypeBalance.user_id == request.user_id)):
+                totals[row.credit_type] = (row.balance, row.reserved)
+                waiting = waiting or (row.pending_until is not None and row.pending_until > at)
+            pending = dict(session.execute(  # grants not effective yet: in the total, not available
+                select(Lot.credit_type, func.sum(Lot.remaining)).where(
+                    Lot.user_id == request.user_id, Lot.remaining > 0, Lot.effective_at > at,
+                ).group_by(Lot.credit_type)
+            ).all()) if waiting else {}
+            # holds past their TTL no longer count, released or not yet
+            stale = dict(session.execute(
+                select(Hold.credit_type, func.sum(Hold.amount)).where(
+                    Hold.user_id == request.user_id, Hold.status == ReservationStatus.ACTIVE.value,
+                    Hold.expires_at <= at,
+                ).group_by(Hold.credit_type)
+            ).all()) if any(reserved > 0 for _balance, reserved in totals.values()) else {}
             expiring = session.scalar(
                 select(func.coalesce(func.sum(Lot.remaining), 0)).where(
-                    Lot.user_id == request.user_id, Lot.remaining > 0, Lot.expires_at <= horizon
+                    Lot.user_id == request.user_id, Lot.credit_type == asked, Lot.remaining > 0,
+                    Lot.expires_at <= horizon,
                 )
             )
-            reserved = account.reserved
-            if reserved > 0:  # holds past their TTL no longer count, released or not yet
-                reserved -= int(session.scalar(
-                    select(func.coalesce(func.sum(Hold.amount), 0)).where(
-                        Hold.user_id == request.user_id, Hold.status == ReservationStatus.ACTIVE.value,
-                        Hold.expires_at <= at,
-                    )
-                ) or 0)
+            by_type = {
+                name: TypeTotals(total=balance, reserved=reserved - int(stale.get(name) or 0),
+                                 available=balance - reserved + int(stale.get(name) or 0)
+                                 - int(pending.get(name) or 0),
+                                 pending=int(pending.get(name) or 0))
+                for name, (balance, reserved) in sorted(totals.items())
+            }
+            figures = by_type.get(asked) or TypeTotals(total=0, reserved=0, available=0)
             return CreditsInfo(
                 user_id=account.user_id,
-                total=account.balance,
-                reserved=reserved,
-                available=account.balance - reserved,
+                total=figures.total,
+                reserved=figures.reserved,
+                available=figures.available,
                 expiring_soon=int(expiring or 0),
                 expiring_within_days=request.within_days,
+                credit_type=asked,
+                pending=figures.pending,
+                by_type=by_type if request.credit_type is None else None,
             )
 
     def _credits_info_at(self, request: GetCredits, within_days: int) -> CreditsInfo:
         assert request.at is not None
+        asked = request.credit_type or DEFAULT_CREDIT_TYPE
         with Session(self.engine) as session:
             self._account(session, request.user_id)
-            balance, reserved = reports.balance_at(session, request.user_id, request.at)
+            balance, reserved = reports.balance_at(session, request.user_id, request.at, asked)
         return CreditsInfo(
             user_id=request.user_id, total=balance, reserved=reserved,
             available=balance - reserved, expiring_soon=0, expiring_within_days=within_days,
-            at=request.at,
+            at=request.at, credit_type=asked,
         )
 
     def get_usage(
         self, user_id: str | None = None, *, start: datetime, end: datetime,
-        granularity: str = "day",
+        granularity: str = "day", credit_type: str | None = None,
     ) -> list[UsagePeriod]:
-        """Credits granted, consumed, expired, voided and refunded per day or month of
-        [start, end): one user's, or every account's together when `user_id` is None."""
-        request = self._parse(GetUsage, user_id=user_id, start=start, end=end, granularity=granularity)
+        """Credits granted, consumed (and what they cost, from their lots' cost basis),
+        expired, voided and refunded per day or month of [start, end): one user's, or every
+        account's together when `user_id` is None; of one credit type, or of all."""
+        request = self._parse(GetUsage, user_id=user_id, start=start, end=end, granularity=granularity,
+                              credit_type=credit_type)
         with Session(self.engine) as session:
             if request.user_id is not None:
                 self._account(session, request.user_id)
             return reports.usage(session, request.user_id, request.start, request.end,
-                                 request.granularity)
+                                 request.granularity, request.credit_type)
 
     def get_history(
         self,
@@ -599,18 +644,19 @@ class CreditService:
             return [entry_model(row) for row in session.scalars(query)]
 
     def get_expiring_credits(
-        self, user_id: str, within_days: int = 7, *, now: datetime | None = None
+        self, user_id: str, within_days: int = 7, *, credit_type: str | None = None,
+        now: datetime | None = None,
     ) -> list[CreditLot]:
-        """Lots with credits left that expire within `within_days`, soonest first."""
-        request = self._parse(GetExpiring, user_id=user_id, within_days=within_days)
+        """Lots with credits left that expire within `within_days`, soonest first (of
+        `credit_type` only, or of every type)."""
+        request = self._parse(GetExpiring, user_id=user_id, within_days=within_days, credit_type=credit_type)
         horizon = aware(now) + timedelta(days=request.within_days)
+        query = select(Lot).where(Lot.user_id == request.user_id, Lot.remaining > 0, Lot.expires_at <= horizon)
+        if request.credit_type is not None:
+            query = query.where(Lot.credit_type == request.credit_type)
         with Session(self.engine) as session:
             self._account(session, request.user_id)
-            lots = session.scalars(
-                select(Lot)
-                .where(Lot.user_id == request.user_id, Lot.remaining > 0, Lot.expires_at <= horizon)
-                .order_by(Lot.expires_at, Lot.id)
-            )
+            lots = session.scalars(query.order_by(Lot.expires_at, Lot.id))
             return [CreditLot.model_validate(lot, from_attributes=True) for lot in lots]
 
     def get_reservation(self, reservation_id: str) -> Reservation:
@@ -702,6 +748,8 @@ class CreditService:
                           with_lots=batch.drawing if reading else False, operation_keys=batch.chosen,
                           entry_ids=len(batch.valid), lot_ids=batch.grants, stale_holds=True)
         uow.expire_stale_holds()  # before the items: a hold past its TTL no longer counts
+        if batch.typed:
+            uow.load_types(batch.typed)
         known = uow.known_operations(batch.chosen)
         results: list[ResultSource | CreditError | None] = [None] * len(requests)
         refused: list[tuple[Request, CreditError]] = []
@@ -741,16 +789,20 @@ class CreditService:
         """One credit operation, decided by the rules; its posting, or its reservation's record."""
         at = uow.at
         if isinstance(request, DeductCredits):
-            return uow.post(rules.deduct(uow.account(request.user_id), request.amount, at=at, key=key,
+            return uow.post(rules.deduct(uow.account(request.user_id, request.credit_type), request.amount,
+                                         at=at, key=key,
                                          description=request.description, metadata=request.metadata))
         if isinstance(request, AddCredits):
             return uow.post(rules.grant(
-                uow.account(request.user_id), request.amount, at=at, key=key, expires_at=request.expires_at,
+                uow.account(request.user_id, request.credit_type), request.amount, at=at, key=key,
+                expires_at=request.expires_at,
                 priority=request.priority or 0, source=request.source.value, description=request.description,
-                metadata=request.metadata,
+                metadata=request.metadata, effective_at=request.effective_at,
+                unit_cost=request.cost_basis.amount if request.cost_basis else None,
+                currency=request.cost_basis.currency if request.cost_basis else None,
             ))
         if isinstance(request, ReserveCredits):
-            account = uow.account(request.user_id)  # locked since the unit of work began
+            account = uow.account(request.user_id, request.credit_type)  # locked since the unit of work began
             expires_at = rules.hold_expiry(
                 at, checked_at=max(at, utcnow()), ttl_seconds=request.ttl_seconds,
                 requested_at=request.requested_at, deadline=request.deadline,
@@ -765,12 +817,13 @@ class CreditService:
         if isinstance(request, CommitReservation):
             hold = uow.hold(request.reservation_id)
             return uow.post(rules.settle(
-                uow.account(hold.user_id), hold, request.amount, policy=self.overage_policy, at=at, key=key,
+                uow.account(hold.user_id, hold.credit_type), hold, request.amount, policy=self.overage_policy,
+                at=at, key=key,
                 description=request.description, metadata=request.metadata,
             ))
         if isinstance(request, ReleaseReservation):
             hold = uow.hold(request.reservation_id)
-            return uow.post(rules.release(uow.account(hold.user_id), hold, at=at, key=key))
+            return uow.post(rules.release(uow.account(hold.user_id, hold.credit_type), hold, at=at, key=key))
         raise ValidationFailed(f"{type(request).__name__} is not a credit operation")
 
     def _committed(self, uow: UnitOfWork) -> None:
@@ -844,9 +897,16 @@ class _Batch:
         self.deducted: dict[str, int] = {}
         self.commits: list[CommitReservation] = []
         self.reserving = any(isinstance(request, ReserveCredits) for request in valid)
+        self.typed = {(request.user_id, request.credit_type) for request in valid
+                      if isinstance(request, (AddCredits, DeductCredits, ReserveCredits))
+                      and request.credit_type != DEFAULT_CREDIT_TYPE}
+        """The (user, credit type) pairs of other types than the default, read up front."""
         for request in valid:
             if isinstance(request, DeductCredits):
-                self.deducted[request.user_id] = self.deducted.get(request.user_id, 0) + request.amount
+                if request.credit_type == DEFAULT_CREDIT_TYPE:  # another type's lots come with its totals
+                    self.deducted[request.user_id] = self.deducted.get(request.user_id, 0) + request.amount
+                else:
+                    self.deducted.setdefault(request.user_id, 0)
             elif isinstance(request, CommitReservation):
                 self.commits.append(request)
 
@@ -862,9 +922,10 @@ class _Batch:
 
 
 def _entry_for_refund(connection: Connection, entry_id: int) -> tuple[Any, ...] | None:
-    """(id, user_id, kind, draws) of a ledger entry, or None."""
+    """(id, user_id, kind, draws, credit_type) of a ledger entry, or None."""
     rows = backend_for(connection).rows_where_in(
-        connection, cast(Table, Entry.__table__), ("id", "user_id", "kind", "draws"), "id", [entry_id])
+        connection, cast(Table, Entry.__table__), ("id", "user_id", "kind", "draws", "credit_type"), "id",
+        [entry_id])
     return tuple(rows[0]) if rows else None
 
 
@@ -928,4 +989,5 @@ def entry_model(row: Entry) -> LedgerEntry:
         metadata=row.entry_metadata,
         idempotency_key=row.idempotency_key,
         created_at=row.created_at,
+        credit_type=row.credit_type,
     )

@@ -62,17 +62,18 @@ def expire_lots(engine: Engine, run: RunChunk, at: datetime) -> int:
 
 def _expire_lot_chunk(uow: UnitOfWork, lot_ids: list[int], owners: set[str]) -> int:
     uow.lock(owners)
-    by_user: dict[str, list[rules.Lot]] = defaultdict(list)
+    by_account: dict[tuple[str, str], list[rules.Lot]] = defaultdict(list)
     for lot in accounts.load_lots(uow.connection, lot_ids):
-        by_user[lot.user_id].append(lot)
+        by_account[(lot.user_id, lot.credit_type)].append(lot)
     written = 0
-    for user_id in sorted(by_user):
-        for posting in rules.expire(uow.account(user_id), by_user[user_id], at=uow.at):
+    for user_id, credit_type in sorted(by_account):
+        for posting in rules.expire(uow.account(user_id, credit_type), by_account[(user_id, credit_type)],
+                                    at=uow.at):
             uow.post(posting)
             uow.record_system_operation(posting.idempotency_key, "ExpireLot", user_id)
             assert posting.lot is not None and posting.lot.id is not None
             uow.emit(CreditsExpired(event_id=new_event_id(), occurred_at=uow.at, user_id=user_id,
-                                    lot_id=posting.lot.id, amount=-posting.amount))
+                                    lot_id=posting.lot.id, amount=-posting.amount, credit_type=credit_type))
             written += 1
     return written
 
@@ -131,7 +132,8 @@ def _remind_chunk(uow: UnitOfWork, lot_ids: list[int], days: Sequence[int]) -> i
         lot = due[(lot_id, day)]
         assert lot.expires_at is not None
         uow.emit(CreditsExpiring(event_id=new_event_id(), occurred_at=uow.at, user_id=lot.user_id, lot_id=lot_id,
-                                 remaining=lot.remaining, expires_at=lot.expires_at, days_before=day))
+                                 remaining=lot.remaining, expires_at=lot.expires_at, days_before=day,
+                                 credit_type=lot.credit_type))
     return len(claimed)
 
 

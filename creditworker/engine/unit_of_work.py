@@ -21,7 +21,7 @@ from sqlalchemy import Table
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from creditworker.contract.credits import EntryKind
+from creditworker.contract.credits import DEFAULT_CREDIT_TYPE, EntryKind
 from creditworker.contract.errors import UnknownReservation, UnknownUser
 from creditworker.contract.events import (
     AccountSnapshot,
@@ -71,7 +71,8 @@ class OperationRecord:
 operations_table = cast(Table, Operation.__table__)
 entries_table = cast(Table, Entry.__table__)
 ENTRY_COLUMNS = ("id", "user_id", "kind", "amount", "held", "balance_after", "reserved_after", "lot_id",
-                 "reservation_id", "draws", "description", "metadata", "idempotency_key", "created_at")
+                 "reservation_id", "draws", "description", "metadata", "idempotency_key", "created_at",
+                 "credit_type")
 """The columns `entry_row_record` reads, in its order."""
 
 
@@ -90,6 +91,9 @@ class UnitOfWork:
         self.operations: list[OperationRecord] = []
         self.events: list[_Event | Callable[[], _Event]] = []
         self.touched: dict[str, Account] = {}
+        self.typed: dict[tuple[str, str], Account] = {}
+        """The locked accounts' totals in other credit types, read when first asked for."""
+        self.touched_typed: dict[tuple[str, str], Account] = {}
         self.dropped_accounts: set[str] = set()
         self.row_updates: dict[tuple[Table, str], list[dict[str, Any]]] = {}
         self.commit_hooks: list[Callable[[], None]] = []
@@ -104,6 +108,8 @@ class UnitOfWork:
         self._percent_rules: dict[str, int] | None = None
         """Low thresholds as a percentage of the last grant, read on the first grant."""
         self.stale_holds: list[Hold] = []
+        self.releases_stale = False
+        """`lock` was asked for stale holds: another type's are released when it is loaded."""
         """The locked accounts' active holds past their TTL, when `lock` was asked for them."""
 
     @property
@@ -154,6 +160,9 @@ class UnitOfWork:
             locked = accounts.lock(self.connection,
                                    {*user_ids, *creating, *(owner.user_id for owner in owners.values())})
         self.accounts.update(locked)
+        if callable(with_lots) and any(account.pending_until is not None and account.pending_until > self.at
+                                       for account in locked.values()):
+            with_lots = True  # a prefix of the draw-down order may be a pending lot: read them all
         holding = [user_id for user_id, account in locked.items() if account.reserved > 0] if stale_holds else []
         stale: list[Hold] | None = None
         folded = callable(with_lots) and self.backend.folds_reads  # the lots' query reads the holds
@@ -176,16 +185,45 @@ class UnitOfWork:
                     stale = read.stale_holds
         if stale is None and holding:
             stale = accounts.stale_holds(self.connection, holding, self.at)
+        accounts.count_pending(self.connection, locked.values(), self.at)
+        self.releases_stale = stale_holds
         for hold in stale or ():
-            self.stale_holds.append(self.holds.setdefault(hold.id, hold))
+            if hold.credit_type == DEFAULT_CREDIT_TYPE:  # another type's: when that type is loaded
+                self.stale_holds.append(self.holds.setdefault(hold.id, hold))
         return created
 
-    def account(self, user_id: str) -> Account:
-        """A locked account, or `UnknownUser`."""
+    def account(self, user_id: str, credit_type: str = DEFAULT_CREDIT_TYPE) -> Account:
+        """A locked account's totals in `credit_type` (with that type's live lots, for another
+        type than the default, read here on first use), or `UnknownUser`."""
         account = self.accounts.get(user_id)
         if account is None:
             raise UnknownUser(f"no account for user {user_id!r}", user_id=user_id)
-        return account
+        if credit_type == DEFAULT_CREDIT_TYPE:
+            return account
+        typed = self.typed.get((user_id, credit_type))
+        if typed is None:
+            self.load_types([(user_id, credit_type)])
+            typed = self.typed[(user_id, credit_type)]
+        return typed
+
+    def load_types(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Read the locked accounts' totals and live lots in other credit types than the
+        default, for the (user id, type) pairs given (two queries for all of them: a batch
+        names its pairs up front). A write releases their holds past the TTL, as `lock`
+        does for the default type."""
+        wanted = sorted({(user_id, credit_type) for user_id, credit_type in pairs
+                         if credit_type != DEFAULT_CREDIT_TYPE and user_id in self.accounts
+                         and (user_id, credit_type) not in self.typed})
+        if not wanted:
+            return
+        loaded = accounts.load_typed(self.connection, wanted, self.at)
+        self.typed.update(((typed.user_id, typed.credit_type), typed) for typed in loaded)
+        holding = [typed for typed in loaded if typed.reserved > 0] if self.releases_stale else []
+        if holding:
+            types = {(typed.user_id, typed.credit_type) for typed in holding}
+            for hold in accounts.stale_holds(self.connection, {user_id for user_id, _type in types}, self.at):
+                if (hold.user_id, hold.credit_type) in types:
+                    self.expire_hold(self.holds.setdefault(hold.id, hold))
 
     def hold(self, reservation_id: str) -> Hold:
         """A hold named to `lock`, or `UnknownReservation`."""
@@ -216,6 +254,10 @@ class UnitOfWork:
     def post(self, posting: Posting) -> Posting:
         """Collect a rule's posting; a crossing below the low-credit threshold adds its event."""
         self.postings.append(posting)
+        if posting.credit_type != DEFAULT_CREDIT_TYPE:  # no low-credit threshold on other types (yet)
+            self.touched_typed[(posting.user_id, posting.credit_type)] = self.typed[
+                (posting.user_id, posting.credit_type)]
+            return posting
         account = self.accounts[posting.user_id]
         self.touched[account.user_id] = account
         if posting.kind == EntryKind.ADD and posting.amount > 0 and account.low_credit_threshold is not None:
@@ -224,7 +266,7 @@ class UnitOfWork:
         threshold = low_credit_crossing(account, self.low_credit_threshold)
         if threshold is not None:
             self.emit(CreditsLow(event_id=new_event_id(), occurred_at=self.at, user_id=account.user_id,
-                                 available=account.available, threshold=threshold))
+                                 available=account.spendable, threshold=threshold))
         self._alert_crossings(posting, account, was_low)
         return posting
 
@@ -256,13 +298,13 @@ class UnitOfWork:
     def expire_hold(self, hold: Hold) -> bool:
         """Release a hold past its TTL with its `reservation_expired` entry and event (once:
         a hold no longer active is left alone); whether it did."""
-        posting = rules.expire_hold(self.account(hold.user_id), hold, at=self.at)
+        posting = rules.expire_hold(self.account(hold.user_id, hold.credit_type), hold, at=self.at)
         if posting is None:
             return False
         self.post(posting)
         self.record_system_operation(posting.idempotency_key, "ExpireReservation", hold.user_id)
         self.emit(ReservationExpired(event_id=new_event_id(), occurred_at=self.at, user_id=hold.user_id,
-                                     reservation_id=hold.id, amount=hold.amount))
+                                     reservation_id=hold.id, amount=hold.amount, credit_type=hold.credit_type))
         return True
 
     def expire_stale_holds(self) -> int:
@@ -301,6 +343,9 @@ class UnitOfWork:
         self.dropped_accounts.add(user_id)
         self.accounts.pop(user_id, None)
         self.touched.pop(user_id, None)
+        for typed in [typed for typed in self.typed if typed[0] == user_id]:
+            self.typed.pop(typed)
+            self.touched_typed.pop(typed, None)
 
     def update_rows(self, table: Table, key: str, rows: list[dict[str, Any]]) -> None:
         """Rows of another table (a subscription's period) for the writer to update with the

@@ -9,15 +9,18 @@ id), outbox events. A single operation is a unit of one; a batch of a thousand t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table
+from sqlalchemy import Table, and_, bindparam, insert, update
+from sqlalchemy.engine import Connection
 
 from creditworker.contract.events import _Event
-from creditworker.engine.account import accounts_table, holds_table, lots_table
-from creditworker.engine.rules import Hold, Lot, Posting
+from creditworker.engine.account import accounts_table, balances_table, holds_table, lots_table
+from creditworker.engine.results import draw_record
+from creditworker.engine.rules import Account, Hold, Lot, Posting
 from creditworker.engine.unit_of_work import OperationRecord, UnitOfWork
 from creditworker.records.outbox import event_row
 from creditworker.storage.backends import Json, Script, backend_for
@@ -50,18 +53,19 @@ def write(uow: UnitOfWork) -> None:
             (changed_holds if posting.hold.stored else new_holds)[posting.hold.id] = posting.hold
 
     fresh = list(new_lots.values())
+    typed = bool(uow.touched_typed)  # else every row is of the default type: the column's default
     backend = backend_for(connection)
     script = backend.script(connection)
     if fresh and len(uow.lot_ids) >= len(fresh):  # ids taken when the unit read: the lots go in the script
         for lot, lot_id in zip(fresh, uow.lot_ids):
             lot.id = lot_id
-        script.insert(lots_table, [{"id": lot.id, **_lot_row(lot)} for lot in fresh])
+        script.insert(lots_table, [{"id": lot.id, **_lot_row(lot, typed)} for lot in fresh])
     else:
         for lot, lot_id in zip(fresh, backend.insert_returning_ids(connection, lots_table,
-                                                                   [_lot_row(lot) for lot in fresh])):
+                                                                   [_lot_row(lot, typed) for lot in fresh])):
             lot.id = lot_id
     script.delete(accounts_table, "user_id", uow.dropped_accounts)
-    script.insert(holds_table, [_hold_row(hold) for hold in new_holds.values()])
+    script.insert(holds_table, [_hold_row(hold, typed) for hold in new_holds.values()])
     for hold in new_holds.values():
         hold.stored = True
     script.update(holds_table, "id", [
@@ -73,11 +77,13 @@ def write(uow: UnitOfWork) -> None:
     script.update(lots_table, "id", [{"id": lot.id, "expires_at": lot.expires_at}
                                      for lot in changed_lots.values() if lot.expiry_changed])
     at = uow.at
+    if uow.touched_typed:
+        _write_typed(connection, list(uow.touched_typed.values()), at)
     script.update(accounts_table, "user_id", [
         {"user_id": account.user_id, "balance": account.balance, "reserved": account.reserved,
          "low_credit_threshold": account.low_credit_threshold,
          "low_credit_alerted": account.low_credit_alerted, "overdraft_limit": account.overdraft_limit,
-         "updated_at": at}
+         "pending_until": account.pending_until, "updated_at": at}
         for account in uow.touched.values()
     ])
     script.insert(outbox_table, [event_row(_built(event)) for event in uow.events])
@@ -88,7 +94,7 @@ def write(uow: UnitOfWork) -> None:
         return
     position = {id(posting): index for index, posting in enumerate(uow.postings)}
     entry_ids = script.finish(
-        entries_table, [_entry_row(posting) for posting in uow.postings],
+        entries_table, [_entry_row(posting, typed) for posting in uow.postings],
         referencing=operations_table, reference="result", reference_key="entry_id",
         referencing_rows=[_operation_row(record, None if record.references_entry else record.source, at)
                           for record in uow.operations],
@@ -101,9 +107,10 @@ def write(uow: UnitOfWork) -> None:
 def _finish_with_known_ids(uow: UnitOfWork, script: Script) -> None:
     """The entries get the ids the unit took from their sequence when it read (PostgreSQL):
     the script needs nothing back, so the transaction's COMMIT goes out with it."""
+    typed = bool(uow.touched_typed)
     for posting, entry_id in zip(uow.postings, uow.entry_ids):
         posting.id = entry_id
-    script.insert(entries_table, [{"id": posting.id, **_entry_row(posting)} for posting in uow.postings])
+    script.insert(entries_table, [{"id": posting.id, **_entry_row(posting, typed)} for posting in uow.postings])
     script.insert(operations_table, [
         _operation_row(record, Json(f'{{"entry_id": {record.source.id}}}') if isinstance(record.source, Posting)
                        else record.source, uow.at)
@@ -118,14 +125,19 @@ def _operation_row(record: OperationRecord, result: Any, at: datetime) -> dict[s
             "user_id": record.user_id, "result": result, "created_at": at}
 
 
-def _entry_row(posting: Posting) -> dict[str, Any]:
-    return {"user_id": posting.user_id, "kind": posting.kind, "amount": posting.amount, "held": posting.held,
+def _entry_row(posting: Posting, typed: bool) -> dict[str, Any]:
+    """The entry's row; `credit_type` only when the unit moved another type than the default
+    (all rows of one statement name the same columns; left out, the column's default applies)."""
+    row = {"user_id": posting.user_id, "kind": posting.kind, "amount": posting.amount, "held": posting.held,
             "balance_after": posting.balance_after, "reserved_after": posting.reserved_after,
             "lot_id": posting.lot.id if posting.lot is not None else None,
             "reservation_id": posting.hold.id if posting.hold is not None else None,
             "draws": _draws_json(posting.draws), "description": posting.description, "metadata": posting.metadata,
             "idempotency_key": posting.idempotency_key, "created_at": posting.created_at,
             "refund_of": posting.refund_of}
+    if typed:
+        row["credit_type"] = posting.credit_type
+    return row
 
 
 def _draws_json(draws: list[tuple[Lot, int]]) -> Json | None:
@@ -133,20 +145,62 @@ def _draws_json(draws: list[tuple[Lot, int]]) -> Json | None:
     psycopg2 path sends it as it is; the Core path parses it back for SQLAlchemy)."""
     if not draws:
         return None
-    return Json("[" + ", ".join(f'{{"lot_id": {lot.id}, "amount": {taken}}}' for lot, taken in draws) + "]")
+    return Json("[" + ", ".join(f'{{"lot_id": {lot.id}, "amount": {taken}}}' if lot.unit_cost is None
+                                else json.dumps(draw_record(lot, taken)) for lot, taken in draws) + "]")
 
 
 def _built(event: _Event | Callable[[], _Event]) -> _Event:
     return event if isinstance(event, _Event) else event()
 
 
-def _lot_row(lot: Lot) -> dict[str, Any]:
-    return {"user_id": lot.user_id, "amount": lot.amount, "remaining": lot.remaining, "source": lot.source,
-            "priority": lot.priority, "expires_at": lot.expires_at, "created_at": lot.created_at,
-            "idempotency_key": lot.idempotency_key}
+def _lot_row(lot: Lot, typed: bool) -> dict[str, Any]:
+    row = {"user_id": lot.user_id, "amount": lot.amount, "remaining": lot.remaining, "source": lot.source,
+           "priority": lot.priority, "expires_at": lot.expires_at, "created_at": lot.created_at,
+           "idempotency_key": lot.idempotency_key, "effective_at": lot.effective_at,
+           "cost_basis_amount": lot.unit_cost, "cost_basis_currency": lot.currency}
+    if typed:
+        row["credit_type"] = lot.credit_type
+    return row
 
 
-def _hold_row(hold: Hold) -> dict[str, Any]:
-    return {"id": hold.id, "user_id": hold.user_id, "amount": hold.amount, "status": hold.status,
-            "expires_at": hold.expires_at, "created_at": hold.created_at, "finalized_at": hold.finalized_at,
-            "committed_amount": hold.committed_amount, "idempotency_key": hold.idempotency_key}
+def _hold_row(hold: Hold, typed: bool) -> dict[str, Any]:
+    row = {"id": hold.id, "user_id": hold.user_id, "amount": hold.amount, "status": hold.status,
+           "expires_at": hold.expires_at, "created_at": hold.created_at, "finalized_at": hold.finalized_at,
+           "committed_amount": hold.committed_amount, "idempotency_key": hold.idempotency_key}
+    if typed:
+        row["credit_type"] = hold.credit_type
+    return row
+
+
+_UPDATE_TYPED = (
+    update(balances_table)
+    .where(and_(balances_table.c.user_id == bindparam("key_user_id"),
+                balances_table.c.credit_type == bindparam("key_credit_type")))
+    .values(balance=bindparam("balance"), reserved=bindparam("reserved"),
+            overdraft_limit=bindparam("overdraft_limit"), pending_until=bindparam("pending_until"),
+            updated_at=bindparam("updated_at"))
+)
+
+
+def _write_typed(connection: Connection, accounts: list[Account], at: datetime) -> None:
+    """The totals of credit types other than the default (`credit_balances`): a statement of
+    their own, run at once, only by units of work that moved such a type (the default type's
+    path writes nothing more than before types existed)."""
+    new = [account for account in accounts if not account.stored]
+    if new:
+        connection.execute(insert(balances_table), [
+            {"user_id": account.user_id, "credit_type": account.credit_type, "balance": account.balance,
+             "reserved": account.reserved, "overdraft_limit": account.overdraft_limit,
+             "pending_until": account.pending_until, "created_at": at, "updated_at": at}
+            for account in new
+        ])
+        for account in new:
+            account.stored = True
+    changed = [account for account in accounts if account not in new]
+    if changed:
+        connection.execute(_UPDATE_TYPED, [
+            {"key_user_id": account.user_id, "key_credit_type": account.credit_type, "balance": account.balance,
+             "reserved": account.reserved, "overdraft_limit": account.overdraft_limit,
+             "pending_until": account.pending_until, "updated_at": at}
+            for account in changed
+        ])

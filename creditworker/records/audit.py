@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from creditworker.contract.credits import ReservationStatus
-from creditworker.storage.tables import Account, Entry, Hold, Lot, Operation
+from creditworker.contract.credits import DEFAULT_CREDIT_TYPE, ReservationStatus
+from creditworker.storage.tables import Account, Entry, Hold, Lot, Operation, TypeBalance
 
 
 @dataclass(frozen=True)
@@ -54,65 +55,81 @@ def audit(engine: Engine, *, allow_negative: bool = False) -> AuditReport:
     return report
 
 
+Totals = dict[tuple[str, str], tuple[int, int]]
+
+
+def _type_totals(session: Session) -> Totals:
+    """(balance, reserved) per account and credit type: the default type's on `accounts`,
+    every other type's in `credit_balances`."""
+    totals: Totals = {
+        (user_id, DEFAULT_CREDIT_TYPE): (balance, reserved)
+        for user_id, balance, reserved in session.execute(
+            select(Account.user_id, Account.balance, Account.reserved)).all()
+    }
+    totals.update(((user_id, credit_type), (balance, reserved)) for user_id, credit_type, balance, reserved
+                  in session.execute(select(TypeBalance.user_id, TypeBalance.credit_type,
+                                            TypeBalance.balance, TypeBalance.reserved)).all())
+    return totals
+
+
+def _sums(session: Session, *columns: Any, where: Any = None) -> dict[tuple[str, str], tuple[int, ...]]:
+    """Sums of `columns` per (user_id, credit_type) of their table, in one GROUP BY."""
+    table = columns[0].class_
+    query = select(table.user_id, table.credit_type, *(func.sum(column) for column in columns))
+    if where is not None:
+        query = query.where(where)
+    return {(user_id, credit_type): tuple(int(value or 0) for value in values)
+            for user_id, credit_type, *values in session.execute(
+                query.group_by(table.user_id, table.credit_type)).all()}
+
+
+def _named(user_id: str, credit_type: str) -> str:
+    return "" if credit_type == DEFAULT_CREDIT_TYPE else f"{credit_type}: "
+
+
 def _accounts_match_entries(session: Session, allow_negative: bool) -> Iterator[Problem]:
-    entry_sums = (
-        select(
-            Entry.user_id,
-            func.sum(Entry.amount).label("amount"),
-            func.sum(Entry.held).label("held"),
-        )
-        .group_by(Entry.user_id)
-        .subquery()
-    )
-    rows = session.execute(
-        select(
-            Account.user_id,
-            Account.balance,
-            Account.reserved,
-            entry_sums.c.amount,
-            entry_sums.c.held,
-        ).outerjoin(entry_sums, entry_sums.c.user_id == Account.user_id)
-    ).all()
-    for user_id, balance, reserved, amount, held in rows:
-        if int(amount or 0) != balance:
+    """Per account and credit type: the entries sum to its balance and reserved."""
+    totals = _type_totals(session)
+    entry_sums = _sums(session, Entry.amount, Entry.held)
+    for user_id, credit_type in sorted(totals.keys() | entry_sums.keys()):
+        balance, reserved = totals.get((user_id, credit_type), (0, 0))
+        amount, held = entry_sums.get((user_id, credit_type), (0, 0))
+        named = _named(user_id, credit_type)
+        if amount != balance:
             yield Problem(
                 "entries_sum_to_balance",
                 user_id,
-                f"entries sum to {int(amount or 0)}, balance is {balance}",
+                f"{named}entries sum to {amount}, balance is {balance}",
             )
-        if int(held or 0) != reserved:
+        if held != reserved:
             yield Problem(
                 "holds_sum_to_reserved",
                 user_id,
-                f"entry holds sum to {int(held or 0)}, reserved is {reserved}",
+                f"{named}entry holds sum to {held}, reserved is {reserved}",
             )
         if balance < 0 and not allow_negative:
             yield Problem(
                 "no_negative_balance",
                 user_id,
-                f"balance is {balance} and the overage policy is reject",
+                f"{named}balance is {balance} and the overage policy is reject",
             )
         if reserved < 0:
-            yield Problem("no_negative_reserved", user_id, f"reserved is {reserved}")
+            yield Problem("no_negative_reserved", user_id, f"{named}reserved is {reserved}")
 
 
 def _lots_match_balances(session: Session, _allow_negative: bool) -> Iterator[Problem]:
-    lot_sums = (
-        select(Lot.user_id, func.sum(Lot.remaining).label("remaining"))
-        .group_by(Lot.user_id)
-        .subquery()
-    )
-    for user_id, balance, remaining in session.execute(
-        select(Account.user_id, Account.balance, lot_sums.c.remaining).outerjoin(
-            lot_sums, lot_sums.c.user_id == Account.user_id
-        )
-    ).all():
+    """Per account and credit type: its lots hold what its balance says (none below zero)."""
+    totals = _type_totals(session)
+    lot_sums = _sums(session, Lot.remaining)
+    for user_id, credit_type in sorted(totals.keys() | lot_sums.keys()):
+        balance, _reserved = totals.get((user_id, credit_type), (0, 0))
+        (remaining,) = lot_sums.get((user_id, credit_type), (0,))
         expected = max(balance, 0)
-        if int(remaining or 0) != expected:
+        if remaining != expected:
             yield Problem(
                 "lots_sum_to_balance",
                 user_id,
-                f"lots hold {int(remaining or 0)}, expected {expected}",
+                f"{_named(user_id, credit_type)}lots hold {remaining}, expected {expected}",
             )
 
 
@@ -128,22 +145,17 @@ def _lots_in_range(session: Session, _allow_negative: bool) -> Iterator[Problem]
 
 
 def _holds_match_reserved(session: Session, _allow_negative: bool) -> Iterator[Problem]:
-    active_holds = (
-        select(Hold.user_id, func.sum(Hold.amount).label("held"))
-        .where(Hold.status == ReservationStatus.ACTIVE.value)
-        .group_by(Hold.user_id)
-        .subquery()
-    )
-    for user_id, reserved, held in session.execute(
-        select(Account.user_id, Account.reserved, active_holds.c.held).outerjoin(
-            active_holds, active_holds.c.user_id == Account.user_id
-        )
-    ).all():
-        if int(held or 0) != reserved:
+    """Per account and credit type: its active holds add up to its reserved."""
+    totals = _type_totals(session)
+    held_sums = _sums(session, Hold.amount, where=Hold.status == ReservationStatus.ACTIVE.value)
+    for user_id, credit_type in sorted(totals.keys() | held_sums.keys()):
+        _balance, reserved = totals.get((user_id, credit_type), (0, 0))
+        (held,) = held_sums.get((user_id, credit_type), (0,))
+        if held != reserved:
             yield Problem(
                 "active_holds_sum_to_reserved",
                 user_id,
-                f"active holds {int(held or 0)}, reserved {reserved}",
+                f"{_named(user_id, credit_type)}active holds {held}, reserved {reserved}",
             )
 
 

@@ -30,7 +30,12 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from creditworker.contract.credits import MAX_KEY_LENGTH, MAX_USER_ID_LENGTH
+from creditworker.contract.credits import (
+    DEFAULT_CREDIT_TYPE,
+    MAX_CREDIT_TYPE_LENGTH,
+    MAX_KEY_LENGTH,
+    MAX_USER_ID_LENGTH,
+)
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -103,6 +108,40 @@ class Account(Base):
     """Set when a credits.low event fired; cleared when available is back at the threshold."""
     overdraft_limit: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     """How far below zero `available` may go: 0 unless an allowed overage made a debt."""
+    pending_until: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    """The latest `effective_at` of the default type's grants (migration 0010): until then
+    a write reads the account's pending lots; after it, nothing is pending and no job ran."""
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+def _credit_type() -> Mapped[str]:
+    """The credit type of a lot, hold or entry (migration 0010: older rows are the default)."""
+    return mapped_column(_identifier(MAX_CREDIT_TYPE_LENGTH), default=DEFAULT_CREDIT_TYPE,
+                         server_default=DEFAULT_CREDIT_TYPE)
+
+
+class TypeBalance(Base):
+    """An account's totals in a credit type other than the default (whose totals stay on
+    the `accounts` row, so the default type's operations read and write no more rows than
+    before types existed). Written only under the `accounts` row's lock; the same CHECK
+    constraints as there."""
+
+    __tablename__ = "credit_balances"
+    __table_args__ = (
+        CheckConstraint("reserved >= 0", name="reserved_not_negative"),
+        CheckConstraint("overdraft_limit >= 0", name="overdraft_limit_not_negative"),
+        CheckConstraint("balance - reserved >= -overdraft_limit", name="available_within_overdraft"),
+    )
+
+    user_id: Mapped[str] = mapped_column(
+        _identifier(MAX_USER_ID_LENGTH), ForeignKey("accounts.user_id"), primary_key=True
+    )
+    credit_type: Mapped[str] = mapped_column(_identifier(MAX_CREDIT_TYPE_LENGTH), primary_key=True)
+    balance: Mapped[int] = mapped_column(BigInteger, default=0)
+    reserved: Mapped[int] = mapped_column(BigInteger, default=0)
+    overdraft_limit: Mapped[int] = mapped_column(BigInteger, default=0)
+    pending_until: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
@@ -133,6 +172,12 @@ class Lot(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     idempotency_key: Mapped[str] = mapped_column(_identifier(MAX_KEY_LENGTH))
+    credit_type: Mapped[str] = _credit_type()
+    effective_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    """Before this moment the lot is pending: counted in the balance, not spendable."""
+    cost_basis_amount: Mapped[Decimal | None] = mapped_column(Numeric(24, 12), nullable=True)
+    """What was paid per credit of this lot (in `cost_basis_currency`), carried onto draws."""
+    cost_basis_currency: Mapped[str | None] = mapped_column(String(3), nullable=True)
 
 
 class Hold(Base):
@@ -157,6 +202,7 @@ class Hold(Base):
     finalized_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     committed_amount: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     idempotency_key: Mapped[str] = mapped_column(_identifier(MAX_KEY_LENGTH))
+    credit_type: Mapped[str] = _credit_type()
 
 
 class Entry(Base):
@@ -188,6 +234,7 @@ class Entry(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     refund_of: Mapped[int | None] = mapped_column(BigInteger, nullable=True, index=True)
     """On a `refund` entry: the deduction or commit it gives back (migration 0008)."""
+    credit_type: Mapped[str] = _credit_type()
 
 
 class Operation(Base):

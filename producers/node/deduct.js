@@ -2,7 +2,7 @@
 // A producer in another language: enqueue creditworker.credits.deduct by speaking
 // Celery's message protocol v2 to Redis directly, with no dependency beyond Node itself.
 //
-//   node deduct.js [--redis redis://127.0.0.1:6379/0] --user alice --amount 5 [--key K] [--wait SECONDS]
+//   node deduct.js [--redis redis://127.0.0.1:6379/0] --user alice --amount 5 [--key K] [--wait SECONDS] [--credit-type T]
 //   (--redis defaults to CREDITWORKER_BROKER_URL, the workers' broker, Redis database included)
 //
 // Prints the task id; with --wait, polls the result backend and prints the result JSON.
@@ -105,6 +105,7 @@ async function main() {
   const kwargs = { user_id: args.user, amount: Number(args.amount) };
   if (args.key) kwargs.idempotency_key = args.key;
   if (args.description) kwargs.description = args.description;
+  if (args['credit-type']) kwargs.credit_type = args['credit-type'];
   // the workers' broker, Redis database included, unless told otherwise
   const redis = new Redis(args.redis || process.env.CREDITWORKER_BROKER_URL || 'redis://127.0.0.1:6379/0');
   await redis.connect();

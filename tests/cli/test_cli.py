@@ -56,6 +56,29 @@ def test_add_deduct_balance_and_history_as_json(engine: Engine, database_url: st
     assert code == 0 and "deduct" in out
 
 
+def test_credit_type_option_on_add_deduct_and_balance(engine: Engine, database_url: str) -> None:
+    assert cli(database_url, "add", "tia", "50", "--json")[0] == 0
+    assert cli(database_url, "add", "tia", "9", "--credit-type", "images", "--json")[0] == 0
+    code, out, _ = cli(database_url, "deduct", "tia", "4", "--credit-type", "images", "--json")
+    assert code == 0 and (json.loads(out)["credit_type"], json.loads(out)["balance_after"]) == ("images", 5)
+    code, out, _ = cli(database_url, "balance", "tia", "--credit-type", "images", "--json")
+    assert (json.loads(out)["credit_type"], json.loads(out)["total"]) == ("images", 5)
+    code, out, _ = cli(database_url, "balance", "tia")
+    assert code == 0 and "images" in out and "every credit type" in out
+    code, out, err = cli(database_url, "deduct", "tia", "6", "--credit-type", "images")
+    assert code == 2 and "insufficient_credits" in out + err
+    code, out, err = cli(database_url, "add", "tia", "1", "--credit-type", "Bad Type")
+    assert code == 2 and "invalid_input" in out + err
+    assert CreditService(engine).get_user_credits_info("tia").total == 50
+    code, out, err = cli(database_url, "add", "tia", "5", "--effective-at", "2099-01-01T00:00:00",
+                         "--cost-basis", "0.02 USD", "--json")
+    assert code == 0, out + err
+    info = CreditService(engine).get_user_credits_info("tia")
+    assert (info.total, info.pending, info.available) == (55, 5, 50)
+    code, out, err = cli(database_url, "add", "tia", "5", "--cost-basis", "0.02 dollars")
+    assert code == 2 and "invalid_input" in out + err
+
+
 @pytest.mark.parametrize(
     ("args", "code_name"),
     [

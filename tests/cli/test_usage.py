@@ -32,9 +32,9 @@ def test_usage_over_every_account_as_csv_parsed_back(history: CreditService, dat
     rows = list(csv.DictReader(io.StringIO(out)))
     assert rows == [
         {"period": "2030-05-01", "granted": "200", "consumed": "20", "expired": "0", "voided": "0",
-         "refunded": "0"},
+         "refunded": "0", "consumed_cost": ""},
         {"period": "2030-06-01", "granted": "0", "consumed": "10", "expired": "0", "voided": "0",
-         "refunded": "0"},
+         "refunded": "0", "consumed_cost": ""},
     ]
     code, out, _ = cli(database_url, "usage", "2030-05-31", "2030-06-03", "--user", "ann")
     assert code == 0
@@ -59,3 +59,17 @@ def test_balance_at_a_moment(history: CreditService, database_url: str) -> None:
     assert code == 0, err
     shown = json.loads(out)
     assert (shown["total"], shown["available"], shown["at"]) == (90, 90, "2030-06-01T00:00:00Z")
+
+
+def test_usage_csv_values_consumption_and_takes_a_credit_type(engine: Engine, database_url: str) -> None:
+    service = CreditService(engine)
+    service.add_credits("cat", 10, cost_basis={"amount": "0.25", "currency": "USD"}, now=T0)
+    service.add_credits("cat", 10, credit_type="images", now=T0)
+    service.deduct_credits("cat", 4, now=T0)
+    service.deduct_credits("cat", 3, credit_type="images", now=T0)
+    code, out, err = cli(database_url, "usage", "2030-05-01", "2030-07-01", "--user", "cat")
+    assert code == 0, err
+    assert [(r["consumed"], r["consumed_cost"]) for r in csv.DictReader(io.StringIO(out))] == [("7", "1.00 USD")]
+    code, out, err = cli(database_url, "usage", "2030-05-01", "2030-07-01", "--user", "cat", "--credit-type", "images")
+    assert code == 0, err
+    assert [(r["consumed"], r["consumed_cost"]) for r in csv.DictReader(io.StringIO(out))] == [("3", "")]

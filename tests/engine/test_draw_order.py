@@ -44,7 +44,7 @@ def test_the_sql_window_sends_the_prefix_of_the_rules_draw_order(pg_engine: Engi
                     "remaining": remaining,
                     "priority": generator.choice([0, 0, 1]),
                     "expires_at": expires,
-                    "source": "purchase",
+                    "source": generator.choice(["purchase", "bonus", "promotional", "subscription"]),
                     "created_at": now,
                     "idempotency_key": f"{user}-{number}",
                 }

@@ -742,3 +742,38 @@ def test_a_balance_at_a_moment_and_a_usage_report_over_http_and_through_the_work
     assert (weekly.status_code, error_code(weekly)) == (422, "invalid_input")
     nobody = http.get("/credits/usage", params={**window, "user_id": new_user()})
     assert (nobody.status_code, error_code(nobody)) == (404, "unknown_user")
+
+
+# ------------------------------------------------------------------ credit types
+
+
+def test_credit_types_over_http_and_through_the_worker_never_mix(http: TestClient, worker: RunningWorker) -> None:
+    user = new_user()
+    worker.client.add_credits(user, 10).get()
+    worker.client.add_credits(user, 5, credit_type="images").get()
+    granted = http.post("/credits/add?wait=true", json={"user_id": user, "amount": 3, "credit_type": "images"})
+    assert (granted.status_code, granted.json()["credit_type"]) == (200, "images")
+    spent = http.post("/credits/deduct?wait=true", json={"user_id": user, "amount": 8, "credit_type": "images"})
+    assert (spent.status_code, spent.json()["balance_after"]) == (200, 0)
+    refused = http.post("/credits/deduct?wait=true", json={"user_id": user, "amount": 1, "credit_type": "images"})
+    assert (refused.status_code, error_code(refused)) == (402, "insufficient_credits")
+    images = http.get(f"/credits/balance/{user}", params={"credit_type": "images"}).json()
+    assert (images["credit_type"], images["total"], images["by_type"]) == ("images", 0, None)
+    every = http.get(f"/credits/balance/{user}").json()
+    assert (every["credit_type"], every["total"]) == ("credits", 10)
+    assert {name: totals["total"] for name, totals in every["by_type"].items()} == {"credits": 10, "images": 0}
+    bad = http.post("/credits/add?wait=true", json={"user_id": user, "amount": 1, "credit_type": "Not An Id"})
+    assert (bad.status_code, error_code(bad)) == (422, "invalid_input")
+    bad_query = http.get(f"/credits/balance/{user}", params={"credit_type": "Not An Id"})
+    assert (bad_query.status_code, error_code(bad_query)) == (422, "invalid_input")
+    assert worker.client.get_user_credits_info(user, credit_type="images").get(timeout=20).total == 0
+    assert worker.service.get_user_credits_info(user).total == 10
+    later = http.post("/credits/add?wait=true", json={
+        "user_id": user, "amount": 7, "effective_at": "2099-01-01T00:00:00Z",
+        "cost_basis": {"amount": "0.05", "currency": "EUR"}})
+    assert later.status_code == 200, later.text
+    pending = http.get(f"/credits/balance/{user}").json()
+    assert (pending["total"], pending["pending"], pending["available"]) == (17, 7, 10)
+    bad_currency = http.post("/credits/add?wait=true", json={
+        "user_id": user, "amount": 1, "cost_basis": {"amount": "0.05", "currency": "euro"}})
+    assert (bad_currency.status_code, error_code(bad_currency)) == (422, "invalid_input")

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from creditworker.contract.credits import ReservationStatus
+from creditworker.contract.credits import PROMOTIONAL_SOURCES, ReservationStatus
 from creditworker.storage.tables import Account, Entry, Hold, Lot, OutboxEvent, SubscriptionRow
 
 LEDGER_PAGE = 50
@@ -75,12 +75,15 @@ def account_threshold(engine: Engine, user_id: str) -> int | None:
 
 
 def live_lots(engine: Engine, user_id: str, limit: int = 100) -> list[dict[str, Any]]:
-    """Lots with credits left, in draw-down order (the (user_id, remaining) index)."""
+    """Lots with credits left, by credit type, each in draw-down order (the (user_id,
+    remaining) index)."""
     query = (
         select(Lot.id, Lot.amount, Lot.remaining, Lot.source, Lot.priority, Lot.expires_at,
-               Lot.created_at)
+               Lot.created_at, Lot.credit_type, Lot.effective_at, Lot.cost_basis_amount,
+               Lot.cost_basis_currency)
         .where(Lot.user_id == user_id, Lot.remaining > 0)
-        .order_by(Lot.priority, Lot.expires_at.is_(None), Lot.expires_at, Lot.id)
+        .order_by(Lot.credit_type, Lot.priority, Lot.expires_at.is_(None), Lot.expires_at,
+                  Lot.source.not_in(sorted(PROMOTIONAL_SOURCES)), Lot.id)
         .limit(limit)
     )
     with engine.connect() as connection:

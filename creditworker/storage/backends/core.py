@@ -33,7 +33,11 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import ColumnElement, Select
 
+from creditworker.contract.credits import DEFAULT_CREDIT_TYPE
 from creditworker.storage.backends.base import Folded, Json
+
+DEFAULT_TYPE_LIVE = f"remaining > 0 AND credit_type = '{DEFAULT_CREDIT_TYPE}'"
+"""The live lots of an account's default credit type (what a lock loads with its row)."""
 
 
 class Core:
@@ -144,9 +148,10 @@ class Core:
         stale_at: datetime | None = None,
         hold_ids: Collection[str] = (),
     ) -> tuple[list[tuple[Any, ...]], Folded | None]:
-        """Every live lot of the accounts (no prefix here, and nothing read besides)."""
+        """Every live lot of the accounts' default credit type (no prefix here, and nothing
+        read besides); another type's lots are read with its totals (`account.load_typed`)."""
         return self.rows_where_in(
-            connection, lots, columns, "user_id", needed, where="remaining > 0"
+            connection, lots, columns, "user_id", needed, where=DEFAULT_TYPE_LIVE
         ), None
 
     def owners_and_accounts(

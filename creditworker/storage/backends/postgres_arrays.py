@@ -16,9 +16,10 @@ from datetime import UTC, datetime
 from functools import cache, lru_cache
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Integer, Table
+from sqlalchemy import JSON, Boolean, Integer, Numeric, Table
 from sqlalchemy.engine import Connection
 
+from creditworker.contract.credits import DEFAULT_CREDIT_TYPE, PROMOTIONAL_SOURCES
 from creditworker.storage.backends.base import Folded, Json
 from creditworker.storage.backends.core import Core
 from creditworker.storage.tables import UtcDateTime
@@ -332,7 +333,10 @@ def _script_cursor(connection: Connection) -> _Psycopg2Script | _Psycopg3Script:
     return _Psycopg2Script(pooled.dbapi_connection)
 
 
-DRAW_ORDER = "l.priority, l.expires_at IS NULL, l.expires_at, l.id"
+DRAW_ORDER = (
+    "l.priority, l.expires_at IS NULL, l.expires_at, l.source NOT IN ("
+    + ", ".join(f"'{source}'" for source in sorted(PROMOTIONAL_SOURCES)) + "), l.id"
+)
 """The draw-down order of `rules.draw_order`, in SQL: the window below sends the prefix of
 lots a draw can reach, so both must sort alike (tests/engine/test_draw_order.py holds them
 equal on PostgreSQL; the rules sort in Python what this path sent and what a unit of work
@@ -342,8 +346,8 @@ grants)."""
 @cache
 def _drawable_lots_sql(lots: str, columns: tuple[str, ...], holds: str,
                        hold_columns: tuple[str, ...]) -> str:
-    """The lots in draw-down order whose credits before them do not cover what the account
-    may draw; then one row whose lot columns are NULL, with the operation rows stored for the
+    """The lots of the default credit type in draw-down order whose credits before them do
+    not cover what the account may draw; then one row whose lot columns are NULL, with the operation rows stored for the
     given keys (JSON), the new entry ids, the new lot ids, the given accounts' active holds
     past their TTL (JSON) and the holds named by id (JSON)."""
     hold_array = "json_build_array(" + ", ".join("r." + name for name in hold_columns) + ")"
@@ -354,7 +358,8 @@ def _drawable_lots_sql(lots: str, columns: tuple[str, ...], holds: str,
         f" sum(l.remaining) OVER (PARTITION BY l.user_id ORDER BY {DRAW_ORDER}) - l.remaining"
         f" AS before FROM {lots} l"
         " JOIN unnest(CAST(%(users)s AS text[]), CAST(%(needed)s AS bigint[]))"
-        " AS n(user_id, needed) ON l.user_id = n.user_id WHERE l.remaining > 0) x"
+        " AS n(user_id, needed) ON l.user_id = n.user_id"
+        f" WHERE l.remaining > 0 AND l.credit_type = '{DEFAULT_CREDIT_TYPE}') x"
         " WHERE x.before < x.needed"
         f" UNION ALL SELECT {', '.join('NULL' for _ in columns)},"
         " (SELECT json_agg(json_build_array("
@@ -642,6 +647,8 @@ def _pg_type(table: Table, name: str) -> str:
         return "boolean"
     if isinstance(column_type, Integer):  # BigInteger is an Integer
         return "bigint"
+    if isinstance(column_type, Numeric):  # sent as text, like the others
+        return "numeric"
     return "text"
 
 

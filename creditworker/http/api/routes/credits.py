@@ -26,6 +26,11 @@ from creditworker.http.api.routes import served
 
 router = APIRouter(tags=["credits"])
 
+CreditTypeQuery = Annotated[
+    str | None,
+    Query(description="One credit type's figures (without it: the default type's, and `by_type`)."),
+]
+
 
 @served(router, ADD, summary="Grant credits to a user", example=examples.ENTRY, errors=[409])
 async def add_credits(
@@ -59,8 +64,9 @@ async def balance(
         datetime | None,
         Query(description="The balance as it was at this moment (ISO 8601; without a zone, UTC)."),
     ] = None,
+    credit_type: CreditTypeQuery = None,
 ) -> JSONResponse:
-    return json_answer(await run.read(BALANCE, user_id, at=at))
+    return json_answer(await run.read(BALANCE, user_id, at=at, credit_type=credit_type))
 
 
 @served(router, USAGE, summary="Credits granted, consumed, expired, voided, refunded per period",
@@ -73,9 +79,10 @@ async def usage(
     user_id: Annotated[
         str | None, Query(description="One user's usage; every account's without it.")
     ] = None,
+    credit_type: Annotated[str | None, Query(description="One credit type's usage (default: every type).")] = None,
 ) -> JSONResponse:
     return json_answer(await run.read(
-        USAGE, user_id, start=start, end=end, granularity=granularity.value,
+        USAGE, user_id, start=start, end=end, granularity=granularity.value, credit_type=credit_type,
     ))
 
 
@@ -106,5 +113,6 @@ async def expiring(
     within_days: Annotated[
         int, Query(ge=0, le=MAX_WITHIN_DAYS, description="Horizon in days (0 to 3660).")
     ] = 7,
+    credit_type: CreditTypeQuery = None,
 ) -> JSONResponse:
-    return json_answer(await run.read(EXPIRING, user_id, within_days))
+    return json_answer(await run.read(EXPIRING, user_id, within_days, credit_type=credit_type))

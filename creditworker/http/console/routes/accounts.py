@@ -17,6 +17,7 @@ from starlette.responses import Response, StreamingResponse
 
 from creditworker.contract.credits import EntryKind
 from creditworker.contract.errors import UnknownSubscription, UnknownUser, ValidationFailed
+from creditworker.engine.results import decimal_text
 from creditworker.http.console import queries
 from creditworker.http.console.chart import SERIES, daily_chart
 from creditworker.http.console.deps import Console, ConsoleDep
@@ -109,6 +110,9 @@ def _holdings(console: Console, user_id: str, now: datetime) -> dict[str, Any]:
     lots = queries.live_lots(console.engine, user_id)
     for lot in lots:
         lot["expiring_soon"] = lot["expires_at"] is not None and lot["expires_at"] <= horizon
+        lot["pending"] = lot["effective_at"] is not None and lot["effective_at"] > now
+        lot["cost_basis"] = (None if lot["cost_basis_amount"] is None
+                             else f"{decimal_text(lot['cost_basis_amount'])} {lot['cost_basis_currency']}")
     holds = queries.active_holds(console.engine, user_id)
     for hold in holds:
         hold["ttl"] = _ttl(hold["expires_at"], now)

@@ -4,7 +4,7 @@ New tables only. A delivery is one event for one endpoint (unique per pair, so a
 that fans a chunk out twice queues nothing twice); its attempts are the log.
 
 Revision ID: 0011
-Revises: 0009
+Revises: 0010
 Create Date: 2026-12-05 06:55:04.527180
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from sqlalchemy.dialects import mysql
 import creditworker.storage.tables
 
 revision = '0011'
-down_revision = '0009'
+down_revision = '0010'
 branch_labels = None
 depends_on = None
 
