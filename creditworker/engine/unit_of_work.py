@@ -322,11 +322,16 @@ class UnitOfWork:
         self.events.append(lambda: self._with_account(event if isinstance(event, _Event) else event()))
 
     def _with_account(self, event: _Event) -> _Event:
-        account = self.accounts.get(event.user_id)
+        """`event` with its account's totals, of the event's credit type, as the unit left them
+        (`available` as the balance read answers it: without grants still pending)."""
+        credit_type = getattr(event, "credit_type", DEFAULT_CREDIT_TYPE)
+        account = (self.accounts.get(event.user_id) if credit_type == DEFAULT_CREDIT_TYPE
+                   else self.typed.get((event.user_id, credit_type)))
         if account is None or event.account is not None:
             return event
         return event.model_copy(update={"account": AccountSnapshot(
-            balance=account.balance, reserved=account.reserved, available=account.available)})
+            balance=account.balance, reserved=account.reserved, available=account.spendable,
+            credit_type=credit_type)})
 
     def record_operation(self, key: str, kind: str, fingerprint: str, source: ResultSource) -> OperationRecord:
         user_id = source.user_id if isinstance(source, Posting) else source.get("user_id")

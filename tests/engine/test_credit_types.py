@@ -295,3 +295,18 @@ def test_a_pending_grant_pays_a_debt_off_at_once_and_no_debt_is_made_beside_pend
     with pytest.raises(InsufficientCredits):  # above what is spendable, with credits pending
         service.commit_reservation(hold.id, 30, now=NOW + timedelta(days=2))
     assert service.get_user_credits_info("quin", now=NOW + timedelta(days=2)).total == 21
+
+
+def test_an_events_account_snapshot_is_of_its_own_credit_type(service: CreditService, engine: Engine) -> None:
+    from creditworker.storage.tables import OutboxEvent
+
+    service.add_credits("rae", 100, now=NOW)
+    service.add_credits("rae", 8, credit_type="images", expires_at=NOW + timedelta(days=1), now=NOW)
+    service.reserve_credits("rae", 3, credit_type="images", ttl_seconds=60, now=NOW)
+    service.release_stale_reservations(now=NOW + timedelta(hours=1))
+    with Session(engine) as session:
+        payloads = [payload for payload in session.scalars(select(OutboxEvent.payload).order_by(OutboxEvent.id))
+                    if payload["user_id"] == "rae"]
+    released = next(payload for payload in payloads if payload["type"] == "reservation.expired")
+    assert released["credit_type"] == "images"
+    assert released["account"] == {"balance": 8, "reserved": 0, "available": 8, "credit_type": "images"}
