@@ -70,6 +70,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_consumer": "creditworker.worker.intake:GuardedConsumer",
         # Prefork, with a timeout thread that does not hold up the exit (worker/pool.py).
         "worker_pool": "creditworker.worker.pool:TaskPool",
+        # Where the transport has no event loop (the embedded one), a timer thread sleeps up to
+        # this long between its checks, and a stopping worker waits for the sleep to end.
+        "worker_timer_precision": 0.2,
         # Monitoring costs broker messages and result writes per task, so each part is a
         # setting, off by default. Flower still lists every task with its state: it sends
         # `enable_events` to the workers, which then send task events until they restart.
@@ -123,10 +126,12 @@ def _metrics_directory(sender: Any = None, instance: Any = None, **_kwargs: Any)
 celeryd_init.connect(_metrics_directory, weak=False, dispatch_uid="creditworker.metrics.directory")
 
 
-def _quiet_logs(**_signal: Any) -> None:
+def _quiet_logs(sender: Any = None, **_signal: Any) -> None:
     from creditworker.worker import quiet_logs
 
-    quiet_logs.install()
+    app = getattr(sender, "app", None)
+    settings = getattr(app, ATTRIBUTE, None)
+    quiet_logs.install(embedded_broker=settings is not None and broker_kind(settings.broker_url) == "filesystem")
 
 
 worker_init.connect(_quiet_logs, weak=False)

@@ -300,7 +300,7 @@ class Supervisor:
                         os.killpg(child.process.pid, signal.SIGKILL)
                         child.process.wait()
                 break
-            self._pump(0.2)
+            self._pump(0.05)  # a child's exit is seen within this, not a fifth of a second later
         for child in self.children.values():
             self._close(child)
         self.children.clear()

@@ -66,8 +66,22 @@ class _QuietBeat(_QuietPeriodic):
                 and str(record.msg).startswith("Scheduler: Sending due task"))
 
 
-def install() -> None:
+class _NoHostNeeded(logging.Filter):
+    """kombu's "No hostname was supplied" when a connection to the embedded broker (folders,
+    `filesystem://`, which has no host) is copied for a side channel (the events Flower turns
+    on, the remote control): the guarded transport offers no default host, but a copy made
+    through the stock transport still says it, and it means nothing there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No hostname was supplied")
+
+
+def install(*, embedded_broker: bool = False) -> None:
     """Put the filters on Celery's loggers (in the worker and beat; idempotent)."""
+    if embedded_broker:
+        connection_logger = logging.getLogger("kombu.connection")
+        if not any(isinstance(existing, _NoHostNeeded) for existing in connection_logger.filters):
+            connection_logger.addFilter(_NoHostNeeded())
     for name, quiet in (("celery.worker.strategy", _QuietWorker),
                         ("celery.app.trace", _QuietWorker)):
         logger = logging.getLogger(name)
