@@ -10,6 +10,8 @@ import typer
 from creditworker.cli.context import current
 from creditworker.cli.output import JsonOption, console, print_json, reports_errors, table
 
+EndpointId = Annotated[int, typer.Argument(help="The endpoint's id.")]
+
 if TYPE_CHECKING:
     from creditworker.notifications.webhooks.service import WebhookService
 
@@ -72,7 +74,7 @@ def webhooks_list(as_json: JsonOption = False) -> None:
 @commands.command("update")
 @reports_errors
 def webhooks_update(
-    endpoint_id: Annotated[int, typer.Argument(help="The endpoint's id.")],
+    endpoint_id: EndpointId,
     url: Annotated[str | None, typer.Option(help="A new URL.")] = None,
     events: EventsOption = None,
     description: Annotated[str | None, typer.Option(help="A new description.")] = None,
@@ -88,7 +90,7 @@ def webhooks_update(
 
 @commands.command("disable")
 @reports_errors
-def webhooks_disable(endpoint_id: Annotated[int, typer.Argument(help="The endpoint's id.")]) -> None:
+def webhooks_disable(endpoint_id: EndpointId) -> None:
     """Stop sending to an endpoint (its deliveries wait until it is enabled again)."""
     _service().disable(endpoint_id)
     print(f"disabled {endpoint_id}")
@@ -96,7 +98,7 @@ def webhooks_disable(endpoint_id: Annotated[int, typer.Argument(help="The endpoi
 
 @commands.command("enable")
 @reports_errors
-def webhooks_enable(endpoint_id: Annotated[int, typer.Argument(help="The endpoint's id.")]) -> None:
+def webhooks_enable(endpoint_id: EndpointId) -> None:
     """Send to an endpoint again (after a 410, a failing run or `disable`)."""
     from creditworker.contract.webhooks import UpdateWebhookEndpoint
 
@@ -106,7 +108,7 @@ def webhooks_enable(endpoint_id: Annotated[int, typer.Argument(help="The endpoin
 
 @commands.command("rotate-secret")
 @reports_errors
-def webhooks_rotate(endpoint_id: Annotated[int, typer.Argument(help="The endpoint's id.")]) -> None:
+def webhooks_rotate(endpoint_id: EndpointId) -> None:
     """A new signing secret; the old one also signs until the grace period ends."""
     endpoint = _service().rotate_secret(endpoint_id)
     print(f"secret: {endpoint.secret}")
@@ -116,7 +118,7 @@ def webhooks_rotate(endpoint_id: Annotated[int, typer.Argument(help="The endpoin
 
 @commands.command("remove")
 @reports_errors
-def webhooks_remove(endpoint_id: Annotated[int, typer.Argument(help="The endpoint's id.")]) -> None:
+def webhooks_remove(endpoint_id: EndpointId) -> None:
     """Delete an endpoint with its deliveries and their log."""
     _service().remove(endpoint_id)
     print(f"removed {endpoint_id}")
@@ -125,7 +127,7 @@ def webhooks_remove(endpoint_id: Annotated[int, typer.Argument(help="The endpoin
 @commands.command("deliveries")
 @reports_errors
 def webhooks_deliveries(
-    endpoint_id: Annotated[int, typer.Argument(help="The endpoint's id.")],
+    endpoint_id: EndpointId,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="How many, newest first.")] = 50,
     as_json: JsonOption = False,
 ) -> None:

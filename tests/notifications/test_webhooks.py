@@ -43,6 +43,17 @@ def relay(engine: Engine) -> int:
                            also=lambda connection, rows: fan_out(connection, rows, datetime.now(UTC)) and None)
 
 
+def low_balance_relayed(engine: Engine) -> CreditService:
+    """Ann's account dropped below its threshold (a `credits.low` event), relayed to the
+    webhook deliveries; the service, for more changes."""
+    credits = CreditService(engine, low_credit_threshold=10)
+    credits.add_credits("ann", 30)
+    credits.deduct_credits("ann", 25)
+    relay(engine)
+    return credits
+
+
+
 def verify(secret: str, received: Any) -> dict[str, Any]:
     verified: dict[str, Any] = Webhook(secret).verify(received.body, received.headers)
     return verified
@@ -70,10 +81,7 @@ def test_registered_endpoint_receives_signed_events_with_the_account_snapshot(
 ) -> None:
     endpoint = hooks.register(CreateWebhookEndpoint(url=receiver.url, events=["credits.*"], description="mail"))
     assert endpoint.secret.startswith("whsec_") and endpoint.events == ["credits.*"]
-    credits = CreditService(engine, low_credit_threshold=10)
-    credits.add_credits("ann", 30)
-    credits.deduct_credits("ann", 25)
-    relay(engine)
+    low_balance_relayed(engine)
     done = hooks.deliver_due()
     assert (done.sent, done.succeeded) == (1, 1)
     [received] = receiver.received
@@ -124,10 +132,7 @@ def test_a_failed_delivery_is_retried_with_the_same_webhook_id_until_it_succeeds
     engine: Engine, hooks: WebhookService, receiver: Receiver
 ) -> None:
     endpoint = hooks.register(CreateWebhookEndpoint(url=receiver.url))
-    credits = CreditService(engine, low_credit_threshold=10)
-    credits.add_credits("ann", 30)
-    credits.deduct_credits("ann", 25)
-    relay(engine)
+    low_balance_relayed(engine)
     receiver.status = 500
     assert hooks.deliver_due(max_rounds=1).failed == 1
     receiver.status = 200
@@ -147,10 +152,7 @@ def test_a_410_disables_the_endpoint_at_once_and_publishes_endpoint_disabled(
 ) -> None:
     endpoint = hooks.register(CreateWebhookEndpoint(url=receiver.url))
     receiver.status = 410
-    credits = CreditService(engine, low_credit_threshold=10)
-    credits.add_credits("ann", 30)
-    credits.deduct_credits("ann", 25)
-    relay(engine)
+    credits = low_balance_relayed(engine)
     done = hooks.deliver_due()
     assert done.disabled_endpoints == [endpoint.id]
     after = hooks.endpoint(endpoint.id)
@@ -167,10 +169,7 @@ def test_failing_for_the_whole_schedule_disables_the_endpoint(
 ) -> None:
     endpoint = hooks.register(CreateWebhookEndpoint(url=receiver.url))
     receiver.status = 503
-    credits = CreditService(engine, low_credit_threshold=10)
-    credits.add_credits("ann", 30)
-    credits.deduct_credits("ann", 25)
-    relay(engine)
+    low_balance_relayed(engine)
     for _attempt in range(3):  # the first attempt and the schedule's two retries
         hooks.deliver_due()
     assert len(receiver.received) == 3
@@ -184,10 +183,7 @@ def test_replay_sends_a_delivery_again_and_an_unknown_one_is_a_clear_error(
     engine: Engine, hooks: WebhookService, receiver: Receiver
 ) -> None:
     endpoint = hooks.register(CreateWebhookEndpoint(url=receiver.url))
-    credits = CreditService(engine, low_credit_threshold=10)
-    credits.add_credits("ann", 30)
-    credits.deduct_credits("ann", 25)
-    relay(engine)
+    low_balance_relayed(engine)
     hooks.deliver_due()
     [delivery] = hooks.deliveries(endpoint.id)
     assert hooks.replay(delivery.id).status == "pending"
@@ -257,10 +253,7 @@ def test_a_rotated_secret_and_the_previous_one_both_sign_during_the_grace_period
     endpoint = hooks.register(CreateWebhookEndpoint(url=receiver.url))
     rotated = hooks.rotate_secret(endpoint.id)
     assert rotated.secret != endpoint.secret and rotated.rotating_until is not None
-    credits = CreditService(engine, low_credit_threshold=10)
-    credits.add_credits("ann", 30)
-    credits.deduct_credits("ann", 25)
-    relay(engine)
+    low_balance_relayed(engine)
     hooks.deliver_due()
     [received] = receiver.received
     assert received.headers["webhook-signature"].count("v1,") == 2
@@ -275,10 +268,7 @@ def test_secrets_are_sealed_at_rest_when_a_key_is_given(engine: Engine, receiver
     with engine.connect() as connection:
         stored = connection.scalar(select(WebhookEndpointRow.secret))
     assert stored.startswith("fernet:") and endpoint.secret.removeprefix("whsec_") not in stored
-    credits = CreditService(engine, low_credit_threshold=10)
-    credits.add_credits("ann", 30)
-    credits.deduct_credits("ann", 25)
-    relay(engine)
+    low_balance_relayed(engine)
     assert sealed.deliver_due().succeeded == 1
     verify(endpoint.secret, receiver.received[0])
     with pytest.raises(WebhookSecretUnreadable):
@@ -320,10 +310,7 @@ def test_a_huge_answer_is_read_only_up_to_a_small_limit(engine: Engine, receiver
     endpoint = hooks.register(CreateWebhookEndpoint(url=receiver.url))
     receiver.answer_body = b"x" * 5_000_000
     receiver.status = 200
-    credits = CreditService(engine, low_credit_threshold=10)
-    credits.add_credits("ann", 30)
-    credits.deduct_credits("ann", 25)
-    relay(engine)
+    low_balance_relayed(engine)
     assert hooks.deliver_due().succeeded == 1
     [delivery] = hooks.deliveries(endpoint.id)
     [attempt] = hooks.delivery(delivery.id).log or []
@@ -334,10 +321,7 @@ def test_a_huge_answer_is_read_only_up_to_a_small_limit(engine: Engine, receiver
 def test_the_log_is_forgotten_after_the_retention_period(engine: Engine, receiver: Receiver) -> None:
     hooks = WebhookService(engine, FAST)
     hooks.register(CreateWebhookEndpoint(url=receiver.url))
-    credits = CreditService(engine, low_credit_threshold=10)
-    credits.add_credits("ann", 30)
-    credits.deduct_credits("ann", 25)
-    relay(engine)
+    low_balance_relayed(engine)
     hooks.deliver_due()
     assert hooks.purge() == 0
     forgetful = WebhookService(engine, WebhookOptions(log_retention_days=1e-9))
@@ -357,10 +341,7 @@ def test_an_endpoint_removed_while_its_deliveries_are_in_flight_loses_nothing_el
     hooks = WebhookService(engine, FAST)
     gone = hooks.register(CreateWebhookEndpoint(url=receiver.url))
     kept = hooks.register(CreateWebhookEndpoint(url=receiver.url))
-    credits = CreditService(engine, low_credit_threshold=10)
-    credits.add_credits("ann", 30)
-    credits.deduct_credits("ann", 25)
-    relay(engine)
+    low_balance_relayed(engine)
     claimed = store.claim_due(engine, datetime.now(UTC), limit=10, lease=timedelta(minutes=1))
     assert len(claimed) == 2
     hooks.remove(gone.id)
