@@ -131,7 +131,10 @@ def _quiet_logs(sender: Any = None, **_signal: Any) -> None:
 
     app = getattr(sender, "app", None)
     settings = getattr(app, ATTRIBUTE, None)
-    quiet_logs.install(embedded_broker=settings is not None and broker_kind(settings.broker_url) == "filesystem")
+    if settings is None:
+        return
+    quiet_logs.install(embedded_broker=broker_kind(settings.broker_url) == "filesystem",
+                       broker_url=settings.broker_url)
 
 
 worker_init.connect(_quiet_logs, weak=False)

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Collection
 from typing import Any
+
+from kombu.utils.url import maybe_sanitize_url
 
 from creditworker.contract.operations import OPERATIONS
 
@@ -76,8 +79,68 @@ class _NoHostNeeded(logging.Filter):
         return not str(record.msg).startswith("No hostname was supplied")
 
 
-def install(*, embedded_broker: bool = False) -> None:
+class _BrokerRetries(logging.Filter):
+    """One line per broker outage instead of one per retry, saying what to check.
+
+    A worker or beat whose broker refuses connections retries it, and Celery logs each try
+    ("consumer: Cannot connect to ...: ... Trying again in 8.00 seconds... (4/100)", "beat:
+    Connection error: ... Trying again in 2.0 seconds...") with nothing about what to do.
+    The first try of an outage becomes one line naming the broker (password hidden) and the
+    setting; later tries are dropped, but for a reminder every REMIND_SECONDS. A try more
+    than NEW_OUTAGE_SECONDS after the previous one starts a new outage (Celery's retries come
+    at most 10 s apart while it keeps trying)."""
+
+    REMIND_SECONDS = 300.0
+    NEW_OUTAGE_SECONDS = 60.0
+    PREFIXES = ("consumer: Cannot connect to ", "beat: Connection error: ")
+
+    def __init__(self, broker_url: str) -> None:
+        super().__init__()
+        self.broker = maybe_sanitize_url(broker_url)
+        self.first_at: float | None = None
+        self.last_at = 0.0
+        self.reminded_at = 0.0
+        self.tries = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.PREFIXES):
+            return True
+        now = time.monotonic()
+        if self.first_at is None or now - self.last_at > self.NEW_OUTAGE_SECONDS:
+            self.first_at = self.reminded_at = now
+            self.tries = 0
+        self.last_at = now
+        self.tries += 1
+        if self.tries == 1:
+            reason = self._reason(record)
+            record.msg = (f"cannot reach the broker {self.broker}{reason}: start it, or point "
+                          "CREDITWORKER_BROKER_URL at it (retrying until it answers)")
+        elif now - self.reminded_at >= self.REMIND_SECONDS:
+            self.reminded_at = now
+            record.msg = (f"still cannot reach the broker {self.broker} after {self.tries} tries "
+                          f"in {now - self.first_at:.0f} s (retrying)")
+        else:
+            return False
+        record.args = ()
+        return True
+
+    @staticmethod
+    def _reason(record: logging.LogRecord) -> str:
+        """The transport's error, as Celery passed it: the consumer's second argument, beat's
+        first."""
+        args = record.args if isinstance(record.args, tuple) else ()
+        error = args[1] if str(record.msg).startswith("consumer") and len(args) > 1 else (
+            args[0] if args else None)
+        return f" ({str(error).rstrip('.')})" if error is not None else ""
+
+
+def install(*, embedded_broker: bool = False, broker_url: str | None = None) -> None:
     """Put the filters on Celery's loggers (in the worker and beat; idempotent)."""
+    if broker_url is not None:
+        for name in ("celery.worker.consumer.consumer", "celery.beat"):
+            logger = logging.getLogger(name)
+            if not any(isinstance(existing, _BrokerRetries) for existing in logger.filters):
+                logger.addFilter(_BrokerRetries(broker_url))
     if embedded_broker:
         connection_logger = logging.getLogger("kombu.connection")
         if not any(isinstance(existing, _NoHostNeeded) for existing in connection_logger.filters):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,29 @@ def test_a_worker_with_a_database_url_that_cannot_work_exits_with_one_line(
     ours = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(ours) == 1 and expected in ours[0]
     assert "Traceback" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("scheme", ["amqp://guest:s3cret@", "redis://:s3cret@"])
+def test_a_hand_started_worker_and_beat_say_once_which_broker_they_cannot_reach(
+    tmp_path: Path, scheme: str
+) -> None:
+    """`celery -A creditworker worker` and `beat` keep retrying a broker that refuses
+    connections (it may be starting beside them), but say so in one line naming the broker and
+    the setting, not in one "Trying again" line per retry."""
+    port = services.free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CREDITWORKER_")}
+    env.update(CREDITWORKER_BROKER_URL=f"{scheme}127.0.0.1:{port}/",
+               CREDITWORKER_DATABASE_URL=f"sqlite:///{tmp_path / 'x.db'}", C_FORCE_ROOT="1")
+    commands = {"worker": ["worker", "--concurrency=1", "--loglevel=INFO"], "beat": ["beat"]}
+    running = {name: subprocess.Popen([sys.executable, "-m", "celery", "-A", "creditworker", *argv],
+                                      env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+               for name, argv in commands.items()}
+    time.sleep(9)  # Celery retries at once, then 2 s, 4 s, 6 s later: at least three tries each
+    for name, process in running.items():
+        process.terminate()
+        output = process.communicate(timeout=30)[0].decode(errors="replace")
+        ours = [line for line in output.splitlines() if "cannot reach the broker" in line]
+        assert len(ours) == 1, f"{name}:\n{output[-3000:]}"
+        assert f"127.0.0.1:{port}" in ours[0] and "CREDITWORKER_BROKER_URL" in ours[0]
+        assert "Trying again" not in output and "s3cret" not in output, f"{name}:\n{output[-3000:]}"
