@@ -23,13 +23,12 @@ def alerts_threshold(
 ) -> None:
     """Set the low-credit threshold: `credits.low` at or below it, `credits.recovered` back above."""
     from creditworker.contract.errors import ValidationFailed
-    from creditworker.engine.thresholds import set_low_threshold_percent
 
     if sum((amount is not None, percent is not None, default)) != 1:
         raise ValidationFailed("give exactly one of --amount, --percent or --default")
     credits = current().credit_service()
     if percent is not None:
-        threshold = set_low_threshold_percent(credits, user_id, percent)
+        threshold = credits.set_low_credit_threshold(user_id, percent=percent).threshold
         shown = str(threshold) if threshold else "none until the first grant"
         print(f"{user_id}: {percent}% of the last grant, now {shown}")
         return

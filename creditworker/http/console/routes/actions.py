@@ -8,7 +8,6 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from creditworker.engine.thresholds import set_low_threshold_percent
 from creditworker.http.console import forms
 from creditworker.http.console.deps import ConsoleDep
 from creditworker.http.console.pages import Refused, redirect
@@ -83,7 +82,7 @@ async def threshold(request: Request, console: ConsoleDep) -> Response:
         raise Refused(422, "give a threshold in credits or a percentage of the last grant, not both")
     # Setting a value is idempotent by nature: a second submit sets the same value.
     if percent is not None:
-        await run_in_threadpool(set_low_threshold_percent, console.credits, user_id, percent)
+        await run_in_threadpool(console.credits.set_low_credit_threshold, user_id, percent=percent)
         log_action(request, f"threshold {percent}% of the last grant", user_id, reason)
     else:
         await run_in_threadpool(console.credits.set_low_credit_threshold, user_id, value)
