@@ -437,11 +437,11 @@ class ChangeLotExpiry(Request):
     expires_at: UtcDateTime
 
 
-class SetLowCreditThreshold(_Message):
+class SetLowCreditThreshold(Request):
     """An account's low-credit threshold in one credit type: an amount, a percentage of that
     type's last grant, or neither (the default type goes back to the service default; another
-    type has no `credits.low`, only depleted and recovered). Setting a value is idempotent by
-    nature, so it carries no key. The type's once-per-crossing flag is re-armed."""
+    type has no `credits.low`, only depleted and recovered). The type's once-per-crossing
+    flag is re-armed. Keyed like every write, so a redelivered task applies it once."""
 
     user_id: UserId
     threshold: Annotated[int, Strict(), Field(ge=0, le=MAX_AMOUNT)] | None = None

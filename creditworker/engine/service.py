@@ -462,14 +462,15 @@ class CreditService:
             ]
 
     def set_low_credit_threshold(self, user_id: str, threshold: int | None = None, percent: int | None = None,
-                                 credit_type: str = DEFAULT_CREDIT_TYPE) -> LowCreditThreshold:
+                                 credit_type: str = DEFAULT_CREDIT_TYPE,
+                                 idempotency_key: str | None = None) -> LowCreditThreshold:
         """Set the account's low-credit threshold in `credit_type`: `threshold` credits, or
         `percent` of that type's last grant (following each grant), or neither (the default
         type: the service default applies; another type: no `credits.low`). Each type has its
         own threshold and flag, so each fires once per crossing (engine/thresholds.py)."""
         request = self._parse(SetLowCreditThreshold, user_id=user_id, threshold=threshold, percent=percent,
-                              credit_type=credit_type)
-        return thresholds.set_low_threshold(self, request)
+                              credit_type=credit_type, idempotency_key=idempotency_key)
+        return self.run_keyed(request, LowCreditThreshold, partial(thresholds.set_low_threshold, request))
 
     # ------------------------------------------------------------------ sweeps
 

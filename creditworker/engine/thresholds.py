@@ -10,24 +10,32 @@ live on `accounts`, every other type's on its `credit_balances` row (migration 0
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Collection, Iterable
 from datetime import datetime
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 
 from sqlalchemy import Table, delete, insert, select, update
 from sqlalchemy.engine import Connection
 
 from creditworker.contract.credits import LowCreditThreshold, SetLowCreditThreshold
+from creditworker.engine.rules import Account
 from creditworker.storage.tables import CreditAlertRuleRow, Lot
 
 rules_table = cast(Table, CreditAlertRuleRow.__table__)
 lots_table = cast(Table, Lot.__table__)
 
 
-class RunsUnits(Protocol):
-    """`CreditService` as this module uses it (not imported: the service imports this module)."""
+class UnitOfWork(Protocol):
+    """`UnitOfWork` as this module uses it (not imported: it imports this module)."""
 
-    def run(self, decide: Callable[[Any], Any], *, now: datetime | None = None) -> Any: ...
+    connection: Connection
+    at: datetime
+
+    def lock(self, user_ids: Iterable[str]) -> set[str]: ...
+
+    def account(self, user_id: str, credit_type: str = ...) -> Account: ...
+
+    def touch(self, account: Account) -> None: ...
 
 
 def from_percent(percent: int, grant: int) -> int:
@@ -48,30 +56,27 @@ def percent_rules(connection: Connection, pairs: Collection[tuple[str, str]]) ->
             if (row.user_id, row.credit_type) in wanted}
 
 
-def set_low_threshold(service: RunsUnits, request: SetLowCreditThreshold) -> LowCreditThreshold:
-    """Set the threshold of one account in one credit type, re-arming that type's flag.
+def set_low_threshold(request: SetLowCreditThreshold, uow: UnitOfWork, _key: str) -> LowCreditThreshold:
+    """Set the threshold of one account in one credit type, re-arming that type's flag, in
+    `uow` (`CreditService.set_low_credit_threshold` runs it once per idempotency key).
 
     An account with a rule always has a threshold (0 until its first grant of the type): a
     grant to an account and type without one needs no look at the rules (`UnitOfWork`)."""
     user_id, credit_type, percent = request.user_id, request.credit_type, request.percent
-
-    def decide(uow: Any) -> LowCreditThreshold:  # a UnitOfWork
-        uow.lock([user_id])
-        account = uow.account(user_id, credit_type)
-        _store_rule(uow.connection, user_id, credit_type, percent, uow.at)
-        threshold = request.threshold
-        if percent is not None:
-            newest = uow.connection.scalar(
-                select(lots_table.c.amount)
-                .where(lots_table.c.user_id == user_id, lots_table.c.credit_type == credit_type)
-                .order_by(lots_table.c.id.desc()).limit(1))
-            threshold = from_percent(percent, int(newest)) if newest else 0  # 0: off until a grant
-        account.low_credit_threshold = threshold
-        account.low_credit_alerted = False
-        uow.touch(account)
-        return LowCreditThreshold(user_id=user_id, credit_type=credit_type, threshold=threshold, percent=percent)
-
-    return cast(LowCreditThreshold, service.run(decide))
+    uow.lock([user_id])
+    account = uow.account(user_id, credit_type)
+    _store_rule(uow.connection, user_id, credit_type, percent, uow.at)
+    threshold = request.threshold
+    if percent is not None:
+        newest = uow.connection.scalar(
+            select(lots_table.c.amount)
+            .where(lots_table.c.user_id == user_id, lots_table.c.credit_type == credit_type)
+            .order_by(lots_table.c.id.desc()).limit(1))
+        threshold = from_percent(percent, int(newest)) if newest else 0  # 0: off until a grant
+    account.low_credit_threshold = threshold
+    account.low_credit_alerted = False
+    uow.touch(account)
+    return LowCreditThreshold(user_id=user_id, credit_type=credit_type, threshold=threshold, percent=percent)
 
 
 def _store_rule(connection: Connection, user_id: str, credit_type: str, percent: int | None, at: datetime) -> None:

@@ -295,3 +295,18 @@ def test_each_types_alerts_fire_once_under_concurrent_deducts_of_two_types(pg_en
     lows = {credit_type: (available, threshold) for key, credit_type, available, threshold in typed(pg_engine)
             if key == "credits.low"}
     assert lows == {"credits": (30, 30), "tokens": (500, 500)}
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_threshold_with_a_key_is_set_once_and_another_request_with_that_key_conflicts(engine: Engine) -> None:
+    from creditworker.contract.errors import IdempotencyConflict
+
+    credits = CreditService(engine)
+    credits.add_credits("ann", 100, credit_type="tokens")
+    first = credits.set_low_credit_threshold("ann", 40, credit_type="tokens", idempotency_key="t-1")
+    credits.deduct_credits("ann", 70, credit_type="tokens")  # 30: low, the flag is set
+    assert credits.set_low_credit_threshold("ann", 40, credit_type="tokens", idempotency_key="t-1") == first
+    credits.deduct_credits("ann", 1, credit_type="tokens")  # the replay re-armed nothing: no second low
+    with pytest.raises(IdempotencyConflict):
+        credits.set_low_credit_threshold("ann", 50, credit_type="tokens", idempotency_key="t-1")
+    assert typed(engine) == [("credits.low", "tokens", 30, 40)]
