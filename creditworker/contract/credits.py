@@ -437,6 +437,12 @@ class ChangeLotExpiry(Request):
     expires_at: UtcDateTime
 
 
+LowThreshold = Annotated[int, Strict(), Field(ge=0, le=MAX_AMOUNT)]
+"""`credits.low` when `available` is at or below it (0: off)."""
+ThresholdPercent = Annotated[int, Strict(), Field(ge=1, le=100)]
+"""A low threshold as a percentage of the credit type's last grant (rounded up)."""
+
+
 class SetLowCreditThreshold(Request):
     """An account's low-credit threshold in one credit type: an amount, a percentage of that
     type's last grant, or neither (the default type goes back to the service default; another
@@ -444,8 +450,8 @@ class SetLowCreditThreshold(Request):
     flag is re-armed. Keyed like every write, so a redelivered task applies it once."""
 
     user_id: UserId
-    threshold: Annotated[int, Strict(), Field(ge=0, le=MAX_AMOUNT)] | None = None
-    percent: Annotated[int, Strict(), Field(ge=1, le=100)] | None = None
+    threshold: LowThreshold | None = None
+    percent: ThresholdPercent | None = None
     credit_type: CreditType = DEFAULT_CREDIT_TYPE
 
     @model_validator(mode="after")
