@@ -47,11 +47,13 @@ def mark(lot: rules.Lot, plan: PlanRow, period_end: datetime) -> None:
 
 
 def rolling_sources(uow: UnitOfWork, user_ids: Collection[str]) -> dict[str, list[rules.Lot]]:
-    """Each user's allocation lots waiting for their boundary (one query for all)."""
+    """Each user's allocation lots waiting for their boundary (one query for all). Spent
+    ones too: their flag is cleared at the boundary, so that a refund after it gives back
+    credits that expire, not credits that wait for the next boundary."""
     if not user_ids:
         return {}
     ids = list(uow.connection.scalars(select(lots_table.c.id).where(
-        lots_table.c.user_id.in_(list(user_ids)), lots_table.c.rolls_over.is_(True), lots_table.c.remaining > 0,
+        lots_table.c.user_id.in_(list(user_ids)), lots_table.c.rolls_over.is_(True),
         lots_table.c.credit_type == DEFAULT_CREDIT_TYPE)))
     found: dict[str, list[rules.Lot]] = {}
     for lot in _shared(uow, accounts.load_lots(uow.connection, ids)):
@@ -100,10 +102,10 @@ def after_hold(uow: UnitOfWork, account: rules.Account, key: str) -> None:
     if not found:
         return
     bookkeeping = {row[0]: (row[1], row[2]) for row in found}
-    sources = _shared(uow, accounts.load_lots(uow.connection, list(bookkeeping)))
-    for source in sources:
-        source.rollover_left, source.rollover_expires_at = bookkeeping[cast(int, source.id)]
-    for posting in roll_held(account, sources, at=at, key=key):
+    sources = _with_bookkeeping(uow, _shared(uow, accounts.load_lots(uow.connection, list(bookkeeping))),
+                                bookkeeping)
+    for posting in roll_held(account, [source for source in sources if source.rollover_left is not None],
+                             at=at, key=key):
         uow.post(posting)
     uow.rollover_lots.extend(sources)
 
@@ -127,9 +129,17 @@ def held_sources(uow: UnitOfWork, lots: list[rules.Lot]) -> list[rules.Lot]:
     bookkeeping = {row[0]: (row[1], row[2]) for row in uow.connection.execute(select(
         lots_table.c.id, lots_table.c.rollover_left, lots_table.c.rollover_expires_at).where(
         lots_table.c.id.in_(ids), lots_table.c.rollover_left.is_not(None)))}
-    sources = [lot for lot in lots if lot.id in bookkeeping]
+    return _with_bookkeeping(uow, [lot for lot in lots if lot.id in bookkeeping], bookkeeping)
+
+
+def _with_bookkeeping(uow: UnitOfWork, sources: list[rules.Lot],
+                      bookkeeping: dict[int, tuple[int | None, datetime | None]]) -> list[rules.Lot]:
+    """The stored bookkeeping on lots this unit of work has not changed yet (what it
+    changed, it knows better than the database)."""
+    changed = {id(lot) for lot in uow.rollover_lots}
     for source in sources:
-        source.rollover_left, source.rollover_expires_at = bookkeeping[cast(int, source.id)]
+        if id(source) not in changed:
+            source.rollover_left, source.rollover_expires_at = bookkeeping[cast(int, source.id)]
     return sources
 
 
@@ -149,7 +159,7 @@ def _post(uow: UnitOfWork, postings: list[rules.Posting], key: str, user_id: str
 def _shared(uow: UnitOfWork, lots: list[rules.Lot]) -> list[rules.Lot]:
     """The unit of work's own objects for lots it loaded already (one object per lot, or
     the writer would write two versions of it)."""
-    loaded: dict[int | None, rules.Lot] = {}
+    loaded: dict[int | None, rules.Lot] = {lot.id: lot for lot in uow.rollover_lots}
     for account in uow.accounts.values():
         if account.lots_loaded:
             loaded.update((lot.id, lot) for lot in account.lots)

@@ -334,3 +334,33 @@ def test_bad_rollover_is_refused_and_changes_nothing(
     field = next(iter(fields))
     assert field in str(created.value) or "not both" in str(created.value)
     assert updated.value.code == "invalid_input"
+
+
+def test_two_holds_released_in_one_batch_roll_the_credits_they_held_once(
+    subs: SubscriptionService, service: CreditService, engine: Engine,
+) -> None:
+    subs.create_plan("daily", 100, billing_period="daily", rollover_max=80, now=T0)
+    subs.assign_plan("alice", "daily", now=T0)
+    first = service.reserve_credits("alice", 30, ttl_seconds=3 * 86400, now=T0 + timedelta(hours=20))
+    second = service.reserve_credits("alice", 20, ttl_seconds=3 * 86400, now=T0 + timedelta(hours=20))
+    subs.allocate_due(now=T0 + DAY)
+    service.apply_batch([{"op": "release", "reservation_id": first.id},
+                         {"op": "release", "reservation_id": second.id}], now=T0 + DAY + timedelta(hours=1))
+    assert sorted(lot["amount"] for lot in lots(engine, "alice") if lot["rolled_from"]) == [30, 50]
+    assert lots(engine, "alice")[0]["remaining"] == 0
+    assert available(service, "alice", T0 + DAY + timedelta(hours=1)) == 180
+    audited(engine)
+
+
+def test_a_refund_after_the_boundary_to_a_spent_allocation_expires_at_once(
+    subs: SubscriptionService, service: CreditService, engine: Engine,
+) -> None:
+    subs.create_plan("daily", 100, billing_period="daily", rollover_max=80, now=T0)
+    subs.assign_plan("alice", "daily", now=T0)
+    spent = service.deduct_credits("alice", 100, now=T0 + timedelta(hours=1))
+    subs.allocate_due(now=T0 + DAY)
+    assert not lots(engine, "alice")[0]["rolls_over"]  # spent, yet no longer waiting for a boundary
+    service.refund_deduction(spent.id, amount=40, reason="outage", now=T0 + DAY + timedelta(hours=1))
+    assert lots(engine, "alice")[0]["remaining"] == 0
+    assert available(service, "alice", T0 + DAY + timedelta(hours=1)) == 100
+    audited(engine)
