@@ -24,11 +24,12 @@ from typing import cast
 
 from sqlalchemy import Table, select
 
-from creditworker.contract.credits import DEFAULT_CREDIT_TYPE
+from creditworker.contract.credits import DEFAULT_CREDIT_TYPE, EntryKind
+from creditworker.contract.events import CreditsExpired
 from creditworker.contract.periods import period_start
 from creditworker.engine import account as accounts
 from creditworker.engine import rules
-from creditworker.engine.unit_of_work import UnitOfWork
+from creditworker.engine.unit_of_work import UnitOfWork, new_event_id
 from creditworker.storage.tables import Lot as LotRow
 from creditworker.storage.tables import PlanRow
 
@@ -106,7 +107,7 @@ def after_hold(uow: UnitOfWork, account: rules.Account, key: str) -> None:
                                 bookkeeping)
     for posting in roll_held(account, [source for source in sources if source.rollover_left is not None],
                              at=at, key=key):
-        uow.post(posting)
+        _post_one(uow, posting)  # under the hold's own operation
     uow.rollover_lots.extend(sources)
 
 
@@ -149,11 +150,20 @@ def record(uow: UnitOfWork, postings: list[rules.Posting], key: str, user_id: st
 
 
 def _post(uow: UnitOfWork, postings: list[rules.Posting], key: str, user_id: str) -> None:
+    """The postings under one system operation; what was forfeited is `credits.expired`,
+    as the expiry sweep says it."""
     if not postings:
         return
     uow.record_system_operation(key, "RollOver", user_id)
     for posting in postings:
-        uow.post(posting)
+        _post_one(uow, posting)
+
+
+def _post_one(uow: UnitOfWork, posting: rules.Posting) -> None:
+    uow.post(posting)
+    if posting.kind == EntryKind.EXPIRE and posting.lot is not None and posting.lot.id is not None:
+        uow.emit(CreditsExpired(event_id=new_event_id(), occurred_at=uow.at, user_id=posting.user_id,
+                                lot_id=posting.lot.id, amount=-posting.amount, credit_type=posting.credit_type))
 
 
 def _shared(uow: UnitOfWork, lots: list[rules.Lot]) -> list[rules.Lot]:

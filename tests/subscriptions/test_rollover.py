@@ -16,7 +16,7 @@ from creditworker import CreditService, SubscriptionService
 from creditworker.contract.errors import ValidationFailed
 from creditworker.engine import rules
 from creditworker.records.audit import audit
-from creditworker.storage.tables import Entry, Lot
+from creditworker.storage.tables import Entry, Lot, OutboxEvent
 from tests.engine.test_credits import snapshot
 
 T0 = datetime(2031, 3, 1, 0, 0, tzinfo=UTC)
@@ -116,6 +116,10 @@ def test_unused_credits_roll_up_to_the_cap_and_the_rest_is_forfeited(
     (rollover,) = entries(engine, "alice", "rollover")
     assert (rollover.amount, rollover.lot_id, rollover.draws) == (0, rolled["id"], [{"lot_id": source["id"], "amount": 50}])
     assert available(service, "alice", T0 + DAY) == 150
+    with Session(engine) as session:
+        expired = [row.payload for row in session.scalars(select(OutboxEvent).order_by(OutboxEvent.id))
+                   if row.routing_key == "credits.expired"]
+    assert [(event["lot_id"], event["amount"]) for event in expired] == [(source["id"], 20)]
     audited(engine)
 
 
