@@ -8,7 +8,8 @@ granted), `rules.roll_over` moves what is free of it, up to the limit, into a ne
 to its source and expires the rest (`rollover_forfeited`); what a hold still backs stays on
 the source with what may still roll, and rolls (or expires at once) when the hold ends:
 released or committed (`after_hold`), or by the expiry sweep (`roll_held`) after a hold
-ran out. Clearing `rolls_over` in the same transaction is what makes a boundary roll once.
+ran out or once other credits back it (holds are not tied to lots: the new period's grant
+frees the source's credits). Clearing `rolls_over` in the same transaction is what makes a boundary roll once.
 
 Which plan decides at a boundary: the one in force during the period that ends (an upgrade
 takes effect at once, so its rule decides; a downgrade only at the boundary, so the old

@@ -370,8 +370,9 @@ def roll_over(account: Account, sources: list[Lot], limit: int, *, at: datetime,
 
     Which credits holds back is decided as `expire` decides it (the account's `spendable`,
     sources in id order). What a hold still backs stays on its source, which keeps what may
-    still roll (`rollover_left`) and when it would expire: the hold's end rolls it (this
-    rule again, with that limit) or expires it at once.
+    still roll (`rollover_left`) and when it would expire: the hold's end, or the next
+    expiry sweep once other credits (the new period's) back the hold, rolls it (this rule
+    again, with that limit) and expires the rest at once.
     """
     postings: list[Posting] = []
     left = limit if expires_at > at else 0

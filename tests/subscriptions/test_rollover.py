@@ -368,3 +368,27 @@ def test_a_refund_after_the_boundary_to_a_spent_allocation_expires_at_once(
     assert lots(engine, "alice")[0]["remaining"] == 0
     assert available(service, "alice", T0 + DAY + timedelta(hours=1)) == 100
     audited(engine)
+
+
+def test_a_lot_with_its_own_validity_does_not_roll(
+    subs: SubscriptionService, service: CreditService, engine: Engine,
+) -> None:
+    subs.create_plan("daily", 100, billing_period="daily", validity_days=3, rollover_max=100, now=T0)
+    subs.assign_plan("alice", "daily", now=T0)
+    assert not lots(engine, "alice")[0]["rolls_over"]
+    subs.allocate_due(now=T0 + DAY)
+    assert entries(engine, "alice", "rollover") == []
+    assert available(service, "alice", T0 + DAY) == 200  # the first lot lives its 3 days
+
+
+def test_an_allocation_too_late_for_the_rolled_lot_forfeits_everything(
+    subs: SubscriptionService, service: CreditService, engine: Engine,
+) -> None:
+    subs.create_plan("daily", 100, billing_period="daily", rollover_max=100, now=T0)
+    subs.assign_plan("alice", "daily", now=T0)
+    subs.allocate_due(now=T0 + 3 * DAY)  # the workers were down: the rolled lot would have ended on day 2
+    assert entries(engine, "alice", "rollover") == []
+    assert [(e.amount, e.entry_metadata) for e in entries(engine, "alice", "expire")] == [
+        (-100, {"rollover_forfeited": 100})]
+    assert available(service, "alice", T0 + 3 * DAY) == 100
+    audited(engine)
