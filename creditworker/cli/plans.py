@@ -27,14 +27,34 @@ commands = typer.Typer(help="Subscription plans and the users on them.", no_args
 
 
 def plans_table(plans: list[Any], title: str) -> Table:
-    shown = table(title, ("id", "name", "credits", "period", "validity", "price", "active"))
+    shown = table(title, ("id", "name", "credits", "period", "validity", "rollover", "price", "active"))
     for plan in plans:
         shown.add_row(
             str(plan.id), plan.name, str(plan.credit_limit), plan.billing_period.value,
-            f"{plan.validity_days} days" if plan.validity_days else "period",
+            f"{plan.validity_days} days" if plan.validity_days else "period", rollover_text(plan),
             money(plan.price, plan.currency), "yes" if plan.active else "no",
         )
     return shown
+
+
+def rollover_text(plan: Any) -> str:
+    """`50 for 2 periods`, `25% for 1 period`, or `-` for a plan that rolls nothing over."""
+    if plan.rollover_max is not None:
+        limit = str(plan.rollover_max)
+    elif plan.rollover_max_percent is not None:
+        limit = f"{plan.rollover_max_percent}%"
+    else:
+        return "-"
+    periods = plan.rollover_expires_after_periods or 1
+    return f"{limit} for {periods} period{'s' if periods != 1 else ''}"
+
+
+RolloverMaxOption = Annotated[int | None, typer.Option(
+    help="Most unused credits of a period that roll into the next.")]
+RolloverPercentOption = Annotated[int | None, typer.Option(
+    help="The same limit as a percentage (0-100) of the period's allocation.")]
+RolloverPeriodsOption = Annotated[int | None, typer.Option(
+    help="Periods after which rolled credits expire (default 1).")]
 
 
 def show_subscription(subscription: Any, as_json: bool) -> None:
@@ -72,6 +92,9 @@ def plans_create(
     active: Annotated[
         bool, typer.Option("--active/--inactive", help="Whether users can be put on it.")
     ] = True,
+    rollover_max: RolloverMaxOption = None,
+    rollover_max_percent: RolloverPercentOption = None,
+    rollover_expires_after_periods: RolloverPeriodsOption = None,
     idempotency_key: KeyOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -91,6 +114,9 @@ def plans_update(
     currency: Annotated[str | None, typer.Option()] = None,
     validity_days: Annotated[int | None, typer.Option()] = None,
     active: Annotated[bool | None, typer.Option("--active/--inactive")] = None,
+    rollover_max: RolloverMaxOption = None,
+    rollover_max_percent: RolloverPercentOption = None,
+    rollover_expires_after_periods: RolloverPeriodsOption = None,
     idempotency_key: KeyOption = None,
     as_json: JsonOption = False,
 ) -> None:

@@ -189,7 +189,8 @@ class AsyncCreditClient:
     async def create_plan(
         self, name: str, credit_limit: int, *, price: Decimal | str | int = Decimal(0),
         currency: str = "USD", billing_period: str = "monthly", validity_days: int | None = None,
-        active: bool = True, idempotency_key: str | None = None,
+        active: bool = True, rollover_max: int | None = None, rollover_max_percent: int | None = None,
+        rollover_expires_after_periods: int | None = None, idempotency_key: str | None = None,
     ) -> AsyncTaskHandle[Plan]:
         return await self._call("create_plan", locals())
 

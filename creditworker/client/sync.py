@@ -321,14 +321,21 @@ class CreditClient:
         billing_period: str = "monthly",
         validity_days: int | None = None,
         active: bool = True,
+        rollover_max: int | None = None,
+        rollover_max_percent: int | None = None,
+        rollover_expires_after_periods: int | None = None,
         idempotency_key: str | None = None,
     ) -> TaskHandle[Plan]:
+        """A plan; `rollover_max` (credits) or `rollover_max_percent` of each period's
+        unused allocation rolls into the next, expiring `rollover_expires_after_periods`
+        periods after the boundary."""
         return self._call(CreatePlan, locals())
 
     def update_plan(
         self, plan: int | str, *, idempotency_key: str | None = None, **changes: Any
     ) -> TaskHandle[Plan]:
-        """Change name, credit_limit, price, currency, validity_days or active."""
+        """Change name, credit_limit, price, currency, validity_days, active or the rollover
+        fields (a null rollover field clears it)."""
         return self._call(UpdatePlan, {"plan": plan, **changes, "idempotency_key": idempotency_key})
 
     def delete_plan(

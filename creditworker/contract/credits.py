@@ -80,6 +80,7 @@ class EntryKind(StrEnum):
     VOID = "void"
     REFUND = "refund"
     EXPIRY_CHANGED = "expiry_changed"
+    ROLLOVER = "rollover"
 
 
 class ReservationStatus(StrEnum):

@@ -5,9 +5,17 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    field_validator,
+    model_validator,
+)
 from typing_extensions import TypedDict
 
 from creditworker.contract.credits import (
@@ -26,6 +34,24 @@ PlanName = Annotated[
 Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
 CreditLimit = Annotated[int, Strict(), Field(gt=0, le=MAX_AMOUNT)]
 ValidityDays = Annotated[int, Strict(), Field(gt=0, le=3660)]
+RolloverMax = Annotated[int, Strict(), Field(ge=0, le=MAX_AMOUNT)]
+"""The most credits of a period's allocation that roll into the next period."""
+RolloverPercent = Annotated[int, Strict(), Field(ge=0, le=100)]
+"""The same limit as a percentage of the allocation (rounded down)."""
+RolloverPeriods = Annotated[int, Strict(), Field(ge=1, le=1000)]
+"""Rolled credits expire this many periods after the boundary they rolled at (default 1)."""
+ROLLOVER_FIELDS = ("rollover_max", "rollover_max_percent", "rollover_expires_after_periods")
+"""Plan fields that a null clears on update (as `validity_days`)."""
+
+
+class _Rollover(_Message):
+    """A plan's rollover: at most one of the two limits."""
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> Self:
+        if getattr(self, "rollover_max", None) is not None and getattr(self, "rollover_max_percent", None) is not None:
+            raise ValueError("give rollover_max or rollover_max_percent, not both")
+        return self
 
 
 MAX_PRICE_EXCLUSIVE = Decimal(10) ** 14
@@ -46,7 +72,7 @@ PlanRef = Annotated[int | PlanName, Field(union_mode="left_to_right")]
 """A plan by id or by name."""
 
 
-class CreatePlan(Request):
+class CreatePlan(Request, _Rollover):
     name: PlanName
     credit_limit: CreditLimit
     price: Price = Decimal(0)
@@ -54,10 +80,14 @@ class CreatePlan(Request):
     billing_period: BillingPeriod = BillingPeriod.MONTHLY
     validity_days: ValidityDays | None = None
     active: bool = True
+    rollover_max: RolloverMax | None = None
+    rollover_max_percent: RolloverPercent | None = None
+    rollover_expires_after_periods: RolloverPeriods | None = None
 
 
-class PlanChanges(_Message):
-    """What `update_plan` may change (the HTTP gateway takes it as the PATCH body)."""
+class PlanChanges(_Rollover):
+    """What `update_plan` may change (the HTTP gateway takes it as the PATCH body). Setting
+    one rollover limit clears the other."""
 
     name: PlanName | None = None
     credit_limit: CreditLimit | None = None
@@ -65,6 +95,9 @@ class PlanChanges(_Message):
     currency: Currency | None = None
     validity_days: ValidityDays | None = None
     active: bool | None = None
+    rollover_max: RolloverMax | None = None
+    rollover_max_percent: RolloverPercent | None = None
+    rollover_expires_after_periods: RolloverPeriods | None = None
 
 
 class UpdatePlan(Request, PlanChanges):
@@ -140,6 +173,9 @@ class Plan(BaseModel):
     validity_days: int | None
     active: bool
     created_at: datetime
+    rollover_max: int | None = None
+    rollover_max_percent: int | None = None
+    rollover_expires_after_periods: int | None = None
 
     @field_validator("price")
     @classmethod

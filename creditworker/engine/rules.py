@@ -53,6 +53,14 @@ class Lot:
     """Orders equal lots oldest first: the id of a stored lot, a larger number for a new one."""
     expiry_changed: bool = False
     """True when a correction moved `expires_at` (the writer then writes it)."""
+    rolls_over: bool = False
+    """A period's allocation that rolls over at its boundary (see `roll_over`)."""
+    rolled_from: int | None = None
+    """On a rolled lot: the id of the allocation it rolled from."""
+    rollover_left: int | None = None
+    """On a source past its boundary: how much more of it may roll when a hold ends."""
+    rollover_expires_at: datetime | None = None
+    """On a source past its boundary: when credits rolled from it expire."""
 
 
 def draw_order(lot: Lot) -> tuple[Any, ...]:
@@ -339,6 +347,60 @@ def expire(account: Account, lots: list[Lot], *, at: datetime, key: str | None =
         else:
             unheld -= taken
         postings.append(_posting(account, EntryKind.EXPIRE, entry_key, at, amount=-taken, lot=lot))
+    return postings
+
+
+def rollover_limit(sources: list[Lot], *, max_credits: int | None, max_percent: int | None) -> int:
+    """How many credits of a period's allocation (`sources`) may roll: a fixed number, or a
+    percentage of what was allocated (rounded down); no limit set means none roll."""
+    if max_credits is not None:
+        return max_credits
+    if max_percent is not None:
+        return sum(lot.amount for lot in sources) * max_percent // 100
+    return 0
+
+
+def roll_over(account: Account, sources: list[Lot], limit: int, *, at: datetime, key: str,
+              expires_at: datetime) -> list[Posting]:
+    """At a period's boundary: what is left of its allocation lots (`sources`) and no active
+    hold backs, up to `limit` in all, becomes a new lot linked to its source (a `rollover`
+    entry, no change of balance); the rest of what is free expires (an `expire` entry with
+    `rollover_forfeited` in its metadata). Nothing rolls into a lot that would already have
+    expired.
+
+    Which credits holds back is decided as `expire` decides it (the account's `spendable`,
+    sources in id order). What a hold still backs stays on its source, which keeps what may
+    still roll (`rollover_left`) and when it would expire: the hold's end, or the next
+    expiry sweep once other credits (the new period's) back the hold, rolls it (this rule
+    again, with that limit) and expires the rest at once.
+    """
+    postings: list[Posting] = []
+    left = limit if expires_at > at else 0
+    unheld = account.spendable
+    for source in sorted(sources, key=lambda lot: lot.age):
+        source.rolls_over = False
+        free = max(0, min(source.remaining, unheld))
+        unheld -= free
+        rolled = min(free, left)
+        left -= rolled
+        forfeited = free - rolled
+        if rolled > 0:
+            source.remaining -= rolled
+            lot = Lot(None, account.user_id, rolled, rolled, source.priority, expires_at, source.source, at, key,
+                      account.credit_type, None, source.unit_cost, source.currency,
+                      age=_NEW_LOT_ORDER + len(account.lots), rolled_from=source.id)
+            if account.lots_loaded:
+                account.lots.append(lot)
+                account.lots.sort(key=draw_order)
+            postings.append(_posting(account, EntryKind.ROLLOVER, key, at, lot=lot, draws=[(source, rolled)],
+                                     metadata={"rolled_from_lot_id": source.id}))
+        if forfeited > 0:
+            source.remaining -= forfeited
+            postings.append(_posting(account, EntryKind.EXPIRE, key, at, amount=-forfeited, lot=source,
+                                     metadata={"rollover_forfeited": forfeited}))
+        held = source.remaining > 0
+        source.rollover_left = left if held else None
+        source.rollover_expires_at = expires_at if held else None
     return postings
 
 

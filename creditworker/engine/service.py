@@ -71,7 +71,7 @@ from creditworker.contract.events import (
     CreditsRefunded,
     CreditsVoided,
 )
-from creditworker.engine import reports, rules, sweeps, thresholds
+from creditworker.engine import reports, rollover, rules, sweeps, thresholds
 from creditworker.engine.account import HoldOwner, load_lots
 from creditworker.engine.results import batch_outcome, entry_record, reservation_record
 from creditworker.engine.unit_of_work import (
@@ -811,14 +811,20 @@ class CreditService:
             return reservation_record(posting.hold)
         if isinstance(request, CommitReservation):
             hold = uow.hold(request.reservation_id)
-            return uow.post(rules.settle(
-                uow.account(hold.user_id, hold.credit_type), hold, request.amount, policy=self.overage_policy,
+            account = uow.account(hold.user_id, hold.credit_type)
+            posting = uow.post(rules.settle(
+                account, hold, request.amount, policy=self.overage_policy,
                 at=at, key=key,
                 description=request.description, metadata=request.metadata,
             ))
+            rollover.after_hold(uow, account, key)  # credits it held past a boundary roll or expire now
+            return posting
         if isinstance(request, ReleaseReservation):
             hold = uow.hold(request.reservation_id)
-            return uow.post(rules.release(uow.account(hold.user_id, hold.credit_type), hold, at=at, key=key))
+            account = uow.account(hold.user_id, hold.credit_type)
+            posting = uow.post(rules.release(account, hold, at=at, key=key))
+            rollover.after_hold(uow, account, key)
+            return posting
         raise ValidationFailed(f"{type(request).__name__} is not a credit operation")
 
     def _committed(self, uow: UnitOfWork) -> None:

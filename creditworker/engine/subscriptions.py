@@ -47,6 +47,7 @@ from creditworker.contract.events import (
 )
 from creditworker.contract.periods import period_index_at, period_start, prorate
 from creditworker.contract.plans import (
+    ROLLOVER_FIELDS,
     AssignPlan,
     ChangePlan,
     CreatePlan,
@@ -60,7 +61,7 @@ from creditworker.contract.plans import (
     Subscription,
     UpdatePlan,
 )
-from creditworker.engine import rules
+from creditworker.engine import rollover, rules
 from creditworker.engine.service import CreditService, aware
 from creditworker.engine.unit_of_work import UnitOfWork, new_event_id
 from creditworker.storage.backends import after, backend_for
@@ -113,13 +114,22 @@ class SubscriptionService:
         billing_period: str = "monthly",
         validity_days: int | None = None,
         active: bool = True,
+        rollover_max: int | None = None,
+        rollover_max_percent: int | None = None,
+        rollover_expires_after_periods: int | None = None,
         idempotency_key: str | None = None,
         now: datetime | None = None,
     ) -> Plan:
-        """Create a plan; a repeat with the same key returns it, a new name clash raises."""
+        """Create a plan; a repeat with the same key returns it, a new name clash raises.
+
+        `rollover_max` (credits) or `rollover_max_percent` (of the allocation) is how much
+        of a period's unused allocation rolls into the next; rolled credits expire
+        `rollover_expires_after_periods` periods after the boundary (engine/rollover.py)."""
         request = parse(CreatePlan, {
             "name": name, "credit_limit": credit_limit, "price": price, "currency": currency,
             "billing_period": billing_period, "validity_days": validity_days, "active": active,
+            "rollover_max": rollover_max, "rollover_max_percent": rollover_max_percent,
+            "rollover_expires_after_periods": rollover_expires_after_periods,
             "idempotency_key": idempotency_key,
         })
 
@@ -158,9 +168,13 @@ class SubscriptionService:
             ) is not None:
                 raise DuplicatePlan(f"a plan named {fields['name']!r} exists", name=fields["name"])
             for field, value in fields.items():
-                if value is None and field != "validity_days":
+                if value is None and field != "validity_days" and field not in ROLLOVER_FIELDS:
                     continue
                 setattr(row, field, value)
+            if fields.get("rollover_max") is not None:  # one limit at a time: the new one wins
+                row.rollover_max_percent = None
+            elif fields.get("rollover_max_percent") is not None:
+                row.rollover_max = None
             row.updated_at = at
             session.flush()
             return plan_model(row)
@@ -289,11 +303,13 @@ class SubscriptionService:
                 expires_at = self._expiry(new, subscription.current_period_start,
                                           subscription.current_period_end)
                 if granted > 0 and expires_at > at:
-                    uow.post(rules.grant(
+                    lot = uow.post(rules.grant(
                         account, granted, at=at, key=key, expires_at=expires_at,
                         source=CreditSource.SUBSCRIPTION.value,
                         description=f"upgrade to {new.name}: prorated difference",
-                    ))
+                    )).lot
+                    assert lot is not None
+                    rollover.mark(lot, new, subscription.current_period_end)
                 else:
                     granted = 0
                 effective_at = at
@@ -383,7 +399,10 @@ class SubscriptionService:
             ]
             advances = [self._plan_advance(session, row, uow.at, backfill) for row in rows]
             granted_keys = uow.known_operations([key for advance in advances for _n, key in advance.periods])
-            granted = sum(self._advance(uow, advance, granted_keys) for advance in advances)
+            sources = rollover.rolling_sources(uow, [advance.row.user_id for advance in advances
+                                                     if advance.end or advance.plan is not None])
+            granted = sum(self._advance(uow, advance, granted_keys, sources.get(advance.row.user_id, []))
+                          for advance in advances)
             moved = [advance.row for advance in advances if advance.end or advance.plan is not None]
             uow.update_rows(subscriptions_table, "id", [
                 {column: getattr(row, column) for column in PERIOD_COLUMNS} for row in moved
@@ -419,13 +438,19 @@ class SubscriptionService:
                    for n in numbers]
         return _Advance(row, plan, anchor, periods, current=current)
 
-    def _advance(self, uow: UnitOfWork, advance: _Advance, granted_keys: Collection[str]) -> int:
+    def _advance(self, uow: UnitOfWork, advance: _Advance, granted_keys: Collection[str],
+                 rolling: list[rules.Lot]) -> int:
+        """Move one subscription on: end it, or roll its period's allocation over (under the
+        plan that granted it) and grant the new periods."""
         row, plan = advance.row, advance.plan
         if advance.end:
-            self._end(uow, row, row.current_period_end)
+            self._end(uow, row, row.current_period_end, rolling)
             return 0
         if plan is None:
             return 0
+        ending = uow.session.get(PlanRow, row.plan_id)
+        assert ending is not None
+        rollover.at_boundary(uow, row.id, row.user_id, ending, row.anchor_at, row.period_index, rolling)
         if row.pending_plan_id is not None:
             row.anchor_at, row.plan_id, row.pending_plan_id = advance.anchor, plan.id, None
         granted = 0
@@ -457,6 +482,7 @@ class SubscriptionService:
             metadata={"subscription_id": row.id, "period_index": n},
         )).lot
         assert lot is not None
+        rollover.mark(lot, plan, end)
         user_id, subscription_id, plan_id, credits, at = row.user_id, row.id, plan.id, plan.credit_limit, uow.at
         uow.emit(lambda: SubscriptionAllocated(  # the lot's id exists once the writer inserted it
             event_id=new_event_id(), occurred_at=at, user_id=user_id, subscription_id=subscription_id,
@@ -465,7 +491,11 @@ class SubscriptionService:
         ))
         return True
 
-    def _end(self, uow: UnitOfWork, row: SubscriptionRow | _PeriodRow, ended_at: datetime) -> None:
+    def _end(self, uow: UnitOfWork, row: SubscriptionRow | _PeriodRow, ended_at: datetime,
+             rolling: list[rules.Lot] | None = None) -> None:
+        if rolling is None:
+            rolling = rollover.rolling_sources(uow, [row.user_id]).get(row.user_id, [])
+        rollover.forgo(uow, rolling)
         row.status = ENDED
         row.ended_at = ended_at
         row.cancel_at_period_end = False

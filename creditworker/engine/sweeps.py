@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from creditworker.contract.credits import ReservationStatus
 from creditworker.contract.events import CreditsExpired, CreditsExpiring
 from creditworker.engine import account as accounts
-from creditworker.engine import rules
+from creditworker.engine import rollover, rules
 from creditworker.engine.unit_of_work import UnitOfWork, new_event_id
 from creditworker.storage.backends import after, backend_for
 from creditworker.storage.tables import ExpiryReminder, Hold, Lot
@@ -46,12 +46,17 @@ _LOT_KEY = (Lot.__table__.c.expires_at, Lot.__table__.c.id)
 
 
 def expire_lots(engine: Engine, run: RunChunk, at: datetime) -> int:
-    """Expire every lot past its expiry; returns the number of expiry entries written."""
+    """Expire every lot past its expiry; returns the number of expiry entries written.
+
+    An allocation lot that rolls over at its boundary (`rolls_over`) is the allocation's to
+    decide, however late it runs (engine/rollover.py); a source past its boundary whose hold
+    ended rolls what it may and expires the rest."""
     written = 0
     last = None
     while True:
         rows = backend_for(engine).keyset_page(engine, select(Lot.expires_at, Lot.id, Lot.user_id)
-                               .where(Lot.expires_at <= at, Lot.remaining > 0, *after(_LOT_KEY, last))
+                               .where(Lot.expires_at <= at, Lot.remaining > 0, Lot.rolls_over.is_(False),
+                                      *after(_LOT_KEY, last))
                                .order_by(*_LOT_KEY).limit(SWEEP_CHUNK))
         if not rows:
             return written
@@ -63,12 +68,21 @@ def expire_lots(engine: Engine, run: RunChunk, at: datetime) -> int:
 def _expire_lot_chunk(uow: UnitOfWork, lot_ids: list[int], owners: set[str]) -> int:
     uow.lock(owners)
     by_account: dict[tuple[str, str], list[rules.Lot]] = defaultdict(list)
-    for lot in accounts.load_lots(uow.connection, lot_ids):
+    loaded = accounts.load_lots(uow.connection, lot_ids)
+    for lot in loaded:
         by_account[(lot.user_id, lot.credit_type)].append(lot)
+    sources = {id(lot) for lot in rollover.held_sources(uow, loaded)}
     written = 0
     for user_id, credit_type in sorted(by_account):
-        for posting in rules.expire(uow.account(user_id, credit_type), by_account[(user_id, credit_type)],
-                                    at=uow.at):
+        lots = [lot for lot in by_account[(user_id, credit_type)] if id(lot) not in sources]
+        held = [lot for lot in by_account[(user_id, credit_type)] if id(lot) in sources]
+        if held:
+            account = uow.account(user_id, credit_type)
+            for source in held:
+                key = f"system:rollover:{source.id}:{uow.at:%Y%m%dT%H%M%S%f}:{source.remaining}"
+                rollover.record(uow, rollover.roll_held(account, [source], at=uow.at, key=key), key, user_id)
+            uow.rollover_lots.extend(held)
+        for posting in rules.expire(uow.account(user_id, credit_type), lots, at=uow.at):
             uow.post(posting)
             uow.record_system_operation(posting.idempotency_key, "ExpireLot", user_id)
             assert posting.lot is not None and posting.lot.id is not None

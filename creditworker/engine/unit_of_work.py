@@ -34,7 +34,7 @@ from creditworker.contract.events import (
 from creditworker.engine import account as accounts
 from creditworker.engine import alerts, rules, thresholds
 from creditworker.engine.results import entry_row_record, referenced_entry
-from creditworker.engine.rules import Account, Hold, Posting, low_credit_crossing
+from creditworker.engine.rules import Account, Hold, Lot, Posting, low_credit_crossing
 from creditworker.storage.backends import backend_for
 from creditworker.storage.tables import Entry, Operation
 
@@ -97,6 +97,9 @@ class UnitOfWork:
         self.dropped_accounts: set[str] = set()
         self.row_updates: dict[tuple[Table, str], list[dict[str, Any]]] = {}
         self.commit_hooks: list[Callable[[], None]] = []
+        self.rollover_lots: list[Lot] = []
+        """Stored lots whose rollover bookkeeping changed (engine/rollover.py); the writer
+        writes it."""
         self.operations_read: tuple[frozenset[str], list[tuple[str, str, str, Any]]] | None = None
         """The operation rows `lock` read with the lots, and for which keys."""
         self.entry_ids: list[int] = []

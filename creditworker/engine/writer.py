@@ -54,15 +54,16 @@ def write(uow: UnitOfWork) -> None:
 
     fresh = list(new_lots.values())
     typed = bool(uow.touched_typed)  # else every row is of the default type: the column's default
+    rolling = any(lot.rolls_over or lot.rolled_from is not None for lot in fresh)  # else the columns' defaults
     backend = backend_for(connection)
     script = backend.script(connection)
     if fresh and len(uow.lot_ids) >= len(fresh):  # ids taken when the unit read: the lots go in the script
         for lot, lot_id in zip(fresh, uow.lot_ids):
             lot.id = lot_id
-        script.insert(lots_table, [{"id": lot.id, **_lot_row(lot, typed)} for lot in fresh])
+        script.insert(lots_table, [{"id": lot.id, **_lot_row(lot, typed, rolling)} for lot in fresh])
     else:
         for lot, lot_id in zip(fresh, backend.insert_returning_ids(connection, lots_table,
-                                                                   [_lot_row(lot, typed) for lot in fresh])):
+                                                                   [_lot_row(lot, typed, rolling) for lot in fresh])):
             lot.id = lot_id
     script.delete(accounts_table, "user_id", uow.dropped_accounts)
     script.insert(holds_table, [_hold_row(hold, typed) for hold in new_holds.values()])
@@ -76,6 +77,11 @@ def write(uow: UnitOfWork) -> None:
     script.update(lots_table, "id", [{"id": lot.id, "remaining": lot.remaining} for lot in changed_lots.values()])
     script.update(lots_table, "id", [{"id": lot.id, "expires_at": lot.expires_at}
                                      for lot in changed_lots.values() if lot.expiry_changed])
+    script.update(lots_table, "id", [
+        {"id": lot.id, "rolls_over": lot.rolls_over, "rollover_left": lot.rollover_left,
+         "rollover_expires_at": lot.rollover_expires_at}
+        for lot in {id(lot): lot for lot in uow.rollover_lots}.values()  # stored lots only
+    ])
     at = uow.at
     if uow.touched_typed:
         _write_typed(connection, list(uow.touched_typed.values()), at)
@@ -153,13 +159,16 @@ def _built(event: _Event | Callable[[], _Event]) -> _Event:
     return event if isinstance(event, _Event) else event()
 
 
-def _lot_row(lot: Lot, typed: bool) -> dict[str, Any]:
+def _lot_row(lot: Lot, typed: bool, rolling: bool = False) -> dict[str, Any]:
     row = {"user_id": lot.user_id, "amount": lot.amount, "remaining": lot.remaining, "source": lot.source,
            "priority": lot.priority, "expires_at": lot.expires_at, "created_at": lot.created_at,
            "idempotency_key": lot.idempotency_key, "effective_at": lot.effective_at,
            "cost_basis_amount": lot.unit_cost, "cost_basis_currency": lot.currency}
     if typed:
         row["credit_type"] = lot.credit_type
+    if rolling:
+        row["rolls_over"] = lot.rolls_over
+        row["rolled_from_lot_id"] = lot.rolled_from
     return row
 
 

@@ -166,6 +166,7 @@ class Lot(Base):
         Index("ix_credit_lots_expires_at_id", "expires_at", "id"),
         CheckConstraint("amount > 0", name="amount_positive"),
         CheckConstraint("remaining >= 0 AND remaining <= amount", name="remaining_in_range"),
+        Index("ix_credit_lots_rolled_from_lot_id", "rolled_from_lot_id"),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
@@ -185,6 +186,17 @@ class Lot(Base):
     cost_basis_amount: Mapped[Decimal | None] = mapped_column(Numeric(24, 12), nullable=True)
     """What was paid per credit of this lot (in `cost_basis_currency`), carried onto draws."""
     cost_basis_currency: Mapped[str | None] = mapped_column(String(3), nullable=True)
+    rolls_over: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """A period's allocation that rolls over at its boundary: the expiry sweep leaves it to
+    the allocation (engine/rollover.py)."""
+    rolled_from_lot_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    """On a rolled lot: the allocation it rolled from (no foreign key, so that deleting an
+    account's lots needs no order)."""
+    rollover_left: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    """On a source after its boundary: how many more of its credits (those a hold backed)
+    may still roll when the hold ends."""
+    rollover_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    """On a source after its boundary: when credits rolled from it expire."""
 
 
 class Hold(Base):
@@ -287,6 +299,12 @@ class PlanRow(Base):
     """A subscription plan: credits granted per billing period, and their price."""
 
     __tablename__ = "plans"
+    __table_args__ = (
+        CheckConstraint("rollover_max >= 0", name="rollover_max_not_negative"),
+        CheckConstraint("rollover_max_percent >= 0 AND rollover_max_percent <= 100",
+                        name="rollover_percent_in_range"),
+        CheckConstraint("rollover_expires_after_periods >= 1", name="rollover_expiry_positive"),
+    )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(_identifier(100), unique=True)
@@ -296,6 +314,12 @@ class PlanRow(Base):
     billing_period: Mapped[str] = mapped_column(String(16))
     validity_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    rollover_max: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    """The most credits of a period's allocation that roll into the next period."""
+    rollover_max_percent: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """The same limit as a percentage of the allocation (at most one of the two is set)."""
+    rollover_expires_after_periods: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """Rolled credits expire this many periods after their boundary (None: 1)."""
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 

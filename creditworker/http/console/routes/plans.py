@@ -38,6 +38,7 @@ async def create_plan(request: Request, console: ConsoleDep) -> Response:
         price=forms.price(fields), currency=forms.text(fields, "currency").upper(),
         billing_period=forms.text(fields, "billing_period"),
         validity_days=forms.optional_integer(fields, "validity_days"),
+        **rollover(fields),
         idempotency_key=forms.idempotency_key(fields, "create-plan"),
     )
     log_action(request, "create plan", name, reason)
@@ -64,6 +65,13 @@ async def edit_plan(request: Request, console: ConsoleDep) -> Response:
     }
     if validity is not None:
         changes["validity_days"] = validity
+    changes.update(rollover(fields))  # an empty rollover field clears it
     await run_in_threadpool(lambda: console.subscriptions.update_plan(plan, **changes))
     log_action(request, "update plan", str(plan), reason)
     return redirect(request, "/plans", done="plan-updated")
+
+
+def rollover(fields: dict[str, str]) -> dict[str, int | None]:
+    """The plan form's rollover fields (engine/rollover.py); empty is none."""
+    return {name: forms.optional_integer(fields, name)
+            for name in ("rollover_max", "rollover_max_percent", "rollover_expires_after_periods")}
