@@ -19,7 +19,7 @@ from alembic import op
 import creditworker.storage.tables
 
 revision = '0014'
-down_revision = '0011'
+down_revision = '0012'
 branch_labels = None
 depends_on = None
 
