@@ -97,6 +97,9 @@ class UnitOfWork:
         self.dropped_accounts: set[str] = set()
         self.row_updates: dict[tuple[Table, str], list[dict[str, Any]]] = {}
         self.commit_hooks: list[Callable[[], None]] = []
+        self.after_write: list[Callable[[], None]] = []
+        """Statements that need the ids the writer gave out (a top-up's lot), run after it in
+        the same transaction (the writer then never sends COMMIT with its last statement)."""
         self.operations_read: tuple[frozenset[str], list[tuple[str, str, str, Any]]] | None = None
         """The operation rows `lock` read with the lots, and for which keys."""
         self.entry_ids: list[int] = []
