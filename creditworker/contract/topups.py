@@ -98,10 +98,6 @@ class ChargeTopup(_Message):
     topup_id: RowId
 
 
-class ChargeDueTopups(_Message):
-    """Beat's sweep: top-ups left requested or charging (a crashed worker) are sent again."""
-
-
 class CompleteTopup(Request):
     """The provider's late answer to a `pending` top-up (its webhook calls this)."""
 
