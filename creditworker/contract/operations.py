@@ -295,21 +295,25 @@ ALLOCATE = Operation(
 SET_AUTO_TOPUP = Operation(
     "creditworker.topups.set", SetAutoTopup, AutoTopupRule,
     "Set (or replace) an account's auto top-up rule for a credit type",
-    engine="credits.set_auto_topup")
+    engine="credits.set_auto_topup", producer="set_auto_topup",
+    route=_route("PUT", "/topups/rules/{user_id:path}"), cli="topups set")
 GET_AUTO_TOPUP = Operation(
     "creditworker.topups.get", GetAutoTopup, AutoTopupRule | None, "An account's auto top-up rule (or null)",
-    engine="credits.get_auto_topup")
+    engine="credits.get_auto_topup", producer="get_auto_topup",
+    route=_route("GET", "/topups/rules/{user_id:path}"), cli="topups show")
 REMOVE_AUTO_TOPUP = Operation(
     "creditworker.topups.remove", RemoveAutoTopup, RemovedAutoTopup,
     "Remove an account's auto top-up rule (a top-up in flight still finishes)",
-    engine="credits.remove_auto_topup")
+    engine="credits.remove_auto_topup", producer="remove_auto_topup",
+    route=_route("DELETE", "/topups/rules/{user_id:path}"), cli="topups remove")
 LIST_TOPUPS = Operation(
     "creditworker.topups.list", ListTopups, list[Topup], "Top-ups and their states, newest first",
-    engine="credits.list_topups")
+    engine="credits.list_topups", producer="list_topups", route=_route("GET", "/topups"), cli="topups list")
 COMPLETE_TOPUP = Operation(
     "creditworker.topups.complete", CompleteTopup, Topup,
     "Settle a pending top-up with the provider's answer (grant, or fail)",
-    engine="credits.complete_topup")
+    engine="credits.complete_topup", producer="complete_topup",
+    route=_route("POST", "/topups/{topup_id}/complete"), cli="topups complete")
 CHARGE_TOPUP = Operation(
     "creditworker.topups.charge", ChargeTopup, Topup,
     "Charge a requested top-up through the payment provider; grant what was paid",

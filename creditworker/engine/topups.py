@@ -47,10 +47,12 @@ from creditworker.contract.topups import (
 from creditworker.engine import rules
 from creditworker.engine.payments import Charge, ChargeStatus, PaymentProvider, charge_outcome
 from creditworker.engine.unit_of_work import UnitOfWork, new_event_id
+from creditworker.storage.tables import Account as AccountRow
 from creditworker.storage.tables import AutoTopupRuleRow, TopupRow
 
 rules_table = cast(Table, AutoTopupRuleRow.__table__)
 topups_table = cast(Table, TopupRow.__table__)
+accounts_table = cast(Table, AccountRow.__table__)
 
 DRAWING_KINDS = frozenset({EntryKind.DEDUCT.value, EntryKind.COMMIT.value, EntryKind.RESERVE.value})
 """The entries of writes that can take `available` below a threshold."""
@@ -67,7 +69,10 @@ RunUnit = Callable[..., Any]
 def request_due(uow: UnitOfWork) -> None:
     """Ask for a top-up for each (account, type) this unit drew below its rule's threshold."""
     pairs = {(posting.user_id, posting.credit_type) for posting in uow.postings if posting.kind in DRAWING_KINDS}
-    if not pairs:
+    pairs = {(user_id, credit_type) for user_id, credit_type in pairs
+             if (highest := _highest_threshold(uow, user_id)) is not None
+             and uow.account(user_id, credit_type).spendable < highest}
+    if not pairs:  # no rule could have been crossed: nothing read
         return
     found = uow.connection.execute(
         select(rules_table).where(rules_table.c.user_id.in_(sorted({user_id for user_id, _type in pairs})),
@@ -75,6 +80,21 @@ def request_due(uow: UnitOfWork) -> None:
     for rule in found:
         if (rule.user_id, rule.credit_type) in pairs:
             request_if_below(uow, rule)
+
+
+def _highest_threshold(uow: UnitOfWork, user_id: str) -> int | None:
+    account = uow.accounts.get(user_id)
+    return None if account is None else account.topup_threshold
+
+
+def _refresh_highest_threshold(uow: UnitOfWork, user_id: str) -> None:
+    """`accounts.topup_threshold` after the account's rules changed (the writer leaves it)."""
+    highest = uow.connection.scalar(select(func.max(rules_table.c.threshold)).where(
+        rules_table.c.user_id == user_id, rules_table.c.enabled.is_(True)))
+    uow.connection.execute(update(accounts_table).where(accounts_table.c.user_id == user_id)
+                           .values(topup_threshold=highest))
+    if user_id in uow.accounts:
+        uow.accounts[user_id].topup_threshold = None if highest is None else int(highest)
 
 
 def request_if_below(uow: UnitOfWork, rule: Row[Any]) -> int | None:
@@ -143,6 +163,7 @@ def set_rule(run_keyed: Callable[..., Any], request: SetAutoTopup, now: datetime
             uow.connection.execute(insert(rules_table).values(
                 user_id=request.user_id, credit_type=request.credit_type, sequence=0, created_at=uow.at, **values))
         rule = uow.connection.execute(select(rules_table).where(*where)).one()
+        _refresh_highest_threshold(uow, request.user_id)
         request_if_below(uow, rule)
         return rule_model(rule)
 
@@ -154,8 +175,11 @@ def remove_rule(run_keyed: Callable[..., Any], request: RemoveAutoTopup) -> dict
     from creditworker.contract.topups import RemovedAutoTopup
 
     def operation(uow: UnitOfWork, _key: str) -> RemovedAutoTopup:
+        uow.lock([request.user_id])
         removed = uow.connection.execute(delete(rules_table).where(
             rules_table.c.user_id == request.user_id, rules_table.c.credit_type == request.credit_type)).rowcount
+        if removed:
+            _refresh_highest_threshold(uow, request.user_id)
         return RemovedAutoTopup(user_id=request.user_id, credit_type=request.credit_type, removed=bool(removed))
 
     return cast(dict[str, Any], run_keyed(request, RemovedAutoTopup, operation).model_dump())
@@ -322,6 +346,7 @@ def _finish(uow: UnitOfWork, row: Row[Any], outcome: Charge) -> Topup:
         uow.connection.execute(update(rules_table).where(rules_table.c.id == rule.id).values(
             consecutive_failures=failures, enabled=False if disable else rule.enabled, updated_at=uow.at))
         if disable:
+            _refresh_highest_threshold(uow, user_id)
             uow.emit(TopupDisabled(event_id=new_event_id(), occurred_at=uow.at, user_id=user_id,
                                    credit_type=credit_type, consecutive_failures=failures))
     return _reread(uow, topup_id)

@@ -111,6 +111,9 @@ class Account(Base):
     pending_until: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     """The latest `effective_at` of the default type's grants (migration 0010): until then
     a write reads the account's pending lots; after it, nothing is pending and no job ran."""
+    topup_threshold: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    """The highest threshold of the account's enabled auto top-up rules, any type (migration
+    0013); None without one. A write that leaves `available` at or above it reads no rules."""
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 

@@ -75,11 +75,12 @@ def grants_of(engine: Engine, key: str) -> int:
 
 def test_a_deduct_through_the_worker_tops_the_account_up_once(worker: RunningWorker,
                                                               provider: ScriptedProvider) -> None:
-    worker.service.add_credits("alice", 500)
-    worker.service.set_auto_topup("alice", threshold=100, target=1000, unit_price="0.01")
+    worker.client.add_credits("alice", 500).get(timeout=30)
+    rule = worker.client.set_auto_topup("alice", threshold=100, target=1000, unit_price="0.01").get(timeout=30)
+    assert worker.client.get_auto_topup("alice").get(timeout=30) == rule
     worker.client.deduct_credits("alice", 450).get(timeout=30)
     wait_for(lambda: worker.service.get_user_credits_info("alice").available == 1000, 30, "the top-up's grant")
-    (topup,) = worker.service.list_topups()
+    (topup,) = worker.client.list_topups(user_id="alice").get(timeout=30)
     assert (topup.state, topup.credits) == ("succeeded", 950)
     assert [charge["idempotency_key"] for charge in provider.charges()] == [topup.idempotency_key]
     assert grants_of(worker.engine, topup.idempotency_key) == 1

@@ -360,3 +360,40 @@ def test_fifty_concurrent_deducts_that_all_cross_make_one_top_up(pg_engine: Engi
     assert available(service, "hot") == 1000 - 500 + 500
     assert len(service.get_history("hot", limit=100, kinds=["add"])) == 2
     assert audit(pg_engine).passed
+
+
+def _statements_on(engine: Engine) -> list[str]:
+    from sqlalchemy import event
+
+    seen: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *args: seen.append(str(args[2])))
+    return seen
+
+
+def test_a_deduct_reads_no_rule_on_an_account_without_one_or_well_above_its_threshold(
+    topping: CreditService, engine: Engine,
+) -> None:
+    """The rules are read only when a write leaves an account below the highest threshold
+    of its enabled rules (`accounts.topup_threshold`): the metered path pays nothing else."""
+    topping.add_credits("alice", 500)
+    topping.add_credits("bob", 500)
+    topping.set_auto_topup("bob", threshold=100, amount=100)
+    seen = _statements_on(engine)
+    topping.deduct_credits("alice", 450)
+    topping.deduct_credits("bob", 300)
+    assert not [statement for statement in seen if "auto_topup_rules" in statement]
+    topping.deduct_credits("bob", 150)
+    assert [statement for statement in seen if "auto_topup_rules" in statement]
+    assert [topup.user_id for topup in topping.list_topups()] == ["bob"]
+
+
+def test_removing_or_disabling_the_rule_stops_the_reads(topping: CreditService, engine: Engine) -> None:
+    topping.add_credits("alice", 500)
+    topping.set_auto_topup("alice", threshold=100, amount=100)
+    topping.set_auto_topup("alice", threshold=300, amount=100, credit_type="images")
+    topping.remove_auto_topup("alice")
+    topping.remove_auto_topup("alice", credit_type="images")
+    seen = _statements_on(engine)
+    topping.deduct_credits("alice", 450)
+    assert not [statement for statement in seen if "auto_topup_rules" in statement]
+    assert [topup.credit_type for topup in topping.list_topups()] == ["images"]  # asked when set (0 < 300)

@@ -38,6 +38,7 @@ from creditworker.http.api.routes import (
     reservations,
     subscriptions,
     tasks,
+    topups,
     webhooks,
 )
 from creditworker.http.auth import AuthDependency
@@ -77,7 +78,8 @@ class EnvelopeRoute(APIRoute):
 ROUTED: tuple[Operation, ...] = tuple(operation for operation in OPERATIONS if operation.route)
 """The operations the gateway serves, in registry order (a test checks each is served)."""
 
-RESOURCES = (credits.router, reservations.router, corrections.router, plans.router, subscriptions.router)
+RESOURCES = (credits.router, reservations.router, corrections.router, plans.router, subscriptions.router,
+             topups.router)
 
 
 def _registry_routes() -> list[tuple[Operation, APIRoute]]:

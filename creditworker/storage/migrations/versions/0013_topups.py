@@ -1,6 +1,7 @@
 """auto top-ups (issue 29): rules per account and credit type, and the top-ups they cause
 
-New tables only. A top-up's idempotency key is unique (one charge per key at the provider);
+Two tables, and `accounts.topup_threshold` (the highest threshold of the account's enabled
+rules): a write that leaves an account above it reads no rules. A top-up's idempotency key is unique (one charge per key at the provider);
 one top-up in flight per account and type is kept by the account's row lock, which every
 write that can cross a threshold holds.
 
@@ -23,6 +24,7 @@ depends_on = None
 
 
 def upgrade() -> None:
+    op.add_column('accounts', sa.Column('topup_threshold', sa.BigInteger(), nullable=True))
     op.create_table('auto_topup_rules',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
     sa.Column('user_id', sa.String(length=128).with_variant(mysql.VARCHAR(charset='utf8mb4', collation='utf8mb4_bin', length=128), 'mariadb').with_variant(mysql.VARCHAR(charset='utf8mb4', collation='utf8mb4_bin', length=128), 'mysql'), nullable=False),
@@ -88,3 +90,5 @@ def downgrade() -> None:
         batch_op.drop_index('uq_auto_topup_rules_user_id_credit_type')
 
     op.drop_table('auto_topup_rules')
+    with op.batch_alter_table('accounts', schema=None) as batch_op:
+        batch_op.drop_column('topup_threshold')
