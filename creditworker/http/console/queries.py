@@ -16,7 +16,16 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from creditworker.contract.credits import PROMOTIONAL_SOURCES, ReservationStatus
-from creditworker.storage.tables import Account, Entry, Hold, Lot, OutboxEvent, SubscriptionRow
+from creditworker.storage.tables import (
+    Account,
+    AutoTopupRuleRow,
+    Entry,
+    Hold,
+    Lot,
+    OutboxEvent,
+    SubscriptionRow,
+    TopupRow,
+)
 
 LEDGER_PAGE = 50
 CSV_CHUNK = 2000
@@ -72,6 +81,21 @@ def account_threshold(engine: Engine, user_id: str) -> int | None:
         return connection.scalar(
             select(Account.low_credit_threshold).where(Account.user_id == user_id)
         )
+
+
+def topup_rules(engine: Engine, user_id: str) -> list[AutoTopupRuleRow]:
+    """The account's auto top-up rules, one per credit type."""
+    with engine.connect() as connection:
+        return list(connection.execute(select(AutoTopupRuleRow.__table__)
+                                       .where(AutoTopupRuleRow.user_id == user_id)
+                                       .order_by(AutoTopupRuleRow.credit_type)).all())
+
+
+def recent_topups(engine: Engine, user_id: str, limit: int = 10) -> list[TopupRow]:
+    """The account's latest top-ups, newest first, whatever their state."""
+    with engine.connect() as connection:
+        return list(connection.execute(select(TopupRow.__table__).where(TopupRow.user_id == user_id)
+                                       .order_by(TopupRow.id.desc()).limit(limit)).all())
 
 
 def live_lots(engine: Engine, user_id: str, limit: int = 100) -> list[dict[str, Any]]:
