@@ -397,3 +397,25 @@ def test_removing_or_disabling_the_rule_stops_the_reads(topping: CreditService, 
     topping.deduct_credits("alice", 450)
     assert not [statement for statement in seen if "auto_topup_rules" in statement]
     assert [topup.credit_type for topup in topping.list_topups()] == ["images"]  # asked when set (0 < 300)
+
+
+def test_the_audit_finds_a_top_up_granted_but_not_succeeded_or_succeeded_but_not_granted(
+    service: CreditService, engine: Engine,
+) -> None:
+    from sqlalchemy import update
+
+    from creditworker.storage.tables import TopupRow
+
+    service.add_credits("alice", 50)
+    service.set_auto_topup("alice", threshold=100, amount=200)
+    done = service.charge_topup(service.list_topups()[0].id)
+    assert audit(engine).passed
+    with engine.begin() as connection:
+        connection.execute(update(TopupRow).where(TopupRow.id == done.id).values(state="failed"))
+    assert [problem.check for problem in audit(engine).problems] == ["topup_granted_once"]
+    service.add_credits("bob", 50)
+    service.set_auto_topup("bob", threshold=100, amount=200)
+    with engine.begin() as connection:
+        connection.execute(update(TopupRow).where(TopupRow.user_id == "bob").values(state="succeeded"))
+    found = sorted(problem.detail for problem in audit(engine).problems)
+    assert len(found) == 2 and any("succeeded for 200 credits: no lot" in detail for detail in found)
