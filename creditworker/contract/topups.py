@@ -28,6 +28,8 @@ from creditworker.contract.credits import (
     _Message,
 )
 
+MAX_CHARGE = 10**12
+"""A top-up's cost stays below this (its column holds 12 digits before the point)."""
 MAX_CONSECUTIVE_FAILURES = 3
 """Failed charges in a row after which a rule is disabled (`credits.topup_disabled`)."""
 
@@ -77,8 +79,10 @@ class SetAutoTopup(Request):
             raise ValueError("target must be above threshold")
         if self.max_per_month is not None and self.unit_price is None:
             raise ValueError("max_per_month caps money: give unit_price too")
-        if self.amount is not None and self.unit_price is not None and self.amount * self.unit_price > 10**14:
-            raise ValueError("amount times unit_price is above the maximum charge of 10^14")
+        most = self.amount if self.amount is not None else self.target
+        if self.unit_price is not None and most is not None and most * self.unit_price >= MAX_CHARGE:
+            raise ValueError(f"{'amount' if self.amount is not None else 'target'} times unit_price "
+                             f"must be below the maximum charge of 10^12")
         return self
 
 

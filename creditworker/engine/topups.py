@@ -26,7 +26,7 @@ from typing import Any, cast
 from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine, Row
 
-from creditworker.contract.credits import DEFAULT_CREDIT_TYPE, CreditSource, EntryKind
+from creditworker.contract.credits import DEFAULT_CREDIT_TYPE, MAX_AMOUNT, CreditSource, EntryKind
 from creditworker.contract.errors import (
     PaymentProviderError,
     TopupNotPending,
@@ -36,6 +36,7 @@ from creditworker.contract.errors import (
 from creditworker.contract.events import TopupDisabled, TopupFailed, TopupRequested, TopupSucceeded
 from creditworker.contract.topups import (
     IN_FLIGHT_STATES,
+    MAX_CHARGE,
     MAX_CONSECUTIVE_FAILURES,
     AutoTopupRule,
     CompleteTopup,
@@ -111,10 +112,13 @@ def request_if_below(uow: UnitOfWork, rule: Row[Any]) -> int | None:
     if coming >= rule.threshold:
         return None
     credits = int(rule.amount) if rule.amount is not None else int(rule.target) - coming
+    credits = min(credits, MAX_AMOUNT)  # a debt (an allowed overage) can ask beyond the target
     if credits <= 0:
         return None
     unit_price = Decimal(rule.unit_price) if rule.unit_price is not None else None
     cost = credits * unit_price if unit_price is not None else None
+    if cost is not None and cost >= MAX_CHARGE:
+        return None  # never a failed write for a top-up: the rule's bounds keep this for debts only
     if (rule.max_per_month is not None and cost is not None
             and spent_this_month(uow.connection, rule.user_id, rule.credit_type, uow.at) + cost > rule.max_per_month):
         return None  # the cap: no top-up until next month (docs/topups.md)

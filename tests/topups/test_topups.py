@@ -64,6 +64,8 @@ def available(service: CreditService, user: str = "alice", credit_type: str = "c
     ({"threshold": "100", "amount": 50}, "threshold"),
     ({"threshold": 100, "amount": 50, "expires_after_days": 0}, "expires_after_days"),
     ({"threshold": 100, "amount": 50, "currency": "usd"}, "currency"),
+    ({"threshold": 100, "amount": 10**9, "unit_price": 1000}, "maximum charge"),
+    ({"threshold": 100, "target": 10**11, "unit_price": 10}, "maximum charge"),
 ])
 def test_a_bad_rule_is_refused_and_stores_nothing(service: CreditService, fields: dict, problem: str) -> None:
     service.add_credits("alice", 500)
