@@ -147,18 +147,18 @@ def _relay(task: Task, _request: Any, _key: str) -> Any:
     from creditworker.records.webhooks import fan_out
 
     queued = 0
-    topups: list[int] = []
+    topups: set[int] = set()  # a set: a chunk's transaction may run again after a conflict
 
     def queue_webhooks(connection: Any, rows: list[Any]) -> None:
         nonlocal queued
         queued += fan_out(connection, rows, datetime.now(UTC))
-        topups.extend(int(row.payload["topup_id"]) for row in rows if row.routing_key == TOPUP_REQUESTED)
+        topups.update(int(row.payload["topup_id"]) for row in rows if row.routing_key == TOPUP_REQUESTED)
 
     with task.app.connection_for_write() as connection:
         published = publish_pending(service().engine, EventPublisher(connection), also=queue_webhooks)
     if queued:
         task.app.send_task(DELIVER_WEBHOOKS.task)
-    for topup_id in topups:
+    for topup_id in sorted(topups):
         task.app.send_task(CHARGE_TOPUP.task, kwargs={"topup_id": topup_id})
     return {"published": published}
 
