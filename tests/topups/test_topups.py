@@ -421,3 +421,17 @@ def test_the_audit_finds_a_top_up_granted_but_not_succeeded_or_succeeded_but_not
         connection.execute(update(TopupRow).where(TopupRow.user_id == "bob").values(state="succeeded"))
     found = sorted(problem.detail for problem in audit(engine).problems)
     assert len(found) == 2 and any("succeeded for 200 credits: no lot" in detail for detail in found)
+
+
+def test_a_worker_starting_with_a_provider_that_does_not_load_warns_and_runs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from creditworker.settings import Settings
+    from creditworker.worker.startup import check_payment_provider
+
+    check_payment_provider(Settings(payment_provider="manual"))
+    assert caplog.records == []
+    check_payment_provider(Settings(payment_provider="no_such_module_anywhere:provider"))
+    (record,) = caplog.records
+    assert "auto top-ups wait until the payment provider loads" in record.getMessage()
+    assert "CREDITWORKER_PAYMENT_PROVIDER='no_such_module_anywhere:provider'" in record.getMessage()
