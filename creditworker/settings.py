@@ -113,6 +113,14 @@ class Settings(BaseSettings):
     webhooks_batch_size: int = Field(default=100, ge=1, le=1000)
     webhooks_concurrency: int = Field(default=16, ge=1, le=256)
 
+    payment_provider: str = "manual"
+    """What charges auto top-ups: `manual` (grants at once, for internal credits) or
+    `module:object` (a `PaymentProvider`, docs/topups.md)."""
+    topup_stale_after_seconds: float = Field(default=300, gt=0)
+    """A top-up still requested or charging after this long is sent to a worker again (its
+    worker crashed, or its message was lost): the same idempotency key, so never charged twice."""
+    charge_topups_interval_seconds: float = Field(default=60, gt=0)
+
     @field_validator("webhooks_retry_delays_seconds")
     @classmethod
     def _delays_not_negative(cls, delays: list[float]) -> list[float]:

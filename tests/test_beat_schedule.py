@@ -15,12 +15,19 @@ def test_every_entry_runs_a_registered_task_at_its_interval() -> None:
     assert set(schedule) == {entry for entry, _task, _setting in PERIODIC_TASKS}
     assert {
         "expire-credits", "release-stale-reservations", "send-expiry-reminders", "relay-events",
-        "allocate-subscriptions", "deliver-webhooks",
+        "allocate-subscriptions", "deliver-webhooks", "charge-due-topups",
     } == set(schedule)
     for entry in schedule.values():
         assert entry["task"] in BY_TASK
     assert schedule["expire-credits"]["schedule"] == 7.0
     assert schedule["allocate-subscriptions"]["schedule"] == 11.0
+    assert schedule["charge-due-topups"]["schedule"] == 60.0
+
+
+def test_the_top_up_sweep_runs_at_its_own_interval() -> None:
+    schedule = build_schedule(Settings(charge_topups_interval_seconds=13))
+    assert schedule["charge-due-topups"] == {
+        "task": "creditworker.topups.charge_due", "schedule": 13.0, "options": {"expires": 13.0}}
 
 
 def test_a_crontab_from_the_environment_replaces_the_interval(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DOC_PAGES = [ROOT / "docs" / f"{name}.md" for name in (
     "worker", "http", "console", "subscriptions", "notifications", "webhooks", "credit-types",
-    "engine", "cli", "metrics", "reliability", "security", "architecture", "benchmarks")]
+    "topups", "engine", "cli", "metrics", "reliability", "security", "architecture", "benchmarks")]
 """The docs in the order a reader meets them from the README; every page is listed
 (test_every_docs_page_is_run_by_the_runner)."""
 NODE_PRODUCER = "node producers/node/"

@@ -31,6 +31,7 @@ from creditworker.cli import (
     plans,
     reports,
     running,
+    topups,
     webhooks,
 )
 from creditworker.cli.context import begin, current
@@ -69,6 +70,7 @@ app.add_typer(corrections.commands, name="correct")
 app.add_typer(dead_letters.commands, name="dead-letters")
 app.add_typer(webhooks.commands, name="webhooks")
 app.add_typer(alerts.commands, name="alerts")
+app.add_typer(topups.commands, name="topups")
 _last = typer.Typer()  # a command of the app itself would be listed before every group's
 _last.command()(schema)
 app.add_typer(_last)

@@ -32,6 +32,7 @@ from creditworker.contract.credits import (
     UsagePeriod,
 )
 from creditworker.contract.plans import DeletedPlan, Plan, Subscription
+from creditworker.contract.topups import AutoTopupRule, RemovedAutoTopup, Topup
 from creditworker.settings import Settings
 
 T = TypeVar("T")
@@ -229,3 +230,32 @@ class AsyncCreditClient:
 
     async def get_user_subscription(self, user_id: str) -> AsyncTaskHandle[Subscription]:
         return await self._call("get_user_subscription", locals())
+
+    async def set_auto_topup(
+        self, user_id: str, *, threshold: int, amount: int | None = None, target: int | None = None,
+        credit_type: str = DEFAULT_CREDIT_TYPE, max_per_month: Decimal | str | int | None = None,
+        unit_price: Decimal | str | int | None = None, currency: str = "USD",
+        expires_after_days: int | None = None, idempotency_key: str | None = None,
+    ) -> AsyncTaskHandle[AutoTopupRule]:
+        return await self._call("set_auto_topup", locals())
+
+    async def get_auto_topup(
+        self, user_id: str, *, credit_type: str = DEFAULT_CREDIT_TYPE
+    ) -> AsyncTaskHandle[AutoTopupRule | None]:
+        return await self._call("get_auto_topup", locals())
+
+    async def remove_auto_topup(
+        self, user_id: str, *, credit_type: str = DEFAULT_CREDIT_TYPE, idempotency_key: str | None = None
+    ) -> AsyncTaskHandle[RemovedAutoTopup]:
+        return await self._call("remove_auto_topup", locals())
+
+    async def list_topups(
+        self, *, user_id: str | None = None, state: str | None = None, limit: int = 50
+    ) -> AsyncTaskHandle[list[Topup]]:
+        return await self._call("list_topups", locals())
+
+    async def complete_topup(
+        self, topup_id: int, *, succeeded: bool, reference: str | None = None, error: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> AsyncTaskHandle[Topup]:
+        return await self._call("complete_topup", locals())

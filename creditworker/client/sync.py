@@ -72,6 +72,16 @@ from creditworker.contract.plans import (
     Subscription,
     UpdatePlan,
 )
+from creditworker.contract.topups import (
+    AutoTopupRule,
+    CompleteTopup,
+    GetAutoTopup,
+    ListTopups,
+    RemoveAutoTopup,
+    RemovedAutoTopup,
+    SetAutoTopup,
+    Topup,
+)
 from creditworker.settings import Settings, get_settings
 
 TASKS: dict[type[BaseModel], str] = {
@@ -368,3 +378,36 @@ class CreditClient:
 
     def get_user_subscription(self, user_id: str) -> TaskHandle[Subscription]:
         return self._call(GetSubscription, locals())
+
+    # ------------------------------------------------------------ auto top-ups
+
+    def set_auto_topup(
+        self, user_id: str, *, threshold: int, amount: int | None = None, target: int | None = None,
+        credit_type: str = DEFAULT_CREDIT_TYPE, max_per_month: Decimal | str | int | None = None,
+        unit_price: Decimal | str | int | None = None, currency: str = "USD",
+        expires_after_days: int | None = None, idempotency_key: str | None = None,
+    ) -> TaskHandle[AutoTopupRule]:
+        """When a write leaves `available` below `threshold`, buy `amount` (or up to `target`)."""
+        return self._call(SetAutoTopup, locals())
+
+    def get_auto_topup(
+        self, user_id: str, *, credit_type: str = DEFAULT_CREDIT_TYPE
+    ) -> TaskHandle[AutoTopupRule | None]:
+        return self._call(GetAutoTopup, locals())
+
+    def remove_auto_topup(
+        self, user_id: str, *, credit_type: str = DEFAULT_CREDIT_TYPE, idempotency_key: str | None = None
+    ) -> TaskHandle[RemovedAutoTopup]:
+        return self._call(RemoveAutoTopup, locals())
+
+    def list_topups(
+        self, *, user_id: str | None = None, state: str | None = None, limit: int = 50
+    ) -> TaskHandle[list[Topup]]:
+        return self._call(ListTopups, locals())
+
+    def complete_topup(
+        self, topup_id: int, *, succeeded: bool, reference: str | None = None, error: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> TaskHandle[Topup]:
+        """The provider's late answer for a pending top-up (its webhook calls this)."""
+        return self._call(CompleteTopup, locals())

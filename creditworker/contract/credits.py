@@ -62,6 +62,8 @@ class CreditSource(StrEnum):
     SUBSCRIPTION = "subscription"
     ADJUSTMENT = "adjustment"
     PROMOTIONAL = "promotional"
+    TOP_UP = "top_up"
+    """Bought by an auto top-up (issue 29): granted only once the charge succeeded."""
 
 
 PROMOTIONAL_SOURCES: frozenset[str] = frozenset({CreditSource.BONUS.value, CreditSource.PROMOTIONAL.value})

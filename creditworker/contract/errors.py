@@ -136,6 +136,26 @@ class WebhookSecretUnreadable(CreditError):
     code = "webhook_secret_unreadable"
 
 
+# ---------------------------------------------------------------- auto top-ups (issue 29)
+
+
+class UnknownTopup(CreditError):
+    code = "unknown_topup"
+
+
+class TopupNotPending(CreditError):
+    """`complete_topup` on a top-up that is not waiting for the provider's answer."""
+
+    code = "topup_not_pending"
+
+
+class PaymentProviderError(CreditError):
+    """The payment provider could not be loaded, raised, or answered something other than
+    succeeded, failed or pending (CREDITWORKER_PAYMENT_PROVIDER)."""
+
+    code = "payment_provider_error"
+
+
 ERRORS_BY_CODE: dict[str, type[CreditError]] = {
     cls.code: cls
     for cls in (
@@ -160,6 +180,9 @@ ERRORS_BY_CODE: dict[str, type[CreditError]] = {
         UnknownWebhookEndpoint,
         UnknownWebhookDelivery,
         WebhookSecretUnreadable,
+        UnknownTopup,
+        TopupNotPending,
+        PaymentProviderError,
     )
 }
 

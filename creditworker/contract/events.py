@@ -157,6 +157,42 @@ class SubscriptionEnded(_Event):
     plan_id: int
 
 
+class TopupRequested(_CreditEvent):
+    """A write left `available` below an auto top-up rule's threshold: a top-up is in the
+    outbox, and the relay sends it to the worker that charges the payment provider."""
+
+    type: Literal["credits.topup_requested"] = "credits.topup_requested"
+    topup_id: int
+    credits: int
+
+
+class TopupSucceeded(_CreditEvent):
+    """The provider charged a top-up and its credits were granted."""
+
+    type: Literal["credits.topup_succeeded"] = "credits.topup_succeeded"
+    topup_id: int
+    credits: int
+    lot_id: int
+    provider_reference: str | None
+
+
+class TopupFailed(_CreditEvent):
+    """The provider refused (or could not take) a top-up's charge: nothing was granted."""
+
+    type: Literal["credits.topup_failed"] = "credits.topup_failed"
+    topup_id: int
+    credits: int
+    error: str | None
+    consecutive_failures: int
+
+
+class TopupDisabled(_CreditEvent):
+    """An auto top-up rule was turned off after too many failed charges in a row."""
+
+    type: Literal["credits.topup_disabled"] = "credits.topup_disabled"
+    consecutive_failures: int
+
+
 class WebhookEndpointDisabled(_SystemEvent):
     """A webhook endpoint was turned off: it answered 410 Gone, or it failed for a whole
     retry schedule (docs/webhooks.md)."""
@@ -168,7 +204,7 @@ class WebhookEndpointDisabled(_SystemEvent):
 
 
 Event = Annotated[
-    WebhookEndpointDisabled | CreditsLow | CreditsDepleted | CreditsRecovered | CreditsExpiring | CreditsExpired | CreditsVoided | CreditsRefunded | CreditsExpiryChanged | ReservationExpired | SubscriptionAllocated | SubscriptionChanged | SubscriptionEnded,
+    WebhookEndpointDisabled | CreditsLow | CreditsDepleted | CreditsRecovered | CreditsExpiring | CreditsExpired | CreditsVoided | CreditsRefunded | CreditsExpiryChanged | ReservationExpired | SubscriptionAllocated | SubscriptionChanged | SubscriptionEnded | TopupRequested | TopupSucceeded | TopupFailed | TopupDisabled,
     Field(discriminator="type"),
 ]
 
@@ -185,6 +221,10 @@ EVENT_TYPES: tuple[type[_SystemEvent], ...] = (
     SubscriptionAllocated,
     SubscriptionChanged,
     SubscriptionEnded,
+    TopupRequested,
+    TopupSucceeded,
+    TopupFailed,
+    TopupDisabled,
     WebhookEndpointDisabled,
 )
 ROUTING_KEYS: tuple[str, ...] = tuple(

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 from typing_extensions import TypedDict, is_typeddict
@@ -58,6 +59,17 @@ from creditworker.contract.plans import (
     Subscription,
     UpdatePlan,
 )
+from creditworker.contract.topups import (
+    AutoTopupRule,
+    ChargeTopup,
+    CompleteTopup,
+    GetAutoTopup,
+    ListTopups,
+    RemoveAutoTopup,
+    RemovedAutoTopup,
+    SetAutoTopup,
+    Topup,
+)
 
 
 class NoArguments(BaseModel):
@@ -96,6 +108,10 @@ class Delivered(TypedDict):
 
 class Granted(TypedDict):
     granted: int
+
+
+class Sent(TypedDict):
+    sent: int
 
 
 class FannedOut(TypedDict):
@@ -283,12 +299,43 @@ ALLOCATE = Operation(
     "creditworker.subscriptions.allocate", AllocateSubscriptions, Granted,
     "Grant one chunk of due subscriptions their period (once per period)",
     engine="subscriptions.allocate", wrap="granted")
+SET_AUTO_TOPUP = Operation(
+    "creditworker.topups.set", SetAutoTopup, AutoTopupRule,
+    "Set (or replace) an account's auto top-up rule for a credit type",
+    engine="credits.set_auto_topup", producer="set_auto_topup",
+    route=_route("PUT", "/topups/rules/{user_id:path}"), cli="topups set")
+GET_AUTO_TOPUP = Operation(
+    "creditworker.topups.get", GetAutoTopup, AutoTopupRule | None, "An account's auto top-up rule (or null)",
+    engine="credits.get_auto_topup", producer="get_auto_topup",
+    route=_route("GET", "/topups/rules/{user_id:path}"), cli="topups show")
+REMOVE_AUTO_TOPUP = Operation(
+    "creditworker.topups.remove", RemoveAutoTopup, RemovedAutoTopup,
+    "Remove an account's auto top-up rule (a top-up in flight still finishes)",
+    engine="credits.remove_auto_topup", producer="remove_auto_topup",
+    route=_route("DELETE", "/topups/rules/{user_id:path}"), cli="topups remove")
+LIST_TOPUPS = Operation(
+    "creditworker.topups.list", ListTopups, list[Topup], "Top-ups and their states, newest first",
+    engine="credits.list_topups", producer="list_topups", route=_route("GET", "/topups"), cli="topups list")
+COMPLETE_TOPUP = Operation(
+    "creditworker.topups.complete", CompleteTopup, Topup,
+    "Settle a pending top-up with the provider's answer (grant, or fail)",
+    engine="credits.complete_topup", producer="complete_topup",
+    route=_route("POST", "/topups/{topup_id}/complete"), cli="topups complete")
+CHARGE_TOPUP = Operation(
+    "creditworker.topups.charge", ChargeTopup, Topup,
+    "Charge a requested top-up through the payment provider; grant what was paid",
+    engine="credits.charge_topup")
+CHARGE_DUE_TOPUPS = Operation(
+    "creditworker.topups.charge_due", NoArguments, Sent,
+    "Send top-ups left requested or charging (a crashed worker) to be charged again",
+    periodic=Periodic("charge-due-topups", "charge_topups_interval_seconds"))
 
 OPERATIONS: tuple[Operation, ...] = (
     ADD, DEDUCT, RESERVE, COMMIT, RELEASE, VOID_LOT, REFUND, CHANGE_EXPIRY, SET_LOW_THRESHOLD, BALANCE, HISTORY, EXPIRING,
     RESERVATION, USAGE, BATCH, PING, EXPIRE,
     RELEASE_STALE, REMIND, RELAY, DELIVER_WEBHOOKS, CREATE_PLAN, UPDATE_PLAN, DELETE_PLAN, GET_PLAN, LIST_PLANS,
     ASSIGN_PLAN, CHANGE_PLAN, REMOVE_PLAN, GET_SUBSCRIPTION, ALLOCATE_DUE, ALLOCATE,
+    SET_AUTO_TOPUP, GET_AUTO_TOPUP, REMOVE_AUTO_TOPUP, LIST_TOPUPS, COMPLETE_TOPUP, CHARGE_TOPUP, CHARGE_DUE_TOPUPS,
 )
 BY_TASK: dict[str, Operation] = {operation.task: operation for operation in OPERATIONS}
 BY_REQUEST: dict[type[BaseModel], Operation] = {
@@ -306,12 +353,22 @@ def models() -> list[Any]:
     for operation in OPERATIONS:
         for kind in (operation.request, operation.result):
             inner = get_args(kind)[0] if get_origin(kind) is list else kind
-            if inner not in found:
-                found.append(inner)
+            for model in _without_null(inner):
+                if model not in found:
+                    found.append(model)
     return found
 
 
+def _without_null(kind: Any) -> list[Any]:
+    """`X | None` as [X] (a read that may find nothing); any other type as itself."""
+    if get_origin(kind) in (Union, UnionType):
+        return [arg for arg in get_args(kind) if arg is not type(None)]
+    return [kind]
+
+
 def _type_name(kind: Any) -> str:
+    if get_origin(kind) in (Union, UnionType):
+        return " or ".join(_type_name(arg) if arg is not type(None) else "null" for arg in get_args(kind))
     if get_origin(kind) is list:
         return f"list of {_type_name(get_args(kind)[0])}"
     if is_typeddict(kind):

@@ -55,7 +55,7 @@ def create_missing(connection: Connection, user_ids: Collection[str], at: dateti
 
 
 ACCOUNT_COLUMNS = ("user_id", "balance", "reserved", "low_credit_threshold", "low_credit_alerted", "overdraft_limit",
-                   "pending_until")
+                   "pending_until", "topup_threshold")
 
 
 def lock(connection: Connection, user_ids: Iterable[str]) -> dict[str, Account]:
@@ -66,7 +66,8 @@ def lock(connection: Connection, user_ids: Iterable[str]) -> dict[str, Account]:
 
 
 def _account(row: tuple[Any, ...]) -> Account:
-    return Account(row[0], row[1], row[2], row[3], bool(row[4]), row[5], pending_until=row[6])
+    return Account(row[0], row[1], row[2], row[3], bool(row[4]), row[5], pending_until=row[6],
+                   topup_threshold=row[7])
 
 
 def lock_with_owners(connection: Connection, user_ids: Iterable[str], hold_ids: Collection[str],

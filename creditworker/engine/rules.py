@@ -110,6 +110,9 @@ class Account:
     """The latest `effective_at` of the account's grants (stored; see `pending`)."""
     pending: int = 0
     """What its lots not yet effective hold: read when `pending_until` is still ahead."""
+    topup_threshold: int | None = None
+    """On the default type's totals: the highest threshold of the account's enabled auto
+    top-up rules (engine/topups.py), None without one; stored, never written by the writer."""
 
     @property
     def available(self) -> int:

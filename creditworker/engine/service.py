@@ -13,6 +13,7 @@ import json
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -71,8 +72,18 @@ from creditworker.contract.events import (
     CreditsRefunded,
     CreditsVoided,
 )
-from creditworker.engine import reports, rollover, rules, sweeps, thresholds
+from creditworker.contract.topups import (
+    AutoTopupRule,
+    CompleteTopup,
+    GetAutoTopup,
+    ListTopups,
+    RemoveAutoTopup,
+    SetAutoTopup,
+    Topup,
+)
+from creditworker.engine import reports, rollover, rules, sweeps, thresholds, topups
 from creditworker.engine.account import HoldOwner, load_lots
+from creditworker.engine.payments import PaymentProvider, load_provider
 from creditworker.engine.results import batch_outcome, entry_record, reservation_record
 from creditworker.engine.unit_of_work import (
     ResultSource,
@@ -133,6 +144,8 @@ class CreditService:
         expiry_reminder_days: Sequence[int] = (7, 1),
         on_events: Callable[[int], None] | None = None,
         create_tables: bool | None = None,
+        payment_provider: PaymentProvider | str | None = None,
+        topup_stale_after_seconds: float = 300,
     ) -> None:
         self.engine = make_engine(database) if isinstance(database, str) else database
         if embedded_tables(database) if create_tables is None else create_tables:
@@ -145,6 +158,11 @@ class CreditService:
         self.low_credit_threshold = low_credit_threshold
         self.expiry_reminder_days = sorted({int(days) for days in expiry_reminder_days if days > 0})
         self.on_events = on_events
+        self._payment_provider = payment_provider
+        """What charges auto top-ups: a provider, or its `module:object` (loaded at the first
+        charge, so that a wrong path fails that charge with `payment_provider_error`, never
+        a deduct); None or `manual`: the built-in manual provider."""
+        self.topup_stale_after_seconds = topup_stale_after_seconds
 
     @classmethod
     def from_settings(
@@ -163,6 +181,8 @@ class CreditService:
             expiry_reminder_days=settings.expiry_reminder_days,
             on_events=on_events,
             create_tables=create_tables,
+            payment_provider=settings.payment_provider,
+            topup_stale_after_seconds=settings.topup_stale_after_seconds,
         )
 
     # ------------------------------------------------------------------ writes
@@ -472,6 +492,78 @@ class CreditService:
                               credit_type=credit_type, idempotency_key=idempotency_key)
         return self.run_keyed(request, LowCreditThreshold, partial(thresholds.set_low_threshold, request))
 
+    # ------------------------------------------------------------------ auto top-ups
+
+    def set_auto_topup(
+        self,
+        user_id: str,
+        *,
+        threshold: int,
+        amount: int | None = None,
+        target: int | None = None,
+        credit_type: str = DEFAULT_CREDIT_TYPE,
+        max_per_month: Decimal | str | int | None = None,
+        unit_price: Decimal | str | int | None = None,
+        currency: str = "USD",
+        expires_after_days: int | None = None,
+        idempotency_key: str | None = None,
+        now: datetime | None = None,
+    ) -> AutoTopupRule:
+        """When a write leaves `available` of `credit_type` below `threshold`, buy `amount`
+        credits (or enough to reach `target`) through the payment provider (docs/topups.md).
+        An account already below it gets its top-up at once."""
+        request = self._parse(
+            SetAutoTopup, user_id=user_id, threshold=threshold, amount=amount, target=target,
+            credit_type=credit_type, max_per_month=max_per_month, unit_price=unit_price, currency=currency,
+            expires_after_days=expires_after_days, idempotency_key=idempotency_key)
+        return topups.set_rule(self.run_keyed, request, now)
+
+    def get_auto_topup(self, user_id: str, *, credit_type: str = DEFAULT_CREDIT_TYPE) -> AutoTopupRule | None:
+        """The account's rule for `credit_type`, or None."""
+        request = self._parse(GetAutoTopup, user_id=user_id, credit_type=credit_type)
+        return topups.get_rule(self.engine, request.user_id, request.credit_type)
+
+    def remove_auto_topup(
+        self, user_id: str, *, credit_type: str = DEFAULT_CREDIT_TYPE, idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Drop the rule (a top-up in flight still finishes)."""
+        request = self._parse(RemoveAutoTopup, user_id=user_id, credit_type=credit_type,
+                              idempotency_key=idempotency_key)
+        return topups.remove_rule(self.run_keyed, request)
+
+    def list_topups(self, *, user_id: str | None = None, state: str | None = None, limit: int = 50) -> list[Topup]:
+        """Top-ups, newest first (one account's, or in one state)."""
+        request = self._parse(ListTopups, user_id=user_id, state=state, limit=limit)
+        return topups.list_topups(self.engine, user_id=request.user_id,
+                                  state=request.state.value if request.state else None, limit=request.limit)
+
+    def get_topup(self, topup_id: int) -> Topup:
+        return topups.get_topup(self.engine, topup_id)
+
+    def charge_topup(self, topup_id: int) -> Topup:
+        """Charge a requested top-up through the payment provider and grant what was paid
+        (the worker's task; safe to run again or twice at once)."""
+        return topups.charge(self.run, self.engine, self.payment_provider, topup_id)
+
+    def complete_topup(
+        self, topup_id: int, *, succeeded: bool, reference: str | None = None, error: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Topup:
+        """Settle a `pending` top-up with the provider's late answer (its webhook calls this)."""
+        request = self._parse(CompleteTopup, topup_id=topup_id, succeeded=succeeded, reference=reference,
+                              error=error, idempotency_key=idempotency_key)
+        return topups.complete(self.run_keyed, self.engine, request)
+
+    def due_topups(self, now: datetime | None = None) -> list[int]:
+        """Top-ups left requested or charging past `topup_stale_after_seconds` (beat's sweep)."""
+        return topups.due_topups(self.engine, aware(now), self.topup_stale_after_seconds)
+
+    def payment_provider(self) -> PaymentProvider:
+        """The configured provider, loaded once (`payment_provider_error` if it cannot be)."""
+        if not hasattr(self._payment_provider, "charge"):
+            self._payment_provider = load_provider(cast(str | None, self._payment_provider))
+        return cast(PaymentProvider, self._payment_provider)
+
     # ------------------------------------------------------------------ sweeps
 
     def expire_credits(self, now: datetime | None = None) -> int:
@@ -675,7 +767,10 @@ class CreditService:
         def work(connection: Connection) -> tuple[T, UnitOfWork]:
             uow = UnitOfWork(connection, at, low_credit_threshold=self.low_credit_threshold)
             value = decide(uow)
+            topups.request_due(uow)  # the write that crossed a threshold asks for its top-up
             write(uow)
+            for statement in uow.after_write:
+                statement()
             uow.flush()
             return value, uow
 

@@ -100,6 +100,9 @@ class UnitOfWork:
         self.rollover_lots: list[Lot] = []
         """Stored lots whose rollover bookkeeping changed (engine/rollover.py); the writer
         writes it."""
+        self.after_write: list[Callable[[], None]] = []
+        """Statements that need the ids the writer gave out (a top-up's lot), run after it in
+        the same transaction (the writer then never sends COMMIT with its last statement)."""
         self.operations_read: tuple[frozenset[str], list[tuple[str, str, str, Any]]] | None = None
         """The operation rows `lock` read with the lots, and for which keys."""
         self.entry_ids: list[int] = []

@@ -95,7 +95,7 @@ def write(uow: UnitOfWork) -> None:
     script.insert(outbox_table, [event_row(_built(event)) for event in uow.events])
     for (table, key), rows in uow.row_updates.items():
         script.update(table, key, rows)
-    if len(uow.entry_ids) >= len(uow.postings) and uow.postings and not uow.uses_orm:
+    if len(uow.entry_ids) >= len(uow.postings) and uow.postings and not uow.uses_orm and not uow.after_write:
         _finish_with_known_ids(uow, script)
         return
     position = {id(posting): index for index, posting in enumerate(uow.postings)}

@@ -38,6 +38,9 @@ STATUS_BY_CODE: dict[str, int] = {
     "unknown_event_pattern": 422,
     "unknown_webhook_endpoint": 404,
     "unknown_webhook_delivery": 404,
+    "unknown_topup": 404,
+    "topup_not_pending": 409,
+    "payment_provider_error": 502,
 }
 """Any other `CreditError` is a refused request: 400."""
 

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from creditworker.contract.credits import DEFAULT_CREDIT_TYPE, ReservationStatus
-from creditworker.storage.tables import Account, Entry, Hold, Lot, Operation, TypeBalance
+from creditworker.storage.tables import Account, Entry, Hold, Lot, Operation, TopupRow, TypeBalance
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ def audit(engine: Engine, *, allow_negative: bool = False) -> AuditReport:
             _hold_states,
             _entries_have_operations,
             _refunds_within_charge,
+            _topups_granted_once,
         ):
             report.problems.extend(check(session, allow_negative))
     return report
@@ -204,3 +205,22 @@ def _refunds_within_charge(session: Session, _allow_negative: bool) -> Iterator[
         yield Problem(
             "refund_within_charge", user_id, f"entry {entry_id} charged {-amount}, refunded {total}"
         )
+
+
+def _topups_granted_once(session: Session, _allow_negative: bool) -> Iterator[Problem]:
+    """Auto top-ups (issue 29): a succeeded top-up has exactly one lot of its credits, under
+    its idempotency key; a `top_up` lot belongs to a succeeded top-up (paid for, once)."""
+    granted = {key: (user_id, int(count), int(amount or 0)) for key, user_id, count, amount in session.execute(
+        select(Lot.idempotency_key, Lot.user_id, func.count(), func.sum(Lot.amount))
+        .where(Lot.source == "top_up").group_by(Lot.idempotency_key, Lot.user_id)).all()}
+    for key, user_id, credits, state in session.execute(
+            select(TopupRow.idempotency_key, TopupRow.user_id, TopupRow.credits, TopupRow.state)).all():
+        lots = granted.pop(key, None)
+        if state == "succeeded" and (lots is None or lots[1:] != (1, credits)):
+            found = "no lot" if lots is None else f"{lots[1]} lots of {lots[2]} credits"
+            yield Problem("topup_granted_once", user_id, f"top-up {key} succeeded for {credits} credits: {found}")
+        elif state != "succeeded" and lots is not None:
+            yield Problem("topup_granted_once", user_id, f"top-up {key} is {state} but was granted")
+    for key, (user_id, _count, _amount) in sorted(granted.items()):
+        yield Problem("topup_granted_once", user_id, f"a top_up lot under {key} has no top-up")
+

@@ -112,6 +112,9 @@ class Account(Base):
     pending_until: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     """The latest `effective_at` of the default type's grants (migration 0010): until then
     a write reads the account's pending lots; after it, nothing is pending and no job ran."""
+    topup_threshold: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    """The highest threshold of the account's enabled auto top-up rules, any type (migration
+    0013); None without one. A write that leaves `available` at or above it reads no rules."""
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
@@ -493,4 +496,72 @@ class CreditAlertRuleRow(Base):
     credit_type: Mapped[str] = mapped_column(_identifier(32), primary_key=True, default="credits",
                                              server_default="credits")
     low_threshold_percent: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class AutoTopupRuleRow(Base):
+    """An auto top-up rule (issue 29): one per account and credit type.
+
+    `sequence` counts the top-ups the rule asked for; with the rule's id it makes each
+    top-up's idempotency key, so a retried charge is the same charge at the provider.
+    """
+
+    __tablename__ = "auto_topup_rules"
+    __table_args__ = (
+        Index("uq_auto_topup_rules_user_id_credit_type", "user_id", "credit_type", unique=True),
+        CheckConstraint("threshold >= 0", name="threshold_not_negative"),
+        CheckConstraint("(amount IS NULL) <> (target IS NULL)", name="amount_or_target"),
+        CheckConstraint("consecutive_failures >= 0", name="failures_not_negative"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(_identifier(MAX_USER_ID_LENGTH), ForeignKey("accounts.user_id"))
+    credit_type: Mapped[str] = mapped_column(_identifier(MAX_CREDIT_TYPE_LENGTH))
+    threshold: Mapped[int] = mapped_column(BigInteger)
+    amount: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    target: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    max_per_month: Mapped[Decimal | None] = mapped_column(Numeric(24, 12), nullable=True)
+    unit_price: Mapped[Decimal | None] = mapped_column(Numeric(24, 12), nullable=True)
+    currency: Mapped[str] = mapped_column(String(3))
+    expires_after_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    sequence: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class TopupRow(Base):
+    """One top-up: asked for by the write that crossed a rule's threshold, charged by a task.
+
+    States: requested -> charging -> succeeded | failed | pending (pending -> succeeded |
+    failed by `complete_topup`). `idempotency_key` is unique: the provider sees one key per
+    top-up however often the task runs, and the grant is keyed by it too.
+    """
+
+    __tablename__ = "topups"
+    __table_args__ = (
+        Index("ix_topups_user_id_credit_type_state", "user_id", "credit_type", "state"),
+        Index("ix_topups_state_updated_at", "state", "updated_at"),
+        CheckConstraint("credits > 0", name="credits_positive"),
+        CheckConstraint("state IN ('requested', 'charging', 'succeeded', 'failed', 'pending')", name="state"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    rule_id: Mapped[int] = mapped_column(BigInteger)
+    user_id: Mapped[str] = mapped_column(_identifier(MAX_USER_ID_LENGTH), ForeignKey("accounts.user_id"))
+    credit_type: Mapped[str] = mapped_column(_identifier(MAX_CREDIT_TYPE_LENGTH))
+    credits: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16))
+    idempotency_key: Mapped[str] = mapped_column(_identifier(MAX_KEY_LENGTH), unique=True)
+    cost: Mapped[Decimal | None] = mapped_column(Numeric(24, 12), nullable=True)
+    """What the charge costs (credits x the rule's unit price), in `currency`; None: no price."""
+    unit_price: Mapped[Decimal | None] = mapped_column(Numeric(24, 12), nullable=True)
+    currency: Mapped[str] = mapped_column(String(3))
+    expires_after_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    provider_reference: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lot_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    requested_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)

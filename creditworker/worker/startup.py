@@ -33,6 +33,19 @@ def _check_at_worker_init(sender: Any = None, **_signal: Any) -> None:
     app = getattr(sender, "app", None)
     if app is not None and getattr(app, "main", None) == "creditworker":
         check_database(settings_of(app))
+        check_payment_provider(settings_of(app))
+
+
+def check_payment_provider(settings: Settings) -> None:
+    """A payment provider that does not load is one warning line at start, not a stopped
+    worker: every other operation works, and top-ups wait (requested) until it is fixed."""
+    from creditworker.contract.errors import PaymentProviderError
+    from creditworker.engine.payments import load_provider
+
+    try:
+        load_provider(settings.payment_provider)
+    except PaymentProviderError as exc:
+        logger.warning("auto top-ups wait until the payment provider loads: %s", exc.message)
 
 
 def check_database(settings: Settings) -> None:

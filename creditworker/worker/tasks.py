@@ -25,10 +25,13 @@ from pydantic import BaseModel
 
 from creditworker.contract.credits import BatchOutcome, Request, parse
 from creditworker.contract.errors import CreditError, ValidationFailed
+from creditworker.contract.events import TopupRequested
 from creditworker.contract.operations import (
     ALLOCATE,
     ALLOCATE_DUE,
     BY_TASK,
+    CHARGE_DUE_TOPUPS,
+    CHARGE_TOPUP,
     DELIVER_WEBHOOKS,
     OPERATIONS,
     PING,
@@ -137,22 +140,39 @@ def _ping(_task: Task, _request: Any, _key: str) -> Any:
 
 def _relay(task: Task, _request: Any, _key: str) -> Any:
     """Publish pending outbox rows to the events exchange, queueing their webhook
-    deliveries in the same transaction; wake the sender if it queued any."""
+    deliveries in the same transaction; wake the sender if it queued any, and send each
+    requested top-up to be charged (a lost send is beat's `charge-due-topups` to repair)."""
     from creditworker.notifications.exchange import EventPublisher
     from creditworker.records.outbox import publish_pending
     from creditworker.records.webhooks import fan_out
 
     queued = 0
+    topups: set[int] = set()  # a set: a chunk's transaction may run again after a conflict
 
     def queue_webhooks(connection: Any, rows: list[Any]) -> None:
         nonlocal queued
         queued += fan_out(connection, rows, datetime.now(UTC))
+        topups.update(int(row.payload["topup_id"]) for row in rows if row.routing_key == TOPUP_REQUESTED)
 
     with task.app.connection_for_write() as connection:
         published = publish_pending(service().engine, EventPublisher(connection), also=queue_webhooks)
     if queued:
         task.app.send_task(DELIVER_WEBHOOKS.task)
+    for topup_id in sorted(topups):
+        task.app.send_task(CHARGE_TOPUP.task, kwargs={"topup_id": topup_id})
     return {"published": published}
+
+
+TOPUP_REQUESTED: str = TopupRequested.model_fields["type"].default
+
+
+def _charge_due_topups(task: Task, _request: Any, _key: str) -> Any:
+    """Beat's crash recovery for top-ups: those left requested or charging too long are sent
+    again (the same idempotency key reaches the provider: nothing is charged twice)."""
+    due = service().due_topups()
+    for topup_id in due:
+        task.app.send_task(CHARGE_TOPUP.task, kwargs={"topup_id": topup_id})
+    return {"sent": len(due)}
 
 
 _webhooks: Any = None
@@ -192,6 +212,7 @@ ADAPTERS: dict[str, Callable[[Task, Any, str], Any]] = {
     RELAY.task: _relay,
     DELIVER_WEBHOOKS.task: _deliver_webhooks,
     ALLOCATE_DUE.task: _allocate_due,
+    CHARGE_DUE_TOPUPS.task: _charge_due_topups,
 }
 """The operations whose registry entry names no engine method: they need the Celery app
 or a broker connection. Every other one goes through the engine's one dispatch."""

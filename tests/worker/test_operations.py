@@ -119,7 +119,10 @@ SAMPLES: dict[str, Any] = {
     "credit_limit": 10, "operations": [{"op": "deduct", "user_id": "ann", "amount": 1}],
     "start": "2026-01-01T00:00:00Z", "end": "2026-02-01T00:00:00Z",
     "lot_id": 7, "entry_id": 42, "reason": "refund", "expires_at": datetime(2030, 1, 1, tzinfo=UTC),
+    "threshold": 5, "topup_id": 3, "succeeded": True,
 }
+ALSO_NEEDED: dict[str, dict[str, Any]] = {"set_auto_topup": {"amount": 10}}
+"""Optional arguments a method needs one of (a rule buys an amount or up to a target)."""
 
 
 class _Recording(CreditClient):
@@ -132,8 +135,9 @@ class _Recording(CreditClient):
 
 
 def _required_samples(method: Any) -> dict[str, Any]:
-    return {name: SAMPLES[name] for name, p in inspect.signature(method).parameters.items()
-            if p.default is inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD}
+    return {**{name: SAMPLES[name] for name, p in inspect.signature(method).parameters.items()
+               if p.default is inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD},
+            **ALSO_NEEDED.get(method.__name__, {})}
 
 
 @pytest.mark.parametrize("operation", PRODUCED, ids=_ids)

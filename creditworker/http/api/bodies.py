@@ -33,6 +33,7 @@ from creditworker.contract.credits import (
 )
 from creditworker.contract.errors import ValidationFailed
 from creditworker.contract.plans import PlanName, PlanRef
+from creditworker.contract.topups import Currency, ExpiresAfterDays, Money
 
 
 class _Body(BaseModel):
@@ -92,6 +93,27 @@ class ThresholdBody(_Body):
     idempotency_key: IdempotencyKey | None = None
 
 
+class AutoTopupBody(_Body):
+    """`SetAutoTopup` without the user (in the path): exactly one of `amount` and `target`."""
+
+    threshold: NonNegativeAmount
+    amount: Amount | None = None
+    target: Amount | None = None
+    credit_type: CreditType = DEFAULT_CREDIT_TYPE
+    max_per_month: Money | None = None
+    unit_price: Money | None = None
+    currency: Currency = "USD"
+    expires_after_days: ExpiresAfterDays | None = None
+    idempotency_key: IdempotencyKey | None = None
+
+
+class CompleteTopupBody(_Body):
+    succeeded: bool
+    reference: str | None = Field(default=None, max_length=200, description="The provider's charge id.")
+    error: str | None = Field(default=None, max_length=500, description="Why it failed.")
+    idempotency_key: IdempotencyKey | None = None
+
+
 class TaskAccepted(BaseModel):
     task_id: str = Field(description="Poll GET /credits/tasks/{task_id} for the outcome.")
 
@@ -124,6 +146,7 @@ ReservationIdPath = Annotated[ReservationId, Path()]
 LotIdPath = Annotated[int, Path(gt=0, le=2**63 - 1, description="A lot (grant) id: `lot_id` of its `add` entry.")]
 EntryIdPath = Annotated[int, Path(gt=0, le=2**63 - 1, description="A ledger entry id (a deduct or commit).")]
 PlanPath = Annotated[PlanName, Path(description="A plan id or name, percent-encoded.")]
+TopupIdPath = Annotated[int, Path(gt=0, le=2**63 - 1, description="A top-up id (`list_topups`).")]
 
 
 def fields(body: BaseModel, key_header: str | None) -> dict[str, Any]:

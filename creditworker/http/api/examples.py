@@ -71,6 +71,16 @@ LOT = {"id": 7, "user_id": "alice", "amount": 100, "remaining": 10, "source": "b
        "priority": 0, "expires_at": "2025-01-05T00:00:00Z", "created_at": AT}
 PLAN = {"id": 3, "name": "pro", "credit_limit": 1000, "price": "19.9", "currency": "USD",
         "billing_period": "monthly", "validity_days": None, "active": True, "created_at": AT}
+TOPUP_RULE = {
+    "id": 4, "user_id": "alice", "credit_type": "credits", "threshold": 100, "amount": None, "target": 1000,
+    "max_per_month": "50", "unit_price": "0.01", "currency": "USD", "expires_after_days": None,
+    "enabled": True, "consecutive_failures": 0, "created_at": AT, "updated_at": AT,
+}
+TOPUP = {
+    "id": 12, "rule_id": 4, "user_id": "alice", "credit_type": "credits", "credits": 950, "state": "succeeded",
+    "idempotency_key": "topup:alice:4:1", "cost": "9.5", "currency": "USD", "provider_reference": "pi_3Q",
+    "error": None, "attempts": 1, "lot_id": 77, "requested_at": AT, "updated_at": AT,
+}
 SUBSCRIPTION = {
     "id": 9, "user_id": "alice", "plan_id": 3, "status": "active", "anchor_at": AT,
     "period_index": 0, "current_period_start": AT, "current_period_end": "2025-02-01T12:00:00Z",

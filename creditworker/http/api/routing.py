@@ -39,6 +39,7 @@ from creditworker.http.api.routes import (
     reservations,
     subscriptions,
     tasks,
+    topups,
     webhooks,
 )
 from creditworker.http.auth import AuthDependency
@@ -79,7 +80,7 @@ ROUTED: tuple[Operation, ...] = tuple(operation for operation in OPERATIONS if o
 """The operations the gateway serves, in registry order (a test checks each is served)."""
 
 RESOURCES = (credits.router, reservations.router, corrections.router, plans.router, subscriptions.router,
-             alerts.router)
+             alerts.router, topups.router)
 
 
 def _registry_routes() -> list[tuple[Operation, APIRoute]]:

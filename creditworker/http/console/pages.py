@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
+from creditworker.engine.results import decimal_text
 from creditworker.http.console.access import (
     CSRF_COOKIE,
     CSRF_FIELD,
@@ -64,6 +65,7 @@ class Pages:
         )
         filters["q"] = lambda value: quote(str(value), safe="")
         filters["count"] = lambda value: f"{int(value):,}"
+        filters["money"] = lambda amount, currency: f"{decimal_text(amount)} {currency}"
 
     def render(
         self, request: Request, template: str, status: int = 200, **context: Any

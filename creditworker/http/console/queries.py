@@ -18,11 +18,13 @@ from sqlalchemy.engine import Engine
 from creditworker.contract.credits import PROMOTIONAL_SOURCES, ReservationStatus
 from creditworker.storage.tables import (
     Account,
+    AutoTopupRuleRow,
     Entry,
     Hold,
     Lot,
     OutboxEvent,
     SubscriptionRow,
+    TopupRow,
     TypeBalance,
 )
 
@@ -90,6 +92,21 @@ def type_thresholds(engine: Engine, user_id: str) -> dict[str, int | None]:
             .where(TypeBalance.user_id == user_id)
         ).all()
     return {row.credit_type: row.low_credit_threshold for row in rows}
+
+
+def topup_rules(engine: Engine, user_id: str) -> list[AutoTopupRuleRow]:
+    """The account's auto top-up rules, one per credit type."""
+    with engine.connect() as connection:
+        return list(connection.execute(select(AutoTopupRuleRow.__table__)
+                                       .where(AutoTopupRuleRow.user_id == user_id)
+                                       .order_by(AutoTopupRuleRow.credit_type)).all())
+
+
+def recent_topups(engine: Engine, user_id: str, limit: int = 10) -> list[TopupRow]:
+    """The account's latest top-ups, newest first, whatever their state."""
+    with engine.connect() as connection:
+        return list(connection.execute(select(TopupRow.__table__).where(TopupRow.user_id == user_id)
+                                       .order_by(TopupRow.id.desc()).limit(limit)).all())
 
 
 def live_lots(engine: Engine, user_id: str, limit: int = 100) -> list[dict[str, Any]]:

@@ -93,6 +93,8 @@ def _account_context(
         type_thresholds=queries.type_thresholds(console.engine, user_id),
         default_threshold=credits.low_credit_threshold,
         subscription=_subscription(console, user_id),
+        topup_rules=queries.topup_rules(console.engine, user_id),
+        topups=queries.recent_topups(console.engine, user_id),
         all_plans={plan.id: plan for plan in subscriptions.list_plans(include_inactive=True)},
         page=queries.ledger_page(console.engine, wanted, before=before, after=after),
         chart=daily_chart(totals), series=SERIES,

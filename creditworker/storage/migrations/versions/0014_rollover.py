@@ -8,7 +8,7 @@ allocation that rolls at its boundary: the expiry sweep leaves it to the allocat
 when the hold ends, and when it would expire).
 
 Revision ID: 0014
-Revises: 0011
+Revises: 0013
 Create Date: 2026-12-05 21:20:00
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from alembic import op
 import creditworker.storage.tables
 
 revision = '0014'
-down_revision = '0012'
+down_revision = '0013'
 branch_labels = None
 depends_on = None
 
