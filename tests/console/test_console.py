@@ -107,13 +107,14 @@ def test_the_account_page_shows_each_credit_type_and_pending_credits(server: Con
     credits.add_credits(user_id, 40, credit_type="images", cost_basis={"amount": "0.050", "currency": "EUR"})
     credits.add_credits(user_id, 25, effective_at=datetime(2099, 1, 1, tzinfo=UTC))
     credits.reserve_credits(user_id, 15, credit_type="images", ttl_seconds=600)
+    credits.set_low_credit_threshold(user_id, 5, credit_type="images")
     log_in(page, server, f"/account?user_id={quote(user_id)}")
     page.wait_for_selector("#credit-types")
     assert number(page, "#total") == 325 and number(page, "#pending") == 25 and number(page, "#available") == 300
     rows = {row.get_attribute("data-type"): row.locator("td").all_inner_texts()
             for row in page.locator("#credit-types tbody tr").all()}
-    assert [cell.replace(",", "") for cell in rows["images"]] == ["images", "40", "15", "25", "0"]
-    assert [cell.replace(",", "") for cell in rows["credits"]] == ["credits", "325", "0", "300", "25"]
+    assert [cell.replace(",", "") for cell in rows["images"]] == ["images", "40", "15", "25", "0", "5"]
+    assert [cell.replace(",", "") for cell in rows["credits"]] == ["credits", "325", "0", "300", "25", "none"]
     lots = page.locator("#lots tbody tr").all_inner_texts()
     assert any("images" in lot and "0.05 EUR" in lot for lot in lots), lots
     assert any("pending until" in lot for lot in lots), lots
