@@ -474,6 +474,8 @@ class GetHistory(_Message):
     limit: Annotated[int, Strict(), Field(gt=0, le=MAX_HISTORY_PAGE)] = 50
     before: Annotated[int, Strict(), Field(gt=0)] | None = None
     kinds: list[EntryKind] | None = None
+    credit_type: CreditType | None = None
+    """One credit type's entries (None: every type's)."""
 
 
 class GetReservation(_Message):
