@@ -32,6 +32,40 @@ def _set_aside_callers_settings() -> dict[str, str]:
 _callers_settings = _set_aside_callers_settings()
 
 
+SHARED_RABBITMQ_FIXTURES = {"rabbitmq_url", "rabbitmq_worker", "rabbitmq_worker_process"}
+"""Fixtures that reach the one shared RabbitMQ vhost, whose queues a test purges."""
+
+WHOLE_MODULE_DIRECTORIES = {"e2e", "faults", "reliability", "console", "http"}
+"""Test folders whose modules share module-scoped processes (workers, servers, browsers)."""
+
+
+def _uses_shared_rabbitmq(item: pytest.Item) -> bool:
+    """Through a fixture, or a parameter "rabbitmq" that a fixture turns into a worker on it."""
+    names = set(getattr(item, "fixturenames", ()))
+    callspec = getattr(item, "callspec", None)
+    picked = list(callspec.params.values()) if callspec is not None else []
+    return bool(names & SHARED_RABBITMQ_FIXTURES) or any(value == "rabbitmq" for value in picked)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`--dist loadgroup`, the default addopts), keep together what must
+    not run on two processes at once: every module that reaches the shared RabbitMQ vhost runs
+    on one process (the tests purge its queues), and a module that starts module-scoped
+    processes runs whole on one process (started once, not once per process). The rest is
+    spread test by test. Without xdist the marks change nothing."""
+    rabbit_modules = {item.module.__name__ for item in items
+                      if isinstance(item, pytest.Function) and _uses_shared_rabbitmq(item)}
+    for item in items:
+        if not isinstance(item, pytest.Function):
+            continue
+        module = item.module.__name__
+        if module in rabbit_modules:
+            item.add_marker(pytest.mark.xdist_group("rabbitmq"))
+        elif module.split(".")[1] in WHOLE_MODULE_DIRECTORIES or module == "tests.test_readme":
+            item.add_marker(pytest.mark.xdist_group(module))
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     os.environ.update(_callers_settings)
     get_settings.cache_clear()

@@ -27,6 +27,7 @@ from creditworker.contract.credits import (
     CreditLot,
     CreditsInfo,
     LedgerEntry,
+    LowCreditThreshold,
     Reservation,
     UsagePeriod,
 )
@@ -145,6 +146,13 @@ class AsyncCreditClient:
         self, lot_id: int, expires_at: datetime, *, idempotency_key: str | None = None
     ) -> AsyncTaskHandle[LedgerEntry]:
         return await self._call("change_lot_expiry", locals())
+
+    async def set_low_credit_threshold(
+        self, user_id: str, threshold: int | None = None, *, percent: int | None = None,
+        credit_type: str = DEFAULT_CREDIT_TYPE, idempotency_key: str | None = None,
+    ) -> AsyncTaskHandle[LowCreditThreshold]:
+        """`threshold` credits or `percent` of the type's last grant; neither: the default."""
+        return await self._call("set_low_credit_threshold", locals())
 
     async def get_user_credits_info(
         self, user_id: str, *, at: datetime | None = None, credit_type: str | None = None

@@ -44,10 +44,12 @@ from creditworker.contract.credits import (
     GetReservation,
     GetUsage,
     LedgerEntry,
+    LowCreditThreshold,
     RefundDeduction,
     ReleaseReservation,
     Reservation,
     ReserveCredits,
+    SetLowCreditThreshold,
     SubmitBatch,
     UsagePeriod,
     VoidLot,
@@ -255,6 +257,13 @@ class CreditClient:
         self, lot_id: int, expires_at: datetime, *, idempotency_key: str | None = None
     ) -> TaskHandle[LedgerEntry]:
         return self._call(ChangeLotExpiry, locals())
+
+    def set_low_credit_threshold(
+        self, user_id: str, threshold: int | None = None, *, percent: int | None = None,
+        credit_type: str = DEFAULT_CREDIT_TYPE, idempotency_key: str | None = None,
+    ) -> TaskHandle[LowCreditThreshold]:
+        """`threshold` credits or `percent` of the type's last grant; neither: the default."""
+        return self._call(SetLowCreditThreshold, locals())
 
     def get_user_credits_info(
         self, user_id: str, *, at: datetime | None = None, credit_type: str | None = None

@@ -438,6 +438,43 @@ class ChangeLotExpiry(Request):
     expires_at: UtcDateTime
 
 
+LowThreshold = Annotated[int, Strict(), Field(ge=0, le=MAX_AMOUNT)]
+"""`credits.low` when `available` is at or below it (0: off)."""
+ThresholdPercent = Annotated[int, Strict(), Field(ge=1, le=100)]
+"""A low threshold as a percentage of the credit type's last grant (rounded up)."""
+
+
+class SetLowCreditThreshold(Request):
+    """An account's low-credit threshold in one credit type: an amount, a percentage of that
+    type's last grant, or neither (the default type goes back to the service default; another
+    type has no `credits.low`, only depleted and recovered). The type's once-per-crossing
+    flag is re-armed. Keyed like every write, so a redelivered task applies it once."""
+
+    user_id: UserId
+    threshold: LowThreshold | None = None
+    percent: ThresholdPercent | None = None
+    credit_type: CreditType = DEFAULT_CREDIT_TYPE
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SetLowCreditThreshold:
+        if self.threshold is not None and self.percent is not None:
+            raise ValueError("give a threshold or a percent, not both")
+        return self
+
+
+class LowCreditThreshold(BaseModel):
+    """The threshold an account now has in a credit type (None: the service default for the
+    default type, none for another); with a percent, what that percentage of the type's
+    last grant is now (0 before any grant: off until one lands)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    user_id: str
+    credit_type: str
+    threshold: int | None
+    percent: int | None
+
+
 class GetCredits(_Message):
     user_id: UserId
     at: Moment | None = None

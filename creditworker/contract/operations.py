@@ -32,11 +32,13 @@ from creditworker.contract.credits import (
     GetReservation,
     GetUsage,
     LedgerEntry,
+    LowCreditThreshold,
     RefundDeduction,
     ReleaseReservation,
     Request,
     Reservation,
     ReserveCredits,
+    SetLowCreditThreshold,
     SubmitBatch,
     UsagePeriod,
     VoidLot,
@@ -186,6 +188,11 @@ CHANGE_EXPIRY = Operation(
     "Extend or shorten a grant (a past moment expires it now)",
     engine="credits.change_lot_expiry", producer="change_lot_expiry",
     route=_route("POST", "/lots/{lot_id}/expiry"), cli="correct expiry")
+SET_LOW_THRESHOLD = Operation(
+    "creditworker.credits.set_low_threshold", SetLowCreditThreshold, LowCreditThreshold,
+    "Set an account's low-credit threshold in a credit type (credits, or percent of the last grant)",
+    engine="credits.set_low_credit_threshold", producer="set_low_credit_threshold",
+    route=_route("PUT", "/thresholds/{user_id:path}"), cli="alerts threshold")
 BALANCE = Operation(
     "creditworker.credits.balance", GetCredits, CreditsInfo, "A balance summary",
     engine="credits.get_user_credits_info", producer="get_user_credits_info",
@@ -278,7 +285,7 @@ ALLOCATE = Operation(
     engine="subscriptions.allocate", wrap="granted")
 
 OPERATIONS: tuple[Operation, ...] = (
-    ADD, DEDUCT, RESERVE, COMMIT, RELEASE, VOID_LOT, REFUND, CHANGE_EXPIRY, BALANCE, HISTORY, EXPIRING,
+    ADD, DEDUCT, RESERVE, COMMIT, RELEASE, VOID_LOT, REFUND, CHANGE_EXPIRY, SET_LOW_THRESHOLD, BALANCE, HISTORY, EXPIRING,
     RESERVATION, USAGE, BATCH, PING, EXPIRE,
     RELEASE_STALE, REMIND, RELAY, DELIVER_WEBHOOKS, CREATE_PLAN, UPDATE_PLAN, DELETE_PLAN, GET_PLAN, LIST_PLANS,
     ASSIGN_PLAN, CHANGE_PLAN, REMOVE_PLAN, GET_SUBSCRIPTION, ALLOCATE_DUE, ALLOCATE,

@@ -237,7 +237,8 @@ def load_holds_and_stale(connection: Connection, hold_ids: Collection[str], user
 
 _TYPE_BALANCES = (
     select(balances_table.c.user_id, balances_table.c.credit_type, balances_table.c.balance,
-           balances_table.c.reserved, balances_table.c.overdraft_limit, balances_table.c.pending_until)
+           balances_table.c.reserved, balances_table.c.overdraft_limit, balances_table.c.pending_until,
+           balances_table.c.low_credit_threshold, balances_table.c.low_credit_alerted)
     .where(balances_table.c.user_id.in_(bindparam("users", expanding=True)),
            balances_table.c.credit_type.in_(bindparam("types", expanding=True)))
 )
@@ -256,11 +257,12 @@ def load_typed(connection: Connection, pairs: Collection[tuple[str, str]], at: d
     parameters = {"users": sorted({user_id for user_id, _type in pairs}),
                   "types": sorted({credit_type for _user, credit_type in pairs})}
     found: dict[tuple[str, str], Account] = {}
-    for user_id, credit_type, balance, reserved, overdraft_limit, pending_until in connection.execute(
-            _TYPE_BALANCES, parameters):
+    for (user_id, credit_type, balance, reserved, overdraft_limit, pending_until, threshold,
+         alerted) in connection.execute(_TYPE_BALANCES, parameters):
         if (user_id, credit_type) in pairs:
-            found[(user_id, credit_type)] = Account(user_id, balance, reserved, None, False, overdraft_limit,
-                                                    credit_type=credit_type, pending_until=pending_until)
+            found[(user_id, credit_type)] = Account(user_id, balance, reserved, threshold, bool(alerted),
+                                                    overdraft_limit, credit_type=credit_type,
+                                                    pending_until=pending_until)
     for user_id, credit_type in pairs:
         if (user_id, credit_type) not in found:
             found[(user_id, credit_type)] = Account(user_id, 0, 0, None, False, credit_type=credit_type,

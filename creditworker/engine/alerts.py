@@ -4,7 +4,10 @@ Pure, like `rules`: a posting says the account's totals after it and what it cha
 `available` before and after are known without another read. Operations on one account
 are serialised by its row lock, so each crossing is seen by exactly one transaction and
 fires once, however many deducts race (tests/engine/test_alerts.py runs them in threads on
-PostgreSQL). `credits.low` keeps its flag on the account (`rules.low_credit_crossing`);
+PostgreSQL, on one type and on two at once). Every credit type of an account has its own
+threshold and flag (the default type's on `accounts`, another's on its `credit_balances`
+row), so `account` here is one type's totals and each type crosses on its own.
+`credits.low` keeps its flag on that account (`rules.low_credit_crossing`);
 `credits.recovered` fires when that flag clears, that is when `available` is back above the
 low threshold. For an account with no threshold the same flag remembers a
 depletion, and clears (with `credits.recovered`) once `available` is above zero again: a

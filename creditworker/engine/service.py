@@ -40,6 +40,7 @@ from creditworker.contract.credits import (
     GetReservation,
     GetUsage,
     LedgerEntry,
+    LowCreditThreshold,
     OveragePolicy,
     RefundDeduction,
     ReleaseReservation,
@@ -47,6 +48,7 @@ from creditworker.contract.credits import (
     Reservation,
     ReservationStatus,
     ReserveCredits,
+    SetLowCreditThreshold,
     TypeTotals,
     UsagePeriod,
     VoidLot,
@@ -459,23 +461,16 @@ class CreditService:
                 for outcome in outcomes
             ]
 
-    def set_low_credit_threshold(self, user_id: str, threshold: int | None) -> None:
-        """Set the account's low-credit threshold (None: the service default applies)."""
-        request = self._parse(GetCredits, user_id=user_id)
-        if threshold is not None and (
-            isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0
-        ):
-            raise ValidationFailed("threshold must be a non-negative integer or None")
-
-        def decide(uow: UnitOfWork) -> None:
-            uow.lock([request.user_id])
-            account = uow.account(request.user_id)
-            account.low_credit_threshold = threshold
-            account.low_credit_alerted = False
-            thresholds.drop_rule(uow.connection, request.user_id)  # a percentage rule no longer applies
-            uow.touch(account)
-
-        self.run(decide)
+    def set_low_credit_threshold(self, user_id: str, threshold: int | None = None, percent: int | None = None,
+                                 credit_type: str = DEFAULT_CREDIT_TYPE,
+                                 idempotency_key: str | None = None) -> LowCreditThreshold:
+        """Set the account's low-credit threshold in `credit_type`: `threshold` credits, or
+        `percent` of that type's last grant (following each grant), or neither (the default
+        type: the service default applies; another type: no `credits.low`). Each type has its
+        own threshold and flag, so each fires once per crossing (engine/thresholds.py)."""
+        request = self._parse(SetLowCreditThreshold, user_id=user_id, threshold=threshold, percent=percent,
+                              credit_type=credit_type, idempotency_key=idempotency_key)
+        return self.run_keyed(request, LowCreditThreshold, partial(thresholds.set_low_threshold, request))
 
     # ------------------------------------------------------------------ sweeps
 

@@ -105,7 +105,7 @@ class UnitOfWork:
         self.lot_ids: list[int] = []
         """Lot ids `lock` took from their sequence, ascending: with enough of them, new lots
         go in the writer's statement instead of one of their own."""
-        self._percent_rules: dict[str, int] | None = None
+        self._percent_rules: dict[tuple[str, str], int | None] | None = None
         """Low thresholds as a percentage of the last grant, read on the first grant."""
         self.stale_holds: list[Hold] = []
         self.releases_stale = False
@@ -252,48 +252,66 @@ class UnitOfWork:
     # ------------------------------------------------------------------ deciding
 
     def post(self, posting: Posting) -> Posting:
-        """Collect a rule's posting; a crossing below the low-credit threshold adds its event."""
+        """Collect a rule's posting, and the balance alerts it crossed in its account's credit
+        type: each type has its own threshold and flag, so each crossing fires once per type."""
         self.postings.append(posting)
-        if posting.credit_type != DEFAULT_CREDIT_TYPE:  # no low-credit threshold on other types (yet)
-            self.touched_typed[(posting.user_id, posting.credit_type)] = self.typed[
-                (posting.user_id, posting.credit_type)]
-            return posting
-        account = self.accounts[posting.user_id]
-        self.touched[account.user_id] = account
+        if posting.credit_type == DEFAULT_CREDIT_TYPE:
+            account = self.accounts[posting.user_id]
+            self.touched[account.user_id] = account
+            default_threshold = self.low_credit_threshold
+        else:
+            account = self.typed[(posting.user_id, posting.credit_type)]
+            self.touched_typed[(posting.user_id, posting.credit_type)] = account
+            default_threshold = None  # the service default counts the default type's credits
         if posting.kind == EntryKind.ADD and posting.amount > 0 and account.low_credit_threshold is not None:
             self._follow_percent_rule(account, posting.amount)
         was_low = account.low_credit_alerted
-        threshold = low_credit_crossing(account, self.low_credit_threshold)
+        threshold = low_credit_crossing(account, default_threshold)
         if threshold is not None:
             self.emit(CreditsLow(event_id=new_event_id(), occurred_at=self.at, user_id=account.user_id,
-                                 available=account.spendable, threshold=threshold))
-        self._alert_crossings(posting, account, was_low)
+                                 available=account.spendable, threshold=threshold,
+                                 credit_type=account.credit_type))
+        self._alert_crossings(posting, account, was_low, default_threshold)
         return posting
 
     def _follow_percent_rule(self, account: Account, granted: int) -> None:
         """A grant moves a threshold set as a percentage of the last grant (engine/thresholds.py);
-        the rules are read on the first such grant of the unit of work, for the accounts it locked."""
-        if self._percent_rules is None:  # only accounts with a threshold of their own may have a rule
-            self._percent_rules = thresholds.percent_rules(
-                self.connection, [user_id for user_id, locked in self.accounts.items()
-                                  if locked.low_credit_threshold is not None])
-        percent = self._percent_rules.get(account.user_id)
+        the rules are read on the first such grant of the unit of work, for every locked
+        account and loaded type with a threshold of its own (again for a type loaded later)."""
+        pair = (account.user_id, account.credit_type)
+        if self._percent_rules is None or pair not in self._percent_rules:
+            self._read_percent_rules()
+        assert self._percent_rules is not None
+        percent = self._percent_rules.get(pair)
         if percent is not None:
             account.low_credit_threshold = thresholds.from_percent(percent, granted)
 
-    def _alert_crossings(self, posting: Posting, account: Account, was_low: bool) -> None:
-        """`credits.depleted` and `credits.recovered` (engine/alerts.py)."""
+    def _read_percent_rules(self) -> None:
+        """Only accounts with a threshold of their own may have a rule: read theirs, once."""
+        known = self._percent_rules if self._percent_rules is not None else {}
+        pairs = [(user_id, DEFAULT_CREDIT_TYPE) for user_id, locked in self.accounts.items()
+                 if locked.low_credit_threshold is not None]
+        pairs += [pair for pair, typed in self.typed.items() if typed.low_credit_threshold is not None]
+        wanted = [pair for pair in pairs if pair not in known]
+        found = thresholds.percent_rules(self.connection, wanted)
+        known.update({pair: found.get(pair) for pair in wanted})
+        self._percent_rules = known
+
+    def _alert_crossings(self, posting: Posting, account: Account, was_low: bool,
+                         default_threshold: int | None) -> None:
+        """`credits.depleted` and `credits.recovered` (engine/alerts.py), of the posting's type."""
         low_threshold = account.low_credit_threshold
         if low_threshold is None:
-            low_threshold = self.low_credit_threshold
+            low_threshold = default_threshold
         for crossing in alerts.crossings(posting, account, threshold=low_threshold, was_low=was_low):
             if crossing is alerts.Crossing.DEPLETED:
                 self.emit(CreditsDepleted(event_id=new_event_id(), occurred_at=self.at, user_id=account.user_id,
-                                          available=account.available))
+                                          available=account.available, credit_type=account.credit_type))
             else:
                 self.emit(CreditsRecovered(event_id=new_event_id(), occurred_at=self.at, user_id=account.user_id,
                                            available=account.available,
-                                           threshold=low_threshold if low_threshold else None))
+                                           threshold=low_threshold if low_threshold else None,
+                                           credit_type=account.credit_type))
 
     def expire_hold(self, hold: Hold) -> bool:
         """Release a hold past its TTL with its `reservation_expired` entry and event (once:
@@ -314,7 +332,10 @@ class UnitOfWork:
 
     def touch(self, account: Account) -> None:
         """An account changed without a posting (its threshold): the writer writes it."""
-        self.touched[account.user_id] = account
+        if account.credit_type == DEFAULT_CREDIT_TYPE:
+            self.touched[account.user_id] = account
+        else:
+            self.touched_typed[(account.user_id, account.credit_type)] = account
 
     def emit(self, event: _Event | Callable[[], _Event]) -> None:
         """Queue an event for the outbox; it is built when the writer writes (after every

@@ -178,7 +178,8 @@ _UPDATE_TYPED = (
                 balances_table.c.credit_type == bindparam("key_credit_type")))
     .values(balance=bindparam("balance"), reserved=bindparam("reserved"),
             overdraft_limit=bindparam("overdraft_limit"), pending_until=bindparam("pending_until"),
-            updated_at=bindparam("updated_at"))
+            low_credit_threshold=bindparam("low_credit_threshold"),
+            low_credit_alerted=bindparam("low_credit_alerted"), updated_at=bindparam("updated_at"))
 )
 
 
@@ -191,7 +192,8 @@ def _write_typed(connection: Connection, accounts: list[Account], at: datetime) 
         connection.execute(insert(balances_table), [
             {"user_id": account.user_id, "credit_type": account.credit_type, "balance": account.balance,
              "reserved": account.reserved, "overdraft_limit": account.overdraft_limit,
-             "pending_until": account.pending_until, "created_at": at, "updated_at": at}
+             "pending_until": account.pending_until, "low_credit_threshold": account.low_credit_threshold,
+             "low_credit_alerted": account.low_credit_alerted, "created_at": at, "updated_at": at}
             for account in new
         ])
         for account in new:
@@ -201,6 +203,7 @@ def _write_typed(connection: Connection, accounts: list[Account], at: datetime) 
         connection.execute(_UPDATE_TYPED, [
             {"key_user_id": account.user_id, "key_credit_type": account.credit_type, "balance": account.balance,
              "reserved": account.reserved, "overdraft_limit": account.overdraft_limit,
-             "pending_until": account.pending_until, "updated_at": at}
+             "pending_until": account.pending_until, "low_credit_threshold": account.low_credit_threshold,
+             "low_credit_alerted": account.low_credit_alerted, "updated_at": at}
             for account in changed
         ])

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Numeric,
     String,
     Text,
+    false,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
@@ -142,6 +143,12 @@ class TypeBalance(Base):
     reserved: Mapped[int] = mapped_column(BigInteger, default=0)
     overdraft_limit: Mapped[int] = mapped_column(BigInteger, default=0)
     pending_until: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    low_credit_threshold: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    """This type's own low-credit threshold (migration 0012); None: no `credits.low` for it
+    (the service default is in the default type's unit, so it applies to that type only)."""
+    low_credit_alerted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Set when this type's `credits.low` (or, with no threshold, `credits.depleted`) fired;
+    cleared when it recovered: each crossing fires once."""
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 

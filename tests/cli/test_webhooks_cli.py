@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from standardwebhooks import Webhook
 
@@ -15,6 +16,7 @@ from creditworker.notifications.webhooks.service import WebhookOptions, WebhookS
 from creditworker.records.outbox import publish_pending
 from creditworker.records.webhooks import fan_out
 from creditworker.settings import get_settings
+from creditworker.storage.tables import OutboxEvent
 from tests.cli.test_cli import cli
 from tests.notifications.receiver import Receiver
 
@@ -87,3 +89,22 @@ def test_alert_thresholds_from_the_command_line(engine: Engine, database_url: st
     assert code == 2 and "exactly one" in err
     code, _, err = cli(database_url, "alerts", "threshold", "nobody", "--percent", "5")
     assert code == 2 and "unknown_user" in err
+
+
+def test_alert_thresholds_per_credit_type_from_the_command_line(engine: Engine, database_url: str) -> None:
+    assert cli(database_url, "add", "ann", "1000", "--credit-type", "tokens")[0] == 0
+    code, out, err = cli(database_url, "alerts", "threshold", "ann", "--percent", "10", "--credit-type", "tokens")
+    assert code == 0 and "ann (tokens): 10% of the last grant, now 100" in out, err
+    code, out, err = cli(database_url, "alerts", "threshold", "ann", "--amount", "250", "--credit-type", "tokens",
+                         "--json")
+    assert code == 0, err
+    assert json.loads(out) == {"user_id": "ann", "credit_type": "tokens", "threshold": 250, "percent": None}
+    code, out, _ = cli(database_url, "alerts", "threshold", "ann", "--default", "--credit-type", "tokens")
+    assert code == 0 and "ann (tokens): none" in out
+    code, _, err = cli(database_url, "alerts", "threshold", "ann", "--amount", "5", "--credit-type", "no spaces")
+    assert code == 2 and "invalid_input" in err and "credit_type" in err
+    assert cli(database_url, "alerts", "threshold", "ann", "--amount", "300", "--credit-type", "tokens")[0] == 0
+    CreditService(engine).deduct_credits("ann", 750, credit_type="tokens")  # 250 <= 300: low, of tokens
+    with engine.connect() as connection:
+        [low] = connection.scalars(select(OutboxEvent.payload).where(OutboxEvent.routing_key == "credits.low"))
+    assert (low["credit_type"], low["available"], low["threshold"]) == ("tokens", 250, 300)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from creditworker import CreditService, SubscriptionService
 from creditworker.http.api.app import create_app
@@ -18,6 +19,7 @@ from creditworker.records.audit import audit
 from creditworker.settings import Settings
 from creditworker.storage.database import make_engine
 from creditworker.storage.migrate import upgrade
+from creditworker.storage.tables import OutboxEvent
 
 
 @pytest.fixture
@@ -116,3 +118,23 @@ def test_the_low_threshold_can_be_a_percentage_of_the_last_grant(
     assert 'id="threshold">5<' in http.get(page).text.replace("\n", "")
     assert form_post(http, page, "/actions/threshold", percent="101", reason="too much") == 422
     assert form_post(http, page, "/actions/threshold", threshold="5", percent="10", reason="both") == 422
+
+
+def test_the_threshold_form_sets_a_credit_types_own_threshold(
+    console: tuple[TestClient, CreditService],
+) -> None:
+    http, credits = console
+    page = "/console/account?user_id=wes"
+    credits.add_credits("wes", 100)
+    credits.add_credits("wes", 2000, credit_type="tokens")
+    assert form_post(http, page, "/actions/threshold", percent="10", credit_type="tokens", reason="pilot") == 303
+    assert form_post(http, page, "/actions/threshold", threshold="30", reason="pilot") == 303
+    html = http.get(page).text.replace("\n", "")
+    rows = {row.split('"')[0]: row for row in html.split('<tr data-type="')[1:]}
+    assert 'class="num threshold">200<' in rows["tokens"]  # 10% of the last grant of tokens
+    assert 'class="num threshold">30<' in rows["credits"]
+    credits.deduct_credits("wes", 1850, credit_type="tokens")  # 150 <= 200: low, of tokens only
+    with credits.engine.connect() as connection:
+        lows = connection.scalars(select(OutboxEvent.payload).where(OutboxEvent.routing_key == "credits.low")).all()
+    assert [(low["credit_type"], low["available"], low["threshold"]) for low in lows] == [("tokens", 150, 200)]
+    assert form_post(http, page, "/actions/threshold", threshold="5", credit_type="Bad Type", reason="x") == 422

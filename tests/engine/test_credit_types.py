@@ -291,9 +291,9 @@ def test_events_on_the_notification_exchange_carry_their_credit_type(service: Cr
     with Session(engine) as session:
         payloads = list(session.scalars(select(OutboxEvent.payload).order_by(OutboxEvent.id)))
     sent = sorted((event["type"], event["credit_type"]) for event in payloads if event["user_id"] == "pat")
-    # the default type's expiry took its available to zero: depleted (alerts watch that type)
-    assert sent == [("credits.depleted", "credits"), ("credits.expired", "credits"), ("credits.expired", "images"),
-                    ("reservation.expired", "images")]
+    # each type's expiry took its available to zero: depleted, each of its own type
+    assert sent == [("credits.depleted", "credits"), ("credits.depleted", "images"), ("credits.expired", "credits"),
+                    ("credits.expired", "images"), ("reservation.expired", "images")]
     assert all(parse_event(event).credit_type in ("credits", "images") for event in payloads  # type: ignore[attr-defined]
                if event["user_id"] == "pat")
 

@@ -21,18 +21,21 @@ FAST_ENOUGH_SECONDS = 3.5
 """The default timeout (2 s) plus the machine's slack."""
 
 
-def closed_brokers() -> list[tuple[str, str]]:
-    amqp_port, redis_port = services.free_port(), services.free_port()
-    return [
-        (f"amqp://guest:s3cret@127.0.0.1:{amqp_port}//", f"amqp://guest:**@127.0.0.1:{amqp_port}//"),
-        (f"redis://:s3cret@127.0.0.1:{redis_port}/0", f"redis://:**@127.0.0.1:{redis_port}/0"),
-    ]
+KINDS = ["amqp", "redis"]
 
 
-@pytest.mark.parametrize(("broker_url", "shown"), closed_brokers())
-def test_the_producer_gives_up_on_a_closed_broker_fast_naming_its_url(
-    tmp_path: Path, broker_url: str, shown: str
-) -> None:
+def closed_broker(kind: str) -> tuple[str, str]:
+    """A broker URL on a port nothing listens on, and how a message should show it. Made in
+    the test, not at collection: test ids must be the same in every pytest-xdist process."""
+    port = services.free_port()
+    if kind == "amqp":
+        return f"amqp://guest:s3cret@127.0.0.1:{port}//", f"amqp://guest:**@127.0.0.1:{port}//"
+    return f"redis://:s3cret@127.0.0.1:{port}/0", f"redis://:**@127.0.0.1:{port}/0"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_producer_gives_up_on_a_closed_broker_fast_naming_its_url(tmp_path: Path, kind: str) -> None:
+    broker_url, shown = closed_broker(kind)
     client = CreditClient(Settings(broker_url=broker_url, data_dir=str(tmp_path)))
     started = time.monotonic()
     with pytest.raises(ServiceUnavailable) as refused:
@@ -44,7 +47,7 @@ def test_the_producer_gives_up_on_a_closed_broker_fast_naming_its_url(
 
 
 def test_the_timeout_is_a_setting(tmp_path: Path) -> None:
-    broker_url, _shown = closed_brokers()[0]
+    broker_url, _shown = closed_broker("amqp")
     client = CreditClient(Settings(broker_url=broker_url, data_dir=str(tmp_path),
                                    broker_connect_timeout_seconds=0.5))
     started = time.monotonic()
@@ -53,10 +56,9 @@ def test_the_timeout_is_a_setting(tmp_path: Path) -> None:
     assert time.monotonic() - started < 1.5
 
 
-@pytest.mark.parametrize(("broker_url", "shown"), closed_brokers())
-def test_the_gateway_answers_503_fast_naming_the_broker(
-    tmp_path: Path, broker_url: str, shown: str
-) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_gateway_answers_503_fast_naming_the_broker(tmp_path: Path, kind: str) -> None:
+    broker_url, shown = closed_broker(kind)
     settings = Settings(broker_url=broker_url, data_dir=str(tmp_path), api_keys="k1",
                         database_url=f"sqlite:///{tmp_path / 'gateway.db'}")
     http = TestClient(create_app(settings), headers={"Authorization": "Bearer k1"})

@@ -110,6 +110,25 @@ def test_corrections_answer_with_their_entries_and_refusals_with_their_status(ht
     assert http.get(f"/credits/balance/{user}").json()["total"] == 75
 
 
+def test_a_low_threshold_per_credit_type_is_set_and_bad_ones_refused(http: TestClient) -> None:
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    http.post("/credits/add", json={"user_id": user, "amount": 400, "credit_type": "tokens"})
+    set_to = http.put(f"/credits/thresholds/{user}", json={"percent": 10, "credit_type": "tokens"})
+    assert set_to.status_code == 200, set_to.text
+    assert set_to.json() == {"user_id": user, "credit_type": "tokens", "threshold": 40, "percent": 10}
+    absolute = http.put(f"/credits/thresholds/{user}", json={"threshold": 7}, headers={"Idempotency-Key": "t-1"})
+    assert absolute.json() == {"user_id": user, "credit_type": "credits", "threshold": 7, "percent": None}
+    conflict = http.put(f"/credits/thresholds/{user}", json={"threshold": 8}, headers={"Idempotency-Key": "t-1"})
+    assert conflict.status_code == 409
+    both = http.put(f"/credits/thresholds/{user}", json={"threshold": 5, "percent": 5, "credit_type": "tokens"})
+    assert both.status_code == 422 and both.json()["error"]["code"] == "invalid_input"
+    assert http.put(f"/credits/thresholds/{user}", json={"percent": 101}).status_code == 422
+    assert http.put(f"/credits/thresholds/{user}", json={"credit_type": "a b"}).status_code == 422
+    assert http.put("/credits/thresholds/nobody-here", json={"threshold": 1}).status_code == 404
+    http.post("/credits/deduct", json={"user_id": user, "amount": 365, "credit_type": "tokens"})
+    assert http.get(f"/credits/balance/{user}", params={"credit_type": "tokens"}).json()["available"] == 35
+
+
 def test_plans_and_subscriptions_answer_with_their_results(http: TestClient) -> None:
     name = f"pro-{uuid.uuid4().hex[:6]}"
     created = http.post("/credits/plans", json={"name": name, "credit_limit": 1000, "price": "19.90"})

@@ -350,3 +350,27 @@ def test_an_endpoint_removed_while_its_deliveries_are_in_flight_loses_nothing_el
     assert store.record_outcomes(engine, outcomes, datetime.now(UTC), lambda *_args: {}) == []
     [delivery] = hooks.deliveries(kept.id)
     assert (delivery.status, delivery.attempts) == ("succeeded", 1)
+
+
+def test_a_typed_alert_is_delivered_with_that_types_snapshot(
+    engine: Engine, hooks: WebhookService, receiver: Receiver
+) -> None:
+    """Per-type alerts: the payload names the type and carries that type's totals, not the
+    default type's (the account holds both)."""
+    endpoint = hooks.register(CreateWebhookEndpoint(url=receiver.url, events=["credits.low", "credits.depleted"]))
+    credits = CreditService(engine)
+    credits.add_credits("ann", 30)
+    credits.add_credits("ann", 1000, credit_type="tokens")
+    credits.set_low_credit_threshold("ann", 100, credit_type="tokens")
+    credits.reserve_credits("ann", 920, credit_type="tokens")  # 80 tokens available: low
+    credits.deduct_credits("ann", 80, credit_type="tokens")  # 0: depleted
+    relay(engine)
+    assert hooks.deliver_due().succeeded == 2
+    payloads = {payload["type"]: payload["data"] for payload in
+                (verify(endpoint.secret, received) for received in receiver.received)}
+    assert payloads["credits.low"]["credit_type"] == "tokens"
+    assert (payloads["credits.low"]["available"], payloads["credits.low"]["threshold"]) == (80, 100)
+    assert payloads["credits.low"]["account"] == {"balance": 1000, "reserved": 920, "available": 80,
+                                                  "credit_type": "tokens"}
+    assert payloads["credits.depleted"]["account"] == {"balance": 920, "reserved": 920, "available": 0,
+                                                       "credit_type": "tokens"}

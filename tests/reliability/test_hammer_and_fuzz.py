@@ -58,7 +58,7 @@ FIELDS = ["user_id", "amount", "description", "metadata", "idempotency_key", "ex
           "priority", "source", "ttl_seconds", "reservation_id", "limit", "before", "kinds",
           "within_days", "name", "credit_limit", "price", "currency", "billing_period",
           "validity_days", "active", "plan", "start_at", "at_period_end", "include_inactive",
-          "operations", "subscription_ids", "junk"]
+          "operations", "subscription_ids", "threshold", "percent", "credit_type", "junk"]
 VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=300),

@@ -16,14 +16,18 @@ from fastapi import Header, Path
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from creditworker.contract.credits import (
+    DEFAULT_CREDIT_TYPE,
     Amount,
+    CreditType,
     Description,
     IdempotencyKey,
     LedgerEntry,
+    LowThreshold,
     Metadata,
     NonNegativeAmount,
     Reason,
     ReservationId,
+    ThresholdPercent,
     UserId,
     UtcDateTime,
 )
@@ -75,6 +79,16 @@ class AssignBody(_Body):
 
 class ChangeBody(_Body):
     plan: PlanRef
+    idempotency_key: IdempotencyKey | None = None
+
+
+class ThresholdBody(_Body):
+    """Neither `threshold` nor `percent`: back to the service default (the default type) or
+    no `credits.low` (another type)."""
+
+    threshold: LowThreshold | None = None
+    percent: ThresholdPercent | None = None
+    credit_type: CreditType = DEFAULT_CREDIT_TYPE
     idempotency_key: IdempotencyKey | None = None
 
 

@@ -24,6 +24,8 @@ TAGS = [
                                            "expiry: each a new ledger entry."},
     {"name": "plans", "description": "Subscription plans: what a period grants, and its price."},
     {"name": "subscriptions", "description": "Which plan each user is on."},
+    {"name": "alerts", "description": "Low-credit thresholds per credit type: `credits.low`, "
+                                      "`credits.depleted` and `credits.recovered` events."},
 ]
 
 AT = "2025-01-01T12:00:00Z"
@@ -59,6 +61,7 @@ EXPIRY_ENTRY = {**ENTRY, "id": 48, "kind": "expiry_changed", "amount": 0, "descr
                 "metadata": {"expires_at": "2025-03-01T00:00:00+00:00",
                              "previous_expires_at": "2025-01-05T00:00:00+00:00"},
                 "idempotency_key": "extend-7"}
+THRESHOLD = {"user_id": "alice", "credit_type": "tokens", "threshold": 5000, "percent": 10}
 BALANCE = {"user_id": "alice", "total": 70, "reserved": 20, "available": 50,
            "expiring_soon": 10, "expiring_within_days": 7}
 USAGE_PERIOD = {"period": "2025-01-01", "granted": 100, "consumed": 30, "expired": 0,

@@ -32,6 +32,7 @@ from creditworker.http.api.deps import (
 from creditworker.http.api.examples import ROUTER_ERRORS, queued
 from creditworker.http.api.routes import (
     PREFIX,
+    alerts,
     corrections,
     credits,
     plans,
@@ -77,7 +78,8 @@ class EnvelopeRoute(APIRoute):
 ROUTED: tuple[Operation, ...] = tuple(operation for operation in OPERATIONS if operation.route)
 """The operations the gateway serves, in registry order (a test checks each is served)."""
 
-RESOURCES = (credits.router, reservations.router, corrections.router, plans.router, subscriptions.router)
+RESOURCES = (credits.router, reservations.router, corrections.router, plans.router, subscriptions.router,
+             alerts.router)
 
 
 def _registry_routes() -> list[tuple[Operation, APIRoute]]:

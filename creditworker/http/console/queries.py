@@ -16,7 +16,15 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from creditworker.contract.credits import PROMOTIONAL_SOURCES, ReservationStatus
-from creditworker.storage.tables import Account, Entry, Hold, Lot, OutboxEvent, SubscriptionRow
+from creditworker.storage.tables import (
+    Account,
+    Entry,
+    Hold,
+    Lot,
+    OutboxEvent,
+    SubscriptionRow,
+    TypeBalance,
+)
 
 LEDGER_PAGE = 50
 CSV_CHUNK = 2000
@@ -68,6 +76,16 @@ def account_threshold(engine: Engine, user_id: str) -> int | None:
         return connection.scalar(
             select(Account.low_credit_threshold).where(Account.user_id == user_id)
         )
+
+
+def type_thresholds(engine: Engine, user_id: str) -> dict[str, int | None]:
+    """The low-credit threshold of each credit type other than the default (migration 0012)."""
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(TypeBalance.credit_type, TypeBalance.low_credit_threshold)
+            .where(TypeBalance.user_id == user_id)
+        ).all()
+    return {row.credit_type: row.low_credit_threshold for row in rows}
 
 
 def live_lots(engine: Engine, user_id: str, limit: int = 100) -> list[dict[str, Any]]:

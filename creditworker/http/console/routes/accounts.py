@@ -90,6 +90,7 @@ def _account_context(
     context.update(
         _holdings(console, user_id, now),
         threshold=queries.account_threshold(console.engine, user_id),
+        type_thresholds=queries.type_thresholds(console.engine, user_id),
         default_threshold=credits.low_credit_threshold,
         subscription=_subscription(console, user_id),
         all_plans={plan.id: plan for plan in subscriptions.list_plans(include_inactive=True)},

@@ -8,7 +8,7 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from creditworker.engine.thresholds import set_low_threshold_percent
+from creditworker.contract.credits import DEFAULT_CREDIT_TYPE
 from creditworker.http.console import forms
 from creditworker.http.console.deps import ConsoleDep
 from creditworker.http.console.pages import Refused, redirect
@@ -79,15 +79,15 @@ async def threshold(request: Request, console: ConsoleDep) -> Response:
     user_id, reason = forms.text(fields, "user_id"), forms.reason(fields)
     value = forms.optional_integer(fields, "threshold")
     percent = forms.optional_integer(fields, "percent")
+    credit_type = forms.text(fields, "credit_type", required=False) or DEFAULT_CREDIT_TYPE
     if value is not None and percent is not None:
         raise Refused(422, "give a threshold in credits or a percentage of the last grant, not both")
     # Setting a value is idempotent by nature: a second submit sets the same value.
-    if percent is not None:
-        await run_in_threadpool(set_low_threshold_percent, console.credits, user_id, percent)
-        log_action(request, f"threshold {percent}% of the last grant", user_id, reason)
-    else:
-        await run_in_threadpool(console.credits.set_low_credit_threshold, user_id, value)
-        log_action(request, f"threshold {value}", user_id, reason)
+    await run_in_threadpool(console.credits.set_low_credit_threshold, user_id, value, percent=percent,
+                            credit_type=credit_type)
+    shown = f"{percent}% of the last grant" if percent is not None else str(value)
+    log_action(request, f"threshold {shown}" + ("" if credit_type == DEFAULT_CREDIT_TYPE else f" of {credit_type}"),
+               user_id, reason)
     return redirect(request, "/account", user_id=user_id, done="threshold")
 
 
