@@ -85,6 +85,9 @@ def history(
     kind: Annotated[
         list[str] | None, typer.Option(help="Only these kinds (repeatable).")
     ] = None,
+    credit_type: Annotated[
+        str | None, typer.Option("--credit-type", help="One credit type (default: every type).")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Show a user's ledger entries, newest first."""

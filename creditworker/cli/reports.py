@@ -3,7 +3,6 @@ as CSV (what finance asks for), over every account or one."""
 
 from __future__ import annotations
 
-import csv
 import sys
 from datetime import datetime
 from typing import Annotated
@@ -12,11 +11,11 @@ import typer
 
 from creditworker.cli.operations import run, runs
 from creditworker.cli.output import JsonOption, print_json
+from creditworker.contract.credits import write_usage_csv
 from creditworker.contract.operations import USAGE
 
 commands = typer.Typer()
 
-CSV_COLUMNS = ("period", "granted", "consumed", "expired", "voided", "refunded", "consumed_cost")
 DATES = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S%z"]
 
 
@@ -38,8 +37,4 @@ def usage(
     if as_json:
         print_json(periods)
         return
-    writer = csv.writer(sys.stdout, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for period in periods:
-        cost = "; ".join(f"{amount} {currency}" for currency, amount in sorted(period.consumed_cost.items()))
-        writer.writerow([period.period.isoformat(), *(getattr(period, c) for c in CSV_COLUMNS[1:-1]), cost])
+    write_usage_csv(periods, sys.stdout)

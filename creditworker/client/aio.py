@@ -168,7 +168,7 @@ class AsyncCreditClient:
 
     async def get_history(
         self, user_id: str, *, limit: int = 50, before: int | None = None,
-        kinds: Sequence[str] | None = None,
+        kinds: Sequence[str] | None = None, credit_type: str | None = None,
     ) -> AsyncTaskHandle[list[LedgerEntry]]:
         return await self._call("get_history", locals())
 

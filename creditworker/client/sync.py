@@ -293,6 +293,7 @@ class CreditClient:
         limit: int = 50,
         before: int | None = None,
         kinds: Sequence[str] | None = None,
+        credit_type: str | None = None,
     ) -> TaskHandle[list[LedgerEntry]]:
         arguments = {**locals(), "kinds": list(kinds) if kinds is not None else None}
         return self._call(GetHistory, arguments)

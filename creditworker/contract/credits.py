@@ -7,17 +7,18 @@ module's dependencies (pydantic) and nothing of the storage stack.
 
 from __future__ import annotations
 
+import csv
 import functools
 import hashlib
 import json
 import re
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TextIO, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -513,6 +514,8 @@ class GetHistory(_Message):
     limit: Annotated[int, Strict(), Field(gt=0, le=MAX_HISTORY_PAGE)] = 50
     before: Annotated[int, Strict(), Field(gt=0)] | None = None
     kinds: list[EntryKind] | None = None
+    credit_type: CreditType | None = None
+    """One credit type's entries (None: every type's)."""
 
 
 class GetReservation(_Message):
@@ -634,6 +637,25 @@ class UsagePeriod(BaseModel):
     consumed_cost: dict[str, Decimal] = Field(default_factory=dict)
     """What the consumed credits cost, per currency, from their lots' cost basis (refunds
     taken off); credits of lots without one are not in it."""
+
+
+USAGE_CSV_COLUMNS = ("period", "granted", "consumed", "expired", "voided", "refunded", "consumed_cost")
+"""The usage CSV's header, for `creditworker usage` and the console's per-account export."""
+
+
+def usage_csv_row(period: UsagePeriod) -> list[str | int]:
+    """One period as a CSV row; the cost reads `12.50 EUR; 3.00 USD` (currencies sorted)."""
+    cost = "; ".join(f"{amount} {currency}" for currency, amount in sorted(period.consumed_cost.items()))
+    return [period.period.isoformat(), period.granted, period.consumed, period.expired, period.voided,
+            period.refunded, cost]
+
+
+def write_usage_csv(report: Iterable[UsagePeriod], out: TextIO) -> None:
+    """A usage report as CSV, a header and a row per period: the one way every edge writes it
+    (here, beside the report's model, so the CLI writes it without the storage stack)."""
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(USAGE_CSV_COLUMNS)
+    writer.writerows(usage_csv_row(period) for period in report)
 
 
 M = TypeVar("M", bound=BaseModel)

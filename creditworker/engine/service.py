@@ -714,17 +714,21 @@ class CreditService:
         limit: int = 50,
         before: int | None = None,
         kinds: Sequence[str] | None = None,
+        credit_type: str | None = None,
     ) -> list[LedgerEntry]:
-        """Entries newest first; pass the last entry's id as `before` for the next page."""
+        """Entries newest first (of every credit type, or of `credit_type` only); pass the last
+        entry's id as `before` for the next page."""
         request = self._parse(
             GetHistory, user_id=user_id, limit=limit, before=before,
-            kinds=list(kinds) if kinds is not None else None,
+            kinds=list(kinds) if kinds is not None else None, credit_type=credit_type,
         )
         query = select(Entry).where(Entry.user_id == request.user_id)
         if request.before is not None:
             query = query.where(Entry.id < request.before)
         if request.kinds:
             query = query.where(Entry.kind.in_([kind.value for kind in request.kinds]))
+        if request.credit_type is not None:
+            query = query.where(Entry.credit_type == request.credit_type)
         query = query.order_by(Entry.id.desc()).limit(request.limit)
         with Session(self.engine) as session:
             self._account(session, request.user_id)

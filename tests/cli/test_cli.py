@@ -56,6 +56,21 @@ def test_add_deduct_balance_and_history_as_json(engine: Engine, database_url: st
     assert code == 0 and "deduct" in out
 
 
+def test_history_of_one_credit_type(engine: Engine, database_url: str) -> None:
+    service = CreditService(engine)
+    service.add_credits("uma", 50)
+    service.add_credits("uma", 9, credit_type="images")
+    service.deduct_credits("uma", 4, credit_type="images")
+    code, out, err = cli(database_url, "history", "uma", "--credit-type", "images", "--json")
+    assert code == 0, err
+    assert [(entry["kind"], entry["amount"], entry["credit_type"]) for entry in json.loads(out)] == [
+        ("deduct", -4, "images"), ("add", 9, "images")]
+    code, out, _ = cli(database_url, "history", "uma", "--json")
+    assert len(json.loads(out)) == 3
+    code, out, err = cli(database_url, "history", "uma", "--credit-type", "Bad Type")
+    assert code == 2 and "invalid_input" in out + err
+
+
 def test_credit_type_option_on_add_deduct_and_balance(engine: Engine, database_url: str) -> None:
     assert cli(database_url, "add", "tia", "50", "--json")[0] == 0
     assert cli(database_url, "add", "tia", "9", "--credit-type", "images", "--json")[0] == 0

@@ -161,6 +161,24 @@ def test_corrections_act_on_the_lots_own_type(service: CreditService, engine: En
     assert service.get_user_credits_info("ivy").total == 10
 
 
+def test_history_of_one_credit_type_pages_newest_first(service: CreditService) -> None:
+    service.add_credits("jon", 10, now=NOW)
+    images = [service.add_credits("jon", 5, credit_type="images", now=NOW),
+              service.deduct_credits("jon", 2, credit_type="images", now=NOW)]
+    service.deduct_credits("jon", 3, now=NOW)
+    images.append(service.deduct_credits("jon", 1, credit_type="images", now=NOW))
+    found = service.get_history("jon", credit_type="images")
+    assert [entry.id for entry in found] == [entry.id for entry in reversed(images)]
+    assert {entry.credit_type for entry in found} == {"images"}
+    older = service.get_history("jon", credit_type="images", before=found[0].id, limit=1, kinds=["deduct"])
+    assert [entry.id for entry in older] == [images[1].id]
+    assert [entry.kind for entry in service.get_history("jon", credit_type="credits")] == ["deduct", "add"]
+    assert len(service.get_history("jon")) == 5
+    assert service.get_history("jon", credit_type="videos") == []
+    with pytest.raises(ValidationFailed):
+        service.get_history("jon", credit_type="Not An Id")
+
+
 def test_promotional_credits_are_drawn_before_paid_ones_at_equal_priority_and_expiry(
         service: CreditService, engine: Engine) -> None:
     ends = NOW + timedelta(days=30)

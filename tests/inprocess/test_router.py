@@ -65,6 +65,11 @@ def test_credits_and_reservations_answer_with_their_results(http: TestClient) ->
     history = http.get(f"/credits/history/{user}", params={"kind": ["add", "deduct"]}).json()
     assert [e["kind"] for e in history["entries"]] == ["deduct", "add"]
     assert http.get(f"/credits/expiring/{user}").json() == []
+    http.post("/credits/add", json={"user_id": user, "amount": 3, "credit_type": "images"})
+    images = http.get(f"/credits/history/{user}", params={"credit_type": "images"}).json()
+    assert [(e["kind"], e["amount"], e["credit_type"]) for e in images["entries"]] == [("add", 3, "images")]
+    bad_type = http.get(f"/credits/history/{user}", params={"credit_type": "Not An Id"})
+    assert (bad_type.status_code, bad_type.json()["error"]["code"]) == (422, "invalid_input")
 
 
 def test_refusals_keep_their_status_and_envelope(http: TestClient) -> None:

@@ -1,11 +1,15 @@
-"""Model-based test with two credit types: random adds, deducts, reservations, commits,
-releases, clock moves and the stale-hold sweep on two users' `credits` and `images`.
+"""Model-based test with two credit types: random adds (with expiries), deducts,
+reservations, commits, releases, clock moves, both sweeps and the corrections (voids,
+refunds, expiry changes) on two users' `credits` and `images`.
 
 After every step each type's stored balance, reserved credits and lots must match a plain
-Python reference in which the types are separate accounts (so no draw ever crosses types),
-and the audit (each type's entries sum to its balance, its lots to its balance, its active
-holds to its reserved) must pass. A write on a user releases its default type's holds past
-their TTL; a write that loads another type releases that type's (as `UnitOfWork` does).
+Python reference in which the types are separate accounts (so no draw, void or refund ever
+crosses types), and the audit (each type's entries sum to its balance, its lots to its
+balance and stay within their grants, its active holds to its reserved, no refund above its
+charge) must pass. A write on a user releases its default type's holds past their TTL; a
+write that loads another type releases that type's (as `UnitOfWork` does). A deduct or
+reserve that is refused still releases them; a refused correction changes nothing (its
+transaction rolls back).
 """
 
 from __future__ import annotations
@@ -16,13 +20,18 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initialize, invariant, rule
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from creditworker import CreditService
-from creditworker.contract.errors import InsufficientCredits, ReservationNotActive, UnknownUser
+from creditworker.contract.errors import (
+    InsufficientCredits,
+    ReservationNotActive,
+    UnknownUser,
+    ValidationFailed,
+)
 from creditworker.records.audit import audit
 from creditworker.storage.tables import Account, Lot, TypeBalance
 from tests.conftest import engine_for, wipe
@@ -37,6 +46,7 @@ class ModelLot:
     id: int
     remaining: int
     priority: int
+    expires_at: datetime | None
 
 
 @dataclass
@@ -47,12 +57,46 @@ class ModelBalance:
     reserved: int = 0
     lots: list[ModelLot] = field(default_factory=list)
 
-    def draw(self, amount: int) -> None:
-        for lot in sorted(self.lots, key=lambda lot: (lot.priority, lot.id)):
+    def draw(self, amount: int) -> list[dict[str, int]]:
+        """Take `amount` in the draw-down order (priority, soonest expiry, no expiry last,
+        age); the draws, as the entry lists them."""
+        draws = []
+        order = sorted((lot for lot in self.lots if lot.remaining > 0),
+                       key=lambda lot: (lot.priority, lot.expires_at is None, lot.expires_at or START, lot.id))
+        for lot in order:
             taken = min(lot.remaining, amount)
+            if taken <= 0:
+                break
             lot.remaining -= taken
             amount -= taken
+            draws.append({"lot_id": lot.id, "amount": taken})
         assert amount == 0
+        return draws
+
+    def expire(self, lots: list[ModelLot], now: datetime) -> None:
+        """What `rules.expire` does: take what is left of lots past their expiry, in id
+        order, never the credits an active hold backs."""
+        unheld = self.balance - self.reserved
+        for lot in sorted(lots, key=lambda lot: lot.id):
+            if lot.expires_at is None or lot.expires_at > now:
+                continue
+            taken = min(lot.remaining, unheld)
+            if taken <= 0:
+                continue
+            lot.remaining -= taken
+            unheld -= taken
+            self.balance -= taken
+
+
+@dataclass
+class ModelCharge:
+    """A deduction or commit, for refunds: the lots it drew and how much was given back."""
+
+    entry_id: int
+    user: str
+    credit_type: str
+    draws: list[dict[str, int]]
+    refunded: int = 0
 
 
 @dataclass
@@ -77,6 +121,12 @@ class CreditTypesMachine(RuleBasedStateMachine):
         self.users: set[str] = set()
         self.balances: dict[tuple[str, str], ModelBalance] = {}
         self.holds_by_id: dict[str, ModelHold] = {}
+        self.charges: list[ModelCharge] = []
+        self.key_counter = 0
+
+    def _key(self) -> str:
+        self.key_counter += 1
+        return f"k{self.key_counter}"
 
     def _balance(self, user: str, credit_type: str) -> ModelBalance:
         return self.balances.setdefault((user, credit_type), ModelBalance())
@@ -85,29 +135,59 @@ class CreditTypesMachine(RuleBasedStateMachine):
         hold.active = False
         self._balance(hold.user, hold.credit_type).reserved -= hold.amount
 
-    def _write_on(self, user: str, credit_type: str) -> None:
-        """What a write on `user` in `credit_type` releases first: stale holds of the default
-        type (the account is locked) and of `credit_type` (it is loaded)."""
+    def _pick_lot(self, index: int) -> tuple[str, str, ModelLot] | None:
+        """One of every user's lots of every type (the lot's type decides which totals a
+        correction changes)."""
+        lots = sorted(((user, credit_type, lot) for (user, credit_type), model in self.balances.items()
+                       for lot in model.lots), key=lambda found: found[2].id)
+        return lots[index % len(lots)] if lots else None
+
+    def _stale(self, user: str, credit_type: str) -> list[ModelHold]:
+        """The holds a write on `user` in `credit_type` releases first: stale holds of the
+        default type (the account is locked) and of `credit_type` (it is loaded)."""
         if user not in self.users:
-            return
-        for hold in self.holds_by_id.values():
-            if (hold.user == user and hold.active and hold.expires_at <= self.now
-                    and hold.credit_type in ("credits", credit_type)):
-                self._release(hold)
+            return []
+        return [hold for hold in self.holds_by_id.values()
+                if hold.user == user and hold.active and hold.expires_at <= self.now
+                and hold.credit_type in ("credits", credit_type)]
+
+    def _write_on(self, user: str, credit_type: str) -> None:
+        for hold in self._stale(user, credit_type):
+            self._release(hold)
+
+    def _available_after_write(self, user: str, credit_type: str) -> int:
+        """What a correction in `credit_type` sees as available once stale holds are released
+        (without releasing them in the model: a refused correction rolls that back too)."""
+        model = self._balance(user, credit_type)
+        freed = sum(hold.amount for hold in self._stale(user, credit_type) if hold.credit_type == credit_type)
+        return model.balance - model.reserved + freed
+
+    @initialize(target=holds, credits=st.integers(1, 50), images=st.integers(1, 50),
+                expires_in_hours=st.integers(1, 48), held=st.integers(1, 20), held_type=st.sampled_from(TYPES))
+    def ann_holds_both_types(self, credits: int, images: int, expires_in_hours: int, held: int,
+                             held_type: str) -> ModelHold | None:
+        """Ann starts with a grant of each type, one expiring, and a hold on one of them, so
+        that most steps find something to draw, void, refund or expire, and a void can meet
+        held credits; bob starts unknown."""
+        self.add("ann", "credits", credits, 1, expires_in_hours)
+        self.add("ann", "images", images, 1, None)
+        return self.reserve("ann", held_type, held, 12)
 
     @rule(user=st.sampled_from(USERS), credit_type=st.sampled_from(TYPES), amount=st.integers(1, 50),
-          priority=st.integers(0, 2))
-    def add(self, user: str, credit_type: str, amount: int, priority: int) -> None:
+          priority=st.integers(0, 2), expires_in_hours=st.none() | st.integers(1, 72))
+    def add(self, user: str, credit_type: str, amount: int, priority: int, expires_in_hours: int | None) -> None:
         self._write_on(user, credit_type)
-        entry = self.service.add_credits(user, amount, priority=priority, credit_type=credit_type, now=self.now)
+        expires_at = None if expires_in_hours is None else self.now + timedelta(hours=expires_in_hours)
+        entry = self.service.add_credits(user, amount, priority=priority, expires_at=expires_at,
+                                         credit_type=credit_type, now=self.now)
         self.users.add(user)
         model = self._balance(user, credit_type)
         model.balance += amount
         assert entry.lot_id is not None and entry.credit_type == credit_type
-        model.lots.append(ModelLot(entry.lot_id, amount, priority))
+        model.lots.append(ModelLot(entry.lot_id, amount, priority, expires_at))
         assert entry.balance_after == model.balance
 
-    @rule(user=st.sampled_from(USERS), credit_type=st.sampled_from(TYPES), amount=st.integers(1, 60))
+    @rule(user=st.sampled_from(USERS), credit_type=st.sampled_from(TYPES), amount=st.integers(1, 30))
     def deduct(self, user: str, credit_type: str, amount: int) -> None:
         self._write_on(user, credit_type)
         model = self._balance(user, credit_type)
@@ -121,10 +201,10 @@ class CreditTypesMachine(RuleBasedStateMachine):
             return
         assert amount <= model.balance - model.reserved
         model.balance -= amount
-        model.draw(amount)
+        draws = model.draw(amount)
         assert (entry.credit_type, entry.balance_after) == (credit_type, model.balance)
-        drawn = {draw["lot_id"] for draw in entry.draws}
-        assert drawn <= {lot.id for lot in model.lots}, "a draw crossed credit types"
+        assert [{"lot_id": draw["lot_id"], "amount": draw["amount"]} for draw in entry.draws] == draws
+        self.charges.append(ModelCharge(entry.id, user, credit_type, draws))
 
     @rule(target=holds, user=st.sampled_from(USERS), credit_type=st.sampled_from(TYPES),
           amount=st.integers(1, 40), ttl_hours=st.integers(1, 24))
@@ -162,10 +242,12 @@ class CreditTypesMachine(RuleBasedStateMachine):
             assert hold.active and charged > model.balance - model.reserved + hold.amount
             return
         assert hold.active
-        model.draw(charged)
+        draws = model.draw(charged)
         model.balance -= charged
         self._release(hold)
         assert (entry.credit_type, entry.balance_after) == (hold.credit_type, model.balance)
+        assert [{"lot_id": draw["lot_id"], "amount": draw["amount"]} for draw in entry.draws] == draws
+        self.charges.append(ModelCharge(entry.id, hold.user, hold.credit_type, draws))
 
     @rule(hold=consumes(holds))
     def release(self, hold: ModelHold | None) -> None:
@@ -191,6 +273,81 @@ class CreditTypesMachine(RuleBasedStateMachine):
         assert self.service.release_stale_reservations(now=self.now) == len(stale)
         for hold in stale:
             self._release(hold)
+
+    @rule()
+    def expire(self) -> None:
+        self.service.expire_credits(now=self.now)
+        for model in self.balances.values():
+            model.expire(model.lots, self.now)
+
+    @rule(index=st.integers(0, 40), amount=st.none() | st.integers(1, 40))
+    def void(self, index: int, amount: int | None) -> None:
+        picked = self._pick_lot(index)
+        if picked is None:
+            return
+        user, credit_type, lot = picked
+        model = self._balance(user, credit_type)
+        wanted = lot.remaining if amount is None else amount
+        free = min(lot.remaining, max(0, self._available_after_write(user, credit_type)))
+        try:
+            entry = self.service.void_lot(lot.id, amount=amount, reason="fraud", idempotency_key=self._key(),
+                                          now=self.now)
+        except InsufficientCredits:
+            assert wanted <= 0 or wanted > free
+            return
+        assert 0 < wanted <= free
+        self._write_on(user, credit_type)
+        lot.remaining -= wanted
+        model.balance -= wanted
+        assert (entry.credit_type, entry.amount, entry.balance_after) == (credit_type, -wanted, model.balance)
+
+    @rule(index=st.integers(0, 40), amount=st.none() | st.integers(1, 10))
+    def refund(self, index: int, amount: int | None) -> None:
+        if not self.charges:
+            return
+        charge = self.charges[index % len(self.charges)]
+        model = self._balance(charge.user, charge.credit_type)
+        refundable = sum(draw["amount"] for draw in charge.draws) - charge.refunded
+        wanted = refundable if amount is None else amount
+        try:
+            entry = self.service.refund_deduction(charge.entry_id, amount=amount, reason="refund",
+                                                  idempotency_key=self._key(), now=self.now)
+        except ValidationFailed:
+            assert wanted <= 0 or wanted > refundable
+            return
+        assert 0 < wanted <= refundable
+        self._write_on(charge.user, charge.credit_type)
+        skip, left = charge.refunded, wanted
+        charge.refunded += wanted
+        model.balance += wanted
+        lots = {lot.id: lot for lot in model.lots}
+        for draw in charge.draws:  # back to the lots in the order drawn, past what was given back
+            room = draw["amount"] - min(skip, draw["amount"])
+            skip -= draw["amount"] - room
+            given = min(room, left)
+            left -= given
+            if given <= 0:
+                continue
+            lot = lots[draw["lot_id"]]  # a KeyError here: a refund crossed credit types
+            if lot.expires_at is not None and lot.expires_at <= self.now:  # reinstated, expired at once
+                model.balance -= given
+            else:
+                lot.remaining += given
+        assert (entry.credit_type, entry.amount) == (charge.credit_type, wanted)
+
+    @rule(index=st.integers(0, 40), hours=st.integers(-12, 72))
+    def change_expiry(self, index: int, hours: int) -> None:
+        picked = self._pick_lot(index)
+        if picked is None:
+            return
+        user, credit_type, lot = picked
+        model = self._balance(user, credit_type)
+        expires_at = self.now + timedelta(hours=hours)
+        entry = self.service.change_lot_expiry(lot.id, expires_at, idempotency_key=self._key(), now=self.now)
+        self._write_on(user, credit_type)
+        lot.expires_at = expires_at
+        model.expire([lot], self.now)  # a moment already past expires what is left now
+        assert entry.credit_type == credit_type
 
     @invariant()
     def each_type_matches_the_model(self) -> None:

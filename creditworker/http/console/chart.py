@@ -1,15 +1,21 @@
-"""The account page's chart, drawn on the server: one SVG, no script, no library."""
+"""The account page's chart, drawn on the server: one SVG, no script, no library.
+
+Its figures are the engine's usage report (`CreditService.get_usage`, per UTC day), the same
+numbers as the usage CSV and `creditworker usage`, so the chart and the export never disagree."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import date, timedelta
 
-from creditworker.http.console.queries import DailyTotals
+from creditworker.contract.credits import UsagePeriod
 
 WIDTH, HEIGHT = 720, 240
 LEFT, RIGHT, TOP, BOTTOM = 56, 12, 12, 28
 
-SERIES = (("granted", "Granted"), ("consumed", "Consumed"), ("expired", "Expired"))
+SERIES = (("granted", "Granted"), ("consumed", "Consumed"), ("expired", "Expired"), ("voided", "Voided"),
+          ("refunded", "Refunded"))
 
 
 @dataclass(frozen=True)
@@ -51,9 +57,16 @@ def _nice_ceiling(value: int) -> int:
         step *= 10
 
 
-def daily_chart(totals: list[DailyTotals]) -> Chart:
-    """Grouped bars per day: granted, consumed and expired credits."""
-    top = max([max(day.granted, day.consumed, day.expired) for day in totals] + [0])
+def every_day(report: Sequence[UsagePeriod], first_day: date, last_day: date) -> list[UsagePeriod]:
+    """A daily usage report with the days that had no entries filled in as zeros."""
+    by_day = {period.period: period for period in report}
+    return [by_day.get(day) or UsagePeriod(period=day)
+            for day in (first_day + timedelta(days=offset) for offset in range((last_day - first_day).days + 1))]
+
+
+def daily_chart(totals: Sequence[UsagePeriod]) -> Chart:
+    """Grouped bars per day (every day of the range, see `every_day`), one per series."""
+    top = max([max(getattr(day, series) for series, _label in SERIES) for day in totals] + [0])
     scale_top = _nice_ceiling(max(top, 1))
     plot_width = WIDTH - LEFT - RIGHT
     plot_height = HEIGHT - TOP - BOTTOM
@@ -72,7 +85,7 @@ def daily_chart(totals: list[DailyTotals]) -> Chart:
                 y=round(TOP + plot_height - height, 2),
                 width=round(bar_width, 2),
                 height=round(height, 2),
-                title=f"{day.day.isoformat()}: {label.lower()} {amount:,}",
+                title=f"{day.period.isoformat()}: {label.lower()} {amount:,}",
             ))
     y_ticks = [
         Tick(round(TOP + plot_height - plot_height * fraction, 2), f"{int(scale_top * fraction):,}")
@@ -80,7 +93,7 @@ def daily_chart(totals: list[DailyTotals]) -> Chart:
     ]
     every = max(len(totals) // 6, 1)
     x_ticks = [
-        Tick(round(LEFT + (index + 0.5) * slot, 2), day.day.strftime("%d %b"))
+        Tick(round(LEFT + (index + 0.5) * slot, 2), day.period.strftime("%d %b"))
         for index, day in enumerate(totals) if index % every == 0
     ]
     return Chart(WIDTH, HEIGHT, bars, y_ticks, x_ticks, LEFT, WIDTH - RIGHT, HEIGHT - BOTTOM,

@@ -1,7 +1,7 @@
 """The console's read-only SQL: pages of rows on the tables' indexes, never a whole history.
 
 The engine's public reads cover balances and single records; the console also needs
-paging with filters, prefix search and per-day sums, so it reads the tables directly with
+paging with filters and prefix search, so it reads the tables directly with
 plain SQLAlchemy Core `SELECT`s. It never writes: every change goes through the engine.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -30,10 +30,6 @@ from creditworker.storage.tables import (
 
 LEDGER_PAGE = 50
 CSV_CHUNK = 2000
-
-GRANTED_KINDS = ("add",)
-CONSUMED_KINDS = ("deduct", "commit")
-EXPIRED_KINDS = ("expire",)
 
 
 def _escape_like(prefix: str) -> str:
@@ -216,48 +212,6 @@ def ledger_rows(engine: Engine, wanted: LedgerFilter) -> Iterator[dict[str, Any]
         if len(rows) < CSV_CHUNK:
             return
         last_id = rows[-1]["id"]
-
-
-@dataclass(frozen=True)
-class DailyTotals:
-    day: date
-    granted: int
-    consumed: int
-    expired: int
-
-
-def daily_totals(
-    engine: Engine, user_id: str, first_day: date, last_day: date
-) -> list[DailyTotals]:
-    """Credits granted, consumed and expired per UTC day, one GROUP BY on the database."""
-    since = datetime.combine(first_day, datetime.min.time(), UTC)
-    until = datetime.combine(last_day + timedelta(days=1), datetime.min.time(), UTC)
-    kinds = GRANTED_KINDS + CONSUMED_KINDS + EXPIRED_KINDS
-    day_of = func.date(Entry.created_at)
-    query = (
-        select(day_of, Entry.kind, func.sum(Entry.amount))
-        .where(Entry.user_id == user_id, Entry.kind.in_(kinds),
-               Entry.created_at >= since, Entry.created_at < until)
-        .group_by(day_of, Entry.kind)
-    )
-    sums: dict[date, dict[str, int]] = {}
-    with engine.connect() as connection:
-        for day_value, kind, amount in connection.execute(query):
-            day = day_value if isinstance(day_value, date) else date.fromisoformat(str(day_value))
-            bucket = sums.setdefault(day, {"granted": 0, "consumed": 0, "expired": 0})
-            if kind in GRANTED_KINDS:
-                bucket["granted"] += int(amount or 0)
-            elif kind in CONSUMED_KINDS:
-                bucket["consumed"] -= int(amount or 0)
-            else:
-                bucket["expired"] -= int(amount or 0)
-    days = (last_day - first_day).days + 1
-    totals = []
-    for offset in range(days):
-        day = first_day + timedelta(days=offset)
-        bucket = sums.get(day, {"granted": 0, "consumed": 0, "expired": 0})
-        totals.append(DailyTotals(day, bucket["granted"], bucket["consumed"], bucket["expired"]))
-    return totals
 
 
 def subscriber_counts(engine: Engine) -> dict[int, int]:

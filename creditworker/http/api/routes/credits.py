@@ -99,8 +99,9 @@ async def history(
         int | None, Query(gt=0, description="Only entries with a smaller id.")
     ] = None,
     kind: Annotated[list[EntryKind] | None, Query(description="Only these kinds.")] = None,
+    credit_type: CreditTypeQuery = None,
 ) -> JSONResponse:
-    entries = await run.read(HISTORY, user_id, limit=limit, before=before, kinds=kind)
+    entries = await run.read(HISTORY, user_id, limit=limit, before=before, kinds=kind, credit_type=credit_type)
     next_before = entries[-1].id if entries and len(entries) == limit else None
     return json_answer(HistoryPage(entries=entries, next_before=next_before))
 

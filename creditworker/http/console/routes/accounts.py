@@ -1,4 +1,5 @@
-"""Find an account; an account's balance, lots, holds, plan, chart and ledger; its CSV."""
+"""Find an account; an account's balance, lots, holds, plan, chart and ledger; its ledger and
+usage as CSV."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import csv
 import io
 import re
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -15,13 +16,13 @@ from fastapi.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from creditworker.contract.credits import EntryKind
+from creditworker.contract.credits import EntryKind, UsagePeriod, write_usage_csv
 from creditworker.contract.errors import UnknownSubscription, UnknownUser, ValidationFailed
 from creditworker.engine.results import decimal_text
 from creditworker.http.console import queries
-from creditworker.http.console.chart import SERIES, daily_chart
+from creditworker.http.console.chart import SERIES, daily_chart, every_day
 from creditworker.http.console.deps import Console, ConsoleDep
-from creditworker.http.console.forms import ledger_filter, search
+from creditworker.http.console.forms import day, ledger_filter, search, user
 from creditworker.http.console.pages import DONE, Refused
 
 router = APIRouter()
@@ -84,9 +85,8 @@ def _account_context(
     if info is None:
         return context
     now = datetime.now(UTC)
-    totals = queries.daily_totals(
-        console.engine, user_id, now.date() - timedelta(days=days - 1), now.date()
-    )
+    first_day, end_day = now.date() - timedelta(days=days - 1), now.date() + timedelta(days=1)
+    totals = every_day(_usage(console, user_id, first_day, end_day), first_day, now.date())
     context.update(
         _holdings(console, user_id, now),
         threshold=queries.account_threshold(console.engine, user_id),
@@ -99,6 +99,8 @@ def _account_context(
         page=queries.ledger_page(console.engine, wanted, before=before, after=after),
         chart=daily_chart(totals), series=SERIES,
         sums={name: sum(getattr(day, name) for day in totals) for name, _ in SERIES},
+        usage_query=urlencode([("user_id", user_id), ("start", first_day.isoformat()),
+                               ("end", end_day.isoformat())]),
         ledger_query=urlencode(
             [("user_id", user_id)] + [("kind", kind) for kind in wanted.kinds]
             + [("since", context["since"]), ("until", context["until"])]
@@ -144,6 +146,43 @@ async def ledger_csv(
         chain([first], iterate_in_threadpool(lines)), media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="ledger-{name}{period}.csv"'},
     )
+
+
+@router.get("/account/usage.csv")
+async def usage_csv(
+    console: ConsoleDep, user_id: str, start: str = "", end: str = "", granularity: str = "day",
+    credit_type: str = "",
+) -> Response:
+    """One account's usage per day (or month) of [start, end), whole UTC days (the last 30
+    without them), every credit type or one: the rows `creditworker usage` writes."""
+    user(user_id)
+    try:
+        end_day = day(end) or datetime.now(UTC).date() + timedelta(days=1)
+        first_day = day(start) or end_day - timedelta(days=30)
+    except OverflowError:
+        raise Refused(422, "the dates are outside the calendar") from None
+    report = await run_in_threadpool(_usage, console, user_id, first_day, end_day, granularity,
+                                     credit_type or None)
+    buffer = io.StringIO()
+    write_usage_csv(report, buffer)
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", user_id)[:64] or "account"
+    return Response(buffer.getvalue(), media_type="text/csv; charset=utf-8", headers={
+        "Content-Disposition": f'attachment; filename="usage-{name}-{first_day}-{end_day}.csv"'})
+
+
+def _usage(console: Console, user_id: str, first_day: date, end_day: date, granularity: str = "day",
+           credit_type: str | None = None) -> list[UsagePeriod]:
+    """The engine's usage report for whole UTC days [first_day, end_day): the chart's figures
+    and the usage CSV's rows; bad input is the engine's error, as a page."""
+    try:
+        return console.credits.get_usage(
+            user_id, start=datetime.combine(first_day, datetime.min.time(), UTC),
+            end=datetime.combine(end_day, datetime.min.time(), UTC), granularity=granularity,
+            credit_type=credit_type)
+    except UnknownUser:
+        raise Refused(404, f"no account for user {user_id!r}") from None
+    except ValidationFailed as exc:
+        raise Refused(422, exc.message) from None
 
 
 async def chain(first: list[str], rest: AsyncIterator[str]) -> AsyncIterator[str]:
