@@ -32,6 +32,7 @@ from creditworker.http.console.routes import (
     login,
     plans,
     system,
+    topups,
     webhooks,
 )
 from creditworker.http.responses import STATUS_BY_CODE
@@ -67,7 +68,7 @@ def create_console(settings: Settings, credits: CreditService) -> FastAPI:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(DBAPIError, _database_down)
     app.state.webhooks = WebhookService(credits.engine, WebhookOptions.from_settings(settings))
-    for area in (login, accounts, actions, corrections, plans, system, webhooks):
+    for area in (login, accounts, actions, corrections, topups, plans, system, webhooks):
         app.include_router(area.router)
     return app
 

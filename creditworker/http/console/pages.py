@@ -39,6 +39,7 @@ DONE = {
     "threshold": "Low-credit threshold set.", "plan": "Plan set.",
     "plan-created": "Plan created.", "plan-updated": "Plan updated.", "audit": "Audit finished.",
     "void": "Grant voided.", "refund": "Charge refunded.", "expiry": "Expiry changed.",
+    "topup-set": "Auto top-up rule set.", "topup-remove": "Auto top-up rule removed.",
 }
 """The notice a page shows after an action redirected to it with `done=<name>`."""
 
