@@ -1,4 +1,6 @@
-"""Auto top-ups through a real worker on RabbitMQ and PostgreSQL (issue 29), under faults.
+"""Auto top-ups through a real worker on PostgreSQL (issue 29), under faults: the whole path
+(producer -> worker -> relay -> charge -> grant) on Redis and on RabbitMQ, the faults on
+RabbitMQ.
 
 The payment provider is the scripted one (creditworker/engine/payments.py), configured by
 CREDITWORKER_PAYMENT_PROVIDER as a user configures theirs: it keeps its charges in a folder
@@ -21,7 +23,7 @@ from creditworker.engine.payments import ScriptedProvider
 from creditworker.records.audit import audit
 from creditworker.storage.tables import Entry
 from tests.conftest import wipe
-from tests.e2e.conftest import RunningWorker, _running
+from tests.e2e.conftest import RunningWorker, _running, running_on_redis
 
 pytestmark = pytest.mark.e2e
 
@@ -31,6 +33,20 @@ def payments(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("payments")
 
 
+REDIS_DB = 2
+"""This module's Redis database (each module that starts a worker on Redis has its own)."""
+
+
+def topup_settings(payments: Path) -> dict[str, str]:
+    """The scripted provider, as a user configures theirs, and a sweep that finds a top-up
+    stale after 1 s."""
+    return {
+        "CREDITWORKER_PAYMENT_PROVIDER": "creditworker.engine.payments:scripted",
+        "CREDITWORKER_TEST_PAYMENT_DIR": str(payments),
+        "CREDITWORKER_TOPUP_STALE_AFTER_SECONDS": "1",
+    }
+
+
 @pytest.fixture(scope="module")
 def worker_process(
     tmp_path_factory: pytest.TempPathFactory, postgres_url: str, rabbitmq_url: str,
@@ -38,21 +54,42 @@ def worker_process(
 ) -> Iterator[RunningWorker]:
     yield from _running(
         tmp_path_factory, postgres_url, rabbitmq_url, migrated_engines,
-        CREDITWORKER_RESULT_BACKEND="rpc://",
-        CREDITWORKER_PAYMENT_PROVIDER="creditworker.engine.payments:scripted",
-        CREDITWORKER_TEST_PAYMENT_DIR=str(payments),
-        CREDITWORKER_TOPUP_STALE_AFTER_SECONDS="1",
+        CREDITWORKER_RESULT_BACKEND="rpc://", **topup_settings(payments),
     )
+
+
+@pytest.fixture(scope="module")
+def redis_worker_process(
+    tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_url: str,
+    migrated_engines: dict[str, Engine], payments: Path,
+) -> Iterator[RunningWorker]:
+    yield from running_on_redis(
+        tmp_path_factory, postgres_url, redis_url, REDIS_DB, migrated_engines, **topup_settings(payments),
+    )
+
+
+def ready(process: RunningWorker, payments: Path) -> RunningWorker:
+    """The worker on an empty database, with no charge recorded or scripted, running."""
+    wipe(process.engine)
+    for leftover in payments.iterdir():
+        leftover.unlink()
+    if process.process is None:
+        process.start()
+    return process
 
 
 @pytest.fixture
 def worker(worker_process: RunningWorker, payments: Path) -> RunningWorker:
-    wipe(worker_process.engine)
-    for leftover in payments.iterdir():
-        leftover.unlink()
-    if worker_process.process is None:
-        worker_process.start()
-    return worker_process
+    """The worker on RabbitMQ, for the faults."""
+    return ready(worker_process, payments)
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def either_worker(request: pytest.FixtureRequest, payments: Path) -> RunningWorker:
+    """The worker on Redis, then on RabbitMQ (one idles while the other runs: an idle worker
+    runs nothing, since only a task it is sent wakes its relay)."""
+    process = request.getfixturevalue("redis_worker_process" if request.param == "redis" else "worker_process")
+    return ready(process, payments)
 
 
 @pytest.fixture
@@ -73,8 +110,9 @@ def grants_of(engine: Engine, key: str) -> int:
             Entry.idempotency_key == key, Entry.kind == "add")) or 0)
 
 
-def test_a_deduct_through_the_worker_tops_the_account_up_once(worker: RunningWorker,
+def test_a_deduct_through_the_worker_tops_the_account_up_once(either_worker: RunningWorker,
                                                               provider: ScriptedProvider) -> None:
+    worker = either_worker
     worker.client.add_credits("alice", 500).get(timeout=30)
     rule = worker.client.set_auto_topup("alice", threshold=100, target=1000, unit_price="0.01").get(timeout=30)
     assert worker.client.get_auto_topup("alice").get(timeout=30) == rule
