@@ -146,17 +146,30 @@ def test_each_app_service_builds_its_settings_from_the_documented_minimum(
     assert settings.broker_url == "redis://redis:6379/0"
     assert settings.result_backend == "redis://redis:6379/1"
     assert settings.low_credit_threshold is None  # passed through as an empty string
+    assert (settings.payment_provider, settings.topup_stale_after_seconds,
+            settings.charge_topups_interval_seconds) == ("manual", 300, 60)  # the same: the defaults
     if name == "gateway":
         assert settings.api_keys == "key1"
+
+
+OPTIONAL_SETTINGS = {
+    "CREDITWORKER_LOW_CREDIT_THRESHOLD": ("low_credit_threshold", "25", 25),
+    "CREDITWORKER_PAYMENT_PROVIDER": ("payment_provider", "mybilling.stripe_topups:provider",
+                                      "mybilling.stripe_topups:provider"),
+    "CREDITWORKER_TOPUP_STALE_AFTER_SECONDS": ("topup_stale_after_seconds", "120", 120),
+    "CREDITWORKER_CHARGE_TOPUPS_INTERVAL_SECONDS": ("charge_topups_interval_seconds", "15", 15),
+}
+"""Variables an operator may set in the shell (or .env): setting, value set, value read."""
 
 
 def test_an_optional_variable_set_in_the_shell_reaches_the_services(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    env = {**DOCUMENTED_MINIMUM, "CREDITWORKER_LOW_CREDIT_THRESHOLD": "25"}
+    env = {**DOCUMENTED_MINIMUM, **{name: given for name, (_, given, _) in OPTIONAL_SETTINGS.items()}}
     for name in APP_SERVICES:
-        service = interpolated(COMPOSE, env)["services"][name]
-        assert settings_of(service, monkeypatch).low_credit_threshold == 25, name
+        settings = settings_of(interpolated(COMPOSE, env)["services"][name], monkeypatch)
+        for setting, _, read in OPTIONAL_SETTINGS.values():
+            assert getattr(settings, setting) == read, (name, setting)
 
 
 @pytest.mark.parametrize("required", sorted(DOCUMENTED_MINIMUM))
