@@ -78,13 +78,18 @@ class CreditsRecovered(_CreditEvent):
 
 
 class CreditsExpiring(_CreditEvent):
-    """A reminder that a lot expires within `days_before` days (once per lot and day)."""
+    """A reminder that a lot expires within `days_before` days (once per lot and day).
+
+    `remaining` is what will expire; for a plan allocation that rolls over, `rolls_over` is
+    what will roll into the next period instead (if nothing else changes), not counted in
+    `remaining`."""
 
     type: Literal["credits.expiring"] = "credits.expiring"
     lot_id: int
     remaining: int
     expires_at: datetime
     days_before: int
+    rolls_over: int = 0
 
 
 class CreditsExpired(_CreditEvent):

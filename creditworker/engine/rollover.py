@@ -23,7 +23,7 @@ from collections.abc import Collection, Iterable
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import Table, select
+from sqlalchemy import Connection, Table, select
 
 from creditworker.contract.credits import DEFAULT_CREDIT_TYPE, EntryKind
 from creditworker.contract.events import CreditsExpired
@@ -32,9 +32,11 @@ from creditworker.engine import account as accounts
 from creditworker.engine import rules
 from creditworker.engine.unit_of_work import UnitOfWork, new_event_id
 from creditworker.storage.tables import Lot as LotRow
-from creditworker.storage.tables import PlanRow
+from creditworker.storage.tables import PlanRow, SubscriptionRow
 
 lots_table = cast(Table, LotRow.__table__)
+plans_table = cast(Table, PlanRow.__table__)
+subscriptions_table = cast(Table, SubscriptionRow.__table__)
 
 
 def rolls(plan: PlanRow) -> bool:
@@ -61,6 +63,48 @@ def rolling_sources(uow: UnitOfWork, user_ids: Collection[str]) -> dict[str, lis
     for lot in _shared(uow, accounts.load_lots(uow.connection, ids)):
         found.setdefault(lot.user_id, []).append(lot)
     return found
+
+
+def rolling_credits(connection: Connection, lots: Iterable[rules.Lot]) -> dict[int, int]:
+    """Of `lots`, those that roll over (`rolls_over`): how many of each one's credits would roll
+    at the boundary if nothing else changed (no more draws, holds ended), so that a reminder
+    announces only the rest as expiring (tests/subscriptions/test_rollover_reminders.py).
+
+    As the boundary decides it: the limit of the plan in force (the subscription's `plan_id`),
+    shared by the user's allocation lots in the order they were granted; none when the
+    subscription ends at the period's end, or has ended."""
+    ids = [lot.id for lot in lots if lot.id is not None and lot.credit_type == DEFAULT_CREDIT_TYPE]
+    if not ids:
+        return {}
+    # `rolls_over` is not among the columns a loaded lot carries: read it for these lots.
+    users = set(connection.scalars(select(lots_table.c.user_id).where(
+        lots_table.c.id.in_(ids), lots_table.c.rolls_over.is_(True))))
+    if not users:
+        return {}
+    limits = {row.user_id: row for row in connection.execute(select(
+        subscriptions_table.c.user_id, subscriptions_table.c.cancel_at_period_end,
+        plans_table.c.rollover_max, plans_table.c.rollover_max_percent,
+    ).join(plans_table, plans_table.c.id == subscriptions_table.c.plan_id).where(
+        subscriptions_table.c.user_id.in_(sorted(users)), subscriptions_table.c.status == "active"))}
+    sources: dict[str, list[tuple[int, int, int]]] = {}
+    for lot_id, user_id, amount, remaining in connection.execute(select(
+            lots_table.c.id, lots_table.c.user_id, lots_table.c.amount, lots_table.c.remaining).where(
+            lots_table.c.user_id.in_(sorted(users)), lots_table.c.rolls_over.is_(True),
+            lots_table.c.credit_type == DEFAULT_CREDIT_TYPE).order_by(lots_table.c.id)):
+        sources.setdefault(user_id, []).append((lot_id, amount, remaining))
+    rolling: dict[int, int] = {}
+    for user_id, own in sources.items():
+        plan = limits.get(user_id)
+        if plan is None or plan.cancel_at_period_end:
+            left = 0
+        elif plan.rollover_max is not None:
+            left = plan.rollover_max
+        else:
+            left = sum(amount for _id, amount, _left in own) * (plan.rollover_max_percent or 0) // 100
+        for lot_id, _amount, remaining in own:
+            rolling[lot_id] = min(max(remaining, 0), left)
+            left -= rolling[lot_id]
+    return rolling
 
 
 def at_boundary(uow: UnitOfWork, subscription_id: int, user_id: str, plan: PlanRow, anchor_at: datetime,

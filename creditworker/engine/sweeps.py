@@ -134,9 +134,15 @@ def remind(engine: Engine, run: RunChunk, at: datetime, days: Sequence[int]) -> 
 
 
 def _remind_chunk(uow: UnitOfWork, lot_ids: list[int], days: Sequence[int]) -> int:
+    """A plan allocation that rolls over is announced for what will not roll (`remaining`),
+    with what will (`rolls_over`); one that rolls whole is not announced: it does not expire.
+    Such a lot is not claimed either, so a later sweep sees it again should that change."""
     due: dict[tuple[int, int], rules.Lot] = {}
-    for lot in accounts.load_lots(uow.connection, lot_ids):
-        day = None if lot.expires_at is None or lot.remaining <= 0 else reminder_day(days, lot.expires_at - uow.at)
+    loaded = accounts.load_lots(uow.connection, lot_ids)
+    rolling = rollover.rolling_credits(uow.connection, loaded)
+    for lot in loaded:
+        expiring = lot.remaining - rolling.get(cast(int, lot.id), 0)
+        day = None if lot.expires_at is None or expiring <= 0 else reminder_day(days, lot.expires_at - uow.at)
         if day is not None and lot.id is not None:
             due[(lot.id, day)] = lot
     claimed = backend_for(uow.connection).insert_absent(uow.connection, reminders_table, [
@@ -145,9 +151,10 @@ def _remind_chunk(uow: UnitOfWork, lot_ids: list[int], days: Sequence[int]) -> i
     for lot_id, day in sorted(claimed):
         lot = due[(lot_id, day)]
         assert lot.expires_at is not None
+        rolls = rolling.get(lot_id, 0)
         uow.emit(CreditsExpiring(event_id=new_event_id(), occurred_at=uow.at, user_id=lot.user_id, lot_id=lot_id,
-                                 remaining=lot.remaining, expires_at=lot.expires_at, days_before=day,
-                                 credit_type=lot.credit_type))
+                                 remaining=lot.remaining - rolls, expires_at=lot.expires_at, days_before=day,
+                                 credit_type=lot.credit_type, rolls_over=rolls))
     return len(claimed)
 
 
