@@ -7,7 +7,7 @@ fields as a person types them; tests/worker/test_operations.py fails when the tw
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -64,16 +64,18 @@ def runs(
     return register
 
 
-def run(operation: Operation, given: dict[str, Any], **fields: Any) -> Any:
+def run(operation: Operation, given: dict[str, Any], *, cleared: Collection[str] = (), **fields: Any) -> Any:
     """The engine method the registry names, called with a command's arguments (its
     `locals()`) as the request's fields, `fields` (parsed here: amounts, plan references)
-    over them; an option left unset is left to the engine's default, as on the wire."""
+    over them; an option left unset is left to the engine's default, as on the wire, and the
+    fields named in `cleared` are sent as null (a request that clears them, as the API can)."""
     assert operation.engine is not None and operation.cli is not None
     command = OPERATION_COMMANDS[operation.cli]
     arguments = {command.renamed.get(name, name): value for name, value in given.items()
                  if name != "as_json" and name not in command.cli_only}
     arguments.update(fields)
     given_fields = {name: value for name, value in arguments.items() if value is not None}
+    given_fields.update(dict.fromkeys(cleared))
     from creditworker.engine.handlers import engine_method  # the engine loads on first use
 
     return engine_method(current(), operation)(**given_fields)

@@ -11,6 +11,7 @@ from rich.table import Table
 from creditworker.cli.context import current
 from creditworker.cli.operations import parse_amount, plan_ref, run, runs
 from creditworker.cli.output import JsonOption, KeyOption, console, money, print_json, table
+from creditworker.contract.errors import ValidationFailed
 from creditworker.contract.operations import (
     ALLOCATE_DUE,
     ASSIGN_PLAN,
@@ -22,6 +23,7 @@ from creditworker.contract.operations import (
     REMOVE_PLAN,
     UPDATE_PLAN,
 )
+from creditworker.contract.plans import ROLLOVER_FIELDS
 
 commands = typer.Typer(help="Subscription plans and the users on them.", no_args_is_help=True)
 
@@ -103,7 +105,7 @@ def plans_create(
     show_plans(plan, "created", as_json)
 
 
-@runs(UPDATE_PLAN, commands)
+@runs(UPDATE_PLAN, commands, cli_only=("no_rollover",))
 def plans_update(
     plan: str,
     name: Annotated[str | None, typer.Option()] = None,
@@ -117,12 +119,18 @@ def plans_update(
     rollover_max: RolloverMaxOption = None,
     rollover_max_percent: RolloverPercentOption = None,
     rollover_expires_after_periods: RolloverPeriodsOption = None,
+    no_rollover: Annotated[bool, typer.Option(
+        "--no-rollover", help="Roll nothing over from now on (clears the three rollover fields).")] = False,
     idempotency_key: KeyOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Change a plan (by id or name): only the options given."""
+    if no_rollover and any(value is not None for value in (
+            rollover_max, rollover_max_percent, rollover_expires_after_periods)):
+        raise ValidationFailed("give --no-rollover or the rollover options, not both")
     updated = run(UPDATE_PLAN, locals(), plan=plan_ref(plan),
-                  credit_limit=parse_amount(credit_limit) if credit_limit else None)
+                  credit_limit=parse_amount(credit_limit) if credit_limit else None,
+                  cleared=ROLLOVER_FIELDS if no_rollover else ())
     show_plans(updated, "updated", as_json)
 
 

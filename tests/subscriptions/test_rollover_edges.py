@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
 from creditworker import CreditService, SubscriptionService
@@ -20,6 +22,7 @@ from creditworker.http.api.app import create_app
 from creditworker.settings import Settings
 from creditworker.storage.database import make_engine
 from creditworker.storage.migrate import upgrade
+from creditworker.storage.tables import Lot
 
 ROLLOVER = ("rollover_max", "rollover_max_percent", "rollover_expires_after_periods")
 
@@ -46,6 +49,34 @@ def test_cli_creates_and_updates_a_plan_s_rollover(database_url: str) -> None:
     assert code == 0 and (json.loads(out)["rollover_max"], json.loads(out)["rollover_max_percent"]) == (None, 25)
     code, out, _ = cli(database_url, "plans", "list")
     assert code == 0 and "25% for 2 periods" in out
+
+
+def test_cli_no_rollover_clears_the_rollover_fields_and_the_rest_stays(database_url: str) -> None:
+    code, _out, err = cli(database_url, "plans", "create", "daily", "100", "--period", "daily", "--price", "3",
+                          "--rollover-max-percent", "30", "--rollover-expires-after-periods", "2")
+    assert code == 0, err
+    update = ("plans", "update", "daily", "--no-rollover", "--idempotency-key", "clear-1", "--json")
+    code, out, err = cli(database_url, *update)
+    assert code == 0, err
+    plan = json.loads(out)
+    assert [plan[field] for field in ROLLOVER] == [None, None, None]
+    assert (plan["credit_limit"], plan["price"], plan["name"]) == (100, "3.0000", "daily")
+    assert cli(database_url, *update)[1] == out  # repeated with its key: the first answer
+    code, out, _ = cli(database_url, "plans", "list")
+    assert code == 0 and "30%" not in out
+    # With no rollover, the period's allocation is not marked to roll: it expires as any lot.
+    engine = make_engine(database_url)
+    SubscriptionService(CreditService(engine)).assign_plan("ann", "daily")
+    with Session(engine) as session:
+        assert [(lot.amount, lot.rolls_over) for lot in session.scalars(select(Lot))] == [(100, False)]
+
+
+def test_cli_no_rollover_with_a_rollover_option_is_refused_and_changes_nothing(database_url: str) -> None:
+    assert cli(database_url, "plans", "create", "daily", "100", "--period", "daily", "--rollover-max", "40")[0] == 0
+    code, _out, err = cli(database_url, "plans", "update", "daily", "--no-rollover", "--rollover-max", "10")
+    assert code == 2 and "invalid_input" in err and "--no-rollover" in err
+    plan = json.loads(cli(database_url, "plans", "list", "--json")[1])[0]
+    assert plan["rollover_max"] == 40
 
 
 @pytest.mark.parametrize("args", [
