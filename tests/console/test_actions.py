@@ -138,3 +138,17 @@ def test_the_threshold_form_sets_a_credit_types_own_threshold(
         lows = connection.scalars(select(OutboxEvent.payload).where(OutboxEvent.routing_key == "credits.low")).all()
     assert [(low["credit_type"], low["available"], low["threshold"]) for low in lows] == [("tokens", 150, 200)]
     assert form_post(http, page, "/actions/threshold", threshold="5", credit_type="Bad Type", reason="x") == 422
+
+
+def test_the_grant_form_grants_in_the_credit_type_it_names(console: tuple[TestClient, CreditService]) -> None:
+    http, credits = console
+    page = "/console/account?user_id=gail"
+    assert form_post(http, page, "/actions/grant", amount="70", reason="welcome") == 303
+    assert form_post(http, page, "/actions/grant", amount="40", credit_type="images", reason="launch") == 303
+    info = credits.get_user_credits_info("gail")
+    assert info.total == 70
+    assert credits.get_user_credits_info("gail", credit_type="images").total == 40
+    assert 'value="images"' in http.get(page).text.split('id="grant-types"')[1][:200]
+    assert form_post(http, page, "/actions/grant", amount="5", credit_type="Not A Type", reason="x") == 422
+    assert credits.get_user_credits_info("gail", credit_type="images").total == 40
+    assert audit(credits.engine).passed

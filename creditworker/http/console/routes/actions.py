@@ -27,14 +27,16 @@ async def grant(request: Request, console: ConsoleDep) -> Response:
     source = fields.get("source") or "purchase"
     if source not in SOURCES:
         raise Refused(422, f"unknown source {source!r}")
+    credit_type = forms.text(fields, "credit_type", required=False) or DEFAULT_CREDIT_TYPE
     await run_in_threadpool(
         console.credits.add_credits, user_id, amount,
         expires_at=forms.moment(fields.get("expires_at", "").strip()),
-        priority=forms.optional_integer(fields, "priority"), source=source,
+        priority=forms.optional_integer(fields, "priority"), source=source, credit_type=credit_type,
         description=reason, metadata=forms.metadata(request, reason),
         idempotency_key=forms.idempotency_key(fields, "grant"),
     )
-    log_action(request, f"grant {amount}", user_id, reason)
+    log_action(request, f"grant {amount}" + ("" if credit_type == DEFAULT_CREDIT_TYPE else f" of {credit_type}"),
+               user_id, reason)
     return redirect(request, "/account", user_id=user_id, done="grant")
 
 
