@@ -114,7 +114,7 @@ class PostgresArrays(Core):
         `entry_ids` and `lot_ids` new ids from the ledger's and the lots' sequences (after
         the accounts' lock, so in the order their transactions hold it), the stale holds of
         `stale_users` and the holds `hold_ids` names (as the lock holder left them)."""
-        users = sorted(user_id for user_id, amount in needed.items() if amount > 0)
+        users = sorted(needed)
         asking = stale_at is not None and bool(stale_users)
         rows = _run(
             connection,
@@ -127,6 +127,7 @@ class PostgresArrays(Core):
                 "lot_ids": lot_ids,
                 "stale_users": text_array(sorted(stale_users) if asking else []),
                 "stale_at": _timestamp(stale_at) if asking else None,
+                "at": _timestamp(stale_at),
                 "hold_ids": text_array(sorted(set(hold_ids))),
             },
         )
@@ -228,6 +229,7 @@ class PostgresArrays(Core):
                 "keys": text_array(sorted(set(operation_keys))),
                 "entry_ids": entry_ids,
                 "lot_ids": lot_ids,
+                "at": _timestamp(at),
                 "stale_at": _timestamp(at) if stale_holds else None,
             },
         )
@@ -404,7 +406,8 @@ grants)."""
 def _drawable_lots_sql(lots: str, columns: tuple[str, ...], holds: str,
                        hold_columns: tuple[str, ...]) -> str:
     """The lots of the default credit type in draw-down order whose credits before them do
-    not cover what the account may draw; then one row whose lot columns are NULL, with the operation rows stored for the
+    not cover what the account may draw (and those past their expiry at `at`: rollover looks
+    for them when a hold ends); then one row whose lot columns are NULL, with the operation rows stored for the
     given keys (JSON), the new entry ids, the new lot ids, the given accounts' active holds
     past their TTL (JSON) and the holds named by id (JSON)."""
     hold_array = "json_build_array(" + ", ".join("r." + name for name in hold_columns) + ")"
@@ -417,7 +420,7 @@ def _drawable_lots_sql(lots: str, columns: tuple[str, ...], holds: str,
         " JOIN unnest(CAST(%(users)s AS text[]), CAST(%(needed)s AS bigint[]))"
         " AS n(user_id, needed) ON l.user_id = n.user_id"
         f" WHERE l.remaining > 0 AND l.credit_type = '{DEFAULT_CREDIT_TYPE}') x"
-        " WHERE x.before < x.needed"
+        " WHERE x.before < x.needed OR x.expires_at <= CAST(%(at)s AS timestamp)"
         f" UNION ALL SELECT {', '.join('NULL' for _ in columns)},"
         " (SELECT json_agg(json_build_array("
         "o.idempotency_key, o.kind, o.fingerprint, o.result)) FROM operations o"
@@ -439,7 +442,8 @@ def _lock_and_read_sql(accounts: Table, account_columns: tuple[str, ...], lots: 
                        deducting: bool) -> str:
     """`lock_and_read`'s text: the lock (the accounts of the users and of the named holds'
     owners, in user order), then one statement: the lots of the default credit type in
-    draw-down order whose credits before them do not cover what the account may draw, then
+    draw-down order whose credits before them do not cover what the account may draw (and
+    those past their expiry, which rollover looks for when a hold ends), then
     one row whose lot columns are NULL, with the operation rows of the keys (JSON), the new
     entry ids, the new lot ids, the locked accounts' active holds past their TTL (JSON), the
     named holds (JSON) and the locked accounts (JSON, in user order).
@@ -482,8 +486,8 @@ def _lock_and_read_sql(accounts: Table, account_columns: tuple[str, ...], lots: 
         " FROM (SELECT l.*, n.needed,"
         f" sum(l.remaining) OVER (PARTITION BY l.user_id ORDER BY {DRAW_ORDER}) - l.remaining"
         f" AS before FROM {lots} l JOIN n ON l.user_id = n.user_id"
-        f" WHERE n.needed > 0 AND l.remaining > 0 AND l.credit_type = '{DEFAULT_CREDIT_TYPE}') x"
-        " WHERE x.before < x.needed"
+        f" WHERE l.remaining > 0 AND l.credit_type = '{DEFAULT_CREDIT_TYPE}') x"
+        " WHERE x.before < x.needed OR x.expires_at <= CAST(%(at)s AS timestamp)"
         f" UNION ALL SELECT {', '.join('NULL' for _ in lot_columns)},"
         " (SELECT json_agg(json_build_array("
         "o.idempotency_key, o.kind, o.fingerprint, o.result)) FROM operations o"
