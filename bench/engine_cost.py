@@ -1,6 +1,6 @@
 """What a metered request costs the engine in process: a reserve and its commit.
 
-    python bench/engine_cost.py [--requests 3000] [--rounds 3] [--profile PATH]
+    python bench/engine_cost.py [--requests 3000] [--rounds 3] [--profile PATH] [--sides A,B]
 
 The baseline is hand-written SQL doing the same two writes on the same PostgreSQL in the
 same run: per request, one transaction that checks `available`, raises `reserved`, inserts
@@ -14,6 +14,9 @@ idempotency keys and metadata as the middleware sends
 them. Figures per request (reserve + commit): CPU of this Python process
 (`time.process_time`), CPU of the PostgreSQL backends serving it (from /proc, the server is
 on this machine), and wall time. Rounds alternate so that a noisy neighbour hits all sides.
+`--sides` measures some of them only; `CreditService lock then read` (only when named there)
+is the sync engine with its lock and its reads in round trips of their own, as before they
+shared one (docs/benchmarks.md), for a before/after in the same run.
 
 Needs PostgreSQL (CREDITWORKER_BENCH_POSTGRES_URL, as bench/run.py). Not part of the tests.
 """
@@ -41,6 +44,7 @@ from sqlalchemy.engine import make_url
 
 from bench import greenlet_bridge
 from creditworker import AsyncCreditService, CreditService
+from creditworker.storage.backends.postgres_arrays import PostgresArrays
 from creditworker.storage.migrate import upgrade
 
 POSTGRES = os.environ.get(
@@ -137,6 +141,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", help="write a cProfile (CPU time) of the sync engine's requests here")
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--sides", help="measure only these sides (comma-separated names as printed;"
+                        " the hand-written SQL always runs, as the baseline); 'CreditService lock then"
+                        " read' is the sync engine with its lock and its reads in round trips of their"
+                        " own, as before they shared one")
     options = parser.parse_args()
 
     with fresh_database() as url:
@@ -191,12 +199,30 @@ def main() -> None:
         def engine_async(count: int) -> None:
             loop.run_until_complete(engine_async_requests(count, asynchronous))
 
+        def engine_sync_lock_then_read(count: int) -> None:
+            """The sync engine as before its lock and reads shared a round trip: the backend's
+            `lock_and_read` answers None, so a unit of work locks, then reads (3 + 3 round trips)."""
+            folded = PostgresArrays.lock_and_read
+            PostgresArrays.lock_and_read = lambda *_args, **_kwargs: None  # type: ignore[assignment,method-assign,return-value]
+            try:
+                engine_sync(count)
+            finally:
+                PostgresArrays.lock_and_read = folded  # type: ignore[method-assign]
+
+        optional = {"CreditService lock then read": engine_sync_lock_then_read}
         sides = {"hand-written SQL": hand_written, "CreditService": engine_sync,
                  "CreditService psycopg3": lambda count: engine_sync(count, sync3),
                  "AsyncCreditService": engine_async}
         if on_asyncpg is not None:
             sides["greenlet bridge, asyncpg"] = lambda count: loop.run_until_complete(
                 engine_async_requests(count, on_asyncpg))
+        if options.sides:
+            chosen = {"hand-written SQL", *(name.strip() for name in options.sides.split(","))}
+            known = {**sides, **optional}
+            unknown = chosen - set(known)
+            if unknown:
+                parser.error(f"unknown sides {sorted(unknown)}; known: {list(known)}")
+            sides = {name: run for name, run in known.items() if name in chosen}
         for run in sides.values():
             run(200)  # warm up: connections, compiled statements
         results: dict[str, list[dict[str, float]]] = {name: [] for name in sides}

@@ -6,7 +6,9 @@ transaction uses, so two of them never wait on each other in a cycle), then thei
 lots in one query. The lots are read by a second statement on purpose: under READ
 COMMITTED a statement that waited for a lock still sees the snapshot it started with for
 the rows it did not lock, so lots joined to the locked accounts could be what the previous
-lock holder had already drawn.
+lock holder had already drawn. On PostgreSQL the two statements travel in one round trip
+(`lock_and_read`): each statement of a multi-statement text takes its own snapshot, so the
+read still starts after the lock is granted (tests/engine/test_concurrency.py holds it).
 """
 
 from __future__ import annotations
@@ -127,8 +129,6 @@ def load_live_lots(connection: Connection, accounts: Iterable[Account],
     (`stale_holds`) and the holds `hold_ids` names (`holds`).
     """
     wanting = {account.user_id: account for account in accounts if not account.lots_loaded}
-    for account in wanting.values():
-        account.lots, account.lots_loaded = [], True
     backend = backend_for(connection)
     prefetched: Prefetched | None = None
     if drawing is not None:
@@ -145,11 +145,7 @@ def load_live_lots(connection: Connection, accounts: Iterable[Account],
         rows = backend.rows_where_in(connection, lots_table, LOT_COLUMNS, "user_id", wanting, where=DEFAULT_TYPE_LIVE)
     else:
         return None
-    for row in rows:
-        wanting[row[1]].lots.append(_lot(row))  # type: ignore[index]
-    for account in wanting.values():
-        if len(account.lots) > 1:
-            account.lots.sort(key=draw_order)
+    _give_lots(wanting, rows)
     return prefetched
 
 
@@ -165,6 +161,74 @@ class HoldOwner(NamedTuple):
 
     user_id: str
     amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class Drawing:
+    """At most what each account's draws may take in a unit of work: its deducts, and what
+    its commits charge (None: the hold's amount, known once the hold is read). Called with
+    the holds' owners it answers in Python; a backend that reads the holds in its lock's
+    round trip computes the same in SQL from the fields."""
+
+    deducted: Mapping[str, int]
+    charges: tuple[tuple[str, int | None], ...]
+    """(hold id, amount charged or None), one per commit."""
+
+    def __call__(self, holds: Mapping[str, HoldOwner]) -> dict[str, int]:
+        most = dict(self.deducted)
+        for hold_id, amount in self.charges:
+            hold = holds.get(hold_id)
+            if hold is not None:
+                most[hold.user_id] = most.get(hold.user_id, 0) + (hold.amount if amount is None else amount)
+        return most
+
+
+@dataclass(slots=True)
+class Locked:
+    """What `lock_and_read` gave: the locked accounts (with their lots), the named holds and
+    what the lot query reads besides."""
+
+    accounts: dict[str, Account]
+    holds: dict[str, Hold]
+    prefetched: Prefetched
+
+
+def lock_and_read(connection: Connection, user_ids: Collection[str], hold_ids: Collection[str],
+                  drawing: Drawing, *, operation_keys: Collection[str], entry_ids: int, lot_ids: int,
+                  at: datetime, stale: bool) -> Locked | None:
+    """`lock_with_owners` (or `lock`) then `load_live_lots` for `drawing`, in one round trip
+    where the backend can (`Backend.lock_and_read`); None where it cannot. With `stale`,
+    the active holds past their TTL at `at` of the locked accounts. An account with a grant
+    not yet effective gets all its live lots, in a query of its own."""
+    read = backend_for(connection).lock_and_read(
+        connection, (accounts_table, lots_table, holds_table), (ACCOUNT_COLUMNS, LOT_COLUMNS, HOLD_COLUMNS),
+        user_ids, hold_ids, drawing.deducted, drawing.charges, operation_keys, entry_ids, lot_ids, at, stale)
+    if read is None:
+        return None
+    locked = {row[0]: _account(row) for row in read.accounts}
+    _give_lots(locked, read.lots)
+    waiting = {user_id: account for user_id, account in locked.items()
+               if account.pending_until is not None and account.pending_until > at}
+    if waiting:  # a prefix of the draw-down order may be a pending lot: read them all (rare)
+        _give_lots(waiting, backend_for(connection).rows_where_in(
+            connection, lots_table, LOT_COLUMNS, "user_id", waiting, where=DEFAULT_TYPE_LIVE))
+    folded = read.folded
+    holds = [Hold(*row) for row in folded.holds]  # type: ignore[arg-type]
+    return Locked(locked, {hold.id: hold for hold in holds}, Prefetched(
+        folded.operations, folded.entry_ids, folded.lot_ids,
+        None if folded.stale_holds is None else [Hold(*row) for row in folded.stale_holds],  # type: ignore[arg-type]
+        holds))
+
+
+def _give_lots(wanting: Mapping[str, Account], rows: Iterable[tuple[Any, ...]]) -> None:
+    """Give each of `wanting` its lots among `rows`, in the draw-down order."""
+    for account in wanting.values():
+        account.lots, account.lots_loaded = [], True
+    for row in rows:
+        wanting[row[1]].lots.append(_lot(row))
+    for account in wanting.values():
+        if len(account.lots) > 1:
+            account.lots.sort(key=draw_order)
 
 
 def hold_owners(connection: Connection, hold_ids: Collection[str]) -> dict[str, HoldOwner]:

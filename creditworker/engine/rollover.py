@@ -136,7 +136,8 @@ def after_hold(uow: UnitOfWork, account: rules.Account, key: str) -> None:
     roll now (under the source's `rollover_left`) or expire at once, under the hold's key.
 
     With the account's lots loaded (a commit), a source would be among them (its expiry is
-    past, so it comes first in the draw-down order): no query unless one is."""
+    past, and the lots' read sends every lot past its expiry besides the prefix a draw can
+    reach, even for a commit that draws nothing): no query unless one is."""
     at = uow.at
     if account.lots_loaded and not any(lot.expires_at is not None and lot.expires_at <= at
                                        for lot in account.lots):

@@ -82,7 +82,7 @@ from creditworker.contract.topups import (
     Topup,
 )
 from creditworker.engine import reports, rollover, rules, sweeps, thresholds, topups
-from creditworker.engine.account import HoldOwner, load_lots
+from creditworker.engine.account import Drawing, load_lots
 from creditworker.engine.payments import PaymentProvider, load_provider
 from creditworker.engine.results import batch_outcome, entry_record, reservation_record
 from creditworker.engine.unit_of_work import (
@@ -1009,16 +1009,9 @@ class _Batch:
                     self.deducted.setdefault(request.user_id, 0)
             elif isinstance(request, CommitReservation):
                 self.commits.append(request)
-
-    def drawing(self, holds: Mapping[str, HoldOwner]) -> dict[str, int]:
+        self.drawing = Drawing(self.deducted, tuple((commit.reservation_id, commit.amount)
+                                                    for commit in self.commits))
         """At most what each account's draws can take: its deducts and its commits' charges."""
-        most = dict(self.deducted)
-        for commit in self.commits:
-            hold = holds.get(commit.reservation_id)
-            if hold is not None:
-                charged = hold.amount if commit.amount is None else commit.amount
-                most[hold.user_id] = most.get(hold.user_id, 0) + charged
-        return most
 
 
 def _entry_for_refund(connection: Connection, entry_id: int) -> tuple[Any, ...] | None:

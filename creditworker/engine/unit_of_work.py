@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import os
 import threading
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -140,7 +140,7 @@ class UnitOfWork:
     # ------------------------------------------------------------------ reading
 
     def lock(self, user_ids: Iterable[str], *, creating: Collection[str] = (), hold_ids: Collection[str] = (),
-             with_lots: bool | Callable[[Mapping[str, accounts.HoldOwner]], Mapping[str, int]] = False,
+             with_lots: bool | accounts.Drawing = False,
              operation_keys: Collection[str] = (), entry_ids: int = 0, lot_ids: int = 0,
              stale_holds: bool = False) -> set[str]:
         """Lock the accounts of `user_ids` and of the holds named, in one sorted query.
@@ -156,7 +156,41 @@ class UnitOfWork:
         ids (PostgreSQL), it does, for `known_operations` and the writer. `stale_holds` reads the
         locked accounts' active holds past their TTL (in that query where it can) for
         `expire_stale_holds`.
+
+        Without accounts to create, a backend that can lock and read in one round trip
+        (`account.lock_and_read`) does all of it there.
         """
+        stale: list[Hold] | None = None
+        locked_read = None
+        if isinstance(with_lots, accounts.Drawing) and not creating and self.backend.folds_reads:
+            locked_read = accounts.lock_and_read(
+                self.connection, set(user_ids), hold_ids, with_lots, operation_keys=operation_keys,
+                entry_ids=entry_ids, lot_ids=lot_ids, at=self.at, stale=stale_holds)
+        if locked_read is not None:
+            created: set[str] = set()
+            locked = locked_read.accounts
+            self.accounts.update(locked)
+            self.holds.update(locked_read.holds)
+            read = locked_read.prefetched
+            self.operations_read = (frozenset(operation_keys), read.operations)
+            self.entry_ids, self.lot_ids = read.entry_ids, read.lot_ids
+            stale = read.stale_holds
+        else:
+            created, locked, stale = self._lock_then_read(user_ids, creating, hold_ids, with_lots, operation_keys,
+                                                          entry_ids, lot_ids, stale_holds)
+        accounts.count_pending(self.connection, locked.values(), self.at)
+        self.releases_stale = stale_holds
+        for hold in stale or ():
+            if hold.credit_type == DEFAULT_CREDIT_TYPE:  # another type's: when that type is loaded
+                self.stale_holds.append(self.holds.setdefault(hold.id, hold))
+        return created
+
+    def _lock_then_read(self, user_ids: Iterable[str], creating: Collection[str], hold_ids: Collection[str],
+                        with_lots: bool | accounts.Drawing, operation_keys: Collection[str], entry_ids: int,
+                        lot_ids: int, stale_holds: bool,
+                        ) -> tuple[set[str], dict[str, Account], list[Hold] | None]:
+        """`lock` in a round trip of its own (or several), then the reads: the accounts
+        created, the accounts locked, and the stale holds found (None: not read)."""
         if hold_ids and not creating:  # the holds' owners read with the lock
             created: set[str] = set()
             owners, locked = accounts.lock_with_owners(self.connection, user_ids, hold_ids)
@@ -191,12 +225,7 @@ class UnitOfWork:
                     stale = read.stale_holds
         if stale is None and holding:
             stale = accounts.stale_holds(self.connection, holding, self.at)
-        accounts.count_pending(self.connection, locked.values(), self.at)
-        self.releases_stale = stale_holds
-        for hold in stale or ():
-            if hold.credit_type == DEFAULT_CREDIT_TYPE:  # another type's: when that type is loaded
-                self.stale_holds.append(self.holds.setdefault(hold.id, hold))
-        return created
+        return created, locked, stale
 
     def account(self, user_id: str, credit_type: str = DEFAULT_CREDIT_TYPE) -> Account:
         """A locked account's totals in `credit_type` (with that type's live lots, for another

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -11,6 +12,8 @@ from sqlalchemy.engine import Engine
 
 from creditworker import CreditService
 from creditworker.contract.errors import InsufficientCredits
+from creditworker.engine import rules
+from creditworker.engine.unit_of_work import UnitOfWork
 from creditworker.records.audit import audit
 
 
@@ -89,3 +92,46 @@ def test_a_locked_account_does_not_block_another_account(pg_engine: Engine) -> N
         blocker.close()
     assert blocked_done.wait(10)
     assert service.get_user_credits_info("locked").total == 9
+
+
+@pytest.mark.parametrize("waiting", ["deduct", "commit"])
+def test_a_write_that_waited_for_the_lock_reads_what_the_holder_committed(pg_engine: Engine, waiting: str) -> None:
+    """The lock and the reads go out in one round trip on PostgreSQL: the reads must still see
+    the lots and totals the previous lock holder committed while this write waited (a read
+    with the lock's snapshot would draw the lot from its old `remaining`, and lose a draw)."""
+    service = CreditService(pg_engine)
+    service.add_credits("hot", 10)
+    hold = service.reserve_credits("hot", 6) if waiting == "commit" else None
+    holding, go_on = threading.Event(), threading.Event()
+
+    def first(uow: UnitOfWork) -> None:  # draws 4 with the lock held until told to go on
+        uow.lock(["hot"], with_lots=True)
+        uow.post(rules.deduct(uow.account("hot"), 4, at=uow.at, key="first"))
+        uow.record_system_operation("first", "DeductCredits", "hot")
+        holding.set()
+        assert go_on.wait(10)
+
+    holder = threading.Thread(target=service.run, args=(first,), daemon=True)
+    holder.start()
+    assert holding.wait(10)
+    with ThreadPoolExecutor(1) as pool:
+        second = pool.submit(lambda: service.deduct_credits("hot", 6) if hold is None
+                             else service.commit_reservation(hold.id, 6))
+        with pg_engine.connect() as connection:  # the second write waits for the lock
+            for _ in range(200):
+                if connection.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                          " AND datname = current_database()")):
+                    break
+                connection.rollback()  # the activity view is read once per transaction
+                time.sleep(0.02)
+            else:
+                pytest.fail("the second write never waited for the lock")
+        go_on.set()
+        holder.join(10)
+        assert second.result(10).amount == -6
+    info = service.get_user_credits_info("hot")
+    print("DEBUG", info, [ (e.kind, e.amount, e.balance_after) for e in service.get_history("hot")])
+    assert (info.total, info.reserved) == (0, 0)
+    with pytest.raises(InsufficientCredits):
+        service.deduct_credits("hot", 1)
+    assert audit(pg_engine).passed

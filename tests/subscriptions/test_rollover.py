@@ -239,6 +239,22 @@ def test_a_committed_hold_draws_its_source_and_the_rest_rolls(
     audited(engine)
 
 
+def test_a_hold_committed_for_nothing_after_the_boundary_rolls_as_a_release_does(
+    subs: SubscriptionService, service: CreditService, engine: Engine,
+) -> None:
+    """A commit charging nothing draws no lot: the source past its boundary must still be
+    found (on PostgreSQL the lots' read sends every lot past its expiry, not only the prefix
+    a draw can reach, which is empty here)."""
+    reservation = _held_across_the_boundary(subs, service, rollover_max=80)
+    service.commit_reservation(reservation, 0, now=T0 + DAY + timedelta(hours=1))
+    source, _rolled, _granted, rolled_again = lots(engine, "alice")
+    assert source["remaining"] == 0
+    assert (rolled_again["amount"], rolled_again["rolled_from"]) == (20, source["id"])
+    assert [e.entry_metadata for e in entries(engine, "alice", "expire")] == [{"rollover_forfeited": 20}]
+    assert available(service, "alice", T0 + DAY + timedelta(hours=1)) == 180
+    audited(engine)
+
+
 def test_a_hold_that_ran_out_rolls_at_the_next_expiry_sweep(
     subs: SubscriptionService, service: CreditService, engine: Engine,
 ) -> None:

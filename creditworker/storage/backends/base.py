@@ -30,6 +30,19 @@ class Folded(NamedTuple):
     """The holds asked for by id, as they are after the accounts' lock."""
 
 
+class LockedRead(NamedTuple):
+    """What one lock-and-read round trip gave: the locked accounts, the lots their draws can
+    reach and what `Folded` holds."""
+
+    accounts: list[tuple[Any, ...]]
+    """The locked accounts' rows in user order, as they are after the lock."""
+    lots: list[tuple[Any, ...]]
+    """The live lots of the default credit type that come first in the draw-down order until
+    they cover what each account may draw (pending grants counted as lots: the caller reads
+    all the lots of an account with one)."""
+    folded: Folded
+
+
 class Script(Protocol):
     """A writer's statements, in order; a backend may hold them until `finish`."""
 
@@ -141,6 +154,27 @@ class Backend(Protocol):
     ) -> tuple[dict[str, tuple[str, int]], list[tuple[Any, ...]]]:
         """The user and amount of each existing hold of `hold_ids`, and the accounts of
         `user_ids` and of those holds' owners locked in user order (`columns` tuples)."""
+
+    def lock_and_read(
+        self,
+        connection: Connection,
+        tables: tuple[Table, Table, Table],
+        columns: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]],
+        user_ids: Collection[str],
+        hold_ids: Collection[str],
+        deducted: Mapping[str, int],
+        charges: Sequence[tuple[str, int | None]],
+        operation_keys: Collection[str],
+        entry_ids: int,
+        lot_ids: int,
+        at: datetime,
+        stale_holds: bool,
+    ) -> LockedRead | None:
+        """Lock the accounts of `user_ids` and of the holds `hold_ids` names (in user order),
+        then read, after the lock, what `lock_with_owners` and `drawable_lots` read (each
+        account's draws may take its `deducted` plus its holds' `charges`, None being the
+        hold's amount), in one round trip; None where this path cannot (the caller locks,
+        then reads). `tables` and `columns`: the accounts', lots' and holds'."""
 
     def keyset_page(self, engine: Engine, query: Select[Any]) -> list[tuple[Any, ...]]:
         """A page of a keyset scan, in a short transaction of its own, walking its index."""

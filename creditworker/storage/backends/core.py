@@ -34,7 +34,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import ColumnElement, Select
 
 from creditworker.contract.credits import DEFAULT_CREDIT_TYPE
-from creditworker.storage.backends.base import Folded, Json
+from creditworker.storage.backends.base import Folded, Json, LockedRead
 
 DEFAULT_TYPE_LIVE = f"remaining > 0 AND credit_type = '{DEFAULT_CREDIT_TYPE}'"
 """The live lots of an account's default credit type (what a lock loads with its row)."""
@@ -195,6 +195,24 @@ class Core:
         return owners, self.rows_where_in(
             connection, accounts, columns, "user_id", users, order_by="user_id", for_update=True
         )
+
+    def lock_and_read(
+        self,
+        connection: Connection,
+        tables: tuple[Table, Table, Table],
+        columns: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]],
+        user_ids: Collection[str],
+        hold_ids: Collection[str],
+        deducted: Mapping[str, int],
+        charges: Sequence[tuple[str, int | None]],
+        operation_keys: Collection[str],
+        entry_ids: int,
+        lot_ids: int,
+        at: datetime,
+        stale_holds: bool,
+    ) -> LockedRead | None:
+        """Not here: the caller locks, then reads (`lock_with_owners`, `drawable_lots`)."""
+        return None
 
     def keyset_page(self, engine: Engine, query: Select[Any]) -> list[tuple[Any, ...]]:
         """On PostgreSQL (any driver) the page must walk its index in order: when the

@@ -20,7 +20,7 @@ from sqlalchemy import JSON, Boolean, Integer, Numeric, Table
 from sqlalchemy.engine import Connection
 
 from creditworker.contract.credits import DEFAULT_CREDIT_TYPE, PROMOTIONAL_SOURCES
-from creditworker.storage.backends.base import Folded, Json
+from creditworker.storage.backends.base import Folded, Json, LockedRead
 from creditworker.storage.backends.core import Core
 from creditworker.storage.tables import UtcDateTime
 
@@ -114,7 +114,7 @@ class PostgresArrays(Core):
         `entry_ids` and `lot_ids` new ids from the ledger's and the lots' sequences (after
         the accounts' lock, so in the order their transactions hold it), the stale holds of
         `stale_users` and the holds `hold_ids` names (as the lock holder left them)."""
-        users = sorted(user_id for user_id, amount in needed.items() if amount > 0)
+        users = sorted(needed)
         asking = stale_at is not None and bool(stale_users)
         rows = _run(
             connection,
@@ -127,6 +127,7 @@ class PostgresArrays(Core):
                 "lot_ids": lot_ids,
                 "stale_users": text_array(sorted(stale_users) if asking else []),
                 "stale_at": _timestamp(stale_at) if asking else None,
+                "at": _timestamp(stale_at),
                 "hold_ids": text_array(sorted(set(hold_ids))),
             },
         )
@@ -187,6 +188,64 @@ class PostgresArrays(Core):
         width = len(columns)
         owners = {row[width]: (row[width + 1], row[width + 2]) for row in rows if row[width] is not None}
         return owners, [_aware(row[:width], accounts, columns) for row in rows if row[width] is None]
+
+
+    def lock_and_read(
+        self,
+        connection: Connection,
+        tables: tuple[Table, Table, Table],
+        columns: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]],
+        user_ids: Collection[str],
+        hold_ids: Collection[str],
+        deducted: Mapping[str, int],
+        charges: Sequence[tuple[str, int | None]],
+        operation_keys: Collection[str],
+        entry_ids: int,
+        lot_ids: int,
+        at: datetime,
+        stale_holds: bool,
+    ) -> LockedRead:
+        """Two statements in one round trip: the lock, then one read of everything else.
+
+        Under READ COMMITTED each statement of a multi-statement text takes its own
+        snapshot, so the read, which starts once the lock is granted, sees what the previous
+        lock holder committed (one statement joining the locked rows would not: it keeps the
+        snapshot it started with for the rows it did not lock). How far each account's draws
+        may reach is computed in the read from the holds it reads there."""
+        accounts, lots, holds = tables
+        account_columns, lot_columns, hold_columns = columns
+        deducting = sorted(deducted)
+        rows = _run(
+            connection,
+            _lock_and_read_sql(accounts, account_columns, lots.name, lot_columns, holds, hold_columns,
+                               bool(hold_ids), bool(deducted)),
+            {
+                "users": text_array(sorted(set(user_ids))),
+                "holds": text_array(sorted(set(hold_ids))),
+                "deducting": text_array(deducting),
+                "deducted": "{" + ",".join(str(deducted[user]) for user in deducting) + "}",
+                "charged": text_array([hold_id for hold_id, _amount in charges]),
+                "charges": _integer_array([amount for _hold_id, amount in charges]),
+                "keys": text_array(sorted(set(operation_keys))),
+                "entry_ids": entry_ids,
+                "lot_ids": lot_ids,
+                "at": _timestamp(at),
+                "stale_at": _timestamp(at) if stale_holds else None,
+            },
+        )
+        found = [_aware(row[: len(lot_columns)], lots, lot_columns) for row in rows if row[0] is not None]
+        extra = next(row for row in rows if row[0] is None)
+        return LockedRead(
+            [_hold_from_json(account, accounts, account_columns) for account in extra[-1] or ()],
+            found,
+            Folded(
+                [tuple(operation) for operation in extra[-6] or ()],
+                sorted(extra[-5] or ()),
+                sorted(extra[-4] or ()),
+                [_hold_from_json(hold, holds, hold_columns) for hold in extra[-3] or ()] if stale_holds else None,
+                [_hold_from_json(hold, holds, hold_columns) for hold in extra[-2] or ()],
+            ),
+        )
 
 
 class ArrayScript:
@@ -347,7 +406,8 @@ grants)."""
 def _drawable_lots_sql(lots: str, columns: tuple[str, ...], holds: str,
                        hold_columns: tuple[str, ...]) -> str:
     """The lots of the default credit type in draw-down order whose credits before them do
-    not cover what the account may draw; then one row whose lot columns are NULL, with the operation rows stored for the
+    not cover what the account may draw (and those past their expiry at `at`: rollover looks
+    for them when a hold ends); then one row whose lot columns are NULL, with the operation rows stored for the
     given keys (JSON), the new entry ids, the new lot ids, the given accounts' active holds
     past their TTL (JSON) and the holds named by id (JSON)."""
     hold_array = "json_build_array(" + ", ".join("r." + name for name in hold_columns) + ")"
@@ -360,7 +420,7 @@ def _drawable_lots_sql(lots: str, columns: tuple[str, ...], holds: str,
         " JOIN unnest(CAST(%(users)s AS text[]), CAST(%(needed)s AS bigint[]))"
         " AS n(user_id, needed) ON l.user_id = n.user_id"
         f" WHERE l.remaining > 0 AND l.credit_type = '{DEFAULT_CREDIT_TYPE}') x"
-        " WHERE x.before < x.needed"
+        " WHERE x.before < x.needed OR x.expires_at <= CAST(%(at)s AS timestamp)"
         f" UNION ALL SELECT {', '.join('NULL' for _ in columns)},"
         " (SELECT json_agg(json_build_array("
         "o.idempotency_key, o.kind, o.fingerprint, o.result)) FROM operations o"
@@ -373,6 +433,74 @@ def _drawable_lots_sql(lots: str, columns: tuple[str, ...], holds: str,
         " AND r.expires_at <= CAST(%(stale_at)s AS timestamp)),"
         f" (SELECT json_agg({hold_array}) FROM {holds} r"
         " WHERE r.id = ANY(CAST(%(hold_ids)s AS text[])))"
+    )
+
+
+@cache
+def _lock_and_read_sql(accounts: Table, account_columns: tuple[str, ...], lots: str, lot_columns: tuple[str, ...],
+                       holds: Table, hold_columns: tuple[str, ...], naming_holds: bool,
+                       deducting: bool) -> str:
+    """`lock_and_read`'s text: the lock (the accounts of the users and of the named holds'
+    owners, in user order), then one statement: the lots of the default credit type in
+    draw-down order whose credits before them do not cover what the account may draw (and
+    those past their expiry, which rollover looks for when a hold ends), then
+    one row whose lot columns are NULL, with the operation rows of the keys (JSON), the new
+    entry ids, the new lot ids, the locked accounts' active holds past their TTL (JSON), the
+    named holds (JSON) and the locked accounts (JSON, in user order).
+
+    Planning is most of what the server spends on it, so it is kept to few joins, and
+    without holds named (a reserve, a deduct) the holds' part is left out: what each account
+    may draw is then sent as it is (as are the deducts' part when there are none)."""
+    users = "CAST(%(users)s AS text[])"
+    if naming_holds:
+        users += " || ARRAY(SELECT user_id FROM " + holds.name + " WHERE id = ANY(CAST(%(holds)s AS text[])))"
+        needed = (
+            f" WITH h AS (SELECT {', '.join(hold_columns)} FROM {holds.name}"
+            " WHERE id = ANY(CAST(%(holds)s AS text[]))),"
+            " n AS (SELECT user_id, sum(amount) AS needed FROM ("
+            "SELECT h.user_id, COALESCE(c.amount, h.amount) AS amount"
+            " FROM unnest(CAST(%(charged)s AS text[]), CAST(%(charges)s AS bigint[])) AS c(id, amount)"
+            " JOIN h ON h.id = c.id"
+            + (" UNION ALL SELECT * FROM unnest(CAST(%(deducting)s AS text[]),"
+               " CAST(%(deducted)s AS bigint[]))" if deducting else "")
+            + ") s GROUP BY user_id)"
+        )
+        locked = "CAST(%(users)s AS text[]) || ARRAY(SELECT user_id FROM h)"
+        hold_array = "json_build_array(" + ", ".join("r." + name for name in hold_columns) + ")"
+        named = f"(SELECT json_agg({hold_array}) FROM h r)"
+    else:
+        needed = (
+            " WITH n AS (SELECT * FROM unnest(CAST(%(deducting)s AS text[]), CAST(%(deducted)s AS bigint[]))"
+            " AS d(user_id, needed))"
+        )
+        locked = users
+        named = "NULL::json"
+    hold_array = "json_build_array(" + ", ".join("r." + name for name in hold_columns) + ")"
+    account_array = "json_build_array(" + ", ".join("a." + name for name in account_columns) + ")"
+    return (
+        f"{KEYED_PLANS}; SELECT 1 FROM {accounts.name} WHERE user_id = ANY({users})"
+        " ORDER BY user_id FOR UPDATE;"
+        f"{needed}"
+        f" SELECT {', '.join(lot_columns)}, NULL::json, NULL::bigint[], NULL::bigint[],"
+        " NULL::json, NULL::json, NULL::json"
+        " FROM (SELECT l.*, n.needed,"
+        f" sum(l.remaining) OVER (PARTITION BY l.user_id ORDER BY {DRAW_ORDER}) - l.remaining"
+        f" AS before FROM {lots} l JOIN n ON l.user_id = n.user_id"
+        f" WHERE l.remaining > 0 AND l.credit_type = '{DEFAULT_CREDIT_TYPE}') x"
+        " WHERE x.before < x.needed OR x.expires_at <= CAST(%(at)s AS timestamp)"
+        f" UNION ALL SELECT {', '.join('NULL' for _ in lot_columns)},"
+        " (SELECT json_agg(json_build_array("
+        "o.idempotency_key, o.kind, o.fingerprint, o.result)) FROM operations o"
+        " WHERE o.idempotency_key = ANY(CAST(%(keys)s AS text[]))),"
+        " (SELECT array_agg(nextval('ledger_entries_id_seq'))"
+        " FROM generate_series(1, %(entry_ids)s)),"
+        f" (SELECT array_agg(nextval('{lots}_id_seq')) FROM generate_series(1, %(lot_ids)s)),"
+        f" (SELECT json_agg({hold_array} ORDER BY r.id) FROM {holds.name} r"
+        f" WHERE r.user_id = ANY({locked})"
+        " AND r.status = 'active' AND r.expires_at <= CAST(%(stale_at)s AS timestamp)),"
+        f" {named},"
+        f" (SELECT json_agg({account_array} ORDER BY a.user_id) FROM {accounts.name} a"
+        f" WHERE a.user_id = ANY({locked}))"
     )
 
 
