@@ -334,7 +334,10 @@ class UnitOfWork:
 
     def _alert_crossings(self, posting: Posting, account: Account, was_low: bool,
                          default_threshold: int | None) -> None:
-        """`credits.depleted` and `credits.recovered` (engine/alerts.py), of the posting's type."""
+        """`credits.depleted` and `credits.recovered` (engine/alerts.py), of the posting's type.
+        Most postings leave a balance above zero that was not low: nothing to cross, no call."""
+        if not was_low and not account.low_credit_alerted and posting.balance_after > posting.reserved_after:
+            return
         low_threshold = account.low_credit_threshold
         if low_threshold is None:
             low_threshold = default_threshold
