@@ -15,9 +15,9 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from creditworker.contract.credits import DEFAULT_CREDIT_TYPE, Granularity, UsagePeriod
+from creditworker.contract.credits import DEFAULT_CREDIT_TYPE, EntryKind, Granularity, UsagePeriod
 from creditworker.storage.reports import period_start
-from creditworker.storage.tables import Entry, Hold
+from creditworker.storage.tables import Entry, Hold, Lot
 
 USAGE_COLUMNS: dict[str, str] = {
     "add": "granted",
@@ -56,6 +56,25 @@ def balance_at(session: Session, user_id: str, at: datetime,
         )
     )
     return int(balance or 0), int(reserved or 0)
+
+
+def pending_at(session: Session, user_id: str, at: datetime, credit_type: str = DEFAULT_CREDIT_TYPE) -> int:
+    """Credits of an account's `credit_type` that were granted by `at` but not effective yet
+    at `at` (in the balance, not available): those grants, less what voids and expiries had
+    taken of them by then (nothing else draws a lot before it is effective)."""
+    waiting = session.execute(
+        select(Lot.id, Lot.amount).where(Lot.user_id == user_id, Lot.credit_type == credit_type,
+                                         Lot.created_at <= at, Lot.effective_at > at)
+    ).all()
+    if not waiting:
+        return 0
+    taken = session.scalar(
+        select(func.coalesce(func.sum(Entry.amount), 0)).where(
+            Entry.user_id == user_id, Entry.lot_id.in_([lot_id for lot_id, _amount in waiting]),
+            Entry.kind.in_([EntryKind.VOID.value, EntryKind.EXPIRE.value]), Entry.created_at <= at,
+        )
+    )
+    return sum(amount for _lot_id, amount in waiting) + int(taken or 0)
 
 
 def usage(

@@ -686,10 +686,11 @@ class CreditService:
         with Session(self.engine) as session:
             self._account(session, request.user_id)
             balance, reserved = reports.balance_at(session, request.user_id, request.at, asked)
+            pending = reports.pending_at(session, request.user_id, request.at, asked)
         return CreditsInfo(
             user_id=request.user_id, total=balance, reserved=reserved,
-            available=balance - reserved, expiring_soon=0, expiring_within_days=within_days,
-            at=request.at, credit_type=asked,
+            available=balance - reserved - pending, expiring_soon=0, expiring_within_days=within_days,
+            at=request.at, credit_type=asked, pending=pending,
         )
 
     def get_usage(

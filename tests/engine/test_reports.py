@@ -108,6 +108,20 @@ def test_a_hold_past_its_expiry_no_longer_counts_at_that_moment(service: CreditS
     assert (after.reserved, after.available) == (0, 100)
 
 
+def test_a_grant_not_effective_yet_at_that_moment_is_pending_then(service: CreditService) -> None:
+    service.add_credits("ann", 100, now=T0)
+    later = service.add_credits("ann", 50, effective_at=T0 + timedelta(days=2), now=T0)
+    voided = service.add_credits("ann", 30, effective_at=T0 + timedelta(days=2), now=T0)
+    service.void_lot(voided.lot_id, amount=10, reason="correction", now=T0 + timedelta(hours=1))
+    before_void = service.get_user_credits_info("ann", at=T0 + timedelta(minutes=30))
+    after_void = service.get_user_credits_info("ann", at=T0 + timedelta(hours=2))
+    effective = service.get_user_credits_info("ann", at=T0 + timedelta(days=3))
+    assert (before_void.total, before_void.pending, before_void.available) == (180, 80, 100)
+    assert (after_void.total, after_void.pending, after_void.available) == (170, 70, 100)
+    assert (effective.total, effective.pending, effective.available) == (170, 0, 170)
+    assert later.lot_id != voided.lot_id
+
+
 def test_a_naive_moment_is_utc(service: CreditService) -> None:
     service.add_credits("ann", 100, now=T0)
     service.deduct_credits("ann", 10, now=T0 + timedelta(hours=1))
