@@ -684,9 +684,14 @@ class CreditService:
         assert request.at is not None
         asked = request.credit_type or DEFAULT_CREDIT_TYPE
         with Session(self.engine) as session:
-            self._account(session, request.user_id)
+            account = self._account(session, request.user_id)
             balance, reserved = reports.balance_at(session, request.user_id, request.at, asked)
-            pending = reports.pending_at(session, request.user_id, request.at, asked)
+            last_effective = account.pending_until if asked == DEFAULT_CREDIT_TYPE else session.scalar(
+                select(TypeBalance.pending_until).where(TypeBalance.user_id == request.user_id,
+                                                        TypeBalance.credit_type == asked))
+            # pending_until is the latest effective_at ever granted: none ahead of `at`, none pending then
+            pending = (reports.pending_at(session, request.user_id, request.at, asked)
+                       if last_effective is not None and last_effective > request.at else 0)
         return CreditsInfo(
             user_id=request.user_id, total=balance, reserved=reserved,
             available=balance - reserved - pending, expiring_soon=0, expiring_within_days=within_days,

@@ -120,6 +120,10 @@ def test_a_grant_not_effective_yet_at_that_moment_is_pending_then(service: Credi
     assert (after_void.total, after_void.pending, after_void.available) == (170, 70, 100)
     assert (effective.total, effective.pending, effective.available) == (170, 0, 170)
     assert later.lot_id != voided.lot_id
+    service.add_credits("ann", 8, credit_type="images", now=T0)
+    service.add_credits("ann", 5, credit_type="images", effective_at=T0 + timedelta(days=1), now=T0)
+    images = service.get_user_credits_info("ann", at=T0 + timedelta(hours=2), credit_type="images")
+    assert (images.total, images.pending, images.available) == (13, 5, 8)
 
 
 def test_a_naive_moment_is_utc(service: CreditService) -> None:
