@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     )
 
     database_url: str = "sqlite:///creditworker.db"
+    database_prepared_statements: bool = True
+    """PostgreSQL: the engine prepares its statements on each connection (planned once, not at
+    every run). Behind a pooler in transaction mode (PgBouncer's `pool_mode = transaction`)
+    set it false; left on there, the engine turns it off itself after three lost statements."""
     ledger_path: str | None = "creditworker-ledger.jsonl"
     overage_policy: OveragePolicy = OveragePolicy.REJECT
     expiring_soon_days: int = Field(default=7, ge=0, le=3660)

@@ -105,12 +105,13 @@ class AsyncCreditService(_AsyncTwin):
         expiry_reminder_days: Sequence[int] = (7, 1),
         on_events: Callable[[int], None] | None = None,
         create_tables: bool | None = None,
+        prepared_statements: bool = True,
     ) -> None:
         self.sync = CreditService(
             sync_url(database) if isinstance(database, str) else database, ledger_path=ledger_path,
             overage_policy=overage_policy, expiring_soon_days=expiring_soon_days,
             low_credit_threshold=low_credit_threshold, expiry_reminder_days=expiry_reminder_days,
-            on_events=on_events, create_tables=create_tables,
+            on_events=on_events, create_tables=create_tables, prepared_statements=prepared_statements,
         )
         pool: Any = self.sync.engine.pool
         # As many threads as the pool has connections (its overflow is named only privately).

@@ -95,7 +95,7 @@ from creditworker.engine.unit_of_work import (
 from creditworker.engine.writer import write
 from creditworker.records import ledger_records
 from creditworker.records.ledger_file import LedgerFile
-from creditworker.storage.backends import backend_for
+from creditworker.storage.backends import backend_for, prepared
 from creditworker.storage.database import make_engine
 from creditworker.storage.tables import Account, Entry, Hold, Lot, TypeBalance
 from creditworker.storage.transaction import run_transaction
@@ -146,8 +146,11 @@ class CreditService:
         create_tables: bool | None = None,
         payment_provider: PaymentProvider | str | None = None,
         topup_stale_after_seconds: float = 300,
+        prepared_statements: bool = True,
     ) -> None:
         self.engine = make_engine(database) if isinstance(database, str) else database
+        if not prepared_statements:  # behind a pooler in transaction mode (storage/backends/prepared.py)
+            prepared.disable(self.engine)
         if embedded_tables(database) if create_tables is None else create_tables:
             from creditworker.storage.migrate import upgrade
 
@@ -183,6 +186,7 @@ class CreditService:
             create_tables=create_tables,
             payment_provider=settings.payment_provider,
             topup_stale_after_seconds=settings.topup_stale_after_seconds,
+            prepared_statements=settings.database_prepared_statements,
         )
 
     # ------------------------------------------------------------------ writes

@@ -30,8 +30,10 @@ from creditworker.storage.tables import Base
 
 T = TypeVar("T")
 
-# PostgreSQL SQLSTATEs and MySQL error numbers that mean "run the transaction again".
-_RETRYABLE_SQLSTATES = {"40001", "40P01"}
+# PostgreSQL SQLSTATEs and MySQL error numbers that mean "run the transaction again": a
+# serialization failure, a deadlock, and a prepared statement missing from (or already on) the
+# server connection a pooler handed over (`backends.prepared`).
+_RETRYABLE_SQLSTATES = {"40001", "40P01", "26000", "42P05"}
 _RETRYABLE_MYSQL_ERRNOS = {1205, 1213}
 MAX_TRANSACTION_ATTEMPTS = 8
 
