@@ -407,6 +407,22 @@ equal on PostgreSQL; the rules sort in Python what this path sent and what a uni
 grants)."""
 
 
+def _json_row(alias: str, columns: tuple[str, ...]) -> str:
+    """A row of `alias` as one JSON array of `columns` (read back by `_hold_from_json`)."""
+    return "json_build_array(" + ", ".join(f"{alias}.{name}" for name in columns) + ")"
+
+
+def _operations_and_new_ids(lots: str) -> str:
+    """Three columns of the lots' queries' extra row: the operation rows of `keys` (JSON), and
+    `entry_ids` and `lot_ids` new ids from the ledger's and the lots' sequences."""
+    return (
+        "(SELECT json_agg(json_build_array(o.idempotency_key, o.kind, o.fingerprint, o.result))"
+        " FROM operations o WHERE o.idempotency_key = ANY(CAST(%(keys)s AS text[]))),"
+        " (SELECT array_agg(nextval('ledger_entries_id_seq')) FROM generate_series(1, %(entry_ids)s)),"
+        f" (SELECT array_agg(nextval('{lots}_id_seq')) FROM generate_series(1, %(lot_ids)s))"
+    )
+
+
 @cache
 def _drawable_lots_sql(lots: str, columns: tuple[str, ...], holds: str,
                        hold_columns: tuple[str, ...]) -> str:
@@ -415,7 +431,7 @@ def _drawable_lots_sql(lots: str, columns: tuple[str, ...], holds: str,
     for them when a hold ends); then one row whose lot columns are NULL, with the operation rows stored for the
     given keys (JSON), the new entry ids, the new lot ids, the given accounts' active holds
     past their TTL (JSON) and the holds named by id (JSON)."""
-    hold_array = "json_build_array(" + ", ".join("r." + name for name in hold_columns) + ")"
+    hold_array = _json_row("r", hold_columns)
     return (
         f"SELECT {', '.join(columns)}, NULL::json, NULL::bigint[], NULL::bigint[],"
         " NULL::json, NULL::json"
@@ -427,12 +443,7 @@ def _drawable_lots_sql(lots: str, columns: tuple[str, ...], holds: str,
         f" WHERE l.remaining > 0 AND l.credit_type = '{DEFAULT_CREDIT_TYPE}') x"
         " WHERE x.before < x.needed OR x.expires_at <= CAST(%(at)s AS timestamp)"
         f" UNION ALL SELECT {', '.join('NULL' for _ in columns)},"
-        " (SELECT json_agg(json_build_array("
-        "o.idempotency_key, o.kind, o.fingerprint, o.result)) FROM operations o"
-        " WHERE o.idempotency_key = ANY(CAST(%(keys)s AS text[]))),"
-        " (SELECT array_agg(nextval('ledger_entries_id_seq'))"
-        " FROM generate_series(1, %(entry_ids)s)),"
-        f" (SELECT array_agg(nextval('{lots}_id_seq')) FROM generate_series(1, %(lot_ids)s)),"
+        f" {_operations_and_new_ids(lots)},"
         f" (SELECT json_agg({hold_array}) FROM {holds} r"
         " WHERE r.user_id = ANY(CAST(%(stale_users)s AS text[])) AND r.status = 'active'"
         " AND r.expires_at <= CAST(%(stale_at)s AS timestamp)),"
@@ -471,8 +482,7 @@ def _lock_and_read_sql(accounts: Table, account_columns: tuple[str, ...], lots: 
             + ") s GROUP BY user_id)"
         )
         locked = "CAST(%(users)s AS text[]) || ARRAY(SELECT user_id FROM h)"
-        hold_array = "json_build_array(" + ", ".join("r." + name for name in hold_columns) + ")"
-        named = f"(SELECT json_agg({hold_array}) FROM h r)"
+        named = f"(SELECT json_agg({_json_row('r', hold_columns)}) FROM h r)"
     else:
         needed = (
             " WITH n AS (SELECT * FROM unnest(CAST(%(deducting)s AS text[]), CAST(%(deducted)s AS bigint[]))"
@@ -480,8 +490,8 @@ def _lock_and_read_sql(accounts: Table, account_columns: tuple[str, ...], lots: 
         )
         locked = users
         named = "NULL::json"
-    hold_array = "json_build_array(" + ", ".join("r." + name for name in hold_columns) + ")"
-    account_array = "json_build_array(" + ", ".join("a." + name for name in account_columns) + ")"
+    hold_array = _json_row("r", hold_columns)
+    account_array = _json_row("a", account_columns)
     return (
         f"{KEYED_PLANS}; SELECT 1 FROM {accounts.name} WHERE user_id = ANY({users})"
         " ORDER BY user_id FOR UPDATE;"
@@ -494,12 +504,7 @@ def _lock_and_read_sql(accounts: Table, account_columns: tuple[str, ...], lots: 
         f" WHERE l.remaining > 0 AND l.credit_type = '{DEFAULT_CREDIT_TYPE}') x"
         " WHERE x.before < x.needed OR x.expires_at <= CAST(%(at)s AS timestamp)"
         f" UNION ALL SELECT {', '.join('NULL' for _ in lot_columns)},"
-        " (SELECT json_agg(json_build_array("
-        "o.idempotency_key, o.kind, o.fingerprint, o.result)) FROM operations o"
-        " WHERE o.idempotency_key = ANY(CAST(%(keys)s AS text[]))),"
-        " (SELECT array_agg(nextval('ledger_entries_id_seq'))"
-        " FROM generate_series(1, %(entry_ids)s)),"
-        f" (SELECT array_agg(nextval('{lots}_id_seq')) FROM generate_series(1, %(lot_ids)s)),"
+        f" {_operations_and_new_ids(lots)},"
         f" (SELECT json_agg({hold_array} ORDER BY r.id) FROM {holds.name} r"
         f" WHERE r.user_id = ANY({locked})"
         " AND r.status = 'active' AND r.expires_at <= CAST(%(stale_at)s AS timestamp)),"

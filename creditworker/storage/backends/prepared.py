@@ -26,6 +26,7 @@ import logging
 import re
 import threading
 import weakref
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -58,11 +59,21 @@ def enabled(engine: Engine) -> bool:
     return engine not in _off
 
 
+@dataclass(frozen=True, slots=True)
+class _Script:
+    """A statement text split for preparing: what a connection that holds all its
+    statements sends (built once), and what one that lacks some needs."""
+
+    names: frozenset[str]
+    executes: str
+    parts: tuple[tuple[str | None, str, str], ...]
+    """Per statement: its prepared name (None without parameters), its PREPARE, its EXECUTE."""
+
+
 @lru_cache(maxsize=2048)
-def _parts(statement: str) -> tuple[tuple[str | None, str, str], ...]:
-    """Per `;`-separated statement of `statement`: its prepared name (None for one without
-    parameters, which goes as it is), its PREPARE and its EXECUTE. The engine's texts never
-    hold `;` in a literal: their values travel as parameters."""
+def _split(statement: str) -> _Script:
+    """`statement`, `;`-separated, for preparing. The engine's texts never hold `;` in a
+    literal: their values travel as parameters."""
     parts: list[tuple[str | None, str, str]] = []
     for part in statement.split(";"):
         part = part.strip()
@@ -76,7 +87,8 @@ def _parts(statement: str) -> tuple[tuple[str | None, str, str], ...]:
         name = PREFIX + hashlib.blake2b(part.encode(), digest_size=10).hexdigest()
         arguments = ", ".join(f"%({parameter})s" for parameter in names)
         parts.append((name, f"PREPARE {name} AS {body}", f"EXECUTE {name}({arguments})"))
-    return tuple(parts)
+    return _Script(frozenset(name for name, _prepare, _execute in parts if name is not None),
+                   ";\n".join(execute for _name, _prepare, execute in parts), tuple(parts))
 
 
 def script(connection: Connection, statement: str) -> tuple[str, list[str]]:
@@ -85,12 +97,14 @@ def script(connection: Connection, statement: str) -> tuple[str, list[str]]:
     if connection.engine in _off:
         return statement, []
     info = connection.connection.info
-    known = info.get(_KNOWN, set())
-    if known is None:
-        known = _read_known(connection)
-    info[_KNOWN] = known
+    known = info.get(_KNOWN)
+    if known is None:  # a new connection (none), or unknown after a failure (read it)
+        known = info[_KNOWN] = set() if _KNOWN not in info else _read_known(connection)
+    split = _split(statement)
+    if split.names <= known:
+        return split.executes, []
     texts, preparing = [], []
-    for name, prepare, execute in _parts(statement):
+    for name, prepare, execute in split.parts:
         if name is not None and name not in known and name not in preparing:
             texts.append(prepare)
             preparing.append(name)
