@@ -24,6 +24,7 @@ from sqlalchemy.engine import Connection
 from creditworker.contract.credits import DEFAULT_CREDIT_TYPE, ReservationStatus
 from creditworker.engine.rules import Account, Hold, Lot, draw_order, is_pending
 from creditworker.storage.backends import backend_for
+from creditworker.storage.backends.base import ReadAlong, Shapes
 from creditworker.storage.backends.core import DEFAULT_TYPE_LIVE
 from creditworker.storage.database import insert_if_absent
 from creditworker.storage.tables import Account as AccountRow
@@ -76,8 +77,7 @@ def lock_with_owners(connection: Connection, user_ids: Iterable[str], hold_ids: 
                      ) -> tuple[dict[str, HoldOwner], dict[str, Account]]:
     """`hold_owners`, and `lock` of `user_ids` and those owners: one round trip where the
     backend can (a commit or release needs no read of its own before the lock)."""
-    owners, rows = backend_for(connection).lock_with_owners(
-        connection, accounts_table, ACCOUNT_COLUMNS, holds_table, set(user_ids), hold_ids)
+    owners, rows = backend_for(connection).lock_with_owners(connection, SHAPES, set(user_ids), hold_ids)
     return ({hold_id: HoldOwner(*owner) for hold_id, owner in owners.items()},
             {row[0]: _account(row) for row in rows})
 
@@ -133,9 +133,8 @@ def load_live_lots(connection: Connection, accounts: Iterable[Account],
     prefetched: Prefetched | None = None
     if drawing is not None:
         needed = {user_id: max(0, drawing.get(user_id, 0)) for user_id in wanting}
-        rows, folded = backend.drawable_lots(
-            connection, LOT_COLUMNS, lots_table, needed, operation_keys, entry_ids, lot_ids,
-            holds_table, HOLD_COLUMNS, stale_users if stale_at is not None else (), stale_at, hold_ids)
+        along = ReadAlong(operation_keys, entry_ids, lot_ids, hold_ids, stale_at, stale_holds=stale_at is not None)
+        rows, folded = backend.drawable_lots(connection, SHAPES, needed, along, stale_users)
         if folded is not None:
             prefetched = Prefetched(
                 folded.operations, folded.entry_ids, folded.lot_ids,
@@ -201,8 +200,8 @@ def lock_and_read(connection: Connection, user_ids: Collection[str], hold_ids: C
     the active holds past their TTL at `at` of the locked accounts. An account with a grant
     not yet effective gets all its live lots, in a query of its own."""
     read = backend_for(connection).lock_and_read(
-        connection, (accounts_table, lots_table, holds_table), (ACCOUNT_COLUMNS, LOT_COLUMNS, HOLD_COLUMNS),
-        user_ids, hold_ids, drawing.deducted, drawing.charges, operation_keys, entry_ids, lot_ids, at, stale)
+        connection, SHAPES, user_ids, drawing.deducted, drawing.charges,
+        ReadAlong(operation_keys, entry_ids, lot_ids, hold_ids, at, stale_holds=stale))
     if read is None:
         return None
     locked = {row[0]: _account(row) for row in read.accounts}
@@ -241,13 +240,14 @@ def before_lock(connection: Connection, hold_ids: Collection[str], user_ids: Col
                 ) -> tuple[dict[str, HoldOwner], set[str] | None]:
     """`hold_owners`, and which of `user_ids` have an account (for `create_missing`; None: not
     read). A backend may read both in one statement when it needs both."""
-    owners, existing = backend_for(connection).owners_and_accounts(
-        connection, holds_table, accounts_table, hold_ids, user_ids)
+    owners, existing = backend_for(connection).owners_and_accounts(connection, SHAPES, hold_ids, user_ids)
     return {hold_id: HoldOwner(*owner) for hold_id, owner in owners.items()}, existing
 
 
 HOLD_COLUMNS = ("id", "user_id", "amount", "status", "expires_at", "created_at", "idempotency_key",
                 "committed_amount", "finalized_at", "credit_type")
+SHAPES = Shapes(accounts_table, ACCOUNT_COLUMNS, lots_table, LOT_COLUMNS, holds_table, HOLD_COLUMNS)
+"""What the backends' lock and lot queries read, in these columns."""
 
 
 def load_holds(connection: Connection, hold_ids: Collection[str]) -> dict[str, Hold]:

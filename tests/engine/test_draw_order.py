@@ -17,9 +17,10 @@ from typing import cast
 from sqlalchemy import Table
 from sqlalchemy.engine import Engine
 
-from creditworker.engine.account import HOLD_COLUMNS, LOT_COLUMNS, _lot, holds_table, lots_table
+from creditworker.engine.account import LOT_COLUMNS, SHAPES, _lot, lots_table
 from creditworker.engine.rules import draw_order
 from creditworker.storage.backends import backend_for
+from creditworker.storage.backends.base import ReadAlong
 from creditworker.storage.tables import Account
 
 
@@ -77,9 +78,7 @@ def test_the_sql_window_sends_the_prefix_of_the_rules_draw_order(pg_engine: Engi
         }
         for amount in range(1, 25):
             needed = {user: amount for user in users}
-            sent, _extra = backend.drawable_lots(
-                connection, LOT_COLUMNS, lots_table, needed, (), 0, 0, holds_table, HOLD_COLUMNS
-            )
+            sent, _extra = backend.drawable_lots(connection, SHAPES, needed, ReadAlong())
             for user in users:
                 prefix, before = [], 0
                 for lot in ordered[user]:

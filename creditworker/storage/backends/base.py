@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol
 
@@ -13,6 +14,40 @@ from sqlalchemy.sql import Select
 
 class Json(str):
     """JSON text made by the caller (cheaper than a dict to dump), for a JSON column."""
+
+
+@dataclass(frozen=True, slots=True)
+class Shapes:
+    """The tables a unit of work locks and reads, and the columns it reads of each (rows
+    come back as tuples of these columns, in this order)."""
+
+    accounts: Table
+    account_columns: tuple[str, ...]
+    lots: Table
+    lot_columns: tuple[str, ...]
+    holds: Table
+    hold_columns: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadAlong:
+    """What a unit of work asks its lots' query to read besides the lots, where the path
+    can read it in the same statement (`Backend.folds_reads`; answered as `Folded`)."""
+
+    operation_keys: Collection[str] = ()
+    """The keys whose stored operation rows to read."""
+    entry_ids: int = 0
+    """How many new ledger entry ids to take from their sequence."""
+    lot_ids: int = 0
+    """How many new lot ids to take from their sequence."""
+    hold_ids: Collection[str] = ()
+    """The holds to read by id, as they are after the accounts' lock."""
+    at: datetime | None = None
+    """The unit of work's moment: lots past their expiry then come too (rollover looks for
+    them when a hold ends), and holds past their TTL then are stale."""
+    stale_holds: bool = False
+    """Whether to read the active holds past their TTL at `at` (of the locked accounts, or
+    of the users `drawable_lots` names)."""
 
 
 class Folded(NamedTuple):
@@ -114,67 +149,41 @@ class Backend(Protocol):
     def drawable_lots(
         self,
         connection: Connection,
-        columns: tuple[str, ...],
-        lots: Table,
+        shapes: Shapes,
         needed: Mapping[str, int],
-        operation_keys: Collection[str],
-        entry_ids: int,
-        lot_ids: int,
-        holds: Table,
-        hold_columns: tuple[str, ...],
+        along: ReadAlong,
         stale_users: Collection[str] = (),
-        stale_at: datetime | None = None,
-        hold_ids: Collection[str] = (),
     ) -> tuple[list[tuple[Any, ...]], Folded | None]:
         """The live lots (credits left) of the accounts in `needed` that a draw of at most
-        `needed[user]` can reach, as `columns` tuples; and, if this path read them in the same
-        statement (`folds_reads`), the operation rows of `operation_keys`, `entry_ids` new
-        ledger entry ids, `lot_ids` new lot ids, the active holds of `stale_users` past their
-        TTL at `stale_at` and the holds `hold_ids` names (`hold_columns` tuples), else None."""
+        `needed[user]` can reach, as `lot_columns` tuples; and, if this path read it in the same
+        statement (`folds_reads`), what `along` asks (stale holds: of `stale_users`), else None."""
 
     def owners_and_accounts(
-        self,
-        connection: Connection,
-        holds: Table,
-        accounts: Table,
-        hold_ids: Collection[str],
-        user_ids: Collection[str],
+        self, connection: Connection, shapes: Shapes, hold_ids: Collection[str], user_ids: Collection[str]
     ) -> tuple[dict[str, tuple[str, int]], set[str] | None]:
         """The user and amount of each existing hold, and which of `user_ids` have an account
         (None: not read; the caller reads them when it needs them)."""
 
     def lock_with_owners(
-        self,
-        connection: Connection,
-        accounts: Table,
-        columns: tuple[str, ...],
-        holds: Table,
-        user_ids: Collection[str],
-        hold_ids: Collection[str],
+        self, connection: Connection, shapes: Shapes, user_ids: Collection[str], hold_ids: Collection[str]
     ) -> tuple[dict[str, tuple[str, int]], list[tuple[Any, ...]]]:
         """The user and amount of each existing hold of `hold_ids`, and the accounts of
-        `user_ids` and of those holds' owners locked in user order (`columns` tuples)."""
+        `user_ids` and of those holds' owners locked in user order (`account_columns` tuples)."""
 
     def lock_and_read(
         self,
         connection: Connection,
-        tables: tuple[Table, Table, Table],
-        columns: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]],
+        shapes: Shapes,
         user_ids: Collection[str],
-        hold_ids: Collection[str],
         deducted: Mapping[str, int],
         charges: Sequence[tuple[str, int | None]],
-        operation_keys: Collection[str],
-        entry_ids: int,
-        lot_ids: int,
-        at: datetime,
-        stale_holds: bool,
+        along: ReadAlong,
     ) -> LockedRead | None:
-        """Lock the accounts of `user_ids` and of the holds `hold_ids` names (in user order),
-        then read, after the lock, what `lock_with_owners` and `drawable_lots` read (each
-        account's draws may take its `deducted` plus its holds' `charges`, None being the
-        hold's amount), in one round trip; None where this path cannot (the caller locks,
-        then reads). `tables` and `columns`: the accounts', lots' and holds'."""
+        """Lock the accounts of `user_ids` and of the holds `along.hold_ids` names (in user
+        order), then read, after the lock, what `lock_with_owners` and `drawable_lots` read
+        (each account's draws may take its `deducted` plus its holds' `charges`, None being
+        the hold's amount; stale holds: of the locked accounts), in one round trip; None
+        where this path cannot (the caller locks, then reads)."""
 
     def keyset_page(self, engine: Engine, query: Select[Any]) -> list[tuple[Any, ...]]:
         """A page of a keyset scan, in a short transaction of its own, walking its index."""

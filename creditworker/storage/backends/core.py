@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Mapping, Sequence
-from datetime import datetime
 from functools import cache
 from typing import Any
 
@@ -34,7 +33,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import ColumnElement, Select
 
 from creditworker.contract.credits import DEFAULT_CREDIT_TYPE
-from creditworker.storage.backends.base import Folded, Json, LockedRead
+from creditworker.storage.backends.base import Folded, Json, LockedRead, ReadAlong, Shapes
 
 DEFAULT_TYPE_LIVE = f"remaining > 0 AND credit_type = '{DEFAULT_CREDIT_TYPE}'"
 """The live lots of an account's default credit type (what a lock loads with its row)."""
@@ -136,51 +135,34 @@ class Core:
     def drawable_lots(
         self,
         connection: Connection,
-        columns: tuple[str, ...],
-        lots: Table,
+        shapes: Shapes,
         needed: Mapping[str, int],
-        operation_keys: Collection[str],
-        entry_ids: int,
-        lot_ids: int,
-        holds: Table,
-        hold_columns: tuple[str, ...],
+        along: ReadAlong,
         stale_users: Collection[str] = (),
-        stale_at: datetime | None = None,
-        hold_ids: Collection[str] = (),
     ) -> tuple[list[tuple[Any, ...]], Folded | None]:
         """Every live lot of the accounts' default credit type (no prefix here, and nothing
         read besides); another type's lots are read with its totals (`account.load_typed`)."""
         return self.rows_where_in(
-            connection, lots, columns, "user_id", needed, where=DEFAULT_TYPE_LIVE
+            connection, shapes.lots, shapes.lot_columns, "user_id", needed, where=DEFAULT_TYPE_LIVE
         ), None
 
     def owners_and_accounts(
-        self,
-        connection: Connection,
-        holds: Table,
-        accounts: Table,
-        hold_ids: Collection[str],
-        user_ids: Collection[str],
+        self, connection: Connection, shapes: Shapes, hold_ids: Collection[str], user_ids: Collection[str]
     ) -> tuple[dict[str, tuple[str, int]], set[str] | None]:
         return {
             row[0]: (row[1], row[2])
             for row in self.rows_where_in(
-                connection, holds, ("id", "user_id", "amount"), "id", hold_ids
+                connection, shapes.holds, ("id", "user_id", "amount"), "id", hold_ids
             )
         }, None
 
     def lock_with_owners(
-        self,
-        connection: Connection,
-        accounts: Table,
-        columns: tuple[str, ...],
-        holds: Table,
-        user_ids: Collection[str],
-        hold_ids: Collection[str],
+        self, connection: Connection, shapes: Shapes, user_ids: Collection[str], hold_ids: Collection[str]
     ) -> tuple[dict[str, tuple[str, int]], list[tuple[Any, ...]]]:
+        columns = shapes.account_columns
         if self.dialect == "postgresql" and hold_ids:  # one round trip, as on psycopg2
             rows = connection.execute(
-                _lock_with_owners_statement(accounts, columns, holds),
+                _lock_with_owners_statement(shapes),
                 {"users": sorted(set(user_ids)), "holds": sorted(set(hold_ids))},
             ).all()
             width = len(columns)
@@ -190,26 +172,20 @@ class Core:
                 if row[width] is not None
             }
             return owners, [tuple(row[:width]) for row in rows if row[width] is None]
-        owners, _ = self.owners_and_accounts(connection, holds, accounts, hold_ids, ())
+        owners, _ = self.owners_and_accounts(connection, shapes, hold_ids, ())
         users = {*user_ids, *(user_id for user_id, _amount in owners.values())}
         return owners, self.rows_where_in(
-            connection, accounts, columns, "user_id", users, order_by="user_id", for_update=True
+            connection, shapes.accounts, columns, "user_id", users, order_by="user_id", for_update=True
         )
 
     def lock_and_read(
         self,
         connection: Connection,
-        tables: tuple[Table, Table, Table],
-        columns: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]],
+        shapes: Shapes,
         user_ids: Collection[str],
-        hold_ids: Collection[str],
         deducted: Mapping[str, int],
         charges: Sequence[tuple[str, int | None]],
-        operation_keys: Collection[str],
-        entry_ids: int,
-        lot_ids: int,
-        at: datetime,
-        stale_holds: bool,
+        along: ReadAlong,
     ) -> LockedRead | None:
         """Not here: the caller locks, then reads (`lock_with_owners`, `drawable_lots`)."""
         return None
@@ -227,9 +203,10 @@ class Core:
 
 
 @cache
-def _lock_with_owners_statement(accounts: Table, columns: tuple[str, ...], holds: Table) -> Any:
+def _lock_with_owners_statement(shapes: Shapes) -> Any:
     """PostgreSQL: the holds' owners read in the statement that locks the accounts in user
     order (a CTE with FOR UPDATE), one row per hold after the account rows."""
+    accounts, columns, holds = shapes.accounts, shapes.account_columns, shapes.holds
     listed = ", ".join(columns)
     nulls = ", ".join("NULL" for _ in columns)
     return (

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection
 
 from creditworker.contract.credits import DEFAULT_CREDIT_TYPE, PROMOTIONAL_SOURCES
 from creditworker.storage.backends import prepared
-from creditworker.storage.backends.base import Folded, Json, LockedRead
+from creditworker.storage.backends.base import Folded, Json, LockedRead, ReadAlong, Shapes
 from creditworker.storage.backends.core import Core
 from creditworker.storage.tables import UtcDateTime
 
@@ -98,65 +98,47 @@ class PostgresArrays(Core):
     def drawable_lots(
         self,
         connection: Connection,
-        columns: tuple[str, ...],
-        lots: Table,
+        shapes: Shapes,
         needed: Mapping[str, int],
-        operation_keys: Collection[str],
-        entry_ids: int,
-        lot_ids: int,
-        holds: Table,
-        hold_columns: tuple[str, ...],
+        along: ReadAlong,
         stale_users: Collection[str] = (),
-        stale_at: datetime | None = None,
-        hold_ids: Collection[str] = (),
     ) -> tuple[list[tuple[Any, ...]], Folded | None]:
         """Only the lots that come first in the draw-down order until they cover what each
-        account may draw; in the same statement the operation rows of `operation_keys`,
-        `entry_ids` and `lot_ids` new ids from the ledger's and the lots' sequences (after
-        the accounts' lock, so in the order their transactions hold it), the stale holds of
-        `stale_users` and the holds `hold_ids` names (as the lock holder left them)."""
+        account may draw; in the same statement what `along` asks: the operation rows, new
+        ids from the ledger's and the lots' sequences (after the accounts' lock, so in the
+        order their transactions hold it), the stale holds of `stale_users` and the named
+        holds (as the lock holder left them)."""
         users = sorted(needed)
-        asking = stale_at is not None and bool(stale_users)
+        asking = along.stale_holds and along.at is not None and bool(stale_users)
         rows = _run(
             connection,
-            _drawable_lots_sql(lots.name, columns, holds.name, hold_columns),
+            _drawable_lots_sql(shapes),
             {
                 "users": text_array(users),
                 "needed": "{" + ",".join(str(needed[user]) for user in users) + "}",
-                "keys": text_array(sorted(set(operation_keys))),
-                "entry_ids": entry_ids,
-                "lot_ids": lot_ids,
+                "keys": text_array(sorted(set(along.operation_keys))),
+                "entry_ids": along.entry_ids,
+                "lot_ids": along.lot_ids,
                 "stale_users": text_array(sorted(stale_users) if asking else []),
-                "stale_at": _timestamp(stale_at) if asking else None,
-                "at": _timestamp(stale_at),
-                "hold_ids": text_array(sorted(set(hold_ids))),
+                "stale_at": _timestamp(along.at) if asking else None,
+                "at": _timestamp(along.at),
+                "hold_ids": text_array(sorted(set(along.hold_ids))),
             },
         )
-        found = [_aware(row[: len(columns)], lots, columns) for row in rows if row[0] is not None]
+        found = [_aware(row[: len(shapes.lot_columns)], shapes.lots, shapes.lot_columns)
+                 for row in rows if row[0] is not None]
         extra = next(row for row in rows if row[0] is None)
-        stale = [_hold_from_json(hold, holds, hold_columns) for hold in extra[-2] or ()]
-        return found, Folded(
-            [tuple(operation) for operation in extra[-5] or ()],
-            sorted(extra[-4] or ()),
-            sorted(extra[-3] or ()),
-            stale if asking else None,
-            [_hold_from_json(hold, holds, hold_columns) for hold in extra[-1] or ()],
-        )
+        return found, _folded(extra, shapes, stale=asking)
 
     def owners_and_accounts(
-        self,
-        connection: Connection,
-        holds: Table,
-        accounts: Table,
-        hold_ids: Collection[str],
-        user_ids: Collection[str],
+        self, connection: Connection, shapes: Shapes, hold_ids: Collection[str], user_ids: Collection[str]
     ) -> tuple[dict[str, tuple[str, int]], set[str] | None]:
         """Both in one statement when both are wanted."""
         if not hold_ids or not user_ids:
-            return super().owners_and_accounts(connection, holds, accounts, hold_ids, user_ids)
+            return super().owners_and_accounts(connection, shapes, hold_ids, user_ids)
         rows = _run(
             connection,
-            _owners_and_accounts_sql(holds.name, accounts.name),
+            _owners_and_accounts_sql(shapes.holds.name, shapes.accounts.name),
             {
                 "holds": text_array(sorted(set(hold_ids))),
                 "users": text_array(sorted(set(user_ids))),
@@ -166,45 +148,32 @@ class PostgresArrays(Core):
             row[1] for row in rows if row[0] is None
         }
 
-
     def lock_with_owners(
-        self,
-        connection: Connection,
-        accounts: Table,
-        columns: tuple[str, ...],
-        holds: Table,
-        user_ids: Collection[str],
-        hold_ids: Collection[str],
+        self, connection: Connection, shapes: Shapes, user_ids: Collection[str], hold_ids: Collection[str]
     ) -> tuple[dict[str, tuple[str, int]], list[tuple[Any, ...]]]:
         """One round trip: the holds' owners are read in the statement that locks the
         accounts (a hold's owner never changes, so reading it there is reading it before)."""
         rows = _run(
             connection,
-            _lock_with_owners_sql(accounts, columns, holds.name),
+            _lock_with_owners_sql(shapes),
             {
                 "users": text_array(sorted(set(user_ids))),
                 "holds": text_array(sorted(set(hold_ids))),
             },
         )
+        columns = shapes.account_columns
         width = len(columns)
         owners = {row[width]: (row[width + 1], row[width + 2]) for row in rows if row[width] is not None}
-        return owners, [_aware(row[:width], accounts, columns) for row in rows if row[width] is None]
-
+        return owners, [_aware(row[:width], shapes.accounts, columns) for row in rows if row[width] is None]
 
     def lock_and_read(
         self,
         connection: Connection,
-        tables: tuple[Table, Table, Table],
-        columns: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]],
+        shapes: Shapes,
         user_ids: Collection[str],
-        hold_ids: Collection[str],
         deducted: Mapping[str, int],
         charges: Sequence[tuple[str, int | None]],
-        operation_keys: Collection[str],
-        entry_ids: int,
-        lot_ids: int,
-        at: datetime,
-        stale_holds: bool,
+        along: ReadAlong,
     ) -> LockedRead:
         """Two statements in one round trip: the lock, then one read of everything else.
 
@@ -213,40 +182,43 @@ class PostgresArrays(Core):
         lock holder committed (one statement joining the locked rows would not: it keeps the
         snapshot it started with for the rows it did not lock). How far each account's draws
         may reach is computed in the read from the holds it reads there."""
-        accounts, lots, holds = tables
-        account_columns, lot_columns, hold_columns = columns
         deducting = sorted(deducted)
         rows = _run(
             connection,
-            _lock_and_read_sql(accounts, account_columns, lots.name, lot_columns, holds, hold_columns,
-                               bool(hold_ids), bool(deducted)),
+            _lock_and_read_sql(shapes, bool(along.hold_ids), bool(deducted)),
             {
                 "users": text_array(sorted(set(user_ids))),
-                "holds": text_array(sorted(set(hold_ids))),
+                "holds": text_array(sorted(set(along.hold_ids))),
                 "deducting": text_array(deducting),
                 "deducted": "{" + ",".join(str(deducted[user]) for user in deducting) + "}",
                 "charged": text_array([hold_id for hold_id, _amount in charges]),
                 "charges": _integer_array([amount for _hold_id, amount in charges]),
-                "keys": text_array(sorted(set(operation_keys))),
-                "entry_ids": entry_ids,
-                "lot_ids": lot_ids,
-                "at": _timestamp(at),
-                "stale_at": _timestamp(at) if stale_holds else None,
+                "keys": text_array(sorted(set(along.operation_keys))),
+                "entry_ids": along.entry_ids,
+                "lot_ids": along.lot_ids,
+                "at": _timestamp(along.at),
+                "stale_at": _timestamp(along.at) if along.stale_holds else None,
             },
         )
+        lots, lot_columns = shapes.lots, shapes.lot_columns
         found = [_aware(row[: len(lot_columns)], lots, lot_columns) for row in rows if row[0] is not None]
         extra = next(row for row in rows if row[0] is None)
-        return LockedRead(
-            [_hold_from_json(account, accounts, account_columns) for account in extra[-1] or ()],
-            found,
-            Folded(
-                [tuple(operation) for operation in extra[-6] or ()],
-                sorted(extra[-5] or ()),
-                sorted(extra[-4] or ()),
-                [_hold_from_json(hold, holds, hold_columns) for hold in extra[-3] or ()] if stale_holds else None,
-                [_hold_from_json(hold, holds, hold_columns) for hold in extra[-2] or ()],
-            ),
-        )
+        accounts = [_hold_from_json(account, shapes.accounts, shapes.account_columns) for account in extra[-1] or ()]
+        return LockedRead(accounts, found, _folded(extra[:-1], shapes, stale=along.stale_holds))
+
+
+def _folded(extra: Sequence[Any], shapes: Shapes, *, stale: bool) -> Folded:
+    """The lots' queries' extra row, whose last five columns are what `Folded` holds: the
+    operation rows (JSON), the new entry ids, the new lot ids, the stale holds (JSON) and the
+    named holds (JSON)."""
+    operations, entry_ids, lot_ids, stale_holds, holds = extra[-5:]
+    return Folded(
+        [tuple(operation) for operation in operations or ()],
+        sorted(entry_ids or ()),
+        sorted(lot_ids or ()),
+        [_hold_from_json(hold, shapes.holds, shapes.hold_columns) for hold in stale_holds or ()] if stale else None,
+        [_hold_from_json(hold, shapes.holds, shapes.hold_columns) for hold in holds or ()],
+    )
 
 
 class ArrayScript:
@@ -424,13 +396,13 @@ def _operations_and_new_ids(lots: str) -> str:
 
 
 @cache
-def _drawable_lots_sql(lots: str, columns: tuple[str, ...], holds: str,
-                       hold_columns: tuple[str, ...]) -> str:
+def _drawable_lots_sql(shapes: Shapes) -> str:
     """The lots of the default credit type in draw-down order whose credits before them do
     not cover what the account may draw (and those past their expiry at `at`: rollover looks
     for them when a hold ends); then one row whose lot columns are NULL, with the operation rows stored for the
     given keys (JSON), the new entry ids, the new lot ids, the given accounts' active holds
     past their TTL (JSON) and the holds named by id (JSON)."""
+    lots, columns, holds, hold_columns = shapes.lots.name, shapes.lot_columns, shapes.holds.name, shapes.hold_columns
     hold_array = _json_row("r", hold_columns)
     return (
         f"SELECT {', '.join(columns)}, NULL::json, NULL::bigint[], NULL::bigint[],"
@@ -453,9 +425,7 @@ def _drawable_lots_sql(lots: str, columns: tuple[str, ...], holds: str,
 
 
 @cache
-def _lock_and_read_sql(accounts: Table, account_columns: tuple[str, ...], lots: str, lot_columns: tuple[str, ...],
-                       holds: Table, hold_columns: tuple[str, ...], naming_holds: bool,
-                       deducting: bool) -> str:
+def _lock_and_read_sql(shapes: Shapes, naming_holds: bool, deducting: bool) -> str:
     """`lock_and_read`'s text: the lock (the accounts of the users and of the named holds'
     owners, in user order), then one statement: the lots of the default credit type in
     draw-down order whose credits before them do not cover what the account may draw (and
@@ -467,6 +437,9 @@ def _lock_and_read_sql(accounts: Table, account_columns: tuple[str, ...], lots: 
     Planning is most of what the server spends on it, so it is kept to few joins, and
     without holds named (a reserve, a deduct) the holds' part is left out: what each account
     may draw is then sent as it is (as are the deducts' part when there are none)."""
+    accounts, account_columns, holds, hold_columns = (shapes.accounts, shapes.account_columns, shapes.holds,
+                                                      shapes.hold_columns)
+    lots, lot_columns = shapes.lots.name, shapes.lot_columns
     users = "CAST(%(users)s AS text[])"
     if naming_holds:
         users += " || ARRAY(SELECT user_id FROM " + holds.name + " WHERE id = ANY(CAST(%(holds)s AS text[])))"
@@ -515,9 +488,10 @@ def _lock_and_read_sql(accounts: Table, account_columns: tuple[str, ...], lots: 
 
 
 @cache
-def _lock_with_owners_sql(accounts: Table, columns: tuple[str, ...], holds: str) -> str:
+def _lock_with_owners_sql(shapes: Shapes) -> str:
     """The accounts locked in user order (a CTE with FOR UPDATE), then one row per hold
     with its id, user and amount after the account columns (NULL there)."""
+    accounts, columns, holds = shapes.accounts, shapes.account_columns, shapes.holds.name
     listed = ", ".join(columns)
     return (
         f"{KEYED_PLANS}; WITH o AS (SELECT id, user_id, amount FROM {holds}"
