@@ -392,7 +392,7 @@ class CostBasis(_Message):
 
 class CommitReservation(Request):
     reservation_id: ReservationId
-    amount: NonNegativeAmount | None = None
+    amount: NonNegativeAmount | None = Field(default=None, description="Credits to charge; omitted: the amount held.")
     description: Description | None = None
     metadata: Metadata | None = None
 
@@ -423,7 +423,7 @@ class VoidLot(Request):
 
     lot_id: LotId
     reason: Reason
-    amount: Amount | None = None
+    amount: Amount | None = Field(default=None, description="Credits to void; omitted: all that is left.")
 
 
 class RefundDeduction(Request):
@@ -431,7 +431,7 @@ class RefundDeduction(Request):
 
     entry_id: RowId
     reason: Reason
-    amount: Amount | None = None
+    amount: Amount | None = Field(default=None, description="Credits to give back; omitted: all that is left.")
 
 
 class ChangeLotExpiry(Request):

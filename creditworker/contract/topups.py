@@ -107,8 +107,9 @@ class CompleteTopup(Request):
 
     topup_id: RowId
     succeeded: bool
-    reference: Annotated[str, Strict(), Field(min_length=1, max_length=200)] | None = None
-    error: Annotated[str, Strict(), Field(max_length=500)] | None = None
+    reference: Annotated[str, Strict(), Field(min_length=1, max_length=200)] | None = Field(
+        default=None, description="The provider's charge id.")
+    error: Annotated[str, Strict(), Field(max_length=500)] | None = Field(default=None, description="Why it failed.")
 
 
 class ListTopups(_Message):

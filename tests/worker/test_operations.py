@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -231,3 +232,47 @@ def _documented_table() -> str:
 
 def test_the_documented_wire_contract_is_the_registry() -> None:
     assert _documented_table() == contract_table()
+
+
+def test_each_gateway_body_is_its_request_without_the_path() -> None:
+    """A route's JSON body and its path parameters are its request's fields, each body field
+    typed as the request types it (the bodies are derived from the contract: a body written
+    by hand that drifts from it fails here)."""
+    from fastapi import FastAPI
+
+    from creditworker.http import build_router
+
+    async def open_door() -> None:
+        return None
+
+    app = FastAPI()
+    app.include_router(build_router(auth=open_door))
+    document = app.openapi()
+    schemas = document["components"]["schemas"]
+    checked = 0
+    for operation in OPERATIONS:
+        if operation.route is None:
+            continue
+        path = operation.route.path.replace(":path}", "}")  # OpenAPI names a path converter's parameter alone
+        served = document["paths"][path][operation.route.method.lower()]
+        content = served.get("requestBody", {}).get("content", {}).get("application/json")
+        if content is None:
+            continue
+        reference = content["schema"].get("$ref") or next(
+            option["$ref"] for option in content["schema"]["anyOf"] if "$ref" in option)
+        body = schemas[reference.rsplit("/", 1)[1]]["properties"]
+        in_path = {parameter["name"] for parameter in served.get("parameters", []) if parameter["in"] == "path"}
+        request = operation.request.model_json_schema(ref_template="#/components/schemas/{model}")["properties"]
+        assert set(body) | in_path == set(request), operation.task
+        assert not set(body) & in_path, operation.task
+        for name, schema in body.items():
+            assert _no_null_default(schema) == _no_null_default(request[name]), (operation.task, name)
+        checked += 1
+    assert checked >= 15
+
+
+def _no_null_default(schema: dict[str, Any]) -> Any:
+    """A property's schema without `"default": null` (FastAPI leaves it out of some) and with
+    the models it refers to by their own names (FastAPI names a request-side one `X-Input`)."""
+    kept = {key: value for key, value in schema.items() if not (key == "default" and value is None)}
+    return json.loads(json.dumps(kept).replace('-Input"', '"'))

@@ -1,8 +1,8 @@
 """What a `/credits` request carries beyond the contract's own requests, and what the
 gateway answers of its own.
 
-Bodies are the part of a contract request that is not in the URL, built from the contract's
-field types, so the gateway refuses exactly what the workers refuse. Path parameters carry
+Bodies are the part of a contract request that is not in the URL, derived from the contract's
+requests (`body_of`), so the gateway refuses exactly what the workers refuse. Path parameters carry
 the contract's types too, so a bad one is refused here, named by where it is
 (`path.user_id`). User ids and plan names may contain `/`: they take the rest of the path,
 so `a%2Fb` and `a/b` both name the user `a/b`.
@@ -13,27 +13,23 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Header, Path
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
 from creditworker.contract.credits import (
-    DEFAULT_CREDIT_TYPE,
-    Amount,
-    CreditType,
-    Description,
+    ChangeLotExpiry,
+    CommitReservation,
     IdempotencyKey,
     LedgerEntry,
-    LowThreshold,
-    Metadata,
-    NonNegativeAmount,
-    Reason,
+    RefundDeduction,
+    ReleaseReservation,
     ReservationId,
-    ThresholdPercent,
+    SetLowCreditThreshold,
     UserId,
-    UtcDateTime,
+    VoidLot,
 )
 from creditworker.contract.errors import ValidationFailed
-from creditworker.contract.plans import PlanName, PlanRef
-from creditworker.contract.topups import Currency, ExpiresAfterDays, Money
+from creditworker.contract.plans import AssignPlan, ChangePlan, PlanChanges, PlanName, UpdatePlan
+from creditworker.contract.topups import CompleteTopup, SetAutoTopup
 
 
 class _Body(BaseModel):
@@ -42,76 +38,34 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class CommitBody(_Body):
-    amount: NonNegativeAmount | None = Field(
-        default=None, description="Credits to charge; omitted: the amount held."
-    )
-    description: Description | None = None
-    metadata: Metadata | None = None
-    idempotency_key: IdempotencyKey | None = None
+def body_of(request: type[BaseModel], *in_path: str, name: str, doc: str | None = None) -> type[_Body]:
+    """`request` without the fields its URL carries: the same fields, types, defaults and
+    descriptions (derived, so that a contract change reaches the gateway as it is). The
+    request's own cross-field checks run when the gateway builds it from body and path."""
+    missing = set(in_path) - set(request.model_fields)
+    if missing:
+        raise ValueError(f"{request.__name__} has no fields {sorted(missing)}")
+    fields: dict[str, Any] = {
+        field: (info.annotation, info) for field, info in request.model_fields.items() if field not in in_path
+    }
+    return create_model(name, __base__=_Body, __doc__=doc, __module__=__name__, **fields)
 
 
-class ReleaseBody(_Body):
-    idempotency_key: IdempotencyKey | None = None
-
-
-class VoidBody(_Body):
-    reason: Reason
-    amount: Amount | None = Field(default=None, description="Credits to void; omitted: all that is left.")
-    idempotency_key: IdempotencyKey | None = None
-
-
-class RefundBody(_Body):
-    reason: Reason
-    amount: Amount | None = Field(default=None, description="Credits to give back; omitted: all that is left.")
-    idempotency_key: IdempotencyKey | None = None
-
-
-class ExpiryBody(_Body):
-    expires_at: UtcDateTime
-    idempotency_key: IdempotencyKey | None = None
-
-
-class AssignBody(_Body):
-    plan: PlanRef
-    start_at: UtcDateTime | None = None
-    idempotency_key: IdempotencyKey | None = None
-
-
-class ChangeBody(_Body):
-    plan: PlanRef
-    idempotency_key: IdempotencyKey | None = None
-
-
-class ThresholdBody(_Body):
-    """Neither `threshold` nor `percent`: back to the service default (the default type) or
-    no `credits.low` (another type)."""
-
-    threshold: LowThreshold | None = None
-    percent: ThresholdPercent | None = None
-    credit_type: CreditType = DEFAULT_CREDIT_TYPE
-    idempotency_key: IdempotencyKey | None = None
-
-
-class AutoTopupBody(_Body):
-    """`SetAutoTopup` without the user (in the path): exactly one of `amount` and `target`."""
-
-    threshold: NonNegativeAmount
-    amount: Amount | None = None
-    target: Amount | None = None
-    credit_type: CreditType = DEFAULT_CREDIT_TYPE
-    max_per_month: Money | None = None
-    unit_price: Money | None = None
-    currency: Currency = "USD"
-    expires_after_days: ExpiresAfterDays | None = None
-    idempotency_key: IdempotencyKey | None = None
-
-
-class CompleteTopupBody(_Body):
-    succeeded: bool
-    reference: str | None = Field(default=None, max_length=200, description="The provider's charge id.")
-    error: str | None = Field(default=None, max_length=500, description="Why it failed.")
-    idempotency_key: IdempotencyKey | None = None
+CommitBody = body_of(CommitReservation, "reservation_id", name="CommitBody")
+ReleaseBody = body_of(ReleaseReservation, "reservation_id", name="ReleaseBody")
+VoidBody = body_of(VoidLot, "lot_id", name="VoidBody")
+RefundBody = body_of(RefundDeduction, "entry_id", name="RefundBody")
+ExpiryBody = body_of(ChangeLotExpiry, "lot_id", name="ExpiryBody")
+AssignBody = body_of(AssignPlan, "user_id", name="AssignBody")
+ChangeBody = body_of(ChangePlan, "user_id", name="ChangeBody")
+ThresholdBody = body_of(
+    SetLowCreditThreshold, "user_id", name="ThresholdBody",
+    doc="Neither `threshold` nor `percent`: back to the service default (the default type) or no"
+        " `credits.low` (another type).")
+AutoTopupBody = body_of(SetAutoTopup, "user_id", name="AutoTopupBody",
+                        doc="`SetAutoTopup` without the user (in the path): exactly one of `amount` and `target`.")
+CompleteTopupBody = body_of(CompleteTopup, "topup_id", name="CompleteTopupBody")
+PlanChangesBody = body_of(UpdatePlan, "plan", name="PlanChangesBody", doc=PlanChanges.__doc__)
 
 
 class TaskAccepted(BaseModel):
@@ -149,9 +103,10 @@ PlanPath = Annotated[PlanName, Path(description="A plan id or name, percent-enco
 TopupIdPath = Annotated[int, Path(gt=0, le=2**63 - 1, description="A top-up id (`list_topups`).")]
 
 
-def fields(body: BaseModel, key_header: str | None) -> dict[str, Any]:
-    """The body's fields for the operation, with the Idempotency-Key header as its key."""
-    given = body.model_dump()
+def fields(body: BaseModel, key_header: str | None, *, given_only: bool = False) -> dict[str, Any]:
+    """The body's fields for the operation, with the Idempotency-Key header as its key;
+    `given_only`: only those the body names (a change where null clears and absent keeps)."""
+    given = body.model_dump(exclude_unset=given_only)
     body_key = given.get("idempotency_key")
     if key_header is not None and body_key is not None and key_header != body_key:
         raise ValidationFailed(

@@ -14,10 +14,10 @@ from creditworker.contract.operations import (
     LIST_PLANS,
     UPDATE_PLAN,
 )
-from creditworker.contract.plans import CreatePlan, PlanChanges
+from creditworker.contract.plans import CreatePlan
 from creditworker.http.api import examples
 from creditworker.http.api.backends import json_answer
-from creditworker.http.api.bodies import KeyHeader, PlanPath, fields
+from creditworker.http.api.bodies import KeyHeader, PlanChangesBody, PlanPath, fields
 from creditworker.http.api.deps import Run, Wait
 from creditworker.http.api.examples import body_example
 from creditworker.http.api.routes import served
@@ -55,12 +55,13 @@ async def get_plan(plan: PlanPath, run: Run) -> JSONResponse:
 async def update_plan(
     plan: PlanPath,
     body: Annotated[
-        PlanChanges, body_example("Raise the monthly grant", {"credit_limit": 1200})
+        PlanChangesBody, body_example("Raise the monthly grant", {"credit_limit": 1200})
     ],
     run: Run,
     wait: Wait,
+    idempotency_key: KeyHeader = None,
 ) -> JSONResponse:
-    changes = body.model_dump(exclude_none=True)
+    changes = fields(body, idempotency_key, given_only=True)  # a null validity_days clears it
     return await run.write(UPDATE_PLAN, {"plan": plan, **changes}, wait)
 
 
