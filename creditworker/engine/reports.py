@@ -12,7 +12,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from creditworker.contract.credits import DEFAULT_CREDIT_TYPE, EntryKind, Granularity, UsagePeriod
@@ -58,23 +58,33 @@ def balance_at(session: Session, user_id: str, at: datetime,
     return int(balance or 0), int(reserved or 0)
 
 
-def pending_at(session: Session, user_id: str, at: datetime, credit_type: str = DEFAULT_CREDIT_TYPE) -> int:
-    """Credits of an account's `credit_type` that were granted by `at` but not effective yet
-    at `at` (in the balance, not available): those grants, less what voids and expiries had
-    taken of them by then (nothing else draws a lot before it is effective)."""
-    waiting = session.execute(
-        select(Lot.id, Lot.amount).where(Lot.user_id == user_id, Lot.credit_type == credit_type,
-                                         Lot.created_at <= at, Lot.effective_at > at)
-    ).all()
+def pending_at(session: Session, user_id: str, at: datetime, credit_type: str | None = None) -> dict[str, int]:
+    """Per credit type (or `credit_type`'s only), the credits of an account that were granted
+    by `at` but not effective yet at `at` (in the balance, not available). The one answer for
+    now and for a past moment.
+
+    A grant not yet effective is drawn by nothing but the debt it paid off when it was made
+    (its `add` entry's balance tells how much: `rules.grant`) and the voids and expiries of
+    it, each a ledger entry of its own."""
+    query = select(Lot.id, Lot.credit_type, Lot.amount, Entry.balance_after).outerjoin(
+        Entry, and_(Entry.lot_id == Lot.id, Entry.kind == EntryKind.ADD.value),
+    ).where(Lot.user_id == user_id, Lot.created_at <= at, Lot.effective_at > at)
+    if credit_type is not None:
+        query = query.where(Lot.credit_type == credit_type)
+    waiting = session.execute(query).all()
     if not waiting:
-        return 0
-    taken = session.scalar(
-        select(func.coalesce(func.sum(Entry.amount), 0)).where(
-            Entry.user_id == user_id, Entry.lot_id.in_([lot_id for lot_id, _amount in waiting]),
+        return {}
+    taken = dict(session.execute(
+        select(Entry.lot_id, func.sum(Entry.amount)).where(
+            Entry.user_id == user_id, Entry.lot_id.in_([row.id for row in waiting]),
             Entry.kind.in_([EntryKind.VOID.value, EntryKind.EXPIRE.value]), Entry.created_at <= at,
-        )
-    )
-    return sum(amount for _lot_id, amount in waiting) + int(taken or 0)
+        ).group_by(Entry.lot_id)
+    ).all())
+    pending: dict[str, int] = {}
+    for lot_id, lot_type, amount, balance_after in waiting:
+        debt_paid = 0 if balance_after is None else min(amount, max(0, amount - balance_after))
+        pending[lot_type] = pending.get(lot_type, 0) + amount - debt_paid + int(taken.get(lot_id) or 0)
+    return pending
 
 
 def usage(

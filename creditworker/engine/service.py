@@ -646,11 +646,8 @@ class CreditService:
             for row in session.scalars(select(TypeBalance).where(TypeBalance.user_id == request.user_id)):
                 totals[row.credit_type] = (row.balance, row.reserved)
                 waiting = waiting or (row.pending_until is not None and row.pending_until > at)
-            pending = dict(session.execute(  # grants not effective yet: in the total, not available
-                select(Lot.credit_type, func.sum(Lot.remaining)).where(
-                    Lot.user_id == request.user_id, Lot.remaining > 0, Lot.effective_at > at,
-                ).group_by(Lot.credit_type)
-            ).all()) if waiting else {}
+            # grants not effective yet: in the total, not available
+            pending = reports.pending_at(session, request.user_id, at) if waiting else {}
             # holds past their TTL no longer count, released or not yet
             stale = dict(session.execute(
                 select(Hold.credit_type, func.sum(Hold.amount)).where(
@@ -694,7 +691,7 @@ class CreditService:
                 select(TypeBalance.pending_until).where(TypeBalance.user_id == request.user_id,
                                                         TypeBalance.credit_type == asked))
             # pending_until is the latest effective_at ever granted: none ahead of `at`, none pending then
-            pending = (reports.pending_at(session, request.user_id, request.at, asked)
+            pending = (reports.pending_at(session, request.user_id, request.at, asked).get(asked, 0)
                        if last_effective is not None and last_effective > request.at else 0)
         return CreditsInfo(
             user_id=request.user_id, total=balance, reserved=reserved,

@@ -307,6 +307,8 @@ def test_a_pending_grant_pays_a_debt_off_at_once_and_no_debt_is_made_beside_pend
     service.add_credits("quin", 20, effective_at=NOW + timedelta(days=1), now=NOW)
     info = service.get_user_credits_info("quin", now=NOW)
     assert (info.total, info.pending, info.available) == (16, 16, 0)
+    then = service.get_user_credits_info("quin", at=NOW, now=NOW + timedelta(days=3))  # the same moment, read later
+    assert (then.total, then.pending, then.available) == (16, 16, 0)
     hold = service.reserve_credits("quin", 1, now=NOW + timedelta(days=2))
     assert hold.amount == 1
     service.add_credits("quin", 5, effective_at=NOW + timedelta(days=9), now=NOW + timedelta(days=2))
