@@ -171,7 +171,7 @@ class Drawing:
 
     deducted: Mapping[str, int]
     charges: tuple[tuple[str, int | None], ...]
-    """(hold id, amount charged or None), one per commit."""
+    """(hold id, amount charged or None), one per commit; a release's is 0."""
 
     def __call__(self, holds: Mapping[str, HoldOwner]) -> dict[str, int]:
         most = dict(self.deducted)

@@ -843,8 +843,10 @@ class CreditService:
         """Lock what the batch touches, then decide its items in order (one unit of work)."""
         requests, keys, fingerprints = batch.requests, batch.keys, batch.fingerprints
         # Where the lots' query also reads the operation rows, takes the entry ids and finds
-        # stale holds (PostgreSQL), a reserve reads through it too (drawing nothing).
-        reading = batch.deducted or batch.commits or (batch.reserving and uow.backend.folds_reads)
+        # stale holds (PostgreSQL), a reserve or a release reads through it too (drawing
+        # nothing; a release's lots past their expiry tell rollover whether to look further).
+        reading = batch.deducted or batch.commits or ((batch.reserving or batch.releases)
+                                                      and uow.backend.folds_reads)
         unborn = uow.lock(batch.users, creating=batch.adding, hold_ids=batch.hold_ids,
                           with_lots=batch.drawing if reading else False, operation_keys=batch.chosen,
                           entry_ids=len(batch.valid), lot_ids=batch.grants, stale_holds=True)
@@ -1003,6 +1005,7 @@ class _Batch:
                          if isinstance(request, (CommitReservation, ReleaseReservation))}
         self.deducted: dict[str, int] = {}
         self.commits: list[CommitReservation] = []
+        self.releases: list[str] = []
         self.reserving = any(isinstance(request, ReserveCredits) for request in valid)
         self.typed = {(request.user_id, request.credit_type) for request in valid
                       if isinstance(request, (AddCredits, DeductCredits, ReserveCredits))
@@ -1016,9 +1019,13 @@ class _Batch:
                     self.deducted.setdefault(request.user_id, 0)
             elif isinstance(request, CommitReservation):
                 self.commits.append(request)
+            elif isinstance(request, ReleaseReservation):
+                self.releases.append(request.reservation_id)
         self.drawing = Drawing(self.deducted, tuple((commit.reservation_id, commit.amount)
-                                                    for commit in self.commits))
-        """At most what each account's draws can take: its deducts and its commits' charges."""
+                                                    for commit in self.commits)
+                               + tuple((hold_id, 0) for hold_id in self.releases))
+        """At most what each account's draws can take: its deducts and its commits' charges (a
+        release charges nothing, but its owner's lots past their expiry are read)."""
 
 
 def _entry_for_refund(connection: Connection, entry_id: int) -> tuple[Any, ...] | None:

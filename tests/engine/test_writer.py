@@ -63,3 +63,24 @@ def test_any_text_round_trips_exactly_through_the_writer(service: CreditService)
     assert stored_deduct == entry and stored_deduct.description == ""
     again = service.add_credits("ann", 10, description=tricky, metadata=metadata, idempotency_key=tricky)
     assert again == stored_add  # the replay rebuilds the same entry from its row
+
+
+def test_each_step_of_a_metered_request_is_two_round_trips_on_postgresql(pg_engine: Engine) -> None:
+    """The middleware's steps (reserve, then commit or release; a deduct) each send the lock
+    with every read, then the writes with COMMIT: a release used to take five."""
+    service = CreditService(pg_engine)
+    service.add_credits("meter", 100)
+    with counted_statements(service.engine) as statements:
+        hold = service.reserve_credits("meter", 10, idempotency_key="m-1")
+        reserved = len(statements)
+        service.commit_reservation(hold.id, 4)
+        committed = len(statements) - reserved
+        second = service.reserve_credits("meter", 10)
+        before = len(statements)
+        service.release_reservation(second.id)
+        released = len(statements) - before
+        service.deduct_credits("meter", 1)
+        deducted = len(statements) - before - released
+    assert (reserved, committed, released, deducted) == (2, 2, 2, 2), statements
+    assert service.get_user_credits_info("meter").available == 95
+    assert audit(service.engine).passed
