@@ -9,7 +9,9 @@ through the workers (`AsyncCreditClient`, a worker started like bench/run.py's, 
 Redis). An open-loop client sends requests at a fixed rate (each one at its scheduled time,
 whether or not the earlier ones answered, so a slow server cannot slow the load down) and
 times each from its scheduled start. The added latency is the percentile with the middleware
-minus the same percentile of the baseline, measured in the same run. With `--stream` the
+minus the same percentile of the baseline, measured in the same run; `cpu ms` is the CPU the
+server process used per request (user + system, from /proc), which says whether the machine
+had room for the rate at all. With `--stream` the
 endpoint answers as OpenAI streams (server-sent events, the usage in the last event) and the
 middleware prices it with a rate card; each request is timed until its last byte.
 
@@ -171,17 +173,28 @@ async def open_loop(url: str, rate: float, seconds: float, warmup: float = 2.0) 
             await client.aclose()
     latencies.sort()
     return {
-        "requests": len(latencies), "statuses": statuses,
+        "requests": len(latencies), "sent": total, "statuses": statuses,
         "p50_ms": 1000 * statistics.median(latencies),
         "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(mode: str, database_url: str, workdir: Path, broker_url: str | None, rate: float,
             seconds: float) -> dict[str, Any]:
+    """The latencies of one mode, and the CPU its server process used per request (warm-up
+    included: what a request costs the server, whatever the machine's speed)."""
     process, url = serve(mode, database_url, workdir, broker_url)
     try:
-        return asyncio.run(open_loop(url, rate, seconds))
+        before = cpu_seconds(process.pid)
+        figures = asyncio.run(open_loop(url, rate, seconds))
+        figures["server_cpu_ms"] = 1000 * (cpu_seconds(process.pid) - before) / figures["sent"]
+        return figures
     finally:
         process.terminate()
         process.wait(30)
@@ -272,12 +285,12 @@ class _nothing:
 
 def _table(results: dict[str, Any]) -> None:
     print(f"\n{'rate/s':>6} {'mode':<16} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} "
-          f"{'+p99 ms':>8}  statuses")
+          f"{'+p99 ms':>8} {'cpu ms':>7}  statuses")
     for rate, by_mode in results["rates"].items():
         for mode, figures in by_mode.items():
             print(f"{rate:>6} {mode:<16} {figures['p50_ms']:>8.2f} {figures['p99_ms']:>8.2f} "
                   f"{figures.get('added_p50_ms', 0):>8.2f} "
-                  f"{figures.get('added_p99_ms', 0):>8.2f}  {figures['statuses']}")
+                  f"{figures.get('added_p99_ms', 0):>8.2f} {figures['server_cpu_ms']:>7.2f}  {figures['statuses']}")
 
 
 if __name__ == "__main__":
