@@ -93,6 +93,10 @@ class UnitOfWork:
         self.touched: dict[str, Account] = {}
         self.typed: dict[tuple[str, str], Account] = {}
         """The locked accounts' totals in other credit types, read when first asked for."""
+        self.typed_stale: list[Hold] = []
+        self.typed_stale_read: set[str] = set()
+        """The users whose holds past their TTL in other credit types the lock's round trip
+        read (`typed_stale`); `load_types` reads the others'."""
         self.touched_typed: dict[tuple[str, str], Account] = {}
         self.dropped_accounts: set[str] = set()
         self.row_updates: dict[tuple[Table, str], list[dict[str, Any]]] = {}
@@ -175,6 +179,9 @@ class UnitOfWork:
             self.operations_read = (frozenset(operation_keys), read.operations)
             self.entry_ids, self.lot_ids = read.entry_ids, read.lot_ids
             stale = read.stale_holds
+            if stale is not None:  # every type's, of every locked account
+                self.typed_stale.extend(hold for hold in stale if hold.credit_type != DEFAULT_CREDIT_TYPE)
+                self.typed_stale_read.update(locked)
         else:
             created, locked, stale = self._lock_then_read(user_ids, creating, hold_ids, with_lots, operation_keys,
                                                           entry_ids, lot_ids, stale_holds)
@@ -256,7 +263,10 @@ class UnitOfWork:
         holding = [typed for typed in loaded if typed.reserved > 0] if self.releases_stale else []
         if holding:
             types = {(typed.user_id, typed.credit_type) for typed in holding}
-            for hold in accounts.stale_holds(self.connection, {user_id for user_id, _type in types}, self.at):
+            users = {user_id for user_id, _type in types}
+            stale = self.typed_stale if users <= self.typed_stale_read else accounts.stale_holds(
+                self.connection, users, self.at)
+            for hold in stale:
                 if (hold.user_id, hold.credit_type) in types:
                     self.expire_hold(self.holds.setdefault(hold.id, hold))
 

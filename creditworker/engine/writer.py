@@ -14,8 +14,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, and_, bindparam, insert, update
-from sqlalchemy.engine import Connection
+from sqlalchemy import Table
 
 from creditworker.contract.events import _Event
 from creditworker.engine.account import accounts_table, balances_table, holds_table, lots_table
@@ -84,7 +83,7 @@ def write(uow: UnitOfWork) -> None:
     ])
     at = uow.at
     if uow.touched_typed:
-        _write_typed(connection, list(uow.touched_typed.values()), at)
+        _write_typed(script, list(uow.touched_typed.values()), at)
     script.update(accounts_table, "user_id", [
         {"user_id": account.user_id, "balance": account.balance, "reserved": account.reserved,
          "low_credit_threshold": account.low_credit_threshold,
@@ -181,38 +180,24 @@ def _hold_row(hold: Hold, typed: bool) -> dict[str, Any]:
     return row
 
 
-_UPDATE_TYPED = (
-    update(balances_table)
-    .where(and_(balances_table.c.user_id == bindparam("key_user_id"),
-                balances_table.c.credit_type == bindparam("key_credit_type")))
-    .values(balance=bindparam("balance"), reserved=bindparam("reserved"),
-            overdraft_limit=bindparam("overdraft_limit"), pending_until=bindparam("pending_until"),
-            low_credit_threshold=bindparam("low_credit_threshold"),
-            low_credit_alerted=bindparam("low_credit_alerted"), updated_at=bindparam("updated_at"))
-)
-
-
-def _write_typed(connection: Connection, accounts: list[Account], at: datetime) -> None:
-    """The totals of credit types other than the default (`credit_balances`): a statement of
-    their own, run at once, only by units of work that moved such a type (the default type's
-    path writes nothing more than before types existed)."""
+def _write_typed(script: Script, accounts: list[Account], at: datetime) -> None:
+    """The totals of credit types other than the default (`credit_balances`, keyed by user and
+    type), in the writer's script with the rest: written only by units of work that moved
+    such a type (the default type's path writes nothing more than before types existed)."""
     new = [account for account in accounts if not account.stored]
-    if new:
-        connection.execute(insert(balances_table), [
-            {"user_id": account.user_id, "credit_type": account.credit_type, "balance": account.balance,
-             "reserved": account.reserved, "overdraft_limit": account.overdraft_limit,
-             "pending_until": account.pending_until, "low_credit_threshold": account.low_credit_threshold,
-             "low_credit_alerted": account.low_credit_alerted, "created_at": at, "updated_at": at}
-            for account in new
-        ])
-        for account in new:
-            account.stored = True
-    changed = [account for account in accounts if account not in new]
-    if changed:
-        connection.execute(_UPDATE_TYPED, [
-            {"key_user_id": account.user_id, "key_credit_type": account.credit_type, "balance": account.balance,
-             "reserved": account.reserved, "overdraft_limit": account.overdraft_limit,
-             "pending_until": account.pending_until, "low_credit_threshold": account.low_credit_threshold,
-             "low_credit_alerted": account.low_credit_alerted, "updated_at": at}
-            for account in changed
-        ])
+    script.insert(balances_table, [
+        {"user_id": account.user_id, "credit_type": account.credit_type, "balance": account.balance,
+         "reserved": account.reserved, "overdraft_limit": account.overdraft_limit,
+         "pending_until": account.pending_until, "low_credit_threshold": account.low_credit_threshold,
+         "low_credit_alerted": account.low_credit_alerted, "created_at": at, "updated_at": at}
+        for account in new
+    ])
+    for account in new:
+        account.stored = True
+    script.update(balances_table, ("user_id", "credit_type"), [
+        {"user_id": account.user_id, "credit_type": account.credit_type, "balance": account.balance,
+         "reserved": account.reserved, "overdraft_limit": account.overdraft_limit,
+         "pending_until": account.pending_until, "low_credit_threshold": account.low_credit_threshold,
+         "low_credit_alerted": account.low_credit_alerted, "updated_at": at}
+        for account in accounts if account not in new
+    ])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import event
@@ -83,4 +84,29 @@ def test_each_step_of_a_metered_request_is_two_round_trips_on_postgresql(pg_engi
         deducted = len(statements) - before - released
     assert (reserved, committed, released, deducted) == (2, 2, 2, 2), statements
     assert service.get_user_credits_info("meter").available == 95
+    assert audit(service.engine).passed
+
+
+def test_another_credit_types_totals_go_with_the_writes_on_postgresql(pg_engine: Engine) -> None:
+    """A reserve and a commit in another credit type: the lock with its reads, that type's
+    totals and lots (two queries), then the writes with COMMIT, that type's totals among
+    them. Its holds past their TTL come with the lock: no query of their own."""
+    service = CreditService(pg_engine)
+    service.add_credits("typed", 100)
+    service.add_credits("typed", 50, credit_type="tokens")
+    with counted_statements(service.engine) as statements:
+        hold = service.reserve_credits("typed", 10, credit_type="tokens")
+        reserved = len(statements)
+        service.commit_reservation(hold.id, 4)
+        committed = len(statements) - reserved
+    assert (reserved, committed) == (4, 4), statements
+
+    stale = service.reserve_credits("typed", 5, credit_type="tokens", ttl_seconds=1)
+    later = datetime.now(UTC) + timedelta(minutes=1)
+    with counted_statements(service.engine) as statements:
+        service.deduct_credits("typed", 6, credit_type="tokens", now=later)
+    assert not [statement for statement in statements if "FROM reservations" in statement], statements
+    assert service.get_reservation(stale.id).status == "expired"
+    tokens = service.get_user_credits_info("typed", credit_type="tokens", now=later)
+    assert (tokens.total, tokens.reserved, tokens.available) == (40, 0, 40)
     assert audit(service.engine).passed

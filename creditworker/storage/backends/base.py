@@ -12,6 +12,11 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import Select
 
 
+def key_columns(key: str | tuple[str, ...]) -> tuple[str, ...]:
+    """A key of one column or several, as a tuple of column names."""
+    return (key,) if isinstance(key, str) else key
+
+
 class Json(str):
     """JSON text made by the caller (cheaper than a dict to dump), for a JSON column."""
 
@@ -84,8 +89,8 @@ class Script(Protocol):
     def insert(self, table: Table, rows: Sequence[dict[str, Any]]) -> None:
         """Insert `rows` (all naming the same columns)."""
 
-    def update(self, table: Table, key: str, rows: Sequence[dict[str, Any]]) -> None:
-        """Set the columns named in `rows` on the row whose `key` column matches."""
+    def update(self, table: Table, key: str | tuple[str, ...], rows: Sequence[dict[str, Any]]) -> None:
+        """Set the columns named in `rows` on the row whose `key` column (or columns) match."""
 
     def delete(self, table: Table, key: str, values: Collection[Any]) -> None:
         """Delete the rows whose `key` column is one of `values`."""

@@ -33,7 +33,14 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql import ColumnElement, Select
 
 from creditworker.contract.credits import DEFAULT_CREDIT_TYPE
-from creditworker.storage.backends.base import Folded, Json, LockedRead, ReadAlong, Shapes
+from creditworker.storage.backends.base import (
+    Folded,
+    Json,
+    LockedRead,
+    ReadAlong,
+    Shapes,
+    key_columns,
+)
 
 DEFAULT_TYPE_LIVE = f"remaining > 0 AND credit_type = '{DEFAULT_CREDIT_TYPE}'"
 """The live lots of an account's default credit type (what a lock loads with its row)."""
@@ -72,14 +79,16 @@ class Core:
         return [row[0] for row in connection.execute(statement, _parsed_json(table, rows))]
 
     def update_rows(
-        self, connection: Connection, table: Table, key: str, rows: Sequence[dict[str, Any]]
+        self, connection: Connection, table: Table, key: str | tuple[str, ...], rows: Sequence[dict[str, Any]]
     ) -> None:
-        """Set the columns named in `rows` on the row whose `key` column matches; one statement."""
+        """Set the columns named in `rows` on the row whose `key` column (or columns) match;
+        one statement."""
         if not rows:
             return
-        columns = tuple(name for name in rows[0] if name != key)
+        keys = key_columns(key)
+        columns = tuple(name for name in rows[0] if name not in keys)
         connection.execute(
-            _update_statement(table, key, columns),
+            _update_statement(table, keys, columns),
             [
                 {f"_{name}": value for name, value in row.items()}
                 for row in _parsed_json(table, rows)
@@ -232,11 +241,11 @@ def _lock_with_owners_statement(shapes: Shapes) -> Any:
 
 
 @cache
-def _update_statement(table: Table, key: str, columns: tuple[str, ...]) -> Any:
+def _update_statement(table: Table, keys: tuple[str, ...], columns: tuple[str, ...]) -> Any:
     """Built once per shape: building a Core statement costs more than running a cached one."""
     return (
         update(table)
-        .where(table.c[key] == bindparam(f"_{key}"))
+        .where(*(table.c[key] == bindparam(f"_{key}") for key in keys))
         .values({name: bindparam(f"_{name}") for name in columns})
     )
 
@@ -268,7 +277,7 @@ class CoreScript:
     def insert(self, table: Table, rows: Sequence[dict[str, Any]]) -> None:
         self.backend.insert_rows(self.connection, table, rows)
 
-    def update(self, table: Table, key: str, rows: Sequence[dict[str, Any]]) -> None:
+    def update(self, table: Table, key: str | tuple[str, ...], rows: Sequence[dict[str, Any]]) -> None:
         self.backend.update_rows(self.connection, table, key, rows)
 
     def delete(self, table: Table, key: str, values: Collection[Any]) -> None:

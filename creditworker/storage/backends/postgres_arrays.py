@@ -21,7 +21,14 @@ from sqlalchemy.engine import Connection
 
 from creditworker.contract.credits import DEFAULT_CREDIT_TYPE, PROMOTIONAL_SOURCES
 from creditworker.storage.backends import prepared
-from creditworker.storage.backends.base import Folded, Json, LockedRead, ReadAlong, Shapes
+from creditworker.storage.backends.base import (
+    Folded,
+    Json,
+    LockedRead,
+    ReadAlong,
+    Shapes,
+    key_columns,
+)
 from creditworker.storage.backends.core import Core
 from creditworker.storage.tables import UtcDateTime
 
@@ -51,11 +58,12 @@ class PostgresArrays(Core):
         return sorted(row[0] for row in result)
 
     def update_rows(
-        self, connection: Connection, table: Table, key: str, rows: Sequence[dict[str, Any]]
+        self, connection: Connection, table: Table, key: str | tuple[str, ...], rows: Sequence[dict[str, Any]]
     ) -> None:
         if rows:
-            columns = tuple(name for name in rows[0] if name != key)
-            _run(connection, _update(table, key, columns, ""), _arrays(table, rows, ""))
+            keys = key_columns(key)
+            columns = tuple(name for name in rows[0] if name not in keys)
+            _run(connection, _update(table, keys, columns, ""), _arrays(table, rows, ""))
 
     def rows_where_in(
         self,
@@ -239,11 +247,12 @@ class ArrayScript:
             prefix = f"s{len(self.sql)}_"
             self._add(_insert(table, tuple(rows[0]), prefix, False), _arrays(table, rows, prefix))
 
-    def update(self, table: Table, key: str, rows: Sequence[dict[str, Any]]) -> None:
+    def update(self, table: Table, key: str | tuple[str, ...], rows: Sequence[dict[str, Any]]) -> None:
         if rows:
             prefix = f"s{len(self.sql)}_"
+            keys = key_columns(key)
             self._add(
-                _update(table, key, tuple(name for name in rows[0] if name != key), prefix),
+                _update(table, keys, tuple(name for name in rows[0] if name not in keys), prefix),
                 _arrays(table, rows, prefix),
             )
 
@@ -677,13 +686,13 @@ def _insert(table: Table, names: tuple[str, ...], prefix: str, returning_id: boo
 
 
 @cache
-def _update(table: Table, key: str, columns: tuple[str, ...], prefix: str) -> str:
-    names = (key, *columns)
+def _update(table: Table, keys: tuple[str, ...], columns: tuple[str, ...], prefix: str) -> str:
+    names = (*keys, *columns)
     assignments = ", ".join(f"{name} = v.{name}" for name in columns)
     return (
         f"UPDATE {table.name} SET {assignments}"
         f" FROM unnest({_unnest(table, names, prefix)}) AS v({', '.join(names)})"
-        f" WHERE {table.name}.{key} = v.{key}"
+        f" WHERE " + " AND ".join(f"{table.name}.{key} = v.{key}" for key in keys)
     )
 
 
