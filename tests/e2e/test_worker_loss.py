@@ -7,11 +7,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from creditworker.storage.tables import Entry
+from creditworker.storage.tables import Account, Entry
 from tests.conftest import wipe
 from tests.e2e.conftest import RunningWorker, assert_each_deduct_applied_once, running_on_redis
 
@@ -43,20 +43,33 @@ def test_sigkill_mid_run_applies_every_operation_exactly_once(
         worker.service.add_credits(account, 100_000)
     rng = random.Random(7)
     operations = [(f"op-{n}", rng.choice(accounts + ["hot", "hot"]), rng.randint(1, 9)) for n in range(200)]
-    handles = [
-        worker.client.deduct_credits(user, amount, idempotency_key=key)
-        for key, user, amount in operations
-    ]
 
     def applied() -> int:
         with Session(worker.engine) as session:
             return int(session.scalar(select(func.count()).select_from(Entry).where(Entry.kind == "deduct")) or 0)
 
-    deadline = time.monotonic() + 30
-    while applied() < 1 and time.monotonic() < deadline:  # the first batch is one message long
-        time.sleep(0.01)
-    worker.kill()
-    before_restart = applied()
+    def waiting_for_the_lock() -> bool:
+        with worker.engine.connect() as connection:
+            return bool(connection.scalar(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'")))
+
+    # The kill is placed, not timed: the test holds the "hot" account's row, so the worker
+    # applies the first batch (op-0 alone, "cold") and then waits, holding messages it has
+    # not acknowledged, on the next batch that names "hot". A worker that kept up used to
+    # apply all 200 before a timed kill landed (one CI run).
+    with worker.engine.connect() as blocker:
+        blocker.execute(select(Account.user_id).where(Account.user_id == "hot").with_for_update())
+        handles = [
+            worker.client.deduct_credits(user, amount, idempotency_key=key)
+            for key, user, amount in operations
+        ]
+        deadline = time.monotonic() + 30
+        while (applied() < 1 or not waiting_for_the_lock()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        worker.kill()
+        before_restart = applied()
+        blocker.rollback()
     assert 0 < before_restart < len(operations), "the kill did not land mid-run"
     worker.start()
     # Messages the killed worker held come back after the visibility timeout, with no resend:
