@@ -54,19 +54,24 @@ def test_sigkill_mid_run_applies_every_operation_exactly_once(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
                 " AND wait_event_type = 'Lock'")))
 
-    # The kill is placed, not timed: the test holds the "hot" account's row, so the worker
-    # applies the first batch (op-0 alone, "cold") and then waits, holding messages it has
-    # not acknowledged, on the next batch that names "hot". A worker that kept up used to
-    # apply all 200 before a timed kill landed (one CI run).
+    # The kill is placed, not timed. The first deduct ("cold") is applied and answered first;
+    # then the test holds the "hot" account's row and sends the rest, so the worker waits on
+    # the first batch that names "hot", holding messages it has not acknowledged, when it is
+    # killed. (A worker that kept up used to apply all 200 before a timed kill landed.)
+    first_key, first_user, first_amount = operations[0]
+    assert first_user != "hot"
+    handles = [worker.client.deduct_credits(first_user, first_amount, idempotency_key=first_key)]
+    handles[0].get(timeout=30)
     with worker.engine.connect() as blocker:
         blocker.execute(select(Account.user_id).where(Account.user_id == "hot").with_for_update())
-        handles = [
+        handles += [
             worker.client.deduct_credits(user, amount, idempotency_key=key)
-            for key, user, amount in operations
+            for key, user, amount in operations[1:]
         ]
         deadline = time.monotonic() + 30
-        while (applied() < 1 or not waiting_for_the_lock()) and time.monotonic() < deadline:
+        while not waiting_for_the_lock() and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert waiting_for_the_lock(), "no batch of the worker waited on the held account"
         worker.kill()
         before_restart = applied()
         blocker.rollback()
