@@ -180,7 +180,6 @@ class UnitOfWork:
             self.entry_ids, self.lot_ids = read.entry_ids, read.lot_ids
             stale = read.stale_holds
             if stale is not None:  # every type's, of every locked account
-                self.typed_stale.extend(hold for hold in stale if hold.credit_type != DEFAULT_CREDIT_TYPE)
                 self.typed_stale_read.update(locked)
         else:
             created, locked, stale = self._lock_then_read(user_ids, creating, hold_ids, with_lots, operation_keys,
@@ -188,8 +187,10 @@ class UnitOfWork:
         accounts.count_pending(self.connection, locked.values(), self.at)
         self.releases_stale = stale_holds
         for hold in stale or ():
-            if hold.credit_type == DEFAULT_CREDIT_TYPE:  # another type's: when that type is loaded
+            if hold.credit_type == DEFAULT_CREDIT_TYPE:
                 self.stale_holds.append(self.holds.setdefault(hold.id, hold))
+            else:  # expired when its type is loaded (`load_types`)
+                self.typed_stale.append(hold)
         return created
 
     def _lock_then_read(self, user_ids: Iterable[str], creating: Collection[str], hold_ids: Collection[str],

@@ -184,20 +184,16 @@ def _write_typed(script: Script, accounts: list[Account], at: datetime) -> None:
     """The totals of credit types other than the default (`credit_balances`, keyed by user and
     type), in the writer's script with the rest: written only by units of work that moved
     such a type (the default type's path writes nothing more than before types existed)."""
-    new = [account for account in accounts if not account.stored]
-    script.insert(balances_table, [
-        {"user_id": account.user_id, "credit_type": account.credit_type, "balance": account.balance,
-         "reserved": account.reserved, "overdraft_limit": account.overdraft_limit,
-         "pending_until": account.pending_until, "low_credit_threshold": account.low_credit_threshold,
-         "low_credit_alerted": account.low_credit_alerted, "created_at": at, "updated_at": at}
-        for account in new
-    ])
-    for account in new:
+    new = [{**_typed_row(account, at), "created_at": at} for account in accounts if not account.stored]
+    changed = [_typed_row(account, at) for account in accounts if account.stored]
+    script.insert(balances_table, new)
+    script.update(balances_table, ("user_id", "credit_type"), changed)
+    for account in accounts:
         account.stored = True
-    script.update(balances_table, ("user_id", "credit_type"), [
-        {"user_id": account.user_id, "credit_type": account.credit_type, "balance": account.balance,
-         "reserved": account.reserved, "overdraft_limit": account.overdraft_limit,
-         "pending_until": account.pending_until, "low_credit_threshold": account.low_credit_threshold,
-         "low_credit_alerted": account.low_credit_alerted, "updated_at": at}
-        for account in accounts if account not in new
-    ])
+
+
+def _typed_row(account: Account, at: datetime) -> dict[str, Any]:
+    return {"user_id": account.user_id, "credit_type": account.credit_type, "balance": account.balance,
+            "reserved": account.reserved, "overdraft_limit": account.overdraft_limit,
+            "pending_until": account.pending_until, "low_credit_threshold": account.low_credit_threshold,
+            "low_credit_alerted": account.low_credit_alerted, "updated_at": at}
