@@ -9,7 +9,6 @@ id), outbox events. A single operation is a unit of one; a batch of a thousand t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, cast
@@ -22,7 +21,7 @@ from creditworker.engine.results import draw_record
 from creditworker.engine.rules import Account, Hold, Lot, Posting
 from creditworker.engine.unit_of_work import OperationRecord, UnitOfWork
 from creditworker.records.outbox import event_row
-from creditworker.storage.backends import Json, Script, backend_for
+from creditworker.storage.backends import Script, backend_for
 from creditworker.storage.tables import Entry, Operation, OutboxEvent
 from creditworker.storage.transaction import commit_with_next_statement
 
@@ -117,7 +116,7 @@ def _finish_with_known_ids(uow: UnitOfWork, script: Script) -> None:
         posting.id = entry_id
     script.insert(entries_table, [{"id": posting.id, **_entry_row(posting, typed)} for posting in uow.postings])
     script.insert(operations_table, [
-        _operation_row(record, Json(f'{{"entry_id": {record.source.id}}}') if isinstance(record.source, Posting)
+        _operation_row(record, {"entry_id": record.source.id} if isinstance(record.source, Posting)
                        else record.source, uow.at)
         for record in uow.operations
     ])
@@ -137,7 +136,7 @@ def _entry_row(posting: Posting, typed: bool) -> dict[str, Any]:
             "balance_after": posting.balance_after, "reserved_after": posting.reserved_after,
             "lot_id": posting.lot.id if posting.lot is not None else None,
             "reservation_id": posting.hold.id if posting.hold is not None else None,
-            "draws": _draws_json(posting.draws), "description": posting.description, "metadata": posting.metadata,
+            "draws": _draws(posting.draws), "description": posting.description, "metadata": posting.metadata,
             "idempotency_key": posting.idempotency_key, "created_at": posting.created_at,
             "refund_of": posting.refund_of}
     if typed:
@@ -145,13 +144,12 @@ def _entry_row(posting: Posting, typed: bool) -> dict[str, Any]:
     return row
 
 
-def _draws_json(draws: list[tuple[Lot, int]]) -> Json | None:
-    """`[{"lot_id": ..., "amount": ...}, ...]` as JSON text, as `json.dumps` writes it (the
-    psycopg2 path sends it as it is; the Core path parses it back for SQLAlchemy)."""
+def _draws(draws: list[tuple[Lot, int]]) -> list[dict[str, Any]] | None:
+    """`[{"lot_id": ..., "amount": ...}, ...]`, with a lot's cost basis where it has one."""
     if not draws:
         return None
-    return Json("[" + ", ".join(f'{{"lot_id": {lot.id}, "amount": {taken}}}' if lot.unit_cost is None
-                                else json.dumps(draw_record(lot, taken)) for lot, taken in draws) + "]")
+    return [{"lot_id": lot.id, "amount": taken} if lot.unit_cost is None else draw_record(lot, taken)
+            for lot, taken in draws]
 
 
 def _built(event: _Event | Callable[[], _Event]) -> _Event:

@@ -17,11 +17,11 @@ from functools import cache
 
 from sqlalchemy.engine import Connection, Engine
 
-from creditworker.storage.backends.base import Backend, Json, Script
+from creditworker.storage.backends.base import Backend, Script
 from creditworker.storage.backends.core import Core, after
 from creditworker.storage.backends.postgres_arrays import PostgresArrays
 
-__all__ = ["Backend", "Json", "Script", "after", "backend_for"]
+__all__ = ["Backend", "Script", "after", "backend_for"]
 
 _BY_DRIVER: dict[tuple[str, str], type[Core]] = {
     ("postgresql", "psycopg2"): PostgresArrays,

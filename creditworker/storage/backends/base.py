@@ -17,10 +17,6 @@ def key_columns(key: str | tuple[str, ...]) -> tuple[str, ...]:
     return (key,) if isinstance(key, str) else key
 
 
-class Json(str):
-    """JSON text made by the caller (cheaper than a dict to dump), for a JSON column."""
-
-
 @dataclass(frozen=True, slots=True)
 class Shapes:
     """The tables a unit of work locks and reads, and the columns it reads of each (rows
@@ -119,7 +115,7 @@ class Backend(Protocol):
     dialect: str
 
     def script(self, connection: Connection) -> Script:
-        """A writer's script on `connection` (`Json` values go to JSON columns as they are)."""
+        """A writer's script on `connection`."""
 
     def insert_returning_ids(
         self, connection: Connection, table: Table, rows: Sequence[dict[str, Any]]

@@ -9,13 +9,11 @@ UPDATE form that SQLAlchemy Core writes). Each statement of a script runs when i
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Mapping, Sequence
 from functools import cache
 from typing import Any
 
 from sqlalchemy import (
-    JSON,
     BigInteger,
     Table,
     Text,
@@ -35,7 +33,6 @@ from sqlalchemy.sql import ColumnElement, Select
 from creditworker.contract.credits import DEFAULT_CREDIT_TYPE
 from creditworker.storage.backends.base import (
     Folded,
-    Json,
     LockedRead,
     ReadAlong,
     Shapes,
@@ -61,7 +58,7 @@ class Core:
         self, connection: Connection, table: Table, rows: Sequence[dict[str, Any]]
     ) -> None:
         if rows:
-            connection.execute(insert(table), _parsed_json(table, rows))
+            connection.execute(insert(table), rows)
 
     def insert_returning_ids(
         self, connection: Connection, table: Table, rows: Sequence[dict[str, Any]]
@@ -72,11 +69,11 @@ class Core:
             # SQLAlchemy would insert one row per statement to keep RETURNING in order. The
             # transaction holds SQLite's write lock (BEGIN IMMEDIATE), so one executemany's new
             # rowids are consecutive, ending at the last one.
-            connection.execute(insert(table), _parsed_json(table, rows))
+            connection.execute(insert(table), rows)
             last = int(connection.exec_driver_sql("SELECT last_insert_rowid()").scalar_one())
             return list(range(last - len(rows) + 1, last + 1))
         statement = insert(table).returning(table.c.id, sort_by_parameter_order=True)
-        return [row[0] for row in connection.execute(statement, _parsed_json(table, rows))]
+        return [row[0] for row in connection.execute(statement, rows)]
 
     def update_rows(
         self, connection: Connection, table: Table, key: str | tuple[str, ...], rows: Sequence[dict[str, Any]]
@@ -91,7 +88,7 @@ class Core:
             _update_statement(table, keys, columns),
             [
                 {f"_{name}": value for name, value in row.items()}
-                for row in _parsed_json(table, rows)
+                for row in rows
             ],
         )
 
@@ -304,18 +301,6 @@ class CoreScript:
                 ],
             )
         return ids
-
-
-def _parsed_json(table: Table, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`rows` with the JSON text the caller made (`Json`) parsed back, for SQLAlchemy's JSON
-    type to dump (it would dump the text as a JSON string)."""
-    names = [name for name in rows[0] if isinstance(table.c[name].type, JSON)]
-    if not any(isinstance(row[name], Json) for name in names for row in rows):
-        return list(rows)
-    return [
-        {**row, **{name: json.loads(row[name]) for name in names if isinstance(row[name], Json)}}
-        for row in rows
-    ]
 
 
 def after(

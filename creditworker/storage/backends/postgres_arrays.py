@@ -23,7 +23,6 @@ from creditworker.contract.credits import DEFAULT_CREDIT_TYPE, PROMOTIONAL_SOURC
 from creditworker.storage.backends import prepared
 from creditworker.storage.backends.base import (
     Folded,
-    Json,
     LockedRead,
     ReadAlong,
     Shapes,
@@ -45,7 +44,7 @@ class PostgresArrays(Core):
         self, connection: Connection, table: Table, rows: Sequence[dict[str, Any]]
     ) -> None:
         if rows:
-            _run(connection, _insert(table, tuple(rows[0]), "", False), _arrays(table, rows, ""))
+            _run(connection, _insert(table, tuple(rows[0]), "", False, len(rows) == 1), _params(table, rows, ""))
 
     def insert_returning_ids(
         self, connection: Connection, table: Table, rows: Sequence[dict[str, Any]]
@@ -54,7 +53,7 @@ class PostgresArrays(Core):
             return []
         # The sequence numbers the rows in the order the SELECT produces them (ORDER BY
         # the array position): sorted, the returned ids are the ids of `rows` in order.
-        result = _run(connection, _insert(table, tuple(rows[0]), "", True), _arrays(table, rows, ""))
+        result = _run(connection, _insert(table, tuple(rows[0]), "", True, len(rows) == 1), _params(table, rows, ""))
         return sorted(row[0] for row in result)
 
     def update_rows(
@@ -63,7 +62,7 @@ class PostgresArrays(Core):
         if rows:
             keys = key_columns(key)
             columns = tuple(name for name in rows[0] if name not in keys)
-            _run(connection, _update(table, keys, columns, ""), _arrays(table, rows, ""))
+            _run(connection, _update(table, keys, columns, "", len(rows) == 1), _params(table, rows, ""))
 
     def rows_where_in(
         self,
@@ -245,15 +244,15 @@ class ArrayScript:
     def insert(self, table: Table, rows: Sequence[dict[str, Any]]) -> None:
         if rows:
             prefix = f"s{len(self.sql)}_"
-            self._add(_insert(table, tuple(rows[0]), prefix, False), _arrays(table, rows, prefix))
+            self._add(_insert(table, tuple(rows[0]), prefix, False, len(rows) == 1), _params(table, rows, prefix))
 
     def update(self, table: Table, key: str | tuple[str, ...], rows: Sequence[dict[str, Any]]) -> None:
         if rows:
             prefix = f"s{len(self.sql)}_"
             keys = key_columns(key)
             self._add(
-                _update(table, keys, tuple(name for name in rows[0] if name not in keys), prefix),
-                _arrays(table, rows, prefix),
+                _update(table, keys, tuple(name for name in rows[0] if name not in keys), prefix, len(rows) == 1),
+                _params(table, rows, prefix),
             )
 
     def delete(self, table: Table, key: str, values: Collection[Any]) -> None:
@@ -548,18 +547,44 @@ def _utc(value: datetime | None) -> datetime | None:
     return None if value is None else value.replace(tzinfo=UTC)
 
 
+def _params(table: Table, rows: Sequence[dict[str, Any]], prefix: str) -> dict[str, str]:
+    """A statement's rows as its parameters: one row as one JSON object (`_row`), more as
+    one array literal per column (`_arrays`). `_insert` and `_update` read either."""
+    if len(rows) == 1:
+        return {prefix + "row": _row(rows[0])}
+    return _arrays(table, rows, prefix)
+
+
+def _row(row: dict[str, Any]) -> str:
+    """One row as a JSON object, read on the server by `json_populate_record` into the
+    table's row type: timestamps as naive UTC text, decimals as text.
+
+    Most writes are of one row (a metered request writes a hold, an entry, an operation and
+    an account), and binding one literal per column was a tenth of its CPU in the engine
+    (38 parameters for a reserve, each adapted and escaped by the driver); one `json.dumps`
+    in C is a few microseconds (docs/benchmarks.md)."""
+    return json.dumps(row, default=_json_value)
+
+
+def _json_value(value: Any) -> Any:
+    """What `json.dumps` cannot write itself: a timestamp (naive UTC text), a decimal (text,
+    which NUMERIC reads back exactly)."""
+    if isinstance(value, datetime):
+        return _timestamp(value)
+    return str(value)
+
+
 def _arrays(table: Table, rows: Sequence[dict[str, Any]], prefix: str) -> dict[str, str]:
     """One PostgreSQL array literal per column (`{1,2}`, `{"a","b"}`), with the values each
     column type would have sent: naive UTC timestamps, JSON as text.
 
     A literal is one string that the server's array parser reads in C; a Python list would
     go out as `ARRAY[...]` with one SQL constant per value, which the server must parse
-    and analyse one by one (measured: most of a 1,000-row INSERT's time).
+    and analyse one by one (measured: most of a 1,000-row INSERT's time). For thousands of
+    rows the server reads these faster than the same rows as JSON (measured with
+    `bench/run.py --only batch batch1000`: a fifth fewer deducts per second as JSON).
     """
     names = tuple(rows[0])
-    if len(rows) == 1:  # most writes: each value straight to its one-element literal
-        row = rows[0]
-        return {key: convert(row[name]) for key, name, convert in _single(table, names, prefix)}
     return {
         prefix + name: convert([row[name] for row in rows])
         for name, convert in zip(names, _converters(table, names))
@@ -567,21 +592,9 @@ def _arrays(table: Table, rows: Sequence[dict[str, Any]], prefix: str) -> dict[s
 
 
 @cache
-def _single(table: Table, names: tuple[str, ...], prefix: str) -> tuple[tuple[str, str, Any], ...]:
-    """For one row: each column's parameter name, and the function from its value to a
-    one-element array literal (a metered request writes rows one at a time; building
-    lists and joining them was a sixth of its CPU in the engine)."""
-    single = {_boolean_array: _one_boolean, _integer_array: _one_integer,
-              _timestamp_array: _one_timestamp, _json_array: _one_json,
-              _text_values_array: _one_text}
-    return tuple((prefix + name, name, single[convert])
-                 for name, convert in zip(names, _converters(table, names)))
-
-
-@cache
 def _converters(table: Table, names: tuple[str, ...]) -> tuple[Any, ...]:
     """For each column, the function from its values to its array literal: chosen once per
-    table and columns (most writes are of one row, where choosing was most of the work)."""
+    table and columns."""
     chosen: list[Any] = []
     for name in names:
         column_type = table.c[name].type
@@ -618,29 +631,8 @@ def _text_values_array(values: list[Any]) -> str:
     return text_array([None if value is None else str(value) for value in values])
 
 
-def _one_integer(value: Any) -> str:
-    return "{NULL}" if value is None else "{" + str(int(value)) + "}"
-
-
-def _one_boolean(value: Any) -> str:
-    return "{NULL}" if value is None else "{t}" if value else "{f}"
-
-
-def _one_timestamp(value: datetime | None) -> str:
-    return "{NULL}" if value is None else "{" + _quoted(_timestamp(value)) + "}"  # type: ignore[arg-type]
-
-
-def _one_json(value: Any) -> str:
-    return "{NULL}" if value is None else "{" + _quoted(_json(value)) + "}"
-
-
-def _one_text(value: Any) -> str:
-    return "{NULL}" if value is None else "{" + _quoted(str(value)) + "}"
-
-
 def _json(value: Any) -> str:
-    """JSON text; a value that is already JSON text (`Json`) goes as it is."""
-    return value if isinstance(value, Json) else json.dumps(value)
+    return json.dumps(value)
 
 
 @lru_cache(maxsize=256)
@@ -669,30 +661,35 @@ def _unnest(table: Table, names: tuple[str, ...], prefix: str) -> str:
     return ", ".join(f"CAST(%({prefix}{name})s AS {_pg_type(table, name)}[])" for name in names)
 
 
-def _values(table: Table, names: tuple[str, ...]) -> str:
-    return ", ".join(
-        f"v.{name}::json" if isinstance(table.c[name].type, JSON) else f"v.{name}" for name in names
-    )
-
-
 @cache
-def _insert(table: Table, names: tuple[str, ...], prefix: str, returning_id: bool) -> str:
+def _insert(table: Table, names: tuple[str, ...], prefix: str, returning_id: bool, single: bool) -> str:
     return (
-        f"INSERT INTO {table.name} ({', '.join(names)}) SELECT {_values(table, names)}"
-        f" FROM unnest({_unnest(table, names, prefix)})"
-        f" WITH ORDINALITY AS v({', '.join(names)}, position)"
-        f" ORDER BY v.position" + (" RETURNING id" if returning_id else "")
+        f"INSERT INTO {table.name} ({', '.join(names)}) SELECT {_values(table, names, single)}"
+        f" FROM {_source(table, names, prefix, single)}"
+        + ("" if single else " ORDER BY v.position") + (" RETURNING id" if returning_id else "")
     )
 
 
 @cache
-def _update(table: Table, keys: tuple[str, ...], columns: tuple[str, ...], prefix: str) -> str:
-    names = (*keys, *columns)
+def _update(table: Table, keys: tuple[str, ...], columns: tuple[str, ...], prefix: str, single: bool) -> str:
     assignments = ", ".join(f"{name} = v.{name}" for name in columns)
     return (
-        f"UPDATE {table.name} SET {assignments}"
-        f" FROM unnest({_unnest(table, names, prefix)}) AS v({', '.join(names)})"
+        f"UPDATE {table.name} SET {assignments} FROM {_source(table, (*keys, *columns), prefix, single)}"
         f" WHERE " + " AND ".join(f"{table.name}.{key} = v.{key}" for key in keys)
+    )
+
+
+def _source(table: Table, names: tuple[str, ...], prefix: str, single: bool) -> str:
+    """The rows of `_params` as a relation `v` with the columns `names`."""
+    if single:
+        return f"json_populate_record(NULL::{table.name}, CAST(%({prefix}row)s AS json)) AS v"
+    return f"unnest({_unnest(table, names, prefix)}) WITH ORDINALITY AS v({', '.join(names)}, position)"
+
+
+def _values(table: Table, names: tuple[str, ...], single: bool) -> str:
+    """The columns of `v` as the table takes them (JSON travels as text in an array)."""
+    return ", ".join(
+        f"v.{name}::json" if not single and isinstance(table.c[name].type, JSON) else f"v.{name}" for name in names
     )
 
 
@@ -710,11 +707,11 @@ def _insert_with_references(
     each referencing one of the new ids by position (1-based in SQL: `row_number()` over
     the new ids, which the sequence gave out in the rows' order)."""
     if referencing is None or not referencing_rows:
-        return _insert(table, tuple(rows[0]), prefix, True), _arrays(table, rows, prefix)
+        return _insert(table, tuple(rows[0]), prefix, True, len(rows) == 1), _params(table, rows, prefix)
     if not rows:
         return (
-            _insert(referencing, tuple(referencing_rows[0]), prefix, False),
-            _arrays(referencing, referencing_rows, prefix),
+            _insert(referencing, tuple(referencing_rows[0]), prefix, False, len(referencing_rows) == 1),
+            _params(referencing, referencing_rows, prefix),
         )
     names = tuple(rows[0])
     referencing_names = tuple(referencing_rows[0])
@@ -751,7 +748,7 @@ def _insert_referencing_sql(
     )
     unnest = _unnest(referencing, referencing_names, prefix + "r_")
     return (
-        f"WITH e AS ({_insert(table, names, prefix + 'e_', True)}),"
+        f"WITH e AS ({_insert(table, names, prefix + 'e_', True, False)}),"
         f" n AS (SELECT array_agg(id ORDER BY id) AS ids FROM e),"
         f" r AS (INSERT INTO {referencing.name} ({', '.join(referencing_names)}) SELECT {values}"
         f" FROM unnest({unnest}, CAST(%({prefix}r_position)s AS bigint[])) WITH ORDINALITY"
