@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from functools import cache, lru_cache
 from typing import Any
 
@@ -132,10 +133,8 @@ class PostgresArrays(Core):
                 "hold_ids": text_array(sorted(set(along.hold_ids))),
             },
         )
-        found = [_aware(row[: len(shapes.lot_columns)], shapes.lots, shapes.lot_columns)
-                 for row in rows if row[0] is not None]
-        extra = next(row for row in rows if row[0] is None)
-        return found, _folded(extra, shapes, stale=asking)
+        lots, *extra = rows[0][0]
+        return _from_json_rows(lots, shapes.lots, shapes.lot_columns), _folded(extra, shapes, stale=asking)
 
     def owners_and_accounts(
         self, connection: Connection, shapes: Shapes, hold_ids: Collection[str], user_ids: Collection[str]
@@ -207,24 +206,21 @@ class PostgresArrays(Core):
                 "stale_at": _timestamp(along.at) if along.stale_holds else None,
             },
         )
-        lots, lot_columns = shapes.lots, shapes.lot_columns
-        found = [_aware(row[: len(lot_columns)], lots, lot_columns) for row in rows if row[0] is not None]
-        extra = next(row for row in rows if row[0] is None)
-        accounts = [_hold_from_json(account, shapes.accounts, shapes.account_columns) for account in extra[-1] or ()]
-        return LockedRead(accounts, found, _folded(extra[:-1], shapes, stale=along.stale_holds))
+        lots, *extra, accounts = rows[0][0]
+        return LockedRead(_from_json_rows(accounts, shapes.accounts, shapes.account_columns),
+                          _from_json_rows(lots, shapes.lots, shapes.lot_columns),
+                          _folded(extra, shapes, stale=along.stale_holds))
 
 
 def _folded(extra: Sequence[Any], shapes: Shapes, *, stale: bool) -> Folded:
-    """The lots' queries' extra row, whose last five columns are what `Folded` holds: the
-    operation rows (JSON), the new entry ids, the new lot ids, the stale holds (JSON) and the
-    named holds (JSON)."""
-    operations, entry_ids, lot_ids, stale_holds, holds = extra[-5:]
+    """What `Folded` holds, as the lots' queries read it after the lots (`_read_along`)."""
+    operations, entry_ids, lot_ids, stale_holds, holds = extra
     return Folded(
         [tuple(operation) for operation in operations or ()],
         sorted(entry_ids or ()),
         sorted(lot_ids or ()),
-        [_hold_from_json(hold, shapes.holds, shapes.hold_columns) for hold in stale_holds or ()] if stale else None,
-        [_hold_from_json(hold, shapes.holds, shapes.hold_columns) for hold in holds or ()],
+        _from_json_rows(stale_holds, shapes.holds, shapes.hold_columns) if stale else None,
+        _from_json_rows(holds, shapes.holds, shapes.hold_columns),
     )
 
 
@@ -387,14 +383,17 @@ equal on PostgreSQL; the rules sort in Python what this path sent and what a uni
 grants)."""
 
 
-def _json_row(alias: str, columns: tuple[str, ...]) -> str:
-    """A row of `alias` as one JSON array of `columns` (read back by `_hold_from_json`)."""
-    return "json_build_array(" + ", ".join(f"{alias}.{name}" for name in columns) + ")"
+def _json_row(alias: str, table: Table, columns: tuple[str, ...]) -> str:
+    """A row of `alias` as one JSON array of `columns`, decimals as text (read back by
+    `_from_json_rows`)."""
+    return "json_build_array(" + ", ".join(
+        f"{alias}.{name}::text" if isinstance(table.c[name].type, Numeric) else f"{alias}.{name}"
+        for name in columns) + ")"
 
 
 def _operations_and_new_ids(lots: str) -> str:
-    """Three columns of the lots' queries' extra row: the operation rows of `keys` (JSON), and
-    `entry_ids` and `lot_ids` new ids from the ledger's and the lots' sequences."""
+    """Three of the lots' queries' values: the operation rows of `keys`, and `entry_ids` and
+    `lot_ids` new ids from the ledger's and the lots' sequences."""
     return (
         "(SELECT json_agg(json_build_array(o.idempotency_key, o.kind, o.fingerprint, o.result))"
         " FROM operations o WHERE o.idempotency_key = ANY(CAST(%(keys)s AS text[]))),"
@@ -405,42 +404,44 @@ def _operations_and_new_ids(lots: str) -> str:
 
 @cache
 def _drawable_lots_sql(shapes: Shapes) -> str:
-    """The lots of the default credit type in draw-down order whose credits before them do
-    not cover what the account may draw (and those past their expiry at `at`: rollover looks
-    for them when a hold ends); then one row whose lot columns are NULL, with the operation rows stored for the
-    given keys (JSON), the new entry ids, the new lot ids, the given accounts' active holds
-    past their TTL (JSON) and the holds named by id (JSON)."""
-    lots, columns, holds, hold_columns = shapes.lots.name, shapes.lot_columns, shapes.holds.name, shapes.hold_columns
-    hold_array = _json_row("r", hold_columns)
+    """One JSON array: the lots of the default credit type whose credits before them in
+    draw-down order do not cover what the account may draw (and those past their expiry at
+    `at`: rollover looks for them when a hold ends), the operation rows stored for the given
+    keys, the new entry ids, the new lot ids, the given accounts' active holds past their TTL
+    and the holds named by id.
+
+    One value, not rows of columns: psycopg2 describes every column of a result and casts
+    every value (a row of 23 columns beside the lots cost about 30 us of client CPU more
+    than one JSON value, which `json.loads` reads in C)."""
+    lots, holds, hold_columns = shapes.lots.name, shapes.holds.name, shapes.hold_columns
+    hold_array = _json_row("r", shapes.holds, hold_columns)
     return (
-        f"SELECT {', '.join(columns)}, NULL::json, NULL::bigint[], NULL::bigint[],"
-        " NULL::json, NULL::json"
+        f"SELECT json_build_array((SELECT json_agg({_json_row('x', shapes.lots, shapes.lot_columns)})"
         " FROM (SELECT l.*, n.needed,"
         f" sum(l.remaining) OVER (PARTITION BY l.user_id ORDER BY {DRAW_ORDER}) - l.remaining"
         f" AS before FROM {lots} l"
         " JOIN unnest(CAST(%(users)s AS text[]), CAST(%(needed)s AS bigint[]))"
         " AS n(user_id, needed) ON l.user_id = n.user_id"
         f" WHERE l.remaining > 0 AND l.credit_type = '{DEFAULT_CREDIT_TYPE}') x"
-        " WHERE x.before < x.needed OR x.expires_at <= CAST(%(at)s AS timestamp)"
-        f" UNION ALL SELECT {', '.join('NULL' for _ in columns)},"
+        " WHERE x.before < x.needed OR x.expires_at <= CAST(%(at)s AS timestamp)),"
         f" {_operations_and_new_ids(lots)},"
         f" (SELECT json_agg({hold_array}) FROM {holds} r"
         " WHERE r.user_id = ANY(CAST(%(stale_users)s AS text[])) AND r.status = 'active'"
         " AND r.expires_at <= CAST(%(stale_at)s AS timestamp)),"
         f" (SELECT json_agg({hold_array}) FROM {holds} r"
-        " WHERE r.id = ANY(CAST(%(hold_ids)s AS text[])))"
+        " WHERE r.id = ANY(CAST(%(hold_ids)s AS text[]))))"
     )
 
 
 @cache
 def _lock_and_read_sql(shapes: Shapes, naming_holds: bool, deducting: bool) -> str:
     """`lock_and_read`'s text: the lock (the accounts of the users and of the named holds'
-    owners, in user order), then one statement: the lots of the default credit type in
-    draw-down order whose credits before them do not cover what the account may draw (and
-    those past their expiry, which rollover looks for when a hold ends), then
-    one row whose lot columns are NULL, with the operation rows of the keys (JSON), the new
-    entry ids, the new lot ids, the locked accounts' active holds past their TTL (JSON), the
-    named holds (JSON) and the locked accounts (JSON, in user order).
+    owners, in user order), then one statement answering one JSON array, as
+    `_drawable_lots_sql` does: the lots of the default credit type in draw-down order whose
+    credits before them do not cover what the account may draw (and those past their
+    expiry, which rollover looks for when a hold ends), the operation rows of the keys, the
+    new entry ids, the new lot ids, the locked accounts' active holds past their TTL, the
+    named holds and the locked accounts (in user order).
 
     Planning is most of what the server spends on it, so it is kept to few joins, and
     without holds named (a reserve, a deduct) the holds' part is left out: what each account
@@ -463,7 +464,7 @@ def _lock_and_read_sql(shapes: Shapes, naming_holds: bool, deducting: bool) -> s
             + ") s GROUP BY user_id)"
         )
         locked = "CAST(%(users)s AS text[]) || ARRAY(SELECT user_id FROM h)"
-        named = f"(SELECT json_agg({_json_row('r', hold_columns)}) FROM h r)"
+        named = f"(SELECT json_agg({_json_row('r', holds, hold_columns)}) FROM h r)"
     else:
         needed = (
             " WITH n AS (SELECT * FROM unnest(CAST(%(deducting)s AS text[]), CAST(%(deducted)s AS bigint[]))"
@@ -471,27 +472,25 @@ def _lock_and_read_sql(shapes: Shapes, naming_holds: bool, deducting: bool) -> s
         )
         locked = users
         named = "NULL::json"
-    hold_array = _json_row("r", hold_columns)
-    account_array = _json_row("a", account_columns)
+    hold_array = _json_row("r", holds, hold_columns)
+    account_array = _json_row("a", accounts, account_columns)
     return (
         f"{KEYED_PLANS}; SELECT 1 FROM {accounts.name} WHERE user_id = ANY({users})"
         " ORDER BY user_id FOR UPDATE;"
         f"{needed}"
-        f" SELECT {', '.join(lot_columns)}, NULL::json, NULL::bigint[], NULL::bigint[],"
-        " NULL::json, NULL::json, NULL::json"
+        f" SELECT json_build_array((SELECT json_agg({_json_row('x', shapes.lots, lot_columns)})"
         " FROM (SELECT l.*, n.needed,"
         f" sum(l.remaining) OVER (PARTITION BY l.user_id ORDER BY {DRAW_ORDER}) - l.remaining"
         f" AS before FROM {lots} l JOIN n ON l.user_id = n.user_id"
         f" WHERE l.remaining > 0 AND l.credit_type = '{DEFAULT_CREDIT_TYPE}') x"
-        " WHERE x.before < x.needed OR x.expires_at <= CAST(%(at)s AS timestamp)"
-        f" UNION ALL SELECT {', '.join('NULL' for _ in lot_columns)},"
+        " WHERE x.before < x.needed OR x.expires_at <= CAST(%(at)s AS timestamp)),"
         f" {_operations_and_new_ids(lots)},"
         f" (SELECT json_agg({hold_array} ORDER BY r.id) FROM {holds.name} r"
         f" WHERE r.user_id = ANY({locked})"
         " AND r.status = 'active' AND r.expires_at <= CAST(%(stale_at)s AS timestamp)),"
         f" {named},"
         f" (SELECT json_agg({account_array} ORDER BY a.user_id) FROM {accounts.name} a"
-        f" WHERE a.user_id = ANY({locked}))"
+        f" WHERE a.user_id = ANY({locked})))"
     )
 
 
@@ -535,12 +534,23 @@ def _stamp_positions(table: Table, columns: tuple[str, ...]) -> tuple[int, ...]:
                  if isinstance(table.c[name].type, UtcDateTime))
 
 
-def _hold_from_json(values: list[Any], table: Table, columns: tuple[str, ...]) -> tuple[Any, ...]:
-    """A hold row read as a JSON array: its timestamps come as naive UTC ISO text."""
-    for index in _stamp_positions(table, columns):
-        if values[index] is not None:
-            values[index] = datetime.fromisoformat(values[index]).replace(tzinfo=UTC)
-    return tuple(values)
+def _from_json_rows(rows: list[list[Any]] | None, table: Table, columns: tuple[str, ...]) -> list[tuple[Any, ...]]:
+    """Rows read as JSON arrays (`_json_row`): timestamps come as naive UTC ISO text, decimals
+    as text."""
+    stamps, decimals = _stamp_positions(table, columns), _decimal_positions(table, columns)
+    for values in rows or ():
+        for index in stamps:
+            if values[index] is not None:
+                values[index] = datetime.fromisoformat(values[index]).replace(tzinfo=UTC)
+        for index in decimals:
+            if values[index] is not None:
+                values[index] = Decimal(values[index])
+    return [tuple(values) for values in rows or ()]
+
+
+@cache
+def _decimal_positions(table: Table, columns: tuple[str, ...]) -> tuple[int, ...]:
+    return tuple(index for index, name in enumerate(columns) if isinstance(table.c[name].type, Numeric))
 
 
 def _utc(value: datetime | None) -> datetime | None:
