@@ -573,7 +573,7 @@ def _row(row: dict[str, Any]) -> str:
     an account), and binding one literal per column was a tenth of its CPU in the engine
     (38 parameters for a reserve, each adapted and escaped by the driver); one `json.dumps`
     in C is a few microseconds (docs/benchmarks.md)."""
-    return json.dumps(row, default=_json_value)
+    return _ROW_ENCODER.encode(row)
 
 
 def _json_value(value: Any) -> Any:
@@ -582,6 +582,10 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, datetime):
         return _timestamp(value)
     return str(value)
+
+
+_ROW_ENCODER = json.JSONEncoder(default=_json_value)
+"""Made once (`json.dumps` with `default` makes an encoder per call)."""
 
 
 def _arrays(table: Table, rows: Sequence[dict[str, Any]], prefix: str) -> dict[str, str]:
