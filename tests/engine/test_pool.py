@@ -7,6 +7,7 @@ import time
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from creditworker import CreditService
 from creditworker.storage import database
@@ -46,4 +47,34 @@ def test_only_a_connection_that_sat_idle_is_pinged(pg_engine: Engine, monkeypatc
         service.deduct_credits("pinged", 1)
         assert len(pings) == 1
     finally:
+        engine.dispose()
+
+
+def test_a_burst_keeps_its_connections_for_the_next_one(postgres_url: str) -> None:
+    """Twelve at once, twice: the second burst finds the first's twelve connections in the
+    pool (SQLAlchemy's default kept five and closed seven, which the next burst opened again,
+    each a new server process with cold caches)."""
+    engine = make_engine(postgres_url)
+    backends: list[set[int]] = []
+    try:
+        for _burst in range(2):
+            connections = [engine.connect() for _ in range(12)]
+            backends.append({connection.scalar(text("SELECT pg_backend_pid()")) for connection in connections})
+            for connection in connections:
+                connection.close()
+        assert len(backends[0]) == 12
+        assert backends[1] == backends[0]
+    finally:
+        engine.dispose()
+
+
+def test_the_pool_opens_at_most_its_size_and_then_waits(postgres_url: str) -> None:
+    engine = make_engine(postgres_url, pool_timeout=0.2)
+    connections = [engine.connect() for _ in range(database.POOL_CONNECTIONS)]
+    try:
+        with pytest.raises(PoolTimeout):
+            engine.connect()
+    finally:
+        for connection in connections:
+            connection.close()
         engine.dispose()
