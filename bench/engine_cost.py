@@ -135,30 +135,29 @@ def measure(name: str, run: Callable[[int], None], count: int, server: ServerCpu
             "wall_ms": wall / count * 1000}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=3000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--profile", help="write a cProfile (CPU time) of the sync engine's requests here")
-    parser.add_argument("--json", help="write the figures here")
-    parser.add_argument("--sides", help="measure only these sides (comma-separated names as printed;"
-                        " the hand-written SQL always runs, as the baseline); 'CreditService lock then"
-                        " read' is the sync engine with its lock and its reads in round trips of their"
-                        " own, as before they shared one")
-    options = parser.parse_args()
+def prepare(url: str) -> None:
+    """The schema, and credits for every user in one lot each."""
+    sync = CreditService(url)
+    upgrade(sync.engine)
+    sync.apply_batch([{"op": "add", "user_id": f"user-{index}", "amount": 10**9} for index in range(USERS)])
+    sync.engine.dispose()
 
-    with fresh_database() as url:
-        sync = CreditService(url)
-        upgrade(sync.engine)
-        users = [f"user-{index}" for index in range(USERS)]
-        lots = {user: sync.add_credits(user, 10**9).lot_id for user in users}
-        sync3 = CreditService(url.replace("+psycopg2", "+psycopg"))
-        asynchronous = AsyncCreditService(url)
-        on_asyncpg = greenlet_bridge.GreenletBridge(url) if greenlet_bridge.available() else None
-        raw = psycopg2.connect(make_url(url).set(drivername="postgresql").render_as_string(hide_password=False))
+
+class Sides:
+    """The ways of making a metered request's two writes, each `run(count)`, on a prepared
+    database: `sides` always, `optional` when asked for."""
+
+    def __init__(self, url: str) -> None:
+        self.sync = sync = CreditService(url)
+        self.users = users = [f"user-{index}" for index in range(USERS)]
+        with sync.engine.connect() as connection:
+            lots = {user: lot for user, lot in connection.execute(text("SELECT user_id, id FROM credit_lots"))}
+        self.sync3 = sync3 = CreditService(url.replace("+psycopg2", "+psycopg"))
+        self.asynchronous = asynchronous = AsyncCreditService(url)
+        self.on_asyncpg = on_asyncpg = greenlet_bridge.GreenletBridge(url) if greenlet_bridge.available() else None
+        self.raw = raw = psycopg2.connect(make_url(url).set(drivername="postgresql").render_as_string(hide_password=False))
         raw.autocommit = True
-        server = ServerCpu(url)
-        loop = asyncio.new_event_loop()
+        self.loop = loop = asyncio.new_event_loop()
         counter = iter(range(10**9))
 
         def metadata() -> dict[str, Any]:
@@ -209,20 +208,54 @@ def main() -> None:
             finally:
                 PostgresArrays.lock_and_read = folded  # type: ignore[method-assign]
 
-        optional = {"CreditService lock then read": engine_sync_lock_then_read}
-        sides = {"hand-written SQL": hand_written, "CreditService": engine_sync,
-                 "CreditService psycopg3": lambda count: engine_sync(count, sync3),
-                 "AsyncCreditService": engine_async}
+        self.engine_sync = engine_sync
+        self.optional: dict[str, Callable[[int], None]] = {"CreditService lock then read": engine_sync_lock_then_read}
+        self.sides: dict[str, Callable[[int], None]] = {
+            "hand-written SQL": hand_written, "CreditService": engine_sync,
+            "CreditService psycopg3": lambda count: engine_sync(count, sync3),
+            "AsyncCreditService": engine_async}
         if on_asyncpg is not None:
-            sides["greenlet bridge, asyncpg"] = lambda count: loop.run_until_complete(
+            self.sides["greenlet bridge, asyncpg"] = lambda count: loop.run_until_complete(
                 engine_async_requests(count, on_asyncpg))
-        if options.sides:
-            chosen = {"hand-written SQL", *(name.strip() for name in options.sides.split(","))}
-            known = {**sides, **optional}
-            unknown = chosen - set(known)
-            if unknown:
-                parser.error(f"unknown sides {sorted(unknown)}; known: {list(known)}")
-            sides = {name: run for name, run in known.items() if name in chosen}
+
+    def chosen(self, names: str | None) -> dict[str, Callable[[int], None]]:
+        """The sides named (comma-separated), the hand-written SQL always first; all without names."""
+        if not names:
+            return self.sides
+        chosen = {"hand-written SQL", *(name.strip() for name in names.split(","))}
+        known = {**self.sides, **self.optional}
+        unknown = chosen - set(known)
+        if unknown:
+            raise SystemExit(f"unknown sides {sorted(unknown)}; known: {list(known)}")
+        return {name: run for name, run in known.items() if name in chosen}
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.asynchronous.dispose())
+        if self.on_asyncpg is not None:
+            self.loop.run_until_complete(self.on_asyncpg.dispose())
+        self.sync3.engine.dispose()
+        self.loop.close()
+        self.raw.close()
+        self.sync.engine.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile", help="write a cProfile (CPU time) of the sync engine's requests here")
+    parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--sides", help="measure only these sides (comma-separated names as printed;"
+                        " the hand-written SQL always runs, as the baseline); 'CreditService lock then"
+                        " read' is the sync engine with its lock and its reads in round trips of their"
+                        " own, as before they shared one")
+    options = parser.parse_args()
+
+    with fresh_database() as url:
+        prepare(url)
+        made = Sides(url)
+        server = ServerCpu(url)
+        sides = made.chosen(options.sides)
         for run in sides.values():
             run(200)  # warm up: connections, compiled statements
         results: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
@@ -250,19 +283,13 @@ def main() -> None:
             import cProfile
 
             profiler = cProfile.Profile(time.process_time)  # CPU time: waits on the server are not ours
-            profiler.runcall(engine_sync, options.requests)
+            profiler.runcall(made.engine_sync, options.requests)
             profiler.dump_stats(options.profile)
             print(f"profile of {options.requests} sync requests: {options.profile}")
         if options.json:
             Path(options.json).write_text(json.dumps({"rounds": results, "median": summary}, indent=2))
-        loop.run_until_complete(asynchronous.dispose())
-        if on_asyncpg is not None:
-            loop.run_until_complete(on_asyncpg.dispose())
-        sync3.engine.dispose()
-        loop.close()
-        raw.close()
         server.admin.close()
-        sync.engine.dispose()
+        made.close()
 
 
 if __name__ == "__main__":
