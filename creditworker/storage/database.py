@@ -43,6 +43,8 @@ def make_engine(url: str, **engine_options: Any) -> Engine:
     parsed = resolve_database_url(url)
     with naming_the_driver(parsed):
         parsed, options = _engine_options(parsed)
+        if parsed.get_backend_name() != "sqlite" and "poolclass" not in engine_options:
+            options.update(pool_size=POOL_CONNECTIONS, max_overflow=0, pool_use_lifo=True)
         options.update(engine_options)
         engine = create_engine(parsed, **options)
     _tune(engine, engine_options)
@@ -79,7 +81,6 @@ def _engine_options(parsed: URL) -> tuple[URL, dict[str, Any]]:
             options["poolclass"] = QueuePool
     else:
         options["isolation_level"] = "READ COMMITTED"
-        options.update(pool_size=POOL_CONNECTIONS, max_overflow=0, pool_use_lifo=True)
     if parsed.get_driver_name() == "psycopg2":
         # A batch's row updates go out in pages, not one round trip per row.
         options["executemany_mode"] = "values_plus_batch"

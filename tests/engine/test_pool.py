@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.pool import NullPool
 
 from creditworker import CreditService
 from creditworker.storage import database
@@ -77,4 +78,14 @@ def test_the_pool_opens_at_most_its_size_and_then_waits(postgres_url: str) -> No
     finally:
         for connection in connections:
             connection.close()
+        engine.dispose()
+
+
+def test_an_engine_without_a_pool_takes_no_pool_sizes(postgres_url: str) -> None:
+    """The worker's dead-letter store and metrics endpoint connect per use (`NullPool`)."""
+    engine = make_engine(postgres_url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            assert connection.scalar(text("SELECT 1")) == 1
+    finally:
         engine.dispose()
