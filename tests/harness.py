@@ -159,6 +159,18 @@ def stop_group(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
         process.wait(10)
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """SIGTERM one process (not its group: a test's `celery beat` shares the test run's); SIGKILL
+    it if it has not exited within `timeout`. Seen: a beat on RabbitMQ that got SIGTERM while
+    publishing closed its connection from the signal handler and hung there for good."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+
+
 @dataclass
 class RunningWorker:
     """A `celery worker` process plus a client and an engine on the same database.

@@ -23,6 +23,7 @@ from creditworker.storage.tables import Entry, OutboxEvent
 from creditworker.worker import commands
 from tests.conftest import wipe
 from tests.e2e.conftest import RunningWorker, _running, redis_db
+from tests.harness import stop_process
 
 pytestmark = pytest.mark.e2e
 
@@ -73,8 +74,7 @@ def stack(
             yield {"worker": worker, "broker": broker}
         finally:
             for beat in beats:
-                beat.terminate()
-                beat.wait(20)
+                stop_process(beat)
 
 
 def collect(broker: str, keys: list[str], count: int, timeout: float = 30) -> list[_Event]:

@@ -38,6 +38,7 @@ from creditworker.storage.tables import Entry, Lot, SubscriptionRow
 from creditworker.worker import commands
 from tests.conftest import wipe
 from tests.e2e.conftest import RunningWorker, _running
+from tests.harness import stop_process
 
 pytestmark = pytest.mark.e2e
 
@@ -197,8 +198,7 @@ def stack(
         try:
             yield worker
         finally:
-            beat.terminate()
-            beat.wait(20)
+            stop_process(beat)
 
 
 def subscribe(create_plan: Callable[..., Any], assign_plan: Callable[..., Any], start: datetime) -> None:

@@ -27,6 +27,7 @@ from creditworker.worker import commands
 from tests.conftest import wipe
 from tests.e2e.conftest import RunningWorker, _running, redis_db
 from tests.e2e.test_beat_events import collect, purge_event_queues
+from tests.harness import stop_process
 
 pytestmark = pytest.mark.e2e
 
@@ -53,8 +54,7 @@ def stack(
         try:
             yield {"worker": worker, "broker": broker}
         finally:
-            beat.terminate()
-            beat.wait(20)
+            stop_process(beat)
 
 
 def grants(engine: Engine, user: str) -> list[int]:
