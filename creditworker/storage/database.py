@@ -42,9 +42,7 @@ def make_engine(url: str, **engine_options: Any) -> Engine:
     """Create an engine tuned for short write transactions on one account at a time."""
     parsed = resolve_database_url(url)
     with naming_the_driver(parsed):
-        parsed, options = _engine_options(parsed)
-        if parsed.get_backend_name() != "sqlite" and "poolclass" not in engine_options:
-            options.update(pool_size=POOL_CONNECTIONS, max_overflow=0, pool_use_lifo=True)
+        parsed, options = _engine_options(parsed, pooled="poolclass" not in engine_options)
         options.update(engine_options)
         engine = create_engine(parsed, **options)
     _tune(engine, engine_options)
@@ -68,7 +66,9 @@ a busy machine) the default opened 8 to 349 connections in 17 s (p99 up to 215 m
 max_overflow=...)` overrides it."""
 
 
-def _engine_options(parsed: URL) -> tuple[URL, dict[str, Any]]:
+def _engine_options(parsed: URL, *, pooled: bool) -> tuple[URL, dict[str, Any]]:
+    """The options of an engine for `parsed`; `pooled`: with the default pool (the caller
+    named no `poolclass` of its own, which may take no sizes)."""
     backend = parsed.get_backend_name()
     options: dict[str, Any] = {"future": True}
     if backend == "sqlite":
@@ -81,6 +81,8 @@ def _engine_options(parsed: URL) -> tuple[URL, dict[str, Any]]:
             options["poolclass"] = QueuePool
     else:
         options["isolation_level"] = "READ COMMITTED"
+        if pooled:
+            options.update(pool_size=POOL_CONNECTIONS, max_overflow=0, pool_use_lifo=True)
     if parsed.get_driver_name() == "psycopg2":
         # A batch's row updates go out in pages, not one round trip per row.
         options["executemany_mode"] = "values_plus_batch"
