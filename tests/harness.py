@@ -15,7 +15,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,26 +148,26 @@ def wait_until_answers(process: subprocess.Popen[bytes], app: Celery, log_path: 
 def stop_group(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
                timeout: float = 30) -> None:
     """Signal the whole process group; SIGKILL it if it has not exited within `timeout`."""
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
+    _stop(process, lambda signal_number: os.killpg(process.pid, signal_number), sig, timeout)
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 20) -> None:
     """SIGTERM one process (not its group: a test's `celery beat` shares the test run's); SIGKILL
     it if it has not exited within `timeout`. Seen: a beat on RabbitMQ that got SIGTERM while
     publishing closed its connection from the signal handler and hung there for good."""
-    process.terminate()
+    _stop(process, process.send_signal, signal.SIGTERM, timeout)
+
+
+def _stop(process: subprocess.Popen[bytes], send: Callable[[int], None], sig: int, timeout: float) -> None:
+    """`send(sig)`, wait up to `timeout` for `process` to exit, then `send(SIGKILL)`."""
+    try:
+        send(sig)
+    except ProcessLookupError:
+        pass
     try:
         process.wait(timeout)
     except subprocess.TimeoutExpired:
-        process.kill()
+        send(signal.SIGKILL)
         process.wait(10)
 
 
