@@ -124,7 +124,9 @@ def test_low_credit_event_fires_once_per_crossing_through_the_worker(stack: dict
     client.add_credits("dee", 40).get()  # back above: re-armed
     client.deduct_credits("dee", 40).get()  # crosses again
     events = collect(broker, ["credits.low"], 2, timeout=10)
-    assert [(e.user_id, e.available) for e in events] == [("dee", 5), ("dee", 4)]
+    # Two relays (two beats and the worker) may publish them in either order, as
+    # docs/notifications.md says; each carries the state it describes.
+    assert sorted((e.user_id, e.available) for e in events) == [("dee", 4), ("dee", 5)]
     assert collect(broker, ["credits.low"], 1, timeout=2) == []
 
 
