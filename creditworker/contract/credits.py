@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from creditworker.contract.errors import ValidationFailed
+from creditworker.contract.json_text import json_encoder
 
 MAX_AMOUNT = 10**12
 """Largest amount one operation may carry (one trillion of the smallest unit)."""
@@ -148,6 +149,9 @@ def _as_utc(value: datetime) -> datetime:
         raise ValueError("is out of range once converted to UTC") from exc
 
 
+_NESTING = (dict, list)
+
+
 def nesting_depth(value: Any) -> int:
     """How deep objects and arrays nest in `value`, counted without recursion (a deep value
     would overflow the stack of a recursive count), stopping past the limit."""
@@ -155,7 +159,7 @@ def nesting_depth(value: Any) -> int:
     pending: list[tuple[Any, int]] = [(value, 1)]
     while pending:
         item, depth = pending.pop()
-        if isinstance(item, dict | list):
+        if isinstance(item, _NESTING):
             deepest = max(deepest, depth)
             if deepest > MAX_METADATA_DEPTH:
                 return deepest
@@ -164,13 +168,18 @@ def nesting_depth(value: Any) -> int:
     return deepest
 
 
+_STRICT_JSON = json_encoder(allow_nan=False)
+
+
 def _check_metadata(value: dict[str, Any]) -> dict[str, Any]:
     if nesting_depth(value) > MAX_METADATA_DEPTH:
         raise ValueError(f"must nest objects and arrays at most {MAX_METADATA_DEPTH} deep")
     try:
-        encoded = json.dumps(value, allow_nan=False, separators=(",", ":"))
+        encoded = _STRICT_JSON(value)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"must be plain JSON: {exc}") from exc
+    except RecursionError:  # tuples (which `nesting_depth` does not count) in a cycle or too deep
+        raise ValueError("must be plain JSON: nested too deep to encode (or it contains itself)") from None
     if len(encoded.encode("utf-8")) > MAX_METADATA_BYTES:
         raise ValueError(f"must encode to at most {MAX_METADATA_BYTES} bytes of JSON")
     return value
@@ -234,7 +243,7 @@ class Request(_Message):
             for name in self.OMITTED_AT_DEFAULT & body.keys():
                 if body[name] == type(self).model_fields[name].default:
                     del body[name]
-            canonical = _CANONICAL.encode({"op": type(self).__name__, **body})
+            canonical = _CANONICAL({"op": type(self).__name__, **body})
         else:
             values = self.__dict__
             parts = []
@@ -249,13 +258,13 @@ class Request(_Message):
                 elif convert is None:  # an int
                     parts.append(head + int.__repr__(value))
                 else:
-                    parts.append(head + _CANONICAL.encode(convert(value)))
+                    parts.append(head + _CANONICAL(convert(value)))
             canonical = "{" + ",".join(parts) + "}"
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
-"""The encoder `json.dumps(..., sort_keys=True, separators=(",", ":"))` builds per call."""
+_CANONICAL = json_encoder(sort_keys=True)
+"""`json.dumps(..., sort_keys=True, separators=(",", ":"))`, built once."""
 _JSON_OBJECT = TypeAdapter(dict[str, Any])
 _DATETIME = TypeAdapter(datetime)
 

@@ -21,6 +21,7 @@ from sqlalchemy import JSON, Boolean, Integer, Numeric, Table
 from sqlalchemy.engine import Connection
 
 from creditworker.contract.credits import DEFAULT_CREDIT_TYPE, PROMOTIONAL_SOURCES
+from creditworker.contract.json_text import json_encoder
 from creditworker.storage.backends import prepared
 from creditworker.storage.backends.base import (
     Folded,
@@ -573,7 +574,7 @@ def _row(row: dict[str, Any]) -> str:
     an account), and binding one literal per column was a tenth of its CPU in the engine
     (38 parameters for a reserve, each adapted and escaped by the driver); one `json.dumps`
     in C is a few microseconds (docs/benchmarks.md)."""
-    return _ROW_ENCODER.encode(row)
+    return _ROW_ENCODER(row)
 
 
 def _json_value(value: Any) -> Any:
@@ -584,8 +585,7 @@ def _json_value(value: Any) -> Any:
     return str(value)
 
 
-_ROW_ENCODER = json.JSONEncoder(default=_json_value)
-"""Made once (`json.dumps` with `default` makes an encoder per call)."""
+_ROW_ENCODER = json_encoder(default=_json_value)
 
 
 def _arrays(table: Table, rows: Sequence[dict[str, Any]], prefix: str) -> dict[str, str]:
