@@ -91,6 +91,7 @@ from creditworker.engine.unit_of_work import (
     UnitOfWork,
     collector_paused,
     new_event_id,
+    new_hold_id,
 )
 from creditworker.engine.writer import write
 from creditworker.records import ledger_records
@@ -911,7 +912,7 @@ class CreditService:
                 requested_at=request.requested_at, deadline=request.deadline,
             )
             posting = uow.post(rules.hold(
-                account, request.amount, hold_id=uuid.uuid4().hex, at=at,
+                account, request.amount, hold_id=new_hold_id(), at=at,
                 expires_at=expires_at, key=key, description=request.description,
                 metadata=request.metadata,
             ))
@@ -987,40 +988,60 @@ class _Batch:
     accounts and holds they touch, and how much each account's draws may take."""
 
     def __init__(self, requests: Sequence[Request | CreditError], default_keys: Sequence[str] | None) -> None:
+        """One pass over the items (a metered request makes a batch of one, twice)."""
         self.requests = requests
-        given = [
-            (request.idempotency_key if isinstance(request, Request) else None)
-            or (default_keys[index] if default_keys else None)
-            for index, request in enumerate(requests)
-        ]
-        self.keys = [key or _fresh_key() for key in given]
-        self.chosen = [key for key, request in zip(given, requests)  # a fresh key cannot have been used
-                       if key is not None and isinstance(request, Request)]
-        self.fingerprints = [request.fingerprint() if isinstance(request, Request) else "" for request in requests]
-        valid = self.valid = [request for request in requests if isinstance(request, Request)]
-        self.adding = {request.user_id for request in valid if isinstance(request, AddCredits)}
-        self.grants = sum(isinstance(request, AddCredits) for request in valid)
-        self.users = {request.user_id for request in valid if isinstance(request, (DeductCredits, ReserveCredits))}
-        self.hold_ids = {request.reservation_id for request in valid
-                         if isinstance(request, (CommitReservation, ReleaseReservation))}
+        self.keys: list[str] = []
+        self.chosen: list[str] = []  # the keys given: a fresh key cannot have been used
+        self.fingerprints: list[str] = []
+        self.valid: list[Request] = []
+        self.adding: set[str] = set()
+        self.grants = 0
+        self.users: set[str] = set()
+        self.hold_ids: set[str] = set()
         self.deducted: dict[str, int] = {}
         self.commits: list[CommitReservation] = []
         self.releases: list[str] = []
-        self.reserving = any(isinstance(request, ReserveCredits) for request in valid)
-        self.typed = {(request.user_id, request.credit_type) for request in valid
-                      if isinstance(request, (AddCredits, DeductCredits, ReserveCredits))
-                      and request.credit_type != DEFAULT_CREDIT_TYPE}
+        self.reserving = False
+        self.typed: set[tuple[str, str]] = set()
         """The (user, credit type) pairs of other types than the default, read up front."""
-        for request in valid:
-            if isinstance(request, DeductCredits):
+        for index, request in enumerate(requests):
+            if not isinstance(request, Request):  # refused while parsing
+                key = default_keys[index] if default_keys else None
+                self.keys.append(key or _fresh_key())
+                self.fingerprints.append("")
+                continue
+            key = request.idempotency_key or (default_keys[index] if default_keys else None)
+            if key is None:
+                self.keys.append(_fresh_key())
+            else:
+                self.keys.append(key)
+                self.chosen.append(key)
+            self.fingerprints.append(request.fingerprint())
+            self.valid.append(request)
+            if isinstance(request, CommitReservation):
+                self.hold_ids.add(request.reservation_id)
+                self.commits.append(request)
+                continue
+            if isinstance(request, ReleaseReservation):
+                self.hold_ids.add(request.reservation_id)
+                self.releases.append(request.reservation_id)
+                continue
+            if isinstance(request, AddCredits):
+                self.adding.add(request.user_id)
+                self.grants += 1
+            elif isinstance(request, DeductCredits):
+                self.users.add(request.user_id)
                 if request.credit_type == DEFAULT_CREDIT_TYPE:  # another type's lots come with its totals
                     self.deducted[request.user_id] = self.deducted.get(request.user_id, 0) + request.amount
                 else:
                     self.deducted.setdefault(request.user_id, 0)
-            elif isinstance(request, CommitReservation):
-                self.commits.append(request)
-            elif isinstance(request, ReleaseReservation):
-                self.releases.append(request.reservation_id)
+            elif isinstance(request, ReserveCredits):
+                self.users.add(request.user_id)
+                self.reserving = True
+            else:
+                continue
+            if request.credit_type != DEFAULT_CREDIT_TYPE:
+                self.typed.add((request.user_id, request.credit_type))
         self.drawing = Drawing(self.deducted, tuple((commit.reservation_id, commit.amount)
                                                     for commit in self.commits)
                                + tuple((hold_id, 0) for hold_id in self.releases))
