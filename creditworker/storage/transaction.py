@@ -129,32 +129,55 @@ def _fold_begin(engine: Engine) -> None:
     with _folding_lock:
         if engine in _folding:
             return
-
-        @event.listens_for(engine, "before_cursor_execute", retval=True)
-        def _begin_with_first_statement(connection: Connection, cursor: Any, statement: str, parameters: Any,
-                                        _context: Any, executemany: bool) -> tuple[str, Any]:
-            state = connection.info.get(_STATE)
-            if state is None or state == _OPEN:
-                return statement, parameters
-            if state == _COMMITTED:  # it would run outside any transaction
-                raise RuntimeError("a statement after the engine's transaction committed")
-            begin, commit = state in (_PENDING, _ONE_STATEMENT), state in (_COMMIT_NEXT, _ONE_STATEMENT)
-            if executemany:  # would be repeated for every row
-                if commit:
-                    raise RuntimeError("COMMIT cannot ride on an executemany")
-                cursor.execute(BEGIN)
-                begin = False
-            elif _binds_on_server(connection, cursor):
-                # psycopg 3's own cursor takes one command with parameters, and of several
-                # without them answers with the first's result: BEGIN goes alone, and COMMIT
-                # after `work` (see `_folded`).
-                if begin:
-                    cursor.execute(BEGIN)
-                begin = commit = False
-            connection.info[_STATE] = _COMMITTED if commit else _OPEN
-            return (BEGIN if begin else "") + statement + (COMMIT if commit else ""), parameters
-
+        event.listen(engine, "before_cursor_execute", begin_with_first_statement, retval=True)
         _folding.add(engine)
+
+
+def begin_with_first_statement(connection: Connection, cursor: Any, statement: str, parameters: Any,
+                                _context: Any, executemany: bool) -> tuple[str, Any]:
+    """The engine's listener, for the statements SQLAlchemy runs (the engine's own scripts
+    call `folded_statement` themselves, `storage.backends.postgres_arrays._run`)."""
+    state = connection.info.get(_STATE)
+    if state in (_PENDING, _ONE_STATEMENT) and (executemany or _binds_on_server(connection, cursor)):
+        # An executemany would repeat BEGIN for every row. psycopg 3's own cursor takes one
+        # command with parameters, and of several without them answers with the first's
+        # result: BEGIN goes alone, and COMMIT after `work` (see `_folded`).
+        if executemany and state == _ONE_STATEMENT:
+            raise RuntimeError("COMMIT cannot ride on an executemany")
+        cursor.execute(BEGIN)
+        connection.info[_STATE] = _OPEN
+        return statement, parameters
+    if state == _COMMIT_NEXT and (executemany or _binds_on_server(connection, cursor)):
+        if executemany:
+            raise RuntimeError("COMMIT cannot ride on an executemany")
+        connection.info[_STATE] = _OPEN  # COMMIT goes out after `work` (see `_folded`)
+        return statement, parameters
+    return folded_statement(connection, statement), parameters
+
+
+def folded_statement(connection: Connection, statement: str) -> str:
+    """`statement` as it must go out on `connection`: after `BEGIN` if it is the first of
+    the engine's transaction, before `COMMIT` if `commit_with_next_statement` named it. For
+    a client-side-bound, single execution (the engine's scripts)."""
+    state = connection.info.get(_STATE)
+    if state is None or state == _OPEN:
+        return statement
+    if state == _COMMITTED:  # it would run outside any transaction
+        raise RuntimeError("a statement after the engine's transaction committed")
+    begin, commit = state in (_PENDING, _ONE_STATEMENT), state in (_COMMIT_NEXT, _ONE_STATEMENT)
+    connection.info[_STATE] = _COMMITTED if commit else _OPEN
+    return (BEGIN if begin else "") + statement + (COMMIT if commit else "")
+
+
+def other_cursor_listeners(connection: Connection) -> bool:
+    """Whether anything but this module listens to `connection`'s statements (the engine's
+    scripts then call the listeners themselves; SQLAlchemy's dispatch per connection costs
+    a few percent of a metered request)."""
+    if connection._has_events:  # listeners of this connection itself
+        return True
+    dispatch = connection.engine.dispatch
+    return bool(dispatch.after_cursor_execute) or any(
+        listener is not begin_with_first_statement for listener in dispatch.before_cursor_execute)
 
 
 def _binds_on_server(connection: Connection, cursor: Any) -> bool:

@@ -110,3 +110,35 @@ def test_another_credit_types_totals_go_with_the_writes_on_postgresql(pg_engine:
     tokens = service.get_user_credits_info("typed", credit_type="tokens", now=later)
     assert (tokens.total, tokens.reserved, tokens.available) == (40, 0, 40)
     assert audit(service.engine).passed
+
+
+def test_listeners_see_each_statement_once_as_sent_with_or_without_other_listeners(pg_engine: Engine) -> None:
+    """The engine's scripts fold BEGIN and COMMIT in themselves and skip SQLAlchemy's dispatch
+    when nothing else listens; a listener added later sees every statement as it is sent
+    (BEGIN first, COMMIT last, each once), before and after it runs."""
+    service = CreditService(pg_engine)
+    service.add_credits("heard", 100)
+    unheard = service.reserve_credits("heard", 10)  # nothing listening: the fast path
+    before: list[str] = []
+    after: list[str] = []
+
+    def note_before(_connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        before.append(statement)
+
+    def note_after(_connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        after.append(statement)
+
+    event.listen(service.engine, "before_cursor_execute", note_before)
+    event.listen(service.engine, "after_cursor_execute", note_after)
+    try:
+        service.commit_reservation(unheard.id, 4)
+    finally:
+        event.remove(service.engine, "before_cursor_execute", note_before)
+        event.remove(service.engine, "after_cursor_execute", note_after)
+    assert before == after and len(before) == 2, before
+    assert before[0].startswith("BEGIN ISOLATION LEVEL READ COMMITTED;") and before[1].endswith("COMMIT")
+    assert sum(statement.count("BEGIN ISOLATION") for statement in before) == 1
+    service.release_reservation(service.reserve_credits("heard", 5).id)  # unheard again
+    info = service.get_user_credits_info("heard")
+    assert (info.total, info.reserved, info.available) == (96, 0, 96)
+    assert audit(service.engine).passed
