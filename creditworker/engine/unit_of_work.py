@@ -128,6 +128,8 @@ class UnitOfWork:
         subscriptions); made on first use, since the credit operations need none. It joins the
         connection's transaction, and neither commits nor rolls it back."""
         if self._session is None:
+            if not self.connection.in_transaction():  # one the session joins, not one it would own
+                self.connection.begin()
             self._session = Session(bind=self.connection, expire_on_commit=False, autoflush=False)
         return self._session
 

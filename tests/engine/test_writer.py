@@ -142,3 +142,31 @@ def test_listeners_see_each_statement_once_as_sent_with_or_without_other_listene
     info = service.get_user_credits_info("heard")
     assert (info.total, info.reserved, info.available) == (96, 0, 96)
     assert audit(service.engine).passed
+
+
+def test_a_listener_to_transactions_hears_the_engines_own(pg_engine: Engine) -> None:
+    """Folded transactions keep SQLAlchemy's account of themselves only when someone listens
+    to it: a `begin`/`commit` listener hears each of the engine's transactions, and the
+    writes are the same either way."""
+    service = CreditService(pg_engine)
+    service.add_credits("told", 50)
+    heard: list[str] = []
+
+    def began(_connection: Any) -> None:
+        heard.append("begin")
+
+    def committed(_connection: Any) -> None:
+        heard.append("commit")
+
+    event.listen(service.engine, "begin", began)
+    event.listen(service.engine, "commit", committed)
+    try:
+        hold = service.reserve_credits("told", 10)
+        service.commit_reservation(hold.id, 3)
+    finally:
+        event.remove(service.engine, "begin", began)
+        event.remove(service.engine, "commit", committed)
+    assert heard == ["begin", "commit"] * 2
+    service.deduct_credits("told", 2)  # nobody listening again
+    assert service.get_user_credits_info("told").available == 45
+    assert audit(service.engine).passed

@@ -36,6 +36,7 @@ from creditworker.storage.transaction import (
     begin_with_first_statement,
     folded_statement,
     other_cursor_listeners,
+    runs_folded,
 )
 
 
@@ -308,7 +309,8 @@ def _run(connection: Connection, statement: str, parameters: dict[str, Any]) -> 
     SQLAlchemy's per-statement machinery (execution context, result metadata, row
     processors) was a quarter of the engine's CPU per metered request (profiled with
     bench/engine_cost.py): the cursor is used directly. What a user of the engine can see
-    of SQLAlchemy stays: the connection's transaction begins as it would, the engine's
+    of SQLAlchemy stays: outside the transaction module's transactions the connection's
+    transaction begins as it would, the engine's
     `before_cursor_execute`/`after_cursor_execute` listeners run, and a driver error is
     raised as SQLAlchemy's wrapped exception, invalidating the connection on a disconnect.
     Statements with parameters run prepared (`prepared`): the listeners see the
@@ -316,7 +318,7 @@ def _run(connection: Connection, statement: str, parameters: dict[str, Any]) -> 
     in here directly, and SQLAlchemy's dispatch is skipped when nothing else listens: through
     it, that listener alone was 3% of a metered request's instructions.
     """
-    if not connection.in_transaction():
+    if not runs_folded(connection) and not connection.in_transaction():
         connection.begin()  # as SQLAlchemy's autobegin would
     script = _script_cursor(connection)
     try:
