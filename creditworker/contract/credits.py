@@ -109,6 +109,14 @@ every request (about 40 us per identifier as a Python loop, under 1 us as a sear
 def _check_text(value: str) -> str:
     if _CONTROL_CHARACTER.search(value):
         raise ValueError("must not contain control characters")
+    return _check_utf8(value)
+
+
+def _check_utf8(value: str) -> str:
+    """Refuses lone surrogates, which no database stores (ASCII text, the most of it, is
+    known to be fine without encoding it)."""
+    if value.isascii():
+        return value
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -133,10 +141,10 @@ def _check_identifier(value: str) -> str:
     are shown to people, so nothing invisible."""
     if value != value.strip():
         raise ValueError("must not be blank or start or end with whitespace")
-    if _INVISIBLE_CHARACTER.search(value):
+    if _INVISIBLE_CHARACTER.search(value):  # every control character among them
         raise ValueError("must not contain control or format characters (Unicode Cc, Cf: "
                          "zero-width, bidi overrides)")
-    return _check_text(value)
+    return _check_utf8(value)
 
 
 def _as_utc(value: datetime) -> datetime:
@@ -155,6 +163,12 @@ _NESTING = (dict, list)
 def nesting_depth(value: Any) -> int:
     """How deep objects and arrays nest in `value`, counted without recursion (a deep value
     would overflow the stack of a recursive count), stopping past the limit."""
+    if type(value) is dict:  # most metadata: one flat object
+        for child in value.values():
+            if isinstance(child, _NESTING):
+                break
+        else:
+            return 1
     deepest = 0
     pending: list[tuple[Any, int]] = [(value, 1)]
     while pending:
