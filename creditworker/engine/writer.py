@@ -64,22 +64,30 @@ def write(uow: UnitOfWork) -> None:
                                                                    [_lot_row(lot, typed, rolling) for lot in fresh])):
             lot.id = lot_id
     script.delete(accounts_table, "user_id", uow.dropped_accounts)
-    script.insert(holds_table, [_hold_row(hold, typed) for hold in new_holds.values()])
-    for hold in new_holds.values():
-        hold.stored = True
-    script.update(holds_table, "id", [
-        {"id": hold.id, "status": hold.status, "committed_amount": hold.committed_amount,
-         "finalized_at": hold.finalized_at}
-        for hold in changed_holds.values()
-    ])
-    script.update(lots_table, "id", [{"id": lot.id, "remaining": lot.remaining} for lot in changed_lots.values()])
-    script.update(lots_table, "id", [{"id": lot.id, "expires_at": lot.expires_at}
-                                     for lot in changed_lots.values() if lot.expiry_changed])
-    script.update(lots_table, "id", [
-        {"id": lot.id, "rolls_over": lot.rolls_over, "rollover_left": lot.rollover_left,
-         "rollover_expires_at": lot.rollover_expires_at}
-        for lot in {id(lot): lot for lot in uow.rollover_lots}.values()  # stored lots only
-    ])
+    # Each kind of row only when there is some: most units of work have few kinds (a reserve
+    # writes a hold, an account, an entry and an operation), and building an empty list is
+    # a comprehension's frame all the same.
+    if new_holds:
+        script.insert(holds_table, [_hold_row(hold, typed) for hold in new_holds.values()])
+        for hold in new_holds.values():
+            hold.stored = True
+    if changed_holds:
+        script.update(holds_table, "id", [
+            {"id": hold.id, "status": hold.status, "committed_amount": hold.committed_amount,
+             "finalized_at": hold.finalized_at}
+            for hold in changed_holds.values()
+        ])
+    if changed_lots:
+        script.update(lots_table, "id", [{"id": lot.id, "remaining": lot.remaining}
+                                         for lot in changed_lots.values()])
+        script.update(lots_table, "id", [{"id": lot.id, "expires_at": lot.expires_at}
+                                         for lot in changed_lots.values() if lot.expiry_changed])
+    if uow.rollover_lots:
+        script.update(lots_table, "id", [
+            {"id": lot.id, "rolls_over": lot.rolls_over, "rollover_left": lot.rollover_left,
+             "rollover_expires_at": lot.rollover_expires_at}
+            for lot in {id(lot): lot for lot in uow.rollover_lots}.values()  # stored lots only
+        ])
     at = uow.at
     if uow.touched_typed:
         _write_typed(script, list(uow.touched_typed.values()), at)
@@ -90,7 +98,8 @@ def write(uow: UnitOfWork) -> None:
          "pending_until": account.pending_until, "updated_at": at}
         for account in uow.touched.values()
     ])
-    script.insert(outbox_table, [event_row(_built(event)) for event in uow.events])
+    if uow.events:
+        script.insert(outbox_table, [event_row(_built(event)) for event in uow.events])
     for (table, key), rows in uow.row_updates.items():
         script.update(table, key, rows)
     if len(uow.entry_ids) >= len(uow.postings) and uow.postings and not uow.uses_orm and not uow.after_write:

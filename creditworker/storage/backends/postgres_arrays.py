@@ -69,8 +69,8 @@ class PostgresArrays(Core):
     ) -> None:
         if rows:
             keys = key_columns(key)
-            columns = tuple(name for name in rows[0] if name not in keys)
-            _run(connection, _update(table, keys, columns, "", len(rows) == 1), _params(table, rows, ""))
+            _run(connection, _update(table, keys, _set_columns(tuple(rows[0]), keys), "", len(rows) == 1),
+                 _params(table, rows, ""))
 
     def rows_where_in(
         self,
@@ -254,7 +254,7 @@ class ArrayScript:
             prefix = f"s{len(self.sql)}_"
             keys = key_columns(key)
             self._add(
-                _update(table, keys, tuple(name for name in rows[0] if name not in keys), prefix, len(rows) == 1),
+                _update(table, keys, _set_columns(tuple(rows[0]), keys), prefix, len(rows) == 1),
                 _params(table, rows, prefix),
             )
 
@@ -553,7 +553,7 @@ def _from_json_rows(rows: list[list[Any]] | None, table: Table, columns: tuple[s
     for values in rows or ():
         for index in stamps:
             if values[index] is not None:
-                values[index] = datetime.fromisoformat(values[index]).replace(tzinfo=UTC)
+                values[index] = datetime.fromisoformat(values[index] + "+00:00")  # UTC itself
         for index in decimals:
             if values[index] is not None:
                 values[index] = Decimal(values[index])
@@ -663,7 +663,11 @@ def _json(value: Any) -> str:
 @lru_cache(maxsize=256)
 def _timestamp(value: datetime | None) -> str | None:
     """Naive UTC text (a batch's rows mostly share one timestamp: converted once)."""
-    return None if value is None else value.astimezone(UTC).replace(tzinfo=None).isoformat()
+    if value is None:
+        return None
+    if value.tzinfo is UTC:  # the engine's own times: converting them and replacing the zone cost more
+        return value.isoformat()[:-6]
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat()
 
 
 def text_array(values: list[str | None]) -> str:
@@ -680,6 +684,12 @@ def text_array(values: list[str | None]) -> str:
 def _quoted(value: str) -> str:
     """An element of an array literal: double-quoted, with backslashes and quotes escaped."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@cache
+def _set_columns(names: tuple[str, ...], keys: tuple[str, ...]) -> tuple[str, ...]:
+    """The columns an UPDATE sets: the rows' columns but the key."""
+    return tuple(name for name in names if name not in keys)
 
 
 def _unnest(table: Table, names: tuple[str, ...], prefix: str) -> str:
