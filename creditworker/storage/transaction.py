@@ -144,36 +144,80 @@ def _end_open_transaction(connection: Connection, dbapi_connection: Any, level: 
 
 
 def _fold_begin(engine: Engine) -> None:
-    """Once per engine: a statement on a connection whose transaction is pending opens it."""
+    """Once per engine: a statement on a connection whose transaction is pending opens it.
+
+    The listeners are the dialect's `do_execute` events, which SQLAlchemy consults only for
+    the statements it runs itself; a `before_cursor_execute` listener on the engine would
+    make every connection of the engine join the engine's event dispatch, which cost 4% of a
+    metered request's instructions though the engine's own scripts run without it."""
     if engine in _folding:
         return
     with _folding_lock:
         if engine in _folding:
             return
-        event.listen(engine, "before_cursor_execute", begin_with_first_statement, retval=True)
+        event.listen(engine, "do_execute", _fold_into_execute)
+        event.listen(engine, "do_execute_no_params", _fold_into_execute_no_params)
+        event.listen(engine, "do_executemany", _begin_before_executemany)
         _folding.add(engine)
 
 
-def begin_with_first_statement(connection: Connection, cursor: Any, statement: str, parameters: Any,
-                                _context: Any, executemany: bool) -> tuple[str, Any]:
-    """The engine's listener, for the statements SQLAlchemy runs (the engine's own scripts
-    call `folded_statement` themselves, `storage.backends.postgres_arrays._run`)."""
-    state = connection.info.get(_STATE)
-    if state in (_PENDING, _ONE_STATEMENT) and (executemany or _binds_on_server(connection, cursor)):
-        # An executemany would repeat BEGIN for every row. psycopg 3's own cursor takes one
-        # command with parameters, and of several without them answers with the first's
-        # result: BEGIN goes alone, and COMMIT after `work` (see `_folded`).
-        if executemany and state == _ONE_STATEMENT:
+def _pending(context: Any) -> Connection | None:
+    """The connection of a statement SQLAlchemy is about to run, if it must open or close
+    this module's transaction."""
+    connection: Connection | None = getattr(context, "root_connection", None)
+    if connection is None:
+        return None
+    try:
+        info = connection.info
+    except NotImplementedError:  # the one SQLAlchemy makes on first connect to learn the server
+        return None
+    state = info.get(_STATE)
+    return None if state is None or state == _OPEN else connection
+
+
+def _fold_into_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+    """Run the statement with BEGIN (and COMMIT) folded in; True: it ran."""
+    connection = _pending(context)
+    if connection is None or _begun_apart(connection, cursor):
+        return False
+    context.dialect.do_execute(cursor, folded_statement(connection, statement), parameters, context)
+    return True
+
+
+def _fold_into_execute_no_params(cursor: Any, statement: str, context: Any) -> bool:
+    connection = _pending(context)
+    if connection is None or _begun_apart(connection, cursor):
+        return False
+    context.dialect.do_execute_no_params(cursor, folded_statement(connection, statement), context)
+    return True
+
+
+def _begin_before_executemany(cursor: Any, _statement: str, _parameters: Any, context: Any) -> bool:
+    """An executemany would repeat a folded BEGIN for every row: BEGIN goes alone first."""
+    connection = _pending(context)
+    if connection is not None:
+        if connection.info[_STATE] in (_ONE_STATEMENT, _COMMIT_NEXT):
             raise RuntimeError("COMMIT cannot ride on an executemany")
+        if connection.info[_STATE] == _COMMITTED:
+            raise RuntimeError("a statement after the engine's transaction committed")
         cursor.execute(BEGIN)
         connection.info[_STATE] = _OPEN
-        return statement, parameters
-    if state == _COMMIT_NEXT and (executemany or _binds_on_server(connection, cursor)):
-        if executemany:
-            raise RuntimeError("COMMIT cannot ride on an executemany")
-        connection.info[_STATE] = _OPEN  # COMMIT goes out after `work` (see `_folded`)
-        return statement, parameters
-    return folded_statement(connection, statement), parameters
+    return False
+
+
+def _begun_apart(connection: Connection, cursor: Any) -> bool:
+    """psycopg 3's own cursor takes one command with parameters, and of several without them
+    answers with the first's result: BEGIN goes alone, and COMMIT after `work` (see
+    `_folded`). True when that was done (the statement then runs as it is)."""
+    if not _binds_on_server(connection, cursor):
+        return False
+    state = connection.info[_STATE]
+    if state == _COMMITTED:
+        raise RuntimeError("a statement after the engine's transaction committed")
+    if state in (_PENDING, _ONE_STATEMENT):
+        cursor.execute(BEGIN)
+    connection.info[_STATE] = _OPEN
+    return True
 
 
 def folded_statement(connection: Connection, statement: str) -> str:
@@ -188,17 +232,6 @@ def folded_statement(connection: Connection, statement: str) -> str:
     begin, commit = state in (_PENDING, _ONE_STATEMENT), state in (_COMMIT_NEXT, _ONE_STATEMENT)
     connection.info[_STATE] = _COMMITTED if commit else _OPEN
     return (BEGIN if begin else "") + statement + (COMMIT if commit else "")
-
-
-def other_cursor_listeners(connection: Connection) -> bool:
-    """Whether anything but this module listens to `connection`'s statements (the engine's
-    scripts then call the listeners themselves; SQLAlchemy's dispatch per connection costs
-    a few percent of a metered request)."""
-    if connection._has_events:  # listeners of this connection itself
-        return True
-    dispatch = connection.engine.dispatch
-    return bool(dispatch.after_cursor_execute) or any(
-        listener is not begin_with_first_statement for listener in dispatch.before_cursor_execute)
 
 
 def _binds_on_server(connection: Connection, cursor: Any) -> bool:
