@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection
 
 from creditworker.contract.credits import DEFAULT_CREDIT_TYPE, PROMOTIONAL_SOURCES
 from creditworker.contract.json_text import json_encoder
-from creditworker.storage.backends import prepared
+from creditworker.storage.backends import literals, prepared
 from creditworker.storage.backends.base import (
     Folded,
     LockedRead,
@@ -318,6 +318,7 @@ def _run(connection: Connection, statement: str, parameters: dict[str, Any]) -> 
     script = _script_cursor(connection)
     try:
         statement, preparing = prepared.script(connection, statement)
+        statement, parameters = script.bind(statement, parameters)
         statement = folded_statement(connection, statement)
         events = connection._has_events or connection.engine._has_events
         if events:  # a listener's own exception goes out as it is, as SQLAlchemy lets it
@@ -342,8 +343,14 @@ class _Psycopg2Script:
 
     def __init__(self, dbapi_connection: Any) -> None:
         self.cursor = dbapi_connection.cursor()
+        self.inlines = literals.utf8_connection(dbapi_connection)
 
-    def run(self, statement: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
+    def bind(self, statement: str, parameters: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+        """The parameters written into the text (`literals`) where they can be, else as they are."""
+        text = literals.inlined(statement, parameters) if self.inlines else None
+        return (statement, parameters) if text is None else (text, None)
+
+    def run(self, statement: str, parameters: dict[str, Any] | None) -> list[tuple[Any, ...]]:
         self.cursor.execute(statement, parameters)
         return self.cursor.fetchall() if self.cursor.description is not None else []
 
@@ -361,7 +368,10 @@ class _Psycopg3Script:
 
         self.cursor = psycopg.ClientCursor(driver_connection)
 
-    def run(self, statement: str, parameters: dict[str, Any]) -> list[tuple[Any, ...]]:
+    def bind(self, statement: str, parameters: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+        return statement, parameters  # the driver quotes them
+
+    def run(self, statement: str, parameters: dict[str, Any] | None) -> list[tuple[Any, ...]]:
         cursor = self.cursor
         cursor.execute(statement, parameters)
         while cursor.nextset():
