@@ -5,11 +5,14 @@ backslashes, `E'` look-alikes, braces, percent signs, any Unicode but NUL."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg2
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from creditworker.storage.backends.literals import inlined, literal, utf8_connection
 
@@ -61,3 +64,28 @@ def test_nul_is_refused_and_other_kinds_are_left_to_the_driver() -> None:
         literal("a\x00b")
     assert literal(True) is None and literal(1.5) is None and literal(b"x") is None
     assert inlined("SELECT %(a)s, %(b)s", {"a": 1, "b": 2.5}) is None
+
+
+@pytest.mark.parametrize("hide_parameters", [False, True])
+def test_an_engine_that_hides_parameters_keeps_values_out_of_the_statement_text(
+    postgres_url: str, pg_engine: Engine, hide_parameters: bool
+) -> None:
+    """Written into the statement, values would be in SQLAlchemy's error messages; an engine
+    made with `hide_parameters=True` has the driver bind them instead."""
+    from creditworker import CreditService
+    from creditworker.storage.database import make_engine
+
+    CreditService(pg_engine).add_credits("private", 10)
+    engine = make_engine(postgres_url, hide_parameters=hide_parameters)
+    texts: list[str] = []
+
+    def note(_connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        texts.append(statement)
+
+    event.listen(engine, "before_cursor_execute", note)
+    try:
+        CreditService(engine).deduct_credits("private", 1, metadata={"note": "a secret-ish value"})
+    finally:
+        event.remove(engine, "before_cursor_execute", note)
+        engine.dispose()
+    assert any("a secret-ish value" in text for text in texts) is not hide_parameters

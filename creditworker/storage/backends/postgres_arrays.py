@@ -341,9 +341,11 @@ def _run(connection: Connection, statement: str, parameters: dict[str, Any]) -> 
 class _Psycopg2Script:
     """psycopg2 binds on the client and answers a multi-statement text with its last result."""
 
-    def __init__(self, dbapi_connection: Any) -> None:
+    def __init__(self, dbapi_connection: Any, *, hide_parameters: bool) -> None:
         self.cursor = dbapi_connection.cursor()
-        self.inlines = literals.utf8_connection(dbapi_connection)
+        # An engine made with `hide_parameters=True` keeps values out of its error messages;
+        # written into the statement, they would be in them.
+        self.inlines = not hide_parameters and literals.utf8_connection(dbapi_connection)
 
     def bind(self, statement: str, parameters: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
         """The parameters written into the text (`literals`) where they can be, else as they are."""
@@ -386,7 +388,7 @@ def _script_cursor(connection: Connection) -> _Psycopg2Script | _Psycopg3Script:
     pooled = connection.connection
     if connection.dialect.driver == "psycopg":
         return _Psycopg3Script(pooled.driver_connection)
-    return _Psycopg2Script(pooled.dbapi_connection)
+    return _Psycopg2Script(pooled.dbapi_connection, hide_parameters=connection.engine.hide_parameters)
 
 
 DRAW_ORDER = (
