@@ -172,24 +172,32 @@ def _pending(context: Any) -> Connection | None:
     except NotImplementedError:  # the one SQLAlchemy makes on first connect to learn the server
         return None
     state = info.get(_STATE)
+    if state == _COMMITTED:  # it would run outside any transaction
+        raise RuntimeError("a statement after the engine's transaction committed")
     return None if state is None or state == _OPEN else connection
+
+
+def _folded_for_execute(cursor: Any, statement: str, context: Any) -> str | None:
+    """The statement with BEGIN (and COMMIT) folded in, or None: it runs as it is."""
+    connection = _pending(context)
+    if connection is None or _begun_apart(connection, cursor):
+        return None
+    return folded_statement(connection, statement)
 
 
 def _fold_into_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
     """Run the statement with BEGIN (and COMMIT) folded in; True: it ran."""
-    connection = _pending(context)
-    if connection is None or _begun_apart(connection, cursor):
-        return False
-    context.dialect.do_execute(cursor, folded_statement(connection, statement), parameters, context)
-    return True
+    folded = _folded_for_execute(cursor, statement, context)
+    if folded is not None:
+        context.dialect.do_execute(cursor, folded, parameters, context)
+    return folded is not None
 
 
 def _fold_into_execute_no_params(cursor: Any, statement: str, context: Any) -> bool:
-    connection = _pending(context)
-    if connection is None or _begun_apart(connection, cursor):
-        return False
-    context.dialect.do_execute_no_params(cursor, folded_statement(connection, statement), context)
-    return True
+    folded = _folded_for_execute(cursor, statement, context)
+    if folded is not None:
+        context.dialect.do_execute_no_params(cursor, folded, context)
+    return folded is not None
 
 
 def _begin_before_executemany(cursor: Any, _statement: str, _parameters: Any, context: Any) -> bool:
@@ -198,8 +206,6 @@ def _begin_before_executemany(cursor: Any, _statement: str, _parameters: Any, co
     if connection is not None:
         if connection.info[_STATE] in (_ONE_STATEMENT, _COMMIT_NEXT):
             raise RuntimeError("COMMIT cannot ride on an executemany")
-        if connection.info[_STATE] == _COMMITTED:
-            raise RuntimeError("a statement after the engine's transaction committed")
         cursor.execute(BEGIN)
         connection.info[_STATE] = _OPEN
     return False
@@ -211,10 +217,7 @@ def _begun_apart(connection: Connection, cursor: Any) -> bool:
     `_folded`). True when that was done (the statement then runs as it is)."""
     if not _binds_on_server(connection, cursor):
         return False
-    state = connection.info[_STATE]
-    if state == _COMMITTED:
-        raise RuntimeError("a statement after the engine's transaction committed")
-    if state in (_PENDING, _ONE_STATEMENT):
+    if connection.info[_STATE] in (_PENDING, _ONE_STATEMENT):
         cursor.execute(BEGIN)
     connection.info[_STATE] = _OPEN
     return True
