@@ -3,12 +3,13 @@ round-trips) on SQLite, PostgreSQL and MariaDB."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 
 from creditworker import CreditService
@@ -170,3 +171,18 @@ def test_a_listener_to_transactions_hears_the_engines_own(pg_engine: Engine) -> 
     service.deduct_credits("told", 2)  # nobody listening again
     assert service.get_user_credits_info("told").available == 45
     assert audit(service.engine).passed
+
+
+def test_a_json_column_stores_the_same_text_for_one_row_and_for_many(pg_engine: Engine) -> None:
+    """The JSON columns (type `json`, kept as sent) hold the text `json.dumps` writes, whether
+    the row went alone (`json_populate_record` writes it so) or in a batch (the engine's
+    encoder does)."""
+    service = CreditService(pg_engine)
+    metadata = {"a": 1, "b": [1, "ü"]}
+    service.add_credits("json-one", 5, metadata=metadata)
+    service.apply_batch([{"op": "add", "user_id": user, "amount": 5, "metadata": metadata}
+                         for user in ("json-many-1", "json-many-2")])
+    with pg_engine.connect() as connection:
+        stored = connection.execute(text(
+            "SELECT metadata::text FROM ledger_entries WHERE user_id LIKE 'json-%' ORDER BY id")).scalars().all()
+    assert stored == [json.dumps(metadata)] * 3

@@ -10,7 +10,6 @@ round trip, when its script finishes (they do not depend on each other's results
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -589,9 +588,9 @@ def _row(row: dict[str, Any]) -> str:
 
     Most writes are of one row (a metered request writes a hold, an entry, an operation and
     an account), and binding one literal per column was a tenth of its CPU in the engine
-    (38 parameters for a reserve, each adapted and escaped by the driver); one `json.dumps`
+    (38 parameters for a reserve, each adapted and escaped by the driver); one JSON encoding
     in C is a few microseconds (docs/benchmarks.md)."""
-    return _ROW_ENCODER(row)
+    return _json(row)
 
 
 def _json_value(value: Any) -> Any:
@@ -602,7 +601,11 @@ def _json_value(value: Any) -> Any:
     return str(value)
 
 
-_ROW_ENCODER = json_encoder(default=_json_value)
+_json = json_encoder(default=_json_value, separators=(", ", ": "))
+"""JSON text of a row (`_row`) or of a JSON column's value (`_json_array`), one encoder for
+both. The columns are of type `json`, which keeps a value's text as sent: a batch's values are
+stored as written here, `json.dumps`'s separators, the same text `json_populate_record` gives
+a single row's."""
 
 
 def _arrays(table: Table, rows: Sequence[dict[str, Any]], prefix: str) -> dict[str, str]:
@@ -661,9 +664,6 @@ def _json_array(values: list[Any]) -> str:
 def _text_values_array(values: list[Any]) -> str:
     return text_array([None if value is None else str(value) for value in values])
 
-
-def _json(value: Any) -> str:
-    return json.dumps(value)
 
 
 @lru_cache(maxsize=256)
