@@ -1,8 +1,8 @@
 """AsyncCreditService and AsyncSubscriptionService: the engine, awaitable.
 
 There is one implementation of the rules, the unit of work and the writer: the sync one.
-The async services run it in a thread pool of their own, one thread per call in flight, on
-the sync engine's connections: the event loop only awaits the thread, so neither the
+The async services run it in threads of their own (`EngineThreads`), one per call in flight,
+on the sync engine's connections: the event loop only awaits the thread, so neither the
 engine's CPU nor its round trips to the database stall the other requests on the loop. Every
 method is the sync method, with the same signature, awaited.
 
@@ -18,20 +18,17 @@ cut in the middle); its idempotency key makes a retry of it safe.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import inspect
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy.engine import Engine, make_url
 
 from creditworker.contract.credits import OveragePolicy
 from creditworker.engine.service import CreditService
 from creditworker.engine.subscriptions import SubscriptionService
-
-T = TypeVar("T")
+from creditworker.engine.threads import EngineThreads, engine_threads
 
 SYNC_DRIVERS = {"asyncpg": "psycopg2", "aiosqlite": "pysqlite", "aiomysql": "pymysql", "asyncmy": "pymysql"}
 """A URL written for an asyncio driver gets the sync driver of the same database."""
@@ -56,7 +53,7 @@ def _awaitable(name: str, sync_method: Callable[..., Any]) -> Callable[..., Any]
     @functools.wraps(sync_method)
     async def method(self: _AsyncTwin, *args: Any, **kwargs: Any) -> Any:
         bound = getattr(self.sync, name)
-        return await self._in_thread(lambda: bound(*args, **kwargs))
+        return await self.threads.run(lambda: bound(*args, **kwargs))
 
     return method
 
@@ -66,18 +63,13 @@ class _AsyncTwin:
 
     sync_class: type
     sync: Any
-    executor: ThreadPoolExecutor
+    threads: EngineThreads
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         for name in public_methods(cls.sync_class):
             if name not in cls.__dict__:
                 setattr(cls, name, _awaitable(name, getattr(cls.sync_class, name)))
-
-    async def _in_thread(self, call: Callable[[], T]) -> T:
-        """`call()` in the pool's thread, with the caller's context variables."""
-        context = contextvars.copy_context()
-        return await asyncio.get_running_loop().run_in_executor(self.executor, context.run, call)
 
 
 class AsyncCreditService(_AsyncTwin):
@@ -113,10 +105,7 @@ class AsyncCreditService(_AsyncTwin):
             low_credit_threshold=low_credit_threshold, expiry_reminder_days=expiry_reminder_days,
             on_events=on_events, create_tables=create_tables, prepared_statements=prepared_statements,
         )
-        pool: Any = self.sync.engine.pool
-        # As many threads as the pool has connections (its overflow is named only privately).
-        threads = max(1, int(pool.size()) + max(0, int(getattr(pool, "_max_overflow", 0))))
-        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="creditworker")
+        self.threads = engine_threads(self.sync)
 
     @property
     def engine(self) -> Engine:
@@ -127,11 +116,11 @@ class AsyncCreditService(_AsyncTwin):
         """Migrate the database to the newest schema now (safe when it is there)."""
         from creditworker.storage.migrate import upgrade
 
-        await self._in_thread(lambda: upgrade(self.sync.engine))
+        await self.threads.run(lambda: upgrade(self.sync.engine))
 
     async def dispose(self) -> None:
         """Close the pooled connections (after the calls in flight end)."""
-        await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown)
+        await asyncio.get_running_loop().run_in_executor(None, self.threads.shutdown)
         self.sync.engine.dispose()
 
 
@@ -143,6 +132,6 @@ class AsyncSubscriptionService(_AsyncTwin):
 
     def __init__(self, credits: AsyncCreditService, **options: Any) -> None:
         self.credits = credits
-        self.executor = credits.executor
+        self.threads = credits.threads
         self.sync = SubscriptionService(credits.sync, **options)
 

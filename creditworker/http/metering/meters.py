@@ -1,22 +1,23 @@
 """How the HTTP adapters reach the engine: in this process, or through the workers.
 
 `Meter` is the four calls the middleware makes; `meter_for` picks the way from what the
-host app gave: an engine object (sync `CreditService`, run in the thread pool so the event
-loop never blocks, or `AsyncCreditService`, awaited) or an `AsyncCreditClient`. Either
-way a refusal is the same typed `CreditError`.
+host app gave: an engine object (sync `CreditService`, run in the engine's threads so the
+event loop never blocks, or `AsyncCreditService`, awaited) or an `AsyncCreditClient`.
+Either way a refusal is the same typed `CreditError`.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from sqlalchemy.exc import DBAPIError
-from starlette.concurrency import run_in_threadpool
 
 from creditworker.contract.credits import LedgerEntry, Reservation
 from creditworker.contract.errors import ServiceUnavailable
+from creditworker.engine.threads import engine_threads
 from creditworker.storage.database import is_transient
 
 
@@ -28,10 +29,10 @@ class Meter(Protocol):
 
 
 async def call_engine(bound: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """An engine method called: awaited if the engine is async, else in the thread pool."""
+    """An engine method called: awaited if the engine is async, else in the engine's threads."""
     if inspect.iscoroutinefunction(bound):
         return await bound(*args, **kwargs)
-    return await run_in_threadpool(bound, *args, **kwargs)
+    return await engine_threads(getattr(bound, "__self__", None)).run(functools.partial(bound, *args, **kwargs))
 
 
 class EngineMeter:
