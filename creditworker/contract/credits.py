@@ -32,7 +32,7 @@ from pydantic import (
 )
 
 from creditworker.contract.errors import ValidationFailed
-from creditworker.contract.json_text import json_encoder
+from creditworker.contract.json_text import json_encoder, utc_text
 
 MAX_AMOUNT = 10**12
 """Largest amount one operation may carry (one trillion of the smallest unit)."""
@@ -286,7 +286,7 @@ _DATETIME = TypeAdapter(datetime)
 def _json_datetime(value: datetime) -> str:
     """A datetime as pydantic's JSON mode writes it (UTC as `Z`, microseconds only if any)."""
     if value.tzinfo is UTC:
-        return value.isoformat()[:-6] + "Z"
+        return utc_text(value) + "Z"
     return _DATETIME.dump_python(value, mode="json")  # type: ignore[no-any-return]
 
 

@@ -9,19 +9,19 @@ change, so a replay rebuilds the same dict from the row, and the operation row s
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
-from functools import lru_cache
 from typing import Any
 
 from creditworker.contract.credits import BatchOutcome
+from creditworker.contract.json_text import utc_text
 from creditworker.engine.rules import Hold, Lot, Posting
 
 
-@lru_cache(maxsize=256)
 def iso(at: datetime) -> str:
-    """A datetime as pydantic writes it in JSON mode (UTC as `Z`); a batch's entries share
-    one time, so it is converted once."""
+    """A datetime as pydantic writes it in JSON mode (UTC as `Z`)."""
+    if at.tzinfo is UTC:
+        return utc_text(at) + "Z"
     text = at.isoformat()
     return text[:-6] + "Z" if text.endswith("+00:00") else text
 

@@ -1,5 +1,6 @@
 """`json_encoder` writes what `json.dumps` writes with the same options: the fingerprints
-stored with every operation depend on it byte for byte."""
+stored with every operation depend on it byte for byte. `utc_text` writes what `isoformat`
+writes, however many times it has kept."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from creditworker.contract.json_text import json_encoder
+from creditworker.contract.json_text import json_encoder, utc_text
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
@@ -41,3 +42,27 @@ def test_it_refuses_as_json_dumps_does() -> None:
     with pytest.raises(ValueError, match="Out of range float"):
         json_encoder(allow_nan=False)([math.inf])
     assert json_encoder()([math.nan]) == "[NaN]"
+
+
+@given(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)))
+def test_utc_text_is_the_naive_iso_text_pydantic_and_postgres_read(value: datetime) -> None:
+    expected = value.replace(tzinfo=None).isoformat()
+    assert utc_text(value) == expected
+    assert utc_text(value) == expected  # again, from what it kept
+    assert datetime.fromisoformat(utc_text(value) + "+00:00") == value
+
+
+def test_utc_text_keeps_each_time_apart_however_many_it_has_seen() -> None:
+    times = [datetime(2026, 12, 7, 3, 40, second % 60, microsecond, tzinfo=UTC)
+             for second, microsecond in zip(range(200), range(0, 200_000, 1000), strict=True)]
+    for _ in range(2):
+        assert [utc_text(at) for at in times] == [at.replace(tzinfo=None).isoformat() for at in times]
+
+
+def test_utc_text_refuses_a_time_that_is_not_utc() -> None:
+    from datetime import timedelta, timezone
+
+    with pytest.raises(ValueError, match="aware UTC"):
+        utc_text(datetime(2026, 12, 7, 3, 40))
+    with pytest.raises(ValueError, match="aware UTC"):
+        utc_text(datetime(2026, 12, 7, 3, 40, tzinfo=timezone(timedelta(hours=1))))

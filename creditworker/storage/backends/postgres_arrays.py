@@ -13,14 +13,14 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from functools import cache, lru_cache
+from functools import cache
 from typing import Any
 
 from sqlalchemy import JSON, Boolean, Integer, Numeric, Table
 from sqlalchemy.engine import Connection
 
 from creditworker.contract.credits import DEFAULT_CREDIT_TYPE, PROMOTIONAL_SOURCES
-from creditworker.contract.json_text import json_encoder
+from creditworker.contract.json_text import json_encoder, utc_text
 from creditworker.storage.backends import literals, prepared
 from creditworker.storage.backends.base import (
     Folded,
@@ -666,13 +666,12 @@ def _text_values_array(values: list[Any]) -> str:
 
 
 
-@lru_cache(maxsize=256)
 def _timestamp(value: datetime | None) -> str | None:
-    """Naive UTC text (a batch's rows mostly share one timestamp: converted once)."""
+    """Naive UTC text."""
     if value is None:
         return None
-    if value.tzinfo is UTC:  # the engine's own times: converting them and replacing the zone cost more
-        return value.isoformat()[:-6]
+    if value.tzinfo is UTC:  # the engine's own times
+        return utc_text(value)
     return value.astimezone(UTC).replace(tzinfo=None).isoformat()
 
 
