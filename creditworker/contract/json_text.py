@@ -60,8 +60,9 @@ def utc_text(value: datetime) -> str:
 
     A metered request converts three times about sixteen times (the rows' timestamps, the
     results', the statements' `at`). `datetime.isoformat` formats through `sprintf` (12,000
-    instructions for an aware datetime) and an `lru_cache` hashes an aware datetime by
-    building another one (6,000): the last few are kept by identity instead."""
+    instructions for an aware datetime) and an `lru_cache` hashes an aware datetime, the first
+    time, through its UTC offset and two timedeltas (6,000): the last few are kept by identity
+    instead."""
     if value.tzinfo is not UTC:
         raise ValueError(f"utc_text takes an aware UTC datetime, not {value!r}")
     known = _RECENT_TIMES.get(id(value))
