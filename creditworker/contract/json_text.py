@@ -58,8 +58,8 @@ def utc_text(value: datetime) -> str:
     only if any): what the engine stores, and, with `Z` after it, what pydantic's JSON mode
     writes.
 
-    A metered request converts three times about sixteen times (the rows' timestamps, the
-    results', the statements' `at`). `datetime.isoformat` formats through `sprintf` (12,000
+    A metered request makes about sixteen conversions of three distinct times (the rows'
+    timestamps, the results', the statements' `at`). `datetime.isoformat` formats through `sprintf` (12,000
     instructions for an aware datetime) and an `lru_cache` hashes an aware datetime, the first
     time, through its UTC offset and two timedeltas (6,000): the last few are kept by identity
     instead."""

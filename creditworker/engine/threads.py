@@ -3,13 +3,13 @@
 The async engine and the HTTP adapters run the sync engine in threads, so that neither its
 CPU nor its round trips to the database stall an event loop. A metered request makes two
 such calls: behind the middleware, with anyio's hand-off, they were a quarter of the sync
-engine's own instructions. Counted with callgrind (a
-call that does nothing, awaited 300 times one after the other): `loop.run_in_executor` on a
-`ThreadPoolExecutor` 168,000 instructions a call, Starlette's `run_in_threadpool` (anyio)
-278,000, this pool 67,000. It keeps what the call needs and no more: one queue, threads
-started as calls need them (up to `size`), and one callback on the loop with the result, where
-the executor makes a `concurrent.futures.Future` (with its `Condition`), chains it to an
-asyncio future through two callbacks and counts idle threads with a pure-Python semaphore.
+engine's own instructions. Counted with callgrind (a call that does nothing, awaited 300
+times one after the other): `loop.run_in_executor` on a `ThreadPoolExecutor` 168,000
+instructions a call, Starlette's `run_in_threadpool` (anyio) 278,000, this pool 67,000. It
+keeps what the call needs and no more: one queue, threads started as calls need them (up to
+`size`), and one callback on the loop with the result, where the executor makes a
+`concurrent.futures.Future` (with its `Condition`), chains it to an asyncio future through
+two callbacks and counts idle threads with a pure-Python semaphore.
 
 A call whose awaiting task is cancelled runs to its end in its thread (a transaction is not
 cut in the middle); its result is dropped.
