@@ -283,8 +283,9 @@ _JSON_OBJECT = TypeAdapter(dict[str, Any])
 _DATETIME = TypeAdapter(datetime)
 
 
-def _json_datetime(value: datetime) -> str:
-    """A datetime as pydantic's JSON mode writes it (UTC as `Z`, microseconds only if any)."""
+def json_datetime(value: datetime) -> str:
+    """A datetime as pydantic's JSON mode writes it (UTC as `Z`, microseconds only if any):
+    in fingerprints and in the engine's results."""
     if value.tzinfo is UTC:
         return utc_text(value) + "Z"
     return _DATETIME.dump_python(value, mode="json")  # type: ignore[no-any-return]
@@ -350,7 +351,7 @@ def _converter(annotation: Any, metadata: list[Any]) -> Callable[[Any], Any] | N
     if annotation is int:
         return None
     if annotation is datetime:
-        return _json_datetime
+        return json_datetime
     if annotation == dict[str, Any]:
         return _json_object
     if isinstance(annotation, type) and issubclass(annotation, StrEnum):

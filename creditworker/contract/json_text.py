@@ -59,10 +59,10 @@ def utc_text(value: datetime) -> str:
     writes.
 
     A metered request makes about sixteen conversions of three distinct times (the rows'
-    timestamps, the results', the statements' `at`). `datetime.isoformat` formats through `sprintf` (12,000
-    instructions for an aware datetime) and an `lru_cache` hashes an aware datetime, the first
-    time, through its UTC offset and two timedeltas (6,000): the last few are kept by identity
-    instead."""
+    timestamps, the results', the statements' `at`). `datetime.isoformat` formats through
+    `sprintf` (12,000 instructions for an aware datetime) and an `lru_cache` hashes an aware
+    datetime, the first time, through its UTC offset and two timedeltas (6,000): the last few
+    are kept by identity instead."""
     if value.tzinfo is not UTC:
         raise ValueError(f"utc_text takes an aware UTC datetime, not {value!r}")
     known = _RECENT_TIMES.get(id(value))

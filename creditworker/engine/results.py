@@ -9,21 +9,11 @@ change, so a replay rebuilds the same dict from the row, and the operation row s
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from creditworker.contract.credits import BatchOutcome
-from creditworker.contract.json_text import utc_text
+from creditworker.contract.credits import BatchOutcome, json_datetime
 from creditworker.engine.rules import Hold, Lot, Posting
-
-
-def iso(at: datetime) -> str:
-    """A datetime as pydantic writes it in JSON mode (UTC as `Z`)."""
-    if at.tzinfo is UTC:
-        return utc_text(at) + "Z"
-    text = at.isoformat()
-    return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
 def entry_record(posting: Posting) -> dict[str, Any]:
@@ -46,7 +36,7 @@ def entry_record(posting: Posting) -> dict[str, Any]:
         "description": posting.description,
         "metadata": posting.metadata,
         "idempotency_key": posting.idempotency_key,
-        "created_at": iso(posting.created_at),
+        "created_at": json_datetime(posting.created_at),
         "credit_type": posting.credit_type,
     }
     return posting.record
@@ -92,7 +82,7 @@ def entry_row_record(row: tuple[Any, ...]) -> dict[str, Any]:
         "description": description,
         "metadata": metadata,
         "idempotency_key": idempotency_key,
-        "created_at": iso(created_at),
+        "created_at": json_datetime(created_at),
         "credit_type": credit_type,
     }
 
@@ -104,8 +94,8 @@ def reservation_record(hold: Hold) -> dict[str, Any]:
         "user_id": hold.user_id,
         "amount": hold.amount,
         "status": hold.status,
-        "expires_at": iso(hold.expires_at),
-        "created_at": iso(hold.created_at),
+        "expires_at": json_datetime(hold.expires_at),
+        "created_at": json_datetime(hold.created_at),
         "committed_amount": hold.committed_amount,
         "idempotency_key": hold.idempotency_key,
         "credit_type": hold.credit_type,

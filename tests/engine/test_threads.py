@@ -156,7 +156,7 @@ def test_a_forked_child_starts_threads_of_its_own() -> None:
     threads.shutdown()
 
 
-def test_a_sync_engine_gets_as_many_threads_as_its_pool_has_connections(tmp_path: Any, postgres_url: str) -> None:
+def test_a_sync_engine_gets_as_many_threads_as_its_pool_has_connections(postgres_url: str) -> None:
     service = CreditService(postgres_url)
     pool: Any = service.engine.pool
     assert engine_threads(service).size == pool.size() + pool._max_overflow

@@ -665,7 +665,6 @@ def _text_values_array(values: list[Any]) -> str:
     return text_array([None if value is None else str(value) for value in values])
 
 
-
 def _timestamp(value: datetime | None) -> str | None:
     """Naive UTC text."""
     if value is None:
