@@ -98,8 +98,11 @@ def create_app() -> Any:
 
 
 def serve(
-    mode: str, database_url: str, workdir: Path, broker_url: str | None
+    mode: str, database_url: str, workdir: Path, broker_url: str | None,
+    *, wrapper: tuple[str, ...] = (), ready_within: float = 60,
 ) -> tuple[subprocess.Popen[bytes], str]:
+    """uvicorn serving the app of `mode` (under `wrapper`, a command such as valgrind's, if
+    given), once its port answers."""
     from tests.harness import free_port  # here: the served app (this module) stays lean
 
     port = free_port()
@@ -110,12 +113,12 @@ def serve(
            "PYTHONPATH": os.pathsep.join([str(here.parents[1]), str(here.parent)])}
     with open(workdir / f"{mode}.log", "wb") as log:  # the child keeps its own descriptor
         process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "middleware:create_app", "--factory",
+            [*wrapper, sys.executable, "-m", "uvicorn", "middleware:create_app", "--factory",
              "--port", str(port), "--log-level", "warning", "--no-access-log"],
             env=env, cwd=Path(__file__).resolve().parent, stdout=log, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + ready_within
     while True:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):

@@ -12,6 +12,11 @@ hand-offs to threads). The bare app (no middleware) is the baseline; a metered m
 instructions less the baseline's are what metering adds. PostgreSQL's own work is not
 counted (bench/engine_cost.py measures its CPU).
 
+Unlike bench/engine_instructions.py, this count is not quite blind to the machine: an idle
+uvicorn still wakes every 0.1 s, so a server that waits longer counts more. On a quiet machine
+two runs at n = 20 agreed within 2%; with another benchmark running beside it, one baseline
+came out at 423 million instructions a request instead of about one million. Run it alone.
+
 Needs valgrind and PostgreSQL (CREDITWORKER_BENCH_POSTGRES_URL, as bench/run.py). Not part of
 the tests; under callgrind Python runs about fifty times slower: a few minutes.
 """
@@ -22,21 +27,16 @@ import argparse
 import os
 import re
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from middleware import MODES, USERS, grant
+from middleware import MODES, USERS, grant, serve
 from run import fresh_database
-
-from tests.harness import free_port
 
 WARM_UP = 20
 
@@ -44,21 +44,11 @@ WARM_UP = 20
 def served_instructions(mode: str, database_url: str, count: int, workdir: Path) -> int:
     """Instructions the server process of `mode` executes while serving `count` requests
     (after the warm-up; start-up and shutdown are the same for every count)."""
-    port = free_port()
     out = workdir / f"callgrind.{mode}.{count}"
-    here = Path(__file__).resolve()
-    env = {**os.environ, "BENCH_MODE": mode, "BENCH_DATABASE_URL": database_url, "BENCH_STREAM": "0",
-           "BENCH_BROKER_URL": "", "BENCH_DATA_DIR": str(workdir / ".creditworker"), "PYTHONHASHSEED": "0",
-           "PYTHONPATH": os.pathsep.join([str(here.parents[1]), str(here.parent)])}
-    server = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-m", "uvicorn",
-         "middleware:create_app", "--factory", "--port", str(port), "--log-level", "warning",
-         "--no-access-log"],
-        env=env, cwd=here.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    server, url = serve(mode, database_url, workdir, None, ready_within=300,
+                        wrapper=("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"))
     try:
-        _wait_for(port, server)
-        _requests(port, WARM_UP + count)
+        _requests(url, WARM_UP + count)
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(300)
@@ -69,23 +59,11 @@ def served_instructions(mode: str, database_url: str, count: int, workdir: Path)
     return int(match.group(1))
 
 
-def _wait_for(port: int, server: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server on port {port} did not start") from None
-            time.sleep(0.2)
-
-
-def _requests(port: int, count: int) -> None:
+def _requests(url: str, count: int) -> None:
     """`count` metered requests, one after the other, on one kept-alive connection."""
     import httpx
 
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+    with httpx.Client(base_url=url, timeout=120) as client:
         for index in range(count):
             response = client.post("/api/answer", headers={
                 "X-User-ID": f"bench-{index % USERS}", "X-Estimated-Tokens": "5",
@@ -100,6 +78,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES[1:3], default=list(MODES[1:3]))
     options = parser.parse_args()
     n = options.requests
+    os.environ["PYTHONHASHSEED"] = "0"  # the served processes' dicts alike from run to run
     with fresh_database() as url, tempfile.TemporaryDirectory() as directory:
         grant(url)
         per_request: dict[str, float] = {}
