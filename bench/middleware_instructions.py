@@ -15,7 +15,8 @@ counted (bench/engine_cost.py measures its CPU).
 Unlike bench/engine_instructions.py, this count is not quite blind to the machine: an idle
 uvicorn still wakes every 0.1 s, so a server that waits longer counts more. On a quiet machine
 two runs at n = 20 agreed within 2%; with another benchmark running beside it, one baseline
-came out at 423 million instructions a request instead of about one million. Run it alone.
+came out at 423 million instructions a request instead of about one million (the cause was
+not isolated further). Run it alone.
 
 Needs valgrind and PostgreSQL (CREDITWORKER_BENCH_POSTGRES_URL, as bench/run.py). Not part of
 the tests; under callgrind Python runs about fifty times slower: a few minutes.
