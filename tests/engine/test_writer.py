@@ -174,9 +174,9 @@ def test_a_listener_to_transactions_hears_the_engines_own(pg_engine: Engine) -> 
 
 
 def test_a_json_column_stores_the_same_text_for_one_row_and_for_many(pg_engine: Engine) -> None:
-    """The JSON columns (type `json`, kept as sent) hold the text `json.dumps` writes, whether
-    the row went alone (`json_populate_record` writes it so) or in a batch (the engine's
-    encoder does)."""
+    """The JSON columns (type `json`, kept as sent) hold the same text whether the row went
+    alone (`json_populate_record` keeps the value's text) or in a batch (the engine's encoder
+    writes each value): compact, UTF-8 as it is."""
     service = CreditService(pg_engine)
     metadata = {"a": 1, "b": [1, "ü"]}
     service.add_credits("json-one", 5, metadata=metadata)
@@ -185,4 +185,22 @@ def test_a_json_column_stores_the_same_text_for_one_row_and_for_many(pg_engine: 
     with pg_engine.connect() as connection:
         stored = connection.execute(text(
             "SELECT metadata::text FROM ledger_entries WHERE user_id LIKE 'json-%' ORDER BY id")).scalars().all()
-    assert stored == [json.dumps(metadata)] * 3
+    assert stored == ['{"a":1,"b":[1,"ü"]}'] * 3
+
+
+def test_values_orjson_refuses_are_written_as_the_standard_library_writes_them(pg_engine: Engine) -> None:
+    """Integers beyond 64 bits and text with a lone surrogate are plain JSON to the contract;
+    orjson refuses both, and the writer falls back to `json.dumps` (a row alone and a batch)."""
+    service = CreditService(pg_engine)
+    metadata = {"n": 10**30, "m": [2**64, -(2**70)], "s": "a\ud800b"}
+    service.add_credits("wide-one", 5, metadata=metadata)
+    outcomes = service.apply_batch([{"op": "add", "user_id": user, "amount": 5, "metadata": metadata}
+                                    for user in ("wide-many-1", "wide-many-2")])
+    assert all(outcome.ok for outcome in outcomes)
+    for user in ("wide-one", "wide-many-1", "wide-many-2"):
+        (entry,) = service.get_history(user)
+        assert entry.metadata == metadata and service.get_user_credits_info(user).available == 5
+    with pg_engine.connect() as connection:
+        stored = connection.execute(text(
+            "SELECT metadata::text FROM ledger_entries WHERE user_id LIKE 'wide-%' ORDER BY id")).scalars().all()
+    assert stored == [json.dumps(metadata, separators=(",", ":"))] * 3

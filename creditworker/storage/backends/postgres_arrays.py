@@ -16,6 +16,7 @@ from decimal import Decimal
 from functools import cache
 from typing import Any
 
+import orjson
 from sqlalchemy import JSON, Boolean, Integer, Numeric, Table
 from sqlalchemy.engine import Connection
 
@@ -601,11 +602,27 @@ def _json_value(value: Any) -> Any:
     return str(value)
 
 
-_json = json_encoder(default=_json_value, separators=(", ", ": "))
-"""JSON text of a row (`_row`) or of a JSON column's value (`_json_array`), one encoder for
-both. The columns are of type `json`, which keeps a value's text as sent: a batch's values are
-stored as written here, `json.dumps`'s separators, the same text `json_populate_record` gives
-a single row's."""
+_ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_NON_STR_KEYS
+"""Timestamps go to `_json_value` (naive UTC text, not orjson's own `+00:00` form); keys
+that are not text are written as text, as `json.dumps` writes them."""
+
+_json_beyond_orjson = json_encoder(default=_json_value)
+"""What orjson refuses and `json.dumps` writes: integers beyond 64 bits, text with lone
+surrogates, nesting deeper than 254 levels."""
+
+
+def _json(value: Any) -> str:
+    """JSON text of a row (`_row`) or of a JSON column's value (`_json_array`), one encoder
+    for both, so that the columns (type `json`, which keeps a value's text as sent) hold the
+    same text whether the row went alone or in a batch: compact, UTF-8 as it is.
+
+    orjson writes a metered request's nine rows in a fifth of the time of the standard
+    library's C encoder (0.7 against 3.5 microseconds for a ledger entry, docs/benchmarks.md);
+    what it refuses goes to the standard library's."""
+    try:
+        return orjson.dumps(value, default=_json_value, option=_ORJSON_OPTIONS).decode()
+    except orjson.JSONEncodeError:
+        return _json_beyond_orjson(value)
 
 
 def _arrays(table: Table, rows: Sequence[dict[str, Any]], prefix: str) -> dict[str, str]:
