@@ -208,8 +208,17 @@ class Sides:
             finally:
                 PostgresArrays.lock_and_read = folded  # type: ignore[method-assign]
 
+        def four_round_trips(count: int) -> None:
+            """The engine's four round trips a request (reserve and commit: the lock with the
+            reads, then the writes) with nothing in them: what the round trips alone cost."""
+            with raw.cursor() as cursor:
+                for _ in range(count * 4):
+                    cursor.execute("SELECT 1")
+                    cursor.fetchall()
+
         self.engine_sync = engine_sync
-        self.optional: dict[str, Callable[[int], None]] = {"CreditService lock then read": engine_sync_lock_then_read}
+        self.optional: dict[str, Callable[[int], None]] = {
+            "CreditService lock then read": engine_sync_lock_then_read, "four round trips": four_round_trips}
         self.sides: dict[str, Callable[[int], None]] = {
             "hand-written SQL": hand_written, "CreditService": engine_sync,
             "CreditService psycopg3": lambda count: engine_sync(count, sync3),
@@ -248,7 +257,7 @@ def main() -> None:
     parser.add_argument("--sides", help="measure only these sides (comma-separated names as printed;"
                         " the hand-written SQL always runs, as the baseline); 'CreditService lock then"
                         " read' is the sync engine with its lock and its reads in round trips of their"
-                        " own, as before they shared one")
+                        " own, as before they shared one; 'four round trips' is four `SELECT 1` a request")
     options = parser.parse_args()
 
     with fresh_database() as url:
