@@ -608,7 +608,8 @@ that are not text are written as text, as `json.dumps` writes them."""
 
 _json_beyond_orjson = json_encoder(default=_json_value)
 """What orjson refuses and `json.dumps` writes: integers beyond 64 bits, text with lone
-surrogates, nesting deeper than 254 levels."""
+surrogates, nesting deeper than 254 levels. Compact too, but with text beyond ASCII escaped
+(`\\u00fc`), as a lone surrogate must be to reach the server; such a value reads back the same."""
 
 
 def _json(value: Any) -> str:
