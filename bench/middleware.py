@@ -3,10 +3,13 @@
     python bench/middleware.py [--seconds 20] [--rates 100 200] [--no-worker] [--stream] [--json PATH]
 
 One FastAPI app (an endpoint that answers with its usage) is served by uvicorn in a process
-of its own, in turn: without the middleware (the baseline), with it in process on
-PostgreSQL (`AsyncCreditService`, then `CreditService` in the thread pool), and with it
-through the workers (`AsyncCreditClient`, a worker started like bench/run.py's, on a private
-Redis). An open-loop client sends requests at a fixed rate (each one at its scheduled time,
+of its own, in turn: without the middleware (the baseline); behind `HandWrittenMetering`,
+the least a metering middleware can be (bench/engine_cost.py's hand-written SQL, one round
+trip before the endpoint and one after, on psycopg2's own pool and a plain thread pool: what
+any implementation on this machine has to pay, measured in the same run); with the product's
+middleware in process on PostgreSQL (`AsyncCreditService`, then `CreditService` in the
+engine's threads); and with it through the workers (`AsyncCreditClient`, a worker started
+like bench/run.py's, on a private Redis). An open-loop client sends requests at a fixed rate (each one at its scheduled time,
 whether or not the earlier ones answered, so a slow server cannot slow the load down) and
 times each from its scheduled start. The added latency is the percentile with the middleware
 minus the same percentile of the baseline, measured in the same run; `cpu ms` is the CPU the
@@ -42,7 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 USERS = 200
 """Requests are spread over this many users, each with credits for the whole run."""
 
-MODES = ("baseline", "inprocess-async", "inprocess-sync", "worker")
+MODES = ("baseline", "handwritten", "inprocess-async", "inprocess-sync", "worker")
+METERED_IN_PROCESS = ("inprocess-async", "inprocess-sync")
+"""The product's middleware over an engine in the server's process."""
 
 
 # ---------------------------------------------------------------- the served app
@@ -79,6 +84,8 @@ def create_app() -> Any:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    if mode == "handwritten":
+        return HandWrittenMetering(app, database_url)
     if mode == "inprocess-async":
         from creditworker import AsyncCreditService
 
@@ -95,6 +102,87 @@ def create_app() -> Any:
                                             data_dir=os.environ["BENCH_DATA_DIR"]))
         app.add_middleware(CreditDeductionMiddleware, client=client, **options)
     return app
+
+
+class HandWrittenMetering:
+    """A metering middleware with nothing in it but the two writes: the reserve of
+    bench/engine_cost.py's hand-written SQL before the endpoint (402 when it held nothing),
+    the endpoint's JSON body held back and its `usage.total_tokens` read, then the commit's
+    SQL and the response with `X-Credits-Deducted`. No validation, idempotency across
+    retries, credit types, stale holds, events or streams: a floor under what metering can
+    add on this machine, not a product. Each write runs in a `ThreadPoolExecutor` on a
+    connection of psycopg2's `ThreadedConnectionPool`, in autocommit mode (the statements
+    carry their own BEGIN and COMMIT: one round trip each)."""
+
+    def __init__(self, app: Any, database_url: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import psycopg2.pool
+        from engine_cost import COMMIT_SQL, RESERVE_SQL
+        from sqlalchemy.engine import make_url
+
+        self.reserve_sql, self.commit_sql = RESERVE_SQL + _HELD_CHECK, COMMIT_SQL
+        self.app = app
+        dsn = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+        # As many kept as may be open: psycopg2's pool closes a connection handed back beyond
+        # its minimum, and a new server process per request is a storm, not a floor.
+        self.pool = psycopg2.pool.ThreadedConnectionPool(10, 10, dsn)
+        self.threads = ThreadPoolExecutor(10)
+        connection = self.pool.getconn()
+        connection.autocommit = True
+        with connection.cursor() as cursor:  # every bench user has one lot (`grant`)
+            cursor.execute("SELECT user_id, id FROM credit_lots")
+            self.lots = dict(cursor.fetchall())
+        self.pool.putconn(connection)
+
+    def _write(self, statement: str, parameters: dict[str, Any]) -> Any:
+        connection = self.pool.getconn()
+        try:
+            connection.autocommit = True
+            with connection.cursor() as cursor:
+                cursor.execute(statement, parameters)
+                return cursor.fetchone() if cursor.description is not None else None
+        finally:
+            self.pool.putconn(connection)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        user = headers[b"x-user-id"].decode()
+        request_id = headers.get(b"x-request-id", uuid.uuid4().hex.encode()).decode()
+        hold_id, key = uuid.uuid4().hex, f"mw:{user}:{request_id}"
+        loop = asyncio.get_running_loop()
+        held = await loop.run_in_executor(self.threads, self._write, self.reserve_sql, {
+            "n": int(headers.get(b"x-estimated-tokens", b"1")), "u": user, "id": hold_id, "key": key + ":reserve",
+            "fp": key, "meta": json.dumps({"request_id": request_id, "attempt": uuid.uuid4().hex})})
+        if not held[0]:
+            await send({"type": "http.response.start", "status": 402, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        start: dict[str, Any] = {}
+        body: list[bytes] = []
+
+        async def held_back(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+            else:
+                body.append(message.get("body", b""))
+
+        await self.app(scope, receive, held_back)
+        content = b"".join(body)
+        charged = json.loads(content)["usage"]["total_tokens"]
+        await loop.run_in_executor(self.threads, self._write, self.commit_sql, {
+            "c": charged, "id": hold_id, "lot": self.lots[user], "u": user, "key": key + ":commit", "fp": key,
+            "meta": json.dumps({"request_id": request_id, "response": "json"})})
+        start["headers"] = [*start["headers"], (b"x-credits-deducted", str(charged).encode())]
+        await send(start)
+        await send({"type": "http.response.body", "body": content})
+
+
+_HELD_CHECK = ";\nSELECT EXISTS (SELECT 1 FROM reservations WHERE id = %(id)s)"
+"""After the reserve's COMMIT, in its round trip: whether it held anything."""
 
 
 def serve(

@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from middleware import MODES, USERS, grant, serve
+from middleware import METERED_IN_PROCESS, USERS, grant, serve
 from run import fresh_database
 
 WARM_UP = 20
@@ -76,7 +76,8 @@ def _requests(url: str, count: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=50, help="n: each mode serves n, then 4n requests")
-    parser.add_argument("--modes", nargs="+", choices=MODES[1:3], default=list(MODES[1:3]))
+    parser.add_argument("--modes", nargs="+", choices=["handwritten", *METERED_IN_PROCESS],
+                        default=list(METERED_IN_PROCESS))
     options = parser.parse_args()
     n = options.requests
     os.environ["PYTHONHASHSEED"] = "0"  # the served processes' dicts alike from run to run
