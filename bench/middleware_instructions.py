@@ -1,6 +1,6 @@
 """What the metering middleware adds to a served request, in instructions of the server process.
 
-    python bench/middleware_instructions.py [--requests 50] [--modes inprocess-async inprocess-sync]
+    python bench/middleware_instructions.py [--requests 50] [--modes handwritten inprocess-async inprocess-sync]
 
 bench/middleware.py times requests at 200 per second, and its tail moves with whatever else
 the two cores run. This counts what the tail is made of where the machine cannot move it: the
@@ -9,7 +9,9 @@ turn, and one client sends it `n` requests one after the other (after 20 not cou
 in a second server, `4n`; the difference over `3n` is the server process's instructions per
 request, all its threads included (uvicorn, the app, the middleware, the engine, the
 hand-offs to threads). The bare app (no middleware) is the baseline; a metered mode's
-instructions less the baseline's are what metering adds. PostgreSQL's own work is not
+instructions less the baseline's are what metering adds. `handwritten` (bench/middleware.py's
+`HandWrittenMetering`, asked for by name) counts the same for a middleware with nothing but
+the hand-written SQL's two writes: the floor. PostgreSQL's own work is not
 counted (bench/engine_cost.py measures its CPU).
 
 Unlike bench/engine_instructions.py, this count is not quite blind to the machine: an idle
