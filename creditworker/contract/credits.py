@@ -103,10 +103,16 @@ class OveragePolicy(StrEnum):
 
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f]")
 """A regular expression, not a loop over the characters: it runs once per text field of
-every request (about 40 us per identifier as a Python loop, under 1 us as a search)."""
+every request (about 40 us per identifier as a Python loop, under 1 us as a search). ASCII
+text, most of it, is checked by `str.isprintable` instead, which in ASCII refuses exactly
+these (U+0000-U+001F, U+007F) and costs a fraction of a search over the class."""
 
 
 def _check_text(value: str) -> str:
+    if value.isascii():  # the ASCII controls are what `isprintable` refuses in ASCII
+        if not value.isprintable():
+            raise ValueError("must not contain control characters")
+        return value
     if _CONTROL_CHARACTER.search(value):
         raise ValueError("must not contain control characters")
     return _check_utf8(value)
@@ -141,6 +147,8 @@ def _check_identifier(value: str) -> str:
     are shown to people, so nothing invisible."""
     if value != value.strip():
         raise ValueError("must not be blank or start or end with whitespace")
+    if value.isascii() and value.isprintable():  # no ASCII control: nothing else there is invisible
+        return value
     if _INVISIBLE_CHARACTER.search(value):  # every control character among them
         raise ValueError("must not contain control or format characters (Unicode Cc, Cf: "
                          "zero-width, bidi overrides)")

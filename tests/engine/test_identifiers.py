@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import sys
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from creditworker import CreditService
 from creditworker.contract.credits import (
+    _CONTROL_CHARACTER,
     _INVISIBLE_CHARACTER,
     MAX_METADATA_DEPTH,
     AddCredits,
+    _check_identifier,
+    _check_text,
     parse,
 )
 from creditworker.contract.errors import UnknownUser, ValidationFailed
@@ -71,6 +77,24 @@ def test_the_refused_class_covers_every_control_and_format_character() -> None:
                if unicodedata.category(chr(code)) in ("Cc", "Cf")
                and not _INVISIBLE_CHARACTER.match(chr(code))]
     assert missing == []
+
+
+def _accepted(check: Callable[[str], str], value: str) -> bool:
+    try:
+        check(value)
+    except ValueError:
+        return False
+    return True
+
+
+@given(st.text(alphabet=st.characters(max_codepoint=0x7F), max_size=12)
+       | st.sampled_from(["a\x00b", "\x1f", "a\x7f", "\tx", "x\n", "a b", "~", " ", ""]))
+def test_ascii_text_is_judged_as_the_character_classes_judge_it(value: str) -> None:
+    """ASCII text takes a shorter path (`str.isprintable`) than the classes' search: it must
+    refuse exactly what they refuse."""
+    assert _accepted(_check_text, value) == (_CONTROL_CHARACTER.search(value) is None)
+    assert _accepted(_check_identifier, value) == (
+        value == value.strip() and _INVISIBLE_CHARACTER.search(value) is None)
 
 
 def nested(depth: int) -> dict[str, object]:
