@@ -9,9 +9,9 @@ trip before the endpoint and one after, on psycopg2's own pool and a plain threa
 any implementation on this machine has to pay, measured in the same run); with the product's
 middleware in process on PostgreSQL (`AsyncCreditService`, then `CreditService` in the
 engine's threads); and with it through the workers (`AsyncCreditClient`, a worker started
-like bench/run.py's, on a private Redis). An open-loop client sends requests at a fixed rate (each one at its scheduled time,
-whether or not the earlier ones answered, so a slow server cannot slow the load down) and
-times each from its scheduled start. The added latency is the percentile with the middleware
+like bench/run.py's, on a private Redis). An open-loop client sends requests at a fixed
+rate (each one at its scheduled time, whether or not the earlier ones answered, so a slow
+server cannot slow the load down) and times each from its scheduled start. The added latency is the percentile with the middleware
 minus the same percentile of the baseline, measured in the same run; `cpu ms` is the CPU the
 server process used per request (user + system, from /proc), which says whether the machine
 had room for the rate at all. With `--stream` the
