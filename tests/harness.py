@@ -154,7 +154,8 @@ def stop_group(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 20) -> None:
     """SIGTERM one process (not its group: a test's `celery beat` shares the test run's); SIGKILL
     it if it has not exited within `timeout`. Seen: a beat on RabbitMQ that got SIGTERM while
-    publishing closed its connection from the signal handler and hung there for good."""
+    publishing closed its connection from the signal handler and hung there for good (before
+    creditworker/worker/beat_stop.py; the timeout stays for any other hang)."""
     _stop(process, process.send_signal, signal.SIGTERM, timeout)
 
 

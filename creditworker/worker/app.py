@@ -90,6 +90,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "enable_utc": True,
         "task_default_delivery_mode": "persistent",
         "beat_schedule": build_schedule(settings),
+        # Celery's persistent scheduler, stopped by SIGTERM between publishes, never inside
+        # one, where Celery's own handler can hang beat on RabbitMQ (worker/beat_stop.py).
+        "beat_scheduler": "creditworker.worker.beat_stop:Scheduler",
     }
     if backend.startswith("redis"):
         # One Redis result backend (and pub/sub connection) per process, not one per
@@ -140,6 +143,15 @@ def _quiet_logs(sender: Any = None, **_signal: Any) -> None:
 worker_init.connect(_quiet_logs, weak=False)
 
 beat_init.connect(_quiet_logs, weak=False)
+
+
+def _stop_between_publishes(sender: Any = None, **_signal: Any) -> None:
+    from creditworker.worker import beat_stop
+
+    beat_stop.stop_between_publishes(sender)
+
+
+beat_init.connect(_stop_between_publishes, weak=False)
 
 
 @cache
