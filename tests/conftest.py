@@ -50,7 +50,7 @@ def _uses_shared_rabbitmq(item: pytest.Item) -> bool:
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`--dist loadgroup`, the default addopts), keep together what must
-    not run on two processes at once: every module that reaches the shared RabbitMQ vhost runs
+    not run on several processes at once: every module that reaches the shared RabbitMQ vhost runs
     on one process (the tests purge its queues), and a module that starts module-scoped
     processes runs whole on one process (started once, not once per process). The rest is
     spread test by test. Without xdist the marks change nothing."""
