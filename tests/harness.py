@@ -112,6 +112,13 @@ def worker_env(
     return env
 
 
+def with_checkout_on_path(env: dict[str, str]) -> dict[str, str]:
+    """`env` with this checkout first on PYTHONPATH, so that a child process finds the test
+    suite's own Celery apps (`celery -A tests.faults.kill_point`, `tests.faults.term_point`)."""
+    root = str(Path(__file__).resolve().parents[1])
+    return {**env, "PYTHONPATH": f"{root}:{env['PYTHONPATH']}" if env.get("PYTHONPATH") else root}
+
+
 def launch(argv: list[str], env: dict[str, str], workdir: Path,
            log_path: Path) -> subprocess.Popen[bytes]:
     """`argv` in a process group of its own (so `stop_group` reaches its pool children),

@@ -20,11 +20,10 @@ from beat_schedule import PERIODIC_TASKS
 from creditworker.settings import Settings
 from creditworker.worker.app import make_celery
 from tests.e2e.conftest import worker_env
-from tests.harness import launch
+from tests.harness import launch, with_checkout_on_path
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
-ROOT = Path(__file__).resolve().parents[2]
 INTERVAL = "4"
 """The relay's interval: its first run is due that long after beat starts, and its message
 expires from the queue that long after it was sent (Celery sets `expiration` from the entry's
@@ -37,9 +36,8 @@ with slack for 2 busy cores. A hung beat never exits."""
 def test_beat_stopped_mid_publish_exits_and_the_message_arrives_whole(
     rabbitmq_url: str, tmp_path: Path
 ) -> None:
-    env = worker_env(tmp_path, f"sqlite:///{tmp_path / 'unused.db'}", rabbitmq_url,
-                     CREDITWORKER_RELAY_INTERVAL_SECONDS=INTERVAL)
-    env["PYTHONPATH"] = f"{ROOT}:{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(ROOT)
+    env = with_checkout_on_path(worker_env(tmp_path, f"sqlite:///{tmp_path / 'unused.db'}", rabbitmq_url,
+                                           CREDITWORKER_RELAY_INTERVAL_SECONDS=INTERVAL))
     app = make_celery(Settings(broker_url=rabbitmq_url, database_url="sqlite://"))
     with app.connection_for_write() as connection:
         app.control.purge(connection=connection)

@@ -25,7 +25,6 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -38,10 +37,10 @@ from creditworker.worker import commands
 from tests.conftest import engine_for, wipe
 from tests.e2e.conftest import RunningWorker, assert_each_deduct_applied_once, purge, worker_env
 from tests.faults.servers import PrivateRedis
+from tests.harness import with_checkout_on_path
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
-ROOT = Path(__file__).resolve().parents[2]
 ACCOUNTS = ["hot", "warm", "cold"]
 STARTING = 1_000_000
 RECOVERY_BOUND = 90.0
@@ -85,8 +84,7 @@ def new_worker(
     extra = {"CREDITWORKER_VISIBILITY_TIMEOUT_SECONDS": "5", "CREDITWORKER_TEST_KILL_AT": str(kill_at)}
     if broker_url.startswith("amqp"):
         extra["CREDITWORKER_RESULT_BACKEND"] = "rpc://"
-    env = worker_env(workdir, database_url, broker_url, **extra)
-    env["PYTHONPATH"] = f"{ROOT}:{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(ROOT)
+    env = with_checkout_on_path(worker_env(workdir, database_url, broker_url, **extra))
     engine = engine_for(database_url, migrated_engines)
     return RunningWorker(env, workdir, engine, workdir / "worker.log")
 
