@@ -42,9 +42,9 @@ class Scheduler(PersistentScheduler):
             raise SystemExit()
 
 
-def stop_between_publishes(sender: Service | None = None, **_signal: Any) -> None:
-    """`beat_init`: replace Celery's SIGTERM and SIGINT handlers (installed just before) with
-    the scheduler's; a beat run with another scheduler (`--scheduler`) keeps Celery's."""
-    scheduler = getattr(sender, "scheduler", None)
+def stop_between_publishes(service: Service | None) -> None:
+    """On `beat_init`: replace Celery's SIGTERM and SIGINT handlers (installed just before)
+    with the scheduler's; a beat run with another scheduler (`--scheduler`) keeps Celery's."""
+    scheduler = getattr(service, "scheduler", None)
     if isinstance(scheduler, Scheduler):
         platforms.signals.update(SIGTERM=scheduler.ask_to_stop, SIGINT=scheduler.ask_to_stop)
